@@ -1,0 +1,60 @@
+"""Edge: the quality record as a person reads it in a terminal (``sopflow record``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+__all__ = ["print_record"]
+
+
+def _value(v: Any, unit: str | None) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v} {unit}" if unit and v is not None else str(v)
+
+
+def print_record(out: Console, rec: dict[str, Any]) -> None:
+    run = rec["run"]
+    out.print(f"[bold]Quality record: run {run['id']}[/bold]")
+    out.print(f"  SOP {run['institution']}/{run['sop_id']} v{run['sop_version']} \"{escape(run['sop_title'])}\" sha256 {run['sop_sha256']}")
+    out.print(f"  status {run['status']}" + (f" ({escape(run['status_detail'])})" if run["status_detail"] else ""))
+    out.print(f"  started {run['started_at']} by {escape(run['started_by'])}; Prefect flow run {run['flow_run_id']}")
+    params = ", ".join(f"{k}={v}" for k, v in run["params"].items())
+    out.print(f"  parameters: {escape(params)}")
+    if run["product"]:
+        p = run["product"]
+        out.print(f"  product: {escape(p['name'])} ({escape(p['mah'])}), storage max {p['storage_max_c']} °C")
+    out.print("[bold]Steps[/bold]")
+    for st in rec["steps"]:
+        colour = {"done": "green", "failed": "red", "waiting": "yellow"}.get(st["status"], "white")
+        out.print(f"  [{colour}]{st['status']:11}[/{colour}] {st['id']} ({st['kind']}): {escape(st['title'])}")
+        for k, v in st["data"].items():
+            if k in ("deliveries",):
+                v = ", ".join(f"{d['role']}→{d['channel']} {'ok' if d['ok'] else 'FAILED'}" for d in v) or "no channel configured"
+            unit = st["fields"].get(k, {}).get("unit")
+            label = st["fields"].get(k, {}).get("label", k)
+            out.print(f"      {escape(str(label))}: {escape(_value(v, unit))}")
+        sig = st["signature"]
+        if sig:
+            valid = "" if sig["valid"] else " [red]SIGNATURE DOES NOT MATCH THE DATA[/red]"
+            out.print(f"      signed: {escape(sig['printed_name'])} ({sig['user']}), {sig['signed_at']}, meaning: {sig['meaning']}"
+                      + (f" — {escape(sig['statement'])}" if sig["statement"] else "") + f"; sha256 {sig['sha256'][:16]}…{valid}")
+    if rec["deviations"]:
+        out.print("[bold]Deviations[/bold]")
+        for d in rec["deviations"]:
+            out.print(f"  [red]{d['classification']}[/red] at {d['step_id']} ({d['opened_at']}): {escape(d['description'])}; "
+                      f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}")
+    if rec["documents"]:
+        out.print("[bold]Documents[/bold]")
+        for doc in rec["documents"]:
+            out.print(f"  {doc['template']}  sha256 {doc['sha256']}\n    {doc['path']}")
+    refused = [h for h in rec.get("history", []) if h["status"] == "refused"]
+    if refused:
+        out.print("[bold]Refused attempts[/bold]")
+        for h in refused:
+            out.print(f"  {h['at']} {h['step_id']}: {escape(h['reason'] or '')}")
+    if rec.get("audit_head"):
+        out.print(f"audit chain head: event {rec['audit_head']['seq']} {rec['audit_head']['hash']}")

@@ -1,0 +1,144 @@
+"""Stage 2: what the service layer asks of Prefect: create a run's flow run, resume it, read its state.
+
+Prefect is imported inside the functions: the CLI imports this module on paths that never
+touch Prefect. Prefect's errors are translated into ``EngineError`` here.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from flows.config import Settings
+from flows.engine.env import apply_prefect_env
+from flows.errors import EngineError
+
+__all__ = ["create_flow_run", "flow_run_states", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
+
+DEPLOYMENT = "run-sop/sopflow"
+_HOLD = timedelta(days=3650)
+
+
+def _client(settings: Settings) -> Any:
+    apply_prefect_env(settings)
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _deployment_id(client: Any) -> UUID:
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(DEPLOYMENT).id  # type: ignore[no-any-return]
+    except ObjectNotFound:
+        raise EngineError(
+            f"the Prefect deployment {DEPLOYMENT!r} does not exist yet: start the executor (`sopflow server start`)"
+        ) from None
+
+
+def create_flow_run(settings: Settings, run_id: str, name: str) -> str:
+    """Create the flow run for a new sopflow run, held until ``release_flow_run``.
+
+    The flow run exists before sopflow's record of the run (which must name it), and no
+    executor may start it before that record is committed: it is created scheduled far in the
+    future, and released once the record is written.
+    """
+    apply_prefect_env(settings)  # before the first Prefect import in this process
+    import httpx
+    from prefect.states import Scheduled
+    from prefect.types._datetime import now
+
+    try:
+        with _client(settings) as client:
+            dep = _deployment_id(client)
+            fr = client.create_flow_run_from_deployment(
+                dep, parameters={"run_id": run_id}, name=name, idempotency_key=f"sopflow-run-{run_id}",
+                state=Scheduled(scheduled_time=now("UTC") + _HOLD, name="AwaitingRecord"),
+            )
+            return str(fr.id)
+    except httpx.HTTPError as exc:
+        raise EngineError(f"the Prefect server at {settings.api_url} cannot be reached: {exc}; "
+                          "`sopflow server start` starts the local one") from exc
+
+
+def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = False) -> None:
+    """Let an executor pick up a held flow run now (or cancel it when the record could not be written)."""
+    apply_prefect_env(settings)  # before the first Prefect import in this process
+    from prefect.states import Cancelled, Scheduled
+
+    with _client(settings) as client:
+        client.set_flow_run_state(UUID(flow_run_id), Cancelled() if cancel else Scheduled(), force=True)
+
+
+def pause_key_prefix(step_id: str) -> str:
+    """Prefect pause keys allow only [a-z0-9-]; step ids are [a-z0-9_]."""
+    return step_id.replace("_", "-") + "-"
+
+
+def _paused_at(state: Any, step_id: str) -> bool:
+    key = state.state_details.pause_key if state is not None and state.is_paused() else None
+    return bool(key) and str(key).startswith(pause_key_prefix(step_id))
+
+
+def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str, *, wait: float = 15.0) -> bool:
+    """Resume a suspended flow run with a signature reference; True when Prefect accepted it.
+
+    The gate records "waiting" just before it suspends, so a quick signer can arrive while the
+    run is still Running: wait (briefly) until it is Paused. False means the executor's sweep
+    will deliver it later; the signature is already in the record either way.
+    """
+    apply_prefect_env(settings)  # before the first Prefect import in this process
+    import httpx
+    from prefect.client.schemas.responses import SetStateStatus
+
+    deadline = time.monotonic() + wait
+    try:
+        with _client(settings) as client:
+            while True:
+                state = client.read_flow_run(UUID(flow_run_id)).state
+                if _paused_at(state, step_id):
+                    break
+                if (state is not None and state.is_final()) or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+            response = client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+            return bool(response.status == SetStateStatus.ACCEPT)
+    except httpx.HTTPError:
+        return False
+
+
+def flow_run_states(settings: Settings, flow_run_ids: list[str]) -> dict[str, str]:
+    """Prefect's state name of each flow run (for `sopflow runs`); empty when the server is down."""
+    apply_prefect_env(settings)  # before the first Prefect import in this process
+    import httpx
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    if not flow_run_ids:
+        return {}
+    try:
+        with _client(settings) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])))
+            return {str(r.id): (r.state.name if r.state else "?") for r in runs}
+    except httpx.HTTPError:
+        return {}
+
+
+def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> int:
+    """Resume every run suspended at a step that was signed more than ``grace`` seconds ago
+    (the signer's own resume normally arrives first; this repairs a lost one)."""
+    apply_prefect_env(settings)  # before the first Prefect import in this process
+    from flows.record.db import read_session
+    from flows.record.state import signed_but_suspended
+
+    with read_session(settings.database_url) as s:
+        pending = signed_but_suspended(s, older_than=grace)
+    n = 0
+    for flow_run_id, step_id, signature_id in pending:
+        fr = client.read_flow_run(UUID(flow_run_id))
+        if _paused_at(fr.state, step_id):
+            client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+            n += 1
+    return n

@@ -1,0 +1,212 @@
+"""Stage 2: sopflow's executor: a long-lived process that runs ``run-sop`` flow runs in threads.
+
+Why not ``flow.serve``: a served flow starts a fresh Python process per run, so a resume waits
+for the runner's poll plus a cold interpreter (about 2 s here). The executor polls the server
+every ``SOPFLOW_POLL_SECONDS`` for scheduled runs of the ``run-sop/sopflow`` deployment, claims
+one by proposing ``Pending`` (the server arbitrates between executors), and runs it in a thread
+of this warm process with ``prefect.flow_engine.run_flow``.
+
+It also repairs what a crash leaves: runs claimed by an executor on this host whose process is
+gone are rescheduled (every step is idempotent, so they re-enter safely), and a run whose step
+was signed in sopflow's record while the resume never reached Prefect is resumed.
+
+Run it with ``python -m flows.engine.executor`` (``sopflow server start`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from uuid import UUID
+
+from flows.engine.env import apply_prefect_env
+
+__all__ = ["DEPLOYMENT_NAME", "Executor", "ensure_deployment", "main"]
+
+DEPLOYMENT_NAME = "sopflow"
+log = logging.getLogger("sopflow.executor")
+
+
+def ensure_deployment(client: object | None = None) -> UUID:
+    """Register (or update) the ``run-sop/sopflow`` deployment; returns its id."""
+    from flows.engine.run_sop import run_sop
+
+    deployment = run_sop.to_deployment(name=DEPLOYMENT_NAME, description="sopflow: run one SOP revision")
+    return deployment.apply()  # type: ignore[no-any-return]
+
+
+class Executor:
+    def __init__(self, *, limit: int = 16, poll: float | None = None) -> None:
+        settings = apply_prefect_env()
+        from prefect.client.orchestration import get_client
+
+        self.settings = settings
+        self.poll = settings.poll_seconds if poll is None else poll
+        self.client = get_client(sync_client=True)
+        self.client.__enter__()
+        self.limit = limit
+        self.pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="run-sop")
+        self.running: dict[UUID, Future[None]] = {}
+        self.stopping = threading.Event()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.deployment_id = ensure_deployment()
+        self._last_sweep = 0.0
+
+    # -- claiming --------------------------------------------------------------------------
+    def _scheduled(self, limit: int) -> list[object]:
+        from prefect.client.schemas.filters import (
+            DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterNextScheduledStartTime,
+            FlowRunFilterState, FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.client.schemas.sorting import FlowRunSort
+        from prefect.types._datetime import now
+
+        return self.client.read_flow_runs(  # type: ignore[no-any-return]
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=now("UTC")),
+            ),
+            sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
+            limit=limit,
+        )
+
+    def _claim(self, flow_run_id: UUID) -> bool:
+        from prefect.client.schemas.responses import SetStateStatus
+        from prefect.states import Pending
+
+        result = self.client.set_flow_run_state(flow_run_id, Pending())
+        if result.status != SetStateStatus.ACCEPT:
+            return False
+        self.client.update_flow_run(flow_run_id, infrastructure_pid=self.owner)
+        return True
+
+    def _execute(self, flow_run_id: UUID) -> None:
+        from prefect.flow_engine import run_flow
+
+        from flows.engine.run_sop import run_sop
+
+        try:
+            flow_run = self.client.read_flow_run(flow_run_id)
+            state = run_flow(run_sop, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+            if asyncio.iscoroutine(state):
+                state = asyncio.run(state)
+            if state is not None and (state.is_failed() or state.is_crashed()):
+                self._record_failure(flow_run.parameters.get("run_id"), f"Prefect flow run {state.name}: {state.message}")
+        except Exception as exc:
+            log.exception("flow run %s raised", flow_run_id)
+            self._record_failure(None, f"executor error: {exc}")
+        finally:
+            self.running.pop(flow_run_id, None)
+
+    def _record_failure(self, run_id: str | None, detail: str) -> None:
+        """Put an engine failure in sopflow's record, so `sopflow runs` does not say 'waiting' forever."""
+        if not run_id:
+            return
+        from flows.engine.steps import set_run_status
+        from flows.record.db import write_session
+
+        try:
+            with write_session(self.settings.database_url) as s:
+                set_run_status(s, run_id, "failed", detail[:2000])
+        except Exception:
+            log.exception("could not record the failure of run %s", run_id)
+
+    def poll_once(self) -> int:
+        free = self.limit - len(self.running)
+        claimed = 0
+        if free <= 0:
+            return 0
+        for fr in self._scheduled(free):
+            fr_id = fr.id  # type: ignore[attr-defined]
+            if fr_id in self.running or not self._claim(fr_id):
+                continue
+            self.running[fr_id] = self.pool.submit(self._execute, fr_id)
+            claimed += 1
+        return claimed
+
+    # -- repairs ---------------------------------------------------------------------------
+    def recover_orphans(self) -> int:
+        """Reschedule runs claimed on this host by an executor process that no longer exists."""
+        from prefect.client.schemas.filters import (
+            DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Scheduled
+
+        runs = self.client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))),
+        )
+        host = socket.gethostname()
+        n = 0
+        for fr in runs:
+            owner = fr.infrastructure_pid or ""
+            h, _, pid = owner.partition(":")
+            if h != host or owner == self.owner or fr.id in self.running:
+                continue
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue
+            log.warning("rescheduling flow run %s left by dead executor %s", fr.id, owner)
+            self.client.set_flow_run_state(fr.id, Scheduled(), force=True)
+            n += 1
+        return n
+
+    def resume_signed(self) -> int:
+        """Resume suspended runs whose waiting step was signed while the resume was lost."""
+        from flows.engine.client import resume_signed_runs
+
+        return resume_signed_runs(self.settings, self.client)
+
+    # -- loop --------------------------------------------------------------------------------
+    def serve(self) -> None:
+        self.recover_orphans()
+        log.info("executor %s polling every %.3f s", self.owner, self.poll)
+        while not self.stopping.is_set():
+            try:
+                self.poll_once()
+                if time.monotonic() - self._last_sweep > 5:
+                    self._last_sweep = time.monotonic()
+                    self.recover_orphans()
+                    self.resume_signed()
+            except Exception:  # the server may be restarting; keep trying
+                log.exception("poll failed; retrying")
+                self.stopping.wait(1.0)
+            self.stopping.wait(self.poll)
+        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.client.__exit__(None, None, None)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    ex = Executor()
+
+    def _stop(*_: object) -> None:
+        ex.stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    ex.serve()
+
+
+if __name__ == "__main__":
+    main()

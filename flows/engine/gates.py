@@ -1,0 +1,98 @@
+"""Stage 2: human steps: what a signer fills in, and how the flow accepts or refuses a signature.
+
+No Prefect here: ``run_sop`` suspends and resumes; this module decides, against the record,
+whether the signature a resume names is the one sopflow recorded for this run and step, made by
+someone allowed to sign it, over exactly the data stored. Anything else is refused and audited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.engine.steps import RunContext, write_step
+from flows.record.db import write_session
+from flows.record.ledger import verify_signature
+from flows.record.query import disposition_id
+from flows.record.state import signer_problem, step_data, step_states
+from flows.record.tables import Signature
+from flows.sop.model import ApproveStepSpec, CheckStepSpec, FieldSpec, HumanStepSpec
+
+__all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate"]
+
+MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
+
+_DECISION = FieldSpec(type="choice", choices=("approve", "reject"), label="Decision")
+_REASON = FieldSpec(type="text", required=False, max_length=2000, label="Reason (required to reject)")
+
+
+def human_fields(step: HumanStepSpec) -> dict[str, FieldSpec]:
+    """The fields a signer submits: the SOP's, plus decision and reason on approve steps."""
+    if isinstance(step, ApproveStepSpec):
+        return {**step.fields, "decision": _DECISION, "reason": _REASON}
+    return dict(step.fields)
+
+
+def meaning_of(step: HumanStepSpec, data: dict[str, Any]) -> str:
+    if isinstance(step, ApproveStepSpec) and data.get("decision") == "reject":
+        return "rejected"
+    return MEANINGS[step.kind]
+
+
+def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
+    """The signed decision a failed check waits for: use the dose with documented risk, or reject it."""
+    return ApproveStepSpec(
+        kind="approve", id=disposition_id(check.id), role=check.deviation.disposition_role,
+        title=f"Deviation disposition for {check.title or check.id}",
+        meaning="Disposition of a deviation: approve = use with documented risk acceptance; reject = reject the dose",
+    )
+
+
+def open_gate(ctx: RunContext, step: HumanStepSpec) -> bool:
+    """Record that the step waits for signed input; True when it is the first time (notify then)."""
+    with write_session(ctx.url) as s:
+        states = step_states(s, ctx.run.id)
+        rec = states.get(step.id)
+        if rec is not None and rec.status in ("waiting", "signed", "done"):
+            return False
+        write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})
+        return rec is None
+
+
+def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """Accept the step's signed input, or refuse it. Returns (data, None) or (None, problem).
+
+    ``signature_id`` is what the resume carried (None: take the signed record as it stands,
+    used when a run is re-entered after a crash).
+    """
+    with write_session(ctx.url) as s:
+        rec = step_states(s, ctx.run.id).get(step.id)
+        problem: str | None = None
+        if rec is None or rec.status != "signed":
+            problem = f"a resume named signature {signature_id!r} but step {step.id!r} has no signed input (status {rec.status if rec else 'none'!r})"
+        elif signature_id is not None and rec.signature_id != signature_id:
+            problem = f"a resume named signature {signature_id!r}, not the one sopflow recorded for step {step.id!r}"
+        else:
+            sig = s.get(Signature, rec.signature_id)
+            if sig is None or sig.run_id != ctx.run.id or sig.step_id != step.id:
+                problem = f"signature {rec.signature_id!r} is not a signature on step {step.id!r} of this run"
+            else:
+                problem = verify_signature(s, sig) or signer_problem(s, ctx.run, ctx.sop, step, sig.user_id)
+        if problem is not None:
+            write_step(s, ctx.run.id, step.id, step.kind, "refused", {"signature_id": signature_id, "problem": problem},
+                       reason=problem)
+            return None, problem
+        assert rec is not None
+        data = step_data(rec)
+        write_step(s, ctx.run.id, step.id, step.kind, "done", data, actor=rec.actor_id or "system",
+                   actor_id=rec.actor_id, signature_id=rec.signature_id)
+        return data, None
+
+
+def find_human_step(sop: Any, step_id: str) -> HumanStepSpec | None:
+    """The human step (or a failed check's disposition step) with this id, if any."""
+    for step in sop.steps:
+        if step.id == step_id and isinstance(step, HumanStepSpec):
+            return step
+        if isinstance(step, CheckStepSpec) and disposition_id(step.id) == step_id:
+            return disposition_step(step)
+    return None

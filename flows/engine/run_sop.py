@@ -1,0 +1,130 @@
+"""Stage 2: ``run-sop``, the one Prefect flow that walks an SOP's steps.
+
+The flow takes only sopflow's run id; everything else (the pinned SOP text, parameters, product
+limits, entered data) is read from sopflow's record. Automated steps run as tasks named
+``{sop_id}/{step_id}``. A human step records that it waits, tells the role, and suspends the flow
+(``suspend_flow_run``): no process is held while it waits. A resume must carry the id of a
+Signature that sopflow created; the gate re-checks it against the record before going on.
+
+After every resume the flow runs again from the top; steps whose record says ``done`` are
+skipped without touching Prefect, so a resumed run costs little and never repeats a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.flow_runs import suspend_flow_run
+from prefect.input import RunInput
+
+from flows.config import get_settings
+from flows.engine.client import pause_key_prefix
+from flows.engine.gates import accept_signature, disposition_step, open_gate
+from flows.engine.steps import RunContext, load_context, run_check, run_document, run_notify, send, set_run_status
+from flows.record.db import write_session
+from flows.record.state import refused_count
+from flows.record.db import read_session
+from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec
+
+__all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
+
+FLOW_NAME = "run-sop"
+
+
+class SignedInput(RunInput):
+    """What a resume carries: only the id of a Signature row sopflow wrote. Never user text."""
+
+    signature_id: str
+
+
+def _task_run_id() -> str | None:
+    ctx = TaskRunContext.get()
+    return str(ctx.task_run.id) if ctx and ctx.task_run else None
+
+
+@task(name="step", cache_policy=NO_CACHE, persist_result=False)
+def step_task(ctx: RunContext, step_id: str) -> Any:
+    """Run one automated step (check, document, notify)."""
+    step = ctx.sop.step(step_id)
+    if isinstance(step, CheckStepSpec):
+        return run_check(ctx, step, _task_run_id())
+    if step.kind == "document":
+        return run_document(ctx, step, _task_run_id())  # type: ignore[arg-type]
+    return run_notify(ctx, step, _task_run_id())  # type: ignore[arg-type]
+
+
+@task(name="gate", cache_policy=NO_CACHE, persist_result=False)
+def gate_task(ctx: RunContext, step: HumanStepSpec) -> None:
+    """Record that a human step waits and, the first time, tell its role."""
+    if open_gate(ctx, step):
+        title = step.title or step.id
+        send(ctx, [step.role], f"[{ctx.run.sop_id}] waiting on you: {title}",
+             f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
+             f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.")
+
+
+async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
+    """Wait for this step's signed input; returns its data once the gate accepts it."""
+    logger = get_run_logger()
+    while True:
+        ctx.refresh()
+        rec = ctx.states.get(step.id)
+        if rec is not None and rec.status == "done":
+            from flows.record.state import step_data
+
+            return step_data(rec)
+        if rec is not None and rec.status == "signed":
+            data, problem = accept_signature(ctx, step, None)
+            if data is not None:
+                return data
+            logger.warning("step %s: refused: %s", step.id, problem)
+            continue
+        gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(ctx, step)
+        with read_session(ctx.url) as s:
+            # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
+            key = f"{pause_key_prefix(step.id)}{refused_count(s, ctx.run.id, step.id)}"
+        with write_session(ctx.url) as s:
+            set_run_status(s, ctx.run.id, "waiting", step.id)
+        signed = await suspend_flow_run(wait_for_input=SignedInput, key=key)
+        data, problem = accept_signature(ctx, step, signed.signature_id)
+        if data is not None:
+            return data
+        logger.warning("step %s: refused a resume: %s", step.id, problem)
+
+
+@flow(name=FLOW_NAME, flow_run_name="{run_id}", persist_result=True, validate_parameters=True)
+async def run_sop(run_id: str) -> dict[str, Any]:
+    """Walk the steps of sopflow run ``run_id`` to the end, suspending at each human step."""
+    settings = get_settings()
+    ctx = load_context(settings, run_id)
+    with write_session(ctx.url) as s:
+        set_run_status(s, run_id, "running")
+    for step in ctx.sop.steps:
+        ctx.refresh()
+        rec = ctx.states.get(step.id)
+        if rec is not None and rec.status == "done":
+            continue
+        if step.kind in HUMAN_KINDS:
+            data = await _human(ctx, step)  # type: ignore[arg-type]
+            if step.kind == "approve" and data.get("decision") == "reject":
+                return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")
+            continue
+        if rec is None:
+            step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(ctx, step.id)
+            ctx.refresh()
+        if isinstance(step, CheckStepSpec) and ctx.states[step.id].status == "failed":
+            if step.on_fail == "stop":
+                return _finish(ctx, "stopped", f"{step.id}: check failed; deviation opened")
+            decision = await _human(ctx, disposition_step(step))
+            if decision.get("decision") == "reject":
+                return _finish(ctx, "rejected", f"{step.id}: deviation disposition: reject ({decision.get('reason')})")
+    return _finish(ctx, "completed", None)
+
+
+def _finish(ctx: RunContext, status: str, detail: str | None) -> dict[str, Any]:
+    with write_session(ctx.url) as s:
+        set_run_status(s, ctx.run.id, status, detail)
+    return {"run_id": ctx.run.id, "status": status, "detail": detail}

@@ -1,0 +1,176 @@
+"""Stage 2: what each step kind does, as plain functions over the record (no Prefect here).
+
+``flows.engine.run_sop`` wraps these in Prefect tasks. Each handler first looks at the record:
+a run re-executes from the top after every resume, so every step must be idempotent.
+
+    STEP_KINDS   kind -> (handler or None for human steps, one-line help)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session
+
+from flows.config import Settings
+from flows.outputs.documents import render_document
+from flows.outputs.notify import load_channels, notify
+from flows.record import ledger
+from flows.record.db import read_session, write_session
+from flows.record.query import run_record, stored_sop
+from flows.record.state import next_n, run_status, step_data, step_states
+from flows.record.tables import Deviation, Document, RunEvent, SopRun, StepRecord, utcnow
+from flows.sop.expressions import ExpressionError, evaluate_check, render_message
+from flows.sop.model import HUMAN_KINDS, CheckStepSpec, DocumentStepSpec, NotifyStepSpec, SopDefinition
+
+__all__ = ["STEP_KINDS", "RunContext", "load_context", "set_run_status", "write_step"]
+
+SYSTEM = "system"
+
+
+@dataclass
+class RunContext:
+    """What every step of one run needs: the run, its pinned SOP, and the data so far."""
+
+    settings: Settings
+    run: SopRun
+    sop: SopDefinition
+    states: dict[str, StepRecord] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.settings.database_url
+
+    @cached_property
+    def timezone(self) -> str:
+        from flows.sop.catalog import Catalog
+
+        try:
+            return Catalog(self.settings.sops_dir, self.settings.templates_dir).institution(self.run.institution).spec.timezone
+        except Exception:  # the record must still render if the institution file is broken now
+            return "UTC"
+
+    def refresh(self) -> None:
+        with read_session(self.url) as s:
+            self.states = step_states(s, self.run.id)
+
+    def expression_context(self) -> dict[str, Any]:
+        ctx: dict[str, Any] = {
+            "params": json.loads(self.run.params_json),
+            "product": json.loads(self.run.product_json) if self.run.product_json else None,
+            "run": {"id": self.run.id, "sop_id": self.run.sop_id, "institution": self.run.institution},
+        }
+        for step in self.sop.steps:
+            rec = self.states.get(step.id)
+            if step.kind in HUMAN_KINDS and rec is not None and rec.status == "done":
+                ctx[step.id] = step_data(rec)
+        return ctx
+
+
+def load_context(settings: Settings, run_id: str, wait: float = 10.0) -> RunContext:
+    """Load a run; waits briefly for a run whose record is still being committed by ``start``."""
+    deadline = time.monotonic() + wait
+    while True:
+        with read_session(settings.database_url) as s:
+            run = s.get(SopRun, run_id)
+            if run is not None:
+                ctx = RunContext(settings, run, stored_sop(s, run), step_states(s, run_id))
+                s.expunge(run)
+                return ctx
+        if time.monotonic() > deadline:
+            raise LookupError(f"sopflow has no record of run {run_id}")
+        time.sleep(0.05)
+
+
+def write_step(session: Session, run_id: str, step_id: str, kind: str, status: str, data: dict[str, Any], *,
+               actor: str = SYSTEM, actor_id: str | None = None, signature_id: str | None = None,
+               reason: str | None = None, task_run_id: str | None = None) -> StepRecord:
+    rec = StepRecord(run_id=run_id, n=next_n(session, StepRecord, run_id), step_id=step_id, kind=kind,
+                     status=status, data_json=ledger.canonical(data).decode(), actor_id=actor_id,
+                     signature_id=signature_id, reason=reason, task_run_id=task_run_id, at=utcnow())
+    ledger.append(session, rec, actor=actor, action=f"step.{status}")
+    return rec
+
+
+def set_run_status(session: Session, run_id: str, status: str, detail: str | None = None) -> None:
+    """Append a RunEvent unless the run already has this status."""
+    current = run_status(session, run_id)
+    if current is not None and current.status == status and current.detail == detail:
+        return
+    ev = RunEvent(run_id=run_id, n=next_n(session, RunEvent, run_id), status=status, detail=detail, at=utcnow())
+    ledger.append(session, ev, actor=SYSTEM, action=f"run.{status}")
+
+
+def run_check(ctx: RunContext, step: CheckStepSpec, task_run_id: str | None) -> bool:
+    """Evaluate an acceptance expression; on failure open a deviation. Returns whether it passed."""
+    try:
+        passed = evaluate_check(step.expect, ctx.expression_context())
+        detail = "passed" if passed else "the expression is false"
+    except ExpressionError as exc:
+        passed, detail = False, f"could not be evaluated: {exc}"
+    data = {"expect": step.expect, "passed": passed, "detail": detail}
+    with write_session(ctx.url) as s:
+        write_step(s, ctx.run.id, step.id, "check", "done" if passed else "failed", data, task_run_id=task_run_id)
+        if not passed:
+            dev = Deviation(run_id=ctx.run.id, step_id=step.id, classification=step.deviation.classification,
+                            description=step.deviation.description or f"check {step.id!r} failed: {step.expect}",
+                            quarantine=step.deviation.quarantine, opened_at=utcnow())
+            ledger.append(s, dev, actor=SYSTEM, action="deviation.open")
+    return passed
+
+
+def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | None) -> None:
+    with read_session(ctx.url) as s:
+        record = run_record(s, ctx.run.id, with_history=False)
+    text, digest = render_document(ctx.settings.templates_dir, ctx.run.institution, ctx.timezone, step.template,
+                                   {"record": record, "step": {"id": step.id, "title": step.title or step.id}})
+    folder: Path = ctx.settings.documents_dir / ctx.run.id
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = step.template.removesuffix(".j2")
+    path = folder / f"{step.id}-{digest[:12]}-{stem}"
+    path.write_text(text, encoding="utf-8")
+    with write_session(ctx.url) as s:
+        doc = Document(run_id=ctx.run.id, step_id=step.id, template=step.template, path=str(path), sha256=digest,
+                       rendered_at=utcnow())
+        ledger.append(s, doc, actor=SYSTEM, action="document.render")
+        write_step(s, ctx.run.id, step.id, "document", "done",
+                   {"document_id": doc.id, "sha256": digest, "path": str(path)}, task_run_id=task_run_id)
+
+
+def send(ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str, attempts: int = 3) -> list[dict[str, Any]]:
+    """Deliver to every channel of the roles, retrying failures; never raises for a failed delivery."""
+    channels = load_channels(ctx.settings.notify_config)
+    results = notify(channels, ctx.run.institution, roles, title, body)
+    for i in range(1, attempts):
+        if all(d.ok for d in results):
+            break
+        time.sleep(0.5 * i)
+        retry = notify(channels, ctx.run.institution, [d.role for d in results if not d.ok], title, body)
+        results = [d for d in results if d.ok] + retry
+    return [d.as_dict() for d in results]
+
+
+def run_notify(ctx: RunContext, step: NotifyStepSpec, task_run_id: str | None) -> None:
+    try:
+        message = render_message(step.message, ctx.expression_context())
+    except ExpressionError as exc:
+        message = f"(message could not be rendered: {exc})"
+    deliveries = send(ctx, step.to, f"[{ctx.run.sop_id}] {step.title or step.id}", message)
+    with write_session(ctx.url) as s:
+        write_step(s, ctx.run.id, step.id, "notify", "done", {"message": message, "to": list(step.to), "deliveries": deliveries},
+                   task_run_id=task_run_id)
+
+
+STEP_KINDS: dict[str, tuple[Any, str]] = {
+    "record": (None, "a person enters typed fields and signs as performer"),
+    "verify": (None, "a second person confirms another step's data and signs as verifier (never its performer)"),
+    "approve": (None, "a role signs a decision, approve or reject, with the SOP's stated meaning"),
+    "check": (run_check, "an acceptance expression over earlier data and the product; failure opens a deviation"),
+    "document": (run_document, "renders a Jinja template into a stored document with its sha256"),
+    "notify": (run_notify, "sends an apprise message to the channels of the named roles"),
+}

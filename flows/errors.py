@@ -1,0 +1,124 @@
+"""Every error sopflow raises on purpose, in one tree.
+
+The library raises; only ``flows.cli`` and ``flows.web`` turn these into messages for people.
+Third-party errors are translated into these at the boundary (``raise … from exc``).
+
+    FlowsError
+    ├── ConfigError               a setting is missing or wrong (database URL, home folder, server)
+    ├── SopDefinitionError        bad YAML / schema / cross-reference; .problems: list[Problem]
+    ├── SopNotFoundError          no SOP, institution or product by that id (with "did you mean")
+    ├── SopInputError             bad run parameters or step fields; .problems: list[str]
+    ├── ApprovalError             a signature or submission is refused
+    │   ├── AuthenticationError   unknown user, wrong password, inactive account
+    │   ├── NotAuthorizedError    the signer lacks the step's role, or signs their own work
+    │   ├── StepNotWaitingError   the step is not waiting for input (done, not reached, unknown)
+    │   └── SignatureMismatchError a signature does not match what it claims to sign
+    ├── RecordError               the quality record cannot be written or read as asked
+    ├── EngineError               the Prefect side failed: server down, deployment missing, run lost
+    ├── DocumentRenderError       a template failed to render (names template and variable)
+    └── NotificationError         apprise could not deliver (names the role or channel)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ApprovalError",
+    "AuthenticationError",
+    "ConfigError",
+    "DocumentRenderError",
+    "EngineError",
+    "FlowsError",
+    "NotAuthorizedError",
+    "NotificationError",
+    "Problem",
+    "RecordError",
+    "SignatureMismatchError",
+    "SopDefinitionError",
+    "SopInputError",
+    "SopNotFoundError",
+    "StepNotWaitingError",
+]
+
+
+class FlowsError(Exception):
+    """Base of every error sopflow raises on purpose."""
+
+
+class ConfigError(FlowsError):
+    """A setting is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in an SOP definition file, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SopDefinitionError(FlowsError):
+    """An SOP definition (or institution / product file) is invalid; every problem is listed."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class SopNotFoundError(FlowsError):
+    """No SOP, institution or product by that id."""
+
+
+class SopInputError(FlowsError):
+    """Run parameters or step fields do not satisfy the SOP; every problem is listed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class ApprovalError(FlowsError):
+    """A submission or signature is refused."""
+
+
+class AuthenticationError(ApprovalError):
+    """Unknown user, wrong password or inactive account (the message never says which)."""
+
+
+class NotAuthorizedError(ApprovalError):
+    """The signer may not sign this step (role, separation of duties)."""
+
+
+class StepNotWaitingError(ApprovalError):
+    """The step does not wait for input now."""
+
+
+class SignatureMismatchError(ApprovalError):
+    """A signature does not match the data, run or step it claims to sign."""
+
+
+class RecordError(FlowsError):
+    """The quality record cannot be written or read as asked."""
+
+
+class EngineError(FlowsError):
+    """The Prefect side failed: server down, deployment missing, run lost."""
+
+
+class DocumentRenderError(FlowsError):
+    """A document template failed to render."""
+
+    def __init__(self, template: str, message: str) -> None:
+        self.template = template
+        super().__init__(f"template {template!r}: {message}")
+
+
+class NotificationError(FlowsError):
+    """apprise could not deliver a message."""

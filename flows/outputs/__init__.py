@@ -1,0 +1,1 @@
+"""Stage 4 of the data path: side effects at the edge (documents, notifications)."""

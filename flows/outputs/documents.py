@@ -1,0 +1,60 @@
+"""Stage 4 (edge): controlled documents rendered from Jinja templates.
+
+Templates live in ``templates/``; ``templates/<institution>/`` overrides a template of the same
+name for that institution. Autoescape is on and undefined names are errors: a quality document
+must never silently miss a value. The same record renders to the same bytes (no clock, no
+randomness in the context). Must not import prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from flows.errors import DocumentRenderError
+
+__all__ = ["render_document"]
+
+
+def _environment(templates_dir: Path, institution: str, timezone: str) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
+        loader=ChoiceLoader([FileSystemLoader(templates_dir / institution), FileSystemLoader(templates_dir)]),
+        autoescape=True,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    zone = ZoneInfo(timezone)
+
+    def local_time(value: str | datetime | None) -> str:
+        if value is None:
+            return ""
+        dt = datetime.fromisoformat(value) if isinstance(value, str) else value
+        return dt.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z (UTC%z)")
+
+    env.filters["local_time"] = local_time
+    return env
+
+
+def render_document(templates_dir: Path, institution: str, timezone: str, template: str,
+                    context: dict[str, Any]) -> tuple[str, str]:
+    """Render ``template`` with ``context``; returns (text, sha256 of its UTF-8 bytes).
+
+    Raises:
+        DocumentRenderError: the template is missing, broken, or uses a value the record lacks.
+    """
+    env = _environment(templates_dir, institution, timezone)
+    try:
+        text = env.get_template(template).render(**context)
+    except TemplateNotFound as exc:
+        raise DocumentRenderError(template, f"not found under {templates_dir}") from exc
+    except TemplateSyntaxError as exc:
+        raise DocumentRenderError(template, f"line {exc.lineno}: {exc.message}") from exc
+    except UndefinedError as exc:
+        raise DocumentRenderError(template, f"uses a value the record does not have: {exc.message}") from exc
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,85 @@
+"""Stage 4 (edge): notifications through apprise, addressed to an institution's roles.
+
+Channels are configuration, not SOP text (their URLs carry tokens): ``SOPFLOW_NOTIFY_CONFIG``
+(default ``$SOPFLOW_HOME/notify.yaml``) maps institution -> role -> apprise URLs; the role ``"*"``
+receives every message of that institution::
+
+    demo_hospital:
+      pharmacist: ["mailto://user:pass@example.org", "json://127.0.0.1:8765/"]
+      "*": ["dingtalk://token/"]
+
+A failed delivery never blocks a record: ``notify`` returns what was delivered and what failed,
+and the caller records both. Must not import prefect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.errors import ConfigError
+
+__all__ = ["Delivery", "channels_for", "load_channels", "notify"]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    role: str
+    channel: str
+    """The URL's scheme and host only: the rest may hold a token."""
+    ok: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "channel": self.channel, "ok": self.ok}
+
+
+def load_channels(path: Path) -> dict[str, dict[str, list[str]]]:
+    if not path.exists():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping institution -> role -> list of apprise URLs")
+    out: dict[str, dict[str, list[str]]] = {}
+    for inst, roles in raw.items():
+        if not isinstance(roles, dict):
+            raise ConfigError(f"{path}: {inst}: expected a mapping role -> list of apprise URLs")
+        out[str(inst)] = {}
+        for role, urls in roles.items():
+            if isinstance(urls, str):
+                urls = [urls]
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise ConfigError(f"{path}: {inst}.{role}: expected a list of apprise URLs")
+            out[str(inst)][str(role)] = urls
+    return out
+
+
+def channels_for(channels: dict[str, dict[str, list[str]]], institution: str, role: str) -> list[str]:
+    inst = channels.get(institution, {})
+    return [*inst.get(role, []), *inst.get("*", [])]
+
+
+def _redact(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}"
+
+
+def notify(channels: dict[str, dict[str, list[str]]], institution: str, roles: tuple[str, ...] | list[str],
+           title: str, body: str) -> list[Delivery]:
+    """Send one message to every channel of each role; returns one Delivery per channel."""
+    import apprise  # imported here: it loads its plugins on import
+
+    out: list[Delivery] = []
+    for role in roles:
+        for url in channels_for(channels, institution, role):
+            ap = apprise.Apprise()
+            added = ap.add(url)
+            ok = bool(added) and bool(ap.notify(body=body, title=title))
+            out.append(Delivery(role=role, channel=_redact(url), ok=ok))
+    return out

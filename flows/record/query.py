@@ -1,0 +1,131 @@
+"""Stage 3: reading the quality record of a run as one plain structure.
+
+``run_record`` is what ``sopflow record`` prints, what ``--json`` exports and what document
+templates render: the same function for all three, so the document and the record cannot differ.
+Must not import prefect.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+from sqlmodel import Session, col, select
+
+from flows.errors import RecordError
+from flows.record.ledger import verify_signature
+from flows.record.state import run_status
+from flows.record.tables import AuditEvent, Deviation, Document, RunEvent, Signature, SopRun, SopVersion, StepRecord, User
+from flows.sop.model import HUMAN_KINDS, SopDefinition
+
+__all__ = ["disposition_id", "run_record", "stored_sop"]
+
+
+def disposition_id(check_id: str) -> str:
+    """The id of the disposition step a failed check opens."""
+    return f"{check_id}__disposition"
+
+
+def stored_sop(session: Session, run: SopRun) -> SopDefinition:
+    """The SOP revision a run is pinned to, from the text stored when it started."""
+    version = session.get(SopVersion, run.sop_version_id)
+    if version is None:
+        raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
+    return SopDefinition.model_validate(yaml.safe_load(version.text))
+
+
+def _names(session: Session) -> dict[str, str]:
+    return {u.id: u.printed_name for u in session.exec(select(User))}
+
+
+def _iso(value: Any) -> str | None:
+    from flows.record.ledger import canonical
+
+    return None if value is None else json.loads(canonical(value))
+
+
+def run_record(session: Session, run_id: str, *, with_history: bool = True) -> dict[str, Any]:
+    """The quality record of one run. Raises RecordError when there is no such run."""
+    run = session.get(SopRun, run_id)
+    if run is None:
+        raise RecordError(f"no run {run_id!r}; `sopflow runs` lists them")
+    sop = stored_sop(session, run)
+    names = _names(session)
+    status = run_status(session, run.id)
+    records = list(session.exec(select(StepRecord).where(StepRecord.run_id == run.id).order_by(col(StepRecord.n))))
+    sigs = {s.id: s for s in session.exec(select(Signature).where(Signature.run_id == run.id))}
+    latest: dict[str, StepRecord] = {}
+    for r in records:
+        latest[r.step_id] = r
+
+    def signature(sig_id: str | None) -> dict[str, Any] | None:
+        sig = sigs.get(sig_id or "")
+        if sig is None:
+            return None
+        return {
+            "id": sig.id, "user": names.get(sig.user_id, sig.user_id), "printed_name": sig.printed_name,
+            "meaning": sig.meaning, "statement": sig.statement, "signed_at": _iso(sig.signed_at),
+            "sha256": sig.signed_sha256, "valid": verify_signature(session, sig) is None,
+        }
+
+    def step_entry(step_id: str, kind: str, title: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+        rec = latest.get(step_id)
+        signed = [r for r in records if r.step_id == step_id and r.signature_id]
+        return {
+            "id": step_id, "kind": kind, "title": title or step_id,
+            "status": rec.status if rec else "not reached",
+            "at": _iso(rec.at) if rec else None,
+            "data": json.loads(rec.data_json) if rec else {},
+            "fields": {k: {"label": f.label or k, "unit": f.unit} for k, f in fields.items()},
+            "signature": signature(signed[-1].signature_id) if signed else None,
+        }
+
+    steps = []
+    for step in sop.steps:
+        fields = getattr(step, "fields", {}) if step.kind in HUMAN_KINDS else {}
+        steps.append(step_entry(step.id, step.kind, step.title, fields))
+        if step.kind == "check" and disposition_id(step.id) in latest:
+            steps.append(step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {}))
+
+    deviations = [
+        {"id": d.id, "step_id": d.step_id, "classification": d.classification, "description": d.description,
+         "quarantine": d.quarantine, "opened_at": _iso(d.opened_at),
+         "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
+         "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
+         if disposition_id(d.step_id) in latest else None}
+        for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
+    ]
+    documents = [
+        {"id": d.id, "step_id": d.step_id, "template": d.template, "path": d.path, "sha256": d.sha256,
+         "rendered_at": _iso(d.rendered_at)}
+        for d in session.exec(select(Document).where(Document.run_id == run.id).order_by(col(Document.rendered_at)))
+    ]
+    out: dict[str, Any] = {
+        "run": {
+            "id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_title": sop.title,
+            "sop_version": run.sop_version, "sop_sha256": run.sop_sha256, "schema_version": run.schema_version,
+            "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
+            "status": status.status if status else "unknown", "status_detail": status.detail if status else None,
+            "started_at": _iso(run.started_at), "started_by": names.get(run.started_by, run.started_by),
+            "flow_run_id": run.flow_run_id,
+        },
+        "steps": steps,
+        "deviations": deviations,
+        "documents": documents,
+    }
+    if with_history:
+        out["history"] = [
+            {"n": r.n, "step_id": r.step_id, "status": r.status, "at": _iso(r.at),
+             "actor": names.get(r.actor_id, r.actor_id) if r.actor_id else "system",
+             "data": json.loads(r.data_json), "reason": r.reason, "supersedes": r.supersedes_id,
+             "signature": signature(r.signature_id), "task_run_id": r.task_run_id}
+            for r in records
+        ]
+        out["run_events"] = [
+            {"n": e.n, "status": e.status, "detail": e.detail, "at": _iso(e.at)}
+            for e in session.exec(select(RunEvent).where(RunEvent.run_id == run.id).order_by(col(RunEvent.n)))
+        ]
+        head = session.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+        out["audit_head"] = {"seq": head.seq, "hash": head.hash} if head else None
+    return out

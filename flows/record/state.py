@@ -1,0 +1,113 @@
+"""Stage 3: reading the current state out of the append-only record, and who may sign what.
+
+The state of a step is its newest ``StepRecord``; the state of a run is its newest ``RunEvent``.
+``signer_problem`` is the one rule for who may sign a human step; the submit path and the flow's
+gate both call it, so the rule is checked twice with the same code. Must not import prefect.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from flows.record.tables import RunEvent, Signature, SopRun, StepRecord
+from flows.record.users import roles_of
+from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
+
+__all__ = [
+    "next_n",
+    "performer_of",
+    "refused_count",
+    "run_status",
+    "signed_but_suspended",
+    "signer_problem",
+    "step_data",
+    "step_states",
+]
+
+
+def step_states(session: Session, run_id: str) -> dict[str, StepRecord]:
+    """The newest record of each step of a run."""
+    rows = session.exec(select(StepRecord).where(StepRecord.run_id == run_id).order_by(col(StepRecord.n)))
+    latest: dict[str, StepRecord] = {}
+    for r in rows:
+        latest[r.step_id] = r
+    return latest
+
+
+def next_n(session: Session, table: type[StepRecord] | type[RunEvent], run_id: str) -> int:
+    """The next position in a run's sequence (call inside a write session: it holds the lock)."""
+    last = session.exec(select(table.n).where(table.run_id == run_id).order_by(col(table.n).desc()).limit(1)).first()
+    return (last or 0) + 1
+
+
+def step_data(rec: StepRecord) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(rec.data_json)
+    return data
+
+
+def refused_count(session: Session, run_id: str, step_id: str) -> int:
+    rows = session.exec(select(StepRecord.id).where(
+        StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "refused"))
+    return len(list(rows))
+
+
+def run_status(session: Session, run_id: str) -> RunEvent | None:
+    return session.exec(
+        select(RunEvent).where(RunEvent.run_id == run_id).order_by(col(RunEvent.n).desc()).limit(1)
+    ).first()
+
+
+def performer_of(session: Session, run_id: str, step_id: str) -> str | None:
+    """The user who signed the newest completed or signed record of a step."""
+    rows = session.exec(select(StepRecord).where(
+        StepRecord.run_id == run_id, StepRecord.step_id == step_id,
+        col(StepRecord.status).in_(("signed", "done")), col(StepRecord.actor_id).is_not(None),
+    ).order_by(col(StepRecord.n).desc()).limit(1))
+    rec = rows.first()
+    return rec.actor_id if rec else None
+
+
+def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> dict[str, str]:
+    sigs = session.exec(select(Signature).where(Signature.run_id == run_id, col(Signature.step_id).in_(step_ids)))
+    return {s.step_id: s.user_id for s in sigs}
+
+
+def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: HumanStepSpec, user_id: str) -> str | None:
+    """Why ``user_id`` may not sign ``step`` of ``run``, or None when they may."""
+    if step.role not in roles_of(session, user_id, run.institution):
+        return f"step {step.id!r} may only be signed by role {step.role!r} of {run.institution!r}"
+    if isinstance(step, VerifyStepSpec) and performer_of(session, run.id, step.of) == user_id:
+        return f"step {step.id!r} verifies step {step.of!r}: the person who performed {step.of!r} may not verify it"
+    for group in sop.distinct_signers:
+        if step.id not in group:
+            continue
+        others = set(group) - {step.id}
+        for other, signer in _signers_of(session, run.id, others).items():
+            if signer == user_id:
+                return (f"steps {', '.join(repr(g) for g in group)} must be signed by different people; "
+                        f"you signed {other!r} already")
+    return None
+
+
+def signed_but_suspended(session: Session, older_than: float = 0.0) -> list[tuple[str, str, str]]:
+    """(flow_run_id, step_id, signature_id) of every step whose newest record is ``signed`` and
+    older than ``older_than`` seconds: the flow has not accepted it (its resume may be lost)."""
+    from datetime import timedelta
+
+    from flows.record.tables import utcnow
+
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    out = []
+    for rec in session.exec(select(StepRecord).where(StepRecord.status == "signed")):
+        at = rec.at if rec.at.tzinfo else rec.at.replace(tzinfo=cutoff.tzinfo)
+        if at > cutoff:
+            continue
+        newest = session.exec(select(StepRecord).where(StepRecord.run_id == rec.run_id, StepRecord.step_id == rec.step_id)
+                              .order_by(col(StepRecord.n).desc()).limit(1)).first()
+        run = session.get(SopRun, rec.run_id)
+        if newest is not None and newest.id == rec.id and run is not None and rec.signature_id:
+            out.append((run.flow_run_id, rec.step_id, rec.signature_id))
+    return out

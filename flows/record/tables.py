@@ -1,0 +1,213 @@
+"""Stage 3 of the data path: the quality record's tables (SQLModel, ``table=True``).
+
+Records are append-only: nothing here is updated in place or deleted by sopflow. The state of
+a run or a step is the newest row about it (``RunEvent``, ``StepRecord``); a correction is a new
+``StepRecord`` that names the one it supersedes and a reason. Every row is written together with
+an ``AuditEvent`` that carries the row's content, and each audit event carries the hash of the
+one before it, so ``audit verify`` finds an edited, deleted, inserted or reordered row.
+
+Only ``flows.record.ledger`` writes these tables. Must not import prefect.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+from sqlalchemy import Column, DateTime, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "RECORD_TABLES",
+    "AuditEvent",
+    "Deviation",
+    "Document",
+    "RoleGrant",
+    "RunEvent",
+    "Signature",
+    "SopRun",
+    "SopVersion",
+    "StepRecord",
+    "User",
+    "new_id",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid4())
+
+
+def _ts(**kw: object) -> object:
+    return Field(sa_column=Column(DateTime(timezone=True), nullable=False), **kw)  # type: ignore[call-overload]
+
+
+def _text(nullable: bool = False) -> object:
+    return Field(sa_column=Column(Text, nullable=nullable))
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "sf_user"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    username: str = Field(unique=True, index=True)
+    printed_name: str
+    password_hash: str
+    created_at: datetime = _ts()  # type: ignore[assignment]
+    created_by: str | None = None
+
+
+class RoleGrant(SQLModel, table=True):
+    __tablename__ = "sf_role_grant"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    user_id: str = Field(foreign_key="sf_user.id", index=True)
+    institution: str
+    role: str
+    granted_at: datetime = _ts()  # type: ignore[assignment]
+    granted_by: str | None = None
+
+
+class SopVersion(SQLModel, table=True):
+    """The exact text of an SOP revision, stored the first time a run uses it."""
+
+    __tablename__ = "sf_sop_version"
+    __table_args__ = (UniqueConstraint("institution", "sop_id", "sha256"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    institution: str
+    sop_id: str
+    version: int
+    schema_version: int
+    sha256: str
+    text: str = _text()  # type: ignore[assignment]
+    stored_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class SopRun(SQLModel, table=True):
+    """One execution of one SOP revision; its flow run in Prefect is ``flow_run_id``."""
+
+    __tablename__ = "sf_run"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    institution: str
+    sop_version_id: str = Field(foreign_key="sf_sop_version.id")
+    sop_id: str
+    sop_version: int
+    sop_sha256: str
+    schema_version: int
+    params_json: str = _text()  # type: ignore[assignment]
+    product_json: str | None = _text(nullable=True)  # type: ignore[assignment]
+    """The product's catalogue entry as it stood when the run started (the limits the checks used)."""
+    flow_run_id: str
+    started_by: str = Field(foreign_key="sf_user.id")
+    started_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class RunEvent(SQLModel, table=True):
+    """A change of a run's status; the newest row is the run's status.
+
+    Statuses: ``scheduled`` (created, not yet picked up), ``running``, ``waiting`` (a human step
+    waits), ``completed``, ``rejected`` (a signer rejected the dose), ``stopped`` (a check with
+    ``on_fail: stop`` failed), ``failed`` (an engine error; see detail).
+    """
+
+    __tablename__ = "sf_run_event"
+    __table_args__ = (UniqueConstraint("run_id", "n"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    run_id: str = Field(foreign_key="sf_run.id", index=True)
+    n: int
+    """Position among this run's events (1, 2, …): the order, whatever the clock says."""
+    status: str
+    detail: str | None = None
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
+class StepRecord(SQLModel, table=True):
+    """What happened at one step; the newest row for (run, step) is the step's state.
+
+    Statuses: ``waiting`` (a human step waits for signed input), ``signed`` (input and signature
+    recorded; the flow has not yet accepted it), ``done`` (the step completed), ``failed`` (a
+    check failed), ``refused`` (the flow refused a resume: forged or mismatched signature).
+    """
+
+    __tablename__ = "sf_step_record"
+    __table_args__ = (UniqueConstraint("run_id", "n"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    run_id: str = Field(foreign_key="sf_run.id", index=True)
+    n: int
+    """Position among this run's step records (1, 2, …): the order, whatever the clock says."""
+    step_id: str
+    kind: str
+    status: str
+    data_json: str = _text()  # type: ignore[assignment]
+    actor_id: str | None = Field(default=None, foreign_key="sf_user.id")
+    signature_id: str | None = None
+    supersedes_id: str | None = None
+    reason: str | None = None
+    task_run_id: str | None = None
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
+class Signature(SQLModel, table=True):
+    """An electronic signature: who, when, what it means, and the hash of exactly what was signed."""
+
+    __tablename__ = "sf_signature"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    run_id: str = Field(foreign_key="sf_run.id", index=True)
+    step_id: str
+    user_id: str = Field(foreign_key="sf_user.id")
+    printed_name: str
+    meaning: str
+    """performed / verified / approved / rejected / reviewed"""
+    statement: str | None = None
+    """The SOP's words for what this signature means."""
+    signed_at: datetime = _ts()  # type: ignore[assignment]
+    signed_sha256: str
+    """sha256 of the canonical JSON of what was signed (see ``ledger.signed_content``)."""
+
+
+class Deviation(SQLModel, table=True):
+    __tablename__ = "sf_deviation"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    run_id: str = Field(foreign_key="sf_run.id", index=True)
+    step_id: str
+    classification: str
+    description: str = _text()  # type: ignore[assignment]
+    quarantine: bool
+    opened_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class Document(SQLModel, table=True):
+    __tablename__ = "sf_document"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    run_id: str = Field(foreign_key="sf_run.id", index=True)
+    step_id: str
+    template: str
+    path: str
+    sha256: str
+    rendered_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class AuditEvent(SQLModel, table=True):
+    """One link of the tamper-evident chain: ``hash = sha256(prev_hash + canonical(event))``."""
+
+    __tablename__ = "sf_audit"
+    seq: int = Field(primary_key=True)
+    at: datetime = _ts()  # type: ignore[assignment]
+    actor: str
+    """The user id, or ``system`` for the engine."""
+    action: str
+    object_type: str
+    object_id: str
+    payload_json: str = _text()  # type: ignore[assignment]
+    reason: str | None = None
+    prev_hash: str = Field(unique=True)
+    hash: str = Field(unique=True)
+
+
+RECORD_TABLES: dict[str, type[SQLModel]] = {
+    t.__tablename__: t  # type: ignore[misc]
+    for t in (User, RoleGrant, SopVersion, SopRun, RunEvent, StepRecord, Signature, Deviation, Document)
+}
+"""Every table whose rows the audit chain covers, by table name."""

@@ -1,0 +1,81 @@
+"""Stage 3: users, role grants and authentication (argon2 password hashes).
+
+Must not import prefect.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlmodel import Session, select
+
+from flows.errors import AuthenticationError, RecordError
+from flows.record import ledger
+from flows.record.tables import RoleGrant, User, utcnow
+
+__all__ = ["add_user", "authenticate", "find_user", "grant_role", "hash_password", "roles_of"]
+
+_HASHER = PasswordHasher()
+_USERNAME = re.compile(r"^[a-z][a-z0-9_.-]{1,39}$")
+MIN_PASSWORD = 8
+
+
+def hash_password(password: str) -> str:
+    return _HASHER.hash(password)
+
+
+def find_user(session: Session, username: str) -> User | None:
+    return session.exec(select(User).where(User.username == username)).first()
+
+
+def add_user(session: Session, username: str, printed_name: str, password: str, *, actor: str) -> User:
+    """Create a user (inside a write session). Raises RecordError for a bad or taken username."""
+    if not _USERNAME.match(username):
+        raise RecordError(f"username {username!r}: use 2-40 lowercase letters, digits, '.', '_' or '-', starting with a letter")
+    if not printed_name.strip():
+        raise RecordError(f"user {username!r}: a printed name is required (it is shown on every signature)")
+    if len(password) < MIN_PASSWORD:
+        raise RecordError(f"user {username!r}: the password must have at least {MIN_PASSWORD} characters")
+    if find_user(session, username) is not None:
+        raise RecordError(f"user {username!r} exists already; accounts are never shared or reused")
+    user = User(username=username, printed_name=printed_name.strip(), password_hash=hash_password(password),
+                created_at=utcnow(), created_by=actor)
+    ledger.append(session, user, actor=actor, action="user.create")
+    return user
+
+
+def grant_role(session: Session, user: User, institution: str, role: str, *, actor: str) -> RoleGrant:
+    grant = RoleGrant(user_id=user.id, institution=institution, role=role, granted_at=utcnow(), granted_by=actor)
+    ledger.append(session, grant, actor=actor, action="role.grant")
+    return grant
+
+
+def roles_of(session: Session, user_id: str, institution: str) -> set[str]:
+    grants = session.exec(select(RoleGrant).where(RoleGrant.user_id == user_id, RoleGrant.institution == institution))
+    return {g.role for g in grants}
+
+
+def authenticate(session: Session, username: str, password: str) -> User:
+    """The user, if the password is right. One message for every failure (never says which part)."""
+    user = find_user(session, username)
+    refused = AuthenticationError(f"user {username!r}: wrong user name or password")
+    if user is None:
+        # Spend the same time as a real check so a probe cannot tell which names exist.
+        try:
+            _HASHER.verify(_dummy_hash(), password)
+        except (VerificationError, InvalidHashError):
+            pass
+        raise refused
+    try:
+        _HASHER.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        raise refused from None
+    return user
+
+
+@cache
+def _dummy_hash() -> str:
+    return _HASHER.hash("not a real password")

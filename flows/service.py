@@ -1,0 +1,238 @@
+"""The service layer: every action the CLI (and later the web app) offers, in one place.
+
+Views stay thin: they parse input, call one of these, and format the result or the error.
+No business rule lives in a command or a page. Prefect is only imported on the paths that
+need it (start, submit), through ``flows.engine.client``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from flows.config import Settings
+from flows.engine import client as engine
+from flows.engine.gates import find_human_step, human_fields, meaning_of
+from flows.engine.steps import set_run_status, write_step
+from flows.errors import AuthenticationError, NotAuthorizedError, SopInputError, StepNotWaitingError
+from flows.record import ledger
+from flows.record.db import init_db, read_session, write_session
+from flows.record.query import run_record, stored_sop
+from flows.record.state import run_status, signer_problem, step_states
+from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
+from flows.record.users import authenticate, roles_of
+from flows.sop.catalog import Catalog
+from flows.sop.inputs import coerce_values
+
+__all__ = ["StartResult", "SubmitResult", "inbox", "list_runs", "quality_record", "start_run", "submit_step", "verify_audit"]
+
+
+@dataclass(frozen=True)
+class StartResult:
+    run_id: str
+    flow_run_id: str
+    sop_id: str
+    sop_version: int
+    sop_sha256: str
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    run_id: str
+    step_id: str
+    signature_id: str
+    signed_sha256: str
+    resumed: bool
+
+
+def _catalog(settings: Settings) -> Catalog:
+    return Catalog(settings.sops_dir, settings.templates_dir)
+
+
+def _authenticate(settings: Settings, username: str, password: str, purpose: str) -> User:
+    """Check the password; a failure is refused and written to the audit trail."""
+    with read_session(settings.database_url) as s:
+        try:
+            user = authenticate(s, username, password)
+            s.expunge(user)
+            return user
+        except AuthenticationError:
+            pass
+    with write_session(settings.database_url) as s:
+        ledger.audit(s, actor=username, action="auth.failed", object_type="sf_user", object_id=username,
+                     payload={"purpose": purpose})
+    raise AuthenticationError(f"user {username!r}: wrong user name or password")
+
+
+def _refuse(settings: Settings, user: User, action: str, object_id: str, problem: str) -> NotAuthorizedError:
+    with write_session(settings.database_url) as s:
+        ledger.audit(s, actor=user.id, action=action, object_type="sf_run", object_id=object_id,
+                     payload={"problem": problem}, reason=problem)
+    return NotAuthorizedError(problem)
+
+
+def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dict[str, Any],
+              username: str, password: str) -> StartResult:
+    """Validate the parameters, record the run and hand it to Prefect.
+
+    Raises:
+        SopNotFoundError, SopDefinitionError, SopInputError, AuthenticationError,
+        NotAuthorizedError, EngineError
+    """
+    catalog = _catalog(settings)
+    inst = catalog.institution(institution)
+    loaded = catalog.get_sop(institution, sop_id)
+    sop = loaded.definition
+    params = coerce_values(sop.params, raw_params, where=f"{sop_id} params", products=inst.products)
+    product = None
+    if (pname := sop.product_param()) is not None:
+        spec = inst.products[params[pname]]
+        if spec.unconfirmed:
+            raise SopInputError([
+                f"{sop_id} params.{pname}: product {params[pname]!r} has values not confirmed against its label: "
+                f"{', '.join(spec.unconfirmed)}; set them in {inst.dir.name}/products.yaml and remove them from "
+                "'unconfirmed' before a run may use this product"])
+        product = spec.model_dump(mode="json")
+    init_db(settings.database_url)
+    user = _authenticate(settings, username, password, f"start {sop_id}")
+    with read_session(settings.database_url) as s:
+        if not roles_of(s, user.id, institution):
+            problem = f"user {username!r} holds no role at {institution!r} and may not start its runs"
+        else:
+            problem = None
+    if problem:
+        raise _refuse(settings, user, "run.start.refused", sop_id, problem)
+
+    from flows.record.tables import new_id
+
+    run_id = new_id()
+    flow_run_id = engine.create_flow_run(settings, run_id, f"{sop_id}-{run_id[:8]}")
+    try:
+        with write_session(settings.database_url) as s:
+            version = s.exec(select(SopVersion).where(
+                SopVersion.institution == institution, SopVersion.sop_id == sop_id, SopVersion.sha256 == loaded.sha256)).first()
+            if version is None:
+                version = SopVersion(institution=institution, sop_id=sop_id, version=sop.version,
+                                     schema_version=sop.schema_version, sha256=loaded.sha256, text=loaded.text,
+                                     stored_at=utcnow())
+                ledger.append(s, version, actor=user.id, action="sop_version.store")
+            run = SopRun(id=run_id, institution=institution, sop_version_id=version.id, sop_id=sop_id,
+                         sop_version=sop.version, sop_sha256=loaded.sha256, schema_version=sop.schema_version,
+                         params_json=ledger.canonical(params).decode(),
+                         product_json=ledger.canonical(product).decode() if product is not None else None,
+                         flow_run_id=flow_run_id, started_by=user.id, started_at=utcnow())
+            ledger.append(s, run, actor=user.id, action="run.start")
+            set_run_status(s, run_id, "scheduled")
+    except BaseException:
+        engine.release_flow_run(settings, flow_run_id, cancel=True)
+        raise
+    engine.release_flow_run(settings, flow_run_id)
+    return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
+
+
+def _find_run(session: Session, run_id: str) -> SopRun:
+    run = session.get(SopRun, run_id)
+    if run is None:
+        # Accept a unique prefix, as printed by `sopflow runs`.
+        matches = list(session.exec(select(SopRun).where(col(SopRun.id).startswith(run_id)).limit(2))) if len(run_id) >= 6 else []
+        if len(matches) != 1:
+            raise StepNotWaitingError(f"no run {run_id!r}; `sopflow runs` lists them")
+        run = matches[0]
+    return run
+
+
+def submit_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
+                raw_values: dict[str, Any]) -> SubmitResult:
+    """Validate a signer's input, record it with their signature, and resume the flow.
+
+    Nothing is written when the input is invalid; a refused signer is written to the audit trail.
+
+    Raises:
+        AuthenticationError, NotAuthorizedError, StepNotWaitingError, SopInputError
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run = _find_run(s, run_id)
+        sop = stored_sop(s, run)
+        step = find_human_step(sop, step_id)
+        if step is None:
+            known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
+            raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+        rec = step_states(s, run.id).get(step.id)
+        if rec is None or rec.status != "waiting":
+            state = rec.status if rec else "not reached yet"
+            raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} is not waiting for input (it is {state})")
+        s.expunge(run)
+    fields = human_fields(step)
+    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    if data.get("decision") == "reject" and not data.get("reason"):
+        raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
+    user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
+    with read_session(settings.database_url) as s:
+        problem = signer_problem(s, run, sop, step, user.id)
+    if problem:
+        raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {problem}")
+    with write_session(settings.database_url) as s:
+        rec = step_states(s, run.id).get(step.id)
+        if rec is None or rec.status != "waiting":
+            raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} was signed by someone else meanwhile")
+        sig = Signature(run_id=run.id, step_id=step.id, user_id=user.id, printed_name=user.printed_name,
+                        meaning=meaning_of(step, data), statement=step.meaning, signed_at=utcnow(), signed_sha256="")
+        sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, step.id, data, sig)))
+        ledger.append(s, sig, actor=user.id, action="signature.create")
+        write_step(s, run.id, step.id, step.kind, "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id)
+        sig_id, digest = sig.id, sig.signed_sha256
+    resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id)
+    return SubmitResult(run.id, step.id, sig_id, digest, resumed)
+
+
+def list_runs(settings: Settings) -> list[dict[str, Any]]:
+    """Every run, newest first, with its status and what it waits on."""
+    init_db(settings.database_url)
+    out = []
+    with read_session(settings.database_url) as s:
+        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
+            st = run_status(s, run.id)
+            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed")]
+            out.append({"id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_version": run.sop_version,
+                        "status": st.status if st else "unknown", "detail": st.detail if st else None,
+                        "waiting_on": waiting, "started_at": run.started_at, "flow_run_id": run.flow_run_id})
+    return out
+
+
+def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
+    """The steps waiting now on any role the user holds (oldest first)."""
+    init_db(settings.database_url)
+    out = []
+    with read_session(settings.database_url) as s:
+        user = s.exec(select(User).where(User.username == username)).first()
+        if user is None:
+            raise AuthenticationError(f"no user {username!r}")
+        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
+            roles = roles_of(s, user.id, run.institution)
+            if not roles:
+                continue
+            sop = stored_sop(s, run)
+            for step_id, rec in step_states(s, run.id).items():
+                step = find_human_step(sop, step_id)
+                if rec.status == "waiting" and step is not None and step.role in roles:
+                    out.append({"run_id": run.id, "sop_id": run.sop_id, "step_id": step_id, "title": step.title or step_id,
+                                "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
+                                "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
+                                "can_sign": signer_problem(s, run, sop, step, user.id) is None})
+    return sorted(out, key=lambda x: x["since"])
+
+
+def quality_record(settings: Settings, run_id: str) -> dict[str, Any]:
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return run_record(s, _find_run(s, run_id).id)
+
+
+def verify_audit(settings: Settings) -> ledger.ChainReport:
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return ledger.verify_chain(s)

@@ -1,0 +1,288 @@
+"""Stage 1 of the data path: cross-references inside a schema-valid SOP definition.
+
+Unique step ids, roles that exist in the institution, ``verify.of`` pointing back at an earlier
+step, ``distinct_signers`` naming signed steps, the single ``product`` param, document templates
+that exist, and the names used by check expressions and notify messages. Every problem is
+returned (never raised one by one) with the line of the YAML key it is about.
+
+Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.record``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path, PurePosixPath
+
+from flows.errors import Problem
+from flows.sop.expressions import Scope, check_expression, check_message
+from flows.sop.load import LoadedSop, display_path, dotted
+from flows.sop.model import (
+    HUMAN_KINDS,
+    ApproveStepSpec,
+    CheckStepSpec,
+    DocumentStepSpec,
+    HumanStepSpec,
+    InstitutionSpec,
+    NotifyStepSpec,
+    ProductSpec,
+    VerifyStepSpec,
+)
+
+__all__ = ["RESERVED_NAMES", "check_sop", "find_template"]
+
+RESERVED_NAMES = frozenset({"params", "product", "run"})
+"""Top-level names in expressions; no step may take one as its id."""
+_IMPLICIT_FIELDS = frozenset({"signed_by", "decision"})
+"""Values every human step (``decision``: approve steps) has besides its declared fields."""
+
+
+def _hint(word: str, options: list[str], what: str) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return f"Did you mean {close[0]!r}?"
+    return f"{what}: {', '.join(sorted(options))}." if options else ""
+
+
+def find_template(
+    name: str, templates_dir: Path, institution: str | None = None
+) -> Path | None:
+    """The file a document step's template resolves to: ``templates/<institution>/`` first."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+        return None
+    folders = ([templates_dir / institution] if institution else []) + [templates_dir]
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _template_names(templates_dir: Path, institution: str | None) -> list[str]:
+    names: set[str] = set()
+    for folder in ([templates_dir / institution] if institution else []) + [
+        templates_dir
+    ]:
+        if folder.is_dir():
+            names.update(p.name for p in folder.iterdir() if p.is_file())
+    return sorted(names)
+
+
+class _Checker:
+    def __init__(
+        self,
+        loaded: LoadedSop,
+        institution: InstitutionSpec | None,
+        templates_dir: Path | None,
+    ) -> None:
+        self.loaded = loaded
+        self.defn = loaded.definition
+        self.institution = institution
+        self.templates_dir = templates_dir
+        self.file = display_path(loaded.path)
+        self.problems: list[Problem] = []
+
+    def add(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.problems.append(
+            Problem(self.file, self.loaded.lines.line(*loc), dotted(loc), message)
+        )
+
+    def run(self) -> list[Problem]:
+        self.step_ids()
+        self.params()
+        self.roles()
+        self.verify_targets()
+        self.distinct_signers()
+        self.templates()
+        self.expressions()
+        return sorted(self.problems, key=lambda p: (p.line or 0, p.path))
+
+    def step_ids(self) -> None:
+        first: dict[str, int] = {}
+        for i, step in enumerate(self.defn.steps):
+            if step.id in RESERVED_NAMES:
+                self.add(
+                    ("steps", i, "id"),
+                    f"step id {step.id!r} is reserved (expressions use it for run data)",
+                )
+            if step.id in first:
+                line = self.loaded.lines.line("steps", first[step.id], "id")
+                self.add(
+                    ("steps", i, "id"),
+                    f"duplicate step id {step.id!r} (first used at line {line})",
+                )
+            else:
+                first[step.id] = i
+            if isinstance(step, HumanStepSpec):
+                for name, spec in step.fields.items():
+                    if name in _IMPLICIT_FIELDS:
+                        self.add(
+                            ("steps", i, "fields", name),
+                            f"field name {name!r} is reserved for the signature",
+                        )
+                    if spec.type == "product":
+                        self.add(
+                            ("steps", i, "fields", name, "type"),
+                            "type 'product' is only allowed for params, not for step fields",
+                        )
+                if step.escalate_to is not None and step.timeout is None:
+                    self.add(
+                        ("steps", i, "escalate_to"),
+                        "'escalate_to' needs a 'timeout' to escalate after",
+                    )
+
+    def params(self) -> None:
+        first: str | None = None
+        for name, spec in self.defn.params.items():
+            if spec.type != "product":
+                continue
+            if first is None:
+                first = name
+            else:
+                self.add(
+                    ("params", name, "type"),
+                    f"only one param may have type 'product'; {first!r} already has it",
+                )
+
+    def _role(self, loc: tuple[str | int, ...], role: str) -> None:
+        if self.institution is None or role in self.institution.roles:
+            return
+        roles = list(self.institution.roles)
+        hint = _hint(role, roles, f"Roles of {self.institution.id}")
+        self.add(loc, f"unknown role {role!r}. {hint}")
+
+    def roles(self) -> None:
+        for i, step in enumerate(self.defn.steps):
+            if isinstance(step, HumanStepSpec):
+                self._role(("steps", i, "role"), step.role)
+                if step.escalate_to is not None:
+                    self._role(("steps", i, "escalate_to"), step.escalate_to)
+            elif isinstance(step, CheckStepSpec):
+                self._role(
+                    ("steps", i, "deviation", "disposition_role"),
+                    step.deviation.disposition_role,
+                )
+            elif isinstance(step, NotifyStepSpec):
+                for j, role in enumerate(step.to):
+                    self._role(("steps", i, "to", j), role)
+
+    def verify_targets(self) -> None:
+        index = {s.id: i for i, s in reversed(list(enumerate(self.defn.steps)))}
+        for i, step in enumerate(self.defn.steps):
+            if not isinstance(step, VerifyStepSpec):
+                continue
+            loc = ("steps", i, "of")
+            target = index.get(step.of)
+            if target is None:
+                self.add(
+                    loc,
+                    f"unknown step {step.of!r}. {_hint(step.of, list(index), 'Steps')}".rstrip(),
+                )
+            elif target == i:
+                self.add(loc, f"step {step.id!r} cannot verify itself")
+            elif target > i:
+                self.add(
+                    loc,
+                    f"{step.of!r} comes after {step.id!r}; verify can only check an earlier step",
+                )
+            elif self.defn.steps[target].kind not in ("record", "approve"):
+                kind = self.defn.steps[target].kind
+                self.add(
+                    loc,
+                    f"{step.of!r} is a {kind} step; 'of' must name a record or approve step",
+                )
+
+    def distinct_signers(self) -> None:
+        kinds = {s.id: s.kind for s in self.defn.steps}
+        human = [s.id for s in self.defn.steps if s.kind in HUMAN_KINDS]
+        for g, group in enumerate(self.defn.distinct_signers):
+            if len(set(group)) < 2:
+                self.add(
+                    ("distinct_signers", g),
+                    "a group needs at least two different steps",
+                )
+            for j, step_id in enumerate(group):
+                loc = ("distinct_signers", g, j)
+                if step_id not in kinds:
+                    self.add(
+                        loc,
+                        f"unknown step {step_id!r}. {_hint(step_id, human, 'Signed steps')}".rstrip(),
+                    )
+                elif kinds[step_id] not in HUMAN_KINDS:
+                    self.add(
+                        loc,
+                        f"{step_id!r} is a {kinds[step_id]} step; only record, verify and approve steps are signed",
+                    )
+
+    def templates(self) -> None:
+        if self.templates_dir is None:
+            return
+        inst = self.institution.id if self.institution is not None else None
+        for i, step in enumerate(self.defn.steps):
+            if not isinstance(step, DocumentStepSpec) or find_template(
+                step.template, self.templates_dir, inst
+            ):
+                continue
+            base = display_path(self.templates_dir)
+            where = f"{base}/{inst}/ or {base}/" if inst else f"{base}/"
+            hint = _hint(
+                step.template, _template_names(self.templates_dir, inst), "Templates"
+            )
+            self.add(
+                ("steps", i, "template"),
+                f"template {step.template!r} not found in {where}. {hint}".rstrip(),
+            )
+
+    def _scope(self, position: int, *, message: bool) -> Scope:
+        names: dict[str, frozenset[str]] = {"params": frozenset(self.defn.params)}
+        unavailable: dict[str, str] = {}
+        if self.defn.product_param() is not None:
+            names["product"] = frozenset(ProductSpec.model_fields)
+        else:
+            unavailable["product"] = (
+                "is only available when the SOP declares a param of type 'product'"
+            )
+        if message:
+            names["run"] = frozenset({"id", "sop_id", "institution"})
+        else:
+            unavailable["run"] = "is only available in notify messages"
+        reader = "a notify message" if message else "a check"
+        for i, step in enumerate(self.defn.steps):
+            if step.id in names or step.id in RESERVED_NAMES:
+                continue
+            if not isinstance(step, HumanStepSpec):
+                unavailable[step.id] = f"is a {step.kind} step and has no data to read"
+            elif i >= position:
+                unavailable[step.id] = (
+                    f"is a later step; {reader} can only read steps before it"
+                )
+            else:
+                extra = (
+                    {"signed_by", "decision"}
+                    if isinstance(step, ApproveStepSpec)
+                    else {"signed_by"}
+                )
+                names[step.id] = frozenset(step.fields) | extra
+        return Scope(names, unavailable)
+
+    def expressions(self) -> None:
+        for i, step in enumerate(self.defn.steps):
+            if isinstance(step, CheckStepSpec):
+                for msg in check_expression(step.expect, self._scope(i, message=False)):
+                    self.add(("steps", i, "expect"), f"step {step.id!r}: {msg}")
+            elif isinstance(step, NotifyStepSpec):
+                for msg in check_message(step.message, self._scope(i, message=True)):
+                    self.add(("steps", i, "message"), f"step {step.id!r}: {msg}")
+
+
+def check_sop(
+    loaded: LoadedSop,
+    *,
+    institution: InstitutionSpec | None = None,
+    templates_dir: Path | None = None,
+) -> list[Problem]:
+    """Every cross-reference problem in a schema-valid SOP (empty list: all good).
+
+    Roles are checked only with ``institution``, templates only with ``templates_dir``.
+    Returns the problems; raises nothing.
+    """
+    return _Checker(loaded, institution, templates_dir).run()

@@ -1,0 +1,249 @@
+"""Stage 1 of the data path: check expressions (``expect:``) and notify ``message:`` templates.
+
+Both are compiled at load time with Jinja's sandbox, and the names they read are checked by
+walking the parsed AST against a :class:`Scope` (params, product, earlier human steps, run),
+so a typo is a load error naming the SOP file and step. At run time the engine calls
+:func:`evaluate_check` and :func:`render_message`; any failure raises :class:`ExpressionError`.
+
+Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.record``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import operator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, nodes
+from jinja2.parser import Parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = [
+    "ExpressionError",
+    "Scope",
+    "check_expression",
+    "check_message",
+    "evaluate_check",
+    "render_message",
+]
+
+_MAX_SIZE = 10_000
+"""Largest string or list a `*` may build, and largest exponent a `**` may use."""
+
+
+class ExpressionError(ValueError):
+    """A check expression or message template failed at run time (the engine fails the check)."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, plus limits on `*` and `**` so an SOP cannot exhaust memory."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
+        if operator_ == "**":
+            if isinstance(right, int | float) and abs(right) > 100:
+                raise ExpressionError(
+                    f"exponent {right!r} is too large (the limit is 100)"
+                )
+            return operator.pow(left, right)
+        for seq, times in ((left, right), (right, left)):
+            if (
+                isinstance(seq, str | list | tuple)
+                and isinstance(times, int)
+                and len(seq) * times > _MAX_SIZE
+            ):
+                raise ExpressionError(
+                    f"repeating a sequence {times} times is not allowed here"
+                )
+        return operator.mul(left, right)
+
+
+class _Values(SimpleNamespace):
+    """Run data for one name (``arrival``, ``params``...): read as ``arrival.logger_max_c``.
+
+    A namespace, not a dict, so a field named ``items`` or ``keys`` is the value and not a dict
+    method. ``_where`` (unreadable in the sandbox: it starts with '_') names it in errors.
+    """
+
+    def __init__(self, where: str, values: Mapping[str, Any]) -> None:
+        super().__init__(
+            **{str(k): _as_values(f"{where}.{k}", v) for k, v in values.items()}
+        )
+        self._where = where
+
+
+def _as_values(where: str, value: Any) -> Any:
+    return _Values(where, value) if isinstance(value, Mapping) else value
+
+
+class _Undefined(StrictUndefined):
+    @property
+    def _undefined_message(self) -> str:
+        obj = self._undefined_obj
+        if isinstance(obj, _Values) and self._undefined_hint is None:
+            return f"{obj._where!r} has no value {self._undefined_name!r}"
+        return str(super()._undefined_message)
+
+
+# Messages are plain text for apprise, not HTML, so autoescape stays off here.
+_ENV = _Sandbox(undefined=_Undefined, autoescape=False)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The names an expression may read, and the attributes of each.
+
+    ``names`` maps a top-level name to its allowed attributes; ``unavailable`` maps names that
+    exist but may not be read here (a later step, ``product`` without a product param) to why.
+    """
+
+    names: Mapping[str, frozenset[str]]
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+
+
+def _parse_expression(source: str) -> nodes.Expr:
+    parser = Parser(_ENV, source, state="variable")
+    expr = parser.parse_expression()
+    if not parser.stream.eos:
+        token = parser.stream.current
+        raise TemplateSyntaxError(
+            f"unexpected {token.value!r} after the expression", token.lineno
+        )
+    return expr
+
+
+def _chains(node: nodes.Node) -> Iterator[tuple[str, str | None]]:
+    """Yield (name, first attribute or None) for every name the node reads."""
+    if isinstance(node, nodes.Getattr | nodes.Getitem):
+        base = node.node
+        attr = node.attr if isinstance(node, nodes.Getattr) else _const_str(node.arg)
+        if isinstance(base, nodes.Name) and base.ctx == "load":
+            yield base.name, attr
+            if isinstance(node, nodes.Getitem) and attr is None:
+                yield from _chains(node.arg)
+            return
+    if isinstance(node, nodes.Name) and node.ctx == "load":
+        yield node.name, None
+        return
+    for child in node.iter_child_nodes():
+        yield from _chains(child)
+
+
+def _const_str(node: nodes.Node) -> str | None:
+    return (
+        node.value
+        if isinstance(node, nodes.Const) and isinstance(node.value, str)
+        else None
+    )
+
+
+def _hint(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return f" Did you mean {close[0]!r}?"
+    return f" Available: {', '.join(sorted(options))}." if options else ""
+
+
+def _check_names(
+    source: str, tree: nodes.Node, scope: Scope, local_names: set[str]
+) -> list[str]:
+    at = f"in {source!r}"
+    problems = [
+        f"attribute {n.attr!r} is not allowed {at} (names starting with '_' are private)"
+        for n in [tree, *tree.find_all(nodes.Getattr)]
+        if isinstance(n, nodes.Getattr) and n.attr.startswith("_")
+    ]
+    seen: set[tuple[str, str | None]] = set()
+    for name, attr in _chains(tree):
+        if (name, attr) in seen or name in local_names or name in _ENV.globals:
+            continue
+        seen.add((name, attr))
+        if name in scope.unavailable:
+            problems.append(f"{name!r} {at} {scope.unavailable[name]}")
+        elif name not in scope.names:
+            problems.append(
+                f"unknown name {name!r} {at}.{_hint(name, list(scope.names))}"
+            )
+        elif attr is not None and attr not in scope.names[name]:
+            problems.append(
+                f"{name!r} has no {attr!r} {at}.{_hint(attr, sorted(scope.names[name]))}"
+            )
+    return problems
+
+
+def _error_text(exc: Exception) -> str:
+    return str(getattr(exc, "message", None) or exc).rstrip(".")
+
+
+def check_expression(source: str, scope: Scope) -> list[str]:
+    """Compile a check expression and check the names it reads; returns problem messages."""
+    try:
+        tree = _parse_expression(source)
+        _ENV.compile_expression(source, undefined_to_none=False)
+    except TemplateError as exc:
+        return [f"invalid expression {source!r}: {_error_text(exc)}"]
+    return _check_names(source, tree, scope, set())
+
+
+def check_message(source: str, scope: Scope) -> list[str]:
+    """Compile a message template and check the names it reads; returns problem messages."""
+    try:
+        tree = _ENV.parse(source)
+        _ENV.from_string(source)
+    except TemplateError as exc:
+        return [f"invalid template {source!r}: {_error_text(exc)}"]
+    local_names = {
+        n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")
+    }
+    return _check_names(source, tree, scope, local_names)
+
+
+def _context(context: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k): _as_values(str(k), v) for k, v in context.items()}
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled_expression(source: str) -> Callable[..., Any]:
+    return _ENV.compile_expression(source, undefined_to_none=False)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled_template(source: str) -> Any:
+    return _ENV.from_string(source)
+
+
+def evaluate_check(expr: str, context: Mapping[str, Any]) -> bool:
+    """Evaluate a check expression against run data; True means the check passed.
+
+    ``context`` is ``{"params": {...}, "product": {...} | None, "<step_id>": {...}, "run": {...}}``.
+
+    Raises:
+        ExpressionError: the expression cannot be compiled or evaluated, or is not true/false.
+    """
+    try:
+        return bool(_compiled_expression(expr)(**_context(context)))
+    except (ExpressionError, TemplateError) as exc:
+        raise ExpressionError(f"check {expr!r} failed: {_error_text(exc)}") from exc
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise ExpressionError(f"check {expr!r} failed: {exc}") from exc
+
+
+def render_message(template: str, context: Mapping[str, Any]) -> str:
+    """Render a notify message template against run data.
+
+    Raises:
+        ExpressionError: the template cannot be compiled or reads a value that is not there.
+    """
+    try:
+        return str(_compiled_template(template).render(**_context(context)))
+    except (ExpressionError, TemplateError) as exc:
+        raise ExpressionError(
+            f"message {template!r} failed: {_error_text(exc)}"
+        ) from exc
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise ExpressionError(f"message {template!r} failed: {exc}") from exc

@@ -1,0 +1,194 @@
+"""Stage 1 of the data path: check run parameters and step fields against their FieldSpecs.
+
+Values arrive as strings from the command line (``--set logger_max_c=-160``) or typed from
+JSON (web form, API). :func:`coerce_values` turns them into JSON-serialisable Python values,
+or raises :class:`~flows.errors.SopInputError` listing every problem. A field marked
+``phi: true`` never has its value echoed in a message.
+
+Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.record``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from flows.errors import SopInputError
+from flows.sop.model import FieldSpec, ProductSpec
+
+__all__ = ["coerce_values"]
+
+_TRUE = frozenset({"true", "yes", "1"})
+_FALSE = frozenset({"false", "no", "0"})
+
+
+class _Bad(Exception):
+    """One value is wrong; the message states the rule (and the value unless it is PHI)."""
+
+
+def _hint(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return f" Did you mean {close[0]!r}?"
+    return (
+        f" Expected one of: {', '.join(repr(o) for o in options)}." if options else ""
+    )
+
+
+def _num(value: float, unit: str | None) -> str:
+    text = f"{value:g}"
+    return f"{text} {unit}" if unit else text
+
+
+def _kind_of(value: Any) -> str:
+    names = {
+        str: "text",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _number(spec: FieldSpec, value: Any, show: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Bad(f"expected a number, got {_kind_of(value)}")
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except ValueError:
+        raise _Bad(f"{show} is not a number") from None
+    if not math.isfinite(number):
+        raise _Bad(f"{show} is not a finite number")
+    shown = _num(number, spec.unit) if not spec.phi else "the value"
+    if spec.min is not None and number < spec.min:
+        raise _Bad(f"{shown} is below the minimum {_num(spec.min, spec.unit)}")
+    if spec.max is not None and number > spec.max:
+        raise _Bad(f"{shown} is above the maximum {_num(spec.max, spec.unit)}")
+    return number
+
+
+def _bool(value: Any, show: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _Bad(f"{show} is not a yes/no value; use true/false, yes/no or 1/0")
+
+
+def _text(spec: FieldSpec, value: Any, show: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected text, got {_kind_of(value)}")
+    if spec.max_length is not None and len(value) > spec.max_length:
+        raise _Bad(f"is {len(value)} characters long; the maximum is {spec.max_length}")
+    if spec.pattern is not None and re.search(spec.pattern, value) is None:
+        subject = "the value" if spec.phi else show
+        raise _Bad(f"{subject} does not match the required pattern {spec.pattern!r}")
+    return value
+
+
+def _choice(spec: FieldSpec, value: Any, show: str) -> str:
+    choices = list(spec.choices or ())
+    if isinstance(value, str) and value in choices:
+        return value
+    hint = (
+        _hint(value, choices)
+        if isinstance(value, str) and not spec.phi
+        else _hint("", choices)
+    )
+    raise _Bad(f"{show} is not one of the choices.{hint}")
+
+
+def _datetime(value: Any, show: str) -> str:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise _Bad(
+                f"{show} is not an ISO 8601 date and time like 2026-11-03T09:30+08:00"
+            ) from None
+    else:
+        raise _Bad(f"expected a date and time, got {_kind_of(value)}")
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise _Bad(
+            f"{show} has no time zone; add an offset like +08:00 (e.g. 2026-11-03T09:30+08:00)"
+        )
+    return moment.astimezone(UTC).isoformat()
+
+
+def _product(value: Any, show: str, products: Mapping[str, ProductSpec]) -> str:
+    if isinstance(value, str) and value in products:
+        return value
+    if not products:
+        raise _Bad(
+            f"{show} is not a known product; the institution's catalogue has no products"
+        )
+    hint = _hint(value if isinstance(value, str) else "", sorted(products))
+    raise _Bad(f"{show} is not a product in the catalogue.{hint}")
+
+
+def _coerce(spec: FieldSpec, value: Any, products: Mapping[str, ProductSpec]) -> Any:
+    show = "the value" if spec.phi else repr(value)
+    if spec.type == "number":
+        return _number(spec, value, show)
+    if spec.type == "bool":
+        return _bool(value, show)
+    if spec.type == "choice":
+        return _choice(spec, value, show)
+    if spec.type == "datetime":
+        return _datetime(value, show)
+    if spec.type == "product":
+        return _product(value, show, products)
+    return _text(spec, value, show)
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def coerce_values(
+    fields: Mapping[str, FieldSpec],
+    raw: Mapping[str, Any],
+    *,
+    where: str,
+    products: Mapping[str, ProductSpec] | None = None,
+) -> dict[str, Any]:
+    """Check and convert run parameters or a step's fields; every declared field is in the result.
+
+    ``where`` names the SOP and the input in messages (``"dose_receipt step 'arrival'"``).
+    Numbers become floats, datetimes ISO strings in UTC, optional fields left out become None.
+
+    Raises:
+        SopInputError: every problem, at once (values of ``phi`` fields never appear).
+    """
+    problems: list[str] = []
+    for key in raw:
+        if key not in fields:
+            problems.append(
+                f"{where}: unknown field {key!r}.{_hint(str(key), list(fields))}"
+            )
+    values: dict[str, Any] = {}
+    for name, spec in fields.items():
+        value = raw.get(name)
+        if _is_empty(value):
+            if spec.required:
+                label = f" ({spec.label})" if spec.label else ""
+                problems.append(f"{where}: {name}: a value is required{label}")
+            values[name] = None
+            continue
+        try:
+            values[name] = _coerce(spec, value, products or {})
+        except _Bad as exc:
+            problems.append(f"{where}: {name}: {exc}")
+    if problems:
+        raise SopInputError(problems)
+    return values

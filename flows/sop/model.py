@@ -1,0 +1,273 @@
+"""Stage 1 of the data path: what an SOP definition *is* (frozen pydantic models).
+
+Pure definitions: no run state, no Prefect, no database. ``flows.sop`` must not import
+``prefect``, ``sqlmodel`` or anything under ``flows.engine`` / ``flows.record``.
+
+Files on disk (one folder per institution)::
+
+    sops/<institution>/institution.yaml   InstitutionSpec: name, time zone, roles
+    sops/<institution>/products.yaml      ProductCatalogSpec: the products checks can read
+    sops/<institution>/<sop_id>.yaml      SopDefinition: params and steps
+
+Step kinds (the ``kind`` key) and their specs:
+
+    record    RecordStepSpec    a person enters typed fields and signs as performer
+    verify    VerifyStepSpec    a second person confirms another step's data (never its performer)
+    approve   ApproveStepSpec   a role signs a decision (approve / reject) with a stated meaning
+    check     CheckStepSpec     an acceptance expression; on failure opens a deviation
+    document  DocumentStepSpec  renders a Jinja template into a stored, hashed document
+    notify    NotifyStepSpec    sends an apprise message to roles
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "HUMAN_KINDS",
+    "ID_PATTERN",
+    "ApproveStepSpec",
+    "CheckStepSpec",
+    "DeviationSpec",
+    "DocumentStepSpec",
+    "FieldSpec",
+    "HumanStepSpec",
+    "InstitutionSpec",
+    "NotifyStepSpec",
+    "ProductCatalogSpec",
+    "ProductSpec",
+    "RecordStepSpec",
+    "RoleSpec",
+    "SopDefinition",
+    "StepSpec",
+    "VerifyStepSpec",
+    "parse_duration",
+]
+
+ID_PATTERN = r"^[a-z][a-z0-9_]*$"
+"""Every id (SOP, step, field, param, role, product, institution) matches this."""
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> Any:
+    """'90s', '30m', '4h', '2d' -> timedelta; other values pass through for pydantic to judge."""
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"expected a duration like '30m', '4h' or '2d', got {value!r}")
+        return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+FieldType = Literal["text", "number", "bool", "choice", "datetime", "product"]
+
+
+class FieldSpec(_Frozen):
+    """A typed value a person enters in a step, or a run parameter.
+
+    ``product`` is allowed only as a run parameter: its value is a product id from the
+    institution's catalogue, and checks read the product's limits through it.
+    """
+
+    type: FieldType
+    label: str | None = None
+    help: str | None = None
+    required: bool = True
+    phi: bool = False
+    """Protected health information: never echoed back in an error message."""
+    # text
+    pattern: str | None = None
+    max_length: int | None = Field(default=None, gt=0)
+    # number
+    unit: str | None = None
+    min: float | None = None
+    max: float | None = None
+    # choice
+    choices: tuple[str, ...] | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str | None) -> str | None:
+        # A field validator (not the model validator below) so the error's path ends in
+        # `.pattern` and the loader can point at that key's line.
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _type_specific(self) -> FieldSpec:
+        problems = []
+        if self.type != "text" and (self.pattern is not None or self.max_length is not None):
+            problems.append(f"'pattern' and 'max_length' apply to type 'text', not {self.type!r}")
+        if self.type != "number" and (self.min is not None or self.max is not None or self.unit is not None):
+            problems.append(f"'unit', 'min' and 'max' apply to type 'number', not {self.type!r}")
+        if self.type == "choice" and not self.choices:
+            problems.append("type 'choice' needs a non-empty 'choices' list")
+        if self.type != "choice" and self.choices is not None:
+            problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            problems.append(f"'min' ({self.min}) is greater than 'max' ({self.max})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RoleSpec(_Frozen):
+    label: str
+    description: str | None = None
+
+
+class InstitutionSpec(_Frozen):
+    """``sops/<institution>/institution.yaml``."""
+
+    schema_version: Literal[1]
+    id: Id
+    name: str
+    timezone: str = "Asia/Shanghai"
+    roles: dict[Id, RoleSpec]
+
+
+class ProductSpec(_Frozen):
+    """One product in the catalogue; checks read it as ``product.<key>``."""
+
+    name: str
+    mah: str
+    storage_max_c: float | None = None
+    """Warmest storage/transit temperature allowed, in °C (e.g. -150)."""
+    thaw_to_infusion_max_min: float | None = None
+    """Minutes allowed from end of thaw to end of infusion."""
+    shipper_hold_days: float | None = None
+    documents: tuple[str, ...] = ()
+    """Documents expected with each dose (e.g. 'CoA', 'RFI')."""
+    unconfirmed: tuple[str, ...] = ()
+    """Keys whose value the research could not confirm; the institution must set them."""
+    source: str | None = None
+
+
+class ProductCatalogSpec(_Frozen):
+    """``sops/<institution>/products.yaml``."""
+
+    schema_version: Literal[1]
+    products: dict[Id, ProductSpec]
+
+
+class _StepBase(_Frozen):
+    id: Id
+    title: str | None = None
+    description: str | None = None
+
+
+class HumanStepSpec(_StepBase):
+    """A step that waits for a person's signed input."""
+
+    role: Id
+    meaning: str | None = None
+    """What the signature means, as shown beside it ('Verified dose identity against order')."""
+    fields: dict[Id, FieldSpec] = Field(default_factory=dict)
+    timeout: Duration | None = None
+    escalate_to: Id | None = None
+
+
+class RecordStepSpec(HumanStepSpec):
+    kind: Literal["record"]
+    fields: dict[Id, FieldSpec]
+
+
+class VerifyStepSpec(HumanStepSpec):
+    kind: Literal["verify"]
+    of: Id
+    """The step whose data this verifies; its performer may never sign this one."""
+
+
+class ApproveStepSpec(HumanStepSpec):
+    kind: Literal["approve"]
+    meaning: str
+
+
+class DeviationSpec(_Frozen):
+    classification: Literal["minor", "major", "critical"] = "major"
+    description: str | None = None
+    quarantine: bool = True
+    """The dose is quarantined until QA signs a disposition."""
+    disposition_role: Id = "qa"
+
+
+class CheckStepSpec(_StepBase):
+    kind: Literal["check"]
+    expect: str
+    """Sandboxed Jinja expression over ``params``, ``product`` and earlier steps' data."""
+    on_fail: Literal["deviation", "stop"] = "deviation"
+    """deviation: open one and wait for a signed disposition; stop: open one and end the run."""
+    deviation: DeviationSpec = Field(default_factory=DeviationSpec)
+
+
+class DocumentStepSpec(_StepBase):
+    kind: Literal["document"]
+    template: str
+
+
+class NotifyStepSpec(_StepBase):
+    kind: Literal["notify"]
+    to: tuple[Id, ...] = Field(min_length=1)
+    message: str
+    """Jinja template string over ``params``, ``product``, ``run`` and earlier steps' data."""
+
+
+StepSpec = Annotated[
+    RecordStepSpec | VerifyStepSpec | ApproveStepSpec | CheckStepSpec | DocumentStepSpec | NotifyStepSpec,
+    Field(discriminator="kind"),
+]
+
+HUMAN_KINDS = frozenset({"record", "verify", "approve"})
+
+
+class SopDefinition(_Frozen):
+    """One SOP revision: ``sops/<institution>/<id>.yaml``."""
+
+    schema_version: Literal[1]
+    id: Id
+    title: str
+    version: int = Field(ge=1)
+    description: str | None = None
+    params: dict[Id, FieldSpec] = Field(default_factory=dict)
+    steps: tuple[StepSpec, ...] = Field(min_length=1)
+    distinct_signers: tuple[tuple[Id, ...], ...] = ()
+    """Groups of human steps that must each be signed by a different person."""
+
+    def step(self, step_id: str) -> StepSpec:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    def product_param(self) -> str | None:
+        """The name of the run parameter of type ``product``, if any."""
+        for name, spec in self.params.items():
+            if spec.type == "product":
+                return name
+        return None
