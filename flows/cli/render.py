@@ -32,6 +32,8 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
         colour = {"done": "green", "failed": "red", "waiting": "yellow"}.get(st["status"], "white")
         out.print(f"  [{colour}]{st['status']:11}[/{colour}] {st['id']} ({st['kind']}): {escape(st['title'])}")
         for k, v in st["data"].items():
+            if v is None:
+                continue
             if k in ("deliveries",):
                 v = ", ".join(f"{d['role']}→{d['channel']} {'ok' if d['ok'] else 'FAILED'}" for d in v) or "no channel configured"
             unit = st["fields"].get(k, {}).get("unit")

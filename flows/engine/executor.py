@@ -168,7 +168,11 @@ class Executor:
 
     # -- loop --------------------------------------------------------------------------------
     def serve(self) -> None:
+        from flows.engine.server import ready_file
+
         self.recover_orphans()
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        ready_file(self.settings).write_text(f"{os.getpid()}\n")
         log.info("executor %s polling every %.3f s", self.owner, self.poll)
         while not self.stopping.is_set():
             try:

@@ -24,7 +24,7 @@ from flows.config import Settings
 from flows.engine.env import prefect_env
 from flows.errors import EngineError
 
-__all__ = ["ProcessStatus", "api_healthy", "start", "status", "stop", "wait_healthy"]
+__all__ = ["ProcessStatus", "api_healthy", "ready_file", "start", "status", "stop", "wait_healthy"]
 
 _SERVICES = ("prefect-server", "executor")
 
@@ -118,8 +118,28 @@ def start(settings: Settings, *, executor: bool = True, timeout: float = 90.0) -
         _spawn(settings, "prefect-server", argv)
     wait_healthy(settings, timeout)
     if executor and not _alive(_read_pid(settings, "executor")):
-        _spawn(settings, "executor", [sys.executable, "-m", "flows.engine.executor"])
+        ready_file(settings).unlink(missing_ok=True)
+        pid = _spawn(settings, "executor", [sys.executable, "-m", "flows.engine.executor"])
+        deadline = time.monotonic() + timeout
+        while not _ready(settings, pid):
+            if not _alive(pid):
+                raise EngineError(f"the executor exited while starting; see {_log_file(settings, 'executor')}")
+            if time.monotonic() > deadline:
+                raise EngineError(f"the executor did not get ready within {timeout:.0f} s; see {_log_file(settings, 'executor')}")
+            time.sleep(0.1)
     return status(settings)
+
+
+def ready_file(settings: Settings) -> Path:
+    """Written by the executor once its deployment is registered and it polls."""
+    return settings.run_dir / "executor.ready"
+
+
+def _ready(settings: Settings, pid: int) -> bool:
+    try:
+        return int(ready_file(settings).read_text().split()[0]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def status(settings: Settings) -> list[ProcessStatus]:

@@ -39,6 +39,10 @@ def _names(session: Session) -> dict[str, str]:
     return {u.id: u.printed_name for u in session.exec(select(User))}
 
 
+def _usernames(session: Session) -> dict[str, str]:
+    return {u.id: u.username for u in session.exec(select(User))}
+
+
 def _iso(value: Any) -> str | None:
     from flows.record.ledger import canonical
 
@@ -52,6 +56,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         raise RecordError(f"no run {run_id!r}; `sopflow runs` lists them")
     sop = stored_sop(session, run)
     names = _names(session)
+    usernames = _usernames(session)
     status = run_status(session, run.id)
     records = list(session.exec(select(StepRecord).where(StepRecord.run_id == run.id).order_by(col(StepRecord.n))))
     sigs = {s.id: s for s in session.exec(select(Signature).where(Signature.run_id == run.id))}
@@ -64,7 +69,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         if sig is None:
             return None
         return {
-            "id": sig.id, "user": names.get(sig.user_id, sig.user_id), "printed_name": sig.printed_name,
+            "id": sig.id, "user": usernames.get(sig.user_id, sig.user_id), "printed_name": sig.printed_name,
             "meaning": sig.meaning, "statement": sig.statement, "signed_at": _iso(sig.signed_at),
             "sha256": sig.signed_sha256, "valid": verify_signature(session, sig) is None,
         }

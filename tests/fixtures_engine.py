@@ -1,0 +1,1 @@
+"""Engine fixtures: filled in by the lead."""
