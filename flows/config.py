@@ -11,7 +11,8 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_PREFECT_DATABASE_URL  the local Prefect server's database  sqlite+aiosqlite:///$HOME/prefect/prefect.db
     SOPFLOW_SOPS_DIR          SOP definitions                        <repo>/sops
     SOPFLOW_TEMPLATES_DIR     document templates                     <repo>/templates
-    SOPFLOW_POLL_SECONDS      executor poll interval                 0.05
+    SOPFLOW_POLL_SECONDS      executor poll interval when busy       0.05
+    SOPFLOW_POLL_MAX_SECONDS  executor poll interval when idle       1.0
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
 
 Stdlib only: the CLI imports this on start-up.
@@ -40,6 +41,7 @@ class Settings:
     sops_dir: Path
     templates_dir: Path
     poll_seconds: float
+    poll_max_seconds: float
     notify_config: Path
 
     @property
@@ -95,5 +97,6 @@ def get_settings() -> Settings:
         sops_dir=Path(os.environ.get("SOPFLOW_SOPS_DIR") or REPO_ROOT / "sops"),
         templates_dir=Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or REPO_ROOT / "templates"),
         poll_seconds=_float("SOPFLOW_POLL_SECONDS", 0.05),
+        poll_max_seconds=_float("SOPFLOW_POLL_MAX_SECONDS", 1.0),
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
     )

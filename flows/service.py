@@ -145,10 +145,12 @@ def _find_run(session: Session, run_id: str) -> SopRun:
 
 
 def submit_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
-                raw_values: dict[str, Any]) -> SubmitResult:
+                raw_values: dict[str, Any], *, resume: bool = True) -> SubmitResult:
     """Validate a signer's input, record it with their signature, and resume the flow.
 
     Nothing is written when the input is invalid; a refused signer is written to the audit trail.
+    With ``resume=False`` only the record is written (entry while the Prefect server is away):
+    the executor's sweep resumes the run once it sees the signed step.
 
     Raises:
         AuthenticationError, NotAuthorizedError, StepNotWaitingError, SopInputError
@@ -185,7 +187,7 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
         ledger.append(s, sig, actor=user.id, action="signature.create")
         write_step(s, run.id, step.id, step.kind, "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id)
         sig_id, digest = sig.id, sig.signed_sha256
-    resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id)
+    resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id) if resume else False
     return SubmitResult(run.id, step.id, sig_id, digest, resumed)
 
 

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,15 @@ from flows.record import ledger
 from flows.record import users as user_store
 from flows.record.db import get_engine, init_db
 from flows.record.state import next_n
-from flows.record.tables import Signature, SopRun, SopVersion, StepRecord, User, new_id, utcnow
+from flows.record.tables import (
+    Signature,
+    SopRun,
+    SopVersion,
+    StepRecord,
+    User,
+    new_id,
+    utcnow,
+)
 from flows.sop.model import SopDefinition
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -40,7 +49,7 @@ TEMPLATES = REPO / "templates"
 PG_SERVER = os.environ.get("SOPFLOW_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 """The PostgreSQL server the postgres tests use (trust auth); database ``test`` must exist."""
 
-PASSWORD = "correct horse 7"
+PASSWORD = "correct horse 7"  # noqa: S105  (a test user's)
 """Every factory user's password."""
 
 FIXED_AT = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)
@@ -119,7 +128,7 @@ USERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ana": ("Ana Li 李安娜", ("cell_lab", "pharmacist", "qa")),
     "bo": ("Bo Wang", ("pharmacist", "physician")),
 }
-"""The factory's users: printed name and roles at demo_hospital. Two only: argon2 costs ~50 ms each."""
+"""The factory's users (password ``PASSWORD``): printed name and roles at demo_hospital."""
 
 
 @dataclass
@@ -132,12 +141,14 @@ class MadeRun:
 
     def record(self, session: Session, step_id: str, status: str = "done", data: dict[str, Any] | None = None, *,
                user: str | None = None, sign: bool = False, at: datetime | None = None,
-               reason: str | None = None, supersedes: StepRecord | None = None) -> StepRecord:
-        """Append a StepRecord (signed by ``user`` when ``sign``, as the submit path does)."""
+               reason: str | None = None, supersedes: StepRecord | None = None,
+               signature_id: str | None = None) -> StepRecord:
+        """Append a StepRecord: signed by ``user`` when ``sign`` (as the submit path does), or
+        carrying an existing ``signature_id`` (as the flow's accepted ``done`` record does)."""
         data = data or {}
         step = self.sop.step(step_id)
         actor = self.users[user] if user else None
-        sig_id = None
+        sig_id = signature_id
         if sign:
             assert actor is not None, "a signature needs a user"
             sig = Signature(run_id=self.run.id, step_id=step_id, user_id=actor.id, printed_name=actor.printed_name,
@@ -158,19 +169,28 @@ class MakeRun(Protocol):
     def __call__(self, session: Session, *, users: tuple[str, ...] = ..., product: str | None = ...) -> MadeRun: ...
 
 
+@cache
+def _password_hash() -> str:
+    return user_store.hash_password(PASSWORD)
+
+
 @pytest.fixture
 def make_run() -> MakeRun:
     """``make_run(session)``: users with roles, the demo SOP's text as a SopVersion, and a SopRun.
 
-    Everything is written through ``users.add_user`` / ``ledger.append`` inside the caller's
-    (write) session, so the audit chain covers it. Call it once per database.
+    Everything is written through ``ledger.append`` / ``users.grant_role`` inside the caller's
+    (write) session, so the audit chain covers it. Users share one argon2 hash of ``PASSWORD``
+    computed once per test session (hashing costs 50-400 ms). Call it once per database.
     """
 
     def make(session: Session, *, users: tuple[str, ...] = tuple(USERS), product: str | None = "axi_cel") -> MadeRun:
         made_users: dict[str, User] = {}
         for username in users:
             printed, roles = USERS[username]
-            user = user_store.add_user(session, username, printed, PASSWORD, actor="system")
+            # As users.add_user writes it, with one argon2 hash per test session (not per user).
+            user = User(username=username, printed_name=printed, password_hash=_password_hash(),
+                        created_at=FIXED_AT, created_by="system")
+            ledger.append(session, user, actor="system", action="user.create")
             for role in roles:
                 user_store.grant_role(session, user, "demo_hospital", role, actor="system")
             made_users[username] = user

@@ -1,1 +1,124 @@
-"""Engine fixtures: filled in by the lead."""
+"""Engine fixtures: one real local Prefect server and one real sopflow executor per test session.
+
+The environment is set when pytest starts (``pytest_configure``), before any test module
+imports Prefect: Prefect reads its settings once, on import. Everything lives in a temporary
+``SOPFLOW_HOME`` on a free port, so a developer's own ``~/.sopflow`` is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.config import Settings, get_settings
+
+DEMO_STAFF = {
+    # username: (printed name, role)
+    "tech": ("Li Wei", "cell_lab"),
+    "pharm": ("Zhang Min", "pharmacist"),
+    "qa": ("Wang Fang", "qa"),
+    "qm": ("Chen Jie", "quality_manager"),
+    "doc": ("Zhao Lei", "physician"),
+}
+PASSWORD = "test-password-1"
+
+ARRIVAL = {"arrived_at": "2026-11-25T09:40:00+08:00", "courier": "SF 1234", "shipper_id": "DS-0042",
+           "seal_intact": "yes", "logger_max_c": "-171.5", "transit_hours": "18.5"}
+PARAMS = {"product": "tecartus", "coi": "COI-TEST-0001", "lot": "LOT-1", "patient_id": "H0001"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_HOME: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _HOME
+    _HOME = Path(tempfile.mkdtemp(prefix="sopflow-test-"))
+    os.environ["SOPFLOW_HOME"] = str(_HOME)
+    os.environ["SOPFLOW_PREFECT_PORT"] = str(free_port())
+    os.environ.pop("SOPFLOW_DATABASE_URL", None)
+    os.environ.pop("SOPFLOW_PREFECT_API_URL", None)
+    os.environ.pop("SOPFLOW_NOTIFY_CONFIG", None)
+    from flows.engine.env import apply_prefect_env
+
+    apply_prefect_env(get_settings())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _HOME is not None:
+        from flows.engine import server
+
+        server.stop(get_settings())
+        shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture(name="engine", scope="session")
+def engine_fixture() -> Iterator[Settings]:
+    """A running local Prefect server and executor, with the demo institution's staff."""
+    from flows.admin import add_user
+    from flows.engine import server
+
+    settings = get_settings()
+    server.start(settings)
+    for username, (name, role) in DEMO_STAFF.items():
+        add_user(settings, username, name, PASSWORD, [("demo_hospital", role)], actor="test")
+    yield settings
+    server.stop(settings)
+
+
+@pytest.fixture(name="receiver", scope="session")
+def receiver_fixture(engine: Settings) -> Iterator[Any]:
+    """A real loopback receiver that every role's notifications are delivered to by apprise."""
+    from flows.outputs.receiver import LocalReceiver
+
+    with LocalReceiver() as rx:
+        roles = sorted({r for _, r in DEMO_STAFF.values()})
+        engine.notify_config.write_text(
+            "demo_hospital:\n" + "".join(f'  {r}: ["{rx.url(r)}"]\n' for r in roles), encoding="utf-8")
+        yield rx
+        engine.notify_config.unlink(missing_ok=True)
+
+
+def wait_for(settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (),
+             timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until a run waits on ``step`` or has one of ``statuses``; returns its record."""
+    from flows import service
+
+    deadline = time.monotonic() + timeout
+    rec: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        rec = service.quality_record(settings, run_id)
+        if rec["run"]["status"] in statuses:
+            return rec
+        if step and any(s["id"] == step and s["status"] == "waiting" for s in rec["steps"]):
+            return rec
+        if rec["run"]["status"] == "failed" and "failed" not in statuses:
+            pytest.fail(f"run failed: {rec['run']['status_detail']}")
+        time.sleep(0.05)
+    pytest.fail(f"run {run_id} not at {step or statuses} after {timeout} s; last status {rec.get('run', {}).get('status')}")
+
+
+def start_receipt(settings: Settings, **params: str) -> str:
+    from flows import service
+
+    return service.start_run(settings, "demo_hospital", "dose_receipt", {**PARAMS, **params}, "qm", PASSWORD).run_id
+
+
+def sign(settings: Settings, run_id: str, step: str, user: str, values: dict[str, Any]) -> Any:
+    from flows import service
+
+    wait_for(settings, run_id, step=step)
+    return service.submit_step(settings, run_id, step, user, PASSWORD, values)

@@ -13,6 +13,7 @@ from uuid import UUID
 
 from flows.config import Settings
 from flows.engine.env import apply_prefect_env
+from flows.engine.executor import nudge
 from flows.errors import EngineError
 
 __all__ = ["create_flow_run", "flow_run_states", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
@@ -71,6 +72,8 @@ def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = Fal
 
     with _client(settings) as client:
         client.set_flow_run_state(UUID(flow_run_id), Cancelled() if cancel else Scheduled(), force=True)
+    if not cancel:
+        nudge(settings)
 
 
 def pause_key_prefix(step_id: str) -> str:
@@ -105,7 +108,8 @@ def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str
                     return False
                 time.sleep(0.02)
             response = client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
-            return bool(response.status == SetStateStatus.ACCEPT)
+        nudge(settings)
+        return bool(response.status == SetStateStatus.ACCEPT)
     except httpx.HTTPError:
         return False
 

@@ -6,6 +6,13 @@ every ``SOPFLOW_POLL_SECONDS`` for scheduled runs of the ``run-sop/sopflow`` dep
 one by proposing ``Pending`` (the server arbitrates between executors), and runs it in a thread
 of this warm process with ``prefect.flow_engine.run_flow``.
 
+Polling costs the server work even when nothing happens, so the interval adapts: it starts at
+``SOPFLOW_POLL_SECONDS`` (50 ms), doubles while polls find nothing, up to
+``SOPFLOW_POLL_MAX_SECONDS`` (1 s), and drops back when a run is claimed or when a process on
+this machine nudges it (a UDP datagram to the port in ``run/executor.nudge``; ``start`` and
+``submit`` send one after they schedule or resume a run). A nudged executor reaches the next step
+as fast as a fast poll; an executor elsewhere finds the run within ``SOPFLOW_POLL_MAX_SECONDS``.
+
 It also repairs what a crash leaves: runs claimed by an executor on this host whose process is
 gone are rescheduled (every step is idempotent, so they re-enter safely), and a run whose step
 was signed in sopflow's record while the resume never reached Prefect is resumed.
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -25,18 +33,33 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from uuid import UUID
 
+from pathlib import Path
+
+from flows.config import Settings
 from flows.engine.env import apply_prefect_env
 
-__all__ = ["DEPLOYMENT_NAME", "Executor", "ensure_deployment", "main"]
+__all__ = ["DEPLOYMENT_NAME", "Executor", "ensure_deployment", "main", "nudge", "nudge_file"]
 
 DEPLOYMENT_NAME = "sopflow"
 log = logging.getLogger("sopflow.executor")
 
 
-def ensure_deployment(client: object | None = None) -> UUID:
-    """Register (or update) the ``run-sop/sopflow`` deployment; returns its id."""
-    from flows.engine.run_sop import run_sop
+def ensure_deployment() -> UUID:
+    """The id of the ``run-sop/sopflow`` deployment, registering it when it does not exist.
 
+    An existing one (e.g. deployed from prefect.yaml with a work pool) is left as it is: the
+    executor and process workers can serve the same deployment; the server lets one claim a run.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.engine.run_sop import FLOW_NAME, run_sop
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}").id  # type: ignore[no-any-return]
+        except ObjectNotFound:
+            pass
     deployment = run_sop.to_deployment(name=DEPLOYMENT_NAME, description="sopflow: run one SOP revision")
     return deployment.apply()  # type: ignore[no-any-return]
 
@@ -46,8 +69,16 @@ class Executor:
         settings = apply_prefect_env()
         from prefect.client.orchestration import get_client
 
+        from flows.record.db import init_db
+
+        init_db(settings.database_url)
+
         self.settings = settings
         self.poll = settings.poll_seconds if poll is None else poll
+        self.poll_max = max(self.poll, settings.poll_max_seconds)
+        self.nudges = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.nudges.bind(("127.0.0.1", 0))
+        self.nudges.setblocking(False)
         self.client = get_client(sync_client=True)
         self.client.__enter__()
         self.limit = limit
@@ -167,26 +198,57 @@ class Executor:
         return resume_signed_runs(self.settings, self.client)
 
     # -- loop --------------------------------------------------------------------------------
+    def _wait_for_nudge(self, timeout: float) -> bool:
+        """Sleep up to ``timeout``; True when nudged (drains every waiting datagram)."""
+        ready, _, _ = select.select([self.nudges], [], [], timeout)
+        nudged = False
+        while ready:
+            try:
+                self.nudges.recv(64)
+                nudged = True
+            except BlockingIOError:
+                break
+        return nudged
+
     def serve(self) -> None:
         from flows.engine.server import ready_file
 
         self.recover_orphans()
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        nudge_file(self.settings).write_text(f"{self.nudges.getsockname()[1]}\n")
         ready_file(self.settings).write_text(f"{os.getpid()}\n")
-        log.info("executor %s polling every %.3f s", self.owner, self.poll)
+        log.info("executor %s polling every %.3f-%.3f s", self.owner, self.poll, self.poll_max)
+        interval = self.poll
         while not self.stopping.is_set():
             try:
-                self.poll_once()
+                claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
                     self.recover_orphans()
                     self.resume_signed()
             except Exception:  # the server may be restarting; keep trying
                 log.exception("poll failed; retrying")
+                claimed = 0
                 self.stopping.wait(1.0)
-            self.stopping.wait(self.poll)
+            interval = self.poll if claimed else min(interval * 2, self.poll_max)
+            if self._wait_for_nudge(interval):
+                interval = self.poll
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.client.__exit__(None, None, None)
+
+
+def nudge_file(settings: Settings) -> Path:
+    return settings.run_dir / "executor.nudge"
+
+
+def nudge(settings: Settings) -> None:
+    """Tell a local executor to poll now (best effort; a missing or dead executor is fine)."""
+    try:
+        port = int(nudge_file(settings).read_text().split()[0])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"poll", ("127.0.0.1", port))
+    except (OSError, ValueError, IndexError):
+        pass
 
 
 def _pid_alive(pid: int) -> bool:

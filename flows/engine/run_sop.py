@@ -100,13 +100,16 @@ async def run_sop(run_id: str) -> dict[str, Any]:
     """Walk the steps of sopflow run ``run_id`` to the end, suspending at each human step."""
     settings = get_settings()
     ctx = load_context(settings, run_id)
-    with write_session(ctx.url) as s:
-        set_run_status(s, run_id, "running")
+    running = False
     for step in ctx.sop.steps:
         ctx.refresh()
         rec = ctx.states.get(step.id)
         if rec is not None and rec.status == "done":
             continue
+        if not running:  # a re-entered run whose steps are all done writes nothing at all
+            with write_session(ctx.url) as s:
+                set_run_status(s, run_id, "running")
+            running = True
         if step.kind in HUMAN_KINDS:
             data = await _human(ctx, step)  # type: ignore[arg-type]
             if step.kind == "approve" and data.get("decision") == "reject":

@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, UndefinedError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from flows.errors import DocumentRenderError
@@ -46,7 +47,8 @@ def render_document(templates_dir: Path, institution: str, timezone: str, templa
     """Render ``template`` with ``context``; returns (text, sha256 of its UTF-8 bytes).
 
     Raises:
-        DocumentRenderError: the template is missing, broken, or uses a value the record lacks.
+        DocumentRenderError: the template is missing, broken, uses a value the record lacks, or
+            reaches for something the sandbox refuses.
     """
     env = _environment(templates_dir, institution, timezone)
     try:
@@ -57,4 +59,6 @@ def render_document(templates_dir: Path, institution: str, timezone: str, templa
         raise DocumentRenderError(template, f"line {exc.lineno}: {exc.message}") from exc
     except UndefinedError as exc:
         raise DocumentRenderError(template, f"uses a value the record does not have: {exc.message}") from exc
+    except SecurityError as exc:
+        raise DocumentRenderError(template, f"refused by the sandbox: {exc.message}") from exc
     return text, hashlib.sha256(text.encode("utf-8")).hexdigest()

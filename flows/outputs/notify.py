@@ -64,20 +64,31 @@ def channels_for(channels: dict[str, dict[str, list[str]]], institution: str, ro
     return [*inst.get(role, []), *inst.get("*", [])]
 
 
+_HOST_SCHEMES = frozenset({"json", "jsons", "xml", "xmls", "form", "forms", "http", "https", "mailto", "mailtos"})
+"""apprise schemes whose first URL part is a host name. Most others (dingtalk://, wecombot://,
+tgram://, discord://...) put a token there, so only their scheme is shown."""
+
+
 def _redact(url: str) -> str:
     scheme, _, rest = url.partition("://")
+    if scheme.lower() not in _HOST_SCHEMES:
+        return f"{scheme}://***"
     host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
     return f"{scheme}://{host}"
 
 
 def notify(channels: dict[str, dict[str, list[str]]], institution: str, roles: tuple[str, ...] | list[str],
            title: str, body: str) -> list[Delivery]:
-    """Send one message to every channel of each role; returns one Delivery per channel."""
+    """Send one message to every channel of each role, once per channel; returns one Delivery per channel."""
     import apprise  # imported here: it loads its plugins on import
 
     out: list[Delivery] = []
+    sent: set[str] = set()  # a channel of several roles (or of "*") gets the message once
     for role in roles:
         for url in channels_for(channels, institution, role):
+            if url in sent:
+                continue
+            sent.add(url)
             ap = apprise.Apprise()
             added = ap.add(url)
             ok = bool(added) and bool(ap.notify(body=body, title=title))

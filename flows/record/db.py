@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
 from flows.errors import ConfigError, RecordError
@@ -82,7 +82,7 @@ def write_session(url: str) -> Iterator[Session]:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
             yield session
             session.commit()
-        except OperationalError as exc:
+        except DBAPIError as exc:  # locked, constraint violated (IntegrityError), connection lost...
             session.rollback()
             raise RecordError(f"the sopflow database refused the write: {exc.orig}") from exc
         except BaseException:

@@ -114,8 +114,11 @@ def append(session: Session, row: SQLModel, *, actor: str, action: str | None = 
         raise TypeError(f"{type(row).__name__} is not a record table")
     for name in sa_inspect(type(row)).columns.keys():
         value = getattr(row, name)
-        if isinstance(value, datetime) and value.tzinfo is None:
-            raise ValueError(f"{table}.{name}: naive datetime; the record stores aware UTC times")
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise ValueError(f"{table}.{name}: naive datetime; the record stores aware UTC times")
+            # SQLite keeps the wall-clock digits and drops the zone: store the UTC instant.
+            setattr(row, name, value.astimezone(UTC))
     session.add(row)
     session.flush()
     audit(
@@ -150,14 +153,16 @@ def verify_signature(session: Session, sig: Signature) -> str | None:
     run = session.get(SopRun, sig.run_id)
     if run is None:
         return f"signature {sig.id} names run {sig.run_id}, which does not exist"
-    rec = session.exec(select(StepRecord).where(StepRecord.signature_id == sig.id)).first()
-    if rec is None:
+    # Every record carrying it (the ``signed`` one and the flow's ``done`` copy) must match it.
+    recs = list(session.exec(select(StepRecord).where(StepRecord.signature_id == sig.id).order_by(col(StepRecord.n))))
+    if not recs:
         return f"signature {sig.id} is attached to no step record"
-    if rec.run_id != sig.run_id or rec.step_id != sig.step_id:
-        return f"signature {sig.id} is for {sig.run_id}/{sig.step_id}, attached to {rec.run_id}/{rec.step_id}"
-    expected = sha256_hex(canonical(signed_content(run, sig.step_id, json.loads(rec.data_json), sig)))
-    if expected != sig.signed_sha256:
-        return f"signature {sig.id}: the signed data no longer matches its hash"
+    for rec in recs:
+        if rec.run_id != sig.run_id or rec.step_id != sig.step_id:
+            return f"signature {sig.id} is for {sig.run_id}/{sig.step_id}, attached to {rec.run_id}/{rec.step_id}"
+        expected = sha256_hex(canonical(signed_content(run, sig.step_id, json.loads(rec.data_json), sig)))
+        if expected != sig.signed_sha256:
+            return f"signature {sig.id}: the signed data no longer matches its hash"
     return None
 
 

@@ -70,9 +70,11 @@ def performer_of(session: Session, run_id: str, step_id: str) -> str | None:
     return rec.actor_id if rec else None
 
 
-def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> dict[str, str]:
-    sigs = session.exec(select(Signature).where(Signature.run_id == run_id, col(Signature.step_id).in_(step_ids)))
-    return {s.step_id: s.user_id for s in sigs}
+def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> list[tuple[str, str]]:
+    """(step_id, user_id) of every signature on these steps, a corrected one's too, in a fixed order."""
+    sigs = session.exec(select(Signature).where(Signature.run_id == run_id, col(Signature.step_id).in_(step_ids))
+                        .order_by(col(Signature.step_id), col(Signature.id)))
+    return [(s.step_id, s.user_id) for s in sigs]
 
 
 def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: HumanStepSpec, user_id: str) -> str | None:
@@ -85,7 +87,7 @@ def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: Huma
         if step.id not in group:
             continue
         others = set(group) - {step.id}
-        for other, signer in _signers_of(session, run.id, others).items():
+        for other, signer in _signers_of(session, run.id, others):
             if signer == user_id:
                 return (f"steps {', '.join(repr(g) for g in group)} must be signed by different people; "
                         f"you signed {other!r} already")

@@ -1,0 +1,184 @@
+"""The ``sopflow`` command as a user runs it: real processes, real servers, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_engine import ARRIVAL, DEMO_STAFF, PASSWORD, free_port, start_receipt, wait_for
+
+pytestmark = pytest.mark.slow
+
+PG = "postgres@127.0.0.1:5432"
+
+
+def cli(env: dict[str, str], *args: str, password: str | None = PASSWORD, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full = {**env, "SOPFLOW_PASSWORD": password or "", "SOPFLOW_NEW_PASSWORD": PASSWORD, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "flows", *args], env=full, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def _sets(values: dict[str, str]) -> list[str]:
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_cli_submit_out_of_range_prints_the_rule_and_no_traceback(engine):
+    run_id = start_receipt(engine, coi="COI-CLI-0001")
+    wait_for(engine, run_id, step="arrival")
+    proc = cli(dict(os.environ), "submit", run_id, "arrival", "--as", "tech", *_sets({**ARRIVAL, "logger_max_c": "99"}))
+    assert proc.returncode == 1
+    assert "error: dose_receipt step 'arrival': logger_max_c: 99 °C is above the maximum 40 °C" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_start_with_an_unknown_sop_suggests_the_right_one(engine):
+    proc = cli(dict(os.environ), "start", "dose_reciept", "--institution", "demo_hospital", "--as", "qm")
+    assert proc.returncode == 1
+    assert "Did you mean 'dose_receipt'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_runs_inbox_and_record_json(engine):
+    import json
+
+    run_id = start_receipt(engine, coi="COI-CLI-0002")
+    wait_for(engine, run_id, step="arrival")
+    assert run_id in ok(cli(dict(os.environ), "runs"))
+    inbox = ok(cli(dict(os.environ), "inbox", "--as", "tech"))
+    assert f"{run_id}  dose_receipt/arrival  role cell_lab" in inbox
+    assert "--set logger_max_c=…  (number, unit=°C min=-200.0 max=40.0)" in inbox
+    rec = json.loads(ok(cli(dict(os.environ), "record", run_id, "--json")))
+    assert rec["run"]["id"] == run_id and rec["audit_head"]["hash"]
+
+
+def _home_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SOPFLOW_"))}
+    env.update({"SOPFLOW_HOME": str(tmp_path / "home"), "SOPFLOW_PREFECT_PORT": str(free_port()), **extra})
+    return env
+
+
+def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: bool = True) -> str:
+    """Users, a run, (a crash,) the signatures, through the CLI; returns the run id."""
+    for user, (name, role) in DEMO_STAFF.items():
+        ok(cli(env, "user", "add", user, "--name", name, "--role", f"demo_hospital:{role}"))
+    out = ok(cli(env, "start", "dose_receipt", "--institution", "demo_hospital", "--as", "qm",
+                 *_sets({"product": "tecartus", "coi": "COI-CLI-0100", "lot": "LOT-9", "patient_id": "H0100"})))
+    run_id = out.split()[2]
+    _wait_cli(env, run_id, "waiting on arrival")
+    if kill_while_waiting:
+        home = Path(env["SOPFLOW_HOME"])
+        for name in ("executor", "prefect-server"):
+            pid = int((home / "run" / f"{name}.pid").read_text())
+            os.killpg(pid, signal.SIGKILL)
+        _wait_dead(home)
+        assert cli(env, "server", "status").returncode == 1
+        ok(cli(env, "server", "start"))
+        assert "waiting on arrival" in ok(cli(env, "runs"))
+    ok(cli(env, "submit", run_id, "arrival", "--as", "tech", *_sets(ARRIVAL)))
+    _wait_cli(env, run_id, "waiting on identity_verification")
+    if not to_the_end:
+        return run_id
+    ok(cli(env, "submit", run_id, "identity_verification", "--as", "pharm", "--set", "coi_matches=yes", "--set", "documents=complete"))
+    _wait_cli(env, run_id, "waiting on qa_acceptance")
+    ok(cli(env, "submit", run_id, "qa_acceptance", "--as", "qa", "--set", "decision=approve"))
+    _wait_cli(env, run_id, "completed")
+    assert "audit verify: OK" in ok(cli(env, "audit", "verify"))
+    return run_id
+
+
+def _wait_cli(env: dict[str, str], run_id: str, text: str, timeout: float = 60) -> None:
+    """Wait until `sopflow runs` would show ``text`` for the run (read in-process: the CLI costs ~0.7 s a call)."""
+    from dataclasses import replace
+
+    from flows import service
+    from flows.config import get_settings
+
+    settings = replace(get_settings(), home=Path(env["SOPFLOW_HOME"]),
+                       database_url=env.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{env['SOPFLOW_HOME']}/sopflow.db")
+    deadline = time.monotonic() + timeout
+    row: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        row = next(r for r in service.list_runs(settings) if r["id"] == run_id)
+        shown = f"{row['status']} waiting on {', '.join(row['waiting_on'])}" if row["waiting_on"] else str(row["status"])  # type: ignore[arg-type]
+        if text in shown:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"run {run_id} never showed {text!r}: {row}")
+
+
+def _wait_dead(home: Path, timeout: float = 10) -> None:
+    from flows.engine.server import _alive
+
+    deadline = time.monotonic() + timeout
+    pids = [int((home / "run" / f"{n}.pid").read_text()) for n in ("executor", "prefect-server")]
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_run_survives_kill_of_server_and_executor_while_waiting(tmp_path):
+    """kill -9 of the Prefect server and the executor while a run waits: after `server start` it still waits
+    and completes when the input is submitted (embedded default: SQLite for both)."""
+    env = _home_env(tmp_path)
+    try:
+        ok(cli(env, "server", "start"))
+        run_id = _walk_receipt(env, kill_while_waiting=True, to_the_end=False)
+        record = ok(cli(env, "record", run_id))
+        assert "done        arrival (record)" in record and "waiting     identity_verification" in record
+    finally:
+        cli(env, "server", "stop")
+
+
+@pytest.fixture(name="pg_databases")
+def pg_databases_fixture() -> Iterator[tuple[str, str]]:
+    """Two fresh databases on the real PostgreSQL server: sopflow's records and Prefect's."""
+    import psycopg2
+
+    names = (f"sopflow_prod_{uuid.uuid4().hex[:8]}", f"prefect_prod_{uuid.uuid4().hex[:8]}")
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable ({exc}); .ci/run starts it")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f'CREATE DATABASE "{n}"')
+    yield names
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f'DROP DATABASE IF EXISTS "{n}" WITH (FORCE)')
+    conn.close()
+
+
+@pytest.mark.postgres
+def test_production_path_on_postgresql_for_sopflow_and_prefect(tmp_path, pg_databases):
+    records, prefect_db = pg_databases
+    env = _home_env(tmp_path, SOPFLOW_DATABASE_URL=f"postgresql+psycopg2://{PG}/{records}",
+                    SOPFLOW_PREFECT_DATABASE_URL=f"postgresql+asyncpg://{PG}/{prefect_db}")
+    try:
+        ok(cli(env, "server", "start"))
+        run_id = _walk_receipt(env, kill_while_waiting=True)
+    finally:
+        cli(env, "server", "stop")
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=records) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM sf_signature WHERE run_id = %s", (run_id,))
+        assert cur.fetchone()[0] == 3
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=prefect_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM flow_run WHERE parameters->>'run_id' = %s", (run_id,))
+        assert cur.fetchone()[0] == 1
+    assert not (tmp_path / "home" / "sopflow.db").exists()
+    assert not (tmp_path / "home" / "prefect" / "prefect.db").exists()

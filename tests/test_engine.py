@@ -1,0 +1,253 @@
+"""The run-sop flow for real: a local Prefect server, the executor process, signed input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from sqlmodel import func, select
+
+from flows import service
+from flows.errors import AuthenticationError, NotAuthorizedError, SopInputError, StepNotWaitingError
+from flows.record.db import read_session
+from flows.record.tables import AuditEvent, Signature, StepRecord
+from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _counts(settings) -> tuple[int, int, int]:
+    with read_session(settings.database_url) as s:
+        return (s.exec(select(func.count()).select_from(StepRecord)).one(),
+                s.exec(select(func.count()).select_from(Signature)).one(),
+                s.exec(select(func.count()).select_from(AuditEvent)).one())
+
+
+def _task_run_names(settings, flow_run_id: str, expected: set[str], timeout: float = 20.0) -> set[str]:
+    """Task runs reach the server asynchronously: wait for them, never sleep a fixed time."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    names: set[str] = set()
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+            names = {r.name for r in runs if r.state and r.state.is_completed()}
+            if expected <= names:
+                break
+            time.sleep(0.1)
+    return names
+
+
+def test_run_sop_accepted_receipt_completes_with_document_and_notification(engine, receiver):
+    run_id = start_receipt(engine)
+    sign(engine, run_id, "arrival", "tech", ARRIVAL)
+    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
+    sign(engine, run_id, "qa_acceptance", "qa", {"decision": "approve"})
+    rec = wait_for(engine, run_id, statuses=("completed", "rejected", "stopped"))
+
+    assert rec["run"]["status"] == "completed"
+    steps = {s["id"]: s for s in rec["steps"]}
+    assert [s["status"] for s in rec["steps"]] == ["done"] * 7
+    assert steps["arrival"]["data"]["logger_max_c"] == -171.5
+    assert steps["arrival"]["data"]["arrived_at"] == "2026-11-25T01:40:00+00:00"  # stored in UTC
+    assert steps["arrival"]["signature"]["printed_name"] == "Li Wei"
+    assert steps["arrival"]["signature"]["meaning"] == "performed"
+    assert steps["identity_verification"]["signature"]["meaning"] == "verified"
+    assert steps["qa_acceptance"]["signature"]["meaning"] == "approved"
+    assert all(s["signature"]["valid"] for s in rec["steps"] if s["signature"])
+    assert steps["transit_temperature"]["data"]["passed"] is True
+    doc = rec["documents"][0]
+    text = Path(doc["path"]).read_text(encoding="utf-8")
+    import hashlib
+
+    assert hashlib.sha256(text.encode()).hexdigest() == doc["sha256"]
+    assert "COI-TEST-0001" in text and "Wang Fang" in text
+    msg = receiver.wait_for(lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""))
+    assert msg is not None and "accepted and in stock" in msg["message"]
+    assert receiver.wait_for(lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", "")) is not None
+    # Prefect's history holds one task run per automated step, named sop/step.
+    names = _task_run_names(engine, rec["run"]["flow_run_id"], {"dose_receipt/transit_temperature", "dose_receipt/receipt_record"})
+    assert {"dose_receipt/transit_temperature", "dose_receipt/identity_matches", "dose_receipt/receipt_record",
+            "dose_receipt/tell_ward"} <= names
+
+
+def test_run_sop_temperature_excursion_opens_deviation_and_waits_for_disposition(engine):
+    run_id = start_receipt(engine, coi="COI-TEST-0002")
+    sign(engine, run_id, "arrival", "tech", {**ARRIVAL, "logger_max_c": "-120"})
+    rec = wait_for(engine, run_id, step="transit_temperature__disposition")
+    assert rec["run"]["status"] == "waiting"
+    assert rec["deviations"][0]["classification"] == "major"
+    assert rec["deviations"][0]["disposition"] == "waiting"
+    assert {s["id"]: s["status"] for s in rec["steps"]}["identity_verification"] == "not reached"
+    with pytest.raises(SopInputError, match="a reason is required to reject"):
+        service.submit_step(engine, run_id, "transit_temperature__disposition", "qa", PASSWORD, {"decision": "reject"})
+    sign(engine, run_id, "transit_temperature__disposition", "qa", {"decision": "reject", "reason": "excursion"})
+    rec = wait_for(engine, run_id, statuses=("rejected", "completed"))
+    assert rec["run"]["status"] == "rejected"
+    assert rec["deviations"][0]["decision"] == "reject"
+
+
+def test_submit_value_out_of_range_is_refused_and_writes_nothing(engine):
+    run_id = start_receipt(engine, coi="COI-TEST-0003")
+    wait_for(engine, run_id, step="arrival")
+    before = _counts(engine)
+    with pytest.raises(SopInputError) as info:
+        service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, {**ARRIVAL, "logger_max_c": "-250"})
+    assert "logger_max_c: -250 °C is below the minimum -200 °C" in str(info.value)
+    assert _counts(engine) == before
+
+
+def test_submit_without_the_role_is_refused_audited_and_records_no_step(engine):
+    run_id = start_receipt(engine, coi="COI-TEST-0004")
+    wait_for(engine, run_id, step="arrival")
+    before = _counts(engine)
+    with pytest.raises(NotAuthorizedError) as info:
+        service.submit_step(engine, run_id, "arrival", "pharm", PASSWORD, ARRIVAL)
+    assert "may only be signed by role 'cell_lab'" in str(info.value)
+    after = _counts(engine)
+    assert after[:2] == before[:2]  # no step record, no signature
+    with read_session(engine.database_url) as s:
+        last = s.exec(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
+    assert last.action == "sign.refused" and "role 'cell_lab'" in last.reason
+
+
+def test_submit_wrong_password_is_refused_and_audited(engine):
+    run_id = start_receipt(engine, coi="COI-TEST-0005")
+    wait_for(engine, run_id, step="arrival")
+    with pytest.raises(AuthenticationError, match="wrong user name or password"):
+        service.submit_step(engine, run_id, "arrival", "tech", "not-the-password", ARRIVAL)
+    with read_session(engine.database_url) as s:
+        last = s.exec(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
+    assert last.action == "auth.failed" and last.actor == "tech"
+
+
+def test_submit_to_a_step_not_reached_is_refused(engine):
+    run_id = start_receipt(engine, coi="COI-TEST-0006")
+    wait_for(engine, run_id, step="arrival")
+    with pytest.raises(StepNotWaitingError, match="not waiting for input"):
+        service.submit_step(engine, run_id, "qa_acceptance", "qa", PASSWORD, {"decision": "approve"})
+
+
+def test_forged_resume_through_prefects_client_is_refused_and_the_step_waits_again(engine):
+    from prefect.flow_runs import resume_flow_run
+
+    run_id = start_receipt(engine, coi="COI-TEST-0007")
+    rec = wait_for(engine, run_id, step="arrival")
+    flow_run_id = UUID(rec["run"]["flow_run_id"])
+    _wait_paused(flow_run_id)
+    resume_flow_run(flow_run_id, run_input={"signature_id": "made-up"})
+    rec = _wait_refused(engine, run_id, "arrival")
+    refused = [h for h in rec["history"] if h["status"] == "refused"]
+    assert "made-up" in refused[0]["reason"]
+    with read_session(engine.database_url) as s:
+        assert s.exec(select(AuditEvent).where(AuditEvent.action == "step.refused")).first() is not None
+    # The gate waits again under a new key; the real signature still goes through.
+    sign(engine, run_id, "arrival", "tech", ARRIVAL)
+    wait_for(engine, run_id, step="identity_verification")
+
+
+def test_resume_with_another_steps_signature_is_refused(engine):
+    from prefect.flow_runs import resume_flow_run
+
+    run_id = start_receipt(engine, coi="COI-TEST-0008")
+    first = sign(engine, run_id, "arrival", "tech", ARRIVAL)
+    rec = wait_for(engine, run_id, step="identity_verification")
+    _wait_paused(UUID(rec["run"]["flow_run_id"]))
+    resume_flow_run(UUID(rec["run"]["flow_run_id"]), run_input={"signature_id": first.signature_id})
+    rec = _wait_refused(engine, run_id, "identity_verification")
+    assert {s["id"]: s["status"] for s in rec["steps"]}["identity_verification"] == "waiting"
+
+
+def test_verifier_may_not_be_the_performer(engine):
+    from flows.admin import add_user
+
+    add_user(engine, "both", "Sun Li", PASSWORD, [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")], actor="test")
+    run_id = start_receipt(engine, coi="COI-TEST-0009")
+    sign(engine, run_id, "arrival", "both", ARRIVAL)
+    wait_for(engine, run_id, step="identity_verification")
+    with pytest.raises(NotAuthorizedError, match="the person who performed 'arrival' may not verify it"):
+        service.submit_step(engine, run_id, "identity_verification", "both", PASSWORD, {"coi_matches": "yes", "documents": "complete"})
+
+
+def test_rerunning_a_completed_run_repeats_no_step(engine):
+    """Every step is idempotent: the flow re-entered from the top (as after a resume) writes nothing new."""
+    from prefect.flow_engine import run_flow
+
+    from flows.engine.run_sop import run_sop
+
+    run_id = start_receipt(engine, coi="COI-TEST-0010")
+    sign(engine, run_id, "arrival", "tech", ARRIVAL)
+    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
+    sign(engine, run_id, "qa_acceptance", "qa", {"decision": "approve"})
+    wait_for(engine, run_id, statuses=("completed",))
+    before = _counts(engine)
+    import asyncio
+
+    result = asyncio.run(run_flow(run_sop, parameters={"run_id": run_id}))
+    assert result["status"] == "completed"
+    assert _counts(engine) == before
+
+
+def test_start_with_bad_parameters_writes_nothing(engine):
+    before = _counts(engine)
+    with pytest.raises(SopInputError) as info:
+        service.start_run(engine, "demo_hospital", "dose_receipt",
+                          {"product": "tecartas", "coi": "bad id", "lot": "L-1", "patient_id": "secret patient"}, "qm", PASSWORD)
+    text = str(info.value)
+    assert "Did you mean 'tecartus'" in text and "coi" in text
+    assert "secret patient" not in text  # PHI is never echoed
+    assert _counts(engine) == before
+
+
+def test_start_on_a_product_with_unconfirmed_limits_is_refused(engine):
+    with pytest.raises(SopInputError, match=r"storage_max_c, thaw_to_infusion_max_min"):
+        service.start_run(engine, "demo_hospital", "dose_receipt", {**_params(), "product": "axi_cel"}, "qm", PASSWORD)
+
+
+def test_lost_resume_is_delivered_by_the_executor(engine):
+    """A signature recorded while its resume never reached Prefect is resumed by the executor's sweep."""
+    run_id = start_receipt(engine, coi="COI-TEST-0011")
+    wait_for(engine, run_id, step="arrival")
+    res = service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, ARRIVAL, resume=False)
+    assert res.resumed is False
+    wait_for(engine, run_id, step="identity_verification", timeout=30)
+
+
+def _params() -> dict[str, str]:
+    from tests.fixtures_engine import PARAMS
+
+    return dict(PARAMS)
+
+
+def _wait_paused(flow_run_id: UUID, timeout: float = 20.0) -> None:
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_paused():
+                return
+            time.sleep(0.05)
+    pytest.fail("the flow run never suspended")
+
+
+def _wait_refused(settings, run_id: str, step: str, timeout: float = 30.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = service.quality_record(settings, run_id)
+        hist = [h for h in rec["history"] if h["step_id"] == step]
+        if any(h["status"] == "refused" for h in hist) and hist[-1]["status"] == "waiting":
+            return rec
+        time.sleep(0.05)
+    pytest.fail(f"no refusal recorded at {step}: {json.dumps(rec['history'], default=str)[:500]}")
