@@ -17,7 +17,12 @@ from flows.config import Settings
 from flows.engine import client as engine
 from flows.engine.gates import find_human_step, human_fields, meaning_of
 from flows.engine.steps import set_run_status, write_step
-from flows.errors import AuthenticationError, NotAuthorizedError, SopInputError, StepNotWaitingError
+from flows.errors import (
+    AuthenticationError,
+    NotAuthorizedError,
+    SopInputError,
+    StepNotWaitingError,
+)
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
 from flows.record.query import run_record, stored_sop
@@ -83,17 +88,17 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
         NotAuthorizedError, EngineError
     """
     catalog = _catalog(settings)
-    inst = catalog.institution(institution)
-    loaded = catalog.get_sop(institution, sop_id)
+    loaded = catalog.get_sop(institution, sop_id)  # only this SOP: a broken sibling must not block it
+    products = catalog.products(institution)
     sop = loaded.definition
-    params = coerce_values(sop.params, raw_params, where=f"{sop_id} params", products=inst.products)
+    params = coerce_values(sop.params, raw_params, where=f"{sop_id} params", products=products)
     product = None
     if (pname := sop.product_param()) is not None:
-        spec = inst.products[params[pname]]
+        spec = products[params[pname]]
         if spec.unconfirmed:
             raise SopInputError([
                 f"{sop_id} params.{pname}: product {params[pname]!r} has values not confirmed against its label: "
-                f"{', '.join(spec.unconfirmed)}; set them in {inst.dir.name}/products.yaml and remove them from "
+                f"{', '.join(spec.unconfirmed)}; set them in sops/{institution}/products.yaml and remove them from "
                 "'unconfirmed' before a run may use this product"])
         product = spec.model_dump(mode="json")
     init_db(settings.database_url)

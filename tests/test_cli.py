@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_engine import ARRIVAL, DEMO_STAFF, PASSWORD, free_port, start_receipt, wait_for
+from tests.fixtures_engine import (
+    ARRIVAL,
+    DEMO_STAFF,
+    PASSWORD,
+    free_port,
+    start_receipt,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +68,8 @@ def test_cli_runs_inbox_and_record_json(engine):
     assert f"{run_id}  dose_receipt/arrival  role cell_lab" in inbox
     assert "--set logger_max_c=…  (number, unit=°C min=-200.0 max=40.0)" in inbox
     rec = json.loads(ok(cli(dict(os.environ), "record", run_id, "--json")))
-    assert rec["run"]["id"] == run_id and rec["audit_head"]["hash"]
+    assert rec["run"]["id"] == run_id
+    assert rec["audit_head"]["hash"]
 
 
 def _home_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -136,7 +144,8 @@ def test_run_survives_kill_of_server_and_executor_while_waiting(tmp_path):
         ok(cli(env, "server", "start"))
         run_id = _walk_receipt(env, kill_while_waiting=True, to_the_end=False)
         record = ok(cli(env, "record", run_id))
-        assert "done        arrival (record)" in record and "waiting     identity_verification" in record
+        assert "done        arrival (record)" in record
+        assert "waiting     identity_verification" in record
     finally:
         cli(env, "server", "stop")
 

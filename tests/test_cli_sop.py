@@ -93,7 +93,7 @@ def test_cli_validate_in_subprocess_has_no_traceback(tmp_path: Path) -> None:
     script = "import sys; from flows.cli.sop import app; sys.argv[0] = 'sop'; app()"
     case = TESTS / "sops" / "invalid" / "yaml_syntax.yaml"
 
-    result = subprocess.run(  # noqa: S603 (our own interpreter, fixed arguments)
+    result = subprocess.run(
         [
             sys.executable,
             "-c",

@@ -10,7 +10,12 @@ import pytest
 from sqlmodel import func, select
 
 from flows import service
-from flows.errors import AuthenticationError, NotAuthorizedError, SopInputError, StepNotWaitingError
+from flows.errors import (
+    AuthenticationError,
+    NotAuthorizedError,
+    SopInputError,
+    StepNotWaitingError,
+)
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Signature, StepRecord
 from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
@@ -67,9 +72,11 @@ def test_run_sop_accepted_receipt_completes_with_document_and_notification(engin
     import hashlib
 
     assert hashlib.sha256(text.encode()).hexdigest() == doc["sha256"]
-    assert "COI-TEST-0001" in text and "Wang Fang" in text
+    assert "COI-TEST-0001" in text
+    assert "Wang Fang" in text
     msg = receiver.wait_for(lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""))
-    assert msg is not None and "accepted and in stock" in msg["message"]
+    assert msg is not None
+    assert "accepted and in stock" in msg["message"]
     assert receiver.wait_for(lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", "")) is not None
     # Prefect's history holds one task run per automated step, named sop/step.
     names = _task_run_names(engine, rec["run"]["flow_run_id"], {"dose_receipt/transit_temperature", "dose_receipt/receipt_record"})
@@ -114,7 +121,8 @@ def test_submit_without_the_role_is_refused_audited_and_records_no_step(engine):
     assert after[:2] == before[:2]  # no step record, no signature
     with read_session(engine.database_url) as s:
         last = s.exec(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
-    assert last.action == "sign.refused" and "role 'cell_lab'" in last.reason
+    assert last.action == "sign.refused"
+    assert "role 'cell_lab'" in last.reason
 
 
 def test_submit_wrong_password_is_refused_and_audited(engine):
@@ -124,7 +132,8 @@ def test_submit_wrong_password_is_refused_and_audited(engine):
         service.submit_step(engine, run_id, "arrival", "tech", "not-the-password", ARRIVAL)
     with read_session(engine.database_url) as s:
         last = s.exec(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
-    assert last.action == "auth.failed" and last.actor == "tech"
+    assert last.action == "auth.failed"
+    assert last.actor == "tech"
 
 
 def test_submit_to_a_step_not_reached_is_refused(engine):
@@ -200,7 +209,8 @@ def test_start_with_bad_parameters_writes_nothing(engine):
         service.start_run(engine, "demo_hospital", "dose_receipt",
                           {"product": "tecartas", "coi": "bad id", "lot": "L-1", "patient_id": "secret patient"}, "qm", PASSWORD)
     text = str(info.value)
-    assert "Did you mean 'tecartus'" in text and "coi" in text
+    assert "Did you mean 'tecartus'" in text
+    assert "coi" in text
     assert "secret patient" not in text  # PHI is never echoed
     assert _counts(engine) == before
 

@@ -212,7 +212,7 @@ def test_import_flows_sop_loads_neither_prefect_nor_sqlmodel() -> None:
         "print(','.join(bad))\n"
     )
 
-    result = subprocess.run(  # noqa: S603 (our own interpreter, fixed arguments)
+    result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,
         capture_output=True,

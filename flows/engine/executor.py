@@ -31,9 +31,8 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from uuid import UUID
-
 from pathlib import Path
+from uuid import UUID
 
 from flows.config import Settings
 from flows.engine.env import apply_prefect_env
@@ -92,8 +91,12 @@ class Executor:
     # -- claiming --------------------------------------------------------------------------
     def _scheduled(self, limit: int) -> list[object]:
         from prefect.client.schemas.filters import (
-            DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterNextScheduledStartTime,
-            FlowRunFilterState, FlowRunFilterStateType,
+            DeploymentFilter,
+            DeploymentFilterId,
+            FlowRunFilter,
+            FlowRunFilterNextScheduledStartTime,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
         )
         from prefect.client.schemas.objects import StateType
         from prefect.client.schemas.sorting import FlowRunSort
@@ -167,7 +170,11 @@ class Executor:
     def recover_orphans(self) -> int:
         """Reschedule runs claimed on this host by an executor process that no longer exists."""
         from prefect.client.schemas.filters import (
-            DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+            DeploymentFilter,
+            DeploymentFilterId,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
         )
         from prefect.client.schemas.objects import StateType
         from prefect.states import Scheduled

@@ -68,7 +68,8 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
         rec = step_states(s, ctx.run.id).get(step.id)
         problem: str | None = None
         if rec is None or rec.status != "signed":
-            problem = f"a resume named signature {signature_id!r} but step {step.id!r} has no signed input (status {rec.status if rec else 'none'!r})"
+            status = rec.status if rec else "none"
+            problem = f"a resume named signature {signature_id!r} but step {step.id!r} has no signed input (status {status!r})"
         elif signature_id is not None and rec.signature_id != signature_id:
             problem = f"a resume named signature {signature_id!r}, not the one sopflow recorded for step {step.id!r}"
         else:
@@ -81,8 +82,7 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
             write_step(s, ctx.run.id, step.id, step.kind, "refused", {"signature_id": signature_id, "problem": problem},
                        reason=problem)
             return None, problem
-        assert rec is not None
-        data = step_data(rec)
+        data = step_data(rec)  # rec is the signed record: every other case returned above
         write_step(s, ctx.run.id, step.id, step.kind, "done", data, actor=rec.actor_id or "system",
                    actor_id=rec.actor_id, signature_id=rec.signature_id)
         return data, None

@@ -23,10 +23,17 @@ from prefect.input import RunInput
 from flows.config import get_settings
 from flows.engine.client import pause_key_prefix
 from flows.engine.gates import accept_signature, disposition_step, open_gate
-from flows.engine.steps import RunContext, load_context, run_check, run_document, run_notify, send, set_run_status
-from flows.record.db import write_session
+from flows.engine.steps import (
+    RunContext,
+    load_context,
+    run_check,
+    run_document,
+    run_notify,
+    send,
+    set_run_status,
+)
+from flows.record.db import read_session, write_session
 from flows.record.state import refused_count
-from flows.record.db import read_session
 from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]

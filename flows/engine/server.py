@@ -164,10 +164,9 @@ def stop(settings: Settings, *, timeout: float = 20.0) -> list[str]:
     stopped = []
     for name in reversed(_SERVICES):
         pid = _read_pid(settings, name)
-        if not _alive(pid):
+        if pid is None or not _alive(pid):
             _pid_file(settings, name).unlink(missing_ok=True)
             continue
-        assert pid is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

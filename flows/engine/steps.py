@@ -24,9 +24,22 @@ from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.query import run_record, stored_sop
 from flows.record.state import next_n, run_status, step_data, step_states
-from flows.record.tables import Deviation, Document, RunEvent, SopRun, StepRecord, utcnow
+from flows.record.tables import (
+    Deviation,
+    Document,
+    RunEvent,
+    SopRun,
+    StepRecord,
+    utcnow,
+)
 from flows.sop.expressions import ExpressionError, evaluate_check, render_message
-from flows.sop.model import HUMAN_KINDS, CheckStepSpec, DocumentStepSpec, NotifyStepSpec, SopDefinition
+from flows.sop.model import (
+    HUMAN_KINDS,
+    CheckStepSpec,
+    DocumentStepSpec,
+    NotifyStepSpec,
+    SopDefinition,
+)
 
 __all__ = ["STEP_KINDS", "RunContext", "load_context", "set_run_status", "write_step"]
 
@@ -48,11 +61,13 @@ class RunContext:
 
     @cached_property
     def timezone(self) -> str:
-        from flows.sop.catalog import Catalog
+        """The institution's zone for documents (UTC, said so on the page, if its file is broken now)."""
+        from flows.errors import FlowsError
+        from flows.sop.load import load_institution_file
 
         try:
-            return Catalog(self.settings.sops_dir, self.settings.templates_dir).institution(self.run.institution).spec.timezone
-        except Exception:  # the record must still render if the institution file is broken now
+            return load_institution_file(self.settings.sops_dir / self.run.institution / "institution.yaml").timezone
+        except (FlowsError, OSError):
             return "UTC"
 
     def refresh(self) -> None:

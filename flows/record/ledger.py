@@ -17,7 +17,14 @@ from typing import Any
 from sqlalchemy import inspect as sa_inspect
 from sqlmodel import Session, SQLModel, col, select
 
-from flows.record.tables import RECORD_TABLES, AuditEvent, Signature, SopRun, StepRecord, utcnow
+from flows.record.tables import (
+    RECORD_TABLES,
+    AuditEvent,
+    Signature,
+    SopRun,
+    StepRecord,
+    utcnow,
+)
 
 __all__ = [
     "GENESIS",
@@ -112,7 +119,7 @@ def append(session: Session, row: SQLModel, *, actor: str, action: str | None = 
     table = row.__tablename__  # type: ignore[attr-defined]
     if table not in RECORD_TABLES:
         raise TypeError(f"{type(row).__name__} is not a record table")
-    for name in sa_inspect(type(row)).columns.keys():
+    for name in sa_inspect(type(row)).columns:
         value = getattr(row, name)
         if isinstance(value, datetime):
             if value.tzinfo is None:

@@ -16,7 +16,17 @@ from sqlmodel import Session, col, select
 from flows.errors import RecordError
 from flows.record.ledger import verify_signature
 from flows.record.state import run_status
-from flows.record.tables import AuditEvent, Deviation, Document, RunEvent, Signature, SopRun, SopVersion, StepRecord, User
+from flows.record.tables import (
+    AuditEvent,
+    Deviation,
+    Document,
+    RunEvent,
+    Signature,
+    SopRun,
+    SopVersion,
+    StepRecord,
+    User,
+)
 from flows.sop.model import HUMAN_KINDS, SopDefinition
 
 __all__ = ["disposition_id", "run_record", "stored_sop"]

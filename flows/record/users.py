@@ -5,6 +5,7 @@ Must not import prefect.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import cache
 
@@ -64,10 +65,8 @@ def authenticate(session: Session, username: str, password: str) -> User:
     refused = AuthenticationError(f"user {username!r}: wrong user name or password")
     if user is None:
         # Spend the same time as a real check so a probe cannot tell which names exist.
-        try:
+        with contextlib.suppress(VerificationError, InvalidHashError):
             _HASHER.verify(_dummy_hash(), password)
-        except (VerificationError, InvalidHashError):
-            pass
         raise refused
     try:
         _HASHER.verify(user.password_hash, password)

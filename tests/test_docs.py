@@ -1,0 +1,57 @@
+"""README.md documents every step kind, error class, CLI command and setting."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import errors
+from flows.engine.steps import STEP_KINDS
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("kind", sorted(STEP_KINDS))
+def test_readme_documents_step_kind(kind):
+    assert re.search(rf"^\| `{kind}` \|", README, re.MULTILINE), f"README.md has no row for step kind {kind!r}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in inspect.getmembers(errors, inspect.isclass)
+                                        if issubclass(c, errors.FlowsError)))
+def test_readme_documents_error_class(name):
+    assert f"`{name}`" in README
+
+
+def _commands() -> list[str]:
+    from typer.main import get_command
+
+    from flows.cli import app
+
+    root = get_command(app)
+    out = []
+    for name, cmd in root.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(cmd, "commands", None)
+        out += [f"sopflow {name} {s}" for s in subs] if subs else [f"sopflow {name}"]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_readme_documents_cli_command(command):
+    assert f"`{command}`" in README
+
+
+def test_readme_documents_every_setting():
+    names = set(re.findall(r"SOPFLOW_[A-Z_]+", (Path(__file__).resolve().parents[1] / "flows" / "config.py").read_text()))
+    missing = sorted(n for n in names if f"`{n}`" not in README)
+    assert not missing, f"settings missing from README.md: {missing}"
+
+
+def test_cli_startup_imports_neither_prefect_nor_weasyprint():
+    code = "import sys, flows.cli, flows.service; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'weasyprint', 'apprise'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
