@@ -119,7 +119,7 @@ def append(session: Session, row: SQLModel, *, actor: str, action: str | None = 
     table = row.__tablename__  # type: ignore[attr-defined]
     if table not in RECORD_TABLES:
         raise TypeError(f"{type(row).__name__} is not a record table")
-    for name in sa_inspect(type(row)).columns:
+    for name in sa_inspect(type(row)).columns.keys():  # noqa: SIM118  (iterating the collection yields Column objects)
         value = getattr(row, name)
         if isinstance(value, datetime):
             if value.tzinfo is None:
