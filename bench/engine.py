@@ -1,0 +1,366 @@
+"""Benchmark of sopflow's engine against plain Prefect, in one process, on one local Prefect server.
+
+    python bench/engine.py [--steps N] [--resumes K] [--repeats R]
+
+1. Per-step overhead: an SOP of N automated ``check`` steps run through sopflow (``start_run``,
+   then the run's status polled every 10 ms until ``completed``), against a plain Prefect flow of
+   N trivial tasks called in this process. Each has a baseline subtracted (sopflow: an SOP of one
+   check step; Prefect: a flow with no task), so per-step cost = (T_N - T_base) / (steps N has
+   more than the baseline). Medians of R repeats, after one warm-up run of each.
+2. Signed submit -> next step: an SOP of K+1 ``record`` steps, signed one by one by one user;
+   from the call to ``submit_step`` to the next step's newest record reading ``waiting`` (the DB
+   polled every 5 ms). argon2 authentication is timed on its own and also subtracted.
+
+It prints figures and machine facts; it asserts nothing about speed. Everything lives under a
+temporary SOPFLOW_HOME and SOPS dir on a free port and is removed at the end, the server and the
+executor stopped even on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python bench/engine.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+INSTITUTION = "bench_hospital"
+ROLE = "operator"
+USER = "bench.user"
+PASSWORD = "bench-password-1"
+CHECKS_SOP = "bench_checks"
+BASE_SOP = "bench_base"
+SIGNED_SOP = "bench_signed"
+RUN_POLL = 0.010  # polling the run's status (part 1)
+STEP_POLL = 0.005  # polling the next step's record (part 2)
+HEADER = "# Owner: sopflow bench · Approval: none (benchmark fixture) · Effective: n/a\n"
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_sops(folder: Path, n_checks: int, k_resumes: int) -> None:
+    inst = folder / INSTITUTION
+    inst.mkdir(parents=True)
+    (inst / "institution.yaml").write_text(
+        HEADER + "schema_version: 1\n"
+        f"id: {INSTITUTION}\nname: Bench Hospital\ntimezone: UTC\n"
+        f"roles:\n  {ROLE}: {{label: Operator}}\n  qa: {{label: QA officer}}\n", encoding="utf-8")
+    (inst / "products.yaml").write_text(
+        HEADER + "schema_version: 1\nproducts:\n"
+        "  bench_product:\n    name: Bench product\n    mah: Bench\n    storage_max_c: -150\n"
+        "    thaw_to_infusion_max_min: 180\n    documents: [CoA]\n", encoding="utf-8")
+
+    def checks(sop_id: str, n: int) -> str:
+        steps = "".join(f"  - {{id: c{i:03d}, kind: check, expect: \"params.n >= 0\", on_fail: stop}}\n" for i in range(n))
+        return (HEADER + f"schema_version: 1\nid: {sop_id}\ntitle: {n} automated checks\nversion: 1\n"
+                "params:\n  n: {type: number}\nsteps:\n" + steps)
+
+    (inst / f"{CHECKS_SOP}.yaml").write_text(checks(CHECKS_SOP, n_checks), encoding="utf-8")
+    (inst / f"{BASE_SOP}.yaml").write_text(checks(BASE_SOP, 1), encoding="utf-8")
+    steps = "".join(
+        f"  - id: r{i:03d}\n    kind: record\n    role: {ROLE}\n    meaning: Recorded a value\n"
+        f"    fields:\n      v: {{type: number}}\n" for i in range(k_resumes + 1))
+    (inst / f"{SIGNED_SOP}.yaml").write_text(
+        HEADER + f"schema_version: 1\nid: {SIGNED_SOP}\ntitle: {k_resumes + 1} signed records\nversion: 1\n"
+        "steps:\n" + steps, encoding="utf-8")
+
+
+def configure(home: Path, sops: Path) -> Any:
+    """Point sopflow and Prefect at the temporary home; must run before Prefect is imported."""
+    if "prefect" in sys.modules:
+        raise RuntimeError("Prefect was imported before the bench set its environment")
+    for key in ("SOPFLOW_DATABASE_URL", "SOPFLOW_PREFECT_API_URL", "SOPFLOW_PREFECT_DATABASE_URL", "SOPFLOW_NOTIFY_CONFIG"):
+        os.environ.pop(key, None)
+    os.environ["SOPFLOW_HOME"] = str(home)
+    os.environ["SOPFLOW_PREFECT_PORT"] = str(free_port())
+    os.environ["SOPFLOW_SOPS_DIR"] = str(sops)
+    os.environ.setdefault("SOPFLOW_TEMPLATES_DIR", str(REPO / "templates"))
+    from flows.config import get_settings
+    from flows.engine.env import apply_prefect_env
+
+    return apply_prefect_env(get_settings())
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def p95(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:8.1f} ms"
+
+
+def run_status(settings: Any, run_id: str) -> str | None:
+    from sqlalchemy import text
+
+    from flows.record.db import read_session
+
+    with read_session(settings.database_url) as s:
+        row = s.connection().execute(
+            text("SELECT status, detail FROM sf_run_event WHERE run_id = :r ORDER BY n DESC LIMIT 1"), {"r": run_id}).first()
+    if row is None:
+        return None
+    status, detail = row
+    if status == "failed":
+        raise RuntimeError(f"run {run_id} failed: {detail}")
+    return str(status)
+
+
+def step_status(settings: Any, run_id: str, step_id: str) -> str | None:
+    from sqlalchemy import text
+
+    from flows.record.db import read_session
+
+    with read_session(settings.database_url) as s:
+        row = s.connection().execute(
+            text("SELECT status FROM sf_step_record WHERE run_id = :r AND step_id = :s ORDER BY n DESC LIMIT 1"),
+            {"r": run_id, "s": step_id}).first()
+    return None if row is None else str(row[0])
+
+
+def wait_until(pred: Callable[[], bool], every: float, timeout: float, what: str) -> None:
+    deadline = time.perf_counter() + timeout
+    while not pred():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{what} after {timeout:.0f} s")
+        time.sleep(every)
+
+
+# -- part 1: per-step overhead -------------------------------------------------------------------
+def time_sopflow(settings: Any, sop_id: str) -> float:
+    from flows import service
+
+    t0 = time.perf_counter()
+    run_id = service.start_run(settings, INSTITUTION, sop_id, {"n": "1"}, USER, PASSWORD).run_id
+    wait_until(lambda: run_status(settings, run_id) == "completed", RUN_POLL, 120, f"sopflow run {run_id} not completed")
+    return time.perf_counter() - t0
+
+
+def make_plain_flows() -> tuple[Any, Any]:
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    # The same task options as run-sop's step task: no cache, no persisted result.
+    @task(name="plain-step", cache_policy=NO_CACHE, persist_result=False)
+    def plain_step(i: int) -> int:
+        return i
+
+    # An async flow, like run-sop: Prefect joins the heartbeat thread of sync flows only (~1 s late).
+    @flow(name="bench-plain", persist_result=False)
+    async def plain_flow(n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += plain_step.with_options(task_run_name=f"plain/{i}")(i)
+        return total
+
+    return plain_flow, plain_step
+
+
+def time_prefect(plain_flow: Any, n: int) -> float:
+    import asyncio
+
+    t0 = time.perf_counter()
+    asyncio.run(plain_flow(n))
+    return time.perf_counter() - t0
+
+
+def part1(settings: Any, n: int, repeats: int) -> dict[str, Any]:
+    plain_flow, _ = make_plain_flows()
+    # Warm-up (not counted): first imports, client connections, the SOP version row, Prefect's flow row.
+    time_sopflow(settings, BASE_SOP)
+    time_sopflow(settings, CHECKS_SOP)
+    time_prefect(plain_flow, 0)
+    time_prefect(plain_flow, n)
+    sf_base, sf_n, pf_base, pf_n = [], [], [], []
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        sf_base.append(time_sopflow(settings, BASE_SOP))
+        sf_n.append(time_sopflow(settings, CHECKS_SOP))
+        pf_base.append(time_prefect(plain_flow, 0))
+        pf_n.append(time_prefect(plain_flow, n))
+    sf_step = (median(sf_n) - median(sf_base)) / max(1, n - 1)  # the baseline SOP has one step
+    pf_step = (median(pf_n) - median(pf_base)) / max(1, n)
+    return {"sf_base": sf_base, "sf_n": sf_n, "pf_base": pf_base, "pf_n": pf_n, "sf_step": sf_step, "pf_step": pf_step}
+
+
+# -- part 2: signed submit -> next step ------------------------------------------------------------
+def time_authenticate(settings: Any, times: int = 7) -> list[float]:
+    from flows.record.db import read_session
+    from flows.record.users import authenticate
+
+    out = []
+    for _ in range(times):
+        with read_session(settings.database_url) as s:
+            t0 = time.perf_counter()
+            authenticate(s, USER, PASSWORD)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def part2(settings: Any, k: int) -> dict[str, Any]:
+    from flows import service
+
+    steps = [f"r{i:03d}" for i in range(k + 1)]
+    t_start = time.perf_counter()
+    run_id = service.start_run(settings, INSTITUTION, SIGNED_SOP, {}, USER, PASSWORD).run_id
+    wait_until(lambda: step_status(settings, run_id, steps[0]) == "waiting", STEP_POLL, 60, "first step not waiting")
+    first_wait = time.perf_counter() - t_start
+    latency, call, resumed = [], [], []
+    for i in range(k):
+        t0 = time.perf_counter()
+        res = service.submit_step(settings, run_id, steps[i], USER, PASSWORD, {"v": str(i)})
+        t1 = time.perf_counter()
+        wait_until(lambda: step_status(settings, run_id, steps[i + 1]) == "waiting", STEP_POLL, 60,
+                   f"step {steps[i + 1]} not waiting")
+        latency.append(time.perf_counter() - t0)
+        call.append(t1 - t0)
+        resumed.append(res.resumed)
+    t0 = time.perf_counter()
+    service.submit_step(settings, run_id, steps[k], USER, PASSWORD, {"v": str(k)})
+    wait_until(lambda: run_status(settings, run_id) == "completed", STEP_POLL, 60, "signed run not completed")
+    last = time.perf_counter() - t0
+    return {"latency": latency, "call": call, "resumed": resumed, "first_wait": first_wait, "last": last}
+
+
+def api_round_trip(times: int = 20) -> list[float]:
+    """A Prefect API round trip (GET /health through Prefect's client): the unit every task and state costs."""
+    from prefect.client.orchestration import get_client
+
+    out = []
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
+        for _ in range(times):
+            t0 = time.perf_counter()
+            client.api_healthcheck()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+def machine_facts(settings: Any) -> list[str]:
+    import prefect
+    import sqlalchemy
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=5, check=False).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    cpus = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return [
+        f"machine    {platform.machine()} {platform.system()} {platform.release()}; CPUs {cpus} (usable {usable}); load {load}",
+        f"python     {platform.python_version()} ({sys.executable})",
+        f"prefect    {prefect.__version__}; sqlalchemy {sqlalchemy.__version__}; sopflow commit {commit}",
+        f"databases  sopflow {settings.database_url.split(':', 1)[0]}; Prefect server {settings.prefect_database_url.split(':', 1)[0]} "
+        f"(local, port {settings.prefect_port})",
+        f"executor   poll {settings.poll_seconds * 1000:.0f} ms busy .. {settings.poll_max_seconds * 1000:.0f} ms idle, nudged over UDP; "
+        f"bench polls run status every {RUN_POLL * 1000:.0f} ms, step records every {STEP_POLL * 1000:.0f} ms",
+    ]
+
+
+def report(settings: Any, args: argparse.Namespace, r1: dict[str, Any], r2: dict[str, Any], auth: list[float],
+           rtt: list[float], setup: float, total: float) -> None:
+    n, k = args.steps, args.resumes
+    print()
+    print("sopflow engine bench")
+    for line in machine_facts(settings):
+        print("  " + line)
+    print(f"  setup      server + executor ready in {setup:.1f} s; Prefect API round trip (GET /health) median {ms(median(rtt)).strip()}, "
+          f"max {ms(max(rtt)).strip()}")
+    print()
+    print(f"1. per-step overhead, {n} automated steps, medians of {args.repeats} (after one warm-up each)")
+    print(f"   sopflow  : {n} check steps {ms(median(r1['sf_n']))} total, 1-step baseline {ms(median(r1['sf_base']))}"
+          f"  (start_run -> record says completed)")
+    print(f"   Prefect  : {n} tasks       {ms(median(r1['pf_n']))} total, 0-task baseline {ms(median(r1['pf_base']))}"
+          f"  (async @flow, sync @task called directly, in this process)")
+    print(f"   per step : sopflow {ms(r1['sf_step'])}   Prefect {ms(r1['pf_step'])}   "
+          f"ratio sopflow/Prefect {r1['sf_step'] / r1['pf_step']:.1f}x" if r1["pf_step"] > 0 else
+          f"   per step : sopflow {ms(r1['sf_step'])}   Prefect {ms(r1['pf_step'])}   ratio n/a")
+    print("   all runs (s): sopflow N " + " ".join(f"{x:.3f}" for x in r1["sf_n"]) +
+          " | base " + " ".join(f"{x:.3f}" for x in r1["sf_base"]) +
+          " | Prefect N " + " ".join(f"{x:.3f}" for x in r1["pf_n"]) +
+          " | base " + " ".join(f"{x:.3f}" for x in r1["pf_base"]))
+    print()
+    lat, call = r2["latency"], r2["call"]
+    a = median(auth)
+    net = [x - a for x in lat]
+    print(f"2. signed submit -> next step waiting, {k} resumes of one run (target <= 1 s p95 now, <= 100 ms later)")
+    print(f"   argon2 authenticate alone: median {ms(a)}, max {ms(max(auth))} ({len(auth)} calls)")
+    print(f"   submit -> next waiting     : median {ms(median(lat))}  p95 {ms(p95(lat))}  max {ms(max(lat))}")
+    print(f"   the same less authenticate : median {ms(median(net))}  p95 {ms(p95(net))}  max {ms(max(net))}")
+    print(f"   submit_step call returns   : median {ms(median(call))}  p95 {ms(p95(call))}  max {ms(max(call))}"
+          f"  (resumed by the call: {sum(r2['resumed'])}/{len(r2['resumed'])})")
+    if len(lat) >= 10:
+        print(f"   first 5 / last 5 resumes   : median {ms(median(lat[:5]))} / {ms(median(lat[-5:]))}"
+              "  (a resume re-enters the flow from the top)")
+    print(f"   start_run -> first step waiting {ms(r2['first_wait'])}; last submit -> run completed {ms(r2['last'])}")
+    print()
+    print(f"total bench time {total:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=50, help="automated steps in part 1 (default 50)")
+    parser.add_argument("--resumes", type=int, default=20, help="signed resumes in part 2 (default 20)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each part-1 run (default 3)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary SOPFLOW_HOME (its logs) after the run")
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.resumes < 1 or args.repeats < 1:
+        parser.error("--steps must be >= 2, --resumes and --repeats >= 1")
+
+    t_all = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="sopflow-bench-"))
+    home, sops = tmp / "home", tmp / "sops"
+    write_sops(sops, args.steps, args.resumes)
+    settings = configure(home, sops)
+
+    from flows.admin import add_user
+    from flows.engine import server
+
+    try:
+        t0 = time.perf_counter()
+        server.start(settings)
+        setup = time.perf_counter() - t0
+        add_user(settings, USER, "Bench User", PASSWORD, [(INSTITUTION, ROLE)], actor="bench")
+        rtt = api_round_trip()
+        print(f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
+              flush=True)
+        r1 = part1(settings, args.steps, args.repeats)
+        print(f"part 2: {args.resumes} signed resumes ...", flush=True)
+        auth = time_authenticate(settings)
+        r2 = part2(settings, args.resumes)
+        report(settings, args, r1, r2, auth, rtt, setup, time.perf_counter() - t_all)
+    finally:
+        server.stop(settings)
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
