@@ -14,6 +14,7 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_POLL_SECONDS      executor poll interval when busy       0.05
     SOPFLOW_POLL_MAX_SECONDS  executor poll interval when idle       1.0
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
+    SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins that lock an account  5
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -43,6 +44,8 @@ class Settings:
     poll_seconds: float
     poll_max_seconds: float
     notify_config: Path
+    lockout_threshold: int = 5
+    """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -87,6 +90,9 @@ def get_settings() -> Settings:
     port = _float("SOPFLOW_PREFECT_PORT", 4200)
     if not port.is_integer() or not 0 < port < 65536:
         raise ConfigError(f"SOPFLOW_PREFECT_PORT: expected a port number, got {port!r}")
+    lockout = _float("SOPFLOW_LOCKOUT_THRESHOLD", 5)
+    if not lockout.is_integer() or lockout < 1:
+        raise ConfigError(f"SOPFLOW_LOCKOUT_THRESHOLD: expected a whole number of at least 1, got {lockout!r}")
     return Settings(
         home=home,
         database_url=os.environ.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{home / 'sopflow.db'}",
@@ -99,4 +105,5 @@ def get_settings() -> Settings:
         poll_seconds=_float("SOPFLOW_POLL_SECONDS", 0.05),
         poll_max_seconds=_float("SOPFLOW_POLL_MAX_SECONDS", 1.0),
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
+        lockout_threshold=int(lockout),
     )

@@ -19,16 +19,19 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows import service
-from flows.admin import add_user
+from flows.admin import add_user, grant_training
 from flows.config import Settings
 from flows.errors import FlowsError, RecordError
 from flows.outputs.receiver import LocalReceiver
 from flows.record.db import init_db, read_session
+from flows.record.training import is_trained
 from flows.record.users import authenticate, find_user
+from flows.sop.catalog import Catalog
 
 __all__ = ["DEMO_USERS", "run_demo"]
 
 INSTITUTION = "demo_hospital"
+SOP = "dose_receipt"
 MARKER = "# written by `sopflow demo`; delete this file to configure your own channels\n"
 DEMO_USERS = {
     # username: (printed name, role, password)
@@ -56,6 +59,14 @@ def _ensure_users(settings: Settings) -> None:
                     raise RecordError(f"demo user {username!r} exists with another password; use a fresh SOPFLOW_HOME") from None
         if not exists:
             add_user(settings, username, name, password, [(INSTITUTION, role)], actor="demo")
+    # Signers must be trained on the SOP version a run uses (as a QA officer would record it).
+    version = Catalog(settings.sops_dir, settings.templates_dir).get_sop(INSTITUTION, SOP).definition.version
+    for username in DEMO_USERS:
+        with read_session(settings.database_url) as s:
+            user = find_user(s, username)
+            trained = user is not None and is_trained(s, user.id, INSTITUTION, SOP, version)
+        if not trained:
+            grant_training(settings, username, INSTITUTION, SOP, version, trainer="Demo trainer", actor="demo")
 
 
 def _write_channels(settings: Settings, rx: LocalReceiver, out: Console) -> bool:

@@ -28,11 +28,12 @@ from flows.record.db import init_db, read_session, write_session
 from flows.record.query import run_record, stored_sop
 from flows.record.state import run_status, signer_problem, step_states
 from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
-from flows.record.users import authenticate, roles_of
+from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
 
-__all__ = ["StartResult", "SubmitResult", "inbox", "list_runs", "quality_record", "start_run", "submit_step", "verify_audit"]
+__all__ = ["CorrectResult", "StartResult", "SubmitResult", "correct_step", "inbox", "list_runs", "quality_record", "start_run",
+           "submit_step", "verify_audit"]
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,11 @@ def _catalog(settings: Settings) -> Catalog:
 
 
 def _authenticate(settings: Settings, username: str, password: str, purpose: str) -> User:
-    """Check the password; a failure is refused and written to the audit trail."""
-    with read_session(settings.database_url) as s:
-        try:
-            user = authenticate(s, username, password)
-            s.expunge(user)
-            return user
-        except AuthenticationError:
-            pass
-    with write_session(settings.database_url) as s:
-        ledger.audit(s, actor=username, action="auth.failed", object_type="sf_user", object_id=username,
-                     payload={"purpose": purpose})
-    raise AuthenticationError(f"user {username!r}: wrong user name or password")
+    """Check the password and the account (active, not locked); every attempt is audited and
+    repeated failures lock the account (``flows.admin.sign_in``)."""
+    from flows.admin import sign_in
+
+    return sign_in(settings, username, password, purpose)
 
 
 def _refuse(settings: Settings, user: User, action: str, object_id: str, problem: str) -> NotAuthorizedError:
@@ -196,17 +190,100 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     return SubmitResult(run.id, step.id, sig_id, digest, resumed)
 
 
+@dataclass(frozen=True)
+class CorrectResult:
+    run_id: str
+    step_id: str
+    record_id: str
+    signature_id: str
+    signed_sha256: str
+    changes: dict[str, dict[str, Any]]
+
+
+def correct_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
+                 raw_values: dict[str, Any], reason: str | None) -> CorrectResult:
+    """Correct a done human step with a new signed entry; the entry it corrects stays in the record.
+
+    The rules: only a human step whose newest record is ``done``; a reason; the new values pass
+    the step's fields like a submission (unchanged values are refused, and an approve step's
+    decision cannot be corrected: it has decided the run's course); the corrector re-authenticates
+    and may sign the step (``signer_problem``) and did not verify it. Nothing is re-run. Nothing is
+    written when a rule fails, except the audit event of a refused corrector.
+
+    Raises:
+        AuthenticationError, NotAuthorizedError, StepNotWaitingError, SopInputError
+    """
+    from flows.record.corrections import changed_fields, newest_record, write_correction
+    from flows.record.state import step_data
+
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run = _find_run(s, run_id)
+        sop = stored_sop(s, run)
+        step = find_human_step(sop, step_id)
+        if step is None:
+            known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
+            raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+        current = newest_record(s, run.id, step.id)
+        if current is None or current.status != "done":
+            state = current.status if current else "not reached yet"
+            raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} cannot be corrected: it is {state}; "
+                                      "only a done step can be corrected")
+        s.expunge(run)
+        s.expunge(current)
+    where = f"{sop.id} step {step_id!r}"
+    reason = (reason or "").strip()
+    if not reason:
+        raise SopInputError([f"{where}: a correction needs a reason (--reason): why the signed entry was wrong"])
+    if not raw_values:
+        raise SopInputError([f"{where}: nothing to correct: give the corrected values with --set"])
+    fields = human_fields(step)
+    old = step_data(current)
+    data = coerce_values(fields, {**{k: v for k, v in old.items() if k in fields}, **raw_values}, where=where)
+    changes = changed_fields(old, data)
+    if not changes:
+        raise SopInputError([f"{where}: nothing to correct: the values given equal the current ones"])
+    if "decision" in changes:
+        raise SopInputError([f"{where}.decision: a decision cannot be corrected: it has decided the run's course; "
+                             "open a deviation instead"])
+    if data.get("decision") == "reject" and not data.get("reason"):
+        raise SopInputError([f"{where}.reason: a reason is required to reject"])
+    user = _authenticate(settings, username, password, f"correct {run.id}/{step_id}")
+    with read_session(settings.database_url) as s:
+        problem = signer_problem(s, run, sop, step, user.id)
+        verifiers = [st.id for st in sop.steps if getattr(st, "of", None) == step.id]
+        if problem is None and verifiers and s.exec(select(Signature.id).where(
+                Signature.run_id == run.id, col(Signature.step_id).in_(verifiers), Signature.user_id == user.id)).first():
+            problem = f"you verified step {step.id!r}: its verifier may not correct it"
+    if problem:
+        raise _refuse(settings, user, "correct.refused", run.id, f"user {username!r}: {problem}")
+    with write_session(settings.database_url) as s:
+        newest = newest_record(s, run.id, step.id)
+        if newest is None or newest.id != current.id:
+            raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} was changed by someone else meanwhile; look again")
+        rec = write_correction(s, run, current, data, user, reason, f"Correction of an earlier signed entry; reason: {reason}")
+        sig = s.get(Signature, rec.signature_id)
+        digest = sig.signed_sha256 if sig is not None else ""
+        return CorrectResult(run.id, step.id, rec.id, str(rec.signature_id), digest, changes)
+
+
 def list_runs(settings: Settings) -> list[dict[str, Any]]:
     """Every run, newest first, with its status and what it waits on."""
+    from flows.engine.escalation import overdue_steps
+
     init_db(settings.database_url)
     out = []
     with read_session(settings.database_url) as s:
+        overdue: dict[str, list[dict[str, Any]]] = {}
+        for o in overdue_steps(s):
+            overdue.setdefault(o.run.id, []).append({"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at})
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
             st = run_status(s, run.id)
             waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed")]
             out.append({"id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_version": run.sop_version,
                         "status": st.status if st else "unknown", "detail": st.detail if st else None,
-                        "waiting_on": waiting, "started_at": run.started_at, "flow_run_id": run.flow_run_id})
+                        "waiting_on": waiting, "overdue": overdue.get(run.id, []), "started_at": run.started_at,
+                        "flow_run_id": run.flow_run_id})
     return out
 
 
@@ -218,6 +295,9 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
         user = s.exec(select(User).where(User.username == username)).first()
         if user is None:
             raise AuthenticationError(f"no user {username!r}")
+        from flows.engine.escalation import overdue_steps
+
+        overdue = {(o.run.id, o.step.id): o.due for o in overdue_steps(s)}
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
             roles = roles_of(s, user.id, run.institution)
             if not roles:
@@ -229,7 +309,8 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                     out.append({"run_id": run.id, "sop_id": run.sop_id, "step_id": step_id, "title": step.title or step_id,
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
-                                "can_sign": signer_problem(s, run, sop, step, user.id) is None})
+                                "can_sign": signer_problem(s, run, sop, step, user.id) is None,
+                                "overdue_since": overdue.get((run.id, step_id))})
     return sorted(out, key=lambda x: x["since"])
 
 

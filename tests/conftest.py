@@ -37,6 +37,7 @@ from flows.record.tables import (
     new_id,
     utcnow,
 )
+from flows.record.training import record_training
 from flows.sop.model import SopDefinition
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -166,7 +167,8 @@ class MadeRun:
 
 
 class MakeRun(Protocol):
-    def __call__(self, session: Session, *, users: tuple[str, ...] = ..., product: str | None = ...) -> MadeRun: ...
+    def __call__(self, session: Session, *, users: tuple[str, ...] = ..., product: str | None = ...,
+                 trained: bool = ...) -> MadeRun: ...
 
 
 @cache
@@ -176,14 +178,16 @@ def _password_hash() -> str:
 
 @pytest.fixture
 def make_run() -> MakeRun:
-    """``make_run(session)``: users with roles, the demo SOP's text as a SopVersion, and a SopRun.
+    """``make_run(session)``: users with roles (and, unless ``trained=False``, training on the demo
+    SOP's version), the demo SOP's text as a SopVersion, and a SopRun.
 
     Everything is written through ``ledger.append`` / ``users.grant_role`` inside the caller's
     (write) session, so the audit chain covers it. Users share one argon2 hash of ``PASSWORD``
     computed once per test session (hashing costs 50-400 ms). Call it once per database.
     """
 
-    def make(session: Session, *, users: tuple[str, ...] = tuple(USERS), product: str | None = "axi_cel") -> MadeRun:
+    def make(session: Session, *, users: tuple[str, ...] = tuple(USERS), product: str | None = "axi_cel",
+             trained: bool = True) -> MadeRun:
         made_users: dict[str, User] = {}
         for username in users:
             printed, roles = USERS[username]
@@ -200,6 +204,10 @@ def make_run() -> MakeRun:
         version = SopVersion(institution="demo_hospital", sop_id=sop.id, version=sop.version,
                              schema_version=sop.schema_version, sha256=sha, text=text, stored_at=FIXED_AT)
         ledger.append(session, version, actor="system", action="sop_version.store")
+        if trained:  # signers must be trained on the SOP version (state.signer_problem)
+            for user in made_users.values():
+                record_training(session, user, "demo_hospital", sop.id, sop.version, trained_at=FIXED_AT,
+                                trainer="Trainer", actor="system")
         product_entry = None
         if product:
             product_entry = yaml.safe_load(DEMO_PRODUCTS.read_text(encoding="utf-8"))["products"][product]

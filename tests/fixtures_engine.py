@@ -67,14 +67,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(name="engine", scope="session")
 def engine_fixture() -> Iterator[Settings]:
-    """A running local Prefect server and executor, with the demo institution's staff."""
-    from flows.admin import add_user
+    """A running local Prefect server and executor, with the demo institution's staff, each
+    trained on dose_receipt v1 (signers must be: ``state.signer_problem``)."""
+    from flows.admin import add_user, grant_training
     from flows.engine import server
 
     settings = get_settings()
     server.start(settings)
     for username, (name, role) in DEMO_STAFF.items():
         add_user(settings, username, name, PASSWORD, [("demo_hospital", role)], actor="test")
+        grant_training(settings, username, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
     yield settings
     server.stop(settings)
 

@@ -82,6 +82,8 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
     """Users, a run, (a crash,) the signatures, through the CLI; returns the run id."""
     for user, (name, role) in DEMO_STAFF.items():
         ok(cli(env, "user", "add", user, "--name", name, "--role", f"demo_hospital:{role}"))
+        ok(cli(env, "training", "grant", user, "--institution", "demo_hospital", "--sop", "dose_receipt", "--version", "1",
+               "--trainer", "Test Trainer"))
     out = ok(cli(env, "start", "dose_receipt", "--institution", "demo_hospital", "--as", "qm",
                  *_sets({"product": "tecartus", "coi": "COI-CLI-0100", "lot": "LOT-9", "patient_id": "H0100"})))
     run_id = out.split()[2]

@@ -174,9 +174,10 @@ def test_resume_with_another_steps_signature_is_refused(engine):
 
 
 def test_verifier_may_not_be_the_performer(engine):
-    from flows.admin import add_user
+    from flows.admin import add_user, grant_training
 
     add_user(engine, "both", "Sun Li", PASSWORD, [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")], actor="test")
+    grant_training(engine, "both", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
     run_id = start_receipt(engine, coi="COI-TEST-0009")
     sign(engine, run_id, "arrival", "both", ARRIVAL)
     wait_for(engine, run_id, step="identity_verification")

@@ -7,7 +7,10 @@
     sopflow inbox --as USER               steps waiting on that user's roles
     sopflow record RUN [--json]           the quality record of a run
     sopflow audit verify                  walk the audit chain; name the first broken row
-    sopflow user add USER --name N --role INST:ROLE      create a user (password asked)
+    sopflow correct RUN STEP --as USER --set k=v --reason R   correct a signed entry (see flows.cli.records)
+    sopflow audit verify-export FILE      check an exported record offline
+    sopflow user add|disable|enable|passwd|unlock|list   accounts (see flows.cli.admin)
+    sopflow training grant|list           who is trained on which SOP version
     sopflow sop validate|schema|list|show SOP definitions
     sopflow demo                          the whole dose receipt, end to end
 
@@ -29,6 +32,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from flows.cli.admin import training_app, user_app
+from flows.cli.records import correct, verify_export
 from flows.cli.sop import app as sop_app
 
 __all__ = ["app", "main"]
@@ -37,11 +42,13 @@ app = typer.Typer(name="sopflow", help="SOP workflows for cell-therapy doses, wi
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 server_app = typer.Typer(help="Start, stop and inspect the local Prefect server and the executor.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
-user_app = typer.Typer(help="Users and their roles.", no_args_is_help=True)
 app.add_typer(sop_app, name="sop")
 app.add_typer(server_app, name="server")
 app.add_typer(audit_app, name="audit")
 app.add_typer(user_app, name="user")
+app.add_typer(training_app, name="training")
+app.command("correct")(correct)
+audit_app.command("verify-export")(verify_export)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -187,6 +194,8 @@ def runs() -> None:
         out.print("no runs yet: `sopflow start` starts one, `sopflow demo` shows one")
     for r in rows:
         waits = f" waiting on {', '.join(r['waiting_on'])}" if r["waiting_on"] else ""
+        for o in r.get("overdue", []):
+            waits += f" [yellow]({o['step_id']} overdue since {o['since']:%Y-%m-%d %H:%M} UTC)[/yellow]"
         detail = f" ({r['detail']})" if r["detail"] and r["status"] != "waiting" else ""
         out.print(f"{r['id']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  {r['status']}{escape(detail)}{waits}  "
                   f"started {r['started_at']:%Y-%m-%d %H:%M} UTC")
@@ -202,6 +211,8 @@ def inbox(username: AsOpt) -> None:
         out.print(f"nothing waits on {username}")
     for it in items:
         note = "" if it["can_sign"] else "  [yellow](you may not sign this one: separation of duties)[/yellow]"
+        if it.get("overdue_since"):
+            note += f"  [yellow]overdue since {it['overdue_since']:%Y-%m-%d %H:%M} UTC[/yellow]"
         out.print(f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "
                   f"{escape(it['title'])}{note}")
         for name, f in it["fields"].items():
@@ -234,26 +245,6 @@ def audit_verify() -> None:
     for p in report.problems:
         err.print(f"[red]audit verify: {escape(p)}[/red]")
     raise typer.Exit(1)
-
-
-@user_app.command("add")
-def user_add(username: str, name: Annotated[str, typer.Option("--name", help="Printed name, shown on signatures.")],
-             role: Annotated[list[str] | None, typer.Option("--role", help="INSTITUTION:ROLE (repeatable).")] = None,
-             password_env: PasswordEnv = "SOPFLOW_NEW_PASSWORD") -> None:
-    """Create a user with roles (the password is asked twice, or read from SOPFLOW_NEW_PASSWORD)."""
-    from flows.admin import add_user
-
-    grants = []
-    for r in role or []:
-        inst, sep, rname = r.partition(":")
-        if not sep:
-            raise typer.BadParameter(f"expected INSTITUTION:ROLE, got {r!r}", param_hint="--role")
-        grants.append((inst, rname))
-    password = os.environ.get(password_env)
-    if password is None:
-        password = str(typer.prompt(f"New password for {username}", hide_input=True, confirmation_prompt=True))
-    _run(add_user, _settings(), username, name, password, grants)
-    out.print(f"user {username} added" + (f" with {', '.join(role or [])}" if role else ""))
 
 
 @app.command("demo")

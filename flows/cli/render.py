@@ -16,6 +16,12 @@ def _value(v: Any, unit: str | None) -> str:
     return f"{v} {unit}" if unit and v is not None else str(v)
 
 
+def _print_signature(out: Console, label: str, sig: dict[str, Any]) -> None:
+    valid = "" if sig["valid"] else " [red]SIGNATURE DOES NOT MATCH THE DATA[/red]"
+    out.print(f"      {label}: {escape(sig['printed_name'])} ({sig['user']}), {sig['signed_at']}, meaning: {sig['meaning']}"
+              + (f" — {escape(sig['statement'])}" if sig["statement"] else "") + f"; sha256 {sig['sha256'][:16]}…{valid}")
+
+
 def print_record(out: Console, rec: dict[str, Any]) -> None:
     run = rec["run"]
     out.print(f"[bold]Quality record: run {run['id']}[/bold]")
@@ -41,9 +47,20 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
             out.print(f"      {escape(str(label))}: {escape(_value(v, unit))}")
         sig = st["signature"]
         if sig:
-            valid = "" if sig["valid"] else " [red]SIGNATURE DOES NOT MATCH THE DATA[/red]"
-            out.print(f"      signed: {escape(sig['printed_name'])} ({sig['user']}), {sig['signed_at']}, meaning: {sig['meaning']}"
-                      + (f" — {escape(sig['statement'])}" if sig["statement"] else "") + f"; sha256 {sig['sha256'][:16]}…{valid}")
+            _print_signature(out, "signed", sig)
+        for c in st.get("corrections", []):
+            out.print(f"      [yellow]corrected[/yellow] {c['at']} by {escape(str(c['by']))}: {escape(c['reason'] or '')}")
+            for name, change in c["changes"].items():
+                unit = st["fields"].get(name, {}).get("unit")
+                label = st["fields"].get(name, {}).get("label", name)
+                out.print(f"        {escape(str(label))}: {escape(_value(change['old'], unit))} → {escape(_value(change['new'], unit))}")
+            if c["not_rerun"]:
+                ran = ", ".join(f"{n['step_id']} ({n['kind']})" for n in c["not_rerun"])
+                out.print(f"        [yellow]corrected after {escape(ran)} had run on the earlier value; not re-run[/yellow]")
+            if c["signature"]:
+                _print_signature(out, "  signed", c["signature"])
+        if st.get("due_at"):
+            out.print(f"      [yellow]due by {st['due_at']} (time-out)[/yellow]")
     if rec["deviations"]:
         out.print("[bold]Deviations[/bold]")
         for d in rec["deviations"]:
@@ -53,6 +70,13 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
         out.print("[bold]Documents[/bold]")
         for doc in rec["documents"]:
             out.print(f"  {doc['template']}  sha256 {doc['sha256']}\n    {doc['path']}")
+    if rec.get("escalations"):
+        out.print("[bold]Escalations[/bold]")
+        for e in rec["escalations"]:
+            sent = ", ".join(f"{d['role']}→{d['channel']} {'ok' if d['ok'] else 'FAILED'}" for d in e["deliveries"])
+            out.print(f"  {e['at']} {e['step_id']}: overdue (waiting since {e['waiting_since']}); {e['kind']} to "
+                      f"{e['to_role'] or 'no role'}: {escape(sent or 'no channel configured')}"
+                      + (f"; deviation {e['deviation_id']}" if e["deviation_id"] else ""))
     refused = [h for h in rec.get("history", []) if h["status"] == "refused"]
     if refused:
         out.print("[bold]Refused attempts[/bold]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -23,10 +24,33 @@ _HOLD = timedelta(days=3650)
 
 
 def _client(settings: Settings) -> Any:
+    """This process's one sync client for the API URL (building one costs 40-100 ms: CA bundle)."""
     apply_prefect_env(settings)
+    return _SharedClient(_open_client(settings.api_url))
+
+
+@cache
+def _open_client(api_url: str) -> Any:
     from prefect.client.orchestration import get_client
 
-    return get_client(sync_client=True)
+    client = get_client(sync_client=True)  # honours PREFECT_API_KEY / PREFECT_API_AUTH_STRING too
+    if str(client.api_url).rstrip("/") != api_url.rstrip("/"):
+        raise EngineError(f"Prefect was configured for {client.api_url} before sopflow set {api_url} in this process")
+    client.__enter__()
+    return client
+
+
+class _SharedClient:
+    """``with _client(settings) as c:`` hands out the shared client and leaves it open."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __enter__(self) -> Any:
+        return self.client
+
+    def __exit__(self, *_: object) -> None:
+        return None
 
 
 def _deployment_id(client: Any) -> UUID:

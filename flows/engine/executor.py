@@ -15,7 +15,8 @@ as fast as a fast poll; an executor elsewhere finds the run within ``SOPFLOW_POL
 
 It also repairs what a crash leaves: runs claimed by an executor on this host whose process is
 gone are rescheduled (every step is idempotent, so they re-enter safely), and a run whose step
-was signed in sopflow's record while the resume never reached Prefect is resumed.
+was signed in sopflow's record while the resume never reached Prefect is resumed. The same
+sweep (every 5 s) escalates human steps waiting past their time-out (``flows.engine.escalation``).
 
 Run it with ``python -m flows.engine.executor`` (``sopflow server start`` does).
 """
@@ -204,6 +205,16 @@ class Executor:
 
         return resume_signed_runs(self.settings, self.client)
 
+    def escalate(self) -> int:
+        """Tell the escalation role about human steps waiting past their time-out (once per waiting period)."""
+        from flows.engine.escalation import escalate_overdue
+
+        try:
+            return escalate_overdue(self.settings)
+        except Exception:  # a broken notify.yaml or one bad run must not stop the executor
+            log.exception("escalation sweep failed; retrying at the next sweep")
+            return 0
+
     # -- loop --------------------------------------------------------------------------------
     def _wait_for_nudge(self, timeout: float) -> bool:
         """Sleep up to ``timeout``; True when nudged (drains every waiting datagram)."""
@@ -233,6 +244,7 @@ class Executor:
                     self._last_sweep = time.monotonic()
                     self.recover_orphans()
                     self.resume_signed()
+                    self.escalate()
             except Exception:  # the server may be restarting; keep trying
                 log.exception("poll failed; retrying")
                 claimed = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.engine.steps import RunContext, write_step
+from flows.engine.steps import RunContext, set_run_status, write_step
 from flows.record.db import write_session
 from flows.record.ledger import verify_signature
 from flows.record.query import disposition_id
@@ -48,10 +48,12 @@ def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
 
 
 def open_gate(ctx: RunContext, step: HumanStepSpec) -> bool:
-    """Record that the step waits for signed input; True when it is the first time (notify then)."""
+    """Record that the step, and so the run, waits for signed input (one transaction, so nobody
+    sees one without the other); True when it is the first time (notify then)."""
     with write_session(ctx.url) as s:
         states = step_states(s, ctx.run.id)
         rec = states.get(step.id)
+        set_run_status(s, ctx.run.id, "waiting", step.id)
         if rec is not None and rec.status in ("waiting", "signed", "done"):
             return False
         write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})

@@ -20,6 +20,7 @@ from flows.record.tables import (
     AuditEvent,
     Deviation,
     Document,
+    Escalation,
     RunEvent,
     Signature,
     SopRun,
@@ -73,6 +74,9 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
     latest: dict[str, StepRecord] = {}
     for r in records:
         latest[r.step_id] = r
+    from flows.record.corrections import corrections_by_step
+
+    corrections = corrections_by_step(records, sop)
 
     def signature(sig_id: str | None) -> dict[str, Any] | None:
         sig = sigs.get(sig_id or "")
@@ -84,9 +88,12 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "sha256": sig.signed_sha256, "valid": verify_signature(session, sig) is None,
         }
 
-    def step_entry(step_id: str, kind: str, title: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+    def step_entry(step_id: str, kind: str, title: str | None, fields: dict[str, Any],
+                   timeout: Any = None) -> dict[str, Any]:
         rec = latest.get(step_id)
-        signed = [r for r in records if r.step_id == step_id and r.signature_id]
+        # The entry's own signature; a correction's signature is shown with the correction.
+        signed = [r for r in records if r.step_id == step_id and r.signature_id and r.supersedes_id is None]
+        waits = [r for r in records if r.step_id == step_id and r.status == "waiting"]
         return {
             "id": step_id, "kind": kind, "title": title or step_id,
             "status": rec.status if rec else "not reached",
@@ -94,12 +101,20 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "data": json.loads(rec.data_json) if rec else {},
             "fields": {k: {"label": f.label or k, "unit": f.unit} for k, f in fields.items()},
             "signature": signature(signed[-1].signature_id) if signed else None,
+            "corrections": [
+                {"record_id": c["record_id"], "supersedes": c["supersedes"], "at": _iso(c["at"]),
+                 "by": names.get(c["actor_id"], c["actor_id"]), "reason": c["reason"], "changes": c["changes"],
+                 "not_rerun": c["not_rerun"], "signature": signature(c["signature_id"])}
+                for c in corrections.get(step_id, [])
+            ],
+            # When a waiting step passes its time-out (``on_timeout`` applies then).
+            "due_at": _iso(waits[0].at + timeout) if rec and rec.status == "waiting" and waits and timeout else None,
         }
 
     steps = []
     for step in sop.steps:
         fields = getattr(step, "fields", {}) if step.kind in HUMAN_KINDS else {}
-        steps.append(step_entry(step.id, step.kind, step.title, fields))
+        steps.append(step_entry(step.id, step.kind, step.title, fields, getattr(step, "timeout", None)))
         if step.kind == "check" and disposition_id(step.id) in latest:
             steps.append(step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {}))
 
@@ -116,6 +131,12 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
          "rendered_at": _iso(d.rendered_at)}
         for d in session.exec(select(Document).where(Document.run_id == run.id).order_by(col(Document.rendered_at)))
     ]
+    escalations = [
+        {"id": e.id, "step_id": e.step_id, "kind": e.kind, "to_role": e.to_role, "at": _iso(e.at),
+         "waiting_since": _iso(e.waiting_since), "deviation_id": e.deviation_id,
+         "deliveries": json.loads(e.deliveries_json)}
+        for e in session.exec(select(Escalation).where(Escalation.run_id == run.id).order_by(col(Escalation.at)))
+    ]
     out: dict[str, Any] = {
         "run": {
             "id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_title": sop.title,
@@ -128,19 +149,24 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         "steps": steps,
         "deviations": deviations,
         "documents": documents,
+        "escalations": escalations,
     }
     if with_history:
         out["history"] = [
-            {"n": r.n, "step_id": r.step_id, "status": r.status, "at": _iso(r.at),
+            {"id": r.id, "n": r.n, "step_id": r.step_id, "status": r.status, "at": _iso(r.at),
              "actor": names.get(r.actor_id, r.actor_id) if r.actor_id else "system",
              "data": json.loads(r.data_json), "reason": r.reason, "supersedes": r.supersedes_id,
              "signature": signature(r.signature_id), "task_run_id": r.task_run_id}
             for r in records
         ]
         out["run_events"] = [
-            {"n": e.n, "status": e.status, "detail": e.detail, "at": _iso(e.at)}
+            {"id": e.id, "n": e.n, "status": e.status, "detail": e.detail, "at": _iso(e.at)}
             for e in session.exec(select(RunEvent).where(RunEvent.run_id == run.id).order_by(col(RunEvent.n)))
         ]
         head = session.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
         out["audit_head"] = {"seq": head.seq, "hash": head.hash} if head else None
+        # The rows as stored and the audit events that recorded them: `sopflow audit verify-export`.
+        from flows.record.evidence import run_evidence
+
+        out.update(run_evidence(session, run))
     return out

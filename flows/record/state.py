@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from flows.record.tables import RunEvent, Signature, SopRun, StepRecord
+from flows.record.tables import RunEvent, Signature, SopRun, StepRecord, User
+from flows.record.training import grant_hint, is_trained
 from flows.record.users import roles_of
 from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
 
@@ -78,10 +79,22 @@ def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> list[tuple
 
 
 def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: HumanStepSpec, user_id: str) -> str | None:
-    """Why ``user_id`` may not sign ``step`` of ``run``, or None when they may."""
+    """Why ``user_id`` may not sign ``step`` of ``run``, or None when they may.
+
+    The rules, in this order: the step's role at the run's institution; training on the run's
+    SOP id and version there (a failed check's disposition step is part of the SOP: same rule);
+    a verifier is not the performer; the SOP's ``distinct_signers`` groups.
+    """
     if step.role not in roles_of(session, user_id, run.institution):
         return f"step {step.id!r} may only be signed by role {step.role!r} of {run.institution!r}"
-    if isinstance(step, VerifyStepSpec) and performer_of(session, run.id, step.of) == user_id:
+    if not is_trained(session, user_id, run.institution, run.sop_id, run.sop_version):
+        user = session.get(User, user_id)
+        name = user.username if user else user_id
+        return (f"only staff trained on {run.sop_id} v{run.sop_version} at {run.institution!r} may sign step {step.id!r}; "
+                f"user {name!r} is not trained on {run.sop_id} v{run.sop_version} "
+                f"({grant_hint(name, run.institution, run.sop_id, run.sop_version)})")
+    # Everyone who signed the verified step's entry, a corrector too, performed it.
+    if isinstance(step, VerifyStepSpec) and user_id in {u for _, u in _signers_of(session, run.id, {step.of})}:
         return f"step {step.id!r} verifies step {step.of!r}: the person who performed {step.of!r} may not verify it"
     for group in sop.distinct_signers:
         if step.id not in group:

@@ -22,13 +22,16 @@ __all__ = [
     "AuditEvent",
     "Deviation",
     "Document",
+    "Escalation",
     "RoleGrant",
     "RunEvent",
     "Signature",
     "SopRun",
     "SopVersion",
     "StepRecord",
+    "TrainingRecord",
     "User",
+    "UserEvent",
     "new_id",
     "utcnow",
 ]
@@ -68,6 +71,44 @@ class RoleGrant(SQLModel, table=True):
     role: str
     granted_at: datetime = _ts()  # type: ignore[assignment]
     granted_by: str | None = None
+
+
+class UserEvent(SQLModel, table=True):
+    """A change to an account; the ``User`` row itself never changes (see ``flows.record.accounts``).
+
+    Kinds: ``password_set`` (``data_json`` holds the new argon2 hash), ``disabled``, ``enabled``,
+    ``locked`` (``data_json``: the failed sign-ins that locked it), ``unlocked``. The newest event
+    of a kind's pair is the account's state, newest by position ``n``, never by clock.
+    """
+
+    __tablename__ = "sf_user_event"
+    __table_args__ = (UniqueConstraint("user_id", "n"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    user_id: str = Field(foreign_key="sf_user.id", index=True)
+    n: int
+    """Position among this user's events (1, 2, …)."""
+    kind: str
+    data_json: str = _text()  # type: ignore[assignment]
+    at: datetime = _ts()  # type: ignore[assignment]
+    actor: str
+    """The user id of who made the change, ``admin`` (installation administrator) or ``system`` (lockout)."""
+
+
+class TrainingRecord(SQLModel, table=True):
+    """A user is trained on one SOP revision at one institution (21 CFR 11.10(i)); required to sign its steps."""
+
+    __tablename__ = "sf_training"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    user_id: str = Field(foreign_key="sf_user.id", index=True)
+    institution: str
+    sop_id: str
+    sop_version: int
+    trained_at: datetime = _ts()  # type: ignore[assignment]
+    trainer: str
+    """The trainer's printed name (or sopflow user name), as the training form says."""
+    recorded_by: str
+    """The user id of who entered the record, or ``admin``."""
+    recorded_at: datetime = _ts()  # type: ignore[assignment]
 
 
 class SopVersion(SQLModel, table=True):
@@ -189,6 +230,27 @@ class Document(SQLModel, table=True):
     rendered_at: datetime = _ts()  # type: ignore[assignment]
 
 
+class Escalation(SQLModel, table=True):
+    """A human step waited longer than its ``timeout``: who was told, when, and how it went.
+
+    Kinds: ``escalate`` (the ``escalate_to`` role was notified) and ``deviation`` (a deviation was
+    opened as well; ``deviation_id``). One row per waiting period: ``waiting_id`` is the step's
+    first ``waiting`` record, unique here, so a period is escalated exactly once.
+    """
+
+    __tablename__ = "sf_escalation"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    run_id: str = Field(foreign_key="sf_run.id", index=True)
+    step_id: str
+    waiting_id: str = Field(unique=True)
+    kind: str
+    to_role: str | None = None
+    deliveries_json: str = _text()  # type: ignore[assignment]
+    deviation_id: str | None = None
+    waiting_since: datetime = _ts()  # type: ignore[assignment]
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
 class AuditEvent(SQLModel, table=True):
     """One link of the tamper-evident chain: ``hash = sha256(prev_hash + canonical(event))``."""
 
@@ -208,6 +270,7 @@ class AuditEvent(SQLModel, table=True):
 
 RECORD_TABLES: dict[str, type[SQLModel]] = {
     t.__tablename__: t  # type: ignore[misc]
-    for t in (User, RoleGrant, SopVersion, SopRun, RunEvent, StepRecord, Signature, Deviation, Document)
+    for t in (User, RoleGrant, UserEvent, TrainingRecord, SopVersion, SopRun, RunEvent, StepRecord, Signature, Deviation,
+              Document, Escalation)
 }
 """Every table whose rows the audit chain covers, by table name."""

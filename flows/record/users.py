@@ -5,12 +5,10 @@ Must not import prefect.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from functools import cache
 
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, select
 
 from flows.errors import AuthenticationError, RecordError
@@ -63,19 +61,18 @@ def roles_of(session: Session, user_id: str, institution: str) -> set[str]:
 
 
 def authenticate(session: Session, username: str, password: str) -> User:
-    """The user, if the password is right. One message for every failure (never says which part)."""
-    user = find_user(session, username)
-    refused = AuthenticationError(f"user {username!r}: wrong user name or password")
-    if user is None:
-        # Spend the same time as a real check so a probe cannot tell which names exist.
-        with contextlib.suppress(VerificationError, InvalidHashError):
-            _HASHER.verify(_dummy_hash(), password)
-        raise refused
-    try:
-        _HASHER.verify(user.password_hash, password)
-    except (VerificationError, InvalidHashError):
-        raise refused from None
-    return user
+    """The user, if the account is active, not locked, and the password is its current one.
+
+    One message for an unknown user and a wrong password (never says which part); a disabled or
+    locked account is refused with its own message, whatever the password. Reads only: the
+    audited sign-in (failure counting, lockout) is ``flows.admin.sign_in``.
+    """
+    from flows.record.accounts import check_credentials
+
+    result = check_credentials(session, username, password)
+    if not isinstance(result, User):
+        raise AuthenticationError(result.message)
+    return result
 
 
 @cache

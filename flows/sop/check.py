@@ -129,6 +129,14 @@ class _Checker:
                         ("steps", i, "escalate_to"),
                         "'escalate_to' needs a 'timeout' to escalate after",
                     )
+                if step.timeout is None and {"on_timeout", "timeout_deviation"} & step.model_fields_set:
+                    key = "on_timeout" if "on_timeout" in step.model_fields_set else "timeout_deviation"
+                    self.add(("steps", i, key), f"{key!r} needs a 'timeout' to apply after")
+                if step.timeout is not None and step.on_timeout == "escalate" and step.escalate_to is None:
+                    self.add(
+                        ("steps", i, "timeout"),
+                        "a 'timeout' with on_timeout 'escalate' needs 'escalate_to': the role to tell",
+                    )
 
     def params(self) -> None:
         first: str | None = None

@@ -51,6 +51,7 @@ __all__ = [
     "RoleSpec",
     "SopDefinition",
     "StepSpec",
+    "TimeoutDeviationSpec",
     "VerifyStepSpec",
     "parse_duration",
 ]
@@ -176,6 +177,13 @@ class ProductCatalogSpec(_Frozen):
     products: dict[Id, ProductSpec]
 
 
+class TimeoutDeviationSpec(_Frozen):
+    """The deviation a human step opens when it times out with ``on_timeout: deviation``."""
+
+    classification: Literal["minor", "major", "critical"] = "minor"
+    description: str | None = None
+
+
 class _StepBase(_Frozen):
     id: Id
     title: str | None = None
@@ -190,7 +198,12 @@ class HumanStepSpec(_StepBase):
     """What the signature means, as shown beside it ('Verified dose identity against order')."""
     fields: dict[Id, FieldSpec] = Field(default_factory=dict)
     timeout: Duration | None = None
+    """How long the step may wait for its signer before ``on_timeout`` applies."""
     escalate_to: Id | None = None
+    """The role told when the step has waited longer than ``timeout``."""
+    on_timeout: Literal["escalate", "deviation"] = "escalate"
+    """escalate: tell ``escalate_to``; deviation: also open a deviation (``timeout_deviation``). The step keeps waiting."""
+    timeout_deviation: TimeoutDeviationSpec = Field(default_factory=TimeoutDeviationSpec)
 
 
 class RecordStepSpec(HumanStepSpec):

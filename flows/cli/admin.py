@@ -1,0 +1,162 @@
+"""Edge of the data path: ``sopflow user …`` and ``sopflow training …``, thin over ``flows.admin``.
+
+    sopflow user add USER --name N --role INST:ROLE    create a user (installation administrator)
+    sopflow user disable|enable|unlock USER --as QA    a QA officer where USER holds a role
+    sopflow user passwd USER [--as QA]                 old password, or a QA officer's reset
+    sopflow user list                                  users, roles, state
+    sopflow training grant USER --institution I --sop ID --version V [--trainer N] [--date D] [--as QA]
+    sopflow training list [--user U]
+
+Passwords: the acting user's from ``SOPFLOW_PASSWORD`` (or ``--password-env``) or a prompt; a new
+password from ``SOPFLOW_NEW_PASSWORD`` or a prompt (asked twice). ``flows.cli`` mounts both apps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["training_app", "user_app"]
+
+user_app = typer.Typer(help="Users, their roles and account state.", no_args_is_help=True)
+training_app = typer.Typer(help="Training records: who may sign which SOP version.", no_args_is_help=True)
+
+OfficerOpt = Annotated[str, typer.Option("--as", help="Your sopflow user name (role qa where the user holds a role).")]
+OptOfficerOpt = Annotated[str | None, typer.Option("--as", help="Act as this QA officer (re-authenticates).")]
+PasswordEnv = Annotated[str, typer.Option("--password-env", help="Read your password from this environment variable when it is set.")]
+NewPasswordEnv = Annotated[str, typer.Option("--new-password-env", help="Read the new password from this environment variable when it is set.")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in the audit trail).")]
+
+
+def _cli() -> Any:
+    import flows.cli
+
+    return flows.cli
+
+
+def _officer(username: str, password_env: str) -> Any:
+    from flows.admin import Officer
+
+    return Officer(username, _cli()._password(username, password_env))
+
+
+def _new_password(username: str, env_name: str) -> str:
+    value = os.environ.get(env_name)
+    if value is not None:
+        return value
+    return str(typer.prompt(f"New password for {username}", hide_input=True, confirmation_prompt=True))
+
+
+@user_app.command("add")
+def user_add(username: str, name: Annotated[str, typer.Option("--name", help="Printed name, shown on signatures.")],
+             role: Annotated[list[str] | None, typer.Option("--role", help="INSTITUTION:ROLE (repeatable).")] = None,
+             password_env: Annotated[str, typer.Option("--password-env", help="Read the new password from this variable.")]
+             = "SOPFLOW_NEW_PASSWORD") -> None:
+    """Create a user with roles (installation administrator; password asked twice, or SOPFLOW_NEW_PASSWORD)."""
+    from flows.admin import add_user
+
+    cli = _cli()
+    grants = []
+    for r in role or []:
+        inst, sep, rname = r.partition(":")
+        if not sep:
+            raise typer.BadParameter(f"expected INSTITUTION:ROLE, got {r!r}", param_hint="--role")
+        grants.append((inst, rname))
+    password = _new_password(username, password_env)
+    cli._run(add_user, cli._settings(), username, name, password, grants)
+    cli.out.print(f"user {username} added" + (f" with {', '.join(role or [])}" if role else ""))
+
+
+def _change(fn_name: str, done: str, username: str, officer: str, password_env: str, reason: str | None) -> None:
+    import flows.admin
+
+    cli = _cli()
+    cli._run(getattr(flows.admin, fn_name), cli._settings(), username, _officer(officer, password_env), reason=reason)
+    cli.out.print(f"user {username} {done}")
+
+
+@user_app.command("disable")
+def user_disable(username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+    """Disable an account: it can no longer sign in; its records and its name stay (never reused)."""
+    _change("disable_user", "disabled", username, officer, password_env, reason)
+
+
+@user_app.command("enable")
+def user_enable(username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+    """Enable a disabled account again."""
+    _change("enable_user", "enabled", username, officer, password_env, reason)
+
+
+@user_app.command("unlock")
+def user_unlock(username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+    """Unlock an account locked by failed sign-ins."""
+    _change("unlock_user", "unlocked", username, officer, password_env, reason)
+
+
+@user_app.command("passwd")
+def user_passwd(username: str, officer: OptOfficerOpt = None, reason: ReasonOpt = None,
+                password_env: PasswordEnv = "SOPFLOW_PASSWORD", new_password_env: NewPasswordEnv = "SOPFLOW_NEW_PASSWORD") -> None:
+    """Change a password: yours with the old one (SOPFLOW_PASSWORD), or another's as a QA officer (--as)."""
+    from flows.admin import change_password
+
+    cli = _cli()
+    if officer is not None:
+        who = _officer(officer, password_env)
+        new = _new_password(username, new_password_env)
+        cli._run(change_password, cli._settings(), username, new, officer=who, reason=reason)
+    else:
+        old = cli._password(username, password_env)
+        new = _new_password(username, new_password_env)
+        cli._run(change_password, cli._settings(), username, new, old_password=old, reason=reason)
+    cli.out.print(f"password of {username} changed")
+
+
+@user_app.command("list")
+def user_list() -> None:
+    """Every user with printed name, roles and state (disabled users too: their names stay taken)."""
+    from rich.markup import escape
+
+    from flows.admin import list_users
+
+    cli = _cli()
+    rows = cli._run(list_users, cli._settings())
+    if not rows:
+        cli.out.print("no users yet: `sopflow user add` creates one")
+    for r in rows:
+        state = "disabled" if not r["active"] else ("locked" if r["locked"] else "active")
+        cli.out.print(f"{r['username']:20} {state:9} {escape(r['printed_name'])}  {' '.join(r['roles']) or '(no roles)'}  "
+                      f"created {r['created_at']:%Y-%m-%d} by {r['created_by']}")
+
+
+@training_app.command("grant")
+def training_grant(username: str, institution: Annotated[str, typer.Option(help="Institution id (folder under sops/).")],
+                   sop: Annotated[str, typer.Option("--sop", help="SOP id.")],
+                   version: Annotated[int, typer.Option("--version", help="SOP version the user was trained on.")],
+                   trainer: Annotated[str | None, typer.Option("--trainer", help="The trainer's name (default: the --as officer).")] = None,
+                   date: Annotated[str | None, typer.Option("--date", help="ISO date or date-time of the training (default: now).")] = None,
+                   officer: OptOfficerOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+    """Record that a user is trained on an SOP version (by a QA officer with --as, or the installation administrator)."""
+    from flows.admin import grant_training
+
+    cli = _cli()
+    who = _officer(officer, password_env) if officer else None
+    cli._run(grant_training, cli._settings(), username, institution, sop, version, trainer=trainer, trained_on=date, officer=who)
+    cli.out.print(f"training recorded: {username} on {institution}/{sop} v{version}")
+
+
+@training_app.command("list")
+def training_list(user: Annotated[str | None, typer.Option("--user", help="Only this user's records.")] = None) -> None:
+    """Training records, oldest entry first."""
+    from rich.markup import escape
+
+    from flows.admin import list_training
+
+    cli = _cli()
+    rows = cli._run(list_training, cli._settings(), user)
+    if not rows:
+        cli.out.print("no training records" + (f" for {user}" if user else "") + ": `sopflow training grant` records one")
+    for r in rows:
+        cli.out.print(f"{r['username']:20} {r['institution']}/{r['sop_id']} v{r['sop_version']}  trained {r['trained_at']:%Y-%m-%d} "
+                      f"by {escape(r['trainer'])}  (recorded by {r['recorded_by']} {r['recorded_at']:%Y-%m-%d %H:%M} UTC)")

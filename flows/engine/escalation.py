@@ -1,0 +1,163 @@
+"""Stage 2: time-outs of human steps: tell the ``escalate_to`` role, or open a deviation too.
+
+A human step may declare ``timeout`` and ``escalate_to`` (and ``on_timeout: escalate | deviation``).
+Its waiting period starts at its first ``waiting`` record (a refused resume writes a new one, but
+does not restart the clock) and ends when it is signed. The executor's periodic sweep calls
+:func:`escalate_overdue`: every step still waiting after its time-out, not yet escalated in this
+waiting period, gets one apprise message to the ``escalate_to`` role with the run, the step and
+how long it has waited, and one ``Escalation`` row (kind ``escalate`` or ``deviation``; with
+``deviation`` a ``Deviation`` is opened in the same transaction). The step keeps waiting.
+
+Exactly once: the row's ``waiting_id`` (the period's first waiting record) is unique, and the
+row is written under the record's write lock after checking for it. The message goes out before
+that transaction (a slow channel must not hold the lock); two executors sweeping the same
+second could each send it, but only one escalation is recorded.
+
+No Prefect here: the sweep reads and writes sopflow's record and delivers through apprise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlmodel import Session, col, func, select
+
+from flows.config import Settings
+from flows.engine.gates import find_human_step
+from flows.engine.steps import SYSTEM, RunContext, send
+from flows.errors import RecordError
+from flows.record import ledger
+from flows.record.db import read_session, write_session
+from flows.record.query import stored_sop
+from flows.record.state import run_status
+from flows.record.tables import Deviation, Escalation, SopRun, StepRecord, utcnow
+from flows.sop.model import HumanStepSpec, SopDefinition
+
+__all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps"]
+
+log = logging.getLogger("sopflow.escalation")
+
+_ENDED = frozenset({"completed", "rejected", "stopped", "failed"})
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """A human step waiting longer than its time-out."""
+
+    run: SopRun
+    sop: SopDefinition
+    step: HumanStepSpec
+    waiting_id: str
+    """The id of the waiting period's first ``waiting`` record."""
+    since: datetime
+    due: datetime
+    escalated_at: datetime | None
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
+def format_duration(delta: timedelta) -> str:
+    """'3d 4h', '4h 12m', '25m', '40s'."""
+    seconds = int(delta.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m" if minutes else f"{secs}s"
+
+
+def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue]:
+    """Every human step of a run still going whose newest record is ``waiting`` past its time-out."""
+    now = now or utcnow()
+    newest = (select(StepRecord.run_id, StepRecord.step_id, func.max(StepRecord.n).label("n"))
+              .group_by(col(StepRecord.run_id), col(StepRecord.step_id)).subquery())
+    waiting = session.exec(select(StepRecord).join(newest, (col(StepRecord.run_id) == newest.c.run_id)
+                                                   & (col(StepRecord.n) == newest.c.n))
+                           .where(StepRecord.status == "waiting").order_by(col(StepRecord.at)))
+    sops: dict[str, SopDefinition] = {}
+    out: list[Overdue] = []
+    for rec in list(waiting):
+        run = session.get(SopRun, rec.run_id)
+        if run is None:
+            continue
+        if run.sop_version_id not in sops:
+            sops[run.sop_version_id] = stored_sop(session, run)
+        sop = sops[run.sop_version_id]
+        step = find_human_step(sop, rec.step_id)
+        if step is None or step.timeout is None:
+            continue
+        first = session.exec(select(StepRecord).where(StepRecord.run_id == run.id, StepRecord.step_id == step.id,
+                                                      StepRecord.status == "waiting")
+                             .order_by(col(StepRecord.n)).limit(1)).one()
+        since = _aware(first.at)
+        due = since + step.timeout
+        if due > now:
+            continue
+        status = run_status(session, run.id)
+        if status is not None and status.status in _ENDED:
+            continue
+        esc = session.exec(select(Escalation).where(Escalation.waiting_id == first.id)).first()
+        out.append(Overdue(run, sop, step, first.id, since, due, _aware(esc.at) if esc else None))
+    return out
+
+
+def _message(o: Overdue, now: datetime) -> tuple[str, str]:
+    title = o.step.title or o.step.id
+    waited = format_duration(now - o.since)
+    body = (f"Run {o.run.id} of {o.sop.title} (v{o.run.sop_version}) has waited {waited} for {o.step.role!r} to sign "
+            f"step {o.step.id!r}: {title}. Waiting since {o.since:%Y-%m-%d %H:%M} UTC; its time-out is "
+            f"{format_duration(o.step.timeout or timedelta())}.")
+    if o.step.on_timeout == "deviation":
+        body += f" A {o.step.timeout_deviation.classification} deviation has been opened."
+    return f"[{o.run.sop_id}] overdue for {waited}: {title}", body + " `sopflow inbox` lists it."
+
+
+def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
+    """Escalate every overdue human step not yet escalated in its waiting period; returns how many.
+
+    ``now`` is the clock (tests pass one; the executor passes none).
+
+    Raises:
+        ConfigError: the notification channels file is broken.
+    """
+    now = now or utcnow()
+    with read_session(settings.database_url) as s:
+        pending = [o for o in overdue_steps(s, now) if o.escalated_at is None]
+        for o in pending:
+            s.expunge(o.run)
+    n = 0
+    for o in pending:
+        roles = [o.step.escalate_to] if o.step.escalate_to else []
+        title, body = _message(o, now)
+        deliveries = send(RunContext(settings, o.run, o.sop), roles, title, body) if roles else []
+        try:
+            with write_session(settings.database_url) as s:
+                if s.exec(select(Escalation.id).where(Escalation.waiting_id == o.waiting_id)).first() is not None:
+                    continue  # another executor recorded it first
+                deviation_id = None
+                if o.step.on_timeout == "deviation":
+                    spec = o.step.timeout_deviation
+                    dev = Deviation(run_id=o.run.id, step_id=o.step.id, classification=spec.classification,
+                                    description=spec.description or (
+                                        f"step {o.step.id!r} waited {format_duration(now - o.since)} for its signer, "
+                                        f"longer than its time-out of {format_duration(o.step.timeout or timedelta())}"),
+                                    quarantine=False, opened_at=now)
+                    ledger.append(s, dev, actor=SYSTEM, action="deviation.open")
+                    deviation_id = dev.id
+                esc = Escalation(run_id=o.run.id, step_id=o.step.id, waiting_id=o.waiting_id, kind=o.step.on_timeout,
+                                 to_role=o.step.escalate_to, deliveries_json=json.dumps(deliveries, sort_keys=True),
+                                 deviation_id=deviation_id, waiting_since=o.since, at=now)
+                ledger.append(s, esc, actor=SYSTEM, action=f"escalation.{o.step.on_timeout}")
+        except RecordError:  # the unique waiting_id: another executor won the race
+            log.warning("escalation of run %s step %s was recorded elsewhere", o.run.id, o.step.id)
+            continue
+        n += 1
+    return n
