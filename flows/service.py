@@ -32,6 +32,8 @@ from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
 
+FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
+
 __all__ = ["CorrectResult", "StartResult", "SubmitResult", "correct_step", "inbox", "list_runs", "quality_record", "start_run",
            "submit_step", "verify_audit"]
 
@@ -87,7 +89,7 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     sop = loaded.definition
     params = coerce_values(sop.params, raw_params, where=f"{sop_id} params", products=products)
     product = None
-    if (pname := sop.product_param()) is not None:
+    if (pname := sop.product_param()) is not None and params.get(pname) is not None:
         spec = products[params[pname]]
         if spec.unconfirmed:
             raise SopInputError([
@@ -162,6 +164,9 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
         if step is None:
             known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
             raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+        status = run_status(s, run.id)
+        if status is not None and status.status in FINAL_STATUSES:
+            raise StepNotWaitingError(f"run {run.id[:8]} is {status.status}: none of its steps can be signed any more")
         rec = step_states(s, run.id).get(step.id)
         if rec is None or rec.status != "waiting":
             state = rec.status if rec else "not reached yet"
@@ -176,16 +181,22 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
         problem = signer_problem(s, run, sop, step, user.id)
     if problem:
         raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {problem}")
+    late: str | None = None
     with write_session(settings.database_url) as s:
         rec = step_states(s, run.id).get(step.id)
         if rec is None or rec.status != "waiting":
             raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} was signed by someone else meanwhile")
-        sig = Signature(run_id=run.id, step_id=step.id, user_id=user.id, printed_name=user.printed_name,
-                        meaning=meaning_of(step, data), statement=step.meaning, signed_at=utcnow(), signed_sha256="")
-        sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, step.id, data, sig)))
-        ledger.append(s, sig, actor=user.id, action="signature.create")
-        write_step(s, run.id, step.id, step.kind, "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id)
-        sig_id, digest = sig.id, sig.signed_sha256
+        # The rules again, under the write lock: another signature may have landed since the check above.
+        late = signer_problem(s, run, sop, step, user.id)
+        if late is None:
+            sig = Signature(run_id=run.id, step_id=step.id, user_id=user.id, printed_name=user.printed_name,
+                            meaning=meaning_of(step, data), statement=step.meaning, signed_at=utcnow(), signed_sha256="")
+            sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, step.id, data, sig)))
+            ledger.append(s, sig, actor=user.id, action="signature.create")
+            write_step(s, run.id, step.id, step.kind, "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id)
+            sig_id, digest = sig.id, sig.signed_sha256
+    if late is not None:
+        raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {late}")
     resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id) if resume else False
     return SubmitResult(run.id, step.id, sig_id, digest, resumed)
 
@@ -309,7 +320,7 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                     out.append({"run_id": run.id, "sop_id": run.sop_id, "step_id": step_id, "title": step.title or step_id,
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
-                                "can_sign": signer_problem(s, run, sop, step, user.id) is None,
+                                "cannot_sign": signer_problem(s, run, sop, step, user.id),
                                 "overdue_since": overdue.get((run.id, step_id))})
     return sorted(out, key=lambda x: x["since"])
 

@@ -262,3 +262,36 @@ def _wait_refused(settings, run_id: str, step: str, timeout: float = 30.0) -> di
             return rec
         time.sleep(0.05)
     pytest.fail(f"no refusal recorded at {step}: {json.dumps(rec['history'], default=str)[:500]}")
+
+
+def test_rerunning_a_rejected_run_never_goes_past_the_rejection(engine):
+    """A crash between QA's signed reject and the run's end must not let a re-entered run release the dose."""
+    import asyncio
+
+    from prefect.flow_engine import run_flow
+
+    from flows.engine.run_sop import run_sop
+
+    run_id = start_receipt(engine, coi="COI-TEST-0012")
+    sign(engine, run_id, "arrival", "tech", ARRIVAL)
+    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
+    sign(engine, run_id, "qa_acceptance", "qa", {"decision": "reject", "reason": "label damaged"})
+    wait_for(engine, run_id, statuses=("rejected",))
+    result = asyncio.run(run_flow(run_sop, parameters={"run_id": run_id}))
+    assert result["status"] == "rejected"
+    rec = service.quality_record(engine, run_id)
+    assert rec["run"]["status"] == "rejected"
+    assert {s["id"]: s["status"] for s in rec["steps"]}["tell_ward"] == "not reached"
+    with pytest.raises(StepNotWaitingError, match="is rejected: none of its steps can be signed"):
+        service.submit_step(engine, run_id, "qa_acceptance", "qa", PASSWORD, {"decision": "approve"})
+
+
+def test_pause_key_of_one_step_never_matches_a_step_whose_id_extends_it():
+    from prefect.states import Suspended
+
+    from flows.engine.client import _paused_at
+
+    assert _paused_at(Suspended(pause_key="arrival-0"), "arrival")
+    assert _paused_at(Suspended(pause_key="arrival-12"), "arrival")
+    assert not _paused_at(Suspended(pause_key="arrival-check-0"), "arrival")
+    assert not _paused_at(Suspended(pause_key="temp--disposition-0"), "temp")

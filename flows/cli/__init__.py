@@ -210,7 +210,7 @@ def inbox(username: AsOpt) -> None:
     if not items:
         out.print(f"nothing waits on {username}")
     for it in items:
-        note = "" if it["can_sign"] else "  [yellow](you may not sign this one: separation of duties)[/yellow]"
+        note = f"  [yellow](you may not sign this one: {escape(it['cannot_sign'])})[/yellow]" if it["cannot_sign"] else ""
         if it.get("overdue_since"):
             note += f"  [yellow]overdue since {it['overdue_since']:%Y-%m-%d %H:%M} UTC[/yellow]"
         out.print(f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "

@@ -20,7 +20,9 @@ from flows.errors import EngineError
 __all__ = ["create_flow_run", "flow_run_states", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
 
 DEPLOYMENT = "run-sop/sopflow"
-_HOLD = timedelta(days=3650)
+_HOLD = timedelta(seconds=60)
+"""A new flow run waits this long for its record: if ``start`` dies before releasing it, an executor
+picks it up then anyway (and the flow fails, saying so, when no record was written)."""
 
 
 def _client(settings: Settings) -> Any:
@@ -92,10 +94,18 @@ def create_flow_run(settings: Settings, run_id: str, name: str) -> str:
 def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = False) -> None:
     """Let an executor pick up a held flow run now (or cancel it when the record could not be written)."""
     apply_prefect_env(settings)  # before the first Prefect import in this process
+    import httpx
+    from prefect.exceptions import PrefectException
     from prefect.states import Cancelled, Scheduled
 
-    with _client(settings) as client:
-        client.set_flow_run_state(UUID(flow_run_id), Cancelled() if cancel else Scheduled(), force=True)
+    try:
+        with _client(settings) as client:
+            client.set_flow_run_state(UUID(flow_run_id), Cancelled() if cancel else Scheduled(), force=True)
+    except (httpx.HTTPError, PrefectException) as exc:
+        if cancel:
+            return
+        raise EngineError(f"the run is recorded, but Prefect at {settings.api_url} could not be told to start it now ({exc}); "
+                          f"an executor starts it within {_HOLD.seconds} s of its creation") from exc
     if not cancel:
         nudge(settings)
 
@@ -107,7 +117,8 @@ def pause_key_prefix(step_id: str) -> str:
 
 def _paused_at(state: Any, step_id: str) -> bool:
     key = state.state_details.pause_key if state is not None and state.is_paused() else None
-    return bool(key) and str(key).startswith(pause_key_prefix(step_id))
+    prefix = pause_key_prefix(step_id)
+    return bool(key) and str(key).startswith(prefix) and str(key)[len(prefix):].isdigit()
 
 
 def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str, *, wait: float = 15.0) -> bool:
@@ -120,6 +131,7 @@ def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str
     apply_prefect_env(settings)  # before the first Prefect import in this process
     import httpx
     from prefect.client.schemas.responses import SetStateStatus
+    from prefect.exceptions import PrefectException
 
     deadline = time.monotonic() + wait
     try:
@@ -134,7 +146,7 @@ def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str
             response = client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
         nudge(settings)
         return bool(response.status == SetStateStatus.ACCEPT)
-    except httpx.HTTPError:
+    except (httpx.HTTPError, PrefectException):
         return False
 
 
@@ -164,9 +176,16 @@ def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> i
     with read_session(settings.database_url) as s:
         pending = signed_but_suspended(s, older_than=grace)
     n = 0
+    import logging
+
+    from prefect.exceptions import PrefectException
+
     for flow_run_id, step_id, signature_id in pending:
-        fr = client.read_flow_run(UUID(flow_run_id))
-        if _paused_at(fr.state, step_id):
-            client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
-            n += 1
+        try:
+            fr = client.read_flow_run(UUID(flow_run_id))
+            if _paused_at(fr.state, step_id):
+                client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+                n += 1
+        except PrefectException as exc:  # e.g. the flow run is gone: say so, and go on with the others
+            logging.getLogger("sopflow.executor").error("cannot resume flow run %s (%s): %s", flow_run_id, step_id, exc)
     return n

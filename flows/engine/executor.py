@@ -128,16 +128,24 @@ class Executor:
 
         from flows.engine.run_sop import run_sop
 
+        run_id: str | None = None
         try:
             flow_run = self.client.read_flow_run(flow_run_id)
+            run_id = flow_run.parameters.get("run_id")
             state = run_flow(run_sop, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
             if asyncio.iscoroutine(state):
                 state = asyncio.run(state)
             if state is not None and (state.is_failed() or state.is_crashed()):
                 self._record_failure(flow_run.parameters.get("run_id"), f"Prefect flow run {state.name}: {state.message}")
-        except Exception as exc:
-            log.exception("flow run %s raised", flow_run_id)
-            self._record_failure(None, f"executor error: {exc}")
+        except Exception:
+            # Typically the server went away mid-claim: give the run back so an executor retries it.
+            log.exception("flow run %s raised; rescheduling it", flow_run_id)
+            try:
+                from prefect.states import Scheduled
+
+                self.client.set_flow_run_state(flow_run_id, Scheduled(), force=True)
+            except Exception:
+                log.exception("could not reschedule %s; the orphan sweep will (run %s)", flow_run_id, run_id)
         finally:
             self.running.pop(flow_run_id, None)
 
@@ -190,9 +198,9 @@ class Executor:
         for fr in runs:
             owner = fr.infrastructure_pid or ""
             h, _, pid = owner.partition(":")
-            if h != host or owner == self.owner or fr.id in self.running:
+            if h != host or fr.id in self.running:
                 continue
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if owner != self.owner and pid.isdigit() and _pid_alive(int(pid)):
                 continue
             log.warning("rescheduling flow run %s left by dead executor %s", fr.id, owner)
             self.client.set_flow_run_state(fr.id, Scheduled(), force=True)
@@ -242,9 +250,11 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    self.recover_orphans()
-                    self.resume_signed()
-                    self.escalate()
+                    for sweep in (self.recover_orphans, self.resume_signed, self.escalate):
+                        try:
+                            sweep()
+                        except Exception:
+                            log.exception("%s failed; the other sweeps go on", sweep.__name__)
             except Exception:  # the server may be restarting; keep trying
                 log.exception("poll failed; retrying")
                 claimed = 0

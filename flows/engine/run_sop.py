@@ -32,8 +32,9 @@ from flows.engine.steps import (
     send,
     set_run_status,
 )
+from flows.errors import FlowsError
 from flows.record.db import read_session, write_session
-from flows.record.state import refused_count
+from flows.record.state import refused_count, step_data
 from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
@@ -68,6 +69,13 @@ def gate_task(ctx: RunContext, step: HumanStepSpec) -> None:
     """Record that a human step waits and, the first time, tell its role."""
     if open_gate(ctx, step):
         title = step.title or step.id
+        try:
+            _notify_waiting(ctx, step, title)
+        except FlowsError as exc:  # e.g. a broken notify.yaml: the step still waits, the log says why
+            get_run_logger().error("step %s waits, but its role could not be notified: %s", step.id, exc)
+
+
+def _notify_waiting(ctx: RunContext, step: HumanStepSpec, title: str) -> None:
         send(ctx, [step.role], f"[{ctx.run.sop_id}] waiting on you: {title}",
              f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
              f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.")
@@ -80,8 +88,6 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
         ctx.refresh()
         rec = ctx.states.get(step.id)
         if rec is not None and rec.status == "done":
-            from flows.record.state import step_data
-
             return step_data(rec)
         if rec is not None and rec.status == "signed":
             data, problem = accept_signature(ctx, step, None)
@@ -116,6 +122,9 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
         ctx.refresh()
         rec = ctx.states.get(step.id)
         if rec is not None and rec.status == "done":
+            if step.kind == "approve" and step_data(rec).get("decision") == "reject":
+                # Re-entered after a crash between the signed reject and the run's end: still rejected.
+                return _finish(ctx, "rejected", f"{step.id}: {step_data(rec).get('reason') or 'rejected'}")
             continue
         if not running:  # a re-entered run whose steps are all done writes nothing at all
             with write_session(ctx.url) as s:
