@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from rich.console import Console
@@ -83,18 +82,7 @@ def _write_channels(settings: Settings, rx: LocalReceiver, out: Console) -> bool
 
 def _wait(settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (),
           timeout: float = 90.0) -> dict[str, Any]:
-    """Wait until the run waits on ``step`` or reaches one of ``statuses``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rec = service.quality_record(settings, run_id)
-        if rec["run"]["status"] in statuses:
-            return rec
-        if step and any(s["id"] == step and s["status"] == "waiting" for s in rec["steps"]):
-            return rec
-        if rec["run"]["status"] == "failed":
-            raise RecordError(f"run {run_id} failed: {rec['run']['status_detail']}")
-        time.sleep(0.05)
-    raise RecordError(f"run {run_id}: still not at {step or statuses} after {timeout:.0f} s; see `sopflow server status`")
+    return service.wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
 
 
 def _sign(settings: Settings, out: Console, run_id: str, step: str, user: str, values: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from flows.engine.steps import set_run_status, write_step
 from flows.errors import (
     AuthenticationError,
     NotAuthorizedError,
+    RecordError,
     SopInputError,
     StepNotWaitingError,
 )
@@ -34,8 +35,19 @@ from flows.sop.inputs import coerce_values
 
 FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
 
-__all__ = ["CorrectResult", "StartResult", "SubmitResult", "correct_step", "inbox", "list_runs", "quality_record", "start_run",
-           "submit_step", "verify_audit"]
+__all__ = [
+    "CorrectResult",
+    "StartResult",
+    "SubmitResult",
+    "correct_step",
+    "inbox",
+    "list_runs",
+    "quality_record",
+    "start_run",
+    "submit_step",
+    "verify_audit",
+    "wait_for_run",
+]
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,42 @@ def _find_run(session: Session, run_id: str) -> SopRun:
     return run
 
 
+def _human_step(session: Session, run_id: str, step_id: str) -> tuple[SopRun, Any, Any]:
+    """The run, its pinned SOP and the human step named ``step_id`` (or a clear refusal)."""
+    run = _find_run(session, run_id)
+    sop = stored_sop(session, run)
+    step = find_human_step(sop, step_id)
+    if step is None:
+        known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
+        raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+    return run, sop, step
+
+
+def wait_for_run(settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (),
+                 timeout: float = 90.0, poll: float = 0.05) -> dict[str, Any]:
+    """Wait until the run waits on ``step`` or has one of ``statuses``; returns its record.
+
+    Raises:
+        RecordError: the run failed (and ``failed`` was not asked for), or the time ran out.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    rec = quality_record(settings, run_id)
+    while True:
+        if rec["run"]["status"] in statuses:
+            return rec
+        if step and any(s["id"] == step and s["status"] == "waiting" for s in rec["steps"]):
+            return rec
+        if rec["run"]["status"] == "failed":
+            raise RecordError(f"run {run_id} failed: {rec['run']['status_detail']}")
+        if time.monotonic() > deadline:
+            raise RecordError(f"run {run_id}: still not at {step or statuses} after {timeout:.0f} s "
+                              f"(status {rec['run']['status']}); see `sopflow server status`")
+        time.sleep(poll)
+        rec = quality_record(settings, run_id)
+
+
 def submit_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
                 raw_values: dict[str, Any], *, resume: bool = True) -> SubmitResult:
     """Validate a signer's input, record it with their signature, and resume the flow.
@@ -158,12 +206,7 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     """
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        run = _find_run(s, run_id)
-        sop = stored_sop(s, run)
-        step = find_human_step(sop, step_id)
-        if step is None:
-            known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
-            raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+        run, sop, step = _human_step(s, run_id, step_id)
         status = run_status(s, run.id)
         if status is not None and status.status in FINAL_STATUSES:
             raise StepNotWaitingError(f"run {run.id[:8]} is {status.status}: none of its steps can be signed any more")
@@ -229,12 +272,7 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
 
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        run = _find_run(s, run_id)
-        sop = stored_sop(s, run)
-        step = find_human_step(sop, step_id)
-        if step is None:
-            known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
-            raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+        run, sop, step = _human_step(s, run_id, step_id)
         current = newest_record(s, run.id, step.id)
         if current is None or current.status != "done":
             state = current.status if current else "not reached yet"

@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,18 +98,7 @@ def wait_for(settings: Settings, run_id: str, *, step: str | None = None, status
     """Wait until a run waits on ``step`` or has one of ``statuses``; returns its record."""
     from flows import service
 
-    deadline = time.monotonic() + timeout
-    rec: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        rec = service.quality_record(settings, run_id)
-        if rec["run"]["status"] in statuses:
-            return rec
-        if step and any(s["id"] == step and s["status"] == "waiting" for s in rec["steps"]):
-            return rec
-        if rec["run"]["status"] == "failed" and "failed" not in statuses:
-            pytest.fail(f"run failed: {rec['run']['status_detail']}")
-        time.sleep(0.05)
-    pytest.fail(f"run {run_id} not at {step or statuses} after {timeout} s; last status {rec.get('run', {}).get('status')}")
+    return service.wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
 
 
 def start_receipt(settings: Settings, **params: str) -> str:
