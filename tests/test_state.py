@@ -81,6 +81,21 @@ def test_state_signer_problem_missing_role(db_url: str, make_run: MakeRun) -> No
     assert allowed is None
 
 
+def test_state_signer_problem_disabled_account(db_url: str, make_run: MakeRun) -> None:
+    """A signature by an account disabled before the flow accepted it is refused when the flow re-checks it."""
+    from flows.record.accounts import append_event
+
+    with write_session(db_url) as s:
+        made = make_run(s)
+        made.record(s, "arrival", "waiting")
+        ana = made.users["ana"]
+        assert state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id) is None
+        append_event(s, ana, "disabled", actor="test", reason="left the unit")
+        problem = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id)
+
+    assert problem == "the account 'ana' is disabled"
+
+
 def test_state_signer_problem_role_of_another_institution_does_not_count(db_url: str, make_run: MakeRun) -> None:
     from flows.record.users import grant_role
 

@@ -290,9 +290,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class _SuspendedIsNotAnError(logging.Filter):
+    """Prefect logs every suspension at a human step as ERROR ("Finished in state Suspended"):
+    that is how every gate waits, so it is logged here at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and "Finished in state Suspended" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("prefect.flow_runs").addFilter(_SuspendedIsNotAnError())
     ex = Executor()
 
     def _stop(*_: object) -> None:

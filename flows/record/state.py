@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from flows.record.accounts import is_active
 from flows.record.tables import RunEvent, Signature, SopRun, StepRecord, User
 from flows.record.training import grant_hint, is_trained
 from flows.record.users import roles_of
@@ -81,10 +82,14 @@ def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> list[tuple
 def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: HumanStepSpec, user_id: str) -> str | None:
     """Why ``user_id`` may not sign ``step`` of ``run``, or None when they may.
 
-    The rules, in this order: the step's role at the run's institution; training on the run's
+    The rules, in this order: the account is not disabled (a signature made before it was
+    disabled is refused too, when the flow re-checks it); the step's role at the run's institution; training on the run's
     SOP id and version there (a failed check's disposition step is part of the SOP: same rule);
     a verifier is not the performer; the SOP's ``distinct_signers`` groups.
     """
+    if not is_active(session, user_id):
+        user = session.get(User, user_id)
+        return f"the account {user.username if user else user_id!r} is disabled"
     if step.role not in roles_of(session, user_id, run.institution):
         return f"step {step.id!r} may only be signed by role {step.role!r} of {run.institution!r}"
     if not is_trained(session, user_id, run.institution, run.sop_id, run.sop_version):

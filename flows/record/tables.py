@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from sqlalchemy import Column, DateTime, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -255,6 +255,8 @@ class AuditEvent(SQLModel, table=True):
     """One link of the tamper-evident chain: ``hash = sha256(prev_hash + canonical(event))``."""
 
     __tablename__ = "sf_audit"
+    # Lockout counting and a run's export look events up by what they are about.
+    __table_args__ = (Index("ix_sf_audit_object", "object_type", "object_id"),)
     seq: int = Field(primary_key=True)
     at: datetime = _ts()  # type: ignore[assignment]
     actor: str
