@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import SyncClientContext, TaskRunContext
 from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
+from prefect.utilities.annotations import quote
 
 from flows.config import get_settings
 from flows.engine.client import pause_key_prefix
@@ -95,7 +96,7 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
                 return data
             logger.warning("step %s: refused: %s", step.id, problem)
             continue
-        gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(ctx, step)
+        gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), quote(step))
         with read_session(ctx.url) as s:
             # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
             key = f"{pause_key_prefix(step.id)}{refused_count(s, ctx.run.id, step.id)}"
@@ -136,7 +137,8 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
                 return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")
             continue
         if rec is None:
-            step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(ctx, step.id)
+            # quote(): Prefect would otherwise walk the whole run context (SOP, run row) on every call.
+            step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), step.id)
             ctx.refresh()
         if isinstance(step, CheckStepSpec) and ctx.states[step.id].status == "failed":
             if step.on_fail == "stop":
