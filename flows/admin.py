@@ -67,12 +67,24 @@ class Officer:
     password: str
 
 
+def has_users(settings: Settings) -> bool:
+    """Whether any user exists (the first one is created without an officer: bootstrap)."""
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return s.exec(select(User.id).limit(1)).first() is not None
+
+
 def add_user(settings: Settings, username: str, printed_name: str, password: str,
-             grants: list[tuple[str, str]], *, actor: str = "admin") -> str:
+             grants: list[tuple[str, str]], *, actor: str = "admin", officer: Officer | None = None) -> str:
     """Create a user and grant roles; every role must exist in its institution.
+
+    With ``officer``, a QA officer creates the account: they re-authenticate (audited) and must
+    hold role ``qa`` at every institution they grant a role at; the record names them. Without,
+    the caller is the installation administrator (the first account, the demo, the tests).
 
     Raises:
         SopNotFoundError: unknown institution. RecordError: unknown role, bad or taken username.
+        AuthenticationError, NotAuthorizedError: the officer's password, or their authority.
     """
     catalog = Catalog(settings.sops_dir, settings.templates_dir)
     for inst_id, role in grants:
@@ -82,6 +94,16 @@ def add_user(settings: Settings, username: str, printed_name: str, password: str
             hint = f" Did you mean {close[0]!r}?" if close else f" Roles: {', '.join(sorted(inst.spec.roles))}."
             raise RecordError(f"institution {inst_id!r} has no role {role!r}.{hint}")
     init_db(settings.database_url)
+    if officer is not None:
+        who = sign_in(settings, officer.username, officer.password, f"user.add {username}")
+        with read_session(settings.database_url) as s:
+            theirs = _institutions(s, who.id, OFFICER_ROLE)
+        outside = sorted({inst for inst, _ in grants} - set(theirs))
+        if not grants or outside:
+            where = ", ".join(repr(i) for i in outside) if outside else "no institution"
+            raise _refuse(settings, who, "user.add", username,
+                          f"user {who.username!r} may not add users with roles at {where}: that takes role {OFFICER_ROLE!r} there")
+        actor = who.id
     with write_session(settings.database_url) as s:
         user = _add_user(s, username, printed_name, password, actor=actor)
         for inst_id, role in grants:

@@ -339,8 +339,11 @@ def test_accounts_cli_prints_one_red_line_for_a_refused_unlock(tmp_path: Path) -
         return subprocess.run([sys.executable, "-m", "flows", *args], env={**env, "SOPFLOW_PASSWORD": password,
                               "SOPFLOW_NEW_PASSWORD": new}, capture_output=True, text=True, timeout=60, check=False)
 
-    assert cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab").returncode == 0
-    assert cli("user", "add", "qa.one", "--name", "Qian An", "--role", "demo_hospital:qa").returncode == 0
+    assert cli("user", "add", "qa.one", "--name", "Qian An", "--role", "demo_hospital:qa").returncode == 0  # the first: bootstrap
+    unattended = cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab")
+    assert unattended.returncode == 1
+    assert "a QA officer of the user's institutions adds users: --as QA_USER" in unattended.stderr
+    assert cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab", "--as", "qa.one").returncode == 0
     first = cli("user", "passwd", "ana", password="wrong password", new="new secret 12")
     locked = cli("user", "passwd", "ana", password="wrong password", new="new secret 12")
     refused = cli("user", "unlock", "ana", "--as", "ana")

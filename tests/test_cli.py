@@ -86,14 +86,15 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
     from flows.admin import add_user, grant_training
 
     settings = _env_settings(env)
-    for i, (user, (name, role)) in enumerate(DEMO_STAFF.items()):
-        if i == 0:
-            ok(cli(env, "user", "add", user, "--name", name, "--role", f"demo_hospital:{role}"))
-            ok(cli(env, "training", "grant", user, "--institution", "demo_hospital", "--sop", "dose_receipt",
-                   "--version", "1", "--trainer", "Test Trainer"))
-            continue
-        add_user(settings, user, name, PASSWORD, [("demo_hospital", role)], actor="test")
-        grant_training(settings, user, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", actor="test")
+    ok(cli(env, "user", "add", "qa", "--name", DEMO_STAFF["qa"][0], "--role", "demo_hospital:qa"))  # first account
+    ok(cli(env, "user", "add", "tech", "--name", DEMO_STAFF["tech"][0], "--role", "demo_hospital:cell_lab", "--as", "qa"))
+    for user in ("qa", "tech"):
+        ok(cli(env, "training", "grant", user, "--institution", "demo_hospital", "--sop", "dose_receipt",
+               "--version", "1", "--trainer", "Test Trainer", "--as", "qa"))
+    for user, (name, role) in DEMO_STAFF.items():
+        if user not in ("qa", "tech"):
+            add_user(settings, user, name, PASSWORD, [("demo_hospital", role)], actor="test")
+            grant_training(settings, user, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", actor="test")
     out = ok(cli(env, "start", "dose_receipt", "--institution", "demo_hospital", "--as", "qm",
                  *_sets({"product": "tecartus", "coi": "COI-CLI-0100", "lot": "LOT-9", "patient_id": "H0100"})))
     run_id = out.split()[2]

@@ -180,18 +180,23 @@ def test_training_cli_grant_and_list(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "flows", *args], env=env, capture_output=True, text=True,
                               timeout=60, check=False)
 
-    assert cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab").returncode == 0
+    assert cli("user", "add", "qa.one", "--name", "Qian An", "--role", "demo_hospital:qa").returncode == 0
+    assert cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab", "--as", "qa.one").returncode == 0
+    unattended = cli("training", "grant", "ana", "--institution", "demo_hospital", "--sop", "dose_receipt", "--version", "1",
+                     "--trainer", "T")
     typo = cli("training", "grant", "ana", "--institution", "demo_hospital", "--sop", "dose_reciept", "--version", "1",
-               "--trainer", "T")
+               "--trainer", "T", "--as", "qa.one")
     granted = cli("training", "grant", "ana", "--institution", "demo_hospital", "--sop", "dose_receipt", "--version", "1",
-                  "--trainer", "Dr. Trainer", "--date", "2026-01-05")
+                  "--trainer", "Dr. Trainer", "--date", "2026-01-05", "--as", "qa.one")
     listed = cli("training", "list", "--user", "ana")
 
+    assert unattended.returncode == 1
+    assert "training is recorded by a QA officer of the institution: --as QA_USER" in unattended.stderr
     assert typo.returncode == 1
     assert typo.stderr.strip().splitlines() == ["error: no SOP 'dose_reciept' in demo_hospital. Did you mean 'dose_receipt'?"]
     assert granted.returncode == 0, granted.stderr
     assert "training recorded: ana on demo_hospital/dose_receipt v1" in granted.stdout
-    assert "ana                  demo_hospital/dose_receipt v1  trained 2026-01-04 by Dr. Trainer  (recorded by admin" in listed.stdout
+    assert "ana                  demo_hospital/dose_receipt v1  trained 2026-01-04 by Dr. Trainer  (recorded by qa.one" in listed.stdout
 
 
 # --------------------------------------------------------------------------- end to end

@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.errors import NotAuthorizedError
+
 __all__ = ["training_app", "user_app"]
 
 user_app = typer.Typer(help="Users, their roles and account state.", no_args_is_help=True)
@@ -53,11 +55,16 @@ def _new_password(username: str, env_name: str) -> str:
 def user_add(username: str, name: Annotated[str, typer.Option("--name", help="Printed name, shown on signatures.")],
              role: Annotated[list[str] | None, typer.Option("--role", help="INSTITUTION:ROLE (repeatable).")] = None,
              password_env: Annotated[str, typer.Option("--password-env", help="Read the new password from this variable.")]
-             = "SOPFLOW_NEW_PASSWORD") -> None:
-    """Create a user with roles (installation administrator; password asked twice, or SOPFLOW_NEW_PASSWORD)."""
-    from flows.admin import add_user
+             = "SOPFLOW_NEW_PASSWORD", officer: OptOfficerOpt = None,
+             officer_password_env: Annotated[str, typer.Option("--officer-password-env", help="The --as officer's password variable.")]
+             = "SOPFLOW_PASSWORD") -> None:
+    """Create a user with roles: the first account needs nobody; every later one a QA officer (--as) of its institutions."""
+    from flows.admin import add_user, has_users
 
     cli = _cli()
+    if officer is None and cli._run(has_users, cli._settings()):
+        raise cli._fail(NotAuthorizedError("once the first account exists, a QA officer of the user's institutions "
+                                           "adds users: --as QA_USER"))
     grants = []
     for r in role or []:
         inst, sep, rname = r.partition(":")
@@ -65,7 +72,8 @@ def user_add(username: str, name: Annotated[str, typer.Option("--name", help="Pr
             raise typer.BadParameter(f"expected INSTITUTION:ROLE, got {r!r}", param_hint="--role")
         grants.append((inst, rname))
     password = _new_password(username, password_env)
-    cli._run(add_user, cli._settings(), username, name, password, grants)
+    who = _officer(officer, officer_password_env) if officer else None
+    cli._run(add_user, cli._settings(), username, name, password, grants, officer=who)
     cli.out.print(f"user {username} added" + (f" with {', '.join(role or [])}" if role else ""))
 
 
@@ -137,11 +145,13 @@ def training_grant(username: str, institution: Annotated[str, typer.Option(help=
                    trainer: Annotated[str | None, typer.Option("--trainer", help="The trainer's name (default: the --as officer).")] = None,
                    date: Annotated[str | None, typer.Option("--date", help="ISO date or date-time of the training (default: now).")] = None,
                    officer: OptOfficerOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
-    """Record that a user is trained on an SOP version (by a QA officer with --as, or the installation administrator)."""
+    """Record that a user is trained on an SOP version (by a QA officer of the institution, --as)."""
     from flows.admin import grant_training
 
     cli = _cli()
-    who = _officer(officer, password_env) if officer else None
+    if officer is None:
+        raise cli._fail(NotAuthorizedError("training is recorded by a QA officer of the institution: --as QA_USER"))
+    who = _officer(officer, password_env)
     cli._run(grant_training, cli._settings(), username, institution, sop, version, trainer=trainer, trained_on=date, officer=who)
     cli.out.print(f"training recorded: {username} on {institution}/{sop} v{version}")
 
