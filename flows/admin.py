@@ -112,7 +112,7 @@ def add_user(settings: Settings, username: str, printed_name: str, password: str
 
 
 # -- sign-in ------------------------------------------------------------------------------------
-def sign_in(settings: Settings, username: str, password: str, purpose: str) -> User:
+def sign_in(settings: Settings, username: str, password: str, purpose: str, *, allow_temporary: bool = False) -> User:
     """Authenticate, audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused`` and perhaps a lock.
 
     The password is checked outside the write lock (argon2 is slow on purpose); the account's
@@ -133,6 +133,9 @@ def sign_in(settings: Settings, username: str, password: str, purpose: str) -> U
                 result = accounts.Refusal("disabled", f"user {username!r}: the account is disabled; a QA officer must enable it")
             elif accounts.is_locked(s, result.id):
                 result = accounts.Refusal("locked", accounts.lock_message(s, result))
+            elif not allow_temporary and accounts.must_change_password(s, result.id):
+                result = accounts.Refusal("temporary", f"user {username!r}: the password was reset by a QA officer; "
+                                                       f"set your own first (sopflow user passwd {username})")
             else:
                 accounts.record_success(s, result, purpose)
                 return result
@@ -222,7 +225,7 @@ def change_password(settings: Settings, username: str, new_password: str, *, old
     if officer is not None:
         actor, target = _officer_over(settings, officer, username, "user.passwd", "set the password of")
     elif old_password is not None:
-        actor = target = sign_in(settings, username, old_password, "change password")
+        actor = target = sign_in(settings, username, old_password, "change password", allow_temporary=True)
     else:
         raise RecordError(f"user {username!r}: give the old password, or act as a QA officer with --as")
     with read_session(settings.database_url) as s:
@@ -237,7 +240,8 @@ def change_password(settings: Settings, username: str, new_password: str, *, old
         raise RecordError(f"user {username!r}: the new password must differ from the current one")
     new_hash = hash_password(new_password)
     with write_session(settings.database_url) as s:
-        accounts.append_event(s, target, "password_set", actor=actor.id, data={"hash": new_hash},
+        # A reset is temporary: the officer knows it, so it may only be used to set the user's own.
+        accounts.append_event(s, target, "password_set", actor=actor.id, data={"hash": new_hash, "temporary": officer is not None},
                               reason=reason or ("reset by a QA officer" if officer else "changed by the user"))
 
 

@@ -280,7 +280,11 @@ def test_accounts_password_reset_by_qa_officer_and_not_by_others(staff: Settings
         admin.change_password(staff, "ana", "reset secret 1", officer=Officer("bo", PW))
     admin.change_password(staff, "ana", "reset secret 1", officer=Officer("qa.one", QA_PW))
 
-    assert admin.sign_in(staff, "ana", "reset secret 1", "test").username == "ana"
+    # The officer knows the reset password: it signs nothing until ana sets her own.
+    with pytest.raises(AuthenticationError, match="the password was reset by a QA officer; set your own first"):
+        admin.sign_in(staff, "ana", "reset secret 1", "sign")
+    admin.change_password(staff, "ana", "ana's own secret", old_password="reset secret 1")
+    assert admin.sign_in(staff, "ana", "ana's own secret", "sign").username == "ana"
 
 
 def test_accounts_password_change_starts_the_count_again(staff: Settings) -> None:

@@ -47,7 +47,8 @@ _RESETS = ("unlocked", "password_set")
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a sign-in is refused: ``unknown`` user, wrong ``password``, ``disabled`` or ``locked``."""
+    """Why a sign-in is refused: ``unknown`` user, wrong ``password``, ``disabled``, ``locked``, or a
+    ``temporary`` password (set by a QA officer) that the user must first replace."""
 
     kind: str
     message: str
@@ -67,6 +68,12 @@ def password_hash(session: Session, user: User) -> str:
 def is_active(session: Session, user_id: str) -> bool:
     ev = _newest(session, user_id, ("disabled", "enabled"))
     return ev is None or ev.kind == "enabled"
+
+
+def must_change_password(session: Session, user_id: str) -> bool:
+    """The newest password was set by a QA officer: the officer knows it, so it signs nothing."""
+    ev = _newest(session, user_id, ("password_set",))
+    return ev is not None and bool(json.loads(ev.data_json).get("temporary"))
 
 
 def is_locked(session: Session, user_id: str) -> bool:
@@ -145,7 +152,7 @@ def record_failure(session: Session, username: str, refusal: Refusal, purpose: s
     A wrong password (or unknown name) is ``auth.failed`` and counts; a sign-in refused because
     the account is disabled or locked is ``auth.refused`` and does not. Returns the message.
     """
-    if refusal.kind in ("disabled", "locked"):
+    if refusal.kind in ("disabled", "locked", "temporary"):
         ledger.audit(session, actor=username, action="auth.refused", object_type="sf_user", object_id=username,
                      payload={"purpose": purpose, "problem": refusal.kind}, reason=refusal.message)
         return refusal.message
