@@ -38,7 +38,7 @@ from flows.record.tables import (
     utcnow,
 )
 from flows.record.training import record_training
-from flows.sop.model import SopDefinition
+from flows.sop.model import HumanStepSpec, SopDefinition
 
 pytest_plugins = ["tests.fixtures_engine"]
 
@@ -139,6 +139,12 @@ class MadeRun:
     run: SopRun
     sop: SopDefinition
     users: dict[str, User] = field(default_factory=dict)
+
+    def human(self, step_id: str) -> HumanStepSpec:
+        """The human step ``step_id`` of the run's SOP."""
+        step = self.sop.step(step_id)
+        assert isinstance(step, HumanStepSpec), f"{step_id} is not a human step"
+        return step
 
     def record(self, session: Session, step_id: str, status: str = "done", data: dict[str, Any] | None = None, *,
                user: str | None = None, sign: bool = False, at: datetime | None = None,

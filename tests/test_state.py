@@ -8,14 +8,7 @@ from datetime import timedelta
 from flows.record import ledger, state
 from flows.record.db import read_session, write_session
 from flows.record.tables import RunEvent, utcnow
-from flows.sop.model import HumanStepSpec
-from tests.conftest import FIXED_AT, MadeRun, MakeRun
-
-
-def _human(made: MadeRun, step_id: str) -> HumanStepSpec:
-    step = made.sop.step(step_id)
-    assert isinstance(step, HumanStepSpec)
-    return step
+from tests.conftest import FIXED_AT, MakeRun
 
 
 def test_state_newest_record_wins_by_position_not_clock(db_url: str, make_run: MakeRun) -> None:
@@ -42,20 +35,6 @@ def test_state_newest_record_wins_by_position_not_clock(db_url: str, make_run: M
     assert status.status == "running"
 
 
-def test_state_performer_is_the_newest_signer_of_the_step(db_url: str, make_run: MakeRun) -> None:
-    with write_session(db_url) as s:
-        made = make_run(s)
-        made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True, at=FIXED_AT + timedelta(hours=1))
-        made.record(s, "arrival", "signed", {"seal_intact": False}, user="bo", sign=True, at=FIXED_AT,
-                    reason="seal number misread")
-        made.record(s, "arrival", "waiting")  # a system record: no performer
-        run_id, bo_id = made.run.id, made.users["bo"].id
-
-    with read_session(db_url) as s:
-        assert state.performer_of(s, run_id, "arrival") == bo_id
-        assert state.performer_of(s, run_id, "qa_acceptance") is None
-
-
 def test_state_refused_count_counts_refusals_of_one_step(db_url: str, make_run: MakeRun) -> None:
     with write_session(db_url) as s:
         made = make_run(s, users=("ana",))
@@ -74,8 +53,8 @@ def test_state_signer_problem_missing_role(db_url: str, make_run: MakeRun) -> No
         made = make_run(s)
         made.record(s, "arrival", "waiting")
 
-        problem = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), made.users["bo"].id)
-        allowed = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), made.users["ana"].id)
+        problem = state.signer_problem(s, made.run, made.sop, made.human("arrival"), made.users["bo"].id)
+        allowed = state.signer_problem(s, made.run, made.sop, made.human("arrival"), made.users["ana"].id)
 
     assert problem == "step 'arrival' may only be signed by role 'cell_lab' of 'demo_hospital'"
     assert allowed is None
@@ -89,9 +68,9 @@ def test_state_signer_problem_disabled_account(db_url: str, make_run: MakeRun) -
         made = make_run(s)
         made.record(s, "arrival", "waiting")
         ana = made.users["ana"]
-        assert state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id) is None
+        assert state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id) is None
         append_event(s, ana, "disabled", actor="test", reason="left the unit")
-        problem = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id)
+        problem = state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id)
 
     assert problem == "the account 'ana' is disabled"
 
@@ -103,7 +82,7 @@ def test_state_signer_problem_role_of_another_institution_does_not_count(db_url:
         made = make_run(s)
         grant_role(s, made.users["bo"], "other_hospital", "cell_lab", actor="system")
 
-        problem = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), made.users["bo"].id)
+        problem = state.signer_problem(s, made.run, made.sop, made.human("arrival"), made.users["bo"].id)
 
     assert problem == "step 'arrival' may only be signed by role 'cell_lab' of 'demo_hospital'"
 
@@ -113,7 +92,7 @@ def test_state_signer_problem_verifier_is_the_performer(db_url: str, make_run: M
         made = make_run(s)
         signed = made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True)
         made.record(s, "arrival", "done", {"seal_intact": True}, user="ana", signature_id=signed.signature_id)
-        verify = _human(made, "identity_verification")
+        verify = made.human("identity_verification")
 
         own = state.signer_problem(s, made.run, made.sop, verify, made.users["ana"].id)
         other = state.signer_problem(s, made.run, made.sop, verify, made.users["bo"].id)
@@ -127,7 +106,7 @@ def test_state_signer_problem_distinct_signers_group(db_url: str, make_run: Make
     with write_session(db_url) as s:
         made = make_run(s)
         made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True)
-        qa = _human(made, "qa_acceptance")
+        qa = made.human("qa_acceptance")
 
         same = state.signer_problem(s, made.run, made.sop, qa, made.users["ana"].id)
 
@@ -140,7 +119,7 @@ def test_state_signer_problem_distinct_signers_allows_another_person(db_url: str
         made = make_run(s)
         made.record(s, "arrival", "signed", {"seal_intact": True}, user="bo", sign=True)  # roles are not checked here
 
-        problem = state.signer_problem(s, made.run, made.sop, _human(made, "qa_acceptance"), made.users["ana"].id)
+        problem = state.signer_problem(s, made.run, made.sop, made.human("qa_acceptance"), made.users["ana"].id)
 
     assert problem is None
 
@@ -151,7 +130,7 @@ def test_state_signer_problem_distinct_signers_counts_every_signature_of_the_gro
         made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True)
         made.record(s, "arrival", "signed", {"seal_intact": True}, user="bo", sign=True, reason="corrected")
 
-        problem = state.signer_problem(s, made.run, made.sop, _human(made, "qa_acceptance"), made.users["ana"].id)
+        problem = state.signer_problem(s, made.run, made.sop, made.human("qa_acceptance"), made.users["ana"].id)
 
     assert problem is not None
     assert "you signed 'arrival' already" in problem

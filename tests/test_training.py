@@ -31,7 +31,7 @@ from flows.record.tables import (
 )
 from flows.record.training import is_trained, record_training
 from flows.sop.model import CheckStepSpec, HumanStepSpec
-from tests.conftest import FIXED_AT, MadeRun, MakeRun
+from tests.conftest import FIXED_AT, MakeRun
 
 PW = "correct horse 7"
 
@@ -39,24 +39,18 @@ UNTRAINED = ("only staff trained on dose_receipt v1 at 'demo_hospital' may sign 
              "on dose_receipt v1 (sopflow training grant ana --institution demo_hospital --sop dose_receipt --version 1)")
 
 
-def _human(made: MadeRun, step_id: str) -> HumanStepSpec:
-    step = made.sop.step(step_id)
-    assert isinstance(step, HumanStepSpec)
-    return step
-
-
 def test_training_signer_problem_untrained_signer(db_url: str, make_run: MakeRun) -> None:
     with write_session(db_url) as s:
         made = make_run(s, trained=False)
         ana = made.users["ana"]
-        before = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id)
+        before = state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id)
         # Training on another version or at another institution does not count.
         record_training(s, ana, "demo_hospital", "dose_receipt", 2, trained_at=FIXED_AT, trainer="T", actor="system")
         record_training(s, ana, "other_hospital", "dose_receipt", 1, trained_at=FIXED_AT, trainer="T", actor="system")
         record_training(s, ana, "demo_hospital", "dose_receipt_v2", 1, trained_at=FIXED_AT, trainer="T", actor="system")
-        still = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id)
+        still = state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id)
         record_training(s, ana, "demo_hospital", "dose_receipt", 1, trained_at=FIXED_AT, trainer="T", actor="system")
-        after = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), ana.id)
+        after = state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id)
 
     assert before == still == UNTRAINED.format(step="arrival")
     assert after is None
@@ -66,7 +60,7 @@ def test_training_role_is_checked_before_training(db_url: str, make_run: MakeRun
     with write_session(db_url) as s:
         made = make_run(s, trained=False)
 
-        problem = state.signer_problem(s, made.run, made.sop, _human(made, "arrival"), made.users["bo"].id)
+        problem = state.signer_problem(s, made.run, made.sop, made.human("arrival"), made.users["bo"].id)
 
     assert problem == "step 'arrival' may only be signed by role 'cell_lab' of 'demo_hospital'"
 

@@ -6,6 +6,7 @@ touch Prefect. Prefect's errors are translated into ``EngineError`` here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 from functools import cache
@@ -17,7 +18,7 @@ from flows.engine.env import apply_prefect_env
 from flows.engine.executor import nudge
 from flows.errors import EngineError
 
-__all__ = ["create_flow_run", "flow_run_states", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
+__all__ = ["create_flow_run", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
 
 DEPLOYMENT = "run-sop/sopflow"
 _HOLD = timedelta(seconds=60)
@@ -28,7 +29,7 @@ picks it up then anyway (and the flow fails, saying so, when no record was writt
 def _client(settings: Settings) -> Any:
     """This process's one sync client for the API URL (building one costs 40-100 ms: CA bundle)."""
     apply_prefect_env(settings)
-    return _SharedClient(_open_client(settings.api_url))
+    return contextlib.nullcontext(_open_client(settings.api_url))  # shared: `with` must not close it
 
 
 @cache
@@ -40,19 +41,6 @@ def _open_client(api_url: str) -> Any:
         raise EngineError(f"Prefect was configured for {client.api_url} before sopflow set {api_url} in this process")
     client.__enter__()
     return client
-
-
-class _SharedClient:
-    """``with _client(settings) as c:`` hands out the shared client and leaves it open."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def __enter__(self) -> Any:
-        return self.client
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 def _deployment_id(client: Any) -> UUID:
@@ -148,22 +136,6 @@ def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str
         return bool(response.status == SetStateStatus.ACCEPT)
     except (httpx.HTTPError, PrefectException):
         return False
-
-
-def flow_run_states(settings: Settings, flow_run_ids: list[str]) -> dict[str, str]:
-    """Prefect's state name of each flow run (for `sopflow runs`); empty when the server is down."""
-    apply_prefect_env(settings)  # before the first Prefect import in this process
-    import httpx
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    if not flow_run_ids:
-        return {}
-    try:
-        with _client(settings) as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])))
-            return {str(r.id): (r.state.name if r.state else "?") for r in runs}
-    except httpx.HTTPError:
-        return {}
 
 
 def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> int:

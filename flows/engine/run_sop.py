@@ -25,11 +25,9 @@ from flows.config import get_settings
 from flows.engine.client import pause_key_prefix
 from flows.engine.gates import accept_signature, disposition_step, open_gate
 from flows.engine.steps import (
+    STEP_KINDS,
     RunContext,
     load_context,
-    run_check,
-    run_document,
-    run_notify,
     send,
     set_run_status,
 )
@@ -56,13 +54,10 @@ def _task_run_id() -> str | None:
 
 @task(name="step", cache_policy=NO_CACHE, persist_result=False)
 def step_task(ctx: RunContext, step_id: str) -> Any:
-    """Run one automated step (check, document, notify)."""
+    """Run one automated step (check, document, notify) with its handler from ``STEP_KINDS``."""
     step = ctx.sop.step(step_id)
-    if isinstance(step, CheckStepSpec):
-        return run_check(ctx, step, _task_run_id())
-    if step.kind == "document":
-        return run_document(ctx, step, _task_run_id())  # type: ignore[arg-type]
-    return run_notify(ctx, step, _task_run_id())  # type: ignore[arg-type]
+    handler = STEP_KINDS[step.kind][0]
+    return handler(ctx, step, _task_run_id())
 
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
@@ -77,9 +72,9 @@ def gate_task(ctx: RunContext, step: HumanStepSpec) -> None:
 
 
 def _notify_waiting(ctx: RunContext, step: HumanStepSpec, title: str) -> None:
-        send(ctx, [step.role], f"[{ctx.run.sop_id}] waiting on you: {title}",
-             f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
-             f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.")
+    send(ctx, [step.role], f"[{ctx.run.sop_id}] waiting on you: {title}",
+         f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
+         f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.")
 
 
 async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:

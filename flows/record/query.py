@@ -14,7 +14,7 @@ import yaml
 from sqlmodel import Session, col, select
 
 from flows.errors import RecordError
-from flows.record.ledger import verify_signature
+from flows.record.ledger import canonical, verify_signature
 from flows.record.state import run_status
 from flows.record.tables import (
     AuditEvent,
@@ -55,8 +55,6 @@ def _usernames(session: Session) -> dict[str, str]:
 
 
 def _iso(value: Any) -> str | None:
-    from flows.record.ledger import canonical
-
     return None if value is None else json.loads(canonical(value))
 
 

@@ -20,7 +20,6 @@ from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
 
 __all__ = [
     "next_n",
-    "performer_of",
     "refused_count",
     "run_status",
     "signed_but_suspended",
@@ -60,16 +59,6 @@ def run_status(session: Session, run_id: str) -> RunEvent | None:
     return session.exec(
         select(RunEvent).where(RunEvent.run_id == run_id).order_by(col(RunEvent.n).desc()).limit(1)
     ).first()
-
-
-def performer_of(session: Session, run_id: str, step_id: str) -> str | None:
-    """The user who signed the newest completed or signed record of a step."""
-    rows = session.exec(select(StepRecord).where(
-        StepRecord.run_id == run_id, StepRecord.step_id == step_id,
-        col(StepRecord.status).in_(("signed", "done")), col(StepRecord.actor_id).is_not(None),
-    ).order_by(col(StepRecord.n).desc()).limit(1))
-    rec = rows.first()
-    return rec.actor_id if rec else None
 
 
 def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> list[tuple[str, str]]:
