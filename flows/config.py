@@ -15,6 +15,7 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_POLL_MAX_SECONDS  executor poll interval when idle       1.0
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
     SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins that lock an account  5
+    SOPFLOW_WEB_IDLE_MINUTES  a web session ends after this long without a request  15
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -46,6 +47,8 @@ class Settings:
     notify_config: Path
     lockout_threshold: int = 5
     """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
+    web_idle_minutes: float = 15.0
+    """A web session ends after this many minutes without a request (signing always asks the password)."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -93,6 +96,9 @@ def get_settings() -> Settings:
     lockout = _float("SOPFLOW_LOCKOUT_THRESHOLD", 5)
     if not lockout.is_integer() or lockout < 1:
         raise ConfigError(f"SOPFLOW_LOCKOUT_THRESHOLD: expected a whole number of at least 1, got {lockout!r}")
+    idle = _float("SOPFLOW_WEB_IDLE_MINUTES", 15)
+    if idle <= 0:
+        raise ConfigError(f"SOPFLOW_WEB_IDLE_MINUTES: expected a positive number of minutes, got {idle!r}")
     return Settings(
         home=home,
         database_url=os.environ.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{home / 'sopflow.db'}",
@@ -106,4 +112,5 @@ def get_settings() -> Settings:
         poll_max_seconds=_float("SOPFLOW_POLL_MAX_SECONDS", 1.0),
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
         lockout_threshold=int(lockout),
+        web_idle_minutes=idle,
     )

@@ -12,6 +12,7 @@
     sopflow user add|disable|enable|passwd|unlock|list   accounts (see flows.cli.admin)
     sopflow training grant|list           who is trained on which SOP version
     sopflow sop validate|schema|list|show SOP definitions
+    sopflow web [--host H --port P]       the web app (flows.web)
     sopflow demo                          the whole dose receipt, end to end
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
@@ -245,6 +246,22 @@ def audit_verify() -> None:
     for p in report.problems:
         err.print(f"[red]audit verify: {escape(p)}[/red]")
     raise typer.Exit(1)
+
+
+@app.command("web")
+def web(host: Annotated[str, typer.Option(help="Address to listen on (behind a TLS proxy in production).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000) -> None:
+    """Serve the web app: inbox, step forms and signing, runs, documents, SOPs (English and 中文)."""
+    import uvicorn
+
+    from flows.web import create_app
+
+    settings = _settings()
+    app_ = _run(create_app, settings)
+    out.print(f"sopflow web on http://{host}:{port} (data under {settings.home}); Ctrl-C stops it")
+    # One process: sessions live in its memory (flows.web.sessions). proxy_headers: a TLS proxy's
+    # X-Forwarded-Proto makes the session cookie Secure.
+    uvicorn.run(app_, host=host, port=port, proxy_headers=True, log_level="warning")
 
 
 @app.command("demo")

@@ -40,7 +40,7 @@ __all__ = [
     "record_success",
 ]
 
-EVENT_KINDS = ("password_set", "disabled", "enabled", "locked", "unlocked")
+EVENT_KINDS = ("password_set", "disabled", "enabled", "locked", "unlocked", "language")
 _RESETS = ("unlocked", "password_set")
 """Account events after which earlier failed sign-ins no longer count."""
 

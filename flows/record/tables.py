@@ -77,7 +77,8 @@ class UserEvent(SQLModel, table=True):
     """A change to an account; the ``User`` row itself never changes (see ``flows.record.accounts``).
 
     Kinds: ``password_set`` (``data_json`` holds the new argon2 hash), ``disabled``, ``enabled``,
-    ``locked`` (``data_json``: the failed sign-ins that locked it), ``unlocked``. The newest event
+    ``locked`` (``data_json``: the failed sign-ins that locked it), ``unlocked``, ``language``
+    (``data_json``: the language the user chose for pages and documents, ``en`` or ``zh``). The newest event
     of a kind's pair is the account's state, newest by position ``n``, never by clock.
     """
 

@@ -1,0 +1,205 @@
+"""Edge: the web app's pages for runs, step forms and signing, documents and SOPs.
+
+Thin: each route reads the form (after the CSRF check in ``Web.form``), turns what a browser
+sends into what the services take (``f.<field>`` inputs; a ``datetime-local`` value gets the
+institution's UTC offset), calls one service and renders the result or its problems. Problems
+are shown next to the field they name, the rest above the form.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from flows import service, service_web as svc
+from flows.errors import (
+    AuthenticationError,
+    FlowsError,
+    NotAuthorizedError,
+    SopInputError,
+    StepNotWaitingError,
+)
+from flows.web.app import Web
+
+__all__ = ["field_errors", "register"]
+
+PREFIX = "f."
+_LOCAL_DATETIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?$")
+
+
+def field_errors(problems: list[str], names: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Problems by the field they name (``…: name: …`` or ``….name: …``), and the others."""
+    by_field: dict[str, list[str]] = {}
+    general: list[str] = []
+    for p in problems:
+        text = str(p)
+        hit = next((n for n in names if f": {n}: " in text or f".{n}: " in text), None)
+        if hit is None:
+            general.append(text)
+        else:
+            by_field.setdefault(hit, []).append(text.split(f"{hit}: ", 1)[-1])
+    return by_field, general
+
+
+def _values(form: dict[str, str], fields: list[dict[str, Any]], tz: str) -> dict[str, str]:
+    """The entered values of the fields a person fills in (not computed ones), as the services take them."""
+    out = {}
+    for f in fields:
+        if f.get("compute"):
+            continue
+        raw = form.get(PREFIX + f["name"], "")
+        if f.get("type") == "datetime" and _LOCAL_DATETIME.match(raw.strip()):
+            raw = datetime.fromisoformat(raw.strip()).replace(tzinfo=ZoneInfo(tz)).isoformat()
+        out[f["name"]] = raw
+    return out
+
+
+def register(app: FastAPI, web: Web) -> None:
+    settings = web.settings
+
+    # -- runs ------------------------------------------------------------------------------------------
+    @app.get("/runs")
+    async def runs(request: Request) -> Response:
+        ws = await web.user(request)
+        rows = await run_in_threadpool(svc.runs_for, settings, ws.username)
+        return web.render(ws, "runs.html", runs=rows)
+
+    @app.get("/runs/new")
+    async def start_choose(request: Request) -> Response:
+        ws = await web.user(request)
+        sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
+        return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[])
+
+    async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
+        sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
+        chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
+        if chosen is None:
+            raise StepNotWaitingError(f"no SOP {sop_id!r} at {institution!r} that you may start; the start page lists them")
+        return chosen
+
+    @app.get("/runs/new/{institution}/{sop_id}")
+    async def start_form(request: Request, institution: str, sop_id: str) -> Response:
+        ws = await web.user(request)
+        chosen = await _startable(ws, institution, sop_id)
+        return web.render(ws, "start.html", sops=[], chosen=chosen, values={}, errors={}, general=[])
+
+    @app.post("/runs/new/{institution}/{sop_id}")
+    async def start(request: Request, institution: str, sop_id: str) -> Response:
+        ws = await web.user(request)
+        form = await web.form(request, ws)
+        chosen = await _startable(ws, institution, sop_id)
+        tz = await run_in_threadpool(svc.institution_timezone, settings, institution)
+        values = _values(form, chosen["params"], tz)
+        try:
+            res = await run_in_threadpool(service.start_run, settings, institution, sop_id, values, ws.username,
+                                          form.get("password", ""))
+        except (SopInputError, AuthenticationError, NotAuthorizedError) as exc:
+            errors, general = field_errors(getattr(exc, "problems", None) or [str(exc)], [p["name"] for p in chosen["params"]])
+            return web.render(ws, "start.html", status=422, sops=[], chosen=chosen, values=values, errors=errors, general=general)
+        ws.flash.append(("ok", web.gettext(ws, N_("Run started."))))
+        return web.redirect(ws, f"/runs/{res.run_id}")
+
+    @app.get("/runs/{run_id}")
+    async def run_page(request: Request, run_id: str) -> Response:
+        ws = await web.user(request)
+        rec = await run_in_threadpool(svc.record_for, settings, ws.username, run_id)
+        tz = await run_in_threadpool(svc.institution_timezone, settings, rec["run"]["institution"])
+        return web.render(ws, "run.html", rec=rec, tz=tz, steps={s["id"]: s for s in rec["steps"]})
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _step_page(ws: Any, form: dict[str, Any], status: int = 200, *, values: dict[str, str] | None = None,
+                   errors: dict[str, list[str]] | None = None, general: list[str] | None = None,
+                   preview: dict[str, Any] | None = None, sign_error: str | None = None) -> Response:
+        return web.render(ws, "step.html", status=status, form=form, values=values or {}, errors=errors or {},
+                          general=general or [], preview=preview, sign_error=sign_error, prefix=PREFIX)
+
+    @app.get("/runs/{run_id}/steps/{step_id}")
+    async def step_page(request: Request, run_id: str, step_id: str) -> Response:
+        ws = await web.user(request)
+        form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+        return _step_page(ws, form)
+
+    @app.post("/runs/{run_id}/steps/{step_id}/review")
+    async def step_review(request: Request, run_id: str, step_id: str) -> Response:
+        """Check the entered values and show what the signer would sign (the signature dialog)."""
+        ws = await web.user(request)
+        posted = await web.form(request, ws)
+        form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+        values = _values(posted, form["fields"], form["timezone"])
+        try:
+            preview = await run_in_threadpool(svc.preview_step, settings, run_id, step_id, ws.username, values)
+        except SopInputError as exc:
+            errors, general = field_errors(exc.problems, [f["name"] for f in form["fields"]])
+            return _step_page(ws, form, 422, values=values, errors=errors, general=general)
+        return _step_page(ws, form, values=values, preview=preview)
+
+    @app.post("/runs/{run_id}/steps/{step_id}/sign")
+    async def step_sign(request: Request, run_id: str, step_id: str) -> Response:
+        ws = await web.user(request)
+        posted = await web.form(request, ws)
+        form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+        values = _values(posted, form["fields"], form["timezone"])
+        if posted.get("action") == "edit":
+            return _step_page(ws, form, values=values)
+        try:
+            res = await run_in_threadpool(svc.sign_reviewed, settings, run_id, step_id, ws.username,
+                                          posted.get("password", ""), values, posted.get("shown", ""))
+        except AuthenticationError as exc:
+            preview = await run_in_threadpool(svc.preview_step, settings, run_id, step_id, ws.username, values)
+            return _step_page(ws, form, 401, values=values, preview=preview, sign_error=str(exc))
+        except SopInputError as exc:
+            errors, general = field_errors(exc.problems, [f["name"] for f in form["fields"]])
+            return _step_page(ws, form, 422, values=values, errors=errors, general=general)
+        except (NotAuthorizedError, StepNotWaitingError) as exc:
+            form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+            return _step_page(ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values,
+                              general=[str(exc)])
+        ws.flash.append(("ok", web.gettext(ws, N_("Signed. Signature sha256: %(sha)s")) % {"sha": res.signed_sha256}))
+        return web.redirect(ws, f"/runs/{res.run_id}")
+
+    # -- documents -------------------------------------------------------------------------------------
+    @app.get("/documents/{document_id}")
+    async def document_page(request: Request, document_id: str) -> Response:
+        ws = await web.user(request)
+        doc = await run_in_threadpool(svc.document_file, settings, document_id, ws.username)
+        return web.render(ws, "document.html", doc=doc)
+
+    async def _document_bytes(request: Request, document_id: str, disposition: str) -> Response:
+        ws = await web.user(request)
+        doc = await run_in_threadpool(svc.document_file, settings, document_id, ws.username)
+        response = Response(doc["content"], media_type=doc["media_type"])
+        response.headers["Content-Disposition"] = f'{disposition}; filename="{doc["name"]}"'
+        # A document is shown as it is, in a sandbox: no scripts, no requests, no forms.
+        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+        response.headers["X-Document-SHA256"] = doc["sha256"]
+        return web.secure(response, ws)
+
+    @app.get("/documents/{document_id}/view")
+    async def document_view(request: Request, document_id: str) -> Response:
+        return await _document_bytes(request, document_id, "inline")
+
+    @app.get("/documents/{document_id}/download")
+    async def document_download(request: Request, document_id: str) -> Response:
+        return await _document_bytes(request, document_id, "attachment")
+
+    # -- SOPs ------------------------------------------------------------------------------------------
+    @app.get("/sops")
+    async def sops(request: Request) -> Response:
+        ws = await web.user(request)
+        library = await run_in_threadpool(svc.sop_library, settings)
+        return web.render(ws, "sops.html", library=library)
+
+    @app.get("/sops/{institution}/{sop_id}")
+    async def sop_page(request: Request, institution: str, sop_id: str) -> Response:
+        ws = await web.user(request)
+        try:
+            sop = await run_in_threadpool(svc.describe_sop, settings, institution, sop_id)
+        except FlowsError as exc:
+            return web.error(ws, exc, 404)
+        return web.render(ws, "sop.html", sop=sop)
