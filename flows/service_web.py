@@ -25,7 +25,14 @@ from sqlmodel import col, select
 
 from flows import service
 from flows.config import Settings
-from flows.errors import NotAuthorizedError, RecordError, SopDefinitionError, SopInputError, SopNotFoundError, StepNotWaitingError
+from flows.errors import (
+    NotAuthorizedError,
+    RecordError,
+    SopDefinitionError,
+    SopInputError,
+    SopNotFoundError,
+    StepNotWaitingError,
+)
 from flows.record import accounts, ledger
 from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import Document, SopVersion, User, UserEvent, utcnow

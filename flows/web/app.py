@@ -31,8 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows import service_web as svc
 from flows.config import Settings
-from flows.errors import AuthenticationError, FlowsError, NotAuthorizedError, RecordError, StepNotWaitingError
-from flows.web.i18n import HERE, TEMPLATES, N_, catalogue, pick_language
+from flows.errors import (
+    AuthenticationError,
+    FlowsError,
+    NotAuthorizedError,
+    RecordError,
+    StepNotWaitingError,
+)
+from flows.web.i18n import HERE, N_, TEMPLATES, catalogue, pick_language
 from flows.web.sessions import COOKIE, SessionStore, WebSession
 
 __all__ = ["Web", "create_app"]

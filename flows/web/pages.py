@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from flows import service, service_web as svc
+from flows import service
+from flows import service_web as svc
 from flows.errors import (
     AuthenticationError,
     FlowsError,
@@ -26,6 +27,7 @@ from flows.errors import (
     StepNotWaitingError,
 )
 from flows.web.app import Web
+from flows.web.i18n import N_
 
 __all__ = ["field_errors", "register"]
 
