@@ -83,6 +83,7 @@ def _environment(language: str) -> Environment:
     env.install_gettext_callables(cat.gettext, cat.ngettext, newstyle=True)  # type: ignore[attr-defined]
     env.filters["local"] = _local
     env.filters["dtlocal"] = _dtlocal
+    env.filters["num"] = lambda v: f"{v:g}" if isinstance(v, float) else v
     env.globals["lang"] = language
     return env
 

@@ -112,6 +112,11 @@ def register(app: FastAPI, web: Web) -> None:
         ws = await web.user(request)
         rec = await run_in_threadpool(svc.record_for, settings, ws.username, run_id)
         tz = await run_in_threadpool(svc.institution_timezone, settings, rec["run"]["institution"])
+        seen: set[str] = set()
+        for h in rec["history"]:  # the flow's "done" after a "signed" repeats it: shown once
+            sig = (h.get("signature") or {}).get("id")
+            h["repeat"] = bool(sig) and sig in seen and h["status"] == "done"
+            seen.add(sig or "")
         return web.render(ws, "run.html", rec=rec, tz=tz, steps={s["id"]: s for s in rec["steps"]})
 
     # -- steps -----------------------------------------------------------------------------------------
