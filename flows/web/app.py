@@ -76,6 +76,13 @@ def _dtlocal(value: Any, tz: str = "UTC") -> str:
     return dt.strftime("%Y-%m-%dT%H:%M")
 
 
+def _num(value: Any) -> Any:
+    """A float as people write it, every digit kept: -200.0 → -200, 18.5 → 18.5."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else value
+
+
 def _environment(language: str) -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]),
                       extensions=["jinja2.ext.i18n"], trim_blocks=True, lstrip_blocks=True)
@@ -83,7 +90,7 @@ def _environment(language: str) -> Environment:
     env.install_gettext_callables(cat.gettext, cat.ngettext, newstyle=True)  # type: ignore[attr-defined]
     env.filters["local"] = _local
     env.filters["dtlocal"] = _dtlocal
-    env.filters["num"] = lambda v: f"{v:g}" if isinstance(v, float) else v
+    env.filters["num"] = _num
     env.globals["lang"] = language
     return env
 
