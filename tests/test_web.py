@@ -1,0 +1,280 @@
+"""The web app over HTTP (FastAPI's TestClient on the session's real database, Prefect server and
+executor): CSRF and role refusals change nothing, entered HTML is escaped on every page and in
+documents, sessions end at logout and after the idle timeout, lockout applies, the language is the
+user's, and every page string has a Chinese translation."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import col, func, select
+
+from flows.record.db import read_session
+from flows.record.tables import AuditEvent, Signature, StepRecord, User, UserEvent
+from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(name="clock", scope="module")
+def clock_fixture() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(name="app", scope="module")
+def app_fixture(engine: Any, clock: Clock) -> Any:
+    from flows.web import create_app
+    from flows.web.sessions import SessionStore
+
+    return create_app(engine, SessionStore(15 * 60, clock=clock))
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, "the page has no CSRF field"
+    return m.group(1)
+
+
+def login(app: Any, username: str, password: str = PASSWORD, **kw: Any) -> TestClient:
+    client = TestClient(app, follow_redirects=False, **kw)
+    page = client.get("/login")
+    r = client.post("/login", data={"csrf": csrf_of(page.text), "username": username, "password": password, "next": "/inbox"})
+    assert r.status_code == 303, r.text
+    return client
+
+
+def state(engine: Any, run_id: str) -> tuple[int, int, int]:
+    """(step records, signatures) of the run, and the audit chain's head."""
+    with read_session(engine.database_url) as s:
+        recs = s.exec(select(func.count()).select_from(StepRecord).where(StepRecord.run_id == run_id)).one()
+        sigs = s.exec(select(func.count()).select_from(Signature).where(Signature.run_id == run_id)).one()
+        head = s.exec(select(func.max(AuditEvent.seq))).one()
+    return recs, sigs, head
+
+
+def audit_since(engine: Any, seq: int) -> list[str]:
+    with read_session(engine.database_url) as s:
+        return list(s.exec(select(AuditEvent.action).where(AuditEvent.seq > seq).order_by(col(AuditEvent.seq))))
+
+
+def arrival_form(csrf: str, **values: str) -> dict[str, str]:
+    data = {"csrf": csrf, **{f"f.{k}": v for k, v in {**ARRIVAL, **values}.items()}}
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def review(client: TestClient, run_id: str, step: str, form: dict[str, str]) -> tuple[str, str]:
+    """Post the form for review; returns (the page, the sha256 of the values shown for signing)."""
+    r = client.post(f"/runs/{run_id}/steps/{step}/review", data=form)
+    assert r.status_code == 200, r.text
+    return r.text, re.search(r'name="shown" value="([0-9a-f]{64})"', r.text).group(1)
+
+
+def test_web_post_without_or_with_a_wrong_csrf_token_changes_nothing(engine, app):
+    run_id = start_receipt(engine, coi="COI-CSRF-0001")
+    wait_for(engine, run_id, step="arrival")
+    tech = login(app, "tech")
+    csrf = csrf_of(tech.get(f"/runs/{run_id}/steps/arrival").text)
+    _, shown = review(tech, run_id, "arrival", arrival_form(csrf))
+    signing = {**arrival_form(csrf), "shown": shown, "password": PASSWORD, "action": "sign"}
+    before = state(engine, run_id)
+    for token in (None, "not-the-token", csrf_of(TestClient(app).get("/login").text)):  # none, wrong, another session's
+        data = {k: v for k, v in signing.items() if k != "csrf"} | ({"csrf": token} if token else {})
+        r = tech.post(f"/runs/{run_id}/steps/arrival/sign", data=data)
+        assert r.status_code == 403
+        assert "security token" in r.text
+        assert state(engine, run_id) == before
+    anonymous = TestClient(app, follow_redirects=False)
+    anonymous.get("/login")
+    r = anonymous.post("/login", data={"username": "tech", "password": PASSWORD})
+    assert r.status_code == 403
+    assert state(engine, run_id) == before  # not even a sign-in was audited
+    r = tech.post(f"/runs/{run_id}/steps/arrival/sign", data=signing)  # the same form with its token goes through
+    assert r.status_code == 303
+    assert state(engine, run_id)[1] == before[1] + 1
+
+
+def test_web_signer_without_the_steps_role_changes_nothing(engine, app):
+    run_id = start_receipt(engine, coi="COI-ROLE-0001")
+    wait_for(engine, run_id, step="arrival")
+    pharm = login(app, "pharm")
+    page = pharm.get(f"/runs/{run_id}/steps/arrival").text
+    assert "may only be signed by role &#39;cell_lab&#39;" in page  # said on the form already
+    csrf = csrf_of(page)
+    _, shown = review(pharm, run_id, "arrival", arrival_form(csrf))
+    before = state(engine, run_id)
+    r = pharm.post(f"/runs/{run_id}/steps/arrival/sign",
+                   data={**arrival_form(csrf), "shown": shown, "password": PASSWORD, "action": "sign"})
+    assert r.status_code == 403
+    assert "may only be signed by role &#39;cell_lab&#39;" in r.text
+    recs, sigs, _ = state(engine, run_id)
+    assert (recs, sigs) == before[:2]
+    assert audit_since(engine, before[2]) == ["auth.ok", "sign.refused"]  # the refusal is audited, nothing else
+
+
+def test_web_refuses_to_sign_values_other_than_the_ones_shown(engine, app):
+    run_id = start_receipt(engine, coi="COI-SHOWN-0001")
+    wait_for(engine, run_id, step="arrival")
+    tech = login(app, "tech")
+    csrf = csrf_of(tech.get(f"/runs/{run_id}/steps/arrival").text)
+    _, shown = review(tech, run_id, "arrival", arrival_form(csrf))
+    before = state(engine, run_id)
+    r = tech.post(f"/runs/{run_id}/steps/arrival/sign",
+                  data={**arrival_form(csrf, logger_max_c="-160"), "shown": shown, "password": PASSWORD, "action": "sign"})
+    assert r.status_code == 422
+    assert "differ from the ones you reviewed" in r.text
+    assert state(engine, run_id) == before
+
+
+HTML = '<script>alert("x")</script><b>bold</b>'
+
+
+def test_web_escapes_entered_html_on_every_page_and_document(engine, app):
+    from flows.admin import add_user, grant_training
+
+    add_user(engine, "evil", '<i>Evil</i> "Ev"', PASSWORD, [("demo_hospital", "cell_lab")], actor="test")
+    grant_training(engine, "evil", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
+    run_id = start_receipt(engine, coi="COI-HTML-0001")
+    wait_for(engine, run_id, step="arrival")
+    evil = login(app, "evil")
+    csrf = csrf_of(evil.get(f"/runs/{run_id}/steps/arrival").text)
+    pages = {}
+    pages["dialog"], shown = review(evil, run_id, "arrival", arrival_form(csrf, courier=HTML))
+    r = evil.post(f"/runs/{run_id}/steps/arrival/sign",
+                  data={**arrival_form(csrf, courier=HTML), "shown": shown, "password": PASSWORD, "action": "sign"})
+    assert r.status_code == 303
+    wait_for(engine, run_id, step="identity_verification")
+    pharm = login(app, "pharm")
+    pages["verify form"] = pharm.get(f"/runs/{run_id}/steps/identity_verification").text
+    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
+    sign(engine, run_id, "qa_acceptance", "qa", {"decision": "approve", "reason": HTML})
+    rec = wait_for(engine, run_id, statuses=("completed",))
+    qm = login(app, "qm")
+    pages["run"] = qm.get(f"/runs/{run_id}").text
+    doc_id = rec["documents"][0]["id"]
+    pages["document"] = qm.get(f"/documents/{doc_id}/view").text
+    pages["download"] = qm.get(f"/documents/{doc_id}/download").text
+    pages["header"] = evil.get("/inbox").text
+    for name, text in pages.items():
+        assert "<script>" not in text, name
+        assert "<i>Evil</i>" not in text, name
+    for name in ("dialog", "verify form", "run", "document", "download"):
+        assert "&lt;script&gt;alert(" in pages[name], name
+    for name in ("dialog", "run", "document", "header"):
+        assert "&lt;i&gt;Evil&lt;/i&gt;" in pages[name], name
+
+
+def test_web_sessions_end_at_logout_and_after_the_idle_timeout(engine, app, clock):
+    client = login(app, "doc")
+    cookie = client.cookies.get("sopflow_session")
+    r = client.get("/inbox")
+    assert r.status_code == 200
+    set_cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie
+    assert "samesite=strict" in set_cookie
+    with read_session(engine.database_url) as s:
+        head = s.exec(select(func.max(AuditEvent.seq))).one()
+    clock.now += 15 * 60 + 1
+    r = client.get("/inbox")
+    assert r.status_code == 303
+    assert r.headers["location"].startswith("/login")
+    assert "without activity" in client.get(r.headers["location"]).text
+    assert audit_since(engine, head) == ["auth.idle"]
+
+    client = login(app, "doc")
+    csrf = csrf_of(client.get("/inbox").text)
+    assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+    assert client.get("/inbox").status_code == 303
+    stale = TestClient(app, follow_redirects=False, cookies={"sopflow_session": cookie})
+    assert stale.get("/inbox").status_code == 303
+    assert audit_since(engine, head)[-1] == "auth.logout"
+
+
+def test_web_session_cookie_is_secure_over_https(engine, app):
+    client = TestClient(app, base_url="https://testserver", follow_redirects=False)
+    assert "secure" in client.get("/login").headers["set-cookie"].lower()
+
+
+def test_web_lockout_applies_to_sign_in(engine, app):
+    from flows.admin import add_user
+
+    add_user(engine, "locky", "Lock Y", PASSWORD, [("demo_hospital", "nurse")], actor="test")
+    client = TestClient(app, follow_redirects=False)
+    for _ in range(engine.lockout_threshold):
+        r = client.post("/login", data={"csrf": csrf_of(client.get("/login").text), "username": "locky", "password": "wrong-password"})
+        assert r.status_code == 401
+    r = client.post("/login", data={"csrf": csrf_of(client.get("/login").text), "username": "locky", "password": PASSWORD})
+    assert r.status_code == 401
+    assert "account locked" in r.text
+
+
+def test_web_language_is_the_users_and_stays(engine, app):
+    client = login(app, "doc")
+    csrf = csrf_of(client.get("/inbox").text)
+    assert client.post("/language", data={"csrf": csrf, "language": "zh", "back": "/inbox"}).status_code == 303
+    page = client.get("/inbox").text
+    assert '<html lang="zh-CN">' in page
+    assert "等待您处理" in page
+    again = login(app, "doc")  # another browser: the preference is the user's
+    assert "等待您处理" in again.get("/inbox").text
+    with read_session(engine.database_url) as s:
+        kinds = list(s.exec(select(UserEvent.kind).join(User).where(User.username == "doc")))
+    assert kinds == ["language"]
+    client.post("/language", data={"csrf": csrf, "language": "en", "back": "/inbox"})
+
+
+def test_web_errors_are_pages_without_tracebacks(engine, app):
+    client = login(app, "qm")
+    for path, status in (("/runs/no-such-run", 404), ("/documents/no-such-doc", 404), ("/nowhere", 404),
+                         ("/runs/no-such-run/steps/arrival", 404), ("/sops/demo_hospital/no_such_sop", 404)):
+        r = client.get(path)
+        assert r.status_code == status, path
+        assert "Traceback" not in r.text
+        assert "This could not be done" in r.text
+
+
+def test_web_every_page_string_has_a_chinese_translation():
+    from flows.web.app import _environment
+    from flows.web.i18n import extract_messages, missing_translations
+
+    env = _environment("en")
+    assert len(extract_messages(env)) > 100
+    assert missing_translations(env, "zh") == {}
+
+
+NOT_WORDS = {"sopflow", "sha256", "English", "中文"}
+"""Text in templates that is not a sentence to translate: the product's name, a hash's name, the
+language switch (each language's name in itself)."""
+
+
+def test_web_templates_hard_code_no_text():
+    """Every word a page shows comes through the catalogue (``_``), never as template text."""
+    from jinja2 import Environment
+
+    from flows.web.i18n import TEMPLATES
+
+    env = Environment(extensions=["jinja2.ext.i18n"], autoescape=True)
+    found = []
+    for path in sorted(TEMPLATES.glob("*.html")):
+        # The template's own text with every Jinja construct replaced by a marker, then without tags.
+        parts = []
+        for _lineno, kind, value in env.lex(path.read_text(encoding="utf-8")):
+            parts.append(value if kind == "data" else "\x00")
+        source = "".join(parts)
+        attrs = re.findall(r'(?:aria-label|title|placeholder|alt)="([^"]*)"', source)
+        text = re.sub(r"<[^>]*>", " ", source)
+        text = re.sub(r"\{#.*?#\}", " ", text, flags=re.S)
+        for word in re.findall(r"[A-Za-z][A-Za-z0-9']+|[\u4e00-\u9fff]+", " ".join([text, *attrs])):
+            if word not in NOT_WORDS:
+                found.append(f"{path.name}: {word}")
+    assert not found, "\n".join(found)
