@@ -32,6 +32,7 @@ from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
 from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
+from flows.sop.model import ProductSpec
 
 FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
 
@@ -146,6 +147,14 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
 
 
+def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:
+    """The run's product as it stood when the run started (``format: coi`` fields are checked against it)."""
+    name = sop.product_param()
+    if name is None or not run.product_json:
+        return None
+    return json.loads(run.params_json)[name], ProductSpec.model_validate(json.loads(run.product_json))
+
+
 def _find_run(session: Session, run_id: str) -> SopRun:
     run = session.get(SopRun, run_id)
     if run is None:
@@ -216,7 +225,7 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
             raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} is not waiting for input (it is {state})")
         s.expunge(run)
     fields = human_fields(step)
-    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}", product=_run_product(run, sop))
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
@@ -288,7 +297,8 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
         raise SopInputError([f"{where}: nothing to correct: give the corrected values with --set"])
     fields = human_fields(step)
     old = step_data(current)
-    data = coerce_values(fields, {**{k: v for k, v in old.items() if k in fields}, **raw_values}, where=where)
+    data = coerce_values(fields, {**{k: v for k, v in old.items() if k in fields}, **raw_values}, where=where,
+                         product=_run_product(run, sop))
     changes = changed_fields(old, data)
     if not changes:
         raise SopInputError([f"{where}: nothing to correct: the values given equal the current ones"])

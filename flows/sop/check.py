@@ -21,6 +21,7 @@ from flows.sop.model import (
     ApproveStepSpec,
     CheckStepSpec,
     DocumentStepSpec,
+    FieldSpec,
     HumanStepSpec,
     InstitutionSpec,
     NotifyStepSpec,
@@ -94,6 +95,7 @@ class _Checker:
         self.distinct_signers()
         self.templates()
         self.expressions()
+        self.identifier_formats()
         return sorted(self.problems, key=lambda p: (p.line or 0, p.path))
 
     def step_ids(self) -> None:
@@ -150,6 +152,18 @@ class _Checker:
                     ("params", name, "type"),
                     f"only one param may have type 'product'; {first!r} already has it",
                 )
+
+    def identifier_formats(self) -> None:
+        if self.defn.product_param() is not None:
+            return
+        places: list[tuple[tuple[str | int, ...], FieldSpec]] = [(("params", n), f) for n, f in self.defn.params.items()]
+        for i, step in enumerate(self.defn.steps):
+            if isinstance(step, HumanStepSpec):
+                places += [(("steps", i, "fields", n), f) for n, f in step.fields.items()]
+        for loc, spec in places:
+            if spec.format == "coi":
+                self.add((*loc, "format"), "format 'coi' checks against the run's product's 'coi_pattern'; "
+                         "the SOP needs a param of type 'product'")
 
     def _role(self, loc: tuple[str | int, ...], role: str) -> None:
         if self.institution is None or role in self.institution.roles:

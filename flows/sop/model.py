@@ -107,6 +107,9 @@ class FieldSpec(_Frozen):
     max: float | None = None
     # choice
     choices: tuple[str, ...] | None = None
+    # identifiers (type text)
+    format: Literal["isbt128_din", "coi"] | None = None
+    """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
 
     @field_validator("pattern")
     @classmethod
@@ -131,6 +134,8 @@ class FieldSpec(_Frozen):
             problems.append("type 'choice' needs a non-empty 'choices' list")
         if self.type != "choice" and self.choices is not None:
             problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
+        if self.format is not None and self.type != "text":
+            problems.append(f"'format' applies to type 'text', not {self.type!r}")
         if self.min is not None and self.max is not None and self.min > self.max:
             problems.append(f"'min' ({self.min}) is greater than 'max' ({self.max})")
         if problems:
@@ -168,6 +173,28 @@ class ProductSpec(_Frozen):
     unconfirmed: tuple[str, ...] = ()
     """Keys whose value the research could not confirm; the institution must set them."""
     source: str | None = None
+    coi_pattern: str | None = None
+    """Regular expression the whole value of a ``format: coi`` field must match for this product (the manufacturer's chain-of-identity id)."""
+    coi_example: str | None = None
+    """A chain-of-identity id that matches ``coi_pattern``, shown to people entering one."""
+
+    @field_validator("coi_pattern")
+    @classmethod
+    def _coi_pattern_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _coi_example_matches(self) -> ProductSpec:
+        if self.coi_example is not None and self.coi_pattern is None:
+            raise ValueError("'coi_example' needs a 'coi_pattern' it matches")
+        if self.coi_example is not None and self.coi_pattern is not None and not re.fullmatch(self.coi_pattern, self.coi_example):
+            raise ValueError(f"'coi_example' {self.coi_example!r} does not match 'coi_pattern' {self.coi_pattern!r}")
+        return self
 
 
 class ProductCatalogSpec(_Frozen):

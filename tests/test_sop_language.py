@@ -1,0 +1,101 @@
+"""Stage 1: the SOP-language additions (identifier formats, computed fields, ``when:``,
+deadlines, ``repeat:``) in the model, the load-time checks and the input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.errors import SopInputError
+from flows.sop import Catalog, coerce_values
+from flows.sop.identifiers import MOD37_2_CHARSET, din_check_character, normalize_din
+from flows.sop.model import FieldSpec, ProductSpec
+
+TESTS = Path(__file__).parent
+LANG = Catalog(TESTS / "sops" / "lang", TESTS / "sops" / "valid" / "templates")
+PRODUCTS = LANG.products("demo_hospital")
+
+
+# --------------------------------------------------------------------------- identifier formats
+
+def _mod37_2_valid(full: str) -> bool:
+    """ISO/IEC 7064 pure system, straight from its definition: with the check character at
+    position 1 counted from the right, sum(value_i * 2**(i-1)) over all 14 characters is 1 mod 37."""
+    values = [MOD37_2_CHARSET.index(c) for c in reversed(full)]
+    return sum(v * 2**i for i, v in enumerate(values)) % 37 == 1
+
+
+def test_din_check_character_matches_published_example() -> None:
+    """JPAC Red Book, Annex 2 (ISBT 128 check character calculation): G123 498 654 321 -> H (checksum 17)."""
+    assert din_check_character("G123498654321") == "H"
+    assert normalize_din("G1234 98 654321 H") == ("G123498654321H", None)
+
+
+@pytest.mark.parametrize("din", ["A999926123456", "W123425000001", "Z0Z0Z99999999", "000000000000" + "0", "G12349865432A"[:12] + "7"])
+def test_din_check_character_satisfies_iso_7064_definition(din: str) -> None:
+    check = din_check_character(din)
+
+    assert _mod37_2_valid(din + check)
+    assert sum(_mod37_2_valid(din + c) for c in MOD37_2_CHARSET) == 1  # exactly one character fits
+
+
+def test_din_wrong_check_character_names_the_expected_one() -> None:
+    din, problem = normalize_din("g1234 98 654321 x")
+
+    assert din == "G123498654321X"
+    assert problem == "check character 'X' is wrong for DIN G123498654321: ISO 7064 Mod 37-2 gives 'H'"
+
+
+@pytest.mark.parametrize("value", ["G1234 98 65432 H", "G1234 9A 654321 H", "G12-4 98 654321 H", ""])
+def test_din_malformed_is_refused(value: str) -> None:
+    assert "is not an ISBT 128 donation identification number" in (normalize_din(value)[1] or "")
+
+
+DIN = FieldSpec(type="text", format="isbt128_din", label="Donation identification number")
+COI = FieldSpec(type="text", format="coi")
+PARAMS = {"product": FieldSpec(type="product"), "coi": COI}
+
+
+def test_coerce_din_field_stores_it_without_spaces_and_names_field_on_error() -> None:
+    assert coerce_values({"din": DIN}, {"din": "G1234 98 654321 H"}, where="s step 'x'") == {"din": "G123498654321H"}
+    with pytest.raises(SopInputError) as info:
+        coerce_values({"din": DIN}, {"din": "G1234 98 654321 X"}, where="s step 'x'")
+    assert info.value.problems == ["s step 'x': din: 'G123498654321X' check character 'X' is wrong for DIN "
+                                   "G123498654321: ISO 7064 Mod 37-2 gives 'H'"]
+
+
+def test_coerce_coi_param_matches_the_products_pattern() -> None:
+    values = coerce_values(PARAMS, {"product": "tecartus", "coi": "KT-2026-000117"}, where="p params", products=PRODUCTS)
+    assert values["coi"] == "KT-2026-000117"
+    with pytest.raises(SopInputError) as info:
+        coerce_values(PARAMS, {"product": "tecartus", "coi": "KT-26-117"}, where="p params", products=PRODUCTS)
+    assert info.value.problems == ["p params: coi: 'KT-26-117' is not a chain-of-identity id of product 'tecartus': "
+                                   "it must match 'KT-[0-9]{4}-[0-9]{6}' (e.g. 'KT-2026-000117')"]
+
+
+def test_coerce_coi_without_pattern_for_the_product_is_refused_naming_product_and_key() -> None:
+    with pytest.raises(SopInputError) as info:
+        coerce_values(PARAMS, {"product": "abecma", "coi": "ANY-1"}, where="p params", products=PRODUCTS)
+    [problem] = info.value.problems
+    assert "product 'abecma' has no 'coi_pattern'" in problem
+
+
+def test_coerce_coi_step_field_uses_the_runs_product() -> None:
+    run_product = ("tecartus", PRODUCTS["tecartus"])
+    assert coerce_values({"c": COI}, {"c": "KT-2026-000001"}, where="w", product=run_product) == {"c": "KT-2026-000001"}
+    with pytest.raises(SopInputError, match="'KT-1' is not a chain-of-identity id of product 'tecartus'"):
+        coerce_values({"c": COI}, {"c": "KT-1"}, where="w", product=run_product)
+
+
+def test_coerce_coi_after_a_refused_product_reports_only_the_product() -> None:
+    with pytest.raises(SopInputError) as info:
+        coerce_values(PARAMS, {"product": "tecartsu", "coi": "KT-1"}, where="p params", products=PRODUCTS)
+    assert len(info.value.problems) == 1 and "params: product:" in info.value.problems[0]
+
+
+def test_product_coi_example_must_match_its_pattern() -> None:
+    with pytest.raises(ValueError, match="'coi_example' 'KT-1' does not match 'coi_pattern'"):
+        ProductSpec(name="x", mah="y", coi_pattern="KT-[0-9]{4}", coi_example="KT-1")
+    with pytest.raises(ValueError, match="'format' applies to type 'text', not 'number'"):
+        FieldSpec(type="number", format="isbt128_din")
