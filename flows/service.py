@@ -8,7 +8,7 @@ need it (start, submit), through ``flows.engine.client``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -43,6 +43,7 @@ __all__ = [
     "correct_step",
     "inbox",
     "list_runs",
+    "preview_step",
     "quality_record",
     "start_run",
     "submit_step",
@@ -67,6 +68,8 @@ class SubmitResult:
     signature_id: str
     signed_sha256: str
     resumed: bool
+    computed: dict[str, Any] = field(default_factory=dict)
+    """The values of the step's computed fields, as signed."""
 
 
 def _catalog(settings: Settings) -> Catalog:
@@ -224,8 +227,7 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
             state = rec.status if rec else "not reached yet"
             raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} is not waiting for input (it is {state})")
         s.expunge(run)
-    fields = human_fields(step)
-    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}", product=_run_product(run, sop))
+    data = _step_values(settings, run, sop, step, raw_values)
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
@@ -250,7 +252,43 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     if late is not None:
         raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {late}")
     resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id) if resume else False
-    return SubmitResult(run.id, step.id, sig_id, digest, resumed)
+    return SubmitResult(run.id, step.id, sig_id, digest, resumed, _computed(step, data))
+
+
+def _computed(step: Any, data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k, f in human_fields(step).items() if f.compute is not None}
+
+
+def _step_values(settings: Settings, run: SopRun, sop: Any, step: Any, raw_values: dict[str, Any],
+                 where: str | None = None) -> dict[str, Any]:
+    """A signer's entered values checked against the step's fields, plus its computed fields."""
+    fields = human_fields(step)
+    where = where or f"{sop.id} step {step.id!r}"
+    data = coerce_values(fields, raw_values, where=where, product=_run_product(run, sop))
+    if any(f.compute is not None for f in fields.values()):
+        from flows.engine.steps import RunContext
+        from flows.sop.inputs import compute_fields
+
+        with read_session(settings.database_url) as s:
+            context = RunContext(settings, run, sop, step_states(s, run.id)).expression_context()
+        data = compute_fields(fields, data, step_id=step.id, context=context, where=where)
+    return data
+
+
+def preview_step(settings: Settings, run_id: str, step_id: str, raw_values: dict[str, Any]) -> dict[str, Any]:
+    """What a signer would sign, without signing: ``{"values": all values, "computed": computed fields}``.
+
+    Shows the computed values (``compute:``) before the signer signs; writes nothing.
+
+    Raises:
+        StepNotWaitingError, SopInputError
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run, sop, step = _human_step(s, run_id, step_id)
+        s.expunge(run)
+    data = _step_values(settings, run, sop, step, raw_values)
+    return {"values": data, "computed": _computed(step, data)}
 
 
 @dataclass(frozen=True)
@@ -297,8 +335,8 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
         raise SopInputError([f"{where}: nothing to correct: give the corrected values with --set"])
     fields = human_fields(step)
     old = step_data(current)
-    data = coerce_values(fields, {**{k: v for k, v in old.items() if k in fields}, **raw_values}, where=where,
-                         product=_run_product(run, sop))
+    entered = {k: v for k, v in old.items() if k in fields and fields[k].compute is None}
+    data = _step_values(settings, run, sop, step, {**entered, **raw_values}, where)
     changes = changed_fields(old, data)
     if not changes:
         raise SopInputError([f"{where}: nothing to correct: the values given equal the current ones"])

@@ -9,8 +9,9 @@ import pytest
 
 from flows.errors import SopInputError
 from flows.sop import Catalog, coerce_values
+from flows.sop.inputs import compute_fields
 from flows.sop.identifiers import MOD37_2_CHARSET, din_check_character, normalize_din
-from flows.sop.model import FieldSpec, ProductSpec
+from flows.sop.model import FieldSpec, HumanStepSpec, ProductSpec
 
 TESTS = Path(__file__).parent
 LANG = Catalog(TESTS / "sops" / "lang", TESTS / "sops" / "valid" / "templates")
@@ -99,3 +100,58 @@ def test_product_coi_example_must_match_its_pattern() -> None:
         ProductSpec(name="x", mah="y", coi_pattern="KT-[0-9]{4}", coi_example="KT-1")
     with pytest.raises(ValueError, match="'format' applies to type 'text', not 'number'"):
         FieldSpec(type="number", format="isbt128_din")
+
+
+# --------------------------------------------------------------------------- computed fields
+
+COMPUTE = LANG.get_sop("demo_hospital", "lang_compute").definition
+ASSESS = COMPUTE.step("assess")
+
+
+def _assess(weight: float, fever: bool, hypotension: str, hypoxia: str) -> dict[str, object]:
+    assert isinstance(ASSESS, HumanStepSpec)
+    entered = coerce_values(ASSESS.fields, {"weight_kg": weight, "fever": fever, "hypotension": hypotension,
+                                            "hypoxia": hypoxia}, where="lang_compute step 'assess'")
+    assert entered == {"weight_kg": float(weight), "fever": fever, "hypotension": hypotension, "hypoxia": hypoxia}
+    return compute_fields(ASSESS.fields, entered, step_id="assess", context={"params": {}, "product": None},
+                          where="lang_compute step 'assess'")
+
+
+@pytest.mark.parametrize(("weight", "fever", "hypotension", "hypoxia", "grade", "dose"), [
+    (70, False, "none", "none", 0, 560),                      # no fever: no CRS; 8 mg/kg
+    (70, True, "none", "none", 1, 560),                       # fever only: grade 1
+    (120, True, "no_pressors", "high_flow", 3, 800),          # worse of the two decides; 8 mg/kg capped at 800 mg
+    (100, True, "multiple_pressors", "low_flow", 4, 800),     # exactly 800 mg at 100 kg
+    (29.5, True, "one_pressor", "positive_pressure", 4, 354),  # < 30 kg: 12 mg/kg
+    (30, True, "none", "low_flow", 2, 240),                   # 30 kg: 8 mg/kg
+])
+def test_computed_crs_grade_and_tocilizumab_dose(weight, fever, hypotension, hypoxia, grade, dose) -> None:
+    values = _assess(weight, fever, hypotension, hypoxia)
+
+    assert values["crs_grade"] == grade
+    assert values["toci_mg"] == pytest.approx(dose)
+
+
+def test_computed_field_cannot_be_entered() -> None:
+    assert isinstance(ASSESS, HumanStepSpec)
+    with pytest.raises(SopInputError) as info:
+        coerce_values(ASSESS.fields, {"weight_kg": 70, "fever": True, "hypotension": "none", "hypoxia": "none",
+                                      "toci_mg": 100}, where="w")
+    assert info.value.problems == ["w: toci_mg: is computed ('([assess.weight_kg * 8, 800] | min) if "
+                                   "assess.weight_kg >= 30 else assess.weight_kg * 12'); it cannot be entered"]
+
+
+def test_computed_value_breaking_its_rule_is_refused_naming_the_field() -> None:
+    fields = {"n": FieldSpec(type="number"), "twice": FieldSpec(type="number", max=10, compute="s.n * 2"),
+              "label": FieldSpec(type="choice", choices=("low", "high"), compute="'mid'")}
+    with pytest.raises(SopInputError) as info:
+        compute_fields(fields, {"n": 6.0}, step_id="s", context={}, where="w")
+    assert info.value.problems == ["w: twice: the computed value 12 is above the maximum 10",
+                                   "w: label: the computed value 'mid' is not one of the choices. "
+                                   "Expected one of: 'low', 'high'."]
+
+
+def test_computed_field_that_cannot_be_evaluated_says_why() -> None:
+    fields = {"n": FieldSpec(type="number", required=False), "twice": FieldSpec(type="number", compute="s.n * 2")}
+    with pytest.raises(SopInputError, match=r"w: twice: could not be computed: compute 's.n \* 2' failed"):
+        compute_fields(fields, {"n": None}, step_id="s", context={}, where="w")

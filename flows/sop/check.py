@@ -143,6 +143,8 @@ class _Checker:
     def params(self) -> None:
         first: str | None = None
         for name, spec in self.defn.params.items():
+            if spec.compute is not None:
+                self.add(("params", name, "compute"), "'compute' applies to step fields, not params")
             if spec.type != "product":
                 continue
             if first is None:
@@ -254,7 +256,7 @@ class _Checker:
                 f"template {step.template!r} not found in {where}. {hint}".rstrip(),
             )
 
-    def _scope(self, position: int, *, message: bool) -> Scope:
+    def _scope(self, position: int, *, message: bool, reader: str | None = None) -> Scope:
         names: dict[str, frozenset[str]] = {"params": frozenset(self.defn.params)}
         unavailable: dict[str, str] = {}
         if self.defn.product_param() is not None:
@@ -263,11 +265,11 @@ class _Checker:
             unavailable["product"] = (
                 "is only available when the SOP declares a param of type 'product'"
             )
-        if message:
+        if message or reader is not None:
             names["run"] = frozenset({"id", "sop_id", "institution"})
         else:
             unavailable["run"] = "is only available in notify messages"
-        reader = "a notify message" if message else "a check"
+        reader = reader or ("a notify message" if message else "a check")
         for i, step in enumerate(self.defn.steps):
             if step.id in names or step.id in RESERVED_NAMES:
                 continue
@@ -294,6 +296,21 @@ class _Checker:
             elif isinstance(step, NotifyStepSpec):
                 for msg in check_message(step.message, self._scope(i, message=True)):
                     self.add(("steps", i, "message"), f"step {step.id!r}: {msg}")
+            if isinstance(step, HumanStepSpec):
+                self.computed(i, step)
+
+    def computed(self, i: int, step: HumanStepSpec) -> None:
+        """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones."""
+        scope = self._scope(i, message=False, reader="a computed field")
+        readable = {n for n, f in step.fields.items() if f.compute is None}
+        for name, spec in step.fields.items():
+            if spec.compute is None:
+                continue
+            here = Scope({**scope.names, step.id: frozenset(readable)},
+                         {k: v for k, v in scope.unavailable.items() if k != step.id})
+            for msg in check_expression(spec.compute, here):
+                self.add(("steps", i, "fields", name, "compute"), f"step {step.id!r}: {msg}")
+            readable.add(name)
 
 
 def check_sop(

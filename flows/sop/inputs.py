@@ -18,10 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flows.errors import SopInputError
+from flows.sop.expressions import ExpressionError, evaluate_value
 from flows.sop.identifiers import normalize_din
 from flows.sop.model import FieldSpec, ProductSpec
 
-__all__ = ["coerce_values"]
+__all__ = ["coerce_values", "compute_fields"]
 
 _TRUE = frozenset({"true", "yes", "1"})
 _FALSE = frozenset({"false", "no", "0"})
@@ -195,12 +196,16 @@ def coerce_values(
     """
     problems: list[str] = []
     for key in raw:
-        if key not in fields:
+        if key in fields and fields[key].compute is not None:
+            problems.append(f"{where}: {key}: is computed ({fields[key].compute!r}); it cannot be entered")
+        elif key not in fields:
             problems.append(
                 f"{where}: unknown field {key!r}.{_hint(str(key), list(fields))}"
             )
     values: dict[str, Any] = {}
     for name, spec in fields.items():
+        if spec.compute is not None:
+            continue  # compute_fields fills it in
         value = raw.get(name)
         if _is_empty(value):
             if spec.required:
@@ -233,3 +238,44 @@ def _param_product(fields: Mapping[str, FieldSpec], values: Mapping[str, Any],
         if spec.type == "product" and values.get(name) in products:
             return values[name], products[values[name]]
     return None
+
+
+def compute_fields(
+    fields: Mapping[str, FieldSpec],
+    entered: Mapping[str, Any],
+    *,
+    step_id: str,
+    context: Mapping[str, Any],
+    where: str,
+) -> dict[str, Any]:
+    """The entered values plus every computed field (``compute:``), in declaration order.
+
+    Each expression reads ``context`` (params, product, run, earlier steps) and this step's
+    values so far as ``<step_id>.<field>``; its value is checked like an entered one (a number's
+    ``min``/``max``, a choice's ``choices``).
+
+    Raises:
+        SopInputError: every field that could not be computed, or whose value breaks its rule.
+    """
+    data = dict(entered)
+    problems: list[str] = []
+    for name, spec in fields.items():
+        if spec.compute is None:
+            continue
+        data[name] = None
+        try:
+            value = evaluate_value(spec.compute, {**context, step_id: data}, "compute")
+            if value is None or (isinstance(value, str) and not value.strip()):
+                if spec.required:
+                    raise _Bad(f"{spec.compute!r} gives no value")
+                continue
+            if spec.type == "text" and not isinstance(value, str):
+                value = str(value)
+            data[name] = _coerce(spec, value, {})
+        except ExpressionError as exc:
+            problems.append(f"{where}: {name}: could not be computed: {exc}")
+        except _Bad as exc:
+            problems.append(f"{where}: {name}: the computed value {exc}")
+    if problems:
+        raise SopInputError(problems)
+    return data

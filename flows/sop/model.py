@@ -110,6 +110,8 @@ class FieldSpec(_Frozen):
     # identifiers (type text)
     format: Literal["isbt128_din", "coi"] | None = None
     """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
+    compute: str | None = None
+    """A step field nobody enters: this expression's value at submit time (number, text or choice fields)."""
 
     @field_validator("pattern")
     @classmethod
@@ -136,6 +138,8 @@ class FieldSpec(_Frozen):
             problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
         if self.format is not None and self.type != "text":
             problems.append(f"'format' applies to type 'text', not {self.type!r}")
+        if self.compute is not None and self.type not in ("number", "text", "choice"):
+            problems.append(f"'compute' applies to types 'number', 'text' and 'choice', not {self.type!r}")
         if self.min is not None and self.max is not None and self.min > self.max:
             problems.append(f"'min' ({self.min}) is greater than 'max' ({self.max})")
         if problems:
