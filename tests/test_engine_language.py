@@ -67,3 +67,33 @@ def test_computed_values_are_previewed_signed_and_stored(lang):
 def test_coi_param_is_checked_against_the_products_pattern_at_start(lang):
     with pytest.raises(SopInputError, match="is not a chain-of-identity id of product 'tecartus'"):
         _start(lang, "lang_compute", {"product": "tecartus", "coi": "COI-0001"})
+
+
+def test_when_false_skips_steps_and_later_steps_read_their_fields_as_none(lang):
+    run_id = _start(lang, "lang_when")
+    sign(lang, run_id, "assess", "doc", {"fever": "no"})
+
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    assert rec["run"]["status"] == "completed"
+    steps = _steps(rec)
+    assert {k: v["status"] for k, v in steps.items()} == {
+        "assess": "done", "give_toci": "skipped", "dose_sane": "done", "tell_pharmacy": "skipped"}
+    assert steps["give_toci"]["data"] == {"when": "assess.fever", "value": False}
+    assert steps["dose_sane"]["data"]["passed"] is True
+    skipped = [h for h in rec["history"] if h["status"] == "skipped"]
+    assert [h["step_id"] for h in skipped] == ["give_toci", "tell_pharmacy"]
+    assert skipped[0]["reason"] == "'when' is false: assess.fever"
+    assert any(e["action"] == "step.skipped" for e in rec["audit_events"])
+
+
+def test_when_true_runs_the_step(lang):
+    run_id = _start(lang, "lang_when")
+    sign(lang, run_id, "assess", "doc", {"fever": "yes"})
+    sign(lang, run_id, "give_toci", "doc", {"dose_mg": "560"})
+
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    assert {k: v["status"] for k, v in _steps(rec).items()} == {
+        "assess": "done", "give_toci": "done", "dose_sane": "done", "tell_pharmacy": "done"}
+    assert "Tocilizumab 560.0 mg given" in _steps(rec)["tell_pharmacy"]["data"]["message"]

@@ -28,6 +28,7 @@ from flows.engine.steps import (
     STEP_KINDS,
     RunContext,
     load_context,
+    run_when,
     send,
     set_run_status,
 )
@@ -117,6 +118,8 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
     for step in ctx.sop.steps:
         ctx.refresh()
         rec = ctx.states.get(step.id)
+        if rec is not None and rec.status == "skipped":
+            continue
         if rec is not None and rec.status == "done":
             if step.kind == "approve" and step_data(rec).get("decision") == "reject":
                 # Re-entered after a crash between the signed reject and the run's end: still rejected.
@@ -126,6 +129,12 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             with write_session(ctx.url) as s:
                 set_run_status(s, run_id, "running")
             running = True
+        if rec is None and step.when is not None and f"{step.id}#1" not in ctx.states:
+            go, problem = run_when(ctx, step)
+            if problem:
+                get_run_logger().warning("step %s runs: its 'when' could not be evaluated: %s", step.id, problem)
+            if not go:
+                continue
         if step.kind in HUMAN_KINDS:
             data = await _human(ctx, step)  # type: ignore[arg-type]
             if step.kind == "approve" and data.get("decision") == "reject":

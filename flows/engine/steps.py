@@ -84,6 +84,9 @@ class RunContext:
             rec = self.states.get(step.id)
             if step.kind in HUMAN_KINDS and rec is not None and rec.status == "done":
                 ctx[step.id] = step_data(rec)
+            elif step.kind in HUMAN_KINDS and rec is not None and rec.status == "skipped":
+                # A skipped step's values read as none ('when:' of a later step may test them).
+                ctx[step.id] = dict.fromkeys([*getattr(step, "fields", {}), "signed_by", "decision"])
         return ctx
 
 
@@ -119,6 +122,24 @@ def set_run_status(session: Session, run_id: str, status: str, detail: str | Non
         return
     ev = RunEvent(run_id=run_id, n=next_n(session, RunEvent, run_id), status=status, detail=detail, at=utcnow())
     ledger.append(session, ev, actor=SYSTEM, action=f"run.{status}")
+
+
+def run_when(ctx: RunContext, step: Any) -> tuple[bool, str | None]:
+    """Whether the walk runs ``step`` now: ``(True, None)`` without ``when:`` or when it holds;
+    ``(False, None)`` after recording the step ``skipped``; ``(True, problem)`` when the condition
+    cannot be evaluated (the step then runs: skipping a step nobody chose to skip is the worse error)."""
+    if step.when is None:
+        return True, None
+    try:
+        holds = evaluate_check(step.when, ctx.expression_context())
+    except ExpressionError as exc:
+        return True, str(exc)
+    if not holds:
+        with write_session(ctx.url) as s:
+            if step_states(s, ctx.run.id).get(step.id) is None:
+                write_step(s, ctx.run.id, step.id, step.kind, "skipped", {"when": step.when, "value": False},
+                           reason=f"'when' is false: {step.when}")
+    return holds, None
 
 
 def run_check(ctx: RunContext, step: CheckStepSpec, task_run_id: str | None) -> bool:

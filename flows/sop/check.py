@@ -298,6 +298,10 @@ class _Checker:
                     self.add(("steps", i, "message"), f"step {step.id!r}: {msg}")
             if isinstance(step, HumanStepSpec):
                 self.computed(i, step)
+            if step.when is not None:
+                scope = self._scope(i, message=False, reader="a 'when' condition")
+                for msg in check_expression(step.when, scope):
+                    self.add(("steps", i, "when"), f"step {step.id!r}: {msg}")
 
     def computed(self, i: int, step: HumanStepSpec) -> None:
         """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones."""

@@ -219,6 +219,8 @@ class _StepBase(_Frozen):
     id: Id
     title: str | None = None
     description: str | None = None
+    when: str | None = None
+    """Expression read when the walk reaches the step; false: the step is recorded ``skipped`` and never runs."""
 
 
 class HumanStepSpec(_StepBase):
