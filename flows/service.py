@@ -26,6 +26,7 @@ from flows.errors import (
 )
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
+from flows.record.deadlines import deadline_states
 from flows.record.query import run_record, stored_sop
 from flows.record.state import run_status, signer_problem, step_states
 from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
@@ -271,7 +272,8 @@ def _step_values(settings: Settings, run: SopRun, sop: Any, step: Any, raw_value
 
         with read_session(settings.database_url) as s:
             context = RunContext(settings, run, sop, step_states(s, run.id)).expression_context()
-        data = compute_fields(fields, data, step_id=step.id, context=context, where=where)
+        # A repetition <step>#<n> reads its own entries as <step>.<field>, like the step itself.
+        data = compute_fields(fields, data, step_id=step.id.partition("#")[0], context=context, where=where)
     return data
 
 
@@ -400,6 +402,8 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
             if not roles:
                 continue
             sop = stored_sop(s, run)
+            # The run's deadlines still counting down (or past due), for "time left" beside its steps.
+            clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
             for step_id, rec in step_states(s, run.id).items():
                 step = find_human_step(sop, step_id)
                 if rec.status == "waiting" and step is not None and step.role in roles:
@@ -407,8 +411,20 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
                                 "cannot_sign": signer_problem(s, run, sop, step, user.id),
-                                "overdue_since": overdue.get((run.id, step_id))})
+                                "overdue_since": overdue.get((run.id, step_id)), "deadlines": clocks,
+                                "due_at": _repetition_due(s, run.id, sop, step_id)})
     return sorted(out, key=lambda x: x["since"])
+
+
+def _repetition_due(session: Session, run_id: str, sop: Any, step_id: str) -> str | None:
+    """When repetition ``<step>#<n>`` is due (the previous one's signing + ``every``); None otherwise."""
+    base, _, n = step_id.partition("#")
+    if not n:
+        return None
+    from flows.record.deadlines import repetitions
+
+    due: str | None = repetitions(session, run_id, sop.step(base))["next_due_at"]
+    return due
 
 
 def quality_record(settings: Settings, run_id: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ fixture's staff can sign them); each test trains its signers on the SOP it runs.
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,112 @@ def test_when_true_runs_the_step(lang):
     assert {k: v["status"] for k, v in _steps(rec).items()} == {
         "assess": "done", "give_toci": "done", "dose_sane": "done", "tell_pharmacy": "done"}
     assert "Tocilizumab 560.0 mg given" in _steps(rec)["tell_pharmacy"]["data"]["message"]
+
+
+def _at(moment) -> str:
+    return moment.isoformat()
+
+
+def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
+    from flows.record.tables import utcnow
+
+    thaw_end = utcnow() - timedelta(minutes=10)
+    run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
+    sign(lang, run_id, "thaw", "tech", {"thaw_end": _at(thaw_end)})
+    rec = wait_for(lang, run_id, step="infusion")
+
+    clock = {d["id"]: d for d in rec["deadlines"]}["thaw_to_infusion_end"]
+    assert clock["state"] == "running"
+    assert clock["limit_seconds"] == 30 * 60  # tecartus's thaw_to_infusion_max_min in the test catalogue
+    assert clock["due_at"] == _at(thaw_end + timedelta(minutes=30))
+    assert 19 * 60 < clock["seconds_left"] <= 20 * 60
+    [item] = [i for i in service.inbox(lang, "doc") if i["run_id"] == run_id]
+    assert {d["id"]: d["state"] for d in item["deadlines"]} == {"thaw_to_infusion_end": "running",
+                                                                "signed_within_a_day": "running"}
+
+    sign(lang, run_id, "infusion", "doc", {"infusion_end": _at(thaw_end + timedelta(minutes=25))})
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    states = {d["id"]: d for d in rec["deadlines"]}
+    assert states["thaw_to_infusion_end"]["state"] == "met"
+    assert states["thaw_to_infusion_end"]["elapsed_seconds"] == 25 * 60
+    assert states["signed_within_a_day"]["state"] == "met"
+    assert rec["deviations"] == []
+
+
+def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, receiver):
+    from flows.record.tables import utcnow
+
+    thaw_end = utcnow() - timedelta(minutes=5)
+    run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
+    sign(lang, run_id, "thaw", "tech", {"thaw_end": _at(thaw_end)})
+    sign(lang, run_id, "infusion", "doc", {"infusion_end": _at(thaw_end + timedelta(minutes=41))})
+
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    assert rec["run"]["status"] == "completed"
+    [dev] = rec["deviations"]
+    assert (dev["kind"], dev["step_id"], dev["classification"], dev["quarantine"]) == (
+        "deadline", "thaw_to_infusion_end", "major", False)
+    assert dev["description"] == ("deadline 'End of thaw to end of infusion' breached: 41m from thaw.thaw_end to "
+                                  "infusion.infusion_end, more than its limit of 30m")
+    assert {d["id"]: d["state"] for d in rec["deadlines"]}["thaw_to_infusion_end"] == "breached"
+    assert any(e["action"] == "deviation.open" and e["object_id"] == dev["id"] for e in rec["audit_events"])
+    msg = receiver.wait_for(lambda m: m["path"] == "/qa" and run_id in m.get("message", ""))
+    assert msg is not None
+    assert "deadline breached" in msg["title"]
+
+
+def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
+    from flows.engine.deadlines import sweep_deadlines
+    from flows.record.tables import utcnow
+
+    thaw_end = utcnow() - timedelta(minutes=1)
+    run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
+    sign(lang, run_id, "thaw", "tech", {"thaw_end": _at(thaw_end)})
+    wait_for(lang, run_id, step="infusion")
+
+    assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=29)) == 0
+    assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=31)) == 1
+    assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=45)) == 0
+    rec = service.quality_record(lang, run_id)
+    [dev] = rec["deviations"]
+    assert dev["description"].startswith("deadline 'End of thaw to end of infusion' overdue: infusion.infusion_end "
+                                         "not recorded within 30m of thaw.thaw_end")
+
+    sign(lang, run_id, "infusion", "doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    assert [d["id"] for d in rec["deviations"]] == [dev["id"]]  # the breach at 'to' opens no second one
+    assert {d["id"]: d["state"] for d in rec["deadlines"]}["thaw_to_infusion_end"] == "breached"
+
+
+def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
+    from datetime import datetime
+
+    run_id = _start(lang, "lang_repeat")
+    sign(lang, run_id, "obs#1", "doc", {"ice_score": "8"})
+    rec = wait_for(lang, run_id, step="obs#2")
+
+    steps = _steps(rec)
+    assert steps["obs"]["status"] == "repeating"
+    assert steps["obs#1"]["data"] == {"ice_score": 8.0, "icans_grade": 1.0}
+    signed_at = datetime.fromisoformat(steps["obs#1"]["signature"]["signed_at"])
+    due = _at(signed_at + timedelta(hours=4))
+    assert steps["obs"]["repeat"]["next"] == "obs#2"
+    assert steps["obs"]["repeat"]["next_due_at"] == due
+    [item] = [i for i in service.inbox(lang, "doc") if i["run_id"] == run_id]
+    assert (item["step_id"], item["title"], item["due_at"]) == ("obs#2", "ICE assessment", due)
+
+    sign(lang, run_id, "obs#2", "doc", {"ice_score": "10"})
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    steps = _steps(rec)
+    assert rec["run"]["status"] == "completed"
+    assert steps["obs"]["status"] == "done"
+    assert steps["obs"]["data"] == {"repetitions": 2, "ended_by": "until"}
+    assert steps["obs"]["repeat"]["next"] is None
+    assert steps["obs#2"]["data"] == {"ice_score": 10.0, "icans_grade": 0.0}
+    assert steps["obs#2"]["signature"]["valid"]
+    assert "obs#3" not in steps
+    assert steps["worst_recorded"]["data"]["passed"] is True

@@ -9,8 +9,8 @@ import pytest
 
 from flows.errors import SopInputError
 from flows.sop import Catalog, coerce_values
-from flows.sop.inputs import compute_fields
 from flows.sop.identifiers import MOD37_2_CHARSET, din_check_character, normalize_din
+from flows.sop.inputs import compute_fields
 from flows.sop.model import FieldSpec, HumanStepSpec, ProductSpec
 
 TESTS = Path(__file__).parent
@@ -92,7 +92,8 @@ def test_coerce_coi_step_field_uses_the_runs_product() -> None:
 def test_coerce_coi_after_a_refused_product_reports_only_the_product() -> None:
     with pytest.raises(SopInputError) as info:
         coerce_values(PARAMS, {"product": "tecartsu", "coi": "KT-1"}, where="p params", products=PRODUCTS)
-    assert len(info.value.problems) == 1 and "params: product:" in info.value.problems[0]
+    [problem] = info.value.problems
+    assert "params: product:" in problem
 
 
 def test_product_coi_example_must_match_its_pattern() -> None:
@@ -155,3 +156,29 @@ def test_computed_field_that_cannot_be_evaluated_says_why() -> None:
     fields = {"n": FieldSpec(type="number", required=False), "twice": FieldSpec(type="number", compute="s.n * 2")}
     with pytest.raises(SopInputError, match=r"w: twice: could not be computed: compute 's.n \* 2' failed"):
         compute_fields(fields, {"n": None}, step_id="s", context={}, where="w")
+
+
+# --------------------------------------------------------------------------- the JSON Schema keeps up
+
+@pytest.mark.parametrize("path", sorted((TESTS / "sops" / "lang" / "demo_hospital").glob("lang_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_sop_json_schema_accepts_every_language_addition(path: Path) -> None:
+    import jsonschema
+    import yaml
+
+    from flows.sop.schema import sop_json_schema
+
+    LANG.get_sop("demo_hospital", path.stem)  # loads and checks
+    jsonschema.validate(yaml.safe_load(path.read_text(encoding="utf-8")), sop_json_schema())
+
+
+def test_sop_json_schema_refuses_a_misspelt_deadline_key() -> None:
+    import jsonschema
+
+    from flows.sop.schema import sop_json_schema
+
+    doc = {"schema_version": 1, "id": "x", "title": "x", "version": 1,
+           "steps": [{"id": "a", "kind": "record", "role": "qa", "fields": {}}],
+           "deadlines": [{"id": "d", "form": "a", "to": "a", "within": "30m"}]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, sop_json_schema())

@@ -87,7 +87,19 @@ class RunContext:
             elif step.kind in HUMAN_KINDS and rec is not None and rec.status == "skipped":
                 # A skipped step's values read as none ('when:' of a later step may test them).
                 ctx[step.id] = dict.fromkeys([*getattr(step, "fields", {}), "signed_by", "decision"])
+            if getattr(step, "repeat", None) is not None:
+                # <step> is the latest repetition, <step>_all every one of them, in order.
+                reps = self.repetitions(step.id)
+                ctx[f"{step.id}_all"] = [step_data(r) for r in reps]
+                if reps:
+                    ctx[step.id] = step_data(reps[-1])
         return ctx
+
+    def repetitions(self, step_id: str) -> list[StepRecord]:
+        """The done repetitions ``<step>#<n>`` of a repeated step, by n."""
+        reps = [(int(k.partition("#")[2]), r) for k, r in self.states.items()
+                if k.startswith(f"{step_id}#") and r.status == "done"]
+        return [r for _, r in sorted(reps, key=lambda x: x[0])]
 
 
 def load_context(settings: Settings, run_id: str, wait: float = 10.0) -> RunContext:

@@ -37,8 +37,11 @@ from pydantic import (
 __all__ = [
     "HUMAN_KINDS",
     "ID_PATTERN",
+    "STEP_REF_PATTERN",
     "ApproveStepSpec",
     "CheckStepSpec",
+    "DeadlineDeviationSpec",
+    "DeadlineSpec",
     "DeviationSpec",
     "DocumentStepSpec",
     "FieldSpec",
@@ -48,6 +51,7 @@ __all__ = [
     "ProductCatalogSpec",
     "ProductSpec",
     "RecordStepSpec",
+    "RepeatSpec",
     "RoleSpec",
     "SopDefinition",
     "StepSpec",
@@ -239,9 +243,21 @@ class HumanStepSpec(_StepBase):
     timeout_deviation: TimeoutDeviationSpec = Field(default_factory=TimeoutDeviationSpec)
 
 
+class RepeatSpec(_Frozen):
+    """Repeated measurements: each repetition ``<step>#<n>`` is its own signed record."""
+
+    every: Duration
+    """The next repetition is due this long after the previous one was signed."""
+    times: int = Field(ge=1)
+    """At most this many repetitions."""
+    until: str | None = None
+    """Read after each repetition (``<step>`` is the latest, ``<step>_all`` all of them); true ends the step."""
+
+
 class RecordStepSpec(HumanStepSpec):
     kind: Literal["record"]
     fields: dict[Id, FieldSpec]
+    repeat: RepeatSpec | None = None
 
 
 class VerifyStepSpec(HumanStepSpec):
@@ -291,6 +307,40 @@ StepSpec = Annotated[
 
 HUMAN_KINDS = frozenset({"record", "verify", "approve"})
 
+STEP_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
+"""A deadline's end: ``<step>.<datetime field>``, or ``<step>`` (the time that step was signed)."""
+
+
+class DeadlineDeviationSpec(_Frozen):
+    """The deviation a breached deadline opens; the run goes on."""
+
+    classification: Literal["minor", "major", "critical"] = "major"
+    description: str | None = None
+    quarantine: bool = False
+    notify: tuple[Id, ...] = ("qa",)
+    """The roles told when it opens."""
+
+
+class DeadlineSpec(_Frozen):
+    """A time limit between two recorded times of a run (``deadlines:``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    id: Id
+    title: str | None = None
+    from_: str = Field(alias="from", pattern=STEP_REF_PATTERN)
+    to: str = Field(pattern=STEP_REF_PATTERN)
+    within: Duration | None = None
+    within_min: str | None = None
+    """An expression over ``params``, ``product`` and ``run`` giving the limit in minutes."""
+    deviation: DeadlineDeviationSpec = Field(default_factory=DeadlineDeviationSpec)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> DeadlineSpec:
+        if (self.within is None) == (self.within_min is None):
+            raise ValueError("give exactly one of 'within' (a duration like '30m') and 'within_min' (an expression in minutes)")
+        return self
+
 
 class SopDefinition(_Frozen):
     """One SOP revision: ``sops/<institution>/<id>.yaml``."""
@@ -304,6 +354,8 @@ class SopDefinition(_Frozen):
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     distinct_signers: tuple[tuple[Id, ...], ...] = ()
     """Groups of human steps that must each be signed by a different person."""
+    deadlines: tuple[DeadlineSpec, ...] = ()
+    """Time limits between recorded times; a breach opens a deviation and the run goes on."""
 
     def step(self, step_id: str) -> StepSpec:
         for s in self.steps:
