@@ -8,7 +8,7 @@ need it (start, submit), through ``flows.engine.client``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -26,12 +26,14 @@ from flows.errors import (
 )
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
+from flows.record.deadlines import deadline_states
 from flows.record.query import run_record, stored_sop
 from flows.record.state import run_status, signer_problem, step_states
 from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
 from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
+from flows.sop.model import ProductSpec
 
 FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
 
@@ -42,6 +44,7 @@ __all__ = [
     "correct_step",
     "inbox",
     "list_runs",
+    "preview_step",
     "quality_record",
     "start_run",
     "submit_step",
@@ -66,6 +69,8 @@ class SubmitResult:
     signature_id: str
     signed_sha256: str
     resumed: bool
+    computed: dict[str, Any] = field(default_factory=dict)
+    """The values of the step's computed fields, as signed."""
 
 
 def _catalog(settings: Settings) -> Catalog:
@@ -146,6 +151,14 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
 
 
+def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:
+    """The run's product as it stood when the run started (``format: coi`` fields are checked against it)."""
+    name = sop.product_param()
+    if name is None or not run.product_json:
+        return None
+    return json.loads(run.params_json)[name], ProductSpec.model_validate(json.loads(run.product_json))
+
+
 def _find_run(session: Session, run_id: str) -> SopRun:
     run = session.get(SopRun, run_id)
     if run is None:
@@ -215,8 +228,7 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
             state = rec.status if rec else "not reached yet"
             raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} is not waiting for input (it is {state})")
         s.expunge(run)
-    fields = human_fields(step)
-    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    data = _step_values(settings, run, sop, step, raw_values)
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
@@ -241,7 +253,44 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     if late is not None:
         raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {late}")
     resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id) if resume else False
-    return SubmitResult(run.id, step.id, sig_id, digest, resumed)
+    return SubmitResult(run.id, step.id, sig_id, digest, resumed, _computed(step, data))
+
+
+def _computed(step: Any, data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k, f in human_fields(step).items() if f.compute is not None}
+
+
+def _step_values(settings: Settings, run: SopRun, sop: Any, step: Any, raw_values: dict[str, Any],
+                 where: str | None = None) -> dict[str, Any]:
+    """A signer's entered values checked against the step's fields, plus its computed fields."""
+    fields = human_fields(step)
+    where = where or f"{sop.id} step {step.id!r}"
+    data = coerce_values(fields, raw_values, where=where, product=_run_product(run, sop))
+    if any(f.compute is not None for f in fields.values()):
+        from flows.engine.steps import RunContext
+        from flows.sop.inputs import compute_fields
+
+        with read_session(settings.database_url) as s:
+            context = RunContext(settings, run, sop, step_states(s, run.id)).expression_context()
+        # A repetition <step>#<n> reads its own entries as <step>.<field>, like the step itself.
+        data = compute_fields(fields, data, step_id=step.id.partition("#")[0], context=context, where=where)
+    return data
+
+
+def preview_step(settings: Settings, run_id: str, step_id: str, raw_values: dict[str, Any]) -> dict[str, Any]:
+    """What a signer would sign, without signing: ``{"values": all values, "computed": computed fields}``.
+
+    Shows the computed values (``compute:``) before the signer signs; writes nothing.
+
+    Raises:
+        StepNotWaitingError, SopInputError
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run, sop, step = _human_step(s, run_id, step_id)
+        s.expunge(run)
+    data = _step_values(settings, run, sop, step, raw_values)
+    return {"values": data, "computed": _computed(step, data)}
 
 
 @dataclass(frozen=True)
@@ -288,7 +337,8 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
         raise SopInputError([f"{where}: nothing to correct: give the corrected values with --set"])
     fields = human_fields(step)
     old = step_data(current)
-    data = coerce_values(fields, {**{k: v for k, v in old.items() if k in fields}, **raw_values}, where=where)
+    entered = {k: v for k, v in old.items() if k in fields and fields[k].compute is None}
+    data = _step_values(settings, run, sop, step, {**entered, **raw_values}, where)
     changes = changed_fields(old, data)
     if not changes:
         raise SopInputError([f"{where}: nothing to correct: the values given equal the current ones"])
@@ -352,6 +402,8 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
             if not roles:
                 continue
             sop = stored_sop(s, run)
+            # The run's deadlines still counting down (or past due), for "time left" beside its steps.
+            clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
             for step_id, rec in step_states(s, run.id).items():
                 step = find_human_step(sop, step_id)
                 if rec.status == "waiting" and step is not None and step.role in roles:
@@ -359,8 +411,20 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
                                 "cannot_sign": signer_problem(s, run, sop, step, user.id),
-                                "overdue_since": overdue.get((run.id, step_id))})
+                                "overdue_since": overdue.get((run.id, step_id)), "deadlines": clocks,
+                                "due_at": _repetition_due(s, run.id, sop, step_id)})
     return sorted(out, key=lambda x: x["since"])
+
+
+def _repetition_due(session: Session, run_id: str, sop: Any, step_id: str) -> str | None:
+    """When repetition ``<step>#<n>`` is due (the previous one's signing + ``every``); None otherwise."""
+    base, _, n = step_id.partition("#")
+    if not n:
+        return None
+    from flows.record.deadlines import repetitions
+
+    due: str | None = repetitions(session, run_id, sop.step(base))["next_due_at"]
+    return due
 
 
 def quality_record(settings: Settings, run_id: str) -> dict[str, Any]:

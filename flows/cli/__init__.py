@@ -166,7 +166,8 @@ def start(sop_id: str, institution: Annotated[str, typer.Option(help="Institutio
 @app.command("submit")
 def submit(run_id: str, step_id: str, username: AsOpt, set_: SetOpt = None,
            json_file: Annotated[Path | None, typer.Option("--json", help="A JSON file of field values.")] = None,
-           password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+           password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+           preview: Annotated[bool, typer.Option("--preview", help="Show the computed values; sign nothing.")] = False) -> None:
     """Enter a step's data and sign it (re-authenticates with your password)."""
     from flows import service
 
@@ -180,7 +181,15 @@ def submit(run_id: str, step_id: str, username: AsOpt, set_: SetOpt = None,
             raise typer.BadParameter(f"{json_file}: expected a JSON object of field values", param_hint="--json")
         values.update(loaded)
     values.update(_pairs(set_))
+    if preview:
+        shown = _run(service.preview_step, _settings(), run_id, step_id, values)
+        for name, value in shown["computed"].items():
+            out.print(f"{name} = {escape(str(value))}  (computed)")
+        out.print("nothing signed: run it again without --preview to sign these values")
+        return
     res = _run(service.submit_step, _settings(), run_id, step_id, username, _password(username, password_env), values)
+    for name, value in res.computed.items():
+        out.print(f"{name} = {escape(str(value))}  (computed, signed)")
     tail = "the run goes on" if res.resumed else "the executor will resume the run"
     out.print(f"signed {res.step_id} of run {res.run_id[:8]}: signature {res.signature_id} (sha256 {res.signed_sha256[:12]}); {tail}")
 

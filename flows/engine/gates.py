@@ -15,9 +15,16 @@ from flows.record.ledger import verify_signature
 from flows.record.query import disposition_id
 from flows.record.state import signer_problem, step_data, step_states
 from flows.record.tables import Signature
-from flows.sop.model import ApproveStepSpec, CheckStepSpec, FieldSpec, HumanStepSpec
+from flows.sop.model import (
+    ApproveStepSpec,
+    CheckStepSpec,
+    FieldSpec,
+    HumanStepSpec,
+    RecordStepSpec,
+)
 
-__all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate"]
+__all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate",
+           "repetition"]
 
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
@@ -90,8 +97,19 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
         return data, None
 
 
+def repetition(step: RecordStepSpec, n: int) -> RecordStepSpec:
+    """Repetition ``n`` (1, 2, …) of a repeated record step: the same step, signed as ``<step>#<n>``."""
+    return step.model_copy(update={"id": f"{step.id}#{n}"})
+
+
 def find_human_step(sop: Any, step_id: str) -> HumanStepSpec | None:
-    """The human step (or a failed check's disposition step) with this id, if any."""
+    """The human step (a failed check's disposition step, a repetition ``<step>#<n>``) with this id, if any."""
+    base, _, n = step_id.partition("#")
+    if n:
+        step = next((s for s in sop.steps if s.id == base), None)
+        if isinstance(step, RecordStepSpec) and step.repeat is not None and n.isdigit() and 1 <= int(n) <= step.repeat.times:
+            return repetition(step, int(n))
+        return None
     for step in sop.steps:
         if step.id == step_id and isinstance(step, HumanStepSpec):
             return step

@@ -14,6 +14,7 @@ import yaml
 from sqlmodel import Session, col, select
 
 from flows.errors import RecordError
+from flows.record.deadlines import deadline_states, repetitions
 from flows.record.ledger import canonical, verify_signature
 from flows.record.state import run_status
 from flows.record.tables import (
@@ -113,11 +114,22 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
     for step in sop.steps:
         fields = getattr(step, "fields", {}) if step.kind in HUMAN_KINDS else {}
         steps.append(step_entry(step.id, step.kind, step.title, fields, getattr(step, "timeout", None)))
+        if getattr(step, "repeat", None) is not None:
+            # The step's own entry says how far it is; each repetition <step>#<n> follows as its own entry.
+            steps[-1]["repeat"] = repetitions(session, run.id, step, latest)  # type: ignore[arg-type]
+            if steps[-1]["status"] == "not reached" and steps[-1]["repeat"]["done"]:
+                steps[-1]["status"] = "repeating"
+            reps = sorted((int(k.partition("#")[2]), k) for k in latest if k.startswith(f"{step.id}#"))
+            for n, rep_id in reps:
+                steps.append(step_entry(rep_id, step.kind, f"{step.title or step.id} #{n}", fields,
+                                        getattr(step, "timeout", None)))
         if step.kind == "check" and disposition_id(step.id) in latest:
             steps.append(step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {}))
 
+    deadline_ids = {d.id for d in sop.deadlines}
     deviations = [
-        {"id": d.id, "step_id": d.step_id, "classification": d.classification, "description": d.description,
+        {"id": d.id, "step_id": d.step_id, "kind": "deadline" if d.step_id in deadline_ids else "step",
+         "classification": d.classification, "description": d.description,
          "quarantine": d.quarantine, "opened_at": _iso(d.opened_at),
          "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
          "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
@@ -148,6 +160,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         "deviations": deviations,
         "documents": documents,
         "escalations": escalations,
+        "deadlines": deadline_states(session, run, sop),
     }
     if with_history:
         out["history"] = [

@@ -37,8 +37,11 @@ from pydantic import (
 __all__ = [
     "HUMAN_KINDS",
     "ID_PATTERN",
+    "STEP_REF_PATTERN",
     "ApproveStepSpec",
     "CheckStepSpec",
+    "DeadlineDeviationSpec",
+    "DeadlineSpec",
     "DeviationSpec",
     "DocumentStepSpec",
     "FieldSpec",
@@ -48,6 +51,7 @@ __all__ = [
     "ProductCatalogSpec",
     "ProductSpec",
     "RecordStepSpec",
+    "RepeatSpec",
     "RoleSpec",
     "SopDefinition",
     "StepSpec",
@@ -107,6 +111,11 @@ class FieldSpec(_Frozen):
     max: float | None = None
     # choice
     choices: tuple[str, ...] | None = None
+    # identifiers (type text)
+    format: Literal["isbt128_din", "coi"] | None = None
+    """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
+    compute: str | None = None
+    """A step field nobody enters: this expression's value at submit time (number, text or choice fields)."""
 
     @field_validator("pattern")
     @classmethod
@@ -131,6 +140,10 @@ class FieldSpec(_Frozen):
             problems.append("type 'choice' needs a non-empty 'choices' list")
         if self.type != "choice" and self.choices is not None:
             problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
+        if self.format is not None and self.type != "text":
+            problems.append(f"'format' applies to type 'text', not {self.type!r}")
+        if self.compute is not None and self.type not in ("number", "text", "choice"):
+            problems.append(f"'compute' applies to types 'number', 'text' and 'choice', not {self.type!r}")
         if self.min is not None and self.max is not None and self.min > self.max:
             problems.append(f"'min' ({self.min}) is greater than 'max' ({self.max})")
         if problems:
@@ -168,6 +181,28 @@ class ProductSpec(_Frozen):
     unconfirmed: tuple[str, ...] = ()
     """Keys whose value the research could not confirm; the institution must set them."""
     source: str | None = None
+    coi_pattern: str | None = None
+    """Regular expression the whole value of a ``format: coi`` field must match for this product (the manufacturer's chain-of-identity id)."""
+    coi_example: str | None = None
+    """A chain-of-identity id that matches ``coi_pattern``, shown to people entering one."""
+
+    @field_validator("coi_pattern")
+    @classmethod
+    def _coi_pattern_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _coi_example_matches(self) -> ProductSpec:
+        if self.coi_example is not None and self.coi_pattern is None:
+            raise ValueError("'coi_example' needs a 'coi_pattern' it matches")
+        if self.coi_example is not None and self.coi_pattern is not None and not re.fullmatch(self.coi_pattern, self.coi_example):
+            raise ValueError(f"'coi_example' {self.coi_example!r} does not match 'coi_pattern' {self.coi_pattern!r}")
+        return self
 
 
 class ProductCatalogSpec(_Frozen):
@@ -188,6 +223,8 @@ class _StepBase(_Frozen):
     id: Id
     title: str | None = None
     description: str | None = None
+    when: str | None = None
+    """Expression read when the walk reaches the step; false: the step is recorded ``skipped`` and never runs."""
 
 
 class HumanStepSpec(_StepBase):
@@ -206,9 +243,21 @@ class HumanStepSpec(_StepBase):
     timeout_deviation: TimeoutDeviationSpec = Field(default_factory=TimeoutDeviationSpec)
 
 
+class RepeatSpec(_Frozen):
+    """Repeated measurements: each repetition ``<step>#<n>`` is its own signed record."""
+
+    every: Duration
+    """The next repetition is due this long after the previous one was signed."""
+    times: int = Field(ge=1)
+    """At most this many repetitions."""
+    until: str | None = None
+    """Read after each repetition (``<step>`` is the latest, ``<step>_all`` all of them); true ends the step."""
+
+
 class RecordStepSpec(HumanStepSpec):
     kind: Literal["record"]
     fields: dict[Id, FieldSpec]
+    repeat: RepeatSpec | None = None
 
 
 class VerifyStepSpec(HumanStepSpec):
@@ -258,6 +307,40 @@ StepSpec = Annotated[
 
 HUMAN_KINDS = frozenset({"record", "verify", "approve"})
 
+STEP_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
+"""A deadline's end: ``<step>.<datetime field>``, or ``<step>`` (the time that step was signed)."""
+
+
+class DeadlineDeviationSpec(_Frozen):
+    """The deviation a breached deadline opens; the run goes on."""
+
+    classification: Literal["minor", "major", "critical"] = "major"
+    description: str | None = None
+    quarantine: bool = False
+    notify: tuple[Id, ...] = ("qa",)
+    """The roles told when it opens."""
+
+
+class DeadlineSpec(_Frozen):
+    """A time limit between two recorded times of a run (``deadlines:``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    id: Id
+    title: str | None = None
+    from_: str = Field(alias="from", pattern=STEP_REF_PATTERN)
+    to: str = Field(pattern=STEP_REF_PATTERN)
+    within: Duration | None = None
+    within_min: str | None = None
+    """An expression over ``params``, ``product`` and ``run`` giving the limit in minutes."""
+    deviation: DeadlineDeviationSpec = Field(default_factory=DeadlineDeviationSpec)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> DeadlineSpec:
+        if (self.within is None) == (self.within_min is None):
+            raise ValueError("give exactly one of 'within' (a duration like '30m') and 'within_min' (an expression in minutes)")
+        return self
+
 
 class SopDefinition(_Frozen):
     """One SOP revision: ``sops/<institution>/<id>.yaml``."""
@@ -271,6 +354,8 @@ class SopDefinition(_Frozen):
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     distinct_signers: tuple[tuple[Id, ...], ...] = ()
     """Groups of human steps that must each be signed by a different person."""
+    deadlines: tuple[DeadlineSpec, ...] = ()
+    """Time limits between recorded times; a breach opens a deviation and the run goes on."""
 
     def step(self, step_id: str) -> StepSpec:
         for s in self.steps:
