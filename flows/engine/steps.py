@@ -18,7 +18,7 @@ from typing import Any
 from sqlmodel import Session
 
 from flows.config import Settings
-from flows.outputs.documents import render_document
+from flows.outputs.documents import render_document, render_pdf
 from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
 from flows.record.db import read_session, write_session
@@ -69,6 +69,18 @@ class RunContext:
             return load_institution_file(self.settings.sops_dir / self.run.institution / "institution.yaml").timezone
         except (FlowsError, OSError):
             return "UTC"
+
+    @cached_property
+    def institution(self) -> dict[str, Any]:
+        """The institution's name and language for document headers (its id if the file is broken now)."""
+        from flows.errors import FlowsError
+        from flows.sop.load import load_institution_file
+
+        try:
+            spec = load_institution_file(self.settings.sops_dir / self.run.institution / "institution.yaml")
+        except (FlowsError, OSError):
+            return {"id": self.run.institution, "name": self.run.institution, "language": "en", "timezone": self.timezone}
+        return {"id": spec.id, "name": spec.name, "language": spec.language, "timezone": self.timezone}
 
     def refresh(self) -> None:
         with read_session(self.url) as s:
@@ -172,22 +184,69 @@ def run_check(ctx: RunContext, step: CheckStepSpec, task_run_id: str | None) -> 
     return passed
 
 
+def document_context(ctx: RunContext, step: DocumentStepSpec, record: dict[str, Any],
+                     audit_head: dict[str, Any] | None) -> dict[str, Any]:
+    """What a document template sees: the record, the step, the institution, the SOP's field
+    types/labels/units, and ``document`` (the record's sha256 and the audit chain head)."""
+    language = step.language or ctx.institution["language"]
+    fields: dict[str, dict[str, Any]] = {}
+    for st in ctx.sop.steps:
+        if st.kind in HUMAN_KINDS:
+            fields[st.id] = {k: {"type": f.type, "label": f.label or k, "unit": f.unit} for k, f in st.fields.items()}
+    return {
+        "record": record,
+        "step": {"id": step.id, "title": step.title or step.id},
+        "institution": ctx.institution,
+        "sop": {"params": {k: {"type": f.type, "label": f.label or k, "unit": f.unit} for k, f in ctx.sop.params.items()},
+                "fields": fields},
+        "document": {"language": language, "record_sha256": ledger.sha256_hex(ledger.canonical(record)),
+                     "audit_head": audit_head},
+    }
+
+
 def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | None) -> None:
+    """Render the HTML (and, unless ``pdf: false``, its PDF) and store both with their sha256.
+
+    The document cannot carry its own hash; its footer carries the sha256 of the record content it
+    was rendered from (canonical JSON) and the audit chain head at rendering. The stored rows carry
+    the sha256 of each file.
+    """
+    from sqlmodel import col, select
+
+    from flows.record.tables import AuditEvent
+    from flows.sop.check import template_name
+
     with read_session(ctx.url) as s:
         record = run_record(s, ctx.run.id, with_history=False)
-    text, digest = render_document(ctx.settings.templates_dir, ctx.run.institution, ctx.timezone, step.template,
-                                   {"record": record, "step": {"id": step.id, "title": step.title or step.id}})
+        head = s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+        audit_head = {"seq": head.seq, "hash": head.hash} if head else None
+    context = document_context(ctx, step, record, audit_head)
+    language = context["document"]["language"]
+    name = template_name(step.template, ctx.settings.templates_dir, ctx.run.institution, language) or step.template
+    text, digest = render_document(ctx.settings.templates_dir, ctx.run.institution, ctx.timezone, name, context)
     folder: Path = ctx.settings.documents_dir / ctx.run.id
     folder.mkdir(parents=True, exist_ok=True)
-    stem = step.template.removesuffix(".j2")
+    stem = name.removesuffix(".j2")
     path = folder / f"{step.id}-{digest[:12]}-{stem}"
     path.write_text(text, encoding="utf-8")
+    pdf_path, pdf_digest = None, None
+    if step.pdf:
+        pdf = render_pdf(text, ctx.settings.templates_dir)
+        pdf_digest = ledger.sha256_hex(pdf)
+        pdf_path = folder / f"{step.id}-{digest[:12]}-{stem.removesuffix('.html')}.pdf"
+        pdf_path.write_bytes(pdf)
     with write_session(ctx.url) as s:
-        doc = Document(run_id=ctx.run.id, step_id=step.id, template=step.template, path=str(path), sha256=digest,
+        doc = Document(run_id=ctx.run.id, step_id=step.id, template=name, path=str(path), sha256=digest,
                        rendered_at=utcnow())
         ledger.append(s, doc, actor=SYSTEM, action="document.render")
-        write_step(s, ctx.run.id, step.id, "document", "done",
-                   {"document_id": doc.id, "sha256": digest, "path": str(path)}, task_run_id=task_run_id)
+        data: dict[str, Any] = {"document_id": doc.id, "sha256": digest, "path": str(path),
+                                "record_sha256": context["document"]["record_sha256"]}
+        if pdf_path is not None:
+            pdf_doc = Document(run_id=ctx.run.id, step_id=step.id, template=name, path=str(pdf_path), sha256=pdf_digest,
+                               rendered_at=utcnow())
+            ledger.append(s, pdf_doc, actor=SYSTEM, action="document.render")
+            data.update({"pdf_document_id": pdf_doc.id, "pdf_sha256": pdf_digest, "pdf_path": str(pdf_path)})
+        write_step(s, ctx.run.id, step.id, "document", "done", data, task_run_id=task_run_id)
 
 
 def send(ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str, attempts: int = 3) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from flows.errors import DocumentRenderError
 
-__all__ = ["render_document"]
+__all__ = ["render_document", "render_pdf"]
 
 
 def _environment(templates_dir: Path, institution: str, timezone: str) -> SandboxedEnvironment:
@@ -47,6 +47,25 @@ def _environment(templates_dir: Path, institution: str, timezone: str) -> Sandbo
 
     env.filters["local_time"] = local_time
     return env
+
+
+def render_pdf(html: str, base_dir: Path) -> bytes:
+    """The PDF of a rendered document (WeasyPrint, imported here only: the CLI stays light).
+
+    Deterministic: WeasyPrint 70 writes no creation date unless the HTML names one, and its
+    file identifier is derived from the content, so the same HTML gives the same bytes.
+
+    Raises:
+        DocumentRenderError: WeasyPrint or its system libraries (Pango) are missing or fail.
+    """
+    try:
+        from weasyprint import HTML
+    except (ImportError, OSError) as exc:
+        raise DocumentRenderError("pdf", f"WeasyPrint is not usable here: {exc}") from exc
+    try:
+        return HTML(string=html, base_url=str(base_dir)).write_pdf()
+    except Exception as exc:  # noqa: BLE001 - WeasyPrint raises many kinds; name them in the message
+        raise DocumentRenderError("pdf", f"WeasyPrint failed: {type(exc).__name__}: {exc}") from exc
 
 
 def render_document(templates_dir: Path, institution: str, timezone: str, template: str,

@@ -32,7 +32,7 @@ from flows.sop.model import (
     VerifyStepSpec,
 )
 
-__all__ = ["RESERVED_NAMES", "check_sop", "find_template"]
+__all__ = ["RESERVED_NAMES", "check_sop", "find_template", "localized_name", "template_name"]
 
 RESERVED_NAMES = frozenset({"params", "product", "run"})
 """Top-level names in expressions; no step may take one as its id."""
@@ -56,6 +56,28 @@ def _hint(word: str, options: list[str], what: str) -> str:
     if close:
         return f"Did you mean {close[0]!r}?"
     return f"{what}: {', '.join(sorted(options))}." if options else ""
+
+
+def localized_name(name: str, language: str | None) -> str | None:
+    """``record.html.j2`` -> ``record.<language>.html.j2`` (None without a language or a dot)."""
+    if not language or "." not in PurePosixPath(name).name:
+        return None
+    head, _, rest = name.rpartition("/")
+    stem, _, ext = rest.partition(".")
+    return f"{head + '/' if head else ''}{stem}.{language}.{ext}"
+
+
+def template_name(
+    name: str, templates_dir: Path, institution: str | None = None, language: str | None = None
+) -> str | None:
+    """The template name a document step loads: its ``<language>`` variant when one exists
+    (``templates/<institution>/`` first, then ``templates/``), else the name itself; None when
+    neither exists."""
+    localized = localized_name(name, language)
+    for candidate in ([localized] if localized else []) + [name]:
+        if find_template(candidate, templates_dir, institution) is not None:
+            return candidate
+    return None
 
 
 def find_template(
@@ -294,9 +316,10 @@ class _Checker:
         if self.templates_dir is None:
             return
         inst = self.institution.id if self.institution is not None else None
+        inst_language = self.institution.language if self.institution is not None else None
         for i, step in enumerate(self.defn.steps):
-            if not isinstance(step, DocumentStepSpec) or find_template(
-                step.template, self.templates_dir, inst
+            if not isinstance(step, DocumentStepSpec) or template_name(
+                step.template, self.templates_dir, inst, step.language or inst_language
             ):
                 continue
             base = display_path(self.templates_dir)

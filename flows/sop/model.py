@@ -166,6 +166,8 @@ class InstitutionSpec(_Frozen):
     id: Id
     name: str
     timezone: str = "Asia/Shanghai"
+    language: Literal["en", "zh"] = "en"
+    """Language of its controlled documents: ``<name>.<language>.html.j2`` is used when present."""
     roles: dict[Id, RoleSpec]
 
 
@@ -205,6 +207,30 @@ class ProductSpec(_Frozen):
             raise ValueError("'coi_example' needs a 'coi_pattern' it matches")
         if self.coi_example is not None and self.coi_pattern is not None and not re.fullmatch(self.coi_pattern, self.coi_example):
             raise ValueError(f"'coi_example' {self.coi_example!r} does not match 'coi_pattern' {self.coi_pattern!r}")
+        return self
+
+    # Catalogue keys added with the SOP library (all optional; ``unconfirmed`` may name any of them).
+    name_zh: str | None = None
+    approvals: tuple[str, ...] = ()
+    """Where and when approved ('NMPA 2021-06-22', 'FDA 2017-10-18')."""
+    thaw_clock_from: Literal["thaw_start", "thaw_end"] = "thaw_end"
+    """Where the thaw-to-infusion limit starts (Abecma: start of thaw)."""
+    infusion_start_max_min: float | None = None
+    """Minutes allowed from end of thaw to the start of infusion."""
+    shelf_life_months: float | None = None
+    ld_to_infusion_min_days: float | None = None
+    """Infusion window after the end of lymphodepletion, in days (e.g. Carvykti 2-4)."""
+    ld_to_infusion_max_days: float | None = None
+    tocilizumab_doses_min: int | None = None
+    """Tocilizumab doses that must be on site for the patient before infusion."""
+
+    @model_validator(mode="after")
+    def _unconfirmed_names_keys(self) -> ProductSpec:
+        settable = set(type(self).model_fields) - {"name", "mah", "unconfirmed", "source"}
+        unknown = [k for k in self.unconfirmed if k not in settable]
+        if unknown:
+            raise ValueError(f"'unconfirmed' names {', '.join(map(repr, unknown))}, which "
+                             f"{'is' if len(unknown) == 1 else 'are'} not a product key; keys: {', '.join(sorted(settable))}")
         return self
 
 
@@ -305,6 +331,11 @@ class CheckStepSpec(_StepBase):
 class DocumentStepSpec(_StepBase):
     kind: Literal["document"]
     template: str
+    """``record.html.j2`` resolves to ``record.<language>.html.j2`` when that file exists."""
+    language: Literal["en", "zh"] | None = None
+    """Overrides the institution's ``language`` for this document."""
+    pdf: bool = True
+    """Also render a PDF (WeasyPrint) beside the HTML."""
 
 
 class NotifyStepSpec(_StepBase):
