@@ -12,6 +12,8 @@
     sopflow user add|disable|enable|passwd|unlock|list   accounts (see flows.cli.admin)
     sopflow training grant|list           who is trained on which SOP version
     sopflow sop validate|schema|list|show SOP definitions
+    sopflow sop establish|draft|submit|versions|diff|review|retire|export|import   change control (flows.cli.changes)
+    sopflow training overdue              training due on issued SOP versions and not recorded
     sopflow demo                          the whole dose receipt, end to end
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.cli.admin import training_app, user_app
+from flows.cli.changes import register as register_changes
 from flows.cli.records import correct, verify_export
 from flows.cli.sop import app as sop_app
 
@@ -49,6 +52,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
 app.command("correct")(correct)
 audit_app.command("verify-export")(verify_export)
+register_changes(sop_app, training_app)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

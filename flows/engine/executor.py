@@ -223,6 +223,12 @@ class Executor:
             log.exception("escalation sweep failed; retrying at the next sweep")
             return 0
 
+    def change_control(self) -> int:
+        """Issue versions whose change control completed, make due ones Effective, send reminders."""
+        from flows.changes.control import sweep
+
+        return sum(sweep(self.settings).values())
+
     # -- loop --------------------------------------------------------------------------------
     def _wait_for_nudge(self, timeout: float) -> bool:
         """Sleep up to ``timeout``; True when nudged (drains every waiting datagram)."""
@@ -250,7 +256,7 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    for sweep in (self.recover_orphans, self.resume_signed, self.escalate):
+                    for sweep in (self.recover_orphans, self.resume_signed, self.escalate, self.change_control):
                         try:
                             sweep()
                         except Exception:
