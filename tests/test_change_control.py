@@ -93,7 +93,8 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
                                                            TrainingAssignment.sop_id == "cc_probe")).all()
         meanings = [sig.meaning for sig in s.exec(select(Signature).where(Signature.run_id == cc1).order_by(col(Signature.signed_at)))]
     assert [(a.sop_version, a.roles_json) for a in assigned] == [(1, '["cell_lab"]')]
-    assert meanings[0] == "performed" and meanings[-2:] == ["reviewed", "approved"]
+    assert meanings[0] == "performed"
+    assert meanings[-2:] == ["reviewed", "approved"]
     mark = _head(settings)
     with pytest.raises(SopNotEffectiveError, match=r"cc_probe has no Effective version.*v1 is issued \(effective from"):
         service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)

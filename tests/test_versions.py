@@ -14,10 +14,21 @@ from sqlmodel import col, select
 from typer.testing import CliRunner
 
 from flows.admin import Officer, add_user
-from flows.changes.control import create_draft, effective_sop, establish, record_review, sweep
+from flows.changes.control import (
+    create_draft,
+    effective_sop,
+    establish,
+    record_review,
+    sweep,
+)
 from flows.changes.transfer import export_institution, import_institution
 from flows.config import get_settings
-from flows.errors import ChangeControlError, NotAuthorizedError, SopDefinitionError, SopNotEffectiveError
+from flows.errors import (
+    ChangeControlError,
+    NotAuthorizedError,
+    SopDefinitionError,
+    SopNotEffectiveError,
+)
 from flows.record.db import read_session, write_session
 from flows.record.tables import AuditEvent, Reminder, SopVersion, utcnow
 from flows.record.versions import append_event, versions_of
@@ -138,7 +149,9 @@ def test_validate_sop_text_gives_lines_and_schema_names():
     rol = next(p for p in problems if p["path"] == "steps[2].rol")
     assert lines[rol["line"] - 1].strip() == "rol: pharmacist"
     names = schema_field_names()
-    assert "steps" in names["sop"] and "expect" in names["step.check"] and "unit" in names["field"]
+    assert "steps" in names["sop"]
+    assert "expect" in names["step.check"]
+    assert "unit" in names["field"]
 
 
 def test_sop_diff_names_the_limit_the_role_and_the_added_step_and_nothing_else(tmp_path, monkeypatch):
@@ -183,7 +196,8 @@ def test_periodic_review_reminder_once_then_review_recorded(tmp_path):
     with read_session(settings.database_url) as s:
         info = next(i for i in versions_of(s, INST, "dose_receipt"))
         assert s.exec(select(Reminder).where(Reminder.kind == "review_due")).all()
-    assert info.state == "effective" and info.data["periodic_review"] is True
+    assert info.state == "effective"
+    assert info.data["periodic_review"] is True
 
 
 def test_export_then_import_arrives_as_drafts_and_a_changed_file_is_refused(tmp_path):
@@ -200,7 +214,7 @@ def test_export_then_import_arrives_as_drafts_and_a_changed_file_is_refused(tmp_
     tampered = tmp_path / "tampered"
     shutil.copytree(out, tampered)
     (tampered / "dose_receipt.yaml").write_text((out / "dose_receipt.yaml").read_text().replace("max: 40", "max: 45"))
-    with pytest.raises(ChangeControlError, match="dose_receipt.yaml: sha256 .* differs from the manifest"):
+    with pytest.raises(ChangeControlError, match=r"dose_receipt.yaml: sha256 .* differs from the manifest"):
         import_institution(prod, tampered, username="adm", password=PASSWORD)
     with pytest.raises(NotAuthorizedError):
         import_institution(prod, out, username="tech", password=PASSWORD)

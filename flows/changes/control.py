@@ -41,7 +41,6 @@ from flows.errors import (
     ChangeControlError,
     NotAuthorizedError,
     RecordError,
-    SopDefinitionError,
     SopNotEffectiveError,
     SopNotFoundError,
 )
@@ -245,8 +244,8 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
             return PinnedSop(version.id, version_definition(version), version.sha256)
         infos = versions_of(s, institution, sop_id)
         known = _known_ids(settings, s, institution)
-        institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | {
-            v for v in s.exec(select(SopVersion.institution))}
+        institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | set(
+            s.exec(select(SopVersion.institution)))
     if institution not in institutions:
         close = difflib.get_close_matches(institution, sorted(institutions), n=1)
         raise SopNotFoundError(f"no institution {institution!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
@@ -549,8 +548,7 @@ def record_review(settings: Settings, institution: str, sop_id: str, officer: Of
     qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.review",
                  f"{institution}/{sop_id}", "record periodic reviews")
     with write_session(settings.database_url) as s:
-        version = s.get(SopVersion, pinned.version_id)
-        assert version is not None
+        version = _get(s, pinned.version_id)
         ev = state_of(s, version.id)
         data = {**(event_data(ev) if ev else {}), "periodic_review": True,
                 "review_due": _iso(add_months(now, months or DEFAULT_REVIEW_MONTHS))}
@@ -573,10 +571,16 @@ def retire(settings: Settings, institution: str, sop_id: str, officer: Officer, 
     qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.retire",
                  f"{institution}/{sop_id}", "retire SOPs")
     with write_session(settings.database_url) as s:
-        version = s.get(SopVersion, pinned.version_id)
-        assert version is not None
+        version = _get(s, pinned.version_id)
         append_event(s, version, "retired", actor=qa.id, printed_name=qa.printed_name, meaning="retired", reason=reason)
         return {"sop_id": sop_id, "version": version.version}
+
+
+def _get(session: Session, version_id: str) -> SopVersion:
+    version = session.get(SopVersion, version_id)
+    if version is None:
+        raise RecordError(f"SOP version {version_id} is missing from the record")
+    return version
 
 
 def list_versions(settings: Settings, institution: str, sop_id: str | None = None) -> list[dict[str, Any]]:
