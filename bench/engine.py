@@ -62,7 +62,8 @@ def write_sops(folder: Path, n_checks: int, k_resumes: int) -> None:
     (inst / "institution.yaml").write_text(
         HEADER + "schema_version: 1\n"
         f"id: {INSTITUTION}\nname: Bench Hospital\ntimezone: UTC\n"
-        f"roles:\n  {ROLE}: {{label: Operator}}\n  qa: {{label: QA officer}}\n", encoding="utf-8")
+        f"roles:\n  {ROLE}: {{label: Operator}}\n  qa: {{label: QA officer}}\n"
+        "  sop_admin: {label: SOP administrator}\n  sop_reviewer: {label: SOP reviewer}\n", encoding="utf-8")
     (inst / "products.yaml").write_text(
         HEADER + "schema_version: 1\nproducts:\n"
         "  bench_product:\n    name: Bench product\n    mah: Bench\n    storage_max_c: -150\n"
@@ -461,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(flows.admin, "grant_training"):  # signers must be trained on the SOP revision
             for sop_id in (CHECKS_SOP, BASE_SOP, SIGNED_SOP):
                 flows.admin.grant_training(settings, USER, INSTITUTION, sop_id, 1, trainer="Bench trainer")
+        # Runs start only on Effective versions: the bench's files become the first ones (initial issue by QA).
+        from flows.changes.control import establish
+
+        add_user(settings, "bench_qa", "Bench QA", PASSWORD, [(INSTITUTION, "qa")], actor="bench")
+        establish(settings, INSTITUTION, flows.admin.Officer("bench_qa", PASSWORD))
         rtt = api_round_trip()
         print(f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
               flush=True)

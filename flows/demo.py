@@ -58,6 +58,15 @@ def _ensure_users(settings: Settings) -> None:
                     raise RecordError(f"demo user {username!r} exists with another password; use a fresh SOPFLOW_HOME") from None
         if not exists:
             add_user(settings, username, name, password, [(INSTITUTION, role)], actor="demo")
+    # Runs start only on an Effective version: the first time, QA establishes the SOP files as the first ones.
+    from flows.admin import Officer
+    from flows.changes.control import establish
+    from flows.record.versions import versions_of
+
+    with read_session(settings.database_url) as s:
+        established = bool(versions_of(s, INSTITUTION))
+    if not established:
+        establish(settings, INSTITUTION, Officer("wang.fang", _pw("wang.fang")))
     # Signers must be trained on the SOP version a run uses (as a QA officer would record it).
     version = Catalog(settings.sops_dir, settings.templates_dir).get_sop(INSTITUTION, SOP).definition.version
     for username in DEMO_USERS:

@@ -7,7 +7,9 @@ Third-party errors are translated into these at the boundary (``raise … from e
     ├── ConfigError               a setting is missing or wrong (database URL, home folder, server)
     ├── SopDefinitionError        bad YAML / schema / cross-reference; .problems: list[Problem]
     ├── SopNotFoundError          no SOP, institution or product by that id (with "did you mean")
+    ├── SopNotEffectiveError      the SOP has no Effective version: a run cannot start on it
     ├── SopInputError             bad run parameters or step fields; .problems: list[str]
+    ├── ChangeControlError        an SOP version cannot move as asked (state, number, import hashes)
     ├── ApprovalError             a signature or submission is refused
     │   ├── AuthenticationError   unknown user, wrong password, inactive account
     │   ├── NotAuthorizedError    the signer lacks the step's role, or signs their own work
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 __all__ = [
     "ApprovalError",
     "AuthenticationError",
+    "ChangeControlError",
     "ConfigError",
     "DocumentRenderError",
     "EngineError",
@@ -37,6 +40,7 @@ __all__ = [
     "SignatureMismatchError",
     "SopDefinitionError",
     "SopInputError",
+    "SopNotEffectiveError",
     "SopNotFoundError",
     "StepNotWaitingError",
 ]
@@ -74,6 +78,14 @@ class SopDefinitionError(FlowsError):
 
 class SopNotFoundError(FlowsError):
     """No SOP, institution or product by that id."""
+
+
+class SopNotEffectiveError(FlowsError):
+    """The SOP exists but no version of it is Effective now, so no run may start on it."""
+
+
+class ChangeControlError(FlowsError):
+    """An SOP version cannot be drafted, submitted, issued, reviewed or imported as asked."""
 
 
 class SopInputError(FlowsError):

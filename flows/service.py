@@ -29,7 +29,7 @@ from flows.record.db import init_db, read_session, write_session
 from flows.record.deadlines import deadline_states
 from flows.record.query import run_record, stored_sop
 from flows.record.state import run_status, signer_problem, step_states
-from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
+from flows.record.tables import Signature, SopRun, User, utcnow
 from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
@@ -95,17 +95,33 @@ def _refuse(settings: Settings, user: User, action: str, object_id: str, problem
 
 
 def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dict[str, Any],
-              username: str, password: str) -> StartResult:
-    """Validate the parameters, record the run and hand it to Prefect.
+              username: str, password: str, *, pinned: Any = None) -> StartResult:
+    """Validate the parameters, record the run, pinned to the SOP's Effective version, and hand it to Prefect.
+
+    ``pinned``: the version to run (``flows.changes.control.PinnedSop``); only change control
+    passes one, to start the built-in change-control SOP, which cannot be started directly.
 
     Raises:
-        SopNotFoundError, SopDefinitionError, SopInputError, AuthenticationError,
+        SopNotFoundError, SopNotEffectiveError, SopDefinitionError, SopInputError, AuthenticationError,
         NotAuthorizedError, EngineError
     """
+    from flows.changes.control import effective_sop
+    from flows.errors import SopNotEffectiveError
+    from flows.record.versions import CHANGE_CONTROL_ID
+
     catalog = _catalog(settings)
-    loaded = catalog.get_sop(institution, sop_id)  # only this SOP: a broken sibling must not block it
+    if pinned is None:
+        try:
+            if sop_id == CHANGE_CONTROL_ID:
+                raise SopNotEffectiveError(f"{CHANGE_CONTROL_ID!r} is sopflow's built-in change-control SOP: it runs on a "
+                                           "draft, started by `sopflow sop submit`, not by `sopflow start`")
+            pinned = effective_sop(settings, institution, sop_id)
+        except SopNotEffectiveError as exc:  # refused: audited under the user who asked
+            user = _authenticate(settings, username, password, f"start {sop_id}")
+            _refuse(settings, user, "run.start.refused", sop_id, str(exc))
+            raise
     products = catalog.products(institution)
-    sop = loaded.definition
+    sop = pinned.definition
     params = coerce_values(sop.params, raw_params, where=f"{sop_id} params", products=products)
     product = None
     if (pname := sop.product_param()) is not None and params.get(pname) is not None:
@@ -133,15 +149,8 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     flow_run_id = engine.create_flow_run(settings, run_id, f"{sop_id}-{run_id[:8]}")
     try:
         with write_session(settings.database_url) as s:
-            version = s.exec(select(SopVersion).where(
-                SopVersion.institution == institution, SopVersion.sop_id == sop_id, SopVersion.sha256 == loaded.sha256)).first()
-            if version is None:
-                version = SopVersion(institution=institution, sop_id=sop_id, version=sop.version,
-                                     schema_version=sop.schema_version, sha256=loaded.sha256, text=loaded.text,
-                                     stored_at=utcnow())
-                ledger.append(s, version, actor=user.id, action="sop_version.store")
-            run = SopRun(id=run_id, institution=institution, sop_version_id=version.id, sop_id=sop_id,
-                         sop_version=sop.version, sop_sha256=loaded.sha256, schema_version=sop.schema_version,
+            run = SopRun(id=run_id, institution=institution, sop_version_id=pinned.version_id, sop_id=sop_id,
+                         sop_version=sop.version, sop_sha256=pinned.sha256, schema_version=sop.schema_version,
                          params_json=ledger.canonical(params).decode(),
                          product_json=ledger.canonical(product).decode() if product is not None else None,
                          flow_run_id=flow_run_id, started_by=user.id, started_at=utcnow())
@@ -151,7 +160,7 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
         engine.release_flow_run(settings, flow_run_id, cancel=True)
         raise
     engine.release_flow_run(settings, flow_run_id)
-    return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
+    return StartResult(run_id, flow_run_id, sop_id, sop.version, pinned.sha256)
 
 
 def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:

@@ -38,6 +38,7 @@ from flows.record.tables import (
     utcnow,
 )
 from flows.record.training import record_training
+from flows.record.versions import append_event
 from flows.sop.model import HumanStepSpec, SopDefinition
 
 pytest_plugins = ["tests.fixtures_engine"]
@@ -210,6 +211,8 @@ def make_run() -> MakeRun:
         version = SopVersion(institution="demo_hospital", sop_id=sop.id, version=sop.version,
                              schema_version=sop.schema_version, sha256=sha, text=text, stored_at=FIXED_AT)
         ledger.append(session, version, actor="system", action="sop_version.store")
+        append_event(session, version, "effective", actor="system", data={"effective_at": FIXED_AT.isoformat()},
+                     at=FIXED_AT)  # runs start on an Effective version (flows.record.versions)
         if trained:  # signers must be trained on the SOP version (state.signer_problem)
             for user in made_users.values():
                 record_training(session, user, "demo_hospital", sop.id, sop.version, trained_at=FIXED_AT,

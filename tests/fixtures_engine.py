@@ -76,8 +76,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(name="engine", scope="session")
 def engine_fixture() -> Iterator[Settings]:
     """A running local Prefect server and executor, with the demo institution's staff, each
-    trained on dose_receipt v1 (signers must be: ``state.signer_problem``)."""
-    from flows.admin import add_user, grant_training
+    trained on dose_receipt v1 (signers must be: ``state.signer_problem``), and the institution's
+    SOP files established as its first Effective versions by QA (``sopflow sop establish``)."""
+    from flows.admin import Officer, add_user, grant_training
+    from flows.changes.control import establish
     from flows.engine import server
 
     settings = get_settings()
@@ -85,6 +87,7 @@ def engine_fixture() -> Iterator[Settings]:
     for username, (name, role) in DEMO_STAFF.items():
         add_user(settings, username, name, PASSWORD, [("demo_hospital", role)], actor="test")
         grant_training(settings, username, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
+    establish(settings, "demo_hospital", Officer("qa", PASSWORD))
     yield settings
     server.stop(settings)
 

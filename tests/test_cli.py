@@ -95,6 +95,7 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
         if user not in ("qa", "tech"):
             add_user(settings, user, name, PASSWORD, [("demo_hospital", role)], actor="test")
             grant_training(settings, user, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", actor="test")
+    ok(cli(env, "sop", "establish", "demo_hospital", "--as", "qa"))  # the files become the first Effective versions
     out = ok(cli(env, "start", "dose_receipt", "--institution", "demo_hospital", "--as", "qm",
                  *_sets({"product": "tecartus", "coi": "COI-CLI-0100", "lot": "LOT-9", "patient_id": "H0100"})))
     run_id = out.split()[2]

@@ -62,9 +62,10 @@ def test_ledger_verify_chain_passes_clean_record(db_url: str, make_run: MakeRun)
     with read_session(db_url) as s:
         report = ledger.verify_chain(s)
     assert report.ok, report.problems
-    # 2 users, 3 + 2 role grants, SOP version, 2 training records, run, signature, 2 step records
-    assert report.rows == 14
-    assert report.events == 14
+    # 2 users, 3 + 2 role grants, SOP version and its "effective" event, 2 training records, run, signature,
+    # 2 step records
+    assert report.rows == 15
+    assert report.events == 15
 
 
 def test_ledger_verify_chain_passes_empty_record(db_url: str) -> None:

@@ -15,6 +15,8 @@
     sopflow web [--host H --port P]       the web app (flows.web)
     sopflow deviations [--all]            open deviations and overdue CAPAs (see flows.cli.quality)
     sopflow chain COI                     every run that touched one dose; is its chain unbroken?
+    sopflow sop establish|draft|submit|versions|diff|review|retire|export|import   change control (flows.cli.changes)
+    sopflow training overdue              training due on issued SOP versions and not recorded
     sopflow demo                          the whole dose receipt, end to end
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
@@ -37,6 +39,7 @@ from rich.markup import escape
 
 from flows.cli.admin import training_app, user_app
 from flows.cli.quality import chain, deviations
+from flows.cli.changes import register as register_changes
 from flows.cli.records import correct, verify_export
 from flows.cli.sop import app as sop_app
 
@@ -55,6 +58,7 @@ app.command("correct")(correct)
 app.command("deviations")(deviations)
 app.command("chain")(chain)
 audit_app.command("verify-export")(verify_export)
+register_changes(sop_app, training_app)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -240,6 +240,12 @@ class Executor:
             log.exception("deadline sweep failed; retrying at the next sweep")
             return 0
 
+    def change_control(self) -> int:
+        """Issue versions whose change control completed, make due ones Effective, send reminders."""
+        from flows.changes.control import sweep
+
+        return sum(sweep(self.settings).values())
+
     # -- loop --------------------------------------------------------------------------------
     def _wait_for_nudge(self, timeout: float) -> bool:
         """Sleep up to ``timeout``; True when nudged (drains every waiting datagram)."""
@@ -267,7 +273,8 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    for sweep in (self.recover_orphans, self.resume_signed, self.resume_ready, self.escalate, self.deadlines):
+                    for sweep in (self.recover_orphans, self.resume_signed, self.resume_ready, self.escalate,
+                                  self.deadlines, self.change_control):
                         try:
                             sweep()
                         except Exception:

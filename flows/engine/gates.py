@@ -40,8 +40,8 @@ def human_fields(step: HumanStepSpec) -> dict[str, FieldSpec]:
 
 
 def meaning_of(step: HumanStepSpec, data: dict[str, Any]) -> str:
-    if isinstance(step, ApproveStepSpec) and data.get("decision") == "reject":
-        return "rejected"
+    if isinstance(step, ApproveStepSpec):
+        return "rejected" if data.get("decision") == "reject" else step.signs_as
     return MEANINGS[step.kind]
 
 

@@ -16,6 +16,7 @@ from flows.record.accounts import is_active
 from flows.record.tables import RunEvent, Signature, SopRun, StepRecord, User
 from flows.record.training import grant_hint, is_trained
 from flows.record.users import roles_of
+from flows.record.versions import CHANGE_CONTROL_ID, change_control_problem
 from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
 
 __all__ = [
@@ -74,6 +75,7 @@ def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: Huma
     The rules, in this order: the account is not disabled (a signature made before it was
     disabled is refused too, when the flow re-checks it); the step's role at the run's institution; training on the run's
     SOP id and version there (a failed check's disposition step is part of the SOP: same rule);
+    in a change-control run, the author neither reviews nor approves, and only the named reviewer reviews;
     a verifier is not the performer; the SOP's ``distinct_signers`` groups.
     """
     if not is_active(session, user_id):
@@ -81,6 +83,8 @@ def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: Huma
         return f"the account {user.username if user else user_id!r} is disabled"
     if step.role not in roles_of(session, user_id, run.institution):
         return f"step {step.id!r} may only be signed by role {step.role!r} of {run.institution!r}"
+    if run.sop_id == CHANGE_CONTROL_ID and (problem := change_control_problem(session, run, step.id, user_id)):
+        return problem  # the built-in change-control SOP's rules (flows.record.versions)
     if not is_trained(session, user_id, run.institution, run.sop_id, run.sop_version):
         user = session.get(User, user_id)
         name = user.username if user else user_id

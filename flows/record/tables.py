@@ -24,12 +24,15 @@ __all__ = [
     "DeviationEvent",
     "Document",
     "Escalation",
+    "Reminder",
     "RoleGrant",
     "RunEvent",
     "Signature",
     "SopRun",
     "SopVersion",
+    "SopVersionEvent",
     "StepRecord",
+    "TrainingAssignment",
     "TrainingRecord",
     "User",
     "UserEvent",
@@ -114,7 +117,7 @@ class TrainingRecord(SQLModel, table=True):
 
 
 class SopVersion(SQLModel, table=True):
-    """The exact text of an SOP revision, stored the first time a run uses it."""
+    """The exact text of an SOP revision; its state is its newest ``SopVersionEvent`` (``flows.record.versions``)."""
 
     __tablename__ = "sf_sop_version"
     __table_args__ = (UniqueConstraint("institution", "sop_id", "sha256"),)
@@ -126,6 +129,63 @@ class SopVersion(SQLModel, table=True):
     sha256: str
     text: str = _text()  # type: ignore[assignment]
     stored_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class SopVersionEvent(SQLModel, table=True):
+    """A change of an SOP version's state; the newest row (by ``n``) is the version's state.
+
+    States (``flows.record.versions``): ``draft``, ``in_review``, ``approved``, ``issued``
+    (training window), ``effective``, ``superseded``, ``retired``, ``rejected`` (change control
+    rejected it; its number is never reused), and ``reviewed`` (a periodic review found no change:
+    the version stays effective). A signed event carries the signer's printed name, the meaning
+    and the sha256 of what was signed (``versions.signed_event_content``).
+    """
+
+    __tablename__ = "sf_sop_version_event"
+    __table_args__ = (UniqueConstraint("version_id", "n"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    version_id: str = Field(foreign_key="sf_sop_version.id", index=True)
+    n: int
+    state: str
+    data_json: str = _text()  # type: ignore[assignment]
+    """effective_at, training_due, review_due, change-control run id, … as the state needs."""
+    actor: str
+    """The user id, ``system`` (the sweep) or ``admin``."""
+    printed_name: str | None = None
+    meaning: str | None = None
+    signed_sha256: str | None = None
+    reason: str | None = None
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
+class TrainingAssignment(SQLModel, table=True):
+    """Training a user must complete on an issued SOP version by ``due_at`` (one row per user and version)."""
+
+    __tablename__ = "sf_training_assignment"
+    __table_args__ = (UniqueConstraint("user_id", "version_id"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    user_id: str = Field(foreign_key="sf_user.id", index=True)
+    version_id: str = Field(foreign_key="sf_sop_version.id")
+    institution: str
+    sop_id: str
+    sop_version: int
+    roles_json: str
+    """The roles the user holds that sign steps of the version (why they were assigned)."""
+    due_at: datetime = _ts()  # type: ignore[assignment]
+    assigned_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class Reminder(SQLModel, table=True):
+    """A reminder the sweep sent once: overdue training, a periodic review coming due."""
+
+    __tablename__ = "sf_reminder"
+    __table_args__ = (UniqueConstraint("kind", "object_id"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    kind: str
+    """``training_overdue`` (object: an assignment) or ``review_due`` (object: version id + due date)."""
+    object_id: str
+    deliveries_json: str = _text()  # type: ignore[assignment]
+    at: datetime = _ts()  # type: ignore[assignment]
 
 
 class SopRun(SQLModel, table=True):
@@ -302,6 +362,6 @@ class AuditEvent(SQLModel, table=True):
 RECORD_TABLES: dict[str, type[SQLModel]] = {
     t.__tablename__: t  # type: ignore[misc]
     for t in (User, RoleGrant, UserEvent, TrainingRecord, SopVersion, SopRun, RunEvent, StepRecord, Signature, Deviation,
-              DeviationEvent, Document, Escalation)
+              DeviationEvent, Document, Escalation, SopVersionEvent, TrainingAssignment, Reminder)
 }
 """Every table whose rows the audit chain covers, by table name."""

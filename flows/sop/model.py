@@ -305,6 +305,8 @@ class VerifyStepSpec(HumanStepSpec):
 class ApproveStepSpec(HumanStepSpec):
     kind: Literal["approve"]
     meaning: str
+    signs_as: Literal["approved", "reviewed"] = "approved"
+    """The signature's meaning when the decision is approve (``reviewed`` for a review)."""
 
 
 class DeviationSpec(_Frozen):

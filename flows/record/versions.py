@@ -1,0 +1,189 @@
+"""Stage 3: SOP versions and their states (document control, DOMAIN.md section 7).
+
+A ``SopVersion`` row holds one revision's exact text and sha256 and never changes. Its state is
+its newest ``SopVersionEvent`` (by position ``n``):
+
+    draft ──submit──▶ in_review ──QA approves──▶ approved ──▶ issued ──effective date──▶ effective
+      (change control rejected: rejected)                  (training window)               │
+                                                     a newer version turns effective ──▶ superseded
+                                                                       withdrawn from use ──▶ retired
+
+``effective`` is also written again, signed, when a periodic review finds no change (``data``:
+``periodic_review``, the next ``review_due``). A run starts only on the version that is
+``effective`` then (``effective_version``) and stays pinned to it (``SopRun.sop_version_id``).
+
+``change_control_problem`` is the extra signing rule of the built-in change-control SOP; the one
+signing rule, ``state.signer_problem``, calls it for those runs. Must not import prefect.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from flows.record import ledger
+from flows.record.tables import (
+    SopRun,
+    SopVersion,
+    SopVersionEvent,
+    StepRecord,
+    utcnow,
+)
+
+__all__ = [
+    "ADMIN_ROLE",
+    "CHANGE_CONTROL_ID",
+    "REVIEWER_ROLE",
+    "STATES",
+    "VersionInfo",
+    "activate_due",
+    "append_event",
+    "change_control_problem",
+    "effective_version",
+    "event_data",
+    "state_of",
+    "versions_of",
+]
+
+CHANGE_CONTROL_ID = "change_control"
+"""The id of the built-in change-control SOP (``flows/builtin/change_control.yaml``)."""
+ADMIN_ROLE = "sop_admin"
+"""The role that makes an institution's SOP administrators: they create drafts and submit changes."""
+REVIEWER_ROLE = "sop_reviewer"
+"""The role a named reviewer of a change must hold."""
+
+STATES = ("draft", "in_review", "approved", "issued", "effective", "superseded", "retired", "rejected")
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
+def event_data(ev: SopVersionEvent) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(ev.data_json)
+    return data
+
+
+def state_of(session: Session, version_id: str) -> SopVersionEvent | None:
+    """The version's newest event (its state), or None for a row without events."""
+    return session.exec(select(SopVersionEvent).where(SopVersionEvent.version_id == version_id)
+                        .order_by(col(SopVersionEvent.n).desc()).limit(1)).first()
+
+
+def append_event(session: Session, version: SopVersion, state: str, *, actor: str, data: dict[str, Any] | None = None,
+                 reason: str | None = None, printed_name: str | None = None, meaning: str | None = None,
+                 signed_sha256: str | None = None, at: datetime | None = None) -> SopVersionEvent:
+    """Append a state change (inside a write session). With ``meaning`` and no ``signed_sha256``
+    it is signed here: the hash covers the version's text hash, the state, the data and the signer."""
+    if state not in STATES:
+        raise ValueError(f"unknown SOP version state {state!r}")
+    last = session.exec(select(SopVersionEvent.n).where(SopVersionEvent.version_id == version.id)
+                        .order_by(col(SopVersionEvent.n).desc()).limit(1)).first()
+    at = at or utcnow()
+    data = data or {}
+    if meaning is not None and signed_sha256 is None:
+        signed_sha256 = ledger.sha256_hex(ledger.canonical({
+            "version_id": version.id, "sop_sha256": version.sha256, "state": state, "data": data,
+            "signer_id": actor, "printed_name": printed_name, "meaning": meaning, "at": at}))
+    ev = SopVersionEvent(version_id=version.id, n=(last or 0) + 1, state=state, data_json=ledger.canonical(data).decode(),
+                         actor=actor, printed_name=printed_name, meaning=meaning, signed_sha256=signed_sha256,
+                         reason=reason, at=at)
+    ledger.append(session, ev, actor=actor, action=f"sop_version.{state}", reason=reason)
+    return ev
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: SopVersion
+    state: str
+    since: datetime
+    data: dict[str, Any]
+    """The newest event's data (effective_at, review_due, run_id …)."""
+
+
+def versions_of(session: Session, institution: str, sop_id: str | None = None) -> list[VersionInfo]:
+    """Every version (of one SOP) at an institution with its state, by SOP id then version number."""
+    query = select(SopVersion).where(SopVersion.institution == institution)
+    if sop_id is not None:
+        query = query.where(SopVersion.sop_id == sop_id)
+    out = []
+    for v in session.exec(query.order_by(col(SopVersion.sop_id), col(SopVersion.version), col(SopVersion.stored_at))):
+        ev = state_of(session, v.id)
+        # A row stored before versions had states (a run used the file): its state is unknown.
+        out.append(VersionInfo(v, ev.state if ev else "unknown", _aware(ev.at) if ev else _aware(v.stored_at),
+                               event_data(ev) if ev else {}))
+    return out
+
+
+def effective_version(session: Session, institution: str, sop_id: str) -> SopVersion | None:
+    """The version in force now (the newest effective one), or None."""
+    effective = [i for i in versions_of(session, institution, sop_id) if i.state == "effective"]
+    return max(effective, key=lambda i: i.version.version).version if effective else None
+
+
+def activate_due(session: Session, now: datetime | None = None, *, institution: str | None = None,
+                 sop_id: str | None = None) -> list[SopVersion]:
+    """Turn every issued version whose effective date has come effective, superseding the one
+    before it (inside a write session). Returns the versions that turned effective."""
+    now = now or utcnow()
+    query = select(SopVersion)
+    if institution is not None:
+        query = query.where(SopVersion.institution == institution)
+    if sop_id is not None:
+        query = query.where(SopVersion.sop_id == sop_id)
+    done = []
+    for v in session.exec(query.order_by(col(SopVersion.version))).all():
+        ev = state_of(session, v.id)
+        if ev is None or ev.state != "issued":
+            continue
+        data = event_data(ev)
+        effective_at = datetime.fromisoformat(data["effective_at"])
+        if effective_at > now:
+            continue
+        for other in versions_of(session, v.institution, v.sop_id):
+            if other.state == "effective" and other.version.id != v.id:
+                append_event(session, other.version, "superseded", actor="system", data={"by_version": v.version},
+                             reason=f"v{v.version} became effective", at=now)
+        append_event(session, v, "effective", actor="system",
+                     data={"effective_at": data["effective_at"], "review_due": data.get("review_due")}, at=now)
+        done.append(v)
+    return done
+
+
+def _author(session: Session, run: SopRun) -> str | None:
+    """The user id of the author of the version a change-control run is about (who created the draft)."""
+    params = json.loads(run.params_json)
+    version = session.exec(select(SopVersion).where(
+        SopVersion.institution == run.institution, SopVersion.sop_id == params.get("sop_id"),
+        SopVersion.version == int(params.get("version") or 0))).first()
+    if version is None:
+        return None
+    first = session.exec(select(SopVersionEvent).where(SopVersionEvent.version_id == version.id)
+                         .order_by(col(SopVersionEvent.n)).limit(1)).first()
+    return first.actor if first is not None else None
+
+
+def change_control_problem(session: Session, run: SopRun, step_id: str, user_id: str) -> str | None:
+    """The change-control SOP's own signing rules: the author (who created the draft, or signed
+    its submission) never reviews or approves the change; the review is signed by the named reviewer."""
+    if step_id == "submit":
+        return None
+    params = json.loads(run.params_json)
+    authors = {_author(session, run)}
+    authors |= {r.actor_id for r in session.exec(select(StepRecord).where(
+        StepRecord.run_id == run.id, StepRecord.step_id == "submit", col(StepRecord.signature_id).is_not(None)))}
+    if user_id in authors:
+        what = "approve" if step_id == "qa_approval" else "review"
+        return (f"the author of a change may not {what} it: {params.get('sop_id')} v{params.get('version')} was "
+                "written or submitted by you (separation of duties)")
+    if step_id == "review":
+        from flows.record.tables import User
+
+        user = session.get(User, user_id)
+        if user is None or user.username != params.get("reviewer"):
+            return f"step 'review' of this change may only be signed by its named reviewer {params.get('reviewer')!r}"
+    return None

@@ -1,0 +1,146 @@
+"""A new SOP version walks from Draft to Effective through the built-in change-control SOP, run
+by the real engine (Prefect server + executor); runs stay pinned to the version they started on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlmodel import col, select
+
+from flows import service
+from flows.admin import add_user, grant_training
+from flows.changes.control import create_draft, submit_change, sweep
+from flows.errors import NotAuthorizedError, SopNotEffectiveError
+from flows.record.db import read_session
+from flows.record.tables import AuditEvent, Signature, TrainingAssignment, User, utcnow
+from flows.record.versions import versions_of
+from tests.fixtures_engine import PASSWORD, wait_for
+
+INST = "demo_hospital"
+PROBE = """# Owner: test · Approval: none · Effective: when change control says
+schema_version: 1
+id: cc_probe
+title: Change-control probe
+version: {version}
+params:
+  lot: {{type: text, pattern: "^[A-Z0-9-]{{3,30}}$"}}
+steps:
+  - id: measure
+    kind: record
+    role: cell_lab
+    meaning: Measured it
+    fields:
+      value: {{type: number, min: 0, max: {limit}}}
+"""
+
+
+def _states(settings) -> dict[int, str]:
+    with read_session(settings.database_url) as s:
+        return {i.version.version: i.state for i in versions_of(s, INST, "cc_probe")}
+
+
+def _refusals(settings, since: int) -> list[AuditEvent]:
+    with read_session(settings.database_url) as s:
+        return list(s.exec(select(AuditEvent).where(col(AuditEvent.seq) > since, col(AuditEvent.action).endswith("refused"))))
+
+
+def _head(settings) -> int:
+    with read_session(settings.database_url) as s:
+        return s.exec(select(AuditEvent.seq).order_by(col(AuditEvent.seq).desc()).limit(1)).one()
+
+
+def _change(settings, tmp_path: Path, version: int, limit: int, effective_in: timedelta) -> str:
+    """Draft → In review → Approved → Issued, through the change-control run; returns its run id."""
+    path = tmp_path / "cc_probe.yaml"
+    path.write_text(PROBE.format(version=version, limit=limit), encoding="utf-8")
+    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="cc_adm", password=PASSWORD)
+    assert _states(settings)[version] == "draft"
+    run_id = submit_change(settings, INST, "cc_probe", version, reviewer="cc_rev", reason=f"limit {limit}",
+                           username="cc_adm", password=PASSWORD)
+    assert _states(settings)[version] == "in_review"
+    wait_for(settings, run_id, step="review")
+    service.submit_step(settings, run_id, "review", "cc_rev", PASSWORD, {"decision": "approve"})
+    wait_for(settings, run_id, step="qa_approval")
+    mark = _head(settings)
+    # The author holds role qa too: they still may not approve their own change (refused, audited).
+    with pytest.raises(NotAuthorizedError, match="the author of a change may not approve it"):
+        service.submit_step(settings, run_id, "qa_approval", "cc_adm", PASSWORD, {"decision": "approve"})
+    assert [e.action for e in _refusals(settings, mark)] == ["sign.refused"]
+    effective_at = (utcnow() + effective_in).isoformat()
+    service.submit_step(settings, run_id, "qa_approval", "qa", PASSWORD,
+                        {"decision": "approve", "effective_at": effective_at, "training_days": "0"})
+    wait_for(settings, run_id, statuses=("completed",))
+    sweep(settings)  # the executor's sweep may have done it already: the same outcome
+    assert _states(settings)[version] == "issued"
+    return run_id
+
+
+def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine, tmp_path):
+    settings = engine
+    add_user(settings, "cc_adm", "Zhou Admin", PASSWORD, [(INST, "sop_admin"), (INST, "qa")], actor="test")
+    add_user(settings, "cc_rev", "Xu Reviewer", PASSWORD, [(INST, "sop_reviewer")], actor="test")
+    add_user(settings, "cc_tech", "He Tech", PASSWORD, [(INST, "cell_lab")], actor="test")
+    for user in ("cc_adm", "cc_rev", "qa"):
+        grant_training(settings, user, INST, "change_control", 1, trainer="Test Trainer")
+
+    # v1: through change control; issued, not yet effective: no run may start.
+    cc1 = _change(settings, tmp_path, 1, 100, timedelta(days=1))
+    with read_session(settings.database_url) as s:
+        tech = s.exec(select(User).where(User.username == "cc_tech")).one()
+        assigned = s.exec(select(TrainingAssignment).where(TrainingAssignment.user_id == tech.id,
+                                                           TrainingAssignment.sop_id == "cc_probe")).all()
+        meanings = [sig.meaning for sig in s.exec(select(Signature).where(Signature.run_id == cc1).order_by(col(Signature.signed_at)))]
+    assert [(a.sop_version, a.roles_json) for a in assigned] == [(1, '["cell_lab"]')]
+    assert meanings[0] == "performed"
+    assert meanings[-2:] == ["reviewed", "approved"]
+    mark = _head(settings)
+    with pytest.raises(SopNotEffectiveError, match=r"cc_probe has no Effective version.*v1 is issued \(effective from"):
+        service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
+    assert [e.action for e in _refusals(settings, mark)] == ["run.start.refused"]
+    assert sweep(settings, now=utcnow() + timedelta(days=2))["effective"] == 1
+    assert _states(settings) == {1: "effective"}
+    overdue = service_overdue(settings)
+    assert ("cc_tech", 1) in overdue  # assigned with a zero-day window, not yet trained
+
+    # Run A starts on v1; the signer must be trained on v1.
+    run_a = service.start_run(settings, INST, "cc_probe", {"lot": "LOT-A"}, "qm", PASSWORD)
+    assert run_a.sop_version == 1
+    wait_for(settings, run_a.run_id, step="measure")
+    mark = _head(settings)
+    with pytest.raises(NotAuthorizedError, match="not trained on cc_probe v1"):
+        service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
+    assert [e.action for e in _refusals(settings, mark)] == ["sign.refused"]
+    grant_training(settings, "cc_tech", INST, "cc_probe", 1, trainer="Test Trainer")
+
+    # v2 (limit 80) becomes effective while run A waits.
+    _change(settings, tmp_path, 2, 80, timedelta(days=3))
+    assert sweep(settings, now=utcnow() + timedelta(days=4))["effective"] == 1
+    assert _states(settings) == {1: "superseded", 2: "effective"}
+    run_b = service.start_run(settings, INST, "cc_probe", {"lot": "LOT-B"}, "qm", PASSWORD)
+    assert run_b.sop_version == 2
+
+    # Run A finishes on v1 (its limit 100 applies; cc_tech is trained on v1).
+    service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "90"})
+    rec_a = wait_for(settings, run_a.run_id, statuses=("completed",))
+    assert rec_a["run"]["sop_version"] == 1
+    # Run B uses v2: its limit 80, and training on v2.
+    wait_for(settings, run_b.run_id, step="measure")
+    with pytest.raises(NotAuthorizedError, match="not trained on cc_probe v2"):
+        service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
+    grant_training(settings, "cc_tech", INST, "cc_probe", 2, trainer="Test Trainer")
+    from flows.errors import SopInputError
+
+    with pytest.raises(SopInputError, match="80"):
+        service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "90"})
+    service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "70"})
+    rec_b = wait_for(settings, run_b.run_id, statuses=("completed",))
+    assert rec_b["run"]["sop_version"] == 2
+    assert service.verify_audit(settings).ok
+
+
+def service_overdue(settings) -> set[tuple[str, int]]:
+    from flows.changes.control import overdue_training
+
+    return {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=utcnow() + timedelta(days=2))}
