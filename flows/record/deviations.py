@@ -137,10 +137,11 @@ def active_quarantines(session: Session, coi: str) -> list[Deviation]:
     """Deviations with ``quarantine: true`` and no disposition yet, opened on a run carrying ``coi``."""
     out = []
     for dev in session.exec(select(Deviation).where(Deviation.quarantine == True).order_by(col(Deviation.opened_at))):  # noqa: E712
+        if session.exec(select(DeviationEvent.id).where(DeviationEvent.deviation_id == dev.id,
+                                                        DeviationEvent.kind == "disposition")).first() is not None:
+            continue  # lifted (checked first: it is cheap, and most are)
         run = session.get(SopRun, dev.run_id)
-        if run is None or run_coi(run, _sop_of(session, run)) != coi:
-            continue
-        if not any(e.kind == "disposition" for e in deviation_events(session, dev.id)):
+        if run is not None and run_coi(run, _sop_of(session, run)) == coi:
             out.append(dev)
     return out
 
