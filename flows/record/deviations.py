@@ -142,7 +142,9 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
     run = session.get(SopRun, dev.run_id)
     subruns = [json.loads(e.data_json).get("run_id") for e in events if e.kind == "subrun"]
     return {
-        "id": dev.id, "run_id": dev.run_id, "sop_id": run.sop_id if run else None, "step_id": dev.step_id,
+        "id": dev.id, "run_id": dev.run_id, "sop_id": run.sop_id if run else None,
+        "sop_version": run.sop_version if run else None, "institution": run.institution if run else None,
+        "product": json.loads(run.product_json).get("name") if run and run.product_json else None, "step_id": dev.step_id,
         "coi": run_coi(run, _sop_of(session, run)) if run else None,
         "classification": dev.classification, "description": dev.description, "quarantine": dev.quarantine,
         "opened_at": _iso(dev.opened_at),
