@@ -228,6 +228,7 @@ def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
     printed = CliRunner().invoke(app, ["chain", coi])
     assert printed.exit_code == 0
     assert "unbroken" in printed.output
+    assert "[storage] storage v1" in printed.output
 
     # A later run on the dose that has not ended breaks the chain until it does.
     extra = _start(dev, "storage", coi)
