@@ -276,6 +276,10 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     data = _step_values(settings, run, sop, step, raw_values)
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
+    if step.updates_deviation == "capa" and data.get("owner"):  # a CAPA action's owner is an account
+        with read_session(settings.database_url) as s:
+            if s.exec(select(User).where(User.username == data["owner"])).first() is None:
+                raise SopInputError([f"{sop.id} step {step_id!r}.owner: no user {data['owner']!r}; `sopflow user list` lists them"])
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
     with read_session(settings.database_url) as s:
         problem = signer_problem(s, run, sop, step, user.id)
@@ -423,7 +427,7 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
             overdue.setdefault(o.run.id, []).append({"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at})
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
             st = run_status(s, run.id)
-            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed")]
+            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed", "held")]
             out.append({"id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_version": run.sop_version,
                         "status": st.status if st else "unknown", "detail": st.detail if st else None,
                         "waiting_on": waiting, "overdue": overdue.get(run.id, []), "started_at": run.started_at,

@@ -156,7 +156,7 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
         if rec is not None and rec.status == "skipped":
             continue
         if rec is not None and rec.status == "done":
-            if step.kind == "approve" and step_data(rec).get("decision") == "reject":
+            if step.kind == "approve" and step_data(rec).get("decision") == "reject" and not _disposes(step):
                 # Re-entered after a crash between the signed reject and the run's end: still rejected.
                 return _finish(ctx, "rejected", f"{step.id}: {step_data(rec).get('reason') or 'rejected'}")
             continue
@@ -178,9 +178,9 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             continue
         if step.kind in HUMAN_KINDS:
             data = await _human(ctx, step)  # type: ignore[arg-type]
-            if step.updates_deviation == "disposition":  # type: ignore[union-attr]  # a waiting parent, held runs
+            if _disposes(step):  # a waiting parent, held runs
                 subruns.resume_ready(ctx.settings)
-            if step.kind == "approve" and data.get("decision") == "reject":
+            if step.kind == "approve" and data.get("decision") == "reject" and not _disposes(step):
                 return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")
             continue
         if rec is None:
@@ -200,6 +200,12 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
                 return _finish(ctx, "rejected", f"{step.id}: deviation disposition: {decision.get('decision')} "
                                                 f"({decision.get('reason')})")
     return _finish(ctx, "completed", None)
+
+
+def _disposes(step: Any) -> bool:
+    """A deviation SOP's disposition rejects the dose (its parent ends), not the deviation's own run:
+    containment, CAPA and closure still follow."""
+    return getattr(step, "updates_deviation", None) == "disposition"
 
 
 def _finish(ctx: RunContext, status: str, detail: str | None) -> dict[str, Any]:
