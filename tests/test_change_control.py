@@ -11,7 +11,8 @@ from sqlmodel import col, select
 
 from flows import service
 from flows.admin import add_user, grant_training
-from flows.changes.control import create_draft, submit_change, sweep
+from flows.changes.control import create_draft, submit_change
+from flows.changes.sweep import sweep
 from flows.errors import NotAuthorizedError, SopNotEffectiveError
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Signature, TrainingAssignment, User, utcnow
@@ -137,10 +138,21 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "70"})
     rec_b = wait_for(settings, run_b.run_id, statuses=("completed",))
     assert rec_b["run"]["sop_version"] == 2
+
+    # v3, rejected at review: the version is rejected, v2 stays in force, the number is spent.
+    path = tmp_path / "cc_probe.yaml"
+    path.write_text(PROBE.format(version=3, limit=10), encoding="utf-8")
+    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="cc_adm", password=PASSWORD)
+    cc3 = submit_change(settings, INST, "cc_probe", 3, reviewer="cc_rev", reason="limit 10", username="cc_adm", password=PASSWORD)
+    wait_for(settings, cc3, step="review")
+    service.submit_step(settings, cc3, "review", "cc_rev", PASSWORD, {"decision": "reject", "reason": "10 is below the label's range"})
+    wait_for(settings, cc3, statuses=("rejected",))
+    sweep(settings)
+    assert _states(settings) == {1: "superseded", 2: "effective", 3: "rejected"}
     assert service.verify_audit(settings).ok
 
 
 def service_overdue(settings) -> set[tuple[str, int]]:
-    from flows.changes.control import overdue_training
+    from flows.changes.sweep import overdue_training
 
     return {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=utcnow() + timedelta(days=2))}

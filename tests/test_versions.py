@@ -19,8 +19,8 @@ from flows.changes.control import (
     effective_sop,
     establish,
     record_review,
-    sweep,
 )
+from flows.changes.sweep import sweep
 from flows.changes.transfer import export_institution, import_institution
 from flows.config import get_settings
 from flows.errors import (
@@ -152,6 +152,19 @@ def test_validate_sop_text_gives_lines_and_schema_names():
     assert "steps" in names["sop"]
     assert "expect" in names["step.check"]
     assert "unit" in names["field"]
+
+
+def test_check_draft_text_uses_the_institution_roles(tmp_path):
+    from flows.changes.control import check_draft_text
+
+    settings = _settings(f"sqlite:///{tmp_path / 'x.db'}", tmp_path)
+    text = _v2(tmp_path, role="qa_officer").read_text(encoding="utf-8")
+    out = check_draft_text(settings, INST, text, name="dose_receipt.yaml", sop_id="dose_receipt")
+    [problem] = out["problems"]
+    assert problem["path"] == "steps[2].role"
+    assert problem["message"].startswith("unknown role 'qa_officer'")
+    assert text.splitlines()[problem["line"] - 1].strip() == "role: qa_officer"
+    assert "role" in out["fields"]["step.verify"]
 
 
 def test_sop_diff_names_the_limit_the_role_and_the_added_step_and_nothing_else(tmp_path, monkeypatch):

@@ -163,7 +163,7 @@ def import_(folder: Annotated[Path, typer.Argument(help="A folder written by `so
 
 def training_overdue(institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None) -> None:
     """Training assigned when a version was issued, past its due date and not yet recorded."""
-    from flows.changes.control import overdue_training
+    from flows.changes.sweep import overdue_training
 
     cli = _cli()
     rows = cli._run(overdue_training, cli._settings(), institution=institution)
