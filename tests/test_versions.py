@@ -255,3 +255,26 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
         assert effective_version(s, INST, "dose_receipt").version == 2
         assert {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")} == {1: "superseded", 2: "effective"}
+
+
+def test_issued_version_assigns_training_and_overdue_training_is_listed_and_notified_once(tmp_path):
+    from flows.admin import grant_training
+    from flows.changes.control import version_definition
+    from flows.changes.sweep import _assign_training, overdue_training
+
+    settings = _settings(f"sqlite:///{tmp_path / 'sopflow.db'}", tmp_path)
+    _staff(settings)
+    establish(settings, INST, Officer("qa", PASSWORD))
+    path = _v2(tmp_path)
+    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
+    now = utcnow()
+    with write_session(settings.database_url) as s:
+        v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
+        assert _assign_training(s, v2, version_definition(v2), now + timedelta(days=14), now) == 2  # tech (cell_lab), qa
+    assert overdue_training(settings, now=now + timedelta(days=13)) == []
+    late = now + timedelta(days=15)
+    assert {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=late)} == {("tech", 2), ("qa", 2)}
+    grant_training(settings, "tech", INST, "dose_receipt", 2, trainer="Trainer")
+    assert [o["username"] for o in overdue_training(settings, now=late)] == ["qa"]
+    assert sweep(settings, now=late)["training_reminders"] == 1
+    assert sweep(settings, now=late)["training_reminders"] == 0

@@ -6,7 +6,8 @@ The rules, and who may do what:
   Effective versions in one transaction, each signed by a QA officer of the institution
   (re-authenticated) with the meaning ``initial issue``; refused once the institution has any
   version. The built-in change-control SOP (``flows/builtin/change_control.yaml``) is
-  established with them; it needs the roles ``sop_admin``, ``sop_reviewer`` and ``qa``.
+  established with them; it needs the roles ``sop_admin``, ``sop_reviewer`` and ``qa`` (without
+  them it is skipped, said so, and change control is refused until they exist).
 - ``create_draft``: an administrator of the institution (role ``sop_admin`` there) stores YAML
   text, validated as ``sopflow sop validate`` does, as a Draft. Version numbers are never reused:
   a draft's ``version`` must exceed every version of that SOP, whatever became of it.
@@ -177,7 +178,13 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
     """
     now = now or utcnow()
     inst = Catalog(settings.sops_dir, settings.templates_dir).institution(institution)
-    cc_text, cc_sha, cc_def = _builtin(settings, institution)
+    builtin: list[tuple[SopDefinition, str, str]] = []
+    skipped = None
+    try:
+        cc_text, cc_sha, cc_def = _builtin(settings, institution)
+        builtin.append((cc_def, cc_text, cc_sha))
+    except ChangeControlError as exc:  # the SOPs can run; change control waits until the roles exist
+        builtin, skipped = [], str(exc)
     init_db(settings.database_url)
     qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.establish", institution,
                  "establish the first SOP versions")
@@ -188,9 +195,9 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
             raise ChangeControlError(
                 f"institution {institution!r} has {len(existing)} SOP versions already: establish is only for an "
                 "installation's first versions; a new version goes through `sopflow sop draft` and change control")
-        items = [(d.definition, d.text, d.sha256) for d in inst.sops.values()] + [(cc_def, cc_text, cc_sha)]
-        for sop, text, sha in items:
-            if sop.id == CHANGE_CONTROL_ID and text != cc_text:
+        items = [(d.definition, d.text, d.sha256) for d in inst.sops.values()]
+        for sop, text, sha in items + builtin:
+            if sop.id == CHANGE_CONTROL_ID and (sop, text, sha) not in builtin:
                 raise ChangeControlError(f"sops/{institution}/{CHANGE_CONTROL_ID}.yaml: the id {CHANGE_CONTROL_ID!r} is "
                                          "reserved for sopflow's built-in change-control SOP; rename the file and its id")
             version = _store(s, institution, sop, text, sha, now)
@@ -199,6 +206,8 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
                          data={"effective_at": _iso(now), "review_due": _iso(add_months(now, months)), "initial_issue": True},
                          reason="initial issue: the version in force when sopflow was installed", at=now)
             out.append({"sop_id": sop.id, "version": sop.version, "sha256": sha, "version_id": version.id})
+    if skipped:
+        out.append({"sop_id": CHANGE_CONTROL_ID, "skipped": skipped})
     return out
 
 

@@ -48,6 +48,9 @@ def establish(institution: Annotated[str, typer.Argument(help="Institution id (f
     cli = _cli()
     rows = cli._run(run, cli._settings(), institution, _officer(username, password_env))
     for r in rows:
+        if r.get("skipped"):
+            cli.out.print(f"[yellow]not established: {r['sop_id']}: {escape(r['skipped'])}[/yellow]")
+            continue
         cli.out.print(f"established {institution}/{r['sop_id']} v{r['version']} (sha256 {r['sha256'][:12]}): effective")
 
 
@@ -99,6 +102,8 @@ def versions(sop_id: Annotated[str | None, typer.Argument(help="One SOP [default
         for h in r["history"]:
             signed = f" signed by {h['printed_name']} ({h['meaning']})" if h["meaning"] else f" by {h['by']}"
             why = f": {escape(h['reason'])}" if h["reason"] else ""
+            if h["data"].get("run_id"):  # the change-control run: its quality record is the approval history
+                why += f"  (change-control run {h['data']['run_id']}; `sopflow record` shows it)"
             cli.out.print(f"    {h['at']:%Y-%m-%d %H:%M} UTC  {h['state']}{escape(signed)}{why}")
 
 
