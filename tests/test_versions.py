@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
-from flows.admin import Officer, add_user
+from flows.admin import Officer
 from flows.changes.control import (
     create_draft,
     effective_sop,
@@ -29,7 +29,7 @@ from flows.errors import (
     SopDefinitionError,
     SopNotEffectiveError,
 )
-from flows.record.db import read_session, write_session
+from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import AuditEvent, Reminder, SopVersion, utcnow
 from flows.record.versions import append_event, versions_of
 from flows.sop.catalog import Catalog
@@ -44,9 +44,20 @@ def _settings(db_url: str, tmp_path: Path):
 
 
 def _staff(settings) -> None:
-    add_user(settings, "qa", "Wang Fang", PASSWORD, [(INST, "qa")], actor="test")
-    add_user(settings, "adm", "Zhou Admin", PASSWORD, [(INST, "sop_admin")], actor="test")
-    add_user(settings, "tech", "Li Wei", PASSWORD, [(INST, "cell_lab")], actor="test")
+    """qa (role qa), adm (sop_admin) and tech (cell_lab), written as users.add_user does, with one
+    argon2 hash per test session (``conftest._password_hash``): hashing is the slow part."""
+    from flows.record import ledger
+    from flows.record import users as user_store
+    from flows.record.tables import User
+    from tests.conftest import FIXED_AT, _password_hash
+
+    init_db(settings.database_url)
+    with write_session(settings.database_url) as s:
+        for username, name, role in (("qa", "Wang Fang", "qa"), ("adm", "Zhou Admin", "sop_admin"), ("tech", "Li Wei", "cell_lab")):
+            user = User(username=username, printed_name=name, password_hash=_password_hash(), created_at=FIXED_AT,
+                        created_by="test")
+            ledger.append(s, user, actor="test", action="user.create")
+            user_store.grant_role(s, user, INST, role, actor="test")
 
 
 def _events(settings, action: str) -> list[AuditEvent]:
