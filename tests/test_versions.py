@@ -289,3 +289,36 @@ def test_issued_version_assigns_training_and_overdue_training_is_listed_and_noti
     assert [o["username"] for o in overdue_training(settings, now=late)] == ["qa"]
     assert sweep(settings, now=late)["training_reminders"] == 1
     assert sweep(settings, now=late)["training_reminders"] == 0
+
+
+def test_cli_draft_versions_export_import_and_overdue(tmp_path, monkeypatch):
+    from flows.cli import app
+
+    db_url = f"sqlite:///{tmp_path / 'sopflow.db'}"
+    settings = _settings(db_url, tmp_path)
+    _staff(settings)
+    monkeypatch.setenv("SOPFLOW_DATABASE_URL", db_url)
+    monkeypatch.setenv("SOPFLOW_PASSWORD", PASSWORD)
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, result.output
+        return result.output
+
+    assert "established demo_hospital/dose_receipt v1" in run("sop", "establish", INST, "--as", "qa")
+    path = _v2(tmp_path)
+    out = run("sop", "draft", str(path), "--institution", INST, "--as", "tech", code=1)
+    assert "that takes role 'sop_admin'" in out
+    assert "draft demo_hospital/dose_receipt v2 stored" in run("sop", "draft", str(path), "--institution", INST, "--as", "adm",
+                                                                "--reason", "tighter limit")
+    out = run("sop", "versions", "dose_receipt", "--institution", INST)
+    assert "dose_receipt v1  effective" in out
+    assert "signed by Wang Fang (initial issue)" in out
+    assert "dose_receipt v2  draft" in out
+    out = run("start", "change_control", "--institution", INST, "--as", "adm", code=1)
+    assert "runs on a draft, started by `sopflow sop submit`" in out
+    assert "no overdue training" in run("training", "overdue")
+    assert "exported 3 files" in run("sop", "export", INST, str(tmp_path / "out"))
+    out = run("sop", "import", str(tmp_path / "out"), "--as", "adm", code=1)
+    assert "version numbers are never reused" in out
