@@ -78,7 +78,12 @@ def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, 
 
 def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, now: datetime) -> str | None:
     """Apply a finished change-control run to its version; returns the new state."""
-    if status in ("rejected", "stopped", "failed"):
+    if status == "failed":  # the engine failed, nobody decided: the draft may be submitted again
+        append_event(session, version, "draft", actor="system", data={"run_id": run.id},
+                     reason=f"change-control run {run.id} failed ({(run_status_detail(session, run.id) or 'see its record')}); "
+                            "returned to draft", at=now)
+        return "returned"
+    if status in ("rejected", "stopped"):
         data, sig = _signed(session, run.id, "qa_approval")
         if sig is None:
             data, sig = _signed(session, run.id, "review")
@@ -108,6 +113,13 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
                        "review_due": _iso(add_months(effective_at, months))})
     _assign_training(session, version, sop, training_due, now)
     return "issued"
+
+
+def run_status_detail(session: Session, run_id: str) -> str | None:
+    from flows.record.state import run_status
+
+    ev = run_status(session, run_id)
+    return ev.detail if ev is not None else None
 
 
 def overdue_training(settings: Settings, *, now: datetime | None = None, institution: str | None = None) -> list[dict[str, Any]]:
@@ -163,7 +175,7 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
 
     now = now or utcnow()
     init_db(settings.database_url)
-    counts = {"issued": 0, "rejected": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
+    counts = {"issued": 0, "rejected": 0, "returned": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
     with write_session(settings.database_url) as s:
         for v in s.exec(select(SopVersion)).all():
             ev = state_of(s, v.id)
