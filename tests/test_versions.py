@@ -322,3 +322,19 @@ def test_cli_draft_versions_export_import_and_overdue(tmp_path, monkeypatch):
     assert "exported 3 files" in run("sop", "export", INST, str(tmp_path / "out"))
     out = run("sop", "import", str(tmp_path / "out"), "--as", "adm", code=1)
     assert "version numbers are never reused" in out
+
+
+def test_establish_adopts_a_version_a_run_stored_before_versions_had_states(db_url, tmp_path):
+    from flows.record import ledger
+
+    settings = _settings(db_url, tmp_path)
+    _staff(settings)
+    text = DEMO_SOP.read_text(encoding="utf-8")
+    with write_session(settings.database_url) as s:  # as start_run stored it before change control
+        old = SopVersion(institution=INST, sop_id="dose_receipt", version=1, schema_version=1,
+                         sha256=ledger.sha256_hex(DEMO_SOP.read_bytes()), text=text, stored_at=utcnow())
+        ledger.append(s, old, actor="system", action="sop_version.store")
+        old_id = old.id
+    rows = establish(settings, INST, Officer("qa", PASSWORD))
+    assert next(r for r in rows if r["sop_id"] == "dose_receipt")["version_id"] == old_id
+    assert effective_sop(settings, INST, "dose_receipt").version_id == old_id

@@ -190,7 +190,10 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
                  "establish the first SOP versions")
     out = []
     with write_session(settings.database_url) as s:
-        existing = s.exec(select(SopVersion.id).where(SopVersion.institution == institution)).all()
+        # Rows stored by runs before versions had states (no events) are adopted, not refused.
+        rows = s.exec(select(SopVersion).where(SopVersion.institution == institution)).all()
+        legacy = {(v.sop_id, v.sha256): v for v in rows if state_of(s, v.id) is None}
+        existing = [v for v in rows if (v.sop_id, v.sha256) not in legacy]
         if existing:
             raise ChangeControlError(
                 f"institution {institution!r} has {len(existing)} SOP versions already: establish is only for an "
@@ -200,7 +203,7 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
             if sop.id == CHANGE_CONTROL_ID and (sop, text, sha) not in builtin:
                 raise ChangeControlError(f"sops/{institution}/{CHANGE_CONTROL_ID}.yaml: the id {CHANGE_CONTROL_ID!r} is "
                                          "reserved for sopflow's built-in change-control SOP; rename the file and its id")
-            version = _store(s, institution, sop, text, sha, now)
+            version = legacy.get((sop.id, sha)) or _store(s, institution, sop, text, sha, now)
             months = DEFAULT_REVIEW_MONTHS
             append_event(s, version, "effective", actor=qa.id, printed_name=qa.printed_name, meaning="initial issue",
                          data={"effective_at": _iso(now), "review_due": _iso(add_months(now, months)), "initial_issue": True},
