@@ -17,7 +17,6 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from flows.changes.control import (
-    ADMIN_ROLE,
     DEFAULT_REVIEW_MONTHS,
     DEFAULT_TRAINING_DAYS,
     QA_ROLE,
@@ -43,7 +42,13 @@ from flows.record.tables import (
     utcnow,
 )
 from flows.record.training import is_trained
-from flows.record.versions import activate_due, append_event, event_data, state_of
+from flows.record.versions import (
+    ADMIN_ROLE,
+    activate_due,
+    append_event,
+    event_data,
+    state_of,
+)
 from flows.sop.model import SopDefinition
 
 __all__ = ["overdue_training", "sweep"]
@@ -99,7 +104,8 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
     _, review = _signed(session, run.id, "review")
     if sig is None:
         raise RecordError(f"change-control run {run.id} completed without a QA approval signature")
-    days = float(data.get("training_days") if data.get("training_days") is not None else DEFAULT_TRAINING_DAYS)
+    raw_days = data.get("training_days")
+    days = float(raw_days) if raw_days is not None else float(DEFAULT_TRAINING_DAYS)
     months = int(data.get("review_months") or DEFAULT_REVIEW_MONTHS)
     training_due = now + timedelta(days=days)
     effective_at = datetime.fromisoformat(data["effective_at"]) if data.get("effective_at") else training_due
