@@ -63,7 +63,7 @@ def draft(path: Annotated[Path, typer.Argument(help="The SOP YAML file; its name
 
     cli = _cli()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # exactly the file's bytes: the sha256 is theirs
     except (OSError, UnicodeDecodeError) as exc:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="PATH") from None
     res = cli._run(create_draft, cli._settings(), institution, text, name=display_path(path), username=username,
