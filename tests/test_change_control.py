@@ -94,6 +94,7 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
                                                            TrainingAssignment.sop_id == "cc_probe")).all()
         meanings = [sig.meaning for sig in s.exec(select(Signature).where(Signature.run_id == cc1).order_by(col(Signature.signed_at)))]
     assert [(a.sop_version, a.roles_json) for a in assigned] == [(1, '["cell_lab"]')]
+    assert _issued_notice(settings), "the staff who must train were not told that v1 was issued"
     assert meanings[0] == "performed"
     assert meanings[-2:] == ["reviewed", "approved"]
     mark = _head(settings)
@@ -156,3 +157,19 @@ def service_overdue(settings) -> set[tuple[str, int]]:
     from flows.changes.sweep import overdue_training
 
     return {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=utcnow() + timedelta(days=2))}
+
+
+def _issued_notice(settings, timeout: float = 15.0) -> bool:
+    """Whether the "issued" reminder of cc_probe was recorded (by this test's sweep or the executor's)."""
+    import time
+
+    from flows.record.tables import Reminder, SopVersion
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with read_session(settings.database_url) as s:
+            ids = set(s.exec(select(SopVersion.id).where(SopVersion.sop_id == "cc_probe")))
+            if any(r.object_id in ids for r in s.exec(select(Reminder).where(Reminder.kind == "issued"))):
+                return True
+        time.sleep(0.1)
+    return False

@@ -181,6 +181,7 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
 
     now = now or utcnow()
     init_db(settings.database_url)
+    issued: list[tuple[str, str, str, int, list[str], dict[str, Any]]] = []
     counts = {"issued": 0, "rejected": 0, "returned": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
     with write_session(settings.database_url) as s:
         for v in s.exec(select(SopVersion)).all():
@@ -193,7 +194,15 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
                 new = _conclude(s, v, run, status.status, now)
                 if new:
                     counts[new] += 1
+                if new == "issued":
+                    issued.append((v.id, v.institution, v.sop_id, v.version, sorted(signing_roles(version_definition(v))),
+                                   event_data(state_of(s, v.id) or ev)))
         counts["effective"] = len(activate_due(s, now))
+    for vid, inst, sop_id, number, roles, data in issued:  # tell the staff who must train, once
+        _remind(settings, "issued", vid, inst, roles, f"[{sop_id}] v{number} issued: training due {data['training_due'][:10]}",
+                f"{sop_id} v{number} at {inst} is approved and issued. Everyone holding role {', '.join(roles)} must be "
+                f"trained on it by {data['training_due'][:16]} UTC; it becomes effective {data['effective_at'][:16]} UTC, "
+                "and from then on only staff trained on it may sign its steps.", now)
     for o in overdue_training(settings, now=now):
         roles = sorted({QA_ROLE, *o["roles"]})
         if _remind(settings, "training_overdue", o["assignment_id"], o["institution"], roles,

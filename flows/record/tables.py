@@ -181,7 +181,7 @@ class Reminder(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("kind", "object_id"),)
     id: str = Field(default_factory=new_id, primary_key=True)
     kind: str
-    """``training_overdue`` (object: an assignment) or ``review_due`` (object: version id + due date)."""
+    """``issued`` (object: the version), ``training_overdue`` (an assignment) or ``review_due`` (version id + due date)."""
     object_id: str
     deliveries_json: str = _text()  # type: ignore[assignment]
     at: datetime = _ts()  # type: ignore[assignment]
