@@ -88,8 +88,30 @@ def engine_fixture() -> Iterator[Settings]:
         add_user(settings, username, name, PASSWORD, [("demo_hospital", role)], actor="test")
         grant_training(settings, username, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
     establish(settings, "demo_hospital", Officer("qa", PASSWORD))
+    _establish_others(settings)
     yield settings
     server.stop(settings)
+
+
+def _establish_others(settings: Settings) -> None:
+    """Every other institution under sops/: its files become its first Effective versions, signed by
+    a QA officer of its own (``est_<institution>``), so runs of its SOPs can start. An institution
+    whose files are invalid is left out: its own tests then say it has no Effective version."""
+    from flows.admin import Officer, add_user
+    from flows.changes.control import establish
+    from flows.errors import FlowsError
+    from flows.sop.catalog import Catalog
+
+    for inst in Catalog(settings.sops_dir, settings.templates_dir).institutions():
+        if inst == "demo_hospital":
+            continue
+        try:
+            add_user(settings, f"est_{inst}"[:40], f"QA of {inst}", PASSWORD, [(inst, "qa")], actor="test")
+            establish(settings, inst, Officer(f"est_{inst}"[:40], PASSWORD))
+        except FlowsError as exc:
+            import warnings
+
+            warnings.warn(f"{inst}: not established for the engine tests: {exc}", stacklevel=1)
 
 
 @pytest.fixture(name="receiver", scope="session")

@@ -11,7 +11,8 @@ from sqlmodel import col, select
 
 from flows import service
 from flows.admin import add_user, grant_training
-from flows.changes.control import create_draft, submit_change, sweep
+from flows.changes.control import create_draft, submit_change
+from flows.changes.sweep import sweep
 from flows.errors import NotAuthorizedError, SopNotEffectiveError
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Signature, TrainingAssignment, User, utcnow
@@ -93,6 +94,7 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
                                                            TrainingAssignment.sop_id == "cc_probe")).all()
         meanings = [sig.meaning for sig in s.exec(select(Signature).where(Signature.run_id == cc1).order_by(col(Signature.signed_at)))]
     assert [(a.sop_version, a.roles_json) for a in assigned] == [(1, '["cell_lab"]')]
+    assert _issued_notice(settings), "the staff who must train were not told that v1 was issued"
     assert meanings[0] == "performed"
     assert meanings[-2:] == ["reviewed", "approved"]
     mark = _head(settings)
@@ -137,10 +139,37 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "70"})
     rec_b = wait_for(settings, run_b.run_id, statuses=("completed",))
     assert rec_b["run"]["sop_version"] == 2
+
+    # v3, rejected at review: the version is rejected, v2 stays in force, the number is spent.
+    path = tmp_path / "cc_probe.yaml"
+    path.write_text(PROBE.format(version=3, limit=10), encoding="utf-8")
+    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="cc_adm", password=PASSWORD)
+    cc3 = submit_change(settings, INST, "cc_probe", 3, reviewer="cc_rev", reason="limit 10", username="cc_adm", password=PASSWORD)
+    wait_for(settings, cc3, step="review")
+    service.submit_step(settings, cc3, "review", "cc_rev", PASSWORD, {"decision": "reject", "reason": "10 is below the label's range"})
+    wait_for(settings, cc3, statuses=("rejected",))
+    sweep(settings)
+    assert _states(settings) == {1: "superseded", 2: "effective", 3: "rejected"}
     assert service.verify_audit(settings).ok
 
 
 def service_overdue(settings) -> set[tuple[str, int]]:
-    from flows.changes.control import overdue_training
+    from flows.changes.sweep import overdue_training
 
     return {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=utcnow() + timedelta(days=2))}
+
+
+def _issued_notice(settings, timeout: float = 15.0) -> bool:
+    """Whether the "issued" reminder of cc_probe was recorded (by this test's sweep or the executor's)."""
+    import time
+
+    from flows.record.tables import Reminder, SopVersion
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with read_session(settings.database_url) as s:
+            ids = set(s.exec(select(SopVersion.id).where(SopVersion.sop_id == "cc_probe")))
+            if any(r.object_id in ids for r in s.exec(select(Reminder).where(Reminder.kind == "issued"))):
+                return True
+        time.sleep(0.1)
+    return False

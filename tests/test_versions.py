@@ -13,14 +13,14 @@ import pytest
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
-from flows.admin import Officer, add_user
+from flows.admin import Officer
 from flows.changes.control import (
     create_draft,
     effective_sop,
     establish,
     record_review,
-    sweep,
 )
+from flows.changes.sweep import sweep
 from flows.changes.transfer import export_institution, import_institution
 from flows.config import get_settings
 from flows.errors import (
@@ -29,7 +29,7 @@ from flows.errors import (
     SopDefinitionError,
     SopNotEffectiveError,
 )
-from flows.record.db import read_session, write_session
+from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import AuditEvent, Reminder, SopVersion, utcnow
 from flows.record.versions import append_event, versions_of
 from flows.sop.catalog import Catalog
@@ -44,9 +44,20 @@ def _settings(db_url: str, tmp_path: Path):
 
 
 def _staff(settings) -> None:
-    add_user(settings, "qa", "Wang Fang", PASSWORD, [(INST, "qa")], actor="test")
-    add_user(settings, "adm", "Zhou Admin", PASSWORD, [(INST, "sop_admin")], actor="test")
-    add_user(settings, "tech", "Li Wei", PASSWORD, [(INST, "cell_lab")], actor="test")
+    """qa (role qa), adm (sop_admin) and tech (cell_lab), written as users.add_user does, with one
+    argon2 hash per test session (``conftest._password_hash``): hashing is the slow part."""
+    from flows.record import ledger
+    from flows.record import users as user_store
+    from flows.record.tables import User
+    from tests.conftest import FIXED_AT, _password_hash
+
+    init_db(settings.database_url)
+    with write_session(settings.database_url) as s:
+        for username, name, role in (("qa", "Wang Fang", "qa"), ("adm", "Zhou Admin", "sop_admin"), ("tech", "Li Wei", "cell_lab")):
+            user = User(username=username, printed_name=name, password_hash=_password_hash(), created_at=FIXED_AT,
+                        created_by="test")
+            ledger.append(s, user, actor="test", action="user.create")
+            user_store.grant_role(s, user, INST, role, actor="test")
 
 
 def _events(settings, action: str) -> list[AuditEvent]:
@@ -154,6 +165,19 @@ def test_validate_sop_text_gives_lines_and_schema_names():
     assert "unit" in names["field"]
 
 
+def test_check_draft_text_uses_the_institution_roles(tmp_path):
+    from flows.changes.control import check_draft_text
+
+    settings = _settings(f"sqlite:///{tmp_path / 'x.db'}", tmp_path)
+    text = _v2(tmp_path, role="qa_officer").read_text(encoding="utf-8")
+    out = check_draft_text(settings, INST, text, name="dose_receipt.yaml", sop_id="dose_receipt")
+    [problem] = out["problems"]
+    assert problem["path"] == "steps[2].role"
+    assert problem["message"].startswith("unknown role 'qa_officer'")
+    assert text.splitlines()[problem["line"] - 1].strip() == "role: qa_officer"
+    assert "role" in out["fields"]["step.verify"]
+
+
 def test_sop_diff_names_the_limit_the_role_and_the_added_step_and_nothing_else(tmp_path, monkeypatch):
     from flows.cli import app
 
@@ -242,3 +266,75 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
         assert effective_version(s, INST, "dose_receipt").version == 2
         assert {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")} == {1: "superseded", 2: "effective"}
+
+
+def test_issued_version_assigns_training_and_overdue_training_is_listed_and_notified_once(tmp_path):
+    from flows.admin import grant_training
+    from flows.changes.control import version_definition
+    from flows.changes.sweep import _assign_training, overdue_training
+
+    settings = _settings(f"sqlite:///{tmp_path / 'sopflow.db'}", tmp_path)
+    _staff(settings)
+    establish(settings, INST, Officer("qa", PASSWORD))
+    path = _v2(tmp_path)
+    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
+    now = utcnow()
+    with write_session(settings.database_url) as s:
+        v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
+        assert _assign_training(s, v2, version_definition(v2), now + timedelta(days=14), now) == 2  # tech (cell_lab), qa
+    assert overdue_training(settings, now=now + timedelta(days=13)) == []
+    late = now + timedelta(days=15)
+    assert {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=late)} == {("tech", 2), ("qa", 2)}
+    grant_training(settings, "tech", INST, "dose_receipt", 2, trainer="Trainer")
+    assert [o["username"] for o in overdue_training(settings, now=late)] == ["qa"]
+    assert sweep(settings, now=late)["training_reminders"] == 1
+    assert sweep(settings, now=late)["training_reminders"] == 0
+
+
+def test_cli_draft_versions_export_import_and_overdue(tmp_path, monkeypatch):
+    from flows.cli import app
+
+    db_url = f"sqlite:///{tmp_path / 'sopflow.db'}"
+    settings = _settings(db_url, tmp_path)
+    _staff(settings)
+    monkeypatch.setenv("SOPFLOW_DATABASE_URL", db_url)
+    monkeypatch.setenv("SOPFLOW_PASSWORD", PASSWORD)
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, result.output
+        return result.output
+
+    assert "established demo_hospital/dose_receipt v1" in run("sop", "establish", INST, "--as", "qa")
+    path = _v2(tmp_path)
+    out = run("sop", "draft", str(path), "--institution", INST, "--as", "tech", code=1)
+    assert "that takes role 'sop_admin'" in out
+    assert "draft demo_hospital/dose_receipt v2 stored" in run("sop", "draft", str(path), "--institution", INST, "--as", "adm",
+                                                                "--reason", "tighter limit")
+    out = run("sop", "versions", "dose_receipt", "--institution", INST)
+    assert "dose_receipt v1  effective" in out
+    assert "signed by Wang Fang (initial issue)" in out
+    assert "dose_receipt v2  draft" in out
+    out = run("start", "change_control", "--institution", INST, "--as", "adm", code=1)
+    assert "runs on a draft, started by `sopflow sop submit`" in out
+    assert "no overdue training" in run("training", "overdue")
+    assert "exported 3 files" in run("sop", "export", INST, str(tmp_path / "out"))
+    out = run("sop", "import", str(tmp_path / "out"), "--as", "adm", code=1)
+    assert "version numbers are never reused" in out
+
+
+def test_establish_adopts_a_version_a_run_stored_before_versions_had_states(db_url, tmp_path):
+    from flows.record import ledger
+
+    settings = _settings(db_url, tmp_path)
+    _staff(settings)
+    text = DEMO_SOP.read_text(encoding="utf-8")
+    with write_session(settings.database_url) as s:  # as start_run stored it before change control
+        old = SopVersion(institution=INST, sop_id="dose_receipt", version=1, schema_version=1,
+                         sha256=ledger.sha256_hex(DEMO_SOP.read_bytes()), text=text, stored_at=utcnow())
+        ledger.append(s, old, actor="system", action="sop_version.store")
+        old_id = old.id
+    rows = establish(settings, INST, Officer("qa", PASSWORD))
+    assert next(r for r in rows if r["sop_id"] == "dose_receipt")["version_id"] == old_id
+    assert effective_sop(settings, INST, "dose_receipt").version_id == old_id

@@ -6,7 +6,8 @@ The rules, and who may do what:
   Effective versions in one transaction, each signed by a QA officer of the institution
   (re-authenticated) with the meaning ``initial issue``; refused once the institution has any
   version. The built-in change-control SOP (``flows/builtin/change_control.yaml``) is
-  established with them; it needs the roles ``sop_admin``, ``sop_reviewer`` and ``qa``.
+  established with them; it needs the roles ``sop_admin``, ``sop_reviewer`` and ``qa`` (without
+  them it is skipped, said so, and change control is refused until they exist).
 - ``create_draft``: an administrator of the institution (role ``sop_admin`` there) stores YAML
   text, validated as ``sopflow sop validate`` does, as a Draft. Version numbers are never reused:
   a draft's ``version`` must exceed every version of that SOP, whatever became of it.
@@ -14,11 +15,8 @@ The rules, and who may do what:
   turns In review) and signs its first step with the reason for change; the named reviewer and
   QA sign the rest through the normal path (``sopflow submit``). The author never reviews or
   approves (``versions.change_control_problem``).
-- ``sweep`` (the executor's periodic sweep; tests pass ``now``): a completed change-control run
-  turns its version Approved (the event carries QA's signature) and Issued, and assigns training
-  to everyone holding a role that signs in it; a rejected one turns it Rejected. An Issued
-  version turns Effective at its effective date and supersedes the one before. Overdue training
-  and periodic reviews coming due are notified once each.
+- ``flows.changes.sweep.sweep`` (the executor's periodic sweep) issues approved versions,
+  assigns training, makes due versions Effective and sends reminders.
 - ``record_review`` (periodic review, no change) and ``retire``: a QA officer, signed.
 
 Service layer: the CLI (``flows.cli.changes``) and the web app call these; the library raises.
@@ -26,7 +24,6 @@ Service layer: the CLI (``flows.cli.changes``) and the web app call these; the l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,17 +44,10 @@ from flows.errors import (
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import (
-    Reminder,
-    RoleGrant,
-    Signature,
-    SopRun,
     SopVersion,
-    StepRecord,
-    TrainingAssignment,
     User,
     utcnow,
 )
-from flows.record.training import is_trained
 from flows.record.users import roles_of
 from flows.record.versions import (
     ADMIN_ROLE,
@@ -80,16 +70,15 @@ __all__ = [
     "REVIEW_NOTICE",
     "PinnedSop",
     "add_months",
+    "check_draft_text",
     "create_draft",
     "effective_sop",
     "establish",
     "list_versions",
-    "overdue_training",
     "record_review",
     "retire",
     "signing_roles",
     "submit_change",
-    "sweep",
     "version_definition",
 ]
 
@@ -189,28 +178,39 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
     """
     now = now or utcnow()
     inst = Catalog(settings.sops_dir, settings.templates_dir).institution(institution)
-    cc_text, cc_sha, cc_def = _builtin(settings, institution)
+    builtin: list[tuple[SopDefinition, str, str]] = []
+    skipped = None
+    try:
+        cc_text, cc_sha, cc_def = _builtin(settings, institution)
+        builtin.append((cc_def, cc_text, cc_sha))
+    except ChangeControlError as exc:  # the SOPs can run; change control waits until the roles exist
+        builtin, skipped = [], str(exc)
     init_db(settings.database_url)
     qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.establish", institution,
                  "establish the first SOP versions")
     out = []
     with write_session(settings.database_url) as s:
-        existing = s.exec(select(SopVersion.id).where(SopVersion.institution == institution)).all()
+        # Rows stored by runs before versions had states (no events) are adopted, not refused.
+        rows = s.exec(select(SopVersion).where(SopVersion.institution == institution)).all()
+        legacy = {(v.sop_id, v.sha256): v for v in rows if state_of(s, v.id) is None}
+        existing = [v for v in rows if (v.sop_id, v.sha256) not in legacy]
         if existing:
             raise ChangeControlError(
                 f"institution {institution!r} has {len(existing)} SOP versions already: establish is only for an "
                 "installation's first versions; a new version goes through `sopflow sop draft` and change control")
-        items = [(d.definition, d.text, d.sha256) for d in inst.sops.values()] + [(cc_def, cc_text, cc_sha)]
-        for sop, text, sha in items:
-            if sop.id == CHANGE_CONTROL_ID and text != cc_text:
+        items = [(d.definition, d.text, d.sha256) for d in inst.sops.values()]
+        for sop, text, sha in items + builtin:
+            if sop.id == CHANGE_CONTROL_ID and (sop, text, sha) not in builtin:
                 raise ChangeControlError(f"sops/{institution}/{CHANGE_CONTROL_ID}.yaml: the id {CHANGE_CONTROL_ID!r} is "
                                          "reserved for sopflow's built-in change-control SOP; rename the file and its id")
-            version = _store(s, institution, sop, text, sha, now)
+            version = legacy.get((sop.id, sha)) or _store(s, institution, sop, text, sha, now)
             months = DEFAULT_REVIEW_MONTHS
             append_event(s, version, "effective", actor=qa.id, printed_name=qa.printed_name, meaning="initial issue",
                          data={"effective_at": _iso(now), "review_due": _iso(add_months(now, months)), "initial_issue": True},
                          reason="initial issue: the version in force when sopflow was installed", at=now)
             out.append({"sop_id": sop.id, "version": sop.version, "sha256": sha, "version_id": version.id})
+    if skipped:
+        out.append({"sop_id": CHANGE_CONTROL_ID, "skipped": skipped})
     return out
 
 
@@ -266,7 +266,28 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
     raise SopNotEffectiveError(f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. {states}")
 
 
-# -- drafts --------------------------------------------------------------------------------------
+# -- drafts ---
+def check_draft_text(settings: Settings, institution: str, text: str, *, name: str = "draft.yaml",
+                     sop_id: str | None = None) -> dict[str, Any]:
+    """For the web editor, as the administrator types: ``problems`` (each with ``line``, ``path``,
+    ``message`` and ``text``, the line ``sopflow sop validate`` prints) against the institution's
+    roles and templates, and ``fields``: the JSON Schema's key names by place, for completion.
+
+    Raises:
+        SopNotFoundError: no such institution. SopDefinitionError: its institution.yaml is invalid.
+    """
+    from flows.sop.editing import schema_field_names, validate_sop_text
+    from flows.sop.load import load_institution_file
+
+    catalog = Catalog(settings.sops_dir, settings.templates_dir)
+    if institution not in catalog.institutions():
+        catalog.products(institution)  # raises SopNotFoundError with a "did you mean"
+    spec = load_institution_file(settings.sops_dir / institution / "institution.yaml")
+    return {"problems": validate_sop_text(text, name=name, institution=spec, templates_dir=settings.templates_dir,
+                                          sop_id=sop_id),
+            "fields": schema_field_names()}
+
+
 def create_draft(settings: Settings, institution: str, text: str, *, name: str, username: str, password: str,
                  sop_id: str | None = None, reason: str | None = None) -> dict[str, Any]:
     """Store SOP YAML text as a Draft version (an administrator of the institution only).
@@ -376,159 +397,6 @@ def submit_change(settings: Settings, institution: str, sop_id: str, number: int
     service.wait_for_run(settings, started.run_id, step="submit", timeout=timeout)
     service.submit_step(settings, started.run_id, "submit", username, password, {"reason": reason})
     return started.run_id
-
-
-# -- the sweep -----------------------------------------------------------------------------------
-def _signed(session: Session, run_id: str, step_id: str) -> tuple[dict[str, Any], Signature | None]:
-    rec = session.exec(select(StepRecord).where(StepRecord.run_id == run_id, StepRecord.step_id == step_id,
-                                                StepRecord.status == "done").order_by(col(StepRecord.n).desc())).first()
-    if rec is None:
-        return {}, None
-    return json.loads(rec.data_json), session.get(Signature, rec.signature_id) if rec.signature_id else None
-
-
-def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, due: datetime, now: datetime) -> int:
-    from flows.record.accounts import is_active
-
-    roles = signing_roles(sop)
-    holders: dict[str, set[str]] = {}
-    for g in session.exec(select(RoleGrant).where(RoleGrant.institution == version.institution, col(RoleGrant.role).in_(roles))):
-        holders.setdefault(g.user_id, set()).add(g.role)
-    n = 0
-    for user_id, held in sorted(holders.items()):
-        if not is_active(session, user_id):
-            continue
-        ledger.append(session, TrainingAssignment(
-            user_id=user_id, version_id=version.id, institution=version.institution, sop_id=version.sop_id,
-            sop_version=version.version, roles_json=json.dumps(sorted(held)), due_at=due, assigned_at=now),
-            actor="system", action="training.assign")
-        n += 1
-    return n
-
-
-def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, now: datetime) -> str | None:
-    """Apply a finished change-control run to its version; returns the new state."""
-    if status in ("rejected", "stopped", "failed"):
-        data, sig = _signed(session, run.id, "qa_approval")
-        if sig is None:
-            data, sig = _signed(session, run.id, "review")
-        append_event(session, version, "rejected", actor=sig.user_id if sig else "system",
-                     printed_name=sig.printed_name if sig else None, meaning="rejected" if sig else None,
-                     signed_sha256=sig.signed_sha256 if sig else None,
-                     data={"run_id": run.id, "signature_id": sig.id if sig else None},
-                     reason=data.get("reason") or f"change-control run {status}", at=now)
-        return "rejected"
-    if status != "completed":
-        return None
-    data, sig = _signed(session, run.id, "qa_approval")
-    _, review = _signed(session, run.id, "review")
-    if sig is None:
-        raise RecordError(f"change-control run {run.id} completed without a QA approval signature")
-    days = float(data.get("training_days") if data.get("training_days") is not None else DEFAULT_TRAINING_DAYS)
-    months = int(data.get("review_months") or DEFAULT_REVIEW_MONTHS)
-    training_due = now + timedelta(days=days)
-    effective_at = datetime.fromisoformat(data["effective_at"]) if data.get("effective_at") else training_due
-    append_event(session, version, "approved", actor=sig.user_id, printed_name=sig.printed_name, meaning="approved",
-                 signed_sha256=sig.signed_sha256,
-                 data={"run_id": run.id, "signature_id": sig.id, "review_signature_id": review.id if review else None,
-                       "reviewed_by": review.printed_name if review else None}, at=now)
-    sop = version_definition(version)
-    append_event(session, version, "issued", actor="system", at=now,
-                 data={"run_id": run.id, "effective_at": _iso(effective_at), "training_due": _iso(training_due),
-                       "review_due": _iso(add_months(effective_at, months))})
-    _assign_training(session, version, sop, training_due, now)
-    return "issued"
-
-
-def overdue_training(settings: Settings, *, now: datetime | None = None, institution: str | None = None) -> list[dict[str, Any]]:
-    """Training assigned on issued versions, due and not yet recorded, oldest due first."""
-    now = now or utcnow()
-    init_db(settings.database_url)
-    out = []
-    with read_session(settings.database_url) as s:
-        names = {u.id: u.username for u in s.exec(select(User))}
-        query = select(TrainingAssignment).order_by(col(TrainingAssignment.due_at))
-        if institution is not None:
-            query = query.where(TrainingAssignment.institution == institution)
-        for a in s.exec(query):
-            due = a.due_at if a.due_at.tzinfo else a.due_at.replace(tzinfo=UTC)
-            if due > now or is_trained(s, a.user_id, a.institution, a.sop_id, a.sop_version):
-                continue
-            ev = state_of(s, a.version_id)
-            if ev is not None and ev.state in ("superseded", "retired"):
-                continue
-            out.append({"assignment_id": a.id, "username": names.get(a.user_id, a.user_id), "institution": a.institution,
-                        "sop_id": a.sop_id, "sop_version": a.sop_version, "roles": json.loads(a.roles_json), "due_at": due,
-                        "overdue_days": (now - due).days})
-    return out
-
-
-def _remind(settings: Settings, kind: str, object_id: str, institution: str, roles: list[str], title: str, body: str,
-            now: datetime) -> bool:
-    from flows.outputs.notify import load_channels, notify
-
-    with read_session(settings.database_url) as s:
-        if s.exec(select(Reminder.id).where(Reminder.kind == kind, Reminder.object_id == object_id)).first():
-            return False
-    deliveries = [d.as_dict() for d in notify(load_channels(settings.notify_config), institution, roles, title, body)]
-    try:
-        with write_session(settings.database_url) as s:
-            if s.exec(select(Reminder.id).where(Reminder.kind == kind, Reminder.object_id == object_id)).first():
-                return False
-            ledger.append(s, Reminder(kind=kind, object_id=object_id, deliveries_json=json.dumps(deliveries, sort_keys=True),
-                                      at=now), actor="system", action=f"reminder.{kind}")
-    except RecordError:  # another executor recorded it first
-        return False
-    return True
-
-
-def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
-    """Conclude finished change-control runs, make due versions Effective, and send overdue-training
-    and periodic-review reminders (each once). Returns counts by what happened.
-
-    Raises:
-        ConfigError: the notification channels file is broken.
-    """
-    from flows.record.state import run_status
-
-    now = now or utcnow()
-    init_db(settings.database_url)
-    counts = {"issued": 0, "rejected": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
-    with write_session(settings.database_url) as s:
-        for v in s.exec(select(SopVersion)).all():
-            ev = state_of(s, v.id)
-            if ev is None or ev.state != "in_review":
-                continue
-            run = s.get(SopRun, event_data(ev).get("run_id"))
-            status = run_status(s, run.id) if run is not None else None
-            if run is not None and status is not None:
-                new = _conclude(s, v, run, status.status, now)
-                if new:
-                    counts[new] += 1
-        counts["effective"] = len(activate_due(s, now))
-    for o in overdue_training(settings, now=now):
-        roles = sorted({QA_ROLE, *o["roles"]})
-        if _remind(settings, "training_overdue", o["assignment_id"], o["institution"], roles,
-                   f"[{o['sop_id']}] training overdue: {o['username']} on v{o['sop_version']}",
-                   f"{o['username']} has not been trained on {o['sop_id']} v{o['sop_version']} at {o['institution']}; "
-                   f"it was due {o['due_at']:%Y-%m-%d %H:%M} UTC. Until then they may not sign its steps. "
-                   "`sopflow training overdue` lists every overdue training.", now):
-            counts["training_reminders"] += 1
-    with read_session(settings.database_url) as s:
-        due_reviews = []
-        for v in s.exec(select(SopVersion)).all():
-            ev = state_of(s, v.id)
-            review_due = event_data(ev).get("review_due") if ev is not None and ev.state == "effective" else None
-            if review_due and datetime.fromisoformat(review_due) - REVIEW_NOTICE <= now:
-                due_reviews.append((v.id, v.institution, v.sop_id, v.version, review_due))
-    for vid, inst, sop_id, number, review_due in due_reviews:
-        if _remind(settings, "review_due", f"{vid}@{review_due}", inst, [ADMIN_ROLE, QA_ROLE],
-                   f"[{sop_id}] periodic review due {review_due[:10]}",
-                   f"{sop_id} v{number} at {inst} is due for its periodic review on {review_due[:10]}. Record a review "
-                   f"that finds no change with `sopflow sop review {sop_id} --institution {inst} --as <QA officer>`, "
-                   "or draft a new version.", now):
-            counts["review_reminders"] += 1
-    return counts
 
 
 # -- periodic review, retirement, listing --------------------------------------------------------

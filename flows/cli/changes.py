@@ -48,6 +48,9 @@ def establish(institution: Annotated[str, typer.Argument(help="Institution id (f
     cli = _cli()
     rows = cli._run(run, cli._settings(), institution, _officer(username, password_env))
     for r in rows:
+        if r.get("skipped"):
+            cli.out.print(f"[yellow]not established: {r['sop_id']}: {escape(r['skipped'])}[/yellow]")
+            continue
         cli.out.print(f"established {institution}/{r['sop_id']} v{r['version']} (sha256 {r['sha256'][:12]}): effective")
 
 
@@ -60,7 +63,7 @@ def draft(path: Annotated[Path, typer.Argument(help="The SOP YAML file; its name
 
     cli = _cli()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # exactly the file's bytes: the sha256 is theirs
     except (OSError, UnicodeDecodeError) as exc:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="PATH") from None
     res = cli._run(create_draft, cli._settings(), institution, text, name=display_path(path), username=username,
@@ -99,6 +102,8 @@ def versions(sop_id: Annotated[str | None, typer.Argument(help="One SOP [default
         for h in r["history"]:
             signed = f" signed by {h['printed_name']} ({h['meaning']})" if h["meaning"] else f" by {h['by']}"
             why = f": {escape(h['reason'])}" if h["reason"] else ""
+            if h["data"].get("run_id"):  # the change-control run: its quality record is the approval history
+                why += f"  (change-control run {h['data']['run_id']}; `sopflow record` shows it)"
             cli.out.print(f"    {h['at']:%Y-%m-%d %H:%M} UTC  {h['state']}{escape(signed)}{why}")
 
 
@@ -163,7 +168,7 @@ def import_(folder: Annotated[Path, typer.Argument(help="A folder written by `so
 
 def training_overdue(institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None) -> None:
     """Training assigned when a version was issued, past its due date and not yet recorded."""
-    from flows.changes.control import overdue_training
+    from flows.changes.sweep import overdue_training
 
     cli = _cli()
     rows = cli._run(overdue_training, cli._settings(), institution=institution)

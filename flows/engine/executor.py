@@ -242,7 +242,7 @@ class Executor:
 
     def change_control(self) -> int:
         """Issue versions whose change control completed, make due ones Effective, send reminders."""
-        from flows.changes.control import sweep
+        from flows.changes.sweep import sweep
 
         return sum(sweep(self.settings).values())
 

@@ -136,9 +136,10 @@ class SopVersionEvent(SQLModel, table=True):
 
     States (``flows.record.versions``): ``draft``, ``in_review``, ``approved``, ``issued``
     (training window), ``effective``, ``superseded``, ``retired``, ``rejected`` (change control
-    rejected it; its number is never reused), and ``reviewed`` (a periodic review found no change:
-    the version stays effective). A signed event carries the signer's printed name, the meaning
-    and the sha256 of what was signed (``versions.signed_event_content``).
+    rejected it; its number is never reused). A periodic review that finds no change appends
+    ``effective`` again, signed, with the next ``review_due``. A signed event carries the signer's
+    printed name, the meaning and the sha256 of what was signed (``versions.append_event``; for
+    approval and rejection, the change-control signature's own hash).
     """
 
     __tablename__ = "sf_sop_version_event"
@@ -182,7 +183,7 @@ class Reminder(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("kind", "object_id"),)
     id: str = Field(default_factory=new_id, primary_key=True)
     kind: str
-    """``training_overdue`` (object: an assignment) or ``review_due`` (object: version id + due date)."""
+    """``issued`` (object: the version), ``training_overdue`` (an assignment) or ``review_due`` (version id + due date)."""
     object_id: str
     deliveries_json: str = _text()  # type: ignore[assignment]
     at: datetime = _ts()  # type: ignore[assignment]
