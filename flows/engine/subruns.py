@@ -41,7 +41,6 @@ from flows.record.state import run_status, step_data, step_states
 from flows.record.tables import (
     Deviation,
     SopRun,
-    SopVersion,
     StepRecord,
     new_id,
     utcnow,
@@ -87,9 +86,12 @@ def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[st
         existing = _existing_child(s, ctx.run.id, link_id)
         if existing is not None:
             return existing.id
+    from flows.changes.control import effective_sop
+
     catalog = Catalog(ctx.settings.sops_dir, ctx.settings.templates_dir)
-    loaded = catalog.get_sop(ctx.run.institution, sop_id)
-    sop = loaded.definition
+    # A sub-run, like any run, starts on the version Effective now (change control), never on a file.
+    pinned = effective_sop(ctx.settings, ctx.run.institution, sop_id)
+    sop = pinned.definition
     if deviation_id is not None:  # the contract's three params, those the deviation SOP declares
         raw_params = {k: v for k, v in raw_params.items() if k in sop.params}
     products = catalog.products(ctx.run.institution)
@@ -102,16 +104,8 @@ def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[st
     flow_run_id = create_flow_run(ctx.settings, run_id, f"{sop_id}-{run_id[:8]}")
     try:
         with write_session(ctx.url) as s:
-            version = s.exec(select(SopVersion).where(SopVersion.institution == ctx.run.institution,
-                                                      SopVersion.sop_id == sop_id,
-                                                      SopVersion.sha256 == loaded.sha256)).first()
-            if version is None:
-                version = SopVersion(institution=ctx.run.institution, sop_id=sop_id, version=sop.version,
-                                     schema_version=sop.schema_version, sha256=loaded.sha256, text=loaded.text,
-                                     stored_at=utcnow())
-                ledger.append(s, version, actor="system", action="sop_version.store")
-            run = SopRun(id=run_id, institution=ctx.run.institution, sop_version_id=version.id, sop_id=sop_id,
-                         sop_version=sop.version, sop_sha256=loaded.sha256, schema_version=sop.schema_version,
+            run = SopRun(id=run_id, institution=ctx.run.institution, sop_version_id=pinned.version_id, sop_id=sop_id,
+                         sop_version=sop.version, sop_sha256=pinned.sha256, schema_version=sop.schema_version,
                          params_json=ledger.canonical(params).decode(),
                          product_json=ledger.canonical(product).decode() if product is not None else None,
                          flow_run_id=flow_run_id, started_by=ctx.run.started_by, started_at=utcnow(),
