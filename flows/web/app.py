@@ -115,6 +115,9 @@ class Web:
                 N_("Your session ended after %(minutes)s minutes without activity. Sign in again."))
                 % {"minutes": f"{self.settings.web_idle_minutes:g}"}))
         if live is None:
+            for gone in self.store.sweep():  # sessions nobody came back to: end them, audited
+                if gone.username:
+                    await run_in_threadpool(svc.sign_out, self.settings, gone.username, "idle")
             live = self.store.new(pick_language(request.headers.get("accept-language")))
         if request.method == "GET":
             live.here = _safe_next(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
