@@ -156,6 +156,7 @@ def urgent_inbox(settings: Settings, username: str, now: datetime | None = None)
 
     now = now or utcnow()
     items = service.inbox(settings, username)
+    zones: dict[str, str] = {}
     with read_session(settings.database_url) as s:
         for it in items:
             it["since"] = _aware(it["since"])
@@ -173,7 +174,9 @@ def urgent_inbox(settings: Settings, username: str, now: datetime | None = None)
             it["due_at"] = due
             it["seconds_left"] = (due - now).total_seconds() if due is not None else None
             it["institution"] = run.institution if run else None
-            it["timezone"] = institution_timezone(settings, run.institution) if run else "UTC"
+            if run is not None and run.institution not in zones:
+                zones[run.institution] = institution_timezone(settings, run.institution)
+            it["timezone"] = zones.get(run.institution, "UTC") if run else "UTC"
 
     def urgency(it: dict[str, Any]) -> tuple[int, float, datetime]:
         left = it["seconds_left"]

@@ -76,7 +76,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def start_choose(request: Request) -> Response:
         ws = await web.user(request)
         sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
-        return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[])
+        return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[], tz="UTC")
 
     async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
         sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
@@ -89,7 +89,8 @@ def register(app: FastAPI, web: Web) -> None:
     async def start_form(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         chosen = await _startable(ws, institution, sop_id)
-        return web.render(ws, "start.html", sops=[], chosen=chosen, values={}, errors={}, general=[])
+        tz = await run_in_threadpool(svc.institution_timezone, settings, institution)
+        return web.render(ws, "start.html", sops=[], chosen=chosen, values={}, errors={}, general=[], tz=tz)
 
     @app.post("/runs/new/{institution}/{sop_id}")
     async def start(request: Request, institution: str, sop_id: str) -> Response:
@@ -103,7 +104,8 @@ def register(app: FastAPI, web: Web) -> None:
                                           form.get("password", ""))
         except (SopInputError, AuthenticationError, NotAuthorizedError) as exc:
             errors, general = field_errors(getattr(exc, "problems", None) or [str(exc)], [p["name"] for p in chosen["params"]])
-            return web.render(ws, "start.html", status=422, sops=[], chosen=chosen, values=values, errors=errors, general=general)
+            return web.render(ws, "start.html", status=422, sops=[], chosen=chosen, values=values, errors=errors,
+                              general=general, tz=tz)
         ws.flash.append(("ok", web.gettext(ws, N_("Run started."))))
         return web.redirect(ws, f"/runs/{res.run_id}")
 
@@ -182,8 +184,10 @@ def register(app: FastAPI, web: Web) -> None:
         doc = await run_in_threadpool(svc.document_file, settings, document_id, ws.username)
         response = Response(doc["content"], media_type=doc["media_type"])
         response.headers["Content-Disposition"] = f'{disposition}; filename="{doc["name"]}"'
-        # A document is shown as it is, in a sandbox: no scripts, no requests, no forms.
-        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+        # An HTML document is shown as it is, in a sandbox: no scripts, no requests, no forms
+        # (a PDF is left to the browser's viewer, which a sandbox would block).
+        sandbox = "; sandbox" if doc["media_type"] == "text/html" else ""
+        response.headers["Content-Security-Policy"] = f"default-src 'none'; style-src 'unsafe-inline'; img-src data:{sandbox}"
         response.headers["X-Document-SHA256"] = doc["sha256"]
         return web.secure(response, ws)
 
