@@ -9,7 +9,7 @@ by other work merge cleanly.
   signature itself, refused when the values differ from the ones the signer was shown.
 - ``urgent_inbox``: ``service.inbox`` ordered overdue first, then by time left, then oldest.
 - ``document_file``: a rendered document's bytes, with its sha256 re-checked against the record.
-- ``sop_library`` / ``describe_sop``: the SOPs in force per institution, and one readably.
+- SOPs (what may be started, the library, one SOP readably): ``flows.library``.
 - ``set_language`` / ``language_of``: a user's language, an append-only ``UserEvent``.
 - ``web_sign_in`` / ``sign_out``: session sign-in (audited, lockout applies) and sign-out (audited).
 """
@@ -30,16 +30,14 @@ from flows.errors import (
     RecordError,
     SopDefinitionError,
     SopInputError,
-    SopNotFoundError,
     StepNotWaitingError,
 )
 from flows.record import accounts, ledger
 from flows.record.db import init_db, read_session, write_session
-from flows.record.tables import Document, SopVersion, User, UserEvent, utcnow
+from flows.record.tables import Document, User, UserEvent, utcnow
 
 __all__ = [
     "LANGUAGES",
-    "describe_sop",
     "document_file",
     "institution_timezone",
     "language_of",
@@ -49,8 +47,6 @@ __all__ = [
     "set_language",
     "sign_out",
     "sign_reviewed",
-    "sop_library",
-    "startable_sops",
     "step_form",
     "urgent_inbox",
     "user_summary",
@@ -288,31 +284,6 @@ def record_for(settings: Settings, username: str, run_id: str) -> dict[str, Any]
     return rec
 
 
-def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
-    """The SOPs this user may start (an SOP of an institution where they hold a role), with params
-    and products; an institution whose files are broken is listed with its problems."""
-    from flows.sop.catalog import Catalog
-
-    mine = user_summary(settings, username)["roles"]
-    catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    out = []
-    for inst_id in catalog.institutions():
-        if inst_id not in mine:
-            continue
-        try:
-            inst = catalog.institution(inst_id)
-        except SopDefinitionError as exc:
-            out.append({"institution": inst_id, "problems": [str(p) for p in exc.problems]})
-            continue
-        products = {k: {"name": p.name, "unconfirmed": list(p.unconfirmed)} for k, p in inst.products.items()}
-        for sop_id, loaded in inst.sops.items():
-            d = loaded.definition
-            out.append({"institution": inst_id, "sop_id": sop_id, "title": d.title, "version": d.version,
-                        "sha256": loaded.sha256, "params": [_field_view(n, f) for n, f in d.params.items()],
-                        "products": products, "problems": []})
-    return out
-
-
 def document_file(settings: Settings, document_id: str, username: str) -> dict[str, Any]:
     """A rendered document: its record, its bytes, their media type, and whether the bytes still
     have the sha256 the record holds (``intact``).
@@ -344,61 +315,3 @@ def document_file(settings: Settings, document_id: str, username: str) -> dict[s
 
 
 # -- SOPs --------------------------------------------------------------------------------------------
-def sop_library(settings: Settings) -> list[dict[str, Any]]:
-    """Per institution: its SOP files (in force: what a new run uses) and the revisions runs used
-    (stored; ``superseded`` when the file has changed since)."""
-    from flows.sop.catalog import Catalog
-
-    catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    init_db(settings.database_url)
-    with read_session(settings.database_url) as s:
-        stored = list(s.exec(select(SopVersion).order_by(col(SopVersion.stored_at))))
-    out = []
-    for inst_id in sorted(set(catalog.institutions()) | {v.institution for v in stored}):
-        entry: dict[str, Any] = {"id": inst_id, "name": inst_id, "problems": [], "sops": []}
-        current: dict[str, str] = {}
-        try:
-            inst = catalog.institution(inst_id)
-            entry["name"] = inst.spec.name
-            for sop_id, loaded in inst.sops.items():
-                current[sop_id] = loaded.sha256
-                entry["sops"].append({"id": sop_id, "title": loaded.definition.title, "version": loaded.definition.version,
-                                      "sha256": loaded.sha256, "state": "in_force"})
-        except (SopDefinitionError, SopNotFoundError) as exc:
-            entry["problems"] = [str(p) for p in getattr(exc, "problems", [exc])]
-        for v in stored:
-            if v.institution == inst_id and current.get(v.sop_id) != v.sha256:
-                entry["sops"].append({"id": v.sop_id, "title": None, "version": v.version, "sha256": v.sha256,
-                                      "state": "superseded", "stored_at": v.stored_at})
-        out.append(entry)
-    return out
-
-
-def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str, Any]:
-    """One SOP in force, as plain data: params, steps (every key the file gives), roles, products.
-
-    Raises:
-        SopNotFoundError, SopDefinitionError
-    """
-    from flows.sop.catalog import Catalog
-
-    catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    inst = catalog.institution(institution)
-    if sop_id not in inst.sops:
-        catalog.get_sop(institution, sop_id)  # raises SopNotFoundError with a "did you mean"
-    loaded = inst.sops[sop_id]
-    d = loaded.definition
-    steps = []
-    for step in d.steps:
-        dumped = step.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        fields = dumped.pop("fields", {}) or {}
-        steps.append({"id": step.id, "kind": step.kind, "title": step.title, "role": dumped.pop("role", None),
-                      "fields": [{"name": n, **f} for n, f in fields.items()],
-                      "other": {k: v for k, v in dumped.items() if k not in ("id", "kind", "title")}})
-    extra = d.model_dump(mode="json", exclude_none=True, exclude={"schema_version", "id", "title", "version", "description",
-                                                                  "params", "steps"})
-    return {"institution": institution, "institution_name": inst.spec.name, "id": d.id, "title": d.title,
-            "version": d.version, "description": d.description, "sha256": loaded.sha256,
-            "roles": {k: r.label for k, r in inst.spec.roles.items()},
-            "params": [_field_view(n, f) for n, f in d.params.items()], "steps": steps, "other": extra,
-            "products": {k: p.model_dump(mode="json", exclude_none=True) for k, p in inst.products.items()}}

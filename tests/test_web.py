@@ -212,6 +212,25 @@ def test_web_errors_are_pages_without_tracebacks(engine, app):
         assert "This could not be done" in r.text
 
 
+def test_web_sop_pages_show_version_state_sha256_and_the_definition(engine, app):
+    from flows.library import sop_library
+    from flows.record.ledger import sha256_hex
+    from tests.conftest import DEMO_SOP
+
+    client = login(app, "qm")
+    page = client.get("/sops").text
+    rows = [r for inst in sop_library(engine) if inst["id"] == "demo_hospital" for r in inst["sops"]]
+    receipt = next(r for r in rows if r["id"] == "dose_receipt" and r["file"])
+    assert receipt["sha256"] == sha256_hex(DEMO_SOP.read_bytes())
+    for r in rows:
+        assert f'<code class="sha">{r["sha256"]}</code>' in page
+        assert f'<span class="badge {r["state"]}">' in page
+    sop = client.get("/sops/demo_hospital/dose_receipt").text
+    for shown in ("arrival.logger_max_c &lt;= product.storage_max_c", "Logger maximum transit temperature",
+                  "from -200 to 40 °C", "Pharmacist", "distinct_signers", "tecartus"):
+        assert shown in sop
+
+
 def test_web_every_page_string_has_a_chinese_translation():
     from flows.web.app import _environment
     from flows.web.i18n import extract_messages, missing_translations

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from flows import service
+from flows import library, service
 from flows import service_web as svc
 from flows.errors import (
     AuthenticationError,
@@ -75,11 +75,11 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/new")
     async def start_choose(request: Request) -> Response:
         ws = await web.user(request)
-        sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
+        sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
         return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[], tz="UTC")
 
     async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
-        sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
+        sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
         chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
         if chosen is None:
             raise StepNotWaitingError(f"no SOP {sop_id!r} at {institution!r} that you may start; the start page lists them")
@@ -203,14 +203,14 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/sops")
     async def sops(request: Request) -> Response:
         ws = await web.user(request)
-        library = await run_in_threadpool(svc.sop_library, settings)
-        return web.render(ws, "sops.html", library=library)
+        rows = await run_in_threadpool(library.sop_library, settings)
+        return web.render(ws, "sops.html", library=rows)
 
     @app.get("/sops/{institution}/{sop_id}")
     async def sop_page(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         try:
-            sop = await run_in_threadpool(svc.describe_sop, settings, institution, sop_id)
+            sop = await run_in_threadpool(library.describe_sop, settings, institution, sop_id)
         except FlowsError as exc:
             return web.error(ws, exc, 404)
         return web.render(ws, "sop.html", sop=sop)
