@@ -231,14 +231,18 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
     with read_session(settings.database_url) as s:
         _, sop, step = service._human_step(s, run_id, step_id)
     fields = human_fields(step)
-    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    if hasattr(service, "preview_step"):  # the service's own preview (computed fields, identifier formats)
+        data = service.preview_step(settings, run_id, step_id, raw_values)["values"]
+    else:
+        data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
     with read_session(settings.database_url) as s:
         user = s.exec(select(User).where(User.username == username)).first()
     return {
         **form,
-        "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n)} for n, f in fields.items()],
+        "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n),
+                    "computed": getattr(f, "compute", None) is not None} for n, f in fields.items()],
         "data": data, "data_sha256": ledger.sha256_hex(ledger.canonical(data)),
         "meaning": meaning_of(step, data), "statement": step.meaning,
         "signer": user.printed_name if user else username,

@@ -51,7 +51,7 @@ STATUS_WORDS = [N_("waiting"), N_("signed"), N_("done"), N_("failed"), N_("refus
                 N_("approve"), N_("reject"), N_("Decision"), N_("Reason (required to reject)"), N_("record"),
                 N_("verify"), N_("check"), N_("document"), N_("notify"), N_("disposition"), N_("in_force"),
                 N_("superseded"), N_("minor"), N_("major"), N_("critical"), N_("draft"), N_("in_review"), N_("issued"),
-                N_("effective"), N_("retired")]
+                N_("effective"), N_("retired"), N_("computed")]
 """Words the record holds that pages show translated (``{{ _(word) }}``)."""
 
 CSRF_MESSAGE = N_("This form has expired or did not come from this site (missing or wrong security token). Nothing was saved. Reload the page and try again.")
