@@ -231,6 +231,22 @@ def test_web_sop_pages_show_version_state_sha256_and_the_definition(engine, app)
         assert shown in sop
 
 
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_web_sop_words_are_escaped_even_where_translated(language):
+    """Labels, choices and states come from SOP files and the record: text, never markup."""
+    from flows.web.app import _environment
+
+    env = _environment(language)
+    spec = {"name": "x", "type": "choice", "label": "<b>Label</b>", "choices": ["<i>c</i>", "approve"], "required": True}
+    html = env.from_string('{% from "macros.html" import field %}{{ field(f, "", ["<s>bad</s>"], "f.", "UTC") }}'
+                           "{{ state|t }}").render(f=spec, state="<u>waiting</u>")
+    for markup in ("<b>", "<i>", "<s>", "<u>"):
+        assert markup not in html
+    for text in ("&lt;b&gt;Label", "&lt;i&gt;c", "&lt;s&gt;bad", "&lt;u&gt;waiting"):
+        assert text in html
+    assert ("批准" if language == "zh" else "approve") in html  # a known word is still translated
+
+
 def test_web_every_page_string_has_a_chinese_translation():
     from flows.web.app import _environment
     from flows.web.i18n import extract_messages, missing_translations

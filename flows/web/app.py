@@ -92,6 +92,9 @@ def _environment(language: str) -> Environment:
     env.filters["local"] = _local
     env.filters["dtlocal"] = _dtlocal
     env.filters["num"] = _num
+    # A word the record or the SOP holds, translated when the catalogue has it. Unlike ``_``, whose
+    # result is trusted markup, this returns plain text: autoescape escapes it like any value.
+    env.filters["t"] = lambda word: cat.gettext(str(word)) if word is not None else ""
     env.globals["lang"] = language
     return env
 
