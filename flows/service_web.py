@@ -188,13 +188,18 @@ def step_form(settings: Settings, run_id: str, step_id: str, username: str) -> d
     may sign it (and why not), and for a verify step the data it verifies.
 
     Raises:
-        StepNotWaitingError: no such run or human step.
+        StepNotWaitingError: no such run or human step. NotAuthorizedError: no role at the run's institution.
     """
     from flows.engine.gates import human_fields
     from flows.record.query import run_record
     from flows.record.state import run_status, signer_problem, step_states
 
     init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run, sop, step = service._human_step(s, run_id, step_id)
+        institution = run.institution
+    if problem := _reader_problem(settings, username, institution):
+        raise NotAuthorizedError(problem)
     with read_session(settings.database_url) as s:
         run, sop, step = service._human_step(s, run_id, step_id)
         user = s.exec(select(User).where(User.username == username)).first()

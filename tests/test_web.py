@@ -107,6 +107,19 @@ def test_web_signer_without_the_steps_role_changes_nothing(engine, app, waiting)
     assert audit_since(engine, before[2]) == ["auth.ok", "sign.refused"]  # the refusal is audited, nothing else
 
 
+def test_web_user_without_a_role_at_the_institution_sees_none_of_its_runs(engine, app, waiting):
+    from flows.admin import add_user
+
+    add_user(engine, "outsider", "Out Sider", PASSWORD, [], actor="test")
+    outsider = login(app, "outsider")
+    assert waiting[:8] not in outsider.get("/runs").text
+    for path in (f"/runs/{waiting}", f"/runs/{waiting}/steps/arrival"):
+        r = outsider.get(path)
+        assert r.status_code == 403, path
+        assert "holds no role at &#39;demo_hospital&#39;" in r.text
+        assert "COI-WEBHTTP-0001" not in r.text
+
+
 def test_web_refuses_to_sign_values_other_than_the_ones_shown(engine, app, waiting):
     run_id = waiting
     tech = login(app, "tech")
