@@ -190,6 +190,7 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
             assert shown in dialog
         _no_markup_from_entries(page, "#sign-dialog")
         assert "2026-11-25T01:40:00+00:00" in dialog  # exactly what is stored: the local time in UTC
+        dual.shot(shots, "en-sign-dialog")
         dual.sign("wrong-password-1")
         assert "wrong user name or password" in page.inner_text("#sign-err")
         dual.sign()
@@ -282,4 +283,5 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
     with capsys.disabled():
         print(f"\nweb screenshots: {shots}")  # noqa: T201  (the issue asks the test to print it)
     assert sorted(p.name for p in shots.glob("*.png")) == [
-        "en-inbox.png", "en-run-timeline.png", "en-step-form.png", "zh-inbox.png", "zh-run-timeline.png", "zh-step-form.png"]
+        "en-inbox.png", "en-run-timeline.png", "en-sign-dialog.png", "en-step-form.png", "zh-inbox.png",
+        "zh-run-timeline.png", "zh-step-form.png"]

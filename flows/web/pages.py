@@ -170,6 +170,8 @@ def register(app: FastAPI, web: Web) -> None:
             return _step_page(ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values,
                               general=[str(exc)])
         ws.flash.append(("ok", web.gettext(ws, N_("Signed. Signature sha256: %(sha)s")) % {"sha": res.signed_sha256}))
+        if not res.resumed:  # the signature is recorded; the executor's sweep hands it to the run
+            ws.flash.append(("ok", web.gettext(ws, N_("The run goes on as soon as the engine picks the signature up."))))
         return web.redirect(ws, f"/runs/{res.run_id}")
 
     # -- documents -------------------------------------------------------------------------------------
