@@ -247,7 +247,7 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
     return {
         **form,
         "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n),
-                    "computed": getattr(f, "compute", None) is not None} for n, f in fields.items()],
+                    "computed": getattr(f, "compute", None) is not None, "type": f.type} for n, f in fields.items()],
         "data": data, "data_sha256": ledger.sha256_hex(ledger.canonical(data)),
         "meaning": meaning_of(step, data), "statement": step.meaning,
         "signer": user.printed_name if user else username,
