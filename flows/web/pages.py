@@ -114,6 +114,8 @@ def register(app: FastAPI, web: Web) -> None:
         ws = await web.user(request)
         rec = await run_in_threadpool(svc.record_for, settings, ws.username, run_id)
         tz = await run_in_threadpool(svc.institution_timezone, settings, rec["run"]["institution"])
+        # Documents in the user's language first (templates named like record.zh.html.j2).
+        rec["documents"].sort(key=lambda d: f".{ws.language}." not in d["template"])
         seen: set[str] = set()
         for h in rec["history"]:  # the flow's "done" after a "signed" repeats it: shown once
             sig = (h.get("signature") or {}).get("id")
