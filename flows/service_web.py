@@ -9,7 +9,7 @@ by other work merge cleanly.
   signature itself, refused when the values differ from the ones the signer was shown.
 - ``urgent_inbox``: ``service.inbox`` ordered overdue first, then by time left, then oldest.
 - ``document_file``: a rendered document's bytes, with its sha256 re-checked against the record.
-- ``sop_library`` / ``describe_sop``: the SOPs in force per institution, and one readably.
+- SOPs (what may be started, the library, one SOP readably): ``flows.library``.
 - ``set_language`` / ``language_of``: a user's language, an append-only ``UserEvent``.
 - ``web_sign_in`` / ``sign_out``: session sign-in (audited, lockout applies) and sign-out (audited).
 """
@@ -30,16 +30,14 @@ from flows.errors import (
     RecordError,
     SopDefinitionError,
     SopInputError,
-    SopNotFoundError,
     StepNotWaitingError,
 )
 from flows.record import accounts, ledger
 from flows.record.db import init_db, read_session, write_session
-from flows.record.tables import Document, SopVersion, User, UserEvent, utcnow
+from flows.record.tables import Document, User, UserEvent, utcnow
 
 __all__ = [
     "LANGUAGES",
-    "describe_sop",
     "document_file",
     "institution_timezone",
     "language_of",
@@ -49,8 +47,6 @@ __all__ = [
     "set_language",
     "sign_out",
     "sign_reviewed",
-    "sop_library",
-    "startable_sops",
     "step_form",
     "urgent_inbox",
     "user_summary",
@@ -156,6 +152,7 @@ def urgent_inbox(settings: Settings, username: str, now: datetime | None = None)
 
     now = now or utcnow()
     items = service.inbox(settings, username)
+    zones: dict[str, str] = {}
     with read_session(settings.database_url) as s:
         for it in items:
             it["since"] = _aware(it["since"])
@@ -173,7 +170,9 @@ def urgent_inbox(settings: Settings, username: str, now: datetime | None = None)
             it["due_at"] = due
             it["seconds_left"] = (due - now).total_seconds() if due is not None else None
             it["institution"] = run.institution if run else None
-            it["timezone"] = institution_timezone(settings, run.institution) if run else "UTC"
+            if run is not None and run.institution not in zones:
+                zones[run.institution] = institution_timezone(settings, run.institution)
+            it["timezone"] = zones.get(run.institution, "UTC") if run else "UTC"
 
     def urgency(it: dict[str, Any]) -> tuple[int, float, datetime]:
         left = it["seconds_left"]
@@ -189,13 +188,18 @@ def step_form(settings: Settings, run_id: str, step_id: str, username: str) -> d
     may sign it (and why not), and for a verify step the data it verifies.
 
     Raises:
-        StepNotWaitingError: no such run or human step.
+        StepNotWaitingError: no such run or human step. NotAuthorizedError: no role at the run's institution.
     """
     from flows.engine.gates import human_fields
     from flows.record.query import run_record
     from flows.record.state import run_status, signer_problem, step_states
 
     init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run, sop, step = service._human_step(s, run_id, step_id)
+        institution = run.institution
+    if problem := _reader_problem(settings, username, institution):
+        raise NotAuthorizedError(problem)
     with read_session(settings.database_url) as s:
         run, sop, step = service._human_step(s, run_id, step_id)
         user = s.exec(select(User).where(User.username == username)).first()
@@ -232,14 +236,18 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
     with read_session(settings.database_url) as s:
         _, sop, step = service._human_step(s, run_id, step_id)
     fields = human_fields(step)
-    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    if hasattr(service, "preview_step"):  # the service's own preview (computed fields, identifier formats)
+        data = service.preview_step(settings, run_id, step_id, raw_values)["values"]
+    else:
+        data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
     with read_session(settings.database_url) as s:
         user = s.exec(select(User).where(User.username == username)).first()
     return {
         **form,
-        "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n)} for n, f in fields.items()],
+        "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n),
+                    "computed": getattr(f, "compute", None) is not None, "type": f.type} for n, f in fields.items()],
         "data": data, "data_sha256": ledger.sha256_hex(ledger.canonical(data)),
         "meaning": meaning_of(step, data), "statement": step.meaning,
         "signer": user.printed_name if user else username,
@@ -285,31 +293,6 @@ def record_for(settings: Settings, username: str, run_id: str) -> dict[str, Any]
     return rec
 
 
-def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
-    """The SOPs this user may start (an SOP of an institution where they hold a role), with params
-    and products; an institution whose files are broken is listed with its problems."""
-    from flows.sop.catalog import Catalog
-
-    mine = user_summary(settings, username)["roles"]
-    catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    out = []
-    for inst_id in catalog.institutions():
-        if inst_id not in mine:
-            continue
-        try:
-            inst = catalog.institution(inst_id)
-        except SopDefinitionError as exc:
-            out.append({"institution": inst_id, "problems": [str(p) for p in exc.problems]})
-            continue
-        products = {k: {"name": p.name, "unconfirmed": list(p.unconfirmed)} for k, p in inst.products.items()}
-        for sop_id, loaded in inst.sops.items():
-            d = loaded.definition
-            out.append({"institution": inst_id, "sop_id": sop_id, "title": d.title, "version": d.version,
-                        "sha256": loaded.sha256, "params": [_field_view(n, f) for n, f in d.params.items()],
-                        "products": products, "problems": []})
-    return out
-
-
 def document_file(settings: Settings, document_id: str, username: str) -> dict[str, Any]:
     """A rendered document: its record, its bytes, their media type, and whether the bytes still
     have the sha256 the record holds (``intact``).
@@ -341,61 +324,3 @@ def document_file(settings: Settings, document_id: str, username: str) -> dict[s
 
 
 # -- SOPs --------------------------------------------------------------------------------------------
-def sop_library(settings: Settings) -> list[dict[str, Any]]:
-    """Per institution: its SOP files (in force: what a new run uses) and the revisions runs used
-    (stored; ``superseded`` when the file has changed since)."""
-    from flows.sop.catalog import Catalog
-
-    catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    init_db(settings.database_url)
-    with read_session(settings.database_url) as s:
-        stored = list(s.exec(select(SopVersion).order_by(col(SopVersion.stored_at))))
-    out = []
-    for inst_id in sorted(set(catalog.institutions()) | {v.institution for v in stored}):
-        entry: dict[str, Any] = {"id": inst_id, "name": inst_id, "problems": [], "sops": []}
-        current: dict[str, str] = {}
-        try:
-            inst = catalog.institution(inst_id)
-            entry["name"] = inst.spec.name
-            for sop_id, loaded in inst.sops.items():
-                current[sop_id] = loaded.sha256
-                entry["sops"].append({"id": sop_id, "title": loaded.definition.title, "version": loaded.definition.version,
-                                      "sha256": loaded.sha256, "state": "in_force"})
-        except (SopDefinitionError, SopNotFoundError) as exc:
-            entry["problems"] = [str(p) for p in getattr(exc, "problems", [exc])]
-        for v in stored:
-            if v.institution == inst_id and current.get(v.sop_id) != v.sha256:
-                entry["sops"].append({"id": v.sop_id, "title": None, "version": v.version, "sha256": v.sha256,
-                                      "state": "superseded", "stored_at": v.stored_at})
-        out.append(entry)
-    return out
-
-
-def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str, Any]:
-    """One SOP in force, as plain data: params, steps (every key the file gives), roles, products.
-
-    Raises:
-        SopNotFoundError, SopDefinitionError
-    """
-    from flows.sop.catalog import Catalog
-
-    catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    inst = catalog.institution(institution)
-    if sop_id not in inst.sops:
-        catalog.get_sop(institution, sop_id)  # raises SopNotFoundError with a "did you mean"
-    loaded = inst.sops[sop_id]
-    d = loaded.definition
-    steps = []
-    for step in d.steps:
-        dumped = step.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        fields = dumped.pop("fields", {}) or {}
-        steps.append({"id": step.id, "kind": step.kind, "title": step.title, "role": dumped.pop("role", None),
-                      "fields": [{"name": n, **f} for n, f in fields.items()],
-                      "other": {k: v for k, v in dumped.items() if k not in ("id", "kind", "title")}})
-    extra = d.model_dump(mode="json", exclude_none=True, exclude={"schema_version", "id", "title", "version", "description",
-                                                                  "params", "steps"})
-    return {"institution": institution, "institution_name": inst.spec.name, "id": d.id, "title": d.title,
-            "version": d.version, "description": d.description, "sha256": loaded.sha256,
-            "roles": {k: r.label for k, r in inst.spec.roles.items()},
-            "params": [_field_view(n, f) for n, f in d.params.items()], "steps": steps, "other": extra,
-            "products": {k: p.model_dump(mode="json", exclude_none=True) for k, p in inst.products.items()}}

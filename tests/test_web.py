@@ -1,7 +1,8 @@
 """The web app over HTTP (FastAPI's TestClient on the session's real database, Prefect server and
-executor): CSRF and role refusals change nothing, entered HTML is escaped on every page and in
-documents, sessions end at logout and after the idle timeout, lockout applies, the language is the
-user's, and every page string has a Chinese translation."""
+executor): CSRF and role refusals change nothing, a signature covers only the values shown,
+sessions end at logout and after the idle timeout, lockout applies, the language is the user's,
+and every page string has a Chinese translation. (Escaping of entered HTML on every page and in
+documents: tests/test_web_browser.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlmodel import col, func, select
 
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Signature, StepRecord, User, UserEvent
-from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
+from tests.fixtures_engine import ARRIVAL, PASSWORD, start_receipt, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,15 @@ def app_fixture(engine: Any, clock: Clock) -> Any:
     from flows.web.sessions import SessionStore
 
     return create_app(engine, SessionStore(15 * 60, clock=clock))
+
+
+@pytest.fixture(name="waiting", scope="module")
+def waiting_fixture(engine: Any) -> str:
+    """A receipt waiting on its arrival. The tests below refuse to sign it, and change nothing;
+    the CSRF test, last, signs it with its token as the control."""
+    run_id = start_receipt(engine, coi="COI-WEBHTTP-0001")
+    wait_for(engine, run_id, step="arrival")
+    return run_id
 
 
 def csrf_of(html: str) -> str:
@@ -80,9 +90,51 @@ def review(client: TestClient, run_id: str, step: str, form: dict[str, str]) -> 
     return r.text, re.search(r'name="shown" value="([0-9a-f]{64})"', r.text).group(1)
 
 
-def test_web_post_without_or_with_a_wrong_csrf_token_changes_nothing(engine, app):
-    run_id = start_receipt(engine, coi="COI-CSRF-0001")
-    wait_for(engine, run_id, step="arrival")
+def test_web_signer_without_the_steps_role_changes_nothing(engine, app, waiting):
+    run_id = waiting
+    pharm = login(app, "pharm")
+    page = pharm.get(f"/runs/{run_id}/steps/arrival").text
+    assert "may only be signed by role &#39;cell_lab&#39;" in page  # said on the form already
+    csrf = csrf_of(page)
+    _, shown = review(pharm, run_id, "arrival", arrival_form(csrf))
+    before = state(engine, run_id)
+    r = pharm.post(f"/runs/{run_id}/steps/arrival/sign",
+                   data={**arrival_form(csrf), "shown": shown, "password": PASSWORD, "action": "sign"})
+    assert r.status_code == 403
+    assert "may only be signed by role &#39;cell_lab&#39;" in r.text
+    recs, sigs, _ = state(engine, run_id)
+    assert (recs, sigs) == before[:2]
+    assert audit_since(engine, before[2]) == ["auth.ok", "sign.refused"]  # the refusal is audited, nothing else
+
+
+def test_web_user_without_a_role_at_the_institution_sees_none_of_its_runs(engine, app, waiting):
+    from flows.admin import add_user
+
+    add_user(engine, "outsider", "Out Sider", PASSWORD, [], actor="test")
+    outsider = login(app, "outsider")
+    assert waiting[:8] not in outsider.get("/runs").text
+    for path in (f"/runs/{waiting}", f"/runs/{waiting}/steps/arrival"):
+        r = outsider.get(path)
+        assert r.status_code == 403, path
+        assert "holds no role at &#39;demo_hospital&#39;" in r.text
+        assert "COI-WEBHTTP-0001" not in r.text
+
+
+def test_web_refuses_to_sign_values_other_than_the_ones_shown(engine, app, waiting):
+    run_id = waiting
+    tech = login(app, "tech")
+    csrf = csrf_of(tech.get(f"/runs/{run_id}/steps/arrival").text)
+    _, shown = review(tech, run_id, "arrival", arrival_form(csrf))
+    before = state(engine, run_id)
+    r = tech.post(f"/runs/{run_id}/steps/arrival/sign",
+                  data={**arrival_form(csrf, logger_max_c="-160"), "shown": shown, "password": PASSWORD, "action": "sign"})
+    assert r.status_code == 422
+    assert "differ from the ones you reviewed" in r.text
+    assert state(engine, run_id) == before
+
+
+def test_web_post_without_or_with_a_wrong_csrf_token_changes_nothing(engine, app, waiting):
+    run_id = waiting
     tech = login(app, "tech")
     csrf = csrf_of(tech.get(f"/runs/{run_id}/steps/arrival").text)
     _, shown = review(tech, run_id, "arrival", arrival_form(csrf))
@@ -102,76 +154,6 @@ def test_web_post_without_or_with_a_wrong_csrf_token_changes_nothing(engine, app
     r = tech.post(f"/runs/{run_id}/steps/arrival/sign", data=signing)  # the same form with its token goes through
     assert r.status_code == 303
     assert state(engine, run_id)[1] == before[1] + 1
-
-
-def test_web_signer_without_the_steps_role_changes_nothing(engine, app):
-    run_id = start_receipt(engine, coi="COI-ROLE-0001")
-    wait_for(engine, run_id, step="arrival")
-    pharm = login(app, "pharm")
-    page = pharm.get(f"/runs/{run_id}/steps/arrival").text
-    assert "may only be signed by role &#39;cell_lab&#39;" in page  # said on the form already
-    csrf = csrf_of(page)
-    _, shown = review(pharm, run_id, "arrival", arrival_form(csrf))
-    before = state(engine, run_id)
-    r = pharm.post(f"/runs/{run_id}/steps/arrival/sign",
-                   data={**arrival_form(csrf), "shown": shown, "password": PASSWORD, "action": "sign"})
-    assert r.status_code == 403
-    assert "may only be signed by role &#39;cell_lab&#39;" in r.text
-    recs, sigs, _ = state(engine, run_id)
-    assert (recs, sigs) == before[:2]
-    assert audit_since(engine, before[2]) == ["auth.ok", "sign.refused"]  # the refusal is audited, nothing else
-
-
-def test_web_refuses_to_sign_values_other_than_the_ones_shown(engine, app):
-    run_id = start_receipt(engine, coi="COI-SHOWN-0001")
-    wait_for(engine, run_id, step="arrival")
-    tech = login(app, "tech")
-    csrf = csrf_of(tech.get(f"/runs/{run_id}/steps/arrival").text)
-    _, shown = review(tech, run_id, "arrival", arrival_form(csrf))
-    before = state(engine, run_id)
-    r = tech.post(f"/runs/{run_id}/steps/arrival/sign",
-                  data={**arrival_form(csrf, logger_max_c="-160"), "shown": shown, "password": PASSWORD, "action": "sign"})
-    assert r.status_code == 422
-    assert "differ from the ones you reviewed" in r.text
-    assert state(engine, run_id) == before
-
-
-HTML = '<script>alert("x")</script><b>bold</b>'
-
-
-def test_web_escapes_entered_html_on_every_page_and_document(engine, app):
-    from flows.admin import add_user, grant_training
-
-    add_user(engine, "evil", '<i>Evil</i> "Ev"', PASSWORD, [("demo_hospital", "cell_lab")], actor="test")
-    grant_training(engine, "evil", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
-    run_id = start_receipt(engine, coi="COI-HTML-0001")
-    wait_for(engine, run_id, step="arrival")
-    evil = login(app, "evil")
-    csrf = csrf_of(evil.get(f"/runs/{run_id}/steps/arrival").text)
-    pages = {}
-    pages["dialog"], shown = review(evil, run_id, "arrival", arrival_form(csrf, courier=HTML))
-    r = evil.post(f"/runs/{run_id}/steps/arrival/sign",
-                  data={**arrival_form(csrf, courier=HTML), "shown": shown, "password": PASSWORD, "action": "sign"})
-    assert r.status_code == 303
-    wait_for(engine, run_id, step="identity_verification")
-    pharm = login(app, "pharm")
-    pages["verify form"] = pharm.get(f"/runs/{run_id}/steps/identity_verification").text
-    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
-    sign(engine, run_id, "qa_acceptance", "qa", {"decision": "approve", "reason": HTML})
-    rec = wait_for(engine, run_id, statuses=("completed",))
-    qm = login(app, "qm")
-    pages["run"] = qm.get(f"/runs/{run_id}").text
-    doc_id = rec["documents"][0]["id"]
-    pages["document"] = qm.get(f"/documents/{doc_id}/view").text
-    pages["download"] = qm.get(f"/documents/{doc_id}/download").text
-    pages["header"] = evil.get("/inbox").text
-    for name, text in pages.items():
-        assert "<script>" not in text, name
-        assert "<i>Evil</i>" not in text, name
-    for name in ("dialog", "verify form", "run", "document", "download"):
-        assert "&lt;script&gt;alert(" in pages[name], name
-    for name in ("dialog", "run", "document", "header"):
-        assert "&lt;i&gt;Evil&lt;/i&gt;" in pages[name], name
 
 
 def test_web_sessions_end_at_logout_and_after_the_idle_timeout(engine, app, clock):
@@ -241,6 +223,41 @@ def test_web_errors_are_pages_without_tracebacks(engine, app):
         assert r.status_code == status, path
         assert "Traceback" not in r.text
         assert "This could not be done" in r.text
+
+
+def test_web_sop_pages_show_version_state_sha256_and_the_definition(engine, app):
+    from flows.library import sop_library
+    from flows.record.ledger import sha256_hex
+    from tests.conftest import DEMO_SOP
+
+    client = login(app, "qm")
+    page = client.get("/sops").text
+    rows = [r for inst in sop_library(engine) if inst["id"] == "demo_hospital" for r in inst["sops"]]
+    receipt = next(r for r in rows if r["id"] == "dose_receipt" and r["file"])
+    assert receipt["sha256"] == sha256_hex(DEMO_SOP.read_bytes())
+    for r in rows:
+        assert f'<code class="sha">{r["sha256"]}</code>' in page
+        assert f'<span class="badge {r["state"]}">' in page
+    sop = client.get("/sops/demo_hospital/dose_receipt").text
+    for shown in ("arrival.logger_max_c &lt;= product.storage_max_c", "Logger maximum transit temperature",
+                  "from -200 to 40 °C", "Pharmacist", "distinct_signers", "tecartus"):
+        assert shown in sop
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_web_sop_words_are_escaped_even_where_translated(language):
+    """Labels, choices and states come from SOP files and the record: text, never markup."""
+    from flows.web.app import _environment
+
+    env = _environment(language)
+    spec = {"name": "x", "type": "choice", "label": "<b>Label</b>", "choices": ["<i>c</i>", "approve"], "required": True}
+    html = env.from_string('{% from "macros.html" import field %}{{ field(f, "", ["<s>bad</s>"], "f.", "UTC") }}'
+                           "{{ state|t }}").render(f=spec, state="<u>waiting</u>")
+    for markup in ("<b>", "<i>", "<s>", "<u>"):
+        assert markup not in html
+    for text in ("&lt;b&gt;Label", "&lt;i&gt;c", "&lt;s&gt;bad", "&lt;u&gt;waiting"):
+        assert text in html
+    assert ("批准" if language == "zh" else "approve") in html  # a known word is still translated
 
 
 def test_web_every_page_string_has_a_chinese_translation():

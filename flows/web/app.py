@@ -50,7 +50,8 @@ STATUS_WORDS = [N_("waiting"), N_("signed"), N_("done"), N_("failed"), N_("refus
                 N_("skipped"), N_("open"), N_("performed"), N_("verified"), N_("approved"), N_("corrected"),
                 N_("approve"), N_("reject"), N_("Decision"), N_("Reason (required to reject)"), N_("record"),
                 N_("verify"), N_("check"), N_("document"), N_("notify"), N_("disposition"), N_("in_force"),
-                N_("superseded"), N_("minor"), N_("major"), N_("critical")]
+                N_("superseded"), N_("minor"), N_("major"), N_("critical"), N_("draft"), N_("in_review"), N_("issued"),
+                N_("effective"), N_("retired"), N_("computed")]
 """Words the record holds that pages show translated (``{{ _(word) }}``)."""
 
 CSRF_MESSAGE = N_("This form has expired or did not come from this site (missing or wrong security token). Nothing was saved. Reload the page and try again.")
@@ -91,6 +92,9 @@ def _environment(language: str) -> Environment:
     env.filters["local"] = _local
     env.filters["dtlocal"] = _dtlocal
     env.filters["num"] = _num
+    # A word the record or the SOP holds, translated when the catalogue has it. Unlike ``_``, whose
+    # result is trusted markup, this returns plain text: autoescape escapes it like any value.
+    env.filters["t"] = lambda word: cat.gettext(str(word)) if word is not None else ""
     env.globals["lang"] = language
     return env
 
@@ -115,6 +119,9 @@ class Web:
                 N_("Your session ended after %(minutes)s minutes without activity. Sign in again."))
                 % {"minutes": f"{self.settings.web_idle_minutes:g}"}))
         if live is None:
+            for gone in self.store.sweep():  # sessions nobody came back to: end them, audited
+                if gone.username:
+                    await run_in_threadpool(svc.sign_out, self.settings, gone.username, "idle")
             live = self.store.new(pick_language(request.headers.get("accept-language")))
         if request.method == "GET":
             live.here = _safe_next(request.url.path + (f"?{request.url.query}" if request.url.query else ""))

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from flows import service
+from flows import library, service
 from flows import service_web as svc
 from flows.errors import (
     AuthenticationError,
@@ -75,11 +75,11 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/new")
     async def start_choose(request: Request) -> Response:
         ws = await web.user(request)
-        sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
-        return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[])
+        sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
+        return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[], tz="UTC")
 
     async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
-        sops = await run_in_threadpool(svc.startable_sops, settings, ws.username)
+        sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
         chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
         if chosen is None:
             raise StepNotWaitingError(f"no SOP {sop_id!r} at {institution!r} that you may start; the start page lists them")
@@ -89,7 +89,8 @@ def register(app: FastAPI, web: Web) -> None:
     async def start_form(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         chosen = await _startable(ws, institution, sop_id)
-        return web.render(ws, "start.html", sops=[], chosen=chosen, values={}, errors={}, general=[])
+        tz = await run_in_threadpool(svc.institution_timezone, settings, institution)
+        return web.render(ws, "start.html", sops=[], chosen=chosen, values={}, errors={}, general=[], tz=tz)
 
     @app.post("/runs/new/{institution}/{sop_id}")
     async def start(request: Request, institution: str, sop_id: str) -> Response:
@@ -103,7 +104,8 @@ def register(app: FastAPI, web: Web) -> None:
                                           form.get("password", ""))
         except (SopInputError, AuthenticationError, NotAuthorizedError) as exc:
             errors, general = field_errors(getattr(exc, "problems", None) or [str(exc)], [p["name"] for p in chosen["params"]])
-            return web.render(ws, "start.html", status=422, sops=[], chosen=chosen, values=values, errors=errors, general=general)
+            return web.render(ws, "start.html", status=422, sops=[], chosen=chosen, values=values, errors=errors,
+                              general=general, tz=tz)
         ws.flash.append(("ok", web.gettext(ws, N_("Run started."))))
         return web.redirect(ws, f"/runs/{res.run_id}")
 
@@ -112,6 +114,8 @@ def register(app: FastAPI, web: Web) -> None:
         ws = await web.user(request)
         rec = await run_in_threadpool(svc.record_for, settings, ws.username, run_id)
         tz = await run_in_threadpool(svc.institution_timezone, settings, rec["run"]["institution"])
+        # Documents in the user's language first (templates named like record.zh.html.j2).
+        rec["documents"].sort(key=lambda d: f".{ws.language}." not in d["template"])
         seen: set[str] = set()
         for h in rec["history"]:  # the flow's "done" after a "signed" repeats it: shown once
             sig = (h.get("signature") or {}).get("id")
@@ -168,6 +172,8 @@ def register(app: FastAPI, web: Web) -> None:
             return _step_page(ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values,
                               general=[str(exc)])
         ws.flash.append(("ok", web.gettext(ws, N_("Signed. Signature sha256: %(sha)s")) % {"sha": res.signed_sha256}))
+        if not res.resumed:  # the signature is recorded; the executor's sweep hands it to the run
+            ws.flash.append(("ok", web.gettext(ws, N_("The run goes on as soon as the engine picks the signature up."))))
         return web.redirect(ws, f"/runs/{res.run_id}")
 
     # -- documents -------------------------------------------------------------------------------------
@@ -182,8 +188,10 @@ def register(app: FastAPI, web: Web) -> None:
         doc = await run_in_threadpool(svc.document_file, settings, document_id, ws.username)
         response = Response(doc["content"], media_type=doc["media_type"])
         response.headers["Content-Disposition"] = f'{disposition}; filename="{doc["name"]}"'
-        # A document is shown as it is, in a sandbox: no scripts, no requests, no forms.
-        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+        # An HTML document is shown as it is, in a sandbox: no scripts, no requests, no forms
+        # (a PDF is left to the browser's viewer, which a sandbox would block).
+        sandbox = "; sandbox" if doc["media_type"] == "text/html" else ""
+        response.headers["Content-Security-Policy"] = f"default-src 'none'; style-src 'unsafe-inline'; img-src data:{sandbox}"
         response.headers["X-Document-SHA256"] = doc["sha256"]
         return web.secure(response, ws)
 
@@ -199,14 +207,14 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/sops")
     async def sops(request: Request) -> Response:
         ws = await web.user(request)
-        library = await run_in_threadpool(svc.sop_library, settings)
-        return web.render(ws, "sops.html", library=library)
+        rows = await run_in_threadpool(library.sop_library, settings)
+        return web.render(ws, "sops.html", library=rows)
 
     @app.get("/sops/{institution}/{sop_id}")
     async def sop_page(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         try:
-            sop = await run_in_threadpool(svc.describe_sop, settings, institution, sop_id)
+            sop = await run_in_threadpool(library.describe_sop, settings, institution, sop_id)
         except FlowsError as exc:
             return web.error(ws, exc, 404)
         return web.render(ws, "sop.html", sop=sop)
