@@ -41,7 +41,9 @@ __all__ = [
     "CorrectResult",
     "StartResult",
     "SubmitResult",
+    "chain_of_identity",
     "correct_step",
+    "deviations",
     "inbox",
     "list_runs",
     "preview_step",
@@ -121,6 +123,7 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
             problem = f"user {username!r} holds no role at {institution!r} and may not start its runs"
         else:
             problem = None
+        problem = problem or _start_problem(s, sop, params)
     if problem:
         raise _refuse(settings, user, "run.start.refused", sop_id, problem)
 
@@ -157,6 +160,41 @@ def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:
     if name is None or not run.product_json:
         return None
     return json.loads(run.params_json)[name], ProductSpec.model_validate(json.loads(run.product_json))
+
+
+def _start_problem(session: Session, sop: Any, params: dict[str, Any]) -> str | None:
+    """Why a run may not start on these params: its dose (COI) is quarantined by an open deviation
+    (a run handling that deviation, ``deviation_id``, may). Raises SopInputError for a
+    ``deviation_id`` that names no deviation, in an SOP whose steps update one."""
+    from flows.record.deviations import (
+        check_deviation_param,
+        coi_param,
+        quarantine_problem,
+    )
+
+    check_deviation_param(session, sop, params)
+    coi = params.get(coi_param(sop, params) or "")
+    problem = quarantine_problem(session, str(coi) if coi else None, deviation_id=params.get("deviation_id"))
+    return f"{sop.id}: cannot start: {problem}" if problem else None
+
+
+def deviations(settings: Settings, *, now: Any = None, include_closed: bool = False) -> dict[str, Any]:
+    """Open deviations (oldest first) with their lifecycle, and every overdue CAPA action (``sopflow deviations``)."""
+    from flows.record.deviations import list_deviations
+
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return list_deviations(s, now, include_closed=include_closed)
+
+
+def chain_of_identity(settings: Settings, coi: str) -> dict[str, Any]:
+    """Every run that touched one dose (COI), in order, with sub-runs and deviations, and whether the
+    chain collection → receipt → storage → infusion is unbroken (``sopflow chain``)."""
+    from flows.record.chain import chain_of_identity as chain
+
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return chain(s, coi)
 
 
 def _find_run(session: Session, run_id: str) -> SopRun:
@@ -231,6 +269,10 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     data = _step_values(settings, run, sop, step, raw_values)
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
+    if step.updates_deviation == "capa" and data.get("owner"):  # a CAPA action's owner is an account
+        with read_session(settings.database_url) as s:
+            if s.exec(select(User).where(User.username == data["owner"])).first() is None:
+                raise SopInputError([f"{sop.id} step {step_id!r}.owner: no user {data['owner']!r}; `sopflow user list` lists them"])
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
     with read_session(settings.database_url) as s:
         problem = signer_problem(s, run, sop, step, user.id)
@@ -378,7 +420,7 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
             overdue.setdefault(o.run.id, []).append({"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at})
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
             st = run_status(s, run.id)
-            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed")]
+            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed", "held")]
             out.append({"id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_version": run.sop_version,
                         "status": st.status if st else "unknown", "detail": st.detail if st else None,
                         "waiting_on": waiting, "overdue": overdue.get(run.id, []), "started_at": run.started_at,

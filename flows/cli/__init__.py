@@ -12,6 +12,8 @@
     sopflow user add|disable|enable|passwd|unlock|list   accounts (see flows.cli.admin)
     sopflow training grant|list           who is trained on which SOP version
     sopflow sop validate|schema|list|show SOP definitions
+    sopflow deviations [--all]            open deviations and overdue CAPAs (see flows.cli.quality)
+    sopflow chain COI                     every run that touched one dose; is its chain unbroken?
     sopflow demo                          the whole dose receipt, end to end
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.cli.admin import training_app, user_app
+from flows.cli.quality import chain, deviations
 from flows.cli.records import correct, verify_export
 from flows.cli.sop import app as sop_app
 
@@ -48,6 +51,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
 app.command("correct")(correct)
+app.command("deviations")(deviations)
+app.command("chain")(chain)
 audit_app.command("verify-export")(verify_export)
 
 out = Console(highlight=False, soft_wrap=True)

@@ -47,6 +47,8 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
     out.print(f"  SOP {run['institution']}/{run['sop_id']} v{run['sop_version']} \"{escape(run['sop_title'])}\" sha256 {run['sop_sha256']}")
     out.print(f"  status {run['status']}" + (f" ({escape(run['status_detail'])})" if run["status_detail"] else ""))
     out.print(f"  started {run['started_at']} by {escape(run['started_by'])}; Prefect flow run {run['flow_run_id']}")
+    if run.get("parent_run_id"):
+        out.print(f"  sub-run of run {run['parent_run_id']} (its step {run['parent_step_id']})")
     params = ", ".join(f"{k}={v}" for k, v in run["params"].items())
     out.print(f"  parameters: {escape(params)}")
     if run["product"]:
@@ -88,7 +90,14 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
         out.print("[bold]Deviations[/bold]")
         for d in rec["deviations"]:
             out.print(f"  [red]{d['classification']}[/red] at {d['step_id']} ({d['opened_at']}): {escape(d['description'])}; "
-                      f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}")
+                      f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}"
+                      + (f"; {d['status']}" if d.get("status") else "") + ("; QUARANTINED" if d.get("quarantined") else ""))
+            for e in d.get("lifecycle", []):
+                out.print(f"      {e['at']} {e['kind']} (run {e['run_id'][:8]} step {e['step_id']})")
+    if rec.get("subruns"):
+        out.print("[bold]Sub-runs[/bold]")
+        for r in rec["subruns"]:
+            out.print(f"  {r['id']}  {r['sop_id']} v{r['sop_version']} from step {r['parent_step_id']}: {r['status']}")
     if rec["documents"]:
         out.print("[bold]Documents[/bold]")
         for doc in rec["documents"]:

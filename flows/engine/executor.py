@@ -214,6 +214,12 @@ class Executor:
 
         return resume_signed_runs(self.settings, self.client)
 
+    def resume_ready(self) -> int:
+        """Resume runs waiting on a sub-run that ended, or held by a quarantine that was lifted."""
+        from flows.engine.subruns import resume_ready
+
+        return resume_ready(self.settings, self.client)
+
     def escalate(self) -> int:
         """Tell the escalation role about human steps waiting past their time-out (once per waiting period)."""
         from flows.engine.escalation import escalate_overdue
@@ -261,7 +267,8 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    for sweep in (self.recover_orphans, self.resume_signed, self.escalate, self.deadlines):
+                    for sweep in (self.recover_orphans, self.resume_signed, self.resume_ready, self.escalate,
+                                  self.deadlines):
                         try:
                             sweep()
                         except Exception:

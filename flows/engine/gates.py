@@ -51,6 +51,7 @@ def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
         kind="approve", id=disposition_id(check.id), role=check.deviation.disposition_role,
         title=f"Deviation disposition for {check.title or check.id}",
         meaning="Disposition of a deviation: approve = use with documented risk acceptance; reject = reject the dose",
+        updates_deviation="disposition",
     )
 
 
@@ -64,7 +65,7 @@ def open_gate(ctx: RunContext, step: HumanStepSpec) -> bool:
         if rec is not None and rec.status in ("waiting", "signed", "done"):
             return False
         write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})
-        return rec is None
+        return rec is None or rec.status == "held"
 
 
 def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -94,6 +95,10 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
         data = step_data(rec)  # rec is the signed record: every other case returned above
         write_step(s, ctx.run.id, step.id, step.kind, "done", data, actor=rec.actor_id or "system",
                    actor_id=rec.actor_id, signature_id=rec.signature_id)
+        if step.updates_deviation is not None:  # the deviation's lifecycle event, in the same transaction
+            from flows.engine.subruns import record_lifecycle
+
+            record_lifecycle(s, ctx, step, data, rec)
         return data, None
 
 

@@ -22,6 +22,7 @@ from prefect.input import RunInput
 from prefect.utilities.annotations import quote
 
 from flows.config import get_settings
+from flows.engine import subruns
 from flows.engine.client import pause_key_prefix
 from flows.engine.deadlines import settle_deadlines
 from flows.engine.gates import accept_signature, disposition_step, open_gate, repetition
@@ -38,7 +39,13 @@ from flows.errors import FlowsError
 from flows.record.db import read_session, write_session
 from flows.record.state import refused_count, step_data, step_states
 from flows.sop.expressions import ExpressionError, evaluate_check
-from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec, RecordStepSpec
+from flows.sop.model import (
+    HUMAN_KINDS,
+    CheckStepSpec,
+    HumanStepSpec,
+    RecordStepSpec,
+    SubrunStepSpec,
+)
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
 
@@ -95,6 +102,8 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
                 return data
             logger.warning("step %s: refused: %s", step.id, problem)
             continue
+        if rec is None or rec.status == "held":  # a quarantined dose opens no further gate
+            await subruns.hold_if_quarantined(ctx, step.id, step.kind)
         gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), quote(step))
         with read_session(ctx.url) as s:
             # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
@@ -153,7 +162,7 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
         if rec is not None and rec.status == "skipped":
             continue
         if rec is not None and rec.status == "done":
-            if step.kind == "approve" and step_data(rec).get("decision") == "reject":
+            if step.kind == "approve" and step_data(rec).get("decision") == "reject" and not _disposes(step):
                 # Re-entered after a crash between the signed reject and the run's end: still rejected.
                 return _finish(ctx, "rejected", f"{step.id}: {step_data(rec).get('reason') or 'rejected'}")
             continue
@@ -170,9 +179,14 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
         if isinstance(step, RecordStepSpec) and step.repeat is not None:
             await _repeat(ctx, step)
             continue
+        if isinstance(step, SubrunStepSpec):
+            await subruns.run_subrun_step(ctx, step)
+            continue
         if step.kind in HUMAN_KINDS:
             data = await _human(ctx, step)  # type: ignore[arg-type]
-            if step.kind == "approve" and data.get("decision") == "reject":
+            if step.updates_deviation == "disposition":  # type: ignore[union-attr]  # a waiting parent, held runs
+                subruns.resume_ready(ctx.settings)
+            if step.kind == "approve" and data.get("decision") == "reject" and not _disposes(step):
                 return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")
             continue
         if rec is None:
@@ -180,16 +194,30 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), step.id)
             ctx.refresh()
         if isinstance(step, CheckStepSpec) and ctx.states[step.id].status == "failed":
+            decision = None
+            if step.deviation.sop is not None:  # handled by the deviation SOP as a sub-run
+                decision = await subruns.deviation_subrun(ctx, step, wait=step.on_fail != "stop")
             if step.on_fail == "stop":
                 return _finish(ctx, "stopped", f"{step.id}: check failed; deviation opened")
-            decision = await _human(ctx, disposition_step(step))
-            if decision.get("decision") == "reject":
-                return _finish(ctx, "rejected", f"{step.id}: deviation disposition: reject ({decision.get('reason')})")
+            if decision is None:
+                decision = await _human(ctx, disposition_step(step))
+                subruns.resume_ready(ctx.settings)  # the disposition lifts a quarantine: held runs go on
+            if decision.get("decision") != "approve":  # only approve (use with documented risk) goes on
+                return _finish(ctx, "rejected", f"{step.id}: deviation disposition: {decision.get('decision')} "
+                                                f"({decision.get('reason')})")
     return _finish(ctx, "completed", None)
+
+
+def _disposes(step: Any) -> bool:
+    """A deviation SOP's disposition rejects the dose (its parent ends), not the deviation's own run:
+    containment, CAPA and closure still follow."""
+    return getattr(step, "updates_deviation", None) == "disposition"
 
 
 def _finish(ctx: RunContext, status: str, detail: str | None) -> dict[str, Any]:
     settle_deadlines(ctx.settings, ctx.run, ctx.sop)
     with write_session(ctx.url) as s:
         set_run_status(s, ctx.run.id, status, detail)
+    if ctx.run.parent_run_id is not None:  # the parent may wait for this sub-run
+        subruns.resume_ready(ctx.settings)
     return {"run_id": ctx.run.id, "status": status, "detail": detail}

@@ -82,7 +82,7 @@ class RunContext:
         }
         for step in self.sop.steps:
             rec = self.states.get(step.id)
-            if step.kind in HUMAN_KINDS and rec is not None and rec.status == "done":
+            if (step.kind in HUMAN_KINDS or step.kind == "subrun") and rec is not None and rec.status == "done":
                 ctx[step.id] = step_data(rec)
             elif step.kind in HUMAN_KINDS and rec is not None and rec.status == "skipped":
                 # A skipped step's values read as none ('when:' of a later step may test them).
@@ -221,4 +221,5 @@ STEP_KINDS: dict[str, tuple[Any, str]] = {
     "check": (run_check, "an acceptance expression over earlier data and the product; failure opens a deviation"),
     "document": (run_document, "renders a Jinja template into a stored document with its sha256"),
     "notify": (run_notify, "sends an apprise message to the channels of the named roles"),
+    "subrun": (None, "starts a run of another SOP of the institution linked to this one; with wait, waits for its end"),
 }

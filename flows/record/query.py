@@ -121,6 +121,8 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             for n, rep_id in reps:
                 steps.append(step_entry(rep_id, step.kind, f"{step.title or step.id} #{n}", fields,
                                         getattr(step, "timeout", None)))
+        if step.kind == "check" and f"{step.id}__deviation" in latest:  # handled by the deviation SOP (a sub-run)
+            steps.append(step_entry(f"{step.id}__deviation", "subrun", f"Deviation at {step.id}: handling sub-run", {}))
         if step.kind == "check" and disposition_id(step.id) in latest:
             steps.append(step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {}))
 
@@ -133,6 +135,19 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
          "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
          if disposition_id(d.step_id) in latest else None}
         for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
+    ]
+    from flows.record.deviations import deviation_state
+
+    for d in deviations:  # the lifecycle (events appended by the deviation SOP's steps, or the inline disposition)
+        state = deviation_state(session, session.get(Deviation, d["id"]))  # type: ignore[arg-type]
+        d.update({"status": state["status"], "quarantined": state["quarantined"], "capas": state["capas"],
+                  "lifecycle": state["events"], "subruns": state["subruns"]})
+        if d["decision"] is None and state["decision"] is not None:
+            d.update({"disposition": "done", "decision": state["decision"]})
+    subruns = [
+        {"id": r.id, "sop_id": r.sop_id, "sop_version": r.sop_version, "parent_step_id": r.parent_step_id,
+         "started_at": _iso(r.started_at), "status": (st.status if (st := run_status(session, r.id)) else "unknown")}
+        for r in session.exec(select(SopRun).where(SopRun.parent_run_id == run.id).order_by(col(SopRun.started_at)))
     ]
     documents = [
         {"id": d.id, "step_id": d.step_id, "template": d.template, "path": d.path, "sha256": d.sha256,
@@ -152,8 +167,9 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
             "status": status.status if status else "unknown", "status_detail": status.detail if status else None,
             "started_at": _iso(run.started_at), "started_by": names.get(run.started_by, run.started_by),
-            "flow_run_id": run.flow_run_id,
+            "flow_run_id": run.flow_run_id, "parent_run_id": run.parent_run_id, "parent_step_id": run.parent_step_id,
         },
+        "subruns": subruns,
         "steps": steps,
         "deviations": deviations,
         "documents": documents,

@@ -28,6 +28,7 @@ from flows.sop.model import (
     NotifyStepSpec,
     ProductSpec,
     RecordStepSpec,
+    SubrunStepSpec,
     VerifyStepSpec,
 )
 
@@ -37,6 +38,17 @@ RESERVED_NAMES = frozenset({"params", "product", "run"})
 """Top-level names in expressions; no step may take one as its id."""
 _IMPLICIT_FIELDS = frozenset({"signed_by", "decision"})
 """Values every human step (``decision``: approve steps) has besides its declared fields."""
+
+
+class _AnyName(frozenset[str]):
+    """Every attribute: a sub-run step's data are its SOP's steps, checked in that SOP's file."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY_NAME = _AnyName()
+_CAPA_FIELDS = {"action": ("text",), "owner": ("text",), "due": ("datetime",)}
 
 
 def _hint(word: str, options: list[str], what: str) -> str:
@@ -99,6 +111,7 @@ class _Checker:
         self.expressions()
         self.identifier_formats()
         self.deadlines()
+        self.subruns()
         return sorted(self.problems, key=lambda p: (p.line or 0, p.path))
 
     def step_ids(self) -> None:
@@ -313,7 +326,9 @@ class _Checker:
         for i, step in enumerate(self.defn.steps):
             if step.id in names or step.id in RESERVED_NAMES:
                 continue
-            if not isinstance(step, HumanStepSpec):
+            if isinstance(step, SubrunStepSpec) and i < position and step.wait:
+                names[step.id] = _ANY_NAME  # status, run_id and the sub-run's steps: another file's
+            elif not isinstance(step, HumanStepSpec):
                 unavailable[step.id] = f"is a {step.kind} step and has no data to read"
             elif i >= position:
                 unavailable[step.id] = (
@@ -381,6 +396,36 @@ class _Checker:
             for msg in check_expression(spec.compute, here):
                 self.add(("steps", i, "fields", name, "compute"), f"step {step.id!r}: {msg}")
             readable.add(name)
+
+    def subruns(self) -> None:
+        """``subrun`` steps and deviation SOPs name a sibling SOP; ``updates_deviation`` needs ``deviation_id``."""
+        here = self.loaded.path.parent if self.institution is not None else None
+
+        def sibling(loc: tuple[str | int, ...], sop_id: str) -> None:
+            if sop_id == self.defn.id:
+                self.add(loc, f"SOP {sop_id!r} cannot run itself as a sub-run")
+            elif here is not None and not (here / f"{sop_id}.yaml").is_file():
+                ids = sorted(p.stem for p in here.glob("*.yaml") if p.stem not in ("institution", "products"))
+                self.add(loc, f"unknown SOP {sop_id!r} in {self.institution.id if self.institution else ''}. "
+                              f"{_hint(sop_id, ids, 'SOPs')}".rstrip())
+
+        for i, step in enumerate(self.defn.steps):
+            if isinstance(step, SubrunStepSpec):
+                sibling(("steps", i, "sop"), step.sop)
+                for name, expr in step.params.items():
+                    for msg in check_expression(expr, self._scope(i, message=False)):
+                        self.add(("steps", i, "params", name), f"step {step.id!r}: {msg}")
+            elif isinstance(step, CheckStepSpec) and step.deviation.sop is not None:
+                sibling(("steps", i, "deviation", "sop"), step.deviation.sop)
+            elif isinstance(step, HumanStepSpec) and step.updates_deviation is not None:
+                if "deviation_id" not in self.defn.params:
+                    self.add(("steps", i, "updates_deviation"),
+                             "'updates_deviation' needs a param 'deviation_id' (the deviation the run handles)")
+                if step.updates_deviation == "capa":
+                    for name, types in _CAPA_FIELDS.items():
+                        spec = step.fields.get(name)
+                        if spec is None or spec.type not in types:
+                            self.add(("steps", i, "fields"), f"a 'capa' step needs a field {name!r} of type {types[0]!r}")
 
 
 def check_sop(

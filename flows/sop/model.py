@@ -17,6 +17,7 @@ Step kinds (the ``kind`` key) and their specs:
     check     CheckStepSpec     an acceptance expression; on failure opens a deviation
     document  DocumentStepSpec  renders a Jinja template into a stored, hashed document
     notify    NotifyStepSpec    sends an apprise message to roles
+    subrun    SubrunStepSpec    starts a run of another SOP of the institution, linked to this one
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "DEVIATION_EVENTS",
     "HUMAN_KINDS",
     "ID_PATTERN",
     "STEP_REF_PATTERN",
@@ -55,6 +57,7 @@ __all__ = [
     "RoleSpec",
     "SopDefinition",
     "StepSpec",
+    "SubrunStepSpec",
     "TimeoutDeviationSpec",
     "VerifyStepSpec",
     "parse_duration",
@@ -219,6 +222,11 @@ class TimeoutDeviationSpec(_Frozen):
     description: str | None = None
 
 
+DeviationEventKind = Literal["contained", "mah_notified", "investigated", "disposition", "capa", "effectiveness", "closed"]
+DEVIATION_EVENTS: tuple[str, ...] = DeviationEventKind.__args__  # type: ignore[attr-defined]
+"""A deviation's lifecycle, in its usual order (``flows.record.deviations``)."""
+
+
 class _StepBase(_Frozen):
     id: Id
     title: str | None = None
@@ -241,6 +249,8 @@ class HumanStepSpec(_StepBase):
     on_timeout: Literal["escalate", "deviation"] = "escalate"
     """escalate: tell ``escalate_to``; deviation: also open a deviation (``timeout_deviation``). The step keeps waiting."""
     timeout_deviation: TimeoutDeviationSpec = Field(default_factory=TimeoutDeviationSpec)
+    updates_deviation: DeviationEventKind | None = None
+    """Done = this lifecycle event of the deviation named by the run's ``deviation_id`` param."""
 
 
 class RepeatSpec(_Frozen):
@@ -277,6 +287,10 @@ class DeviationSpec(_Frozen):
     quarantine: bool = True
     """The dose is quarantined until QA signs a disposition."""
     disposition_role: Id = "qa"
+    sop: Id | None = None
+    """An SOP of the institution run as a sub-run to handle the deviation (params ``deviation_id``,
+    ``coi``, ``parent_run_id``); its ``updates_deviation: disposition`` step decides instead of the
+    inline ``<check>__disposition`` step."""
 
 
 class CheckStepSpec(_StepBase):
@@ -300,8 +314,19 @@ class NotifyStepSpec(_StepBase):
     """Jinja template string over ``params``, ``product``, ``run`` and earlier steps' data."""
 
 
+class SubrunStepSpec(_StepBase):
+    kind: Literal["subrun"]
+    sop: Id
+    """An SOP id of the same institution."""
+    params: dict[Id, str] = Field(default_factory=dict)
+    """Param name -> expression over this run's context, evaluated when the sub-run starts."""
+    wait: bool = True
+    """Wait until the sub-run ends; later steps read ``<step>.status`` and ``<step>.<sub_step>.<field>``."""
+
+
 StepSpec = Annotated[
-    RecordStepSpec | VerifyStepSpec | ApproveStepSpec | CheckStepSpec | DocumentStepSpec | NotifyStepSpec,
+    RecordStepSpec | VerifyStepSpec | ApproveStepSpec | CheckStepSpec | DocumentStepSpec | NotifyStepSpec
+    | SubrunStepSpec,
     Field(discriminator="kind"),
 ]
 
@@ -356,6 +381,8 @@ class SopDefinition(_Frozen):
     """Groups of human steps that must each be signed by a different person."""
     deadlines: tuple[DeadlineSpec, ...] = ()
     """Time limits between recorded times; a breach opens a deviation and the run goes on."""
+    chain_stage: Literal["collection", "receipt", "storage", "infusion"] | None = None
+    """Which link of a dose's chain of identity a completed run of this SOP is (``sopflow chain``)."""
 
     def step(self, step_id: str) -> StepSpec:
         for s in self.steps:
