@@ -444,11 +444,12 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
             if not roles:
                 continue
             sop = stored_sop(s, run)
-            # The run's deadlines still counting down (or past due), for "time left" beside its steps.
-            clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
+            clocks: list[dict[str, Any]] | None = None
             for step_id, rec in step_states(s, run.id).items():
                 step = find_human_step(sop, step_id)
                 if rec.status == "waiting" and step is not None and step.role in roles:
+                    if clocks is None:  # the run's deadlines still counting down (or past due): "time left"
+                        clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
                     out.append({"run_id": run.id, "sop_id": run.sop_id, "step_id": step_id, "title": step.title or step_id,
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
