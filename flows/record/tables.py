@@ -173,7 +173,9 @@ class StepRecord(SQLModel, table=True):
 
     Statuses: ``waiting`` (a human step waits for signed input), ``signed`` (input and signature
     recorded; the flow has not yet accepted it), ``done`` (the step completed), ``failed`` (a
-    check failed), ``refused`` (the flow refused a resume: forged or mismatched signature).
+    check failed), ``refused`` (the flow refused a resume: forged or mismatched signature),
+    ``skipped`` (its ``when:`` was false; it never ran). A repetition of a repeated step is
+    recorded under ``<step>#<n>``.
     """
 
     __tablename__ = "sf_step_record"
