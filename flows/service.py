@@ -116,6 +116,7 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
                 f"{', '.join(spec.unconfirmed)}; set them in sops/{institution}/products.yaml and remove them from "
                 "'unconfirmed' before a run may use this product"])
         product = spec.model_dump(mode="json")
+    _check_deadline_limits(sop, institution, params, product)
     init_db(settings.database_url)
     user = _authenticate(settings, username, password, f"start {sop_id}")
     with read_session(settings.database_url) as s:
@@ -152,6 +153,23 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
         raise
     engine.release_flow_run(settings, flow_run_id)
     return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
+
+
+def _check_deadline_limits(sop: Any, institution: str, params: dict[str, Any], product: dict[str, Any] | None) -> None:
+    """Every ``within_min`` gives a limit for this run's product: a deadline nobody can measure is refused at start."""
+    from flows.record.deadlines import limit_of
+    from flows.sop.expressions import ExpressionError
+
+    context = {"params": params, "product": product, "run": {"id": None, "sop_id": sop.id, "institution": institution}}
+    problems = []
+    for spec in sop.deadlines:
+        try:
+            limit_of(spec, context)
+        except ExpressionError as exc:
+            problems.append(f"{sop.id} deadlines.{spec.id}: no time limit for this run: {exc}; "
+                            f"set the value in sops/{institution}/products.yaml")
+    if problems:
+        raise SopInputError(problems)
 
 
 def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:
