@@ -25,16 +25,15 @@ _TRAINED: set[str] = set()
 
 @pytest.fixture(name="lang")
 def lang_fixture(engine: Settings) -> Settings:
-    """The engine's settings with the SOP-language test SOPs; every staff member trained on them."""
+    """The engine's settings with the SOP-language test SOPs (``_start`` trains the signers)."""
     return dataclasses.replace(engine, sops_dir=LANG_SOPS)
 
 
 def _start(settings: Settings, sop_id: str, params: dict[str, str] | None = None) -> str:
     from flows.admin import grant_training
-    from tests.fixtures_engine import DEMO_STAFF
 
     if sop_id not in _TRAINED:
-        for username in DEMO_STAFF:
+        for username in ("tech", "doc"):  # the only signers of these SOPs
             grant_training(settings, username, "demo_hospital", sop_id, 1, trainer="Test Trainer")
         _TRAINED.add(sop_id)
     return service.start_run(settings, "demo_hospital", sop_id, params or {}, "qm", PASSWORD).run_id
@@ -42,6 +41,15 @@ def _start(settings: Settings, sop_id: str, params: dict[str, str] | None = None
 
 def _steps(rec: dict) -> dict[str, dict]:
     return {s["id"]: s for s in rec["steps"]}
+
+
+def _export_problems(settings: Settings, run_id: str) -> list[str]:
+    """What ``sopflow audit verify-export`` finds in the run's exported record (nothing, we hope)."""
+    import json
+
+    from flows.record.export import verify_export
+
+    return verify_export(json.loads(json.dumps(service.quality_record(settings, run_id), default=str)))
 
 
 def test_computed_values_are_previewed_signed_and_stored(lang):
@@ -86,6 +94,7 @@ def test_when_false_skips_steps_and_later_steps_read_their_fields_as_none(lang):
     assert [h["step_id"] for h in skipped] == ["give_toci", "tell_pharmacy"]
     assert skipped[0]["reason"] == "'when' is false: assess.fever"
     assert any(e["action"] == "step.skipped" for e in rec["audit_events"])
+    assert _export_problems(lang, run_id) == []
 
 
 def test_when_true_runs_the_step(lang):
@@ -149,6 +158,7 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
                                   "infusion.infusion_end, more than its limit of 30m")
     assert {d["id"]: d["state"] for d in rec["deadlines"]}["thaw_to_infusion_end"] == "breached"
     assert any(e["action"] == "deviation.open" and e["object_id"] == dev["id"] for e in rec["audit_events"])
+    assert _export_problems(lang, run_id) == []
     msg = receiver.wait_for(lambda m: m["path"] == "/qa" and run_id in m.get("message", ""))
     assert msg is not None
     assert "deadline breached" in msg["title"]
@@ -186,7 +196,9 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     rec = wait_for(lang, run_id, step="obs#2")
 
     steps = _steps(rec)
-    assert steps["obs"]["status"] == "repeating"
+    assert steps["obs"]["status"] == "not reached"  # until its repetitions end
+    assert steps["obs"]["repeat"]["done"] == 1
+    assert _export_problems(lang, run_id) == []
     assert steps["obs#1"]["data"] == {"ice_score": 8.0, "icans_grade": 1.0}
     signed_at = datetime.fromisoformat(steps["obs#1"]["signature"]["signed_at"])
     due = _at(signed_at + timedelta(hours=4))
@@ -207,3 +219,25 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     assert steps["obs#2"]["signature"]["valid"]
     assert "obs#3" not in steps
     assert steps["worst_recorded"]["data"]["passed"] is True
+
+    # A repetition is corrected on its own; its computed value follows the corrected entry.
+    service.correct_step(lang, run_id, "obs#1", "doc", PASSWORD, {"ice_score": "5"}, "read the wrong sheet")
+    obs1 = _steps(service.quality_record(lang, run_id))["obs#1"]
+    assert obs1["data"] == {"ice_score": 5.0, "icans_grade": 2.0}
+    assert obs1["corrections"][0]["changes"] == {"ice_score": {"old": 8.0, "new": 5.0},
+                                                 "icans_grade": {"old": 1.0, "new": 2.0}}
+    assert _export_problems(lang, run_id) == []
+
+
+def test_repeated_step_without_until_ends_after_its_times(lang):
+    run_id = _start(lang, "lang_repeat_times")
+    sign(lang, run_id, "temp#1", "doc", {"temp_c": "38.2"})
+    sign(lang, run_id, "temp#2", "doc", {"temp_c": "37.1"})
+
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    steps = _steps(rec)
+    assert rec["run"]["status"] == "completed"
+    assert steps["temp"]["data"] == {"repetitions": 2, "ended_by": "times"}
+    assert [s["id"] for s in rec["steps"]] == ["temp", "temp#1", "temp#2", "highest"]
+    assert steps["highest"]["data"]["passed"] is True

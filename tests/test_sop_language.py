@@ -182,3 +182,13 @@ def test_sop_json_schema_refuses_a_misspelt_deadline_key() -> None:
            "deadlines": [{"id": "d", "form": "a", "to": "a", "within": "30m"}]}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, sop_json_schema())
+
+
+def test_deadline_text_reads_as_time_left_or_result() -> None:
+    from flows.cli.render import deadline_text
+
+    base = {"due_at": "2026-11-25T10:30:00+00:00", "limit_seconds": 1800.0, "problem": None}
+    assert deadline_text({**base, "state": "running", "seconds_left": 725.0}) == "12m left (due 2026-11-25 10:30 UTC)"
+    assert deadline_text({**base, "state": "overdue", "seconds_left": -3900.0}) == "overdue by 1h 5m (due 2026-11-25 10:30 UTC)"
+    assert deadline_text({**base, "state": "breached", "elapsed_seconds": 2460.0}) == "breached: 41m of 30m"
+    assert deadline_text({**base, "state": "invalid", "problem": "no limit"}) == "invalid: no limit"

@@ -232,9 +232,18 @@ def inbox(username: AsOpt) -> None:
         note = f"  [yellow](you may not sign this one: {escape(it['cannot_sign'])})[/yellow]" if it["cannot_sign"] else ""
         if it.get("overdue_since"):
             note += f"  [yellow]overdue since {it['overdue_since']:%Y-%m-%d %H:%M} UTC[/yellow]"
+        if it.get("due_at"):
+            note += f"  due {it['due_at'][:16].replace('T', ' ')} UTC"
         out.print(f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "
                   f"{escape(it['title'])}{note}")
+        for d in it.get("deadlines", []):
+            from flows.cli.render import deadline_text
+
+            out.print(f"    [yellow]deadline {escape(d['title'])}: {deadline_text(d)}[/yellow]")
         for name, f in it["fields"].items():
+            if f.get("compute"):
+                out.print(f"    {name} is computed: {escape(f['compute'])}")
+                continue
             limits = " ".join(f"{k}={v}" for k, v in f.items() if k in ("unit", "min", "max", "choices", "pattern"))
             out.print(f"    --set {name}=…  ({f['type']}{', ' + escape(limits) if limits else ''})")
 

@@ -22,6 +22,25 @@ def _print_signature(out: Console, label: str, sig: dict[str, Any]) -> None:
               + (f" — {escape(sig['statement'])}" if sig["statement"] else "") + f"; sha256 {sig['sha256'][:16]}…{valid}")
 
 
+def _duration(seconds: float) -> str:
+    minutes = round(abs(seconds) / 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m"
+
+
+def deadline_text(d: dict[str, Any]) -> str:
+    """A deadline as people read it: '12m left (due …)', 'overdue by 5m (due …)', 'met: 25m of 30m'."""
+    due = f" (due {d['due_at'][:16].replace('T', ' ')} UTC)" if d.get("due_at") else ""
+    limit = _duration(d["limit_seconds"]) if d.get("limit_seconds") is not None else "?"
+    if d["state"] == "running":
+        return f"{_duration(d['seconds_left'])} left{due}"
+    if d["state"] == "overdue":
+        return f"overdue by {_duration(d['seconds_left'])}{due}"
+    if d["state"] in ("met", "breached"):
+        return f"{d['state']}: {_duration(d['elapsed_seconds'])} of {limit}"
+    return d["state"] + (f": {d['problem']}" if d.get("problem") else "")
+
+
 def print_record(out: Console, rec: dict[str, Any]) -> None:
     run = rec["run"]
     out.print(f"[bold]Quality record: run {run['id']}[/bold]")
@@ -63,6 +82,10 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
                 _print_signature(out, "  signed", c["signature"])
         if st.get("due_at"):
             out.print(f"      [yellow]due by {st['due_at']} (time-out)[/yellow]")
+    if rec.get("deadlines"):
+        out.print("[bold]Deadlines[/bold]")
+        for d in rec["deadlines"]:
+            out.print(f"  {escape(d['title'])} ({d['from']} → {d['to']}): {escape(deadline_text(d))}")
     if rec["deviations"]:
         out.print("[bold]Deviations[/bold]")
         for d in rec["deviations"]:

@@ -32,6 +32,9 @@ __all__ = ["settle_deadlines", "sweep_deadlines"]
 
 log = logging.getLogger("sopflow.deadlines")
 
+_SOPS: dict[str, SopDefinition] = {}
+"""Stored SOP revisions by version id: their text never changes, so the sweep parses each once."""
+
 
 def _description(entry: dict[str, object], limit: timedelta) -> str:
     if entry["state"] == "breached":
@@ -82,7 +85,7 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
     now = now or utcnow()
     pending: list[tuple[SopRun, SopDefinition]] = []
     with read_session(settings.database_url) as s:
-        sops: dict[str, SopDefinition] = {}
+        sops = _SOPS
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
             if run.sop_version_id not in sops:
                 sops[run.sop_version_id] = stored_sop(s, run)

@@ -39,7 +39,13 @@ from flows.errors import FlowsError
 from flows.record.db import read_session, write_session
 from flows.record.state import refused_count, step_data, step_states
 from flows.sop.expressions import ExpressionError, evaluate_check
-from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec, RecordStepSpec, SubrunStepSpec
+from flows.sop.model import (
+    HUMAN_KINDS,
+    CheckStepSpec,
+    HumanStepSpec,
+    RecordStepSpec,
+    SubrunStepSpec,
+)
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
 

@@ -96,9 +96,9 @@ class RunContext:
             rec = self.states.get(step.id)
             if (step.kind in HUMAN_KINDS or step.kind == "subrun") and rec is not None and rec.status == "done":
                 ctx[step.id] = step_data(rec)
-            elif step.kind in HUMAN_KINDS and rec is not None and rec.status == "skipped":
+            elif step.kind in (*HUMAN_KINDS, "subrun") and rec is not None and rec.status == "skipped":
                 # A skipped step's values read as none ('when:' of a later step may test them).
-                ctx[step.id] = dict.fromkeys([*getattr(step, "fields", {}), "signed_by", "decision"])
+                ctx[step.id] = dict.fromkeys([*getattr(step, "fields", {}), "signed_by", "decision", "status", "run_id"])
             if getattr(step, "repeat", None) is not None:
                 # <step> is the latest repetition, <step>_all every one of them, in order.
                 reps = self.repetitions(step.id)

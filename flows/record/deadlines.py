@@ -29,7 +29,7 @@ from flows.record.tables import Deviation, Signature, SopRun, StepRecord, utcnow
 from flows.sop.expressions import ExpressionError, evaluate_value
 from flows.sop.model import DeadlineSpec, RecordStepSpec, SopDefinition
 
-__all__ = ["ENDED", "deadline_states", "limit_of", "repetitions"]
+__all__ = ["ENDED", "deadline_states", "limit_of", "repetitions", "signed_at"]
 
 ENDED = frozenset({"completed", "rejected", "stopped", "failed"})
 
@@ -42,17 +42,17 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
-def limit_of(spec: DeadlineSpec, run: SopRun) -> timedelta:
-    """The deadline's limit for this run.
+def limit_of(spec: DeadlineSpec, run: SopRun | dict[str, Any]) -> timedelta:
+    """The deadline's limit for this run (or for ``{"params", "product", "run"}`` before it exists).
 
     Raises:
         ExpressionError: ``within_min`` cannot be evaluated or is not a number of minutes.
     """
     if spec.within is not None:
         return spec.within
-    context = {"params": json.loads(run.params_json),
-               "product": json.loads(run.product_json) if run.product_json else None,
-               "run": {"id": run.id, "sop_id": run.sop_id, "institution": run.institution}}
+    context = run if isinstance(run, dict) else {
+        "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
+        "run": {"id": run.id, "sop_id": run.sop_id, "institution": run.institution}}
     minutes = evaluate_value(spec.within_min or "", context, "within_min")
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0:
         raise ExpressionError(f"within_min {spec.within_min!r} gives {minutes!r}, not a number of minutes")
@@ -70,8 +70,19 @@ def _end(session: Session, ref: str, states: dict[str, StepRecord]) -> tuple[str
     if field:
         value = step_data(rec).get(field)
         return ("recorded", _aware(datetime.fromisoformat(value))) if isinstance(value, str) else ("skipped", None)
-    sig = session.get(Signature, rec.signature_id) if rec.signature_id else None
-    return "recorded", _aware(sig.signed_at if sig is not None else rec.at)
+    return "recorded", signed_at(session, rec.run_id, step_id) or _aware(rec.at)
+
+
+def signed_at(session: Session, run_id: str, step_id: str) -> datetime | None:
+    """When the step's entry was signed: its first accepted (``done``) record's signature, so a
+    later correction does not move the time."""
+    first = session.exec(select(StepRecord).where(
+        StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "done",
+        col(StepRecord.supersedes_id).is_(None)).order_by(col(StepRecord.n)).limit(1)).first()
+    if first is None:
+        return None
+    sig = session.get(Signature, first.signature_id) if first.signature_id else None
+    return _aware(sig.signed_at if sig is not None else first.at)
 
 
 def deadline_states(session: Session, run: SopRun, sop: SopDefinition, now: datetime | None = None) -> list[dict[str, Any]]:
@@ -134,9 +145,8 @@ def repetitions(session: Session, run_id: str, step: RecordStepSpec,
     nxt = None if finished or len(done) >= repeat.times else len(done) + 1
     due = None
     if nxt is not None and nxt > 1:
-        prev = states[f"{step.id}#{nxt - 1}"]
-        sig = session.get(Signature, prev.signature_id) if prev.signature_id else None
-        due = _aware(sig.signed_at if sig is not None else prev.at) + repeat.every
+        prev = signed_at(session, run_id, f"{step.id}#{nxt - 1}")
+        due = prev + repeat.every if prev is not None else None
     return {"every_seconds": repeat.every.total_seconds(), "times": repeat.times,
             "until": repeat.until, "done": len(done), "next": f"{step.id}#{nxt}" if nxt else None,
             "next_due_at": _iso(due), "ended_by": step_data(summary).get("ended_by") if finished and summary else None}

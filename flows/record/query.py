@@ -117,8 +117,6 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         if getattr(step, "repeat", None) is not None:
             # The step's own entry says how far it is; each repetition <step>#<n> follows as its own entry.
             steps[-1]["repeat"] = repetitions(session, run.id, step, latest)  # type: ignore[arg-type]
-            if steps[-1]["status"] == "not reached" and steps[-1]["repeat"]["done"]:
-                steps[-1]["status"] = "repeating"
             reps = sorted((int(k.partition("#")[2]), k) for k in latest if k.startswith(f"{step.id}#"))
             for n, rep_id in reps:
                 steps.append(step_entry(rep_id, step.kind, f"{step.title or step.id} #{n}", fields,

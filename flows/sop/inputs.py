@@ -184,7 +184,8 @@ def coerce_values(
     products: Mapping[str, ProductSpec] | None = None,
     product: tuple[str, ProductSpec] | None = None,
 ) -> dict[str, Any]:
-    """Check and convert run parameters or a step's fields; every declared field is in the result.
+    """Check and convert run parameters or a step's fields; every declared field that is entered
+    (not ``compute:``; :func:`compute_fields` adds those) is in the result.
 
     ``where`` names the SOP and the input in messages (``"dose_receipt step 'arrival'"``).
     Numbers become floats, datetimes ISO strings in UTC, optional fields left out become None.
