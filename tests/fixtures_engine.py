@@ -121,8 +121,10 @@ def receiver_fixture(engine: Settings) -> Iterator[Any]:
 
     with LocalReceiver() as rx:
         roles = sorted({r for _, r in DEMO_STAFF.values()})
+        per_role = "".join(f'  {r}: ["{rx.url(r)}"]\n' for r in roles)
+        # The demo institution and lang_hospital (the SOP-language engine tests) tell the same receiver.
         engine.notify_config.write_text(
-            "demo_hospital:\n" + "".join(f'  {r}: ["{rx.url(r)}"]\n' for r in roles), encoding="utf-8")
+            "".join(f"{inst}:\n{per_role}" for inst in ("demo_hospital", "lang_hospital")), encoding="utf-8")
         yield rx
         engine.notify_config.unlink(missing_ok=True)
 

@@ -1,12 +1,12 @@
 """The SOP-language additions for real: a local Prefect server, the executor, signed input.
 
-The SOPs are in tests/sops/lang/demo_hospital/ (the demo institution's roles, so the engine
-fixture's staff can sign them); each test trains its signers on the SOP it runs.
+The SOPs are in tests/sops/engine/lang_hospital/, an institution of their own that the engine
+fixture establishes (change control: a run needs an Effective version); its staff are made here and
+each test trains its signers on the SOP it runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,24 +19,31 @@ from tests.fixtures_engine import PASSWORD, sign, wait_for
 
 pytestmark = pytest.mark.slow
 
-LANG_SOPS = Path(__file__).parent / "sops" / "lang"
+INST = "lang_hospital"
+STAFF = {"l_tech": "cell_lab", "l_doc": "physician", "l_qm": "quality_manager", "l_qa": "qa"}
 _TRAINED: set[str] = set()
 
 
 @pytest.fixture(name="lang")
 def lang_fixture(engine: Settings) -> Settings:
-    """The engine's settings with the SOP-language test SOPs (``_start`` trains the signers)."""
-    return dataclasses.replace(engine, sops_dir=LANG_SOPS)
+    """The engine's settings, with lang_hospital's staff (``_start`` trains the signers)."""
+    from flows.admin import add_user
+
+    if not _TRAINED:
+        for username, role in STAFF.items():
+            add_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)], actor="test")
+        _TRAINED.add("")
+    return engine
 
 
 def _start(settings: Settings, sop_id: str, params: dict[str, str] | None = None) -> str:
     from flows.admin import grant_training
 
     if sop_id not in _TRAINED:
-        for username in ("tech", "doc"):  # the only signers of these SOPs
-            grant_training(settings, username, "demo_hospital", sop_id, 1, trainer="Test Trainer")
+        for username in ("l_tech", "l_doc"):  # the only signers of these SOPs
+            grant_training(settings, username, INST, sop_id, 1, trainer="Test Trainer")
         _TRAINED.add(sop_id)
-    return service.start_run(settings, "demo_hospital", sop_id, params or {}, "qm", PASSWORD).run_id
+    return service.start_run(settings, INST, sop_id, params or {}, "l_qm", PASSWORD).run_id
 
 
 def _steps(rec: dict) -> dict[str, dict]:
@@ -60,8 +67,8 @@ def test_computed_values_are_previewed_signed_and_stored(lang):
     preview = service.preview_step(lang, run_id, "assess", entered)
     assert preview["computed"] == {"crs_grade": 3.0, "toci_mg": 300.0}
     with pytest.raises(SopInputError, match="toci_mg: is computed"):
-        service.submit_step(lang, run_id, "assess", "doc", PASSWORD, {**entered, "toci_mg": "200"})
-    result = service.submit_step(lang, run_id, "assess", "doc", PASSWORD, entered)
+        service.submit_step(lang, run_id, "assess", "l_doc", PASSWORD, {**entered, "toci_mg": "200"})
+    result = service.submit_step(lang, run_id, "assess", "l_doc", PASSWORD, entered)
     assert result.computed == {"crs_grade": 3.0, "toci_mg": 300.0}
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
@@ -80,7 +87,7 @@ def test_coi_param_is_checked_against_the_products_pattern_at_start(lang):
 
 def test_when_false_skips_steps_and_later_steps_read_their_fields_as_none(lang):
     run_id = _start(lang, "lang_when")
-    sign(lang, run_id, "assess", "doc", {"fever": "no"})
+    sign(lang, run_id, "assess", "l_doc", {"fever": "no"})
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
@@ -99,8 +106,8 @@ def test_when_false_skips_steps_and_later_steps_read_their_fields_as_none(lang):
 
 def test_when_true_runs_the_step(lang):
     run_id = _start(lang, "lang_when")
-    sign(lang, run_id, "assess", "doc", {"fever": "yes"})
-    sign(lang, run_id, "give_toci", "doc", {"dose_mg": "560"})
+    sign(lang, run_id, "assess", "l_doc", {"fever": "yes"})
+    sign(lang, run_id, "give_toci", "l_doc", {"dose_mg": "560"})
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
@@ -118,7 +125,7 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
 
     thaw_end = utcnow() - timedelta(minutes=10)
     run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
-    sign(lang, run_id, "thaw", "tech", {"thaw_end": _at(thaw_end)})
+    sign(lang, run_id, "thaw", "l_tech", {"thaw_end": _at(thaw_end)})
     rec = wait_for(lang, run_id, step="infusion")
 
     clock = {d["id"]: d for d in rec["deadlines"]}["thaw_to_infusion_end"]
@@ -126,11 +133,11 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     assert clock["limit_seconds"] == 30 * 60  # tecartus's thaw_to_infusion_max_min in the test catalogue
     assert clock["due_at"] == _at(thaw_end + timedelta(minutes=30))
     assert 19 * 60 < clock["seconds_left"] <= 20 * 60
-    [item] = [i for i in service.inbox(lang, "doc") if i["run_id"] == run_id]
+    [item] = [i for i in service.inbox(lang, "l_doc") if i["run_id"] == run_id]
     assert {d["id"]: d["state"] for d in item["deadlines"]} == {"thaw_to_infusion_end": "running",
                                                                 "signed_within_a_day": "running"}
 
-    sign(lang, run_id, "infusion", "doc", {"infusion_end": _at(thaw_end + timedelta(minutes=25))})
+    sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=25))})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
     states = {d["id"]: d for d in rec["deadlines"]}
@@ -145,8 +152,8 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
 
     thaw_end = utcnow() - timedelta(minutes=5)
     run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
-    sign(lang, run_id, "thaw", "tech", {"thaw_end": _at(thaw_end)})
-    sign(lang, run_id, "infusion", "doc", {"infusion_end": _at(thaw_end + timedelta(minutes=41))})
+    sign(lang, run_id, "thaw", "l_tech", {"thaw_end": _at(thaw_end)})
+    sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=41))})
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
@@ -170,7 +177,7 @@ def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
 
     thaw_end = utcnow() - timedelta(minutes=1)
     run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
-    sign(lang, run_id, "thaw", "tech", {"thaw_end": _at(thaw_end)})
+    sign(lang, run_id, "thaw", "l_tech", {"thaw_end": _at(thaw_end)})
     wait_for(lang, run_id, step="infusion")
 
     assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=29)) == 0
@@ -181,7 +188,7 @@ def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
     assert dev["description"].startswith("deadline 'End of thaw to end of infusion' overdue: infusion.infusion_end "
                                          "not recorded within 30m of thaw.thaw_end")
 
-    sign(lang, run_id, "infusion", "doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
+    sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
     assert [d["id"] for d in rec["deviations"]] == [dev["id"]]  # the breach at 'to' opens no second one
@@ -192,7 +199,7 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     from datetime import datetime
 
     run_id = _start(lang, "lang_repeat")
-    sign(lang, run_id, "obs#1", "doc", {"ice_score": "8"})
+    sign(lang, run_id, "obs#1", "l_doc", {"ice_score": "8"})
     rec = wait_for(lang, run_id, step="obs#2")
 
     steps = _steps(rec)
@@ -204,10 +211,10 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     due = _at(signed_at + timedelta(hours=4))
     assert steps["obs"]["repeat"]["next"] == "obs#2"
     assert steps["obs"]["repeat"]["next_due_at"] == due
-    [item] = [i for i in service.inbox(lang, "doc") if i["run_id"] == run_id]
+    [item] = [i for i in service.inbox(lang, "l_doc") if i["run_id"] == run_id]
     assert (item["step_id"], item["title"], item["due_at"]) == ("obs#2", "ICE assessment", due)
 
-    sign(lang, run_id, "obs#2", "doc", {"ice_score": "10"})
+    sign(lang, run_id, "obs#2", "l_doc", {"ice_score": "10"})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
     steps = _steps(rec)
@@ -221,7 +228,7 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     assert steps["worst_recorded"]["data"]["passed"] is True
 
     # A repetition is corrected on its own; its computed value follows the corrected entry.
-    service.correct_step(lang, run_id, "obs#1", "doc", PASSWORD, {"ice_score": "5"}, "read the wrong sheet")
+    service.correct_step(lang, run_id, "obs#1", "l_doc", PASSWORD, {"ice_score": "5"}, "read the wrong sheet")
     obs1 = _steps(service.quality_record(lang, run_id))["obs#1"]
     assert obs1["data"] == {"ice_score": 5.0, "icans_grade": 2.0}
     assert obs1["corrections"][0]["changes"] == {"ice_score": {"old": 8.0, "new": 5.0},
@@ -231,8 +238,8 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
 
 def test_repeated_step_without_until_ends_after_its_times(lang):
     run_id = _start(lang, "lang_repeat_times")
-    sign(lang, run_id, "temp#1", "doc", {"temp_c": "38.2"})
-    sign(lang, run_id, "temp#2", "doc", {"temp_c": "37.1"})
+    sign(lang, run_id, "temp#1", "l_doc", {"temp_c": "38.2"})
+    sign(lang, run_id, "temp#2", "l_doc", {"temp_c": "37.1"})
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 

@@ -14,8 +14,8 @@ from flows.sop.inputs import compute_fields
 from flows.sop.model import FieldSpec, HumanStepSpec, ProductSpec
 
 TESTS = Path(__file__).parent
-LANG = Catalog(TESTS / "sops" / "lang", TESTS / "sops" / "valid" / "templates")
-PRODUCTS = LANG.products("demo_hospital")
+LANG = Catalog(TESTS / "sops" / "engine", TESTS / "sops" / "valid" / "templates")
+PRODUCTS = LANG.products("lang_hospital")
 
 
 # --------------------------------------------------------------------------- identifier formats
@@ -105,7 +105,7 @@ def test_product_coi_example_must_match_its_pattern() -> None:
 
 # --------------------------------------------------------------------------- computed fields
 
-COMPUTE = LANG.get_sop("demo_hospital", "lang_compute").definition
+COMPUTE = LANG.get_sop("lang_hospital", "lang_compute").definition
 ASSESS = COMPUTE.step("assess")
 
 
@@ -160,7 +160,7 @@ def test_computed_field_that_cannot_be_evaluated_says_why() -> None:
 
 # --------------------------------------------------------------------------- the JSON Schema keeps up
 
-@pytest.mark.parametrize("path", sorted((TESTS / "sops" / "lang" / "demo_hospital").glob("lang_*.yaml")),
+@pytest.mark.parametrize("path", sorted((TESTS / "sops" / "engine" / "lang_hospital").glob("lang_*.yaml")),
                          ids=lambda p: p.stem)
 def test_sop_json_schema_accepts_every_language_addition(path: Path) -> None:
     import jsonschema
@@ -168,7 +168,7 @@ def test_sop_json_schema_accepts_every_language_addition(path: Path) -> None:
 
     from flows.sop.schema import sop_json_schema
 
-    LANG.get_sop("demo_hospital", path.stem)  # loads and checks
+    LANG.get_sop("lang_hospital", path.stem)  # loads and checks
     jsonschema.validate(yaml.safe_load(path.read_text(encoding="utf-8")), sop_json_schema())
 
 
