@@ -19,7 +19,7 @@ from flows.record.tables import Deviation, SopRun, SopVersion, new_id
 from flows.sop.model import SopDefinition
 from tests.conftest import FIXED_AT, MakeRun
 
-SOP_TEXT = (Path(__file__).parent / "sops" / "lang" / "demo_hospital" / "lang_deadline.yaml").read_text(encoding="utf-8")
+SOP_TEXT = (Path(__file__).parent / "sops" / "engine" / "lang_hospital" / "lang_deadline.yaml").read_text(encoding="utf-8")
 SOP = SopDefinition.model_validate(yaml.safe_load(SOP_TEXT))
 
 
@@ -90,18 +90,28 @@ def test_deadline_end_skipped_is_not_applicable_and_a_correction_does_not_move_a
 
 
 def test_start_refuses_a_deadline_whose_limit_the_product_does_not_give(tmp_path):
-    """Refused before anyone signs in or anything is written: a deadline nobody can measure."""
+    """Refused before anyone signs in or any run is written: a deadline nobody can measure."""
     from flows import service
+    from flows.admin import Officer, add_user
+    from flows.changes.control import establish
     from flows.config import get_settings
     from flows.errors import SopInputError
+    from flows.record.db import read_session
+    from flows.record.tables import AuditEvent, SopRun
 
-    settings = dataclasses.replace(get_settings(), sops_dir=Path(__file__).parent / "sops" / "lang",
-                                   database_url=f"sqlite:///{tmp_path / 'never.db'}")
+    settings = dataclasses.replace(get_settings(), sops_dir=Path(__file__).parent / "sops" / "engine",
+                                   database_url=f"sqlite:///{tmp_path / 'lang.db'}")
+    add_user(settings, "qa1", "Q A", "test-password-1", [("lang_hospital", "qa")], actor="test")
+    establish(settings, "lang_hospital", Officer("qa1", "test-password-1"))
+    with read_session(settings.database_url) as s:
+        before = len(s.exec(select(AuditEvent)).all())
     with pytest.raises(SopInputError) as info:
-        service.start_run(settings, "demo_hospital", "lang_deadline", {"product": "noclock"}, "qm", "unused")
+        service.start_run(settings, "lang_hospital", "lang_deadline", {"product": "noclock"}, "qa1", "unused")
 
     assert info.value.problems == [
         "lang_deadline deadlines.thaw_to_infusion_end: no time limit for this run: within_min "
         "'product.thaw_to_infusion_max_min' gives None, not a number of minutes; set the value in "
-        "sops/demo_hospital/products.yaml"]
-    assert not (tmp_path / "never.db").exists()
+        "sops/lang_hospital/products.yaml"]
+    with read_session(settings.database_url) as s:
+        assert s.exec(select(SopRun)).all() == []
+        assert len(s.exec(select(AuditEvent)).all()) == before  # not even a sign-in attempt
