@@ -37,6 +37,8 @@ from flows.sop.editing import schema_field_names, validate_sop_text
 from tests.conftest import DEMO_SOP, PASSWORD, REPO
 
 INST = "demo_hospital"
+# The demo institution's SOP files: establish makes each of them (and the built-in change control) Effective.
+DEMO_SOPS = {p.stem for p in (REPO / "sops" / INST).glob("*.yaml")} - {"institution", "products"}
 
 
 def _settings(db_url: str, tmp_path: Path):
@@ -99,7 +101,7 @@ def test_establish_makes_files_effective_signed_initial_issue_once(db_url, tmp_p
         establish(settings, INST, Officer("adm", PASSWORD))
     assert _events(settings, "sop.establish.refused")
     rows = establish(settings, INST, Officer("qa", PASSWORD))
-    assert {r["sop_id"] for r in rows} == {"dose_receipt", "change_control"}
+    assert {r["sop_id"] for r in rows} == DEMO_SOPS | {"change_control"}
     with read_session(settings.database_url) as s:
         infos = {i.version.sop_id: i for i in versions_of(s, INST)}
     assert infos["dose_receipt"].state == "effective"
@@ -210,7 +212,7 @@ def test_periodic_review_reminder_once_then_review_recorded(tmp_path):
 
     soon = datetime.fromisoformat(due) - timedelta(days=10)
     assert sweep(settings, now=soon - timedelta(days=60))["review_reminders"] == 0
-    assert sweep(settings, now=soon)["review_reminders"] == 2  # dose_receipt and the built-in change control
+    assert sweep(settings, now=soon)["review_reminders"] == len(DEMO_SOPS) + 1  # each SOP and the built-in change control
     assert sweep(settings, now=soon)["review_reminders"] == 0  # once
     with pytest.raises(NotAuthorizedError):
         record_review(settings, INST, "dose_receipt", Officer("adm", PASSWORD), note="no change")
@@ -230,7 +232,7 @@ def test_export_then_import_arrives_as_drafts_and_a_changed_file_is_refused(tmp_
     establish(src, INST, Officer("qa", PASSWORD))
     out = tmp_path / "export"
     manifest = export_institution(src, INST, out)
-    assert set(manifest["files"]) == {"institution.yaml", "products.yaml", "dose_receipt.yaml"}
+    assert set(manifest["files"]) == {"institution.yaml", "products.yaml"} | {f"{sop}.yaml" for sop in DEMO_SOPS}
     assert json.loads((out / "manifest.json").read_text())["files"]["dose_receipt.yaml"]["version"] == 1
 
     prod = _settings(f"sqlite:///{tmp_path / 'prod.db'}", tmp_path)
@@ -243,9 +245,9 @@ def test_export_then_import_arrives_as_drafts_and_a_changed_file_is_refused(tmp_
     with pytest.raises(NotAuthorizedError):
         import_institution(prod, out, username="tech", password=PASSWORD)
     res = import_institution(prod, out, username="adm", password=PASSWORD)
-    assert [(d["sop_id"], d["version"]) for d in res["drafts"]] == [("dose_receipt", 1)]
+    assert {(d["sop_id"], d["version"]) for d in res["drafts"]} == {(sop, 1) for sop in DEMO_SOPS}
     with read_session(prod.database_url) as s:
-        assert [(i.version.sop_id, i.state) for i in versions_of(s, INST)] == [("dose_receipt", "draft")]
+        assert {(i.version.sop_id, i.state) for i in versions_of(s, INST)} == {(sop, "draft") for sop in DEMO_SOPS}
     with pytest.raises(SopNotEffectiveError):  # a draft still goes through change control
         effective_sop(prod, INST, "dose_receipt")
 
@@ -319,7 +321,7 @@ def test_cli_draft_versions_export_import_and_overdue(tmp_path, monkeypatch):
     out = run("start", "change_control", "--institution", INST, "--as", "adm", code=1)
     assert "runs on a draft, started by `sopflow sop submit`" in out
     assert "no overdue training" in run("training", "overdue")
-    assert "exported 3 files" in run("sop", "export", INST, str(tmp_path / "out"))
+    assert f"exported {len(DEMO_SOPS) + 2} files" in run("sop", "export", INST, str(tmp_path / "out"))
     out = run("sop", "import", str(tmp_path / "out"), "--as", "adm", code=1)
     assert "version numbers are never reused" in out
 
