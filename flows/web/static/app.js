@@ -64,6 +64,7 @@
       note.className = "note" + (bad[i] ? " bad" : "");
       note.setAttribute("data-line", i);
       note.textContent = bad[i] ? bad[i].map(function (p) { return p.path + ": " + p.message; }).join(" · ") : "";
+      if (bad[i]) note.title = note.textContent;
       t.appendChild(note);
     }
     gutter.replaceChildren(g);
