@@ -42,12 +42,12 @@ params:
 steps:
   - id: first_step
     kind: record
-    role: ROLE
+    role: choose_a_role
     meaning: Performed the first step
     fields:
       note: {type: text, label: Note}
 """
-"""The text a new SOP starts from in the editor (``ROLE``: the administrator picks a role)."""
+"""The text a new SOP starts from in the editor (``choose_a_role``: the problem shown lists the institution's roles)."""
 
 
 def is_sop_admin(settings: Settings, username: str, institution: str) -> bool:

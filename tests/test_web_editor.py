@@ -224,6 +224,35 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
     assert "has no version 9" in bad.text
 
 
+def test_new_sop_starts_from_a_skeleton_saves_v1_and_the_text_is_shown_as_text(settings, app):
+    adm = login(app, "adm")
+    page = adm.get(f"/sops/{INST}/new-sop")
+    assert page.status_code == 200
+    assert "unknown role &#39;choose_a_role&#39;. Roles of demo_hospital:" in page.text  # said at once
+    csrf = csrf_of(page.text)
+    text = PROBE.replace("editor_probe", "web_new").replace("title: Editor probe", 'title: "</textarea><script>x()</script>"')
+    r = adm.post(f"/sops/{INST}/new-sop", data={"csrf": csrf, "text": text.replace("cell_lab", "cell_labb"),
+                                                "password": PASSWORD})
+    assert r.status_code == 422
+    assert "<script>x()" not in r.text
+    assert "&lt;/textarea&gt;&lt;script&gt;x()" in r.text  # kept in the editor, as text
+    r = adm.post(f"/sops/{INST}/new-sop", data={"csrf": csrf, "text": text, "password": PASSWORD})
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == f"/sops/{INST}/web_new"
+    sop = adm.get(r.headers["location"]).text
+    assert "<script>x()" not in sop
+    with read_session(settings.database_url) as s:
+        saved = s.exec(select(SopVersion).where(SopVersion.sop_id == "web_new")).one()
+    assert (saved.version, saved.text) == (1, text)
+    assert f'<code class="sha">{saved.sha256}</code>' in sop
+    zh = TestClient(app, follow_redirects=False, cookies=adm.cookies)
+    zh.post("/language", data={"csrf": csrf, "language": "zh", "back": "/sops"})
+    editor = zh.get(f"/sops/{INST}/web_new/edit").text
+    for shown in ("保存为草稿", "此处可用的键名", "保存为 v2"):
+        assert shown in editor
+    zh.post("/language", data={"csrf": csrf, "language": "en", "back": "/sops"})
+
+
 # -- the browser ------------------------------------------------------------------------------------
 @pytest.fixture(name="web_url", scope="module")
 def web_url_fixture(app: Any) -> Iterator[str]:

@@ -25,7 +25,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from flows import sop_admin
-from flows.errors import AuthenticationError, ChangeControlError, NotAuthorizedError, SopDefinitionError
+from flows.errors import (
+    AuthenticationError,
+    ChangeControlError,
+    NotAuthorizedError,
+    SopDefinitionError,
+)
 from flows.web.app import Web
 from flows.web.i18n import N_
 
