@@ -347,6 +347,7 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
                                                     SopVersion.version == number)).one()
         assert "    role: quality_manager\n" in saved.text
         assert saved.sha256 in page.inner_text("#versions")
+        page.screenshot(path=str(shots / "en-sop-versions.png"), full_page=True)
         page.click(f"#versions tr#v{number} a.diff-link")
         page.wait_for_url("**/diff?*")
         assert "step 'confirm', role: 'qa' → 'quality_manager'" in page.inner_text("#changes")
@@ -366,4 +367,4 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
         other.close()
     finally:
         context.close()
-    assert {"en-sop-editor-problem.png", "en-sop-diff.png"} <= {p.name for p in shots.glob("*.png")}
+    assert {"en-sop-editor-problem.png", "en-sop-versions.png", "en-sop-diff.png"} <= {p.name for p in shots.glob("*.png")}
