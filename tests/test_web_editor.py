@@ -316,6 +316,14 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
         page.keyboard.press("Home")
         assert "the top level of the SOP" in page.inner_text("#names-place")
         assert "steps" in page.inner_text("#names-list").split()
+        _select_on_line(page, ROLE_LINE, "qa")  # a new key in the verify step: the names narrow as it is typed
+        page.keyboard.press("End")
+        page.keyboard.press("Enter")
+        page.keyboard.type("    ti")
+        assert page.inner_text("#names-list").split() == ["timeout", "timeout_deviation", "title"]
+        page.click("#names-list button:text-is('title')")
+        assert page.input_value("#sop-text").split("\n")[ROLE_LINE] == "    title: "
+        page.fill("#sop-text", first)
 
         # Typing an unknown role: the message appears beside its line, marked in the gutter and listed.
         _select_on_line(page, ROLE_LINE, "qa")

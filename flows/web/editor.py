@@ -28,7 +28,6 @@ from flows import sop_admin
 from flows.errors import (
     AuthenticationError,
     ChangeControlError,
-    NotAuthorizedError,
     SopDefinitionError,
 )
 from flows.web.app import Web
@@ -71,11 +70,9 @@ def register(app: FastAPI, web: Web) -> None:
         ws = await web.user(request)
         form = await web.form(request, ws)
         text, reason = form.get("text", "").replace("\r\n", "\n"), form.get("reason", "")
-        try:
+        try:  # NotAuthorizedError goes to the error page (403): refused and audited by the service
             saved = await run_in_threadpool(sop_admin.save_draft, settings, ws.username, form.get("password", ""),
                                             institution, text, sop_id, reason)
-        except NotAuthorizedError:
-            raise  # the error page (403): refused and audited by the service
         except AuthenticationError as exc:
             return await _editor(request, institution, sop_id, 401, text=text, reason=reason, save_error=str(exc))
         except (SopDefinitionError, ChangeControlError) as exc:

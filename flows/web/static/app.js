@@ -183,21 +183,34 @@
     return none;
   }
 
+  // The word being typed where a key goes ("  - ki" → "ki"), to narrow the names and be replaced by one.
+  function partial() {
+    var line = text.value.slice(0, text.selectionStart).split("\n").pop();
+    var m = line.match(/^\s*(?:- )?([A-Za-z_]*)$/);
+    return m ? m[1] : "";
+  }
+
   function offer() {
-    var p = place();
-    var key = p.label + "|" + p.names.join(",");
+    var p = place(), typed = partial();
+    var names = p.names.filter(function (n) { return n.indexOf(typed) === 0 && n !== typed; });
+    if (!names.length) names = p.names;
+    var key = p.label + "|" + names.join(",");
     if (namesList.getAttribute("data-key") === key) return;
     namesList.setAttribute("data-key", key);
     namesPlace.textContent = p.label;
     namesList.replaceChildren();
-    p.names.forEach(function (name) {
+    names.forEach(function (name) {
       var li = document.createElement("li");
       var b = document.createElement("button");
       b.type = "button";
       b.className = "name";
       b.textContent = name;
       b.addEventListener("mousedown", function (e) { e.preventDefault(); });  // keep the cursor in the text
-      b.addEventListener("click", function () { insert(name + ": "); });
+      b.addEventListener("click", function () {
+        var cut = partial();
+        if (name.indexOf(cut) === 0) text.setSelectionRange(text.selectionStart - cut.length, text.selectionEnd);
+        insert(name + ": ");
+      });
       li.appendChild(b);
       namesList.appendChild(li);
     });
