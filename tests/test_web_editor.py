@@ -124,7 +124,7 @@ def test_saving_without_csrf_or_as_non_administrator_writes_nothing(settings, ap
         for path in (f"/sops/{INST}/editor_probe/edit", f"/sops/{INST}/editor_probe/edit/check", f"/sops/{INST}/new-sop"):
             r = adm.post(path, data=data)
             assert r.status_code == 403, path
-            assert "security token" in r.text
+            assert "security token" in (r.json()["error"] if path.endswith("/check") else r.text)
     assert written(settings) == before  # not even a sign-in was audited
 
     # A non-administrator: the editor and its check are refused (403); a save is refused by the
@@ -138,6 +138,10 @@ def test_saving_without_csrf_or_as_non_administrator_writes_nothing(settings, ap
     tech_csrf = csrf_of(tech.get("/sops").text)
     r = tech.post(f"/sops/{INST}/editor_probe/edit/check", data={"csrf": tech_csrf, "text": text})
     assert r.status_code == 403
+    body = r.json()  # the editor's script reads JSON, refusals too
+    assert (body["ok"], body["status"]) == (False, 403)
+    assert "may not edit SOPs at 'demo_hospital'" in body["error"]
+    assert body["errors"] == [body["error"]]
     r = tech.post(f"/sops/{INST}/editor_probe/edit", data={"csrf": tech_csrf, "text": text, "password": PASSWORD})
     assert r.status_code == 403
     assert "may not create SOP drafts at &#39;demo_hospital&#39;" in r.text
@@ -167,6 +171,7 @@ def test_check_gives_the_cli_messages_at_their_line_and_the_schema_names(setting
     bad = PROBE.replace("\nversion: 1\n", "\nversion: 2\n").replace("    role: qa\n", "    role: qa_officer\n")
     r = adm.post(f"/sops/{INST}/editor_probe/edit/check", data={"csrf": csrf, "text": bad})
     assert r.status_code == 200
+    assert r.json()["ok"] is True
     [problem] = r.json()["problems"]
     assert problem["line"] == ROLE_LINE
     # The same message `sopflow sop validate` prints for that file in the institution's folder.

@@ -9,7 +9,8 @@ checks the role and audits a refusal). Routes are registered before ``/sops/{ins
 
     GET  /sops/{institution}/new-sop            editor for a new SOP (administrators)
     POST /sops/{institution}/new-sop            save it as a Draft (v1, or above its versions)
-    POST /sops/{institution}/new-sop/check      problems and schema names as JSON
+    POST /sops/{institution}/new-sop/check      problems and schema names as JSON ({ok, problems, fields};
+                                                a refusal {ok: false, error, errors, status})
     GET  /sops/{institution}/{sop_id}/edit      editor on the newest version, numbered one above
     POST /sops/{institution}/{sop_id}/edit      save as a Draft
     POST /sops/{institution}/{sop_id}/edit/check
@@ -28,9 +29,10 @@ from flows import sop_admin
 from flows.errors import (
     AuthenticationError,
     ChangeControlError,
+    FlowsError,
     SopDefinitionError,
 )
-from flows.web.app import Web
+from flows.web.app import CSRF_MESSAGE, Forbidden, Web, _status_of
 from flows.web.i18n import N_
 
 __all__ = ["NEW", "register"]
@@ -84,11 +86,24 @@ def register(app: FastAPI, web: Web) -> None:
         return web.redirect(ws, f"/sops/{institution}/{saved['sop_id']}")
 
     async def _check(request: Request, institution: str, sop_id: str | None) -> Response:
+        """JSON for the editor's script: ``{ok: true, problems, fields}``, or on a refusal
+        ``{ok: false, error, errors, status}`` with that HTTP status (403 without the CSRF token)."""
         ws = await web.user(request)
-        form = await web.form(request, ws)
-        checked = await run_in_threadpool(sop_admin.check_text, settings, ws.username, institution,
-                                          form.get("text", "").replace("\r\n", "\n"), sop_id)
-        return web.secure(JSONResponse(checked), ws)
+
+        def refused(status: int, error: str, errors: list[str] | None = None) -> Response:
+            body = {"ok": False, "error": error, "errors": errors or [error], "status": status}
+            return web.secure(JSONResponse(body, status_code=status), ws)
+
+        try:
+            form = await web.form(request, ws)
+        except Forbidden:
+            return refused(403, web.gettext(ws, CSRF_MESSAGE))
+        try:
+            checked = await run_in_threadpool(sop_admin.check_text, settings, ws.username, institution,
+                                              form.get("text", "").replace("\r\n", "\n"), sop_id)
+        except FlowsError as exc:
+            return refused(_status_of(exc), str(exc), [str(p) for p in getattr(exc, "problems", None) or [exc]])
+        return web.secure(JSONResponse({"ok": True, **checked}), ws)
 
     @app.get(f"/sops/{{institution}}/{NEW}")
     async def new_sop(request: Request, institution: str) -> Response:

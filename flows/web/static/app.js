@@ -110,16 +110,22 @@
     body.set("text", text.value);
     fetch(form.getAttribute("data-check"), {method: "POST", body: body, credentials: "same-origin",
                                             redirect: "manual", headers: {"Accept": "application/json"}})
-      .then(function (r) { if (!r.ok) throw new Error(String(r.status)); return r.json(); })
+      .then(function (r) {
+        if (r.type === "opaqueredirect") throw {};  // the session ended: a redirect to the sign-in page
+        return r.json();
+      })
       .then(function (data) {
         if (mine !== seq) return;  // a newer check is on its way
+        if (!data.ok) throw {shown: data.error};
         problems = data.problems || [];
         if (data.fields) fields = data.fields;
         status.textContent = problems.length ? msg("msg-count", "n", problems.length) : msg("msg-ok");
         form.setAttribute("data-checked", String(mine));
         draw();
       })
-      .catch(function () { if (mine === seq) status.textContent = msg("msg-failed"); });
+      .catch(function (e) {
+        if (mine === seq) status.textContent = msg("msg-failed") + (e && e.shown ? " " + e.shown : "");
+      });
   }
 
   // The key names for the cursor's place: the chain of keys and list items above it, by indentation.
