@@ -334,6 +334,8 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
         _select_on_line(page, ROLE_LINE, "qa")
         page.keyboard.type("qa_officer", delay=20)
         page.wait_for_selector(f"#gutter .ln.bad[data-line='{ROLE_LINE}']")
+        page.wait_for_function(f"() => document.querySelector(\"#notes .note[data-line='{ROLE_LINE}']\")"
+                               ".textContent.includes(\"unknown role 'qa_officer'\")")  # not a check of half the word
         note = page.inner_text(f"#notes .note[data-line='{ROLE_LINE}']")
         assert "steps[1].role: unknown role 'qa_officer'" in note
         assert page.locator("#gutter .ln.bad").count() == 1
