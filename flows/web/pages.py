@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from flows import library, service
+from flows import library, service, sop_admin
 from flows import service_web as svc
 from flows.errors import (
     AuthenticationError,
@@ -26,6 +26,7 @@ from flows.errors import (
     SopInputError,
     StepNotWaitingError,
 )
+from flows.record.versions import CHANGE_CONTROL_ID
 from flows.web.app import Web
 from flows.web.i18n import N_
 
@@ -204,17 +205,29 @@ def register(app: FastAPI, web: Web) -> None:
         return await _document_bytes(request, document_id, "attachment")
 
     # -- SOPs ------------------------------------------------------------------------------------------
+    from flows.web import editor
+
+    editor.register(app, web)  # before /sops/{institution}/{sop_id}: its paths are longer or not SOP ids
+
     @app.get("/sops")
     async def sops(request: Request) -> Response:
         ws = await web.user(request)
         rows = await run_in_threadpool(library.sop_library, settings)
-        return web.render(ws, "sops.html", library=rows)
+        admin = await run_in_threadpool(sop_admin.admin_institutions, settings, ws.username)
+        return web.render(ws, "sops.html", library=rows, admin=admin, new=editor.NEW)
 
     @app.get("/sops/{institution}/{sop_id}")
     async def sop_page(request: Request, institution: str, sop_id: str) -> Response:
+        """The SOP file in force, readably, and its versions with their states (change control)."""
         ws = await web.user(request)
+        versions = await run_in_threadpool(sop_admin.sop_versions, settings, institution, sop_id)
         try:
             sop = await run_in_threadpool(library.describe_sop, settings, institution, sop_id)
         except FlowsError as exc:
-            return web.error(ws, exc, 404)
-        return web.render(ws, "sop.html", sop=sop)
+            if not versions:
+                return web.error(ws, exc, 404)
+            sop = None  # a new SOP's drafts, or one whose file is gone: its versions still show
+        admin = await run_in_threadpool(sop_admin.is_sop_admin, settings, ws.username, institution)
+        tz = await run_in_threadpool(svc.institution_timezone, settings, institution) if versions else "UTC"
+        return web.render(ws, "sop.html", sop=sop, versions=versions, institution=institution, sop_id=sop_id,
+                          admin=admin and sop_id != CHANGE_CONTROL_ID, tz=tz)
