@@ -23,8 +23,11 @@ __all__ = ["describe_sop", "sop_library", "startable_sops"]
 
 
 def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
-    """The SOPs this user may start (an SOP of an institution where they hold a role), with params
-    and products; an institution whose files are broken is listed with its problems."""
+    """The SOPs this user may start (an Effective version at an institution where they hold a role
+    that ``start_roles`` admits), with params and products; an institution whose files are broken is
+    listed with its problems."""
+    from flows.changes.control import effective_sop
+    from flows.errors import FlowsError
     from flows.sop.catalog import Catalog
 
     mine = user_summary(settings, username)["roles"]
@@ -39,10 +42,16 @@ def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
             out.append({"institution": inst_id, "problems": [str(p) for p in exc.problems]})
             continue
         products = {k: {"name": p.name, "unconfirmed": list(p.unconfirmed)} for k, p in inst.products.items()}
-        for sop_id, loaded in inst.sops.items():
-            d = loaded.definition
+        for sop_id in inst.sops:
+            try:  # what runs is the Effective version (change control), not the file
+                pinned = effective_sop(settings, inst_id, sop_id)
+            except FlowsError:
+                continue
+            d = pinned.definition
+            if d.start_roles and not set(d.start_roles) & set(mine[inst_id]):
+                continue
             out.append({"institution": inst_id, "sop_id": sop_id, "title": d.title, "version": d.version,
-                        "sha256": loaded.sha256, "params": [_field_view(n, f) for n, f in d.params.items()],
+                        "sha256": pinned.sha256, "params": [_field_view(n, f) for n, f in d.params.items()],
                         "products": products, "problems": []})
     return out
 

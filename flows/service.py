@@ -136,8 +136,12 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     init_db(settings.database_url)
     user = _authenticate(settings, username, password, f"start {sop_id}")
     with read_session(settings.database_url) as s:
-        if not roles_of(s, user.id, institution):
+        held = roles_of(s, user.id, institution)
+        if not held:
             problem = f"user {username!r} holds no role at {institution!r} and may not start its runs"
+        elif sop.start_roles and not set(sop.start_roles) & set(held):
+            problem = (f"{sop_id} may only be started by role {' or '.join(map(repr, sop.start_roles))} of "
+                       f"{institution!r}; user {username!r} holds {', '.join(map(repr, sorted(held)))}")
         else:
             problem = None
         problem = problem or _start_problem(s, sop, params)

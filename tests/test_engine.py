@@ -17,7 +17,7 @@ from flows.errors import (
     StepNotWaitingError,
 )
 from flows.record.db import read_session
-from flows.record.tables import AuditEvent, Signature, StepRecord
+from flows.record.tables import AuditEvent, Signature, SopRun, StepRecord
 from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
 
 pytestmark = pytest.mark.slow
@@ -221,6 +221,20 @@ def test_start_with_bad_parameters_writes_nothing(engine):
 def test_start_on_a_product_with_unconfirmed_limits_is_refused(engine):
     with pytest.raises(SopInputError, match=r"storage_max_c, thaw_to_infusion_max_min"):
         service.start_run(engine, "demo_hospital", "dose_receipt", {**_params(), "product": "axi_cel"}, "qm", PASSWORD)
+
+
+def test_start_by_a_role_the_sop_does_not_admit_is_refused_and_audited(engine):
+    """dose_receipt says ``start_roles: [quality_manager]``: a technician may sign its steps, not start it."""
+    with read_session(engine.database_url) as s:
+        runs_before = s.exec(select(func.count()).select_from(SopRun)).one()
+    with pytest.raises(NotAuthorizedError, match=r"dose_receipt may only be started by role 'quality_manager' of "
+                                                 r"'demo_hospital'; user 'tech' holds 'cell_lab'"):
+        service.start_run(engine, "demo_hospital", "dose_receipt", _params(), "tech", PASSWORD)
+    with read_session(engine.database_url) as s:
+        assert s.exec(select(func.count()).select_from(SopRun)).one() == runs_before
+        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "run.start.refused")
+                         .order_by(AuditEvent.seq.desc())).first()  # type: ignore[union-attr]
+    assert refused is not None and "may only be started by role 'quality_manager'" in (refused.reason or "")
 
 
 def test_lost_resume_is_delivered_by_the_executor(engine):

@@ -250,6 +250,8 @@ class _Checker:
         self.add(loc, f"unknown role {role!r}. {hint}")
 
     def roles(self) -> None:
+        for j, role in enumerate(self.defn.start_roles):
+            self._role(("start_roles", j), role)
         for i, step in enumerate(self.defn.steps):
             if isinstance(step, HumanStepSpec):
                 self._role(("steps", i, "role"), step.role)

@@ -415,6 +415,9 @@ class SopDefinition(_Frozen):
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     distinct_signers: tuple[tuple[Id, ...], ...] = ()
     """Groups of human steps that must each be signed by a different person."""
+    start_roles: tuple[Id, ...] = ()
+    """Roles that may start a run of this SOP (e.g. the quality manager starts a dose receipt);
+    empty: anyone holding a role at the institution. Sub-runs are started by the system."""
     deadlines: tuple[DeadlineSpec, ...] = ()
     """Time limits between recorded times; a breach opens a deviation and the run goes on."""
     chain_stage: Literal["collection", "receipt", "storage", "infusion"] | None = None
