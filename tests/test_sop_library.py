@@ -1,0 +1,466 @@
+"""The SOP library end to end: every SOP of both example institutions through its happy path and
+one failure path, through the real Prefect server and executor, with the deviation each failure
+must open; then the documents they rendered (HTML + PDF, Chinese text extracted from the PDF,
+same record -> same bytes) and the refusal of a product whose limits are unconfirmed.
+
+All runs start at once and are signed round-robin (the executor runs flows in threads), so the
+whole library costs about as much wall time as its longest SOP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows import service
+from flows.config import Settings
+from flows.errors import SopInputError
+from flows.record.db import read_session
+from flows.record.state import run_status, step_states
+from flows.sop import Catalog
+from tests.fixtures_engine import PASSWORD
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+A, B = "demo_hospital", "shenjiang_hospital"
+
+# username: (printed name, institution, role). Separate from the engine fixture's demo staff.
+STAFF = {
+    "a.coord": ("Sun Li", A, "coordinator"),
+    "a.doc": ("Zhao Lei", A, "physician"),
+    "a.doc2": ("Qian Hao", A, "physician"),
+    "a.apher": ("Zhou Yan", A, "apheresis_nurse"),
+    "a.nurse": ("Wu Jing", A, "nurse"),
+    "a.tech": ("Li Wei", A, "cell_lab"),
+    "a.lead": ("Zheng Bo", A, "cell_lab_lead"),
+    "a.pharm": ("Zhang Min", A, "pharmacist"),
+    "a.qa": ("Wang Fang", A, "qa"),
+    "a.qm": ("Chen Jie", A, "quality_manager"),
+    "b.coord": ("孙丽", B, "coordinator"),
+    "b.doc": ("赵磊", B, "physician"),
+    "b.doc2": ("钱浩", B, "physician"),
+    "b.tnurse": ("周燕", B, "transfusion_nurse"),
+    "b.nurse": ("吴静", B, "ward_nurse"),
+    "b.nurse2": ("冯雪", B, "ward_nurse"),
+    "b.lab": ("郑波", B, "cell_lab"),
+    "b.ptech": ("陈晨", B, "pharmacy_tech"),
+    "b.pharm": ("张敏", B, "pharmacist"),
+    "b.pharm2": ("刘洋", B, "pharmacist"),
+    "b.dir": ("王芳", B, "pharmacy_director"),
+    "b.qa": ("何静", B, "qa"),
+    "b.med": ("林峰", B, "medical_affairs"),
+}
+
+# The test institution "confirms" Relma-cel's values, as the catalogue asks an institution to do
+# before use (the repository's catalogue keeps them unconfirmed).
+RELMA_CONFIRMED = {"storage_max_c": -150, "thaw_to_infusion_max_min": 180, "documents": ["CoA", "RFI"],
+                   "tocilizumab_doses_min": 2, "unconfirmed": []}
+
+T = "2026-11-25T{}:00+08:00"
+
+
+@dataclass
+class Scenario:
+    name: str
+    institution: str
+    sop: str
+    params: dict[str, str]
+    steps: list[tuple[str, str, dict[str, Any]]]
+    status: str
+    deviations: list[tuple[str, str]] = field(default_factory=list)
+    starter: str = ""
+    run_id: str = ""
+    done: int = 0
+
+    def __post_init__(self) -> None:
+        self.starter = self.starter or ("a.coord" if self.institution == A else "b.coord")
+
+
+def _dispose(check: str, user: str, decision: str) -> tuple[str, str, dict[str, Any]]:
+    values = {"decision": decision}
+    if decision == "reject":
+        values["reason"] = "not acceptable"
+    return (f"{check}__disposition", user, values)
+
+
+def _patient(inst: str, n: int, product: str | None = None) -> dict[str, str]:
+    return {"product": product or ("tecartus" if inst == A else "relma_cel"), "coi": f"COI-LIB-{inst[0].upper()}{n:03d}",
+            "patient_id": f"H{inst[0].upper()}{n:04d}"}
+
+
+# ---- WF1 apheresis collection
+def _apheresis(inst: str, n: int, *, volume: str = "120", label_ok: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+    p = "a" if inst == A else "b"
+    collector = "a.apher" if inst == A else "b.tnurse"
+    checker = "a.nurse" if inst == A else "b.nurse"
+    packer = "a.tech" if inst == A else "b.lab"
+    return [
+        ("order", f"{p}.coord", {"consent_on_file": "yes", "mah_enrolment_ref": f"ENR-{n}", "planned_collection": T.format("08:00")}),
+        ("order_approval", f"{p}.doc", {"decision": "approve"}),
+        ("pre_collection", collector, {"infection_screen": "yes", "counts_acceptable": "yes", "weight_kg": "62"}),
+        ("collection", collector, {"started_at": T.format("08:30"), "ended_at": T.format("12:10"), "volume_ml": volume,
+                                   "bag_din": "W1234 26 123456", "adverse_events": "mild hypocalcaemia <b>treated</b>"}),
+        ("label_check", checker, {"label_matches_order": label_ok, "label_matches_wristband": "yes"}),
+        ("packaging", packer, {"shipper_id": "SH-77", "seal_no": "SEAL-1", "logger_id": "LG-9", "secondary_container_sealed": "yes",
+                               "courier": "World Courier AWB 555", "handed_over_at": T.format("13:00")}),
+        ("release_to_courier", "a.lead" if inst == A else "b.doc2", {"decision": "approve"}),
+    ]
+
+
+# ---- WF2 dose receipt
+def _receipt(inst: str, *, logger: str = "-171.5", coi_matches: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+    arrival = {"arrived_at": T.format("09:40"), "courier": "SF 1234", "shipper_id": "DS-0042", "seal_intact": "yes",
+               "logger_max_c": logger, "transit_hours": "18.5"}
+    verify = {"coi_matches": coi_matches, "documents": "complete"}
+    if inst == A:
+        return [("arrival", "a.tech", arrival), ("identity_verification", "a.pharm", verify),
+                ("qa_acceptance", "a.qa", {"decision": "approve"})]
+    return [("arrival", "b.ptech", arrival), ("identity_verification", "b.pharm", {**verify, "not_expired": "yes"}),
+            ("storage_transfer", "b.ptech", {"tank_position": "T2/R3/P5", "out_of_vapour_min": "2"}),
+            ("acceptance", "b.dir", {"decision": "approve"})]
+
+
+# ---- WF3 storage
+def _daily(inst: str, *, temperature: str = "-185", level: str = "80") -> list[tuple[str, str, dict[str, Any]]]:
+    return [("daily_check", "a.tech" if inst == A else "b.ptech",
+             {"checked_at": T.format("07:30"), "temperature_c": temperature, "ln2_level_pct": level, "alarm_test_ok": "yes",
+              "backup_tank_ready": "yes"})]
+
+
+def _alarm(inst: str, *, max_temp: str = "-172") -> list[tuple[str, str, dict[str, Any]]]:
+    who = "a.tech" if inst == A else "b.ptech"
+    return [
+        ("acknowledge", who, {"alarm_at": T.format("02:10"), "acknowledged_at": T.format("02:16"), "cause": "lid not closed"}),
+        ("transfer", who, {"max_temperature_c": max_temp, "doses_moved": "0", "restored_at": T.format("02:30")}),
+    ]
+
+
+# ---- WF4 readiness
+def _readiness(inst: str, *, released: str = "yes", toci: str = "2") -> list[tuple[str, str, dict[str, Any]]]:
+    p = "a" if inst == A else "b"
+    steps = [
+        ("dose_status", "a.tech" if inst == A else "b.pharm", {"released": released, "tank_position": "T1/R2/P3"}),
+        ("ld_start", f"{p}.doc", {"decision": "approve"}),
+        ("ld_record", "a.nurse" if inst == A else "b.nurse",
+         {"ld_regimen": "flu_cy", "ld_end": T.format("10:00"), "infusion_day": "2", "weight_kg": "62"}),
+        ("tocilizumab", "a.pharm" if inst == A else "b.pharm",
+         {"doses_on_site": toci, "tocilizumab_lot": "TOC-881", "premedication_ordered": "yes"}),
+        ("go_no_go", f"{p}.doc2", {"decision": "approve"}),
+    ]
+    if inst == B:
+        steps.append(("dispense", "b.pharm2", {"dispensed_at": T.format("08:00"), "ward": "血液科 12 病区"}))
+    return steps
+
+
+# ---- WF5 infusion
+def _infusion(inst: str, coi: str, *, bag_coi: str | None = None, bag_intact: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+    nurse = "a.nurse" if inst == A else "b.nurse"
+    return [
+        ("retrieval", "a.tech" if inst == A else "b.pharm",
+         {"out_of_tank_at": T.format("09:00"), "shipper_id": "DS-7", "handed_over_at": T.format("09:20")}),
+        ("handover", nurse, {"shipper_closed": "yes"}),
+        ("bedside_id", nurse, {"patient_states_identity": "yes", "wristband_matches": "yes", "bag_coi": bag_coi or coi,
+                               "rfi_matches": "yes"}),
+        ("bedside_id_verify", "a.doc" if inst == A else "b.nurse2", {"identity_confirmed": "yes"}),
+        ("thaw", "a.tech" if inst == A else "b.nurse",
+         {"device": "dry_thawer", "thaw_start": T.format("09:40"), "thaw_end": T.format("09:44"), "bag_intact": bag_intact}),
+        ("infusion_given", nurse, {"infusion_start": T.format("09:50"), "infusion_end": T.format("10:05"), "volume_ml": "68",
+                                   "rate_ml_min": "10", "leukodepleting_filter": "no", "vitals_stable": "yes"}),
+        ("infusion_sign_off", "a.doc" if inst == A else "b.doc", {"decision": "approve"}),
+    ]
+
+
+# ---- WF6 deviation and CAPA
+def _capa(inst: str, *, effective: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+    qa = "a.qa" if inst == A else "b.qa"
+    return [
+        ("report", "a.tech" if inst == A else "b.pharm",
+         {"found_at": T.format("11:00"), "stage": "receipt", "description": "seal number differs from the notice",
+          "classification": "major"}),
+        ("containment", qa, {"decision": "approve"}),
+        ("mah_notice", qa, {"notified_at": T.format("12:00"), "contact": "MAH QA desk", "mah_reference": "MAH-2026-17"}),
+        ("investigation", qa, {"root_cause": "courier resealed after customs", "impact": "none: logger in range"}),
+        ("disposition", qa, {"outcome": "use_with_risk_acceptance", "rationale": "temperature record complete"}),
+        ("physician_agreement", "a.doc" if inst == A else "b.doc", {"decision": "approve"}),
+        ("capa", qa, {"action": "customs reseal procedure agreed with courier", "owner": "a.qm" if inst == A else "b.med",
+                      "due": "2026-12-20T17:00:00+08:00"}),
+        ("effectiveness", qa, {"checked_at": T.format("16:00"), "effective": effective, "evidence": "3 shipments checked"}),
+    ]
+
+
+# ---- WF7 toxicity monitoring
+def _toxicity(inst: str, *, crs: str = "1") -> list[tuple[str, str, dict[str, Any]]]:
+    doc = "a.doc" if inst == A else "b.doc"
+    return [
+        ("assessment", "a.nurse" if inst == A else "b.nurse",
+         {"assessed_at": T.format("14:00"), "temperature_c": "38.6", "hypotension": "none" if crs == "1" else "one_pressor",
+          "oxygen": "none" if crs == "1" else "high_flow", "ice_score": "10", "seizure": "no"}),
+        ("grading", doc, {"crs_grade": crs, "icans_grade": "0", "tocilizumab_mg": "0" if crs == "1" else "496"}),
+    ]
+
+
+def scenarios() -> list[Scenario]:
+    out: list[Scenario] = []
+    for inst in (A, B):
+        p = "a" if inst == A else "b"
+        qa = "a.qa" if inst == A else "b.qa"
+        doc = f"{p}.doc"
+        # WF1
+        out.append(Scenario(f"{inst}/apheresis ok", inst, "apheresis_collection", _patient(inst, 1), _apheresis(inst, 1), "completed"))
+        if inst == A:
+            out.append(Scenario(f"{inst}/apheresis mislabelled", inst, "apheresis_collection", _patient(inst, 2),
+                                _apheresis(inst, 2, label_ok="no")[:5], "stopped", [("label_ok", "critical")]))
+        else:
+            steps = _apheresis(inst, 2, volume="30")
+            steps.insert(4, _dispose("volume_ok", doc, "reject"))
+            out.append(Scenario(f"{inst}/apheresis low yield", inst, "apheresis_collection", _patient(inst, 2), steps[:5],
+                               "rejected", [("volume_ok", "minor")]))
+        # WF2
+        params = {**_patient(inst, 3), "lot": "LOT-A1"}
+        out.append(Scenario(f"{inst}/receipt ok", inst, "dose_receipt", params, _receipt(inst), "completed"))
+        if inst == A:
+            steps = _receipt(inst, coi_matches="no")[:2] + [_dispose("identity_matches", qa, "reject")]
+            out.append(Scenario(f"{inst}/receipt identity mismatch", inst, "dose_receipt", {**_patient(inst, 4), "lot": "LOT-A2"},
+                                steps, "rejected", [("identity_matches", "critical")]))
+        else:
+            steps = _receipt(inst, logger="-120")[:1] + [_dispose("transit_temperature", qa, "reject")]
+            out.append(Scenario(f"{inst}/receipt excursion", inst, "dose_receipt", {**_patient(inst, 4), "lot": "LOT-B2"},
+                                steps, "rejected", [("transit_temperature", "major")]))
+        # WF3
+        tank = {"tank_id": f"LN2-{p.upper()}1"}
+        out.append(Scenario(f"{inst}/daily check ok", inst, "storage_daily_check", tank, _daily(inst), "completed"))
+        bad = _daily(inst, temperature="-140") if inst == A else _daily(inst, level="30")
+        out.append(Scenario(f"{inst}/daily check out of limits", inst, "storage_daily_check", tank,
+                            bad + [_dispose("tank_in_limits", qa if inst == A else "b.dir", "approve")], "completed",
+                            [("tank_in_limits", "major")]))
+        alarm = {**tank, "alarm": "high_temperature"}
+        review = ("supervisor_review", "a.lead", {"decision": "approve"}) if inst == A else \
+            ("director_review", "b.dir", {"decision": "approve"})
+        out.append(Scenario(f"{inst}/alarm ok", inst, "storage_alarm", alarm, [*_alarm(inst), review], "completed"))
+        if inst == A:
+            out.append(Scenario(f"{inst}/alarm excursion", inst, "storage_alarm", alarm,
+                                [*_alarm(inst, max_temp="-120"), _dispose("excursion", qa, "approve"), review], "completed",
+                                [("excursion", "critical")]))
+        else:
+            out.append(Scenario(f"{inst}/alarm excursion", inst, "storage_alarm", alarm,
+                                [*_alarm(inst, max_temp="-120"), _dispose("excursion", "b.dir", "reject")], "rejected",
+                                [("excursion", "critical")]))
+        # WF4
+        out.append(Scenario(f"{inst}/readiness ok", inst, "infusion_readiness", _patient(inst, 5), _readiness(inst), "completed"))
+        if inst == A:
+            steps = _readiness(inst, toci="1")[:4] + [_dispose("tocilizumab_stock", doc, "reject")]
+            out.append(Scenario(f"{inst}/readiness short of tocilizumab", inst, "infusion_readiness", _patient(inst, 6), steps,
+                                "rejected", [("tocilizumab_stock", "major")]))
+        else:
+            out.append(Scenario(f"{inst}/readiness not released", inst, "infusion_readiness", _patient(inst, 6),
+                                _readiness(inst, released="no")[:1], "stopped", [("dose_released", "major")]))
+        # WF5
+        ok = _patient(inst, 7)
+        out.append(Scenario(f"{inst}/infusion ok", inst, "infusion", ok, _infusion(inst, ok["coi"]), "completed"))
+        bad_p = _patient(inst, 8)
+        if inst == A:
+            out.append(Scenario(f"{inst}/infusion identity mismatch", inst, "infusion", bad_p,
+                                _infusion(inst, bad_p["coi"], bag_coi="COI-LIB-OTHER1")[:4], "stopped", [("identity", "critical")]))
+        else:
+            steps = _infusion(inst, bad_p["coi"], bag_intact="no")[:5] + [_dispose("bag_ok", "b.qa", "reject")]
+            out.append(Scenario(f"{inst}/infusion bag damaged", inst, "infusion", bad_p, steps, "rejected", [("bag_ok", "critical")]))
+        # WF6
+        dev = {"coi": _patient(inst, 3)["coi"], "deviation_ref": f"DEV-{p.upper()}-1"}
+        closer = ("closure", "a.qm" if inst == A else "b.med", {"decision": "approve"})
+        out.append(Scenario(f"{inst}/capa ok", inst, "deviation_capa", dev, [*_capa(inst), closer], "completed"))
+        out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {**dev, "deviation_ref": f"DEV-{p.upper()}-2"},
+                            [*_capa(inst, effective="no"), _dispose("capa_effective", "a.qm" if inst == A else "b.med", "reject")],
+                            "rejected", [("capa_effective", "minor")]))
+        # WF7
+        ae_none = ("ae_report", doc, {"ae_reported": "not_required"})
+        ae_sent = ("ae_report", doc, {"ae_reported": "reported", "ae_term": "cytokine release syndrome",
+                                      "reported_to": "pharmacovigilance; MAH", "report_ref": "AE-2026-031"})
+        review = ("review", doc, {"decision": "approve"})
+        out.append(Scenario(f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 9), [*_toxicity(inst), ae_none, review],
+                            "completed"))
+        out.append(Scenario(f"{inst}/toxicity grade 3", inst, "toxicity_monitoring", _patient(inst, 10),
+                            [*_toxicity(inst, crs="3"), _dispose("severe_toxicity", doc, "approve"), ae_sent, review], "completed",
+                            [("severe_toxicity", "major")]))
+    return out
+
+
+def _sop_ids(inst: str) -> list[str]:
+    return sorted(Catalog(REPO / "sops", REPO / "templates").institution(inst).sops)
+
+
+@pytest.fixture(name="library", scope="module")
+def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The library's staff, trained on every SOP of their institution; settings whose SOP folder is
+    a copy of the repository's in which shenjiang_hospital has confirmed Relma-cel's values."""
+    from flows.admin import add_user, grant_training
+
+    sops = tmp_path_factory.mktemp("library") / "sops"
+    shutil.copytree(REPO / "sops", sops)
+    path = sops / B / "products.yaml"
+    catalogue = yaml.safe_load(path.read_text(encoding="utf-8"))
+    catalogue["products"]["relma_cel"].update(RELMA_CONFIRMED)
+    path.write_text(yaml.safe_dump(catalogue, allow_unicode=True), encoding="utf-8")
+    for username, (name, inst, role) in STAFF.items():
+        add_user(engine, username, name, PASSWORD, [(inst, role)], actor="test")
+        for sop_id in _sop_ids(inst):
+            grant_training(engine, username, inst, sop_id, 1, trainer="Test Trainer")
+    return replace(engine, sops_dir=sops)
+
+
+@pytest.fixture(name="played", scope="module")
+def played_fixture(library: Settings) -> dict[str, Scenario]:
+    """Start every scenario, then sign whatever waits, round-robin, until all have ended."""
+    plays = scenarios()
+    t0 = time.monotonic()
+    for sc in plays:
+        sc.run_id = service.start_run(library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD).run_id
+    t_started = time.monotonic()
+    deadline = time.monotonic() + 240
+    pending = list(plays)
+    while pending:
+        assert time.monotonic() < deadline, f"still running: {[(sc.name, sc.done) for sc in pending]}"
+        progressed = False
+        for sc in list(pending):
+            with read_session(library.database_url) as s:
+                states = step_states(s, sc.run_id)
+                status = run_status(s, sc.run_id)
+            st = status.status if status else "unknown"
+            assert st != "failed", f"{sc.name}: run failed: {status.detail if status else ''}"
+            if sc.done < len(sc.steps):
+                step, user, values = sc.steps[sc.done]
+                rec = states.get(step)
+                if rec is not None and rec.status == "waiting":
+                    service.submit_step(library, sc.run_id, step, user, PASSWORD, values)
+                    sc.done += 1
+                    progressed = True
+                else:
+                    assert st not in service.FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
+            elif st in service.FINAL_STATUSES:
+                pending.remove(sc)
+        if not progressed:
+            time.sleep(0.1)
+    print(f"\nTIMING start {t_started - t0:.1f}s, sign+finish {time.monotonic() - t_started:.1f}s, signatures {sum(sc.done for sc in plays)}")
+    return {sc.name: sc for sc in plays}
+
+
+def test_every_library_sop_has_a_happy_and_a_failure_scenario() -> None:
+    covered: dict[tuple[str, str], set[str]] = {}
+    for sc in scenarios():
+        covered.setdefault((sc.institution, sc.sop), set()).add("failure" if sc.deviations else "happy")
+    for inst in (A, B):
+        for sop_id in _sop_ids(inst):
+            assert covered.get((inst, sop_id)) == {"happy", "failure"}, f"{inst}/{sop_id}"
+
+
+@pytest.mark.parametrize("name", [sc.name for sc in scenarios()])
+def test_library_scenario_ends_as_expected(played: dict[str, Scenario], library: Settings, name: str) -> None:
+    sc = played[name]
+    rec = service.quality_record(library, sc.run_id)
+
+    assert rec["run"]["status"] == sc.status
+    assert sorted((d["step_id"], d["classification"]) for d in rec["deviations"]) == sorted(sc.deviations)
+    assert all(s["signature"]["valid"] for s in rec["steps"] if s["signature"])
+    if sc.status == "completed":
+        docs = rec["documents"]
+        assert [Path(d["path"]).suffix for d in docs] == [".html", ".pdf"]
+        for d in docs:
+            assert hashlib.sha256(Path(d["path"]).read_bytes()).hexdigest() == d["sha256"]
+
+
+def _pdf_text(path: str) -> str:
+    """The PDF's text without any whitespace: table cells wrap lines anywhere."""
+    return _pdf_text_bytes(Path(path).read_bytes())
+
+
+def _has(text: str, *needles: str) -> bool:
+    return all("".join(n.split()) in text for n in needles)
+
+
+def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(played: dict[str, Scenario], library: Settings) -> None:
+    sc = played[f"{B}/infusion ok"]
+    rec = service.quality_record(library, sc.run_id)
+    html_doc, pdf_doc = rec["documents"]
+    html = Path(html_doc["path"]).read_text(encoding="utf-8")
+    text = _pdf_text(pdf_doc["path"])
+    step = next(s for s in rec["steps"] if s["id"] == "infusion_record")
+
+    assert _has(text, "申江示例医院 细胞治疗中心", "转运、复苏、床旁身份核对与输注", "床旁身份核对", "复苏结束: 2026-11-25 09:44:00 CST (UTC+0800)")
+    assert _has(text, f"SOP infusion v1 · 运行编号 {sc.run_id}")
+    assert _has(text, "吴静 (b.nurse)", "冯雪 (b.nurse2)", "赵磊 (b.doc)")  # printed names of the signers
+    assert _has(text, "执行: 出库并交接至病区", "复核: 独立复核患者身份与产品一致", "批准: 审核并签署输注记录")  # meanings
+    assert _has(text, "输注量: 68 mL", "滴速: 10 mL/min", "储存温度上限 ≤ -150 °C")  # values with their unit
+    assert _has(text, "第 1 页，共 2 页", "第 2 页，共 2 页")
+    assert _has(text, "偏差", "无。")
+    assert _has(text, "本文件所依据记录内容的 sha256（规范 JSON）：" + step["data"]["record_sha256"])
+    assert _has(text, "生成时审计链头：#")  # the head at rendering; it has moved on since
+    assert not _has(text, rec["audit_head"]["hash"])
+    assert '<html lang="zh-CN">' in html
+    assert step["data"]["pdf_sha256"] == rec["documents"][1]["sha256"]
+
+
+def test_english_record_escapes_entered_html_and_shows_units(played: dict[str, Scenario], library: Settings) -> None:
+    sc = played[f"{A}/apheresis ok"]
+    rec = service.quality_record(library, sc.run_id)
+    html = Path(rec["documents"][0]["path"]).read_text(encoding="utf-8")
+    text = _pdf_text(rec["documents"][1]["path"])
+
+    assert "mild hypocalcaemia &lt;b&gt;treated&lt;/b&gt;" in html
+    assert "<b>treated" not in html
+    assert "Collected volume: 120 mL" in html
+    assert _has(text, "Demo Hospital Cell Therapy Unit", "Page 1 of", "Body weight: 62 kg")
+    assert _has(text, "Zheng Bo (a.lead)", "approved: Released the starting material to the courier")
+
+
+def test_deviation_shows_in_the_record_document(played: dict[str, Scenario], library: Settings) -> None:
+    sc = played[f"{B}/toxicity grade 3"]
+    rec = service.quality_record(library, sc.run_id)
+    text = _pdf_text(rec["documents"][1]["path"])
+
+    assert _has(text, "severe_toxicity主要3 级及以上 CRS 或 ICANS：严重不良事件需上报否")  # step, class, description, quarantine
+    assert _has(text, "CRS 分级: 3 级")
+
+
+def test_same_record_renders_the_same_html_and_pdf(played: dict[str, Scenario], library: Settings) -> None:
+    from flows.engine.steps import document_context, load_context
+    from flows.outputs.documents import render_document, render_pdf
+    from flows.record.query import run_record
+
+    sc = played[f"{B}/receipt ok"]
+    ctx = load_context(library, sc.run_id)
+    step = ctx.sop.step("receipt_record")
+    with read_session(library.database_url) as s:
+        record = run_record(s, sc.run_id, with_history=False)
+    head = {"seq": 1, "hash": "0" * 64}
+    renders = []
+    for _ in range(2):
+        context = document_context(ctx, step, record, head)
+        html, digest = render_document(library.templates_dir, B, ctx.timezone, "record.zh.html.j2", context)
+        renders.append((html, digest, render_pdf(html, library.templates_dir)))
+
+    assert renders[0] == renders[1]
+    assert _has(_pdf_text_bytes(renders[0][2]), "产品接收与验收记录", "CAR-T 产品到货接收与验收")
+
+
+def _pdf_text_bytes(data: bytes) -> str:
+    from pypdf import PdfReader
+
+    return "".join("".join(page.extract_text().split()) for page in PdfReader(io.BytesIO(data)).pages)
+
+
+def test_start_on_an_unconfirmed_product_names_the_values_to_set(engine: Settings) -> None:
+    with pytest.raises(SopInputError) as info:
+        service.start_run(engine, B, "dose_receipt", {**_patient(B, 99, "zevor_cel"), "lot": "LOT-Z"}, "b.coord", PASSWORD)
+
+    message = str(info.value)
+    assert "'zevor_cel'" in message
+    assert "storage_max_c, thaw_to_infusion_max_min, documents, tocilizumab_doses_min" in message
+    assert "sops/shenjiang_hospital/products.yaml" in message
