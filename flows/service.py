@@ -8,7 +8,7 @@ need it (start, submit), through ``flows.engine.client``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -26,12 +26,14 @@ from flows.errors import (
 )
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
+from flows.record.deadlines import deadline_states
 from flows.record.query import run_record, stored_sop
 from flows.record.state import run_status, signer_problem, step_states
 from flows.record.tables import Signature, SopRun, SopVersion, User, utcnow
 from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
+from flows.sop.model import ProductSpec
 
 FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
 
@@ -39,9 +41,12 @@ __all__ = [
     "CorrectResult",
     "StartResult",
     "SubmitResult",
+    "chain_of_identity",
     "correct_step",
+    "deviations",
     "inbox",
     "list_runs",
+    "preview_step",
     "quality_record",
     "start_run",
     "submit_step",
@@ -66,6 +71,8 @@ class SubmitResult:
     signature_id: str
     signed_sha256: str
     resumed: bool
+    computed: dict[str, Any] = field(default_factory=dict)
+    """The values of the step's computed fields, as signed."""
 
 
 def _catalog(settings: Settings) -> Catalog:
@@ -116,6 +123,7 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
             problem = f"user {username!r} holds no role at {institution!r} and may not start its runs"
         else:
             problem = None
+        problem = problem or _start_problem(s, sop, params)
     if problem:
         raise _refuse(settings, user, "run.start.refused", sop_id, problem)
 
@@ -144,6 +152,49 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
         raise
     engine.release_flow_run(settings, flow_run_id)
     return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
+
+
+def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:
+    """The run's product as it stood when the run started (``format: coi`` fields are checked against it)."""
+    name = sop.product_param()
+    if name is None or not run.product_json:
+        return None
+    return json.loads(run.params_json)[name], ProductSpec.model_validate(json.loads(run.product_json))
+
+
+def _start_problem(session: Session, sop: Any, params: dict[str, Any]) -> str | None:
+    """Why a run may not start on these params: its dose (COI) is quarantined by an open deviation
+    (a run handling that deviation, ``deviation_id``, may). Raises SopInputError for a
+    ``deviation_id`` that names no deviation, in an SOP whose steps update one."""
+    from flows.record.deviations import (
+        check_deviation_param,
+        coi_param,
+        quarantine_problem,
+    )
+
+    check_deviation_param(session, sop, params)
+    coi = params.get(coi_param(sop, params) or "")
+    problem = quarantine_problem(session, str(coi) if coi else None, deviation_id=params.get("deviation_id"))
+    return f"{sop.id}: cannot start: {problem}" if problem else None
+
+
+def deviations(settings: Settings, *, now: Any = None, include_closed: bool = False) -> dict[str, Any]:
+    """Open deviations (oldest first) with their lifecycle, and every overdue CAPA action (``sopflow deviations``)."""
+    from flows.record.deviations import list_deviations
+
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return list_deviations(s, now, include_closed=include_closed)
+
+
+def chain_of_identity(settings: Settings, coi: str) -> dict[str, Any]:
+    """Every run that touched one dose (COI), in order, with sub-runs and deviations, and whether the
+    chain collection → receipt → storage → infusion is unbroken (``sopflow chain``)."""
+    from flows.record.chain import chain_of_identity as chain
+
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return chain(s, coi)
 
 
 def _find_run(session: Session, run_id: str) -> SopRun:
@@ -215,10 +266,13 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
             state = rec.status if rec else "not reached yet"
             raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} is not waiting for input (it is {state})")
         s.expunge(run)
-    fields = human_fields(step)
-    data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    data = _step_values(settings, run, sop, step, raw_values)
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
+    if step.updates_deviation == "capa" and data.get("owner"):  # a CAPA action's owner is an account
+        with read_session(settings.database_url) as s:
+            if s.exec(select(User).where(User.username == data["owner"])).first() is None:
+                raise SopInputError([f"{sop.id} step {step_id!r}.owner: no user {data['owner']!r}; `sopflow user list` lists them"])
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
     with read_session(settings.database_url) as s:
         problem = signer_problem(s, run, sop, step, user.id)
@@ -241,7 +295,44 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     if late is not None:
         raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {late}")
     resumed = engine.resume(settings, run.flow_run_id, step.id, sig_id) if resume else False
-    return SubmitResult(run.id, step.id, sig_id, digest, resumed)
+    return SubmitResult(run.id, step.id, sig_id, digest, resumed, _computed(step, data))
+
+
+def _computed(step: Any, data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k, f in human_fields(step).items() if f.compute is not None}
+
+
+def _step_values(settings: Settings, run: SopRun, sop: Any, step: Any, raw_values: dict[str, Any],
+                 where: str | None = None) -> dict[str, Any]:
+    """A signer's entered values checked against the step's fields, plus its computed fields."""
+    fields = human_fields(step)
+    where = where or f"{sop.id} step {step.id!r}"
+    data = coerce_values(fields, raw_values, where=where, product=_run_product(run, sop))
+    if any(f.compute is not None for f in fields.values()):
+        from flows.engine.steps import RunContext
+        from flows.sop.inputs import compute_fields
+
+        with read_session(settings.database_url) as s:
+            context = RunContext(settings, run, sop, step_states(s, run.id)).expression_context()
+        # A repetition <step>#<n> reads its own entries as <step>.<field>, like the step itself.
+        data = compute_fields(fields, data, step_id=step.id.partition("#")[0], context=context, where=where)
+    return data
+
+
+def preview_step(settings: Settings, run_id: str, step_id: str, raw_values: dict[str, Any]) -> dict[str, Any]:
+    """What a signer would sign, without signing: ``{"values": all values, "computed": computed fields}``.
+
+    Shows the computed values (``compute:``) before the signer signs; writes nothing.
+
+    Raises:
+        StepNotWaitingError, SopInputError
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        run, sop, step = _human_step(s, run_id, step_id)
+        s.expunge(run)
+    data = _step_values(settings, run, sop, step, raw_values)
+    return {"values": data, "computed": _computed(step, data)}
 
 
 @dataclass(frozen=True)
@@ -288,7 +379,8 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
         raise SopInputError([f"{where}: nothing to correct: give the corrected values with --set"])
     fields = human_fields(step)
     old = step_data(current)
-    data = coerce_values(fields, {**{k: v for k, v in old.items() if k in fields}, **raw_values}, where=where)
+    entered = {k: v for k, v in old.items() if k in fields and fields[k].compute is None}
+    data = _step_values(settings, run, sop, step, {**entered, **raw_values}, where)
     changes = changed_fields(old, data)
     if not changes:
         raise SopInputError([f"{where}: nothing to correct: the values given equal the current ones"])
@@ -328,7 +420,7 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
             overdue.setdefault(o.run.id, []).append({"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at})
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
             st = run_status(s, run.id)
-            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed")]
+            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed", "held")]
             out.append({"id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_version": run.sop_version,
                         "status": st.status if st else "unknown", "detail": st.detail if st else None,
                         "waiting_on": waiting, "overdue": overdue.get(run.id, []), "started_at": run.started_at,
@@ -352,6 +444,8 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
             if not roles:
                 continue
             sop = stored_sop(s, run)
+            # The run's deadlines still counting down (or past due), for "time left" beside its steps.
+            clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
             for step_id, rec in step_states(s, run.id).items():
                 step = find_human_step(sop, step_id)
                 if rec.status == "waiting" and step is not None and step.role in roles:
@@ -359,8 +453,20 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
                                 "cannot_sign": signer_problem(s, run, sop, step, user.id),
-                                "overdue_since": overdue.get((run.id, step_id))})
+                                "overdue_since": overdue.get((run.id, step_id)), "deadlines": clocks,
+                                "due_at": _repetition_due(s, run.id, sop, step_id)})
     return sorted(out, key=lambda x: x["since"])
+
+
+def _repetition_due(session: Session, run_id: str, sop: Any, step_id: str) -> str | None:
+    """When repetition ``<step>#<n>`` is due (the previous one's signing + ``every``); None otherwise."""
+    base, _, n = step_id.partition("#")
+    if not n:
+        return None
+    from flows.record.deadlines import repetitions
+
+    due: str | None = repetitions(session, run_id, sop.step(base))["next_due_at"]
+    return due
 
 
 def quality_record(settings: Settings, run_id: str) -> dict[str, Any]:

@@ -51,6 +51,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("SOPFLOW_DATABASE_URL", None)
     os.environ.pop("SOPFLOW_PREFECT_API_URL", None)
     os.environ.pop("SOPFLOW_NOTIFY_CONFIG", None)
+    # The repository's institutions and the engine tests' own (tests/sops/engine/): the executor
+    # loads a sub-run's SOP from the same folder.
+    repo = Path(__file__).resolve().parent.parent
+    sops = _HOME / "sops"
+    sops.mkdir()
+    for folder in [*(repo / "sops").iterdir(), *(repo / "tests" / "sops" / "engine").iterdir()]:
+        if folder.is_dir():
+            (sops / folder.name).symlink_to(folder)
+    os.environ["SOPFLOW_SOPS_DIR"] = str(sops)
     from flows.engine.env import apply_prefect_env
 
     apply_prefect_env(get_settings())

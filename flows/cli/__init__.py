@@ -12,6 +12,8 @@
     sopflow user add|disable|enable|passwd|unlock|list   accounts (see flows.cli.admin)
     sopflow training grant|list           who is trained on which SOP version
     sopflow sop validate|schema|list|show SOP definitions
+    sopflow deviations [--all]            open deviations and overdue CAPAs (see flows.cli.quality)
+    sopflow chain COI                     every run that touched one dose; is its chain unbroken?
     sopflow demo                          the whole dose receipt, end to end
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.cli.admin import training_app, user_app
+from flows.cli.quality import chain, deviations
 from flows.cli.records import correct, verify_export
 from flows.cli.sop import app as sop_app
 
@@ -48,6 +51,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
 app.command("correct")(correct)
+app.command("deviations")(deviations)
+app.command("chain")(chain)
 audit_app.command("verify-export")(verify_export)
 
 out = Console(highlight=False, soft_wrap=True)
@@ -165,7 +170,8 @@ def start(sop_id: str, institution: Annotated[str, typer.Option(help="Institutio
 @app.command("submit")
 def submit(run_id: str, step_id: str, username: AsOpt, set_: SetOpt = None,
            json_file: Annotated[Path | None, typer.Option("--json", help="A JSON file of field values.")] = None,
-           password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+           password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+           preview: Annotated[bool, typer.Option("--preview", help="Show the computed values; sign nothing.")] = False) -> None:
     """Enter a step's data and sign it (re-authenticates with your password)."""
     from flows import service
 
@@ -179,7 +185,15 @@ def submit(run_id: str, step_id: str, username: AsOpt, set_: SetOpt = None,
             raise typer.BadParameter(f"{json_file}: expected a JSON object of field values", param_hint="--json")
         values.update(loaded)
     values.update(_pairs(set_))
+    if preview:
+        shown = _run(service.preview_step, _settings(), run_id, step_id, values)
+        for name, value in shown["computed"].items():
+            out.print(f"{name} = {escape(str(value))}  (computed)")
+        out.print("nothing signed: run it again without --preview to sign these values")
+        return
     res = _run(service.submit_step, _settings(), run_id, step_id, username, _password(username, password_env), values)
+    for name, value in res.computed.items():
+        out.print(f"{name} = {escape(str(value))}  (computed, signed)")
     tail = "the run goes on" if res.resumed else "the executor will resume the run"
     out.print(f"signed {res.step_id} of run {res.run_id[:8]}: signature {res.signature_id} (sha256 {res.signed_sha256[:12]}); {tail}")
 
@@ -213,9 +227,18 @@ def inbox(username: AsOpt) -> None:
         note = f"  [yellow](you may not sign this one: {escape(it['cannot_sign'])})[/yellow]" if it["cannot_sign"] else ""
         if it.get("overdue_since"):
             note += f"  [yellow]overdue since {it['overdue_since']:%Y-%m-%d %H:%M} UTC[/yellow]"
+        if it.get("due_at"):
+            note += f"  due {it['due_at'][:16].replace('T', ' ')} UTC"
         out.print(f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "
                   f"{escape(it['title'])}{note}")
+        for d in it.get("deadlines", []):
+            from flows.cli.render import deadline_text
+
+            out.print(f"    [yellow]deadline {escape(d['title'])}: {deadline_text(d)}[/yellow]")
         for name, f in it["fields"].items():
+            if f.get("compute"):
+                out.print(f"    {name} is computed: {escape(f['compute'])}")
+                continue
             limits = " ".join(f"{k}={v}" for k, v in f.items() if k in ("unit", "min", "max", "choices", "pattern"))
             out.print(f"    --set {name}=…  ({f['type']}{', ' + escape(limits) if limits else ''})")
 

@@ -22,12 +22,33 @@ def _print_signature(out: Console, label: str, sig: dict[str, Any]) -> None:
               + (f" — {escape(sig['statement'])}" if sig["statement"] else "") + f"; sha256 {sig['sha256'][:16]}…{valid}")
 
 
+def _duration(seconds: float) -> str:
+    minutes = round(abs(seconds) / 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m"
+
+
+def deadline_text(d: dict[str, Any]) -> str:
+    """A deadline as people read it: '12m left (due …)', 'overdue by 5m (due …)', 'met: 25m of 30m'."""
+    due = f" (due {d['due_at'][:16].replace('T', ' ')} UTC)" if d.get("due_at") else ""
+    limit = _duration(d["limit_seconds"]) if d.get("limit_seconds") is not None else "?"
+    if d["state"] == "running":
+        return f"{_duration(d['seconds_left'])} left{due}"
+    if d["state"] == "overdue":
+        return f"overdue by {_duration(d['seconds_left'])}{due}"
+    if d["state"] in ("met", "breached"):
+        return f"{d['state']}: {_duration(d['elapsed_seconds'])} of {limit}"
+    return d["state"] + (f": {d['problem']}" if d.get("problem") else "")
+
+
 def print_record(out: Console, rec: dict[str, Any]) -> None:
     run = rec["run"]
     out.print(f"[bold]Quality record: run {run['id']}[/bold]")
     out.print(f"  SOP {run['institution']}/{run['sop_id']} v{run['sop_version']} \"{escape(run['sop_title'])}\" sha256 {run['sop_sha256']}")
     out.print(f"  status {run['status']}" + (f" ({escape(run['status_detail'])})" if run["status_detail"] else ""))
     out.print(f"  started {run['started_at']} by {escape(run['started_by'])}; Prefect flow run {run['flow_run_id']}")
+    if run.get("parent_run_id"):
+        out.print(f"  sub-run of run {run['parent_run_id']} (its step {run['parent_step_id']})")
     params = ", ".join(f"{k}={v}" for k, v in run["params"].items())
     out.print(f"  parameters: {escape(params)}")
     if run["product"]:
@@ -61,11 +82,22 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
                 _print_signature(out, "  signed", c["signature"])
         if st.get("due_at"):
             out.print(f"      [yellow]due by {st['due_at']} (time-out)[/yellow]")
+    if rec.get("deadlines"):
+        out.print("[bold]Deadlines[/bold]")
+        for d in rec["deadlines"]:
+            out.print(f"  {escape(d['title'])} ({d['from']} → {d['to']}): {escape(deadline_text(d))}")
     if rec["deviations"]:
         out.print("[bold]Deviations[/bold]")
         for d in rec["deviations"]:
             out.print(f"  [red]{d['classification']}[/red] at {d['step_id']} ({d['opened_at']}): {escape(d['description'])}; "
-                      f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}")
+                      f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}"
+                      + (f"; {d['status']}" if d.get("status") else "") + ("; QUARANTINED" if d.get("quarantined") else ""))
+            for e in d.get("lifecycle", []):
+                out.print(f"      {e['at']} {e['kind']} (run {e['run_id'][:8]} step {e['step_id']})")
+    if rec.get("subruns"):
+        out.print("[bold]Sub-runs[/bold]")
+        for r in rec["subruns"]:
+            out.print(f"  {r['id']}  {r['sop_id']} v{r['sop_version']} from step {r['parent_step_id']}: {r['status']}")
     if rec["documents"]:
         out.print("[bold]Documents[/bold]")
         for doc in rec["documents"]:

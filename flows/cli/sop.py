@@ -180,6 +180,10 @@ def _field_line(name: str, spec: FieldSpec) -> str:
         rules.append("optional")
     if spec.phi:
         rules.append("PHI")
+    if spec.format:
+        rules.append(f"format {spec.format}")
+    if spec.compute:
+        rules.append(f"computed: {spec.compute}")
     label = f"  {spec.label}" if spec.label else ""
     return f"{name:<18} {spec.type:<9} {', '.join(rules)}{label}".rstrip()
 
@@ -211,6 +215,12 @@ def _describe(defn: SopDefinition) -> list[str]:
         if isinstance(step, HumanStepSpec):
             head += f" role {step.role}"
         lines.append(head + (f" — {step.title}" if step.title else ""))
+        if step.when:
+            lines.append(f"       when: {step.when}")
+        repeat = getattr(step, "repeat", None)
+        if repeat is not None:
+            until = f", until {repeat.until}" if repeat.until else ""
+            lines.append(f"       repeat: every {_duration(repeat.every)}, at most {repeat.times} times{until}")
         if isinstance(step, VerifyStepSpec):
             lines.append(f"       verifies: {step.of}")
         if isinstance(step, HumanStepSpec):
@@ -234,6 +244,13 @@ def _describe(defn: SopDefinition) -> list[str]:
     if defn.distinct_signers:
         lines += ["", "Signed by different people:"]
         lines += [f"  {' / '.join(group)}" for group in defn.distinct_signers]
+    if defn.deadlines:
+        lines += ["", "Deadlines:"]
+        for d in defn.deadlines:
+            limit = _duration(d.within) if d.within is not None else f"{d.within_min} min"
+            lines.append(f"  {d.id}: {d.from_} → {d.to} within {limit}; "
+                         f"breach opens a {d.deviation.classification} deviation"
+                         + (f" — {d.title}" if d.title else ""))
     return lines
 
 

@@ -99,8 +99,8 @@ def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = Fal
 
 
 def pause_key_prefix(step_id: str) -> str:
-    """Prefect pause keys allow only [a-z0-9-]; step ids are [a-z0-9_]."""
-    return step_id.replace("_", "-") + "-"
+    """Prefect pause keys allow only [a-z0-9-]; step ids are [a-z0-9_], a repetition's ``<step>#<n>``."""
+    return step_id.replace("_", "-").replace("#", "--r") + "-"
 
 
 def _paused_at(state: Any, step_id: str) -> bool:

@@ -16,7 +16,8 @@ as fast as a fast poll; an executor elsewhere finds the run within ``SOPFLOW_POL
 It also repairs what a crash leaves: runs claimed by an executor on this host whose process is
 gone are rescheduled (every step is idempotent, so they re-enter safely), and a run whose step
 was signed in sopflow's record while the resume never reached Prefect is resumed. The same
-sweep (every 5 s) escalates human steps waiting past their time-out (``flows.engine.escalation``).
+sweep (every 5 s) escalates human steps waiting past their time-out (``flows.engine.escalation``)
+and opens deviations for deadlines past due (``flows.engine.deadlines``).
 
 Run it with ``python -m flows.engine.executor`` (``sopflow server start`` does).
 """
@@ -213,6 +214,12 @@ class Executor:
 
         return resume_signed_runs(self.settings, self.client)
 
+    def resume_ready(self) -> int:
+        """Resume runs waiting on a sub-run that ended, or held by a quarantine that was lifted."""
+        from flows.engine.subruns import resume_ready
+
+        return resume_ready(self.settings, self.client)
+
     def escalate(self) -> int:
         """Tell the escalation role about human steps waiting past their time-out (once per waiting period)."""
         from flows.engine.escalation import escalate_overdue
@@ -221,6 +228,16 @@ class Executor:
             return escalate_overdue(self.settings)
         except Exception:  # a broken notify.yaml or one bad run must not stop the executor
             log.exception("escalation sweep failed; retrying at the next sweep")
+            return 0
+
+    def deadlines(self) -> int:
+        """Open a deviation for each deadline now past due with its end not recorded (once per deadline and run)."""
+        from flows.engine.deadlines import sweep_deadlines
+
+        try:
+            return sweep_deadlines(self.settings)
+        except Exception:  # a broken run or database hiccup must not stop the executor
+            log.exception("deadline sweep failed; retrying at the next sweep")
             return 0
 
     # -- loop --------------------------------------------------------------------------------
@@ -250,7 +267,8 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    for sweep in (self.recover_orphans, self.resume_signed, self.escalate):
+                    for sweep in (self.recover_orphans, self.resume_signed, self.resume_ready, self.escalate,
+                                  self.deadlines):
                         try:
                             sweep()
                         except Exception:

@@ -15,9 +15,16 @@ from flows.record.ledger import verify_signature
 from flows.record.query import disposition_id
 from flows.record.state import signer_problem, step_data, step_states
 from flows.record.tables import Signature
-from flows.sop.model import ApproveStepSpec, CheckStepSpec, FieldSpec, HumanStepSpec
+from flows.sop.model import (
+    ApproveStepSpec,
+    CheckStepSpec,
+    FieldSpec,
+    HumanStepSpec,
+    RecordStepSpec,
+)
 
-__all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate"]
+__all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate",
+           "repetition"]
 
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
@@ -44,6 +51,7 @@ def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
         kind="approve", id=disposition_id(check.id), role=check.deviation.disposition_role,
         title=f"Deviation disposition for {check.title or check.id}",
         meaning="Disposition of a deviation: approve = use with documented risk acceptance; reject = reject the dose",
+        updates_deviation="disposition",
     )
 
 
@@ -57,7 +65,7 @@ def open_gate(ctx: RunContext, step: HumanStepSpec) -> bool:
         if rec is not None and rec.status in ("waiting", "signed", "done"):
             return False
         write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})
-        return rec is None
+        return rec is None or rec.status == "held"
 
 
 def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | None) -> tuple[dict[str, Any] | None, str | None]:
@@ -87,11 +95,26 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
         data = step_data(rec)  # rec is the signed record: every other case returned above
         write_step(s, ctx.run.id, step.id, step.kind, "done", data, actor=rec.actor_id or "system",
                    actor_id=rec.actor_id, signature_id=rec.signature_id)
+        if step.updates_deviation is not None:  # the deviation's lifecycle event, in the same transaction
+            from flows.engine.subruns import record_lifecycle
+
+            record_lifecycle(s, ctx, step, data, rec)
         return data, None
 
 
+def repetition(step: RecordStepSpec, n: int) -> RecordStepSpec:
+    """Repetition ``n`` (1, 2, …) of a repeated record step: the same step, signed as ``<step>#<n>``."""
+    return step.model_copy(update={"id": f"{step.id}#{n}"})
+
+
 def find_human_step(sop: Any, step_id: str) -> HumanStepSpec | None:
-    """The human step (or a failed check's disposition step) with this id, if any."""
+    """The human step (a failed check's disposition step, a repetition ``<step>#<n>``) with this id, if any."""
+    base, _, n = step_id.partition("#")
+    if n:
+        step = next((s for s in sop.steps if s.id == base), None)
+        if isinstance(step, RecordStepSpec) and step.repeat is not None and n.isdigit() and 1 <= int(n) <= step.repeat.times:
+            return repetition(step, int(n))
+        return None
     for step in sop.steps:
         if step.id == step_id and isinstance(step, HumanStepSpec):
             return step

@@ -22,19 +22,30 @@ from prefect.input import RunInput
 from prefect.utilities.annotations import quote
 
 from flows.config import get_settings
+from flows.engine import subruns
 from flows.engine.client import pause_key_prefix
-from flows.engine.gates import accept_signature, disposition_step, open_gate
+from flows.engine.deadlines import settle_deadlines
+from flows.engine.gates import accept_signature, disposition_step, open_gate, repetition
 from flows.engine.steps import (
     STEP_KINDS,
     RunContext,
     load_context,
+    run_when,
     send,
     set_run_status,
+    write_step,
 )
 from flows.errors import FlowsError
 from flows.record.db import read_session, write_session
-from flows.record.state import refused_count, step_data
-from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec
+from flows.record.state import refused_count, step_data, step_states
+from flows.sop.expressions import ExpressionError, evaluate_check
+from flows.sop.model import (
+    HUMAN_KINDS,
+    CheckStepSpec,
+    HumanStepSpec,
+    RecordStepSpec,
+    SubrunStepSpec,
+)
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
 
@@ -91,6 +102,8 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
                 return data
             logger.warning("step %s: refused: %s", step.id, problem)
             continue
+        if rec is None or rec.status == "held":  # a quarantined dose opens no further gate
+            await subruns.hold_if_quarantined(ctx, step.id, step.kind)
         gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), quote(step))
         with read_session(ctx.url) as s:
             # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
@@ -100,6 +113,34 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
         if data is not None:
             return data
         logger.warning("step %s: refused a resume: %s", step.id, problem)
+
+
+async def _repeat(ctx: RunContext, step: RecordStepSpec) -> None:
+    """Repetitions ``<step>#1``, ``#2``, … each signed on its own, until ``until`` holds or ``times``
+    are done; then one ``done`` record for the step itself says how many and why it ended."""
+    repeat = step.repeat
+    if repeat is None:
+        raise ValueError(f"step {step.id!r} is not repeated")
+    n = 1
+    while True:
+        await _human(ctx, repetition(step, n))
+        ctx.refresh()
+        ended_by = None
+        if repeat.until is not None:
+            try:
+                if evaluate_check(repeat.until, ctx.expression_context()):
+                    ended_by = "until"
+            except ExpressionError as exc:  # keep measuring: stopping early is the worse error
+                get_run_logger().warning("step %s: 'until' could not be evaluated, repeating: %s", step.id, exc)
+        if ended_by is None and n >= repeat.times:
+            ended_by = "times"
+        if ended_by is not None:
+            with write_session(ctx.url) as s:
+                rec = step_states(s, ctx.run.id).get(step.id)
+                if rec is None or rec.status != "done":
+                    write_step(s, ctx.run.id, step.id, step.kind, "done", {"repetitions": n, "ended_by": ended_by})
+            return
+        n += 1
 
 
 @flow(name=FLOW_NAME, flow_run_name="{run_id}", persist_result=True, validate_parameters=True)
@@ -115,10 +156,13 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
     ctx = load_context(settings, run_id)
     running = False
     for step in ctx.sop.steps:
+        settle_deadlines(ctx.settings, ctx.run, ctx.sop)  # a step just recorded may end (or breach) a deadline
         ctx.refresh()
         rec = ctx.states.get(step.id)
+        if rec is not None and rec.status == "skipped":
+            continue
         if rec is not None and rec.status == "done":
-            if step.kind == "approve" and step_data(rec).get("decision") == "reject":
+            if step.kind == "approve" and step_data(rec).get("decision") == "reject" and not _disposes(step):
                 # Re-entered after a crash between the signed reject and the run's end: still rejected.
                 return _finish(ctx, "rejected", f"{step.id}: {step_data(rec).get('reason') or 'rejected'}")
             continue
@@ -126,9 +170,23 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             with write_session(ctx.url) as s:
                 set_run_status(s, run_id, "running")
             running = True
+        if rec is None and step.when is not None and f"{step.id}#1" not in ctx.states:
+            go, problem = run_when(ctx, step)
+            if problem:
+                get_run_logger().warning("step %s runs: its 'when' could not be evaluated: %s", step.id, problem)
+            if not go:
+                continue
+        if isinstance(step, RecordStepSpec) and step.repeat is not None:
+            await _repeat(ctx, step)
+            continue
+        if isinstance(step, SubrunStepSpec):
+            await subruns.run_subrun_step(ctx, step)
+            continue
         if step.kind in HUMAN_KINDS:
             data = await _human(ctx, step)  # type: ignore[arg-type]
-            if step.kind == "approve" and data.get("decision") == "reject":
+            if step.updates_deviation == "disposition":  # type: ignore[union-attr]  # a waiting parent, held runs
+                subruns.resume_ready(ctx.settings)
+            if step.kind == "approve" and data.get("decision") == "reject" and not _disposes(step):
                 return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")
             continue
         if rec is None:
@@ -136,15 +194,30 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), step.id)
             ctx.refresh()
         if isinstance(step, CheckStepSpec) and ctx.states[step.id].status == "failed":
+            decision = None
+            if step.deviation.sop is not None:  # handled by the deviation SOP as a sub-run
+                decision = await subruns.deviation_subrun(ctx, step, wait=step.on_fail != "stop")
             if step.on_fail == "stop":
                 return _finish(ctx, "stopped", f"{step.id}: check failed; deviation opened")
-            decision = await _human(ctx, disposition_step(step))
-            if decision.get("decision") == "reject":
-                return _finish(ctx, "rejected", f"{step.id}: deviation disposition: reject ({decision.get('reason')})")
+            if decision is None:
+                decision = await _human(ctx, disposition_step(step))
+                subruns.resume_ready(ctx.settings)  # the disposition lifts a quarantine: held runs go on
+            if decision.get("decision") != "approve":  # only approve (use with documented risk) goes on
+                return _finish(ctx, "rejected", f"{step.id}: deviation disposition: {decision.get('decision')} "
+                                                f"({decision.get('reason')})")
     return _finish(ctx, "completed", None)
 
 
+def _disposes(step: Any) -> bool:
+    """A deviation SOP's disposition rejects the dose (its parent ends), not the deviation's own run:
+    containment, CAPA and closure still follow."""
+    return getattr(step, "updates_deviation", None) == "disposition"
+
+
 def _finish(ctx: RunContext, status: str, detail: str | None) -> dict[str, Any]:
+    settle_deadlines(ctx.settings, ctx.run, ctx.sop)
     with write_session(ctx.url) as s:
         set_run_status(s, ctx.run.id, status, detail)
+    if ctx.run.parent_run_id is not None:  # the parent may wait for this sub-run
+        subruns.resume_ready(ctx.settings)
     return {"run_id": ctx.run.id, "status": status, "detail": detail}

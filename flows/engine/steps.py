@@ -94,9 +94,24 @@ class RunContext:
         }
         for step in self.sop.steps:
             rec = self.states.get(step.id)
-            if step.kind in HUMAN_KINDS and rec is not None and rec.status == "done":
+            if (step.kind in HUMAN_KINDS or step.kind == "subrun") and rec is not None and rec.status == "done":
                 ctx[step.id] = step_data(rec)
+            elif step.kind in (*HUMAN_KINDS, "subrun") and rec is not None and rec.status == "skipped":
+                # A skipped step's values read as none ('when:' of a later step may test them).
+                ctx[step.id] = dict.fromkeys([*getattr(step, "fields", {}), "signed_by", "decision", "status", "run_id"])
+            if getattr(step, "repeat", None) is not None:
+                # <step> is the latest repetition, <step>_all every one of them, in order.
+                reps = self.repetitions(step.id)
+                ctx[f"{step.id}_all"] = [step_data(r) for r in reps]
+                if reps:
+                    ctx[step.id] = step_data(reps[-1])
         return ctx
+
+    def repetitions(self, step_id: str) -> list[StepRecord]:
+        """The done repetitions ``<step>#<n>`` of a repeated step, by n."""
+        reps = [(int(k.partition("#")[2]), r) for k, r in self.states.items()
+                if k.startswith(f"{step_id}#") and r.status == "done"]
+        return [r for _, r in sorted(reps, key=lambda x: x[0])]
 
 
 def load_context(settings: Settings, run_id: str, wait: float = 10.0) -> RunContext:
@@ -131,6 +146,24 @@ def set_run_status(session: Session, run_id: str, status: str, detail: str | Non
         return
     ev = RunEvent(run_id=run_id, n=next_n(session, RunEvent, run_id), status=status, detail=detail, at=utcnow())
     ledger.append(session, ev, actor=SYSTEM, action=f"run.{status}")
+
+
+def run_when(ctx: RunContext, step: Any) -> tuple[bool, str | None]:
+    """Whether the walk runs ``step`` now: ``(True, None)`` without ``when:`` or when it holds;
+    ``(False, None)`` after recording the step ``skipped``; ``(True, problem)`` when the condition
+    cannot be evaluated (the step then runs: skipping a step nobody chose to skip is the worse error)."""
+    if step.when is None:
+        return True, None
+    try:
+        holds = evaluate_check(step.when, ctx.expression_context())
+    except ExpressionError as exc:
+        return True, str(exc)
+    if not holds:
+        with write_session(ctx.url) as s:
+            if step_states(s, ctx.run.id).get(step.id) is None:
+                write_step(s, ctx.run.id, step.id, step.kind, "skipped", {"when": step.when, "value": False},
+                           reason=f"'when' is false: {step.when}")
+    return holds, None
 
 
 def run_check(ctx: RunContext, step: CheckStepSpec, task_run_id: str | None) -> bool:
@@ -247,4 +280,5 @@ STEP_KINDS: dict[str, tuple[Any, str]] = {
     "check": (run_check, "an acceptance expression over earlier data and the product; failure opens a deviation"),
     "document": (run_document, "renders a Jinja template into a stored document with its sha256"),
     "notify": (run_notify, "sends an apprise message to the channels of the named roles"),
+    "subrun": (None, "starts a run of another SOP of the institution linked to this one; with wait, waits for its end"),
 }

@@ -17,6 +17,7 @@ from flows.record.ledger import canonical, row_payload
 from flows.record.tables import (
     AuditEvent,
     Deviation,
+    DeviationEvent,
     Document,
     Escalation,
     RunEvent,
@@ -40,7 +41,8 @@ def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
     if version is not None:
         rows["sf_sop_version"] = [_iso(row_payload(version))]
     order = {RunEvent: RunEvent.n, StepRecord: StepRecord.n, Signature: Signature.signed_at,
-             Deviation: Deviation.opened_at, Document: Document.rendered_at, Escalation: Escalation.at}
+             Deviation: Deviation.opened_at, Document: Document.rendered_at, Escalation: Escalation.at,
+             DeviationEvent: DeviationEvent.at}
     for model, key in order.items():
         found = session.exec(select(model).where(model.run_id == run.id).order_by(col(key), col(model.id)))  # type: ignore[attr-defined]
         rows[model.__tablename__] = [_iso(row_payload(r)) for r in found]  # type: ignore[attr-defined]

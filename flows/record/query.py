@@ -14,6 +14,7 @@ import yaml
 from sqlmodel import Session, col, select
 
 from flows.errors import RecordError
+from flows.record.deadlines import deadline_states, repetitions
 from flows.record.ledger import canonical, verify_signature
 from flows.record.state import run_status
 from flows.record.tables import (
@@ -113,16 +114,40 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
     for step in sop.steps:
         fields = getattr(step, "fields", {}) if step.kind in HUMAN_KINDS else {}
         steps.append(step_entry(step.id, step.kind, step.title, fields, getattr(step, "timeout", None)))
+        if getattr(step, "repeat", None) is not None:
+            # The step's own entry says how far it is; each repetition <step>#<n> follows as its own entry.
+            steps[-1]["repeat"] = repetitions(session, run.id, step, latest)  # type: ignore[arg-type]
+            reps = sorted((int(k.partition("#")[2]), k) for k in latest if k.startswith(f"{step.id}#"))
+            for n, rep_id in reps:
+                steps.append(step_entry(rep_id, step.kind, f"{step.title or step.id} #{n}", fields,
+                                        getattr(step, "timeout", None)))
+        if step.kind == "check" and f"{step.id}__deviation" in latest:  # handled by the deviation SOP (a sub-run)
+            steps.append(step_entry(f"{step.id}__deviation", "subrun", f"Deviation at {step.id}: handling sub-run", {}))
         if step.kind == "check" and disposition_id(step.id) in latest:
             steps.append(step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {}))
 
+    deadline_ids = {d.id for d in sop.deadlines}
     deviations = [
-        {"id": d.id, "step_id": d.step_id, "classification": d.classification, "description": d.description,
+        {"id": d.id, "step_id": d.step_id, "kind": "deadline" if d.step_id in deadline_ids else "step",
+         "classification": d.classification, "description": d.description,
          "quarantine": d.quarantine, "opened_at": _iso(d.opened_at),
          "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
          "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
          if disposition_id(d.step_id) in latest else None}
         for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
+    ]
+    from flows.record.deviations import deviation_state
+
+    for d in deviations:  # the lifecycle (events appended by the deviation SOP's steps, or the inline disposition)
+        state = deviation_state(session, session.get(Deviation, d["id"]))  # type: ignore[arg-type]
+        d.update({"status": state["status"], "quarantined": state["quarantined"], "capas": state["capas"],
+                  "lifecycle": state["events"], "subruns": state["subruns"]})
+        if d["decision"] is None and state["decision"] is not None:
+            d.update({"disposition": "done", "decision": state["decision"]})
+    subruns = [
+        {"id": r.id, "sop_id": r.sop_id, "sop_version": r.sop_version, "parent_step_id": r.parent_step_id,
+         "started_at": _iso(r.started_at), "status": (st.status if (st := run_status(session, r.id)) else "unknown")}
+        for r in session.exec(select(SopRun).where(SopRun.parent_run_id == run.id).order_by(col(SopRun.started_at)))
     ]
     documents = [
         {"id": d.id, "step_id": d.step_id, "template": d.template, "path": d.path, "sha256": d.sha256,
@@ -142,12 +167,14 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
             "status": status.status if status else "unknown", "status_detail": status.detail if status else None,
             "started_at": _iso(run.started_at), "started_by": names.get(run.started_by, run.started_by),
-            "flow_run_id": run.flow_run_id,
+            "flow_run_id": run.flow_run_id, "parent_run_id": run.parent_run_id, "parent_step_id": run.parent_step_id,
         },
+        "subruns": subruns,
         "steps": steps,
         "deviations": deviations,
         "documents": documents,
         "escalations": escalations,
+        "deadlines": deadline_states(session, run, sop),
     }
     if with_history:
         out["history"] = [

@@ -21,6 +21,7 @@ __all__ = [
     "RECORD_TABLES",
     "AuditEvent",
     "Deviation",
+    "DeviationEvent",
     "Document",
     "Escalation",
     "RoleGrant",
@@ -143,6 +144,9 @@ class SopRun(SQLModel, table=True):
     flow_run_id: str
     started_by: str = Field(foreign_key="sf_user.id")
     started_at: datetime = _ts()  # type: ignore[assignment]
+    parent_run_id: str | None = Field(default=None, foreign_key="sf_run.id", index=True)
+    """A sub-run's parent (``subrun`` step or a check's deviation SOP); started by the system for the parent's starter."""
+    parent_step_id: str | None = None
 
 
 class RunEvent(SQLModel, table=True):
@@ -219,6 +223,30 @@ class Deviation(SQLModel, table=True):
     opened_at: datetime = _ts()  # type: ignore[assignment]
 
 
+class DeviationEvent(SQLModel, table=True):
+    """One lifecycle event of a deviation (``flows.record.deviations``): the deviation's state is its events.
+
+    Kinds: those of ``updates_deviation`` (contained, mah_notified, investigated, disposition,
+    capa, effectiveness, closed) and ``subrun`` (its handling SOP was started: ``data`` names the run).
+    ``data_json`` is what the step's signer entered (a disposition's ``decision``; a capa's
+    ``action``, ``owner``, ``due``).
+    """
+
+    __tablename__ = "sf_deviation_event"
+    __table_args__ = (UniqueConstraint("deviation_id", "n"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    deviation_id: str = Field(foreign_key="sf_deviation.id", index=True)
+    n: int
+    kind: str
+    data_json: str = _text()  # type: ignore[assignment]
+    run_id: str = Field(foreign_key="sf_run.id")
+    """The run whose step recorded the event."""
+    step_id: str
+    actor_id: str | None = Field(default=None, foreign_key="sf_user.id")
+    signature_id: str | None = None
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
 class Document(SQLModel, table=True):
     __tablename__ = "sf_document"
     id: str = Field(default_factory=new_id, primary_key=True)
@@ -273,6 +301,6 @@ class AuditEvent(SQLModel, table=True):
 RECORD_TABLES: dict[str, type[SQLModel]] = {
     t.__tablename__: t  # type: ignore[misc]
     for t in (User, RoleGrant, UserEvent, TrainingRecord, SopVersion, SopRun, RunEvent, StepRecord, Signature, Deviation,
-              Document, Escalation)
+              DeviationEvent, Document, Escalation)
 }
 """Every table whose rows the audit chain covers, by table name."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from flows.errors import Problem
 from flows.sop.expressions import Scope, check_expression, check_message
@@ -21,10 +22,13 @@ from flows.sop.model import (
     ApproveStepSpec,
     CheckStepSpec,
     DocumentStepSpec,
+    FieldSpec,
     HumanStepSpec,
     InstitutionSpec,
     NotifyStepSpec,
     ProductSpec,
+    RecordStepSpec,
+    SubrunStepSpec,
     VerifyStepSpec,
 )
 
@@ -34,6 +38,17 @@ RESERVED_NAMES = frozenset({"params", "product", "run"})
 """Top-level names in expressions; no step may take one as its id."""
 _IMPLICIT_FIELDS = frozenset({"signed_by", "decision"})
 """Values every human step (``decision``: approve steps) has besides its declared fields."""
+
+
+class _AnyName(frozenset[str]):
+    """Every attribute: a sub-run step's data are its SOP's steps, checked in that SOP's file."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY_NAME = _AnyName()
+_CAPA_FIELDS = {"action": ("text",), "owner": ("text",), "due": ("datetime",)}
 
 
 def _hint(word: str, options: list[str], what: str) -> str:
@@ -116,6 +131,9 @@ class _Checker:
         self.distinct_signers()
         self.templates()
         self.expressions()
+        self.identifier_formats()
+        self.deadlines()
+        self.subruns()
         return sorted(self.problems, key=lambda p: (p.line or 0, p.path))
 
     def step_ids(self) -> None:
@@ -163,6 +181,8 @@ class _Checker:
     def params(self) -> None:
         first: str | None = None
         for name, spec in self.defn.params.items():
+            if spec.compute is not None:
+                self.add(("params", name, "compute"), "'compute' applies to step fields, not params")
             if spec.type != "product":
                 continue
             if first is None:
@@ -172,6 +192,55 @@ class _Checker:
                     ("params", name, "type"),
                     f"only one param may have type 'product'; {first!r} already has it",
                 )
+
+    def identifier_formats(self) -> None:
+        if self.defn.product_param() is not None:
+            return
+        places: list[tuple[tuple[str | int, ...], FieldSpec]] = [(("params", n), f) for n, f in self.defn.params.items()]
+        for i, step in enumerate(self.defn.steps):
+            if isinstance(step, HumanStepSpec):
+                places += [(("steps", i, "fields", n), f) for n, f in step.fields.items()]
+        for loc, spec in places:
+            if spec.format == "coi":
+                self.add((*loc, "format"), "format 'coi' checks against the run's product's 'coi_pattern'; "
+                         "the SOP needs a param of type 'product'")
+
+    def deadlines(self) -> None:
+        steps = {s.id: s for s in self.defn.steps}
+        seen: set[str] = set()
+        for d, spec in enumerate(self.defn.deadlines):
+            if spec.id in seen or spec.id in steps:
+                what = "another deadline" if spec.id in seen else "a step"
+                self.add(("deadlines", d, "id"), f"deadline id {spec.id!r} is already used by {what}")
+            seen.add(spec.id)
+            for key, ref in (("from", spec.from_), ("to", spec.to)):
+                problem = self._deadline_end(ref, steps)
+                if problem:
+                    self.add(("deadlines", d, key), f"deadline {spec.id!r}: {problem}")
+            if spec.within_min is not None:
+                base = self._scope(0, message=False, reader="a deadline's 'within_min'")
+                scope = Scope(base.names, {k: v if k in RESERVED_NAMES else
+                                           "is a step; a deadline's 'within_min' reads only params, product and run"
+                                           for k, v in base.unavailable.items()})
+                for msg in check_expression(spec.within_min, scope):
+                    self.add(("deadlines", d, "within_min"), f"deadline {spec.id!r}: {msg}")
+            for j, role in enumerate(spec.deviation.notify):
+                self._role(("deadlines", d, "deviation", "notify", j), role)
+
+    def _deadline_end(self, ref: str, steps: dict[str, Any]) -> str | None:
+        step_id, _, field = ref.partition(".")
+        step = steps.get(step_id)
+        if step is None:
+            return f"unknown step {step_id!r}. {_hint(step_id, list(steps), 'Steps')}".rstrip()
+        if not isinstance(step, HumanStepSpec):
+            return f"{step_id!r} is a {step.kind} step; a deadline's end is a signed step or one of its datetime fields"
+        if getattr(step, "repeat", None) is not None:
+            return f"{step_id!r} is repeated; a deadline cannot name a repeated step"
+        if field and field not in step.fields:
+            return f"step {step_id!r} has no field {field!r}. {_hint(field, list(step.fields), 'Fields')}".rstrip()
+        if field and step.fields[field].type != "datetime":
+            return f"{ref!r} is a {step.fields[field].type} field; a deadline's end must be of type 'datetime'"
+        return None
 
     def _role(self, loc: tuple[str | int, ...], role: str) -> None:
         if self.institution is None or role in self.institution.roles:
@@ -263,7 +332,7 @@ class _Checker:
                 f"template {step.template!r} not found in {where}. {hint}".rstrip(),
             )
 
-    def _scope(self, position: int, *, message: bool) -> Scope:
+    def _scope(self, position: int, *, message: bool, reader: str | None = None) -> Scope:
         names: dict[str, frozenset[str]] = {"params": frozenset(self.defn.params)}
         unavailable: dict[str, str] = {}
         if self.defn.product_param() is not None:
@@ -272,15 +341,17 @@ class _Checker:
             unavailable["product"] = (
                 "is only available when the SOP declares a param of type 'product'"
             )
-        if message:
+        if message or reader is not None:
             names["run"] = frozenset({"id", "sop_id", "institution"})
         else:
             unavailable["run"] = "is only available in notify messages"
-        reader = "a notify message" if message else "a check"
+        reader = reader or ("a notify message" if message else "a check")
         for i, step in enumerate(self.defn.steps):
             if step.id in names or step.id in RESERVED_NAMES:
                 continue
-            if not isinstance(step, HumanStepSpec):
+            if isinstance(step, SubrunStepSpec) and i < position and step.wait:
+                names[step.id] = _ANY_NAME  # status, run_id and the sub-run's steps: another file's
+            elif not isinstance(step, HumanStepSpec):
                 unavailable[step.id] = f"is a {step.kind} step and has no data to read"
             elif i >= position:
                 unavailable[step.id] = (
@@ -293,6 +364,11 @@ class _Checker:
                     else {"signed_by"}
                 )
                 names[step.id] = frozenset(step.fields) | extra
+            if getattr(step, "repeat", None) is not None:
+                if step.id in names:
+                    names[f"{step.id}_all"] = frozenset()  # a list: read by index or filters
+                else:
+                    unavailable[f"{step.id}_all"] = unavailable[step.id]
         return Scope(names, unavailable)
 
     def expressions(self) -> None:
@@ -303,6 +379,76 @@ class _Checker:
             elif isinstance(step, NotifyStepSpec):
                 for msg in check_message(step.message, self._scope(i, message=True)):
                     self.add(("steps", i, "message"), f"step {step.id!r}: {msg}")
+            if isinstance(step, HumanStepSpec):
+                self.computed(i, step)
+            if isinstance(step, RecordStepSpec) and step.repeat is not None:
+                self.repeated(i, step)
+            if step.when is not None:
+                scope = self._scope(i, message=False, reader="a 'when' condition")
+                for msg in check_expression(step.when, scope):
+                    self.add(("steps", i, "when"), f"step {step.id!r}: {msg}")
+
+    def repeated(self, i: int, step: RecordStepSpec) -> None:
+        """``repeat.until`` reads this step's latest repetition and ``<step>_all``; nothing may
+        verify a repeated step, group it in ``distinct_signers`` or take the name ``<step>_all``."""
+        until = step.repeat.until if step.repeat is not None else None
+        if until is not None:
+            scope = self._scope(i + 1, message=False, reader="an 'until' condition")
+            for msg in check_expression(until, scope):
+                self.add(("steps", i, "repeat", "until"), f"step {step.id!r}: {msg}")
+        for j, other in enumerate(self.defn.steps):
+            if other.id == f"{step.id}_all":
+                self.add(("steps", j, "id"), f"step id {other.id!r} is taken: expressions read the repetitions "
+                         f"of {step.id!r} under that name")
+            if isinstance(other, VerifyStepSpec) and other.of == step.id:
+                self.add(("steps", j, "of"), f"{step.id!r} is repeated; verify cannot check a repeated step")
+        for g, group in enumerate(self.defn.distinct_signers):
+            if step.id in group:
+                self.add(("distinct_signers", g, group.index(step.id)),
+                         f"{step.id!r} is repeated; distinct_signers cannot name a repeated step")
+
+    def computed(self, i: int, step: HumanStepSpec) -> None:
+        """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones."""
+        scope = self._scope(i, message=False, reader="a computed field")
+        readable = {n for n, f in step.fields.items() if f.compute is None}
+        for name, spec in step.fields.items():
+            if spec.compute is None:
+                continue
+            here = Scope({**scope.names, step.id: frozenset(readable)},
+                         {k: v for k, v in scope.unavailable.items() if k != step.id})
+            for msg in check_expression(spec.compute, here):
+                self.add(("steps", i, "fields", name, "compute"), f"step {step.id!r}: {msg}")
+            readable.add(name)
+
+    def subruns(self) -> None:
+        """``subrun`` steps and deviation SOPs name a sibling SOP; ``updates_deviation`` needs ``deviation_id``."""
+        here = self.loaded.path.parent if self.institution is not None else None
+
+        def sibling(loc: tuple[str | int, ...], sop_id: str) -> None:
+            if sop_id == self.defn.id:
+                self.add(loc, f"SOP {sop_id!r} cannot run itself as a sub-run")
+            elif here is not None and not (here / f"{sop_id}.yaml").is_file():
+                ids = sorted(p.stem for p in here.glob("*.yaml") if p.stem not in ("institution", "products"))
+                self.add(loc, f"unknown SOP {sop_id!r} in {self.institution.id if self.institution else ''}. "
+                              f"{_hint(sop_id, ids, 'SOPs')}".rstrip())
+
+        for i, step in enumerate(self.defn.steps):
+            if isinstance(step, SubrunStepSpec):
+                sibling(("steps", i, "sop"), step.sop)
+                for name, expr in step.params.items():
+                    for msg in check_expression(expr, self._scope(i, message=False)):
+                        self.add(("steps", i, "params", name), f"step {step.id!r}: {msg}")
+            elif isinstance(step, CheckStepSpec) and step.deviation.sop is not None:
+                sibling(("steps", i, "deviation", "sop"), step.deviation.sop)
+            elif isinstance(step, HumanStepSpec) and step.updates_deviation is not None:
+                if "deviation_id" not in self.defn.params:
+                    self.add(("steps", i, "updates_deviation"),
+                             "'updates_deviation' needs a param 'deviation_id' (the deviation the run handles)")
+                if step.updates_deviation == "capa":
+                    for name, types in _CAPA_FIELDS.items():
+                        spec = step.fields.get(name)
+                        if spec is None or spec.type not in types:
+                            self.add(("steps", i, "fields"), f"a 'capa' step needs a field {name!r} of type {types[0]!r}")
 
 
 def check_sop(

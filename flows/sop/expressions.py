@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, nodes
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefined, nodes
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -28,6 +28,7 @@ __all__ = [
     "check_expression",
     "check_message",
     "evaluate_check",
+    "evaluate_value",
     "render_message",
 ]
 
@@ -231,6 +232,26 @@ def evaluate_check(expr: str, context: Mapping[str, Any]) -> bool:
         raise ExpressionError(f"check {expr!r} failed: {_error_text(exc)}") from exc
     except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
         raise ExpressionError(f"check {expr!r} failed: {exc}") from exc
+
+
+def evaluate_value(expr: str, context: Mapping[str, Any], what: str = "expression") -> Any:
+    """Evaluate an expression (``compute:``, ``within_min:``...) against run data; returns its value.
+
+    Raises:
+        ExpressionError: the expression cannot be evaluated, or its value is run data itself
+        (a whole step's values), not a number, text, yes/no or none.
+    """
+    try:
+        value = _compiled_expression(expr)(**_context(context))
+        if isinstance(value, Undefined):
+            str(value)  # raises the UndefinedError that says which value is missing
+    except (ExpressionError, TemplateError) as exc:
+        raise ExpressionError(f"{what} {expr!r} failed: {_error_text(exc)}") from exc
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise ExpressionError(f"{what} {expr!r} failed: {exc}") from exc
+    if value is not None and not isinstance(value, str | int | float | bool):
+        raise ExpressionError(f"{what} {expr!r} gives {type(value).__name__}, not a number, text or yes/no")
+    return value
 
 
 def render_message(template: str, context: Mapping[str, Any]) -> str:

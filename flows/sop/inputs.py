@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flows.errors import SopInputError
+from flows.sop.expressions import ExpressionError, evaluate_value
+from flows.sop.identifiers import normalize_din
 from flows.sop.model import FieldSpec, ProductSpec
 
-__all__ = ["coerce_values"]
+__all__ = ["coerce_values", "compute_fields"]
 
 _TRUE = frozenset({"true", "yes", "1"})
 _FALSE = frozenset({"false", "no", "0"})
@@ -91,7 +93,26 @@ def _text(spec: FieldSpec, value: Any, show: str) -> str:
     if spec.pattern is not None and re.search(spec.pattern, value) is None:
         subject = "the value" if spec.phi else show
         raise _Bad(f"{subject} does not match the required pattern {spec.pattern!r}")
+    if spec.format == "isbt128_din":
+        value, problem = normalize_din(value)
+        if problem:
+            raise _Bad(f"{'the value' if spec.phi else repr(value)} {problem}")
     return value
+
+
+def _coi(value: str, spec: FieldSpec, product: tuple[str, ProductSpec] | None) -> None:
+    """A ``format: coi`` value against the run's product's ``coi_pattern``."""
+    if product is None:
+        raise _Bad("format 'coi' needs the run's product, and this run has none")
+    name, entry = product
+    if entry.coi_pattern is None:
+        raise _Bad(f"product {name!r} has no 'coi_pattern' in the catalogue (products.yaml), so its "
+                   "chain-of-identity id cannot be checked; set 'coi_pattern' (and 'coi_example') for it")
+    if re.fullmatch(entry.coi_pattern, value) is None:
+        subject = "the value" if spec.phi else repr(value)
+        example = f" (e.g. {entry.coi_example!r})" if entry.coi_example else ""
+        raise _Bad(f"{subject} is not a chain-of-identity id of product {name!r}: it must match "
+                   f"{entry.coi_pattern!r}{example}")
 
 
 def _choice(spec: FieldSpec, value: Any, show: str) -> str:
@@ -161,23 +182,31 @@ def coerce_values(
     *,
     where: str,
     products: Mapping[str, ProductSpec] | None = None,
+    product: tuple[str, ProductSpec] | None = None,
 ) -> dict[str, Any]:
-    """Check and convert run parameters or a step's fields; every declared field is in the result.
+    """Check and convert run parameters or a step's fields; every declared field that is entered
+    (not ``compute:``; :func:`compute_fields` adds those) is in the result.
 
     ``where`` names the SOP and the input in messages (``"dose_receipt step 'arrival'"``).
     Numbers become floats, datetimes ISO strings in UTC, optional fields left out become None.
+    ``format: coi`` fields are checked against ``product`` (id, entry: the run's product), or,
+    for run parameters, the product the ``product`` param names (looked up in ``products``).
 
     Raises:
         SopInputError: every problem, at once (values of ``phi`` fields never appear).
     """
     problems: list[str] = []
     for key in raw:
-        if key not in fields:
+        if key in fields and fields[key].compute is not None:
+            problems.append(f"{where}: {key}: is computed ({fields[key].compute!r}); it cannot be entered")
+        elif key not in fields:
             problems.append(
                 f"{where}: unknown field {key!r}.{_hint(str(key), list(fields))}"
             )
     values: dict[str, Any] = {}
     for name, spec in fields.items():
+        if spec.compute is not None:
+            continue  # compute_fields fills it in
         value = raw.get(name)
         if _is_empty(value):
             if spec.required:
@@ -189,6 +218,65 @@ def coerce_values(
             values[name] = _coerce(spec, value, products or {})
         except _Bad as exc:
             problems.append(f"{where}: {name}: {exc}")
+    run_product = product or _param_product(fields, values, products or {})
+    # A product param that was given but refused is reported already; its coi is not checked against nothing.
+    product_refused = run_product is None and any(
+        f.type == "product" and not _is_empty(raw.get(n)) for n, f in fields.items())
+    for name, spec in fields.items():
+        if spec.format == "coi" and isinstance(values.get(name), str) and not product_refused:
+            try:
+                _coi(values[name], spec, run_product)
+            except _Bad as exc:
+                problems.append(f"{where}: {name}: {exc}")
     if problems:
         raise SopInputError(problems)
     return values
+
+
+def _param_product(fields: Mapping[str, FieldSpec], values: Mapping[str, Any],
+                   products: Mapping[str, ProductSpec]) -> tuple[str, ProductSpec] | None:
+    for name, spec in fields.items():
+        if spec.type == "product" and values.get(name) in products:
+            return values[name], products[values[name]]
+    return None
+
+
+def compute_fields(
+    fields: Mapping[str, FieldSpec],
+    entered: Mapping[str, Any],
+    *,
+    step_id: str,
+    context: Mapping[str, Any],
+    where: str,
+) -> dict[str, Any]:
+    """The entered values plus every computed field (``compute:``), in declaration order.
+
+    Each expression reads ``context`` (params, product, run, earlier steps) and this step's
+    values so far as ``<step_id>.<field>``; its value is checked like an entered one (a number's
+    ``min``/``max``, a choice's ``choices``).
+
+    Raises:
+        SopInputError: every field that could not be computed, or whose value breaks its rule.
+    """
+    data = dict(entered)
+    problems: list[str] = []
+    for name, spec in fields.items():
+        if spec.compute is None:
+            continue
+        data[name] = None
+        try:
+            value = evaluate_value(spec.compute, {**context, step_id: data}, "compute")
+            if value is None or (isinstance(value, str) and not value.strip()):
+                if spec.required:
+                    raise _Bad(f"{spec.compute!r} gives no value")
+                continue
+            if spec.type == "text" and not isinstance(value, str):
+                value = str(value)
+            data[name] = _coerce(spec, value, {})
+        except ExpressionError as exc:
+            problems.append(f"{where}: {name}: could not be computed: {exc}")
+        except _Bad as exc:
+            problems.append(f"{where}: {name}: the computed value {exc}")
+    if problems:
+        raise SopInputError(problems)
+    return data

@@ -267,7 +267,7 @@ def _message(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[Loc, str]:
     loc, _ = _resolve(root, raw)
     if kind == "extra_forbidden":
         _, parent = _resolve(root, raw[:-1])
-        names = list(parent.model_fields) if _is_model(parent) else []
+        names = [f.alias or n for n, f in parent.model_fields.items()] if _is_model(parent) else []
         return (
             loc,
             f"unknown key {loc[-1]!r}. {_did_you_mean(str(loc[-1]), names)}".rstrip(),

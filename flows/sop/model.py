@@ -17,6 +17,7 @@ Step kinds (the ``kind`` key) and their specs:
     check     CheckStepSpec     an acceptance expression; on failure opens a deviation
     document  DocumentStepSpec  renders a Jinja template into a stored, hashed document
     notify    NotifyStepSpec    sends an apprise message to roles
+    subrun    SubrunStepSpec    starts a run of another SOP of the institution, linked to this one
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ from pydantic import (
 )
 
 __all__ = [
+    "DEVIATION_EVENTS",
     "HUMAN_KINDS",
     "ID_PATTERN",
+    "STEP_REF_PATTERN",
     "ApproveStepSpec",
     "CheckStepSpec",
+    "DeadlineDeviationSpec",
+    "DeadlineSpec",
     "DeviationSpec",
     "DocumentStepSpec",
     "FieldSpec",
@@ -48,9 +53,11 @@ __all__ = [
     "ProductCatalogSpec",
     "ProductSpec",
     "RecordStepSpec",
+    "RepeatSpec",
     "RoleSpec",
     "SopDefinition",
     "StepSpec",
+    "SubrunStepSpec",
     "TimeoutDeviationSpec",
     "VerifyStepSpec",
     "parse_duration",
@@ -107,6 +114,11 @@ class FieldSpec(_Frozen):
     max: float | None = None
     # choice
     choices: tuple[str, ...] | None = None
+    # identifiers (type text)
+    format: Literal["isbt128_din", "coi"] | None = None
+    """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
+    compute: str | None = None
+    """A step field nobody enters: this expression's value at submit time (number, text or choice fields)."""
 
     @field_validator("pattern")
     @classmethod
@@ -131,6 +143,10 @@ class FieldSpec(_Frozen):
             problems.append("type 'choice' needs a non-empty 'choices' list")
         if self.type != "choice" and self.choices is not None:
             problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
+        if self.format is not None and self.type != "text":
+            problems.append(f"'format' applies to type 'text', not {self.type!r}")
+        if self.compute is not None and self.type not in ("number", "text", "choice"):
+            problems.append(f"'compute' applies to types 'number', 'text' and 'choice', not {self.type!r}")
         if self.min is not None and self.max is not None and self.min > self.max:
             problems.append(f"'min' ({self.min}) is greater than 'max' ({self.max})")
         if problems:
@@ -170,6 +186,29 @@ class ProductSpec(_Frozen):
     unconfirmed: tuple[str, ...] = ()
     """Keys whose value the research could not confirm; the institution must set them."""
     source: str | None = None
+    coi_pattern: str | None = None
+    """Regular expression the whole value of a ``format: coi`` field must match for this product (the manufacturer's chain-of-identity id)."""
+    coi_example: str | None = None
+    """A chain-of-identity id that matches ``coi_pattern``, shown to people entering one."""
+
+    @field_validator("coi_pattern")
+    @classmethod
+    def _coi_pattern_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _coi_example_matches(self) -> ProductSpec:
+        if self.coi_example is not None and self.coi_pattern is None:
+            raise ValueError("'coi_example' needs a 'coi_pattern' it matches")
+        if self.coi_example is not None and self.coi_pattern is not None and not re.fullmatch(self.coi_pattern, self.coi_example):
+            raise ValueError(f"'coi_example' {self.coi_example!r} does not match 'coi_pattern' {self.coi_pattern!r}")
+        return self
+
     # Catalogue keys added with the SOP library (all optional; ``unconfirmed`` may name any of them).
     name_zh: str | None = None
     approvals: tuple[str, ...] = ()
@@ -209,10 +248,17 @@ class TimeoutDeviationSpec(_Frozen):
     description: str | None = None
 
 
+DeviationEventKind = Literal["contained", "mah_notified", "investigated", "disposition", "capa", "effectiveness", "closed"]
+DEVIATION_EVENTS: tuple[str, ...] = DeviationEventKind.__args__  # type: ignore[attr-defined]
+"""A deviation's lifecycle, in its usual order (``flows.record.deviations``)."""
+
+
 class _StepBase(_Frozen):
     id: Id
     title: str | None = None
     description: str | None = None
+    when: str | None = None
+    """Expression read when the walk reaches the step; false: the step is recorded ``skipped`` and never runs."""
 
 
 class HumanStepSpec(_StepBase):
@@ -229,11 +275,25 @@ class HumanStepSpec(_StepBase):
     on_timeout: Literal["escalate", "deviation"] = "escalate"
     """escalate: tell ``escalate_to``; deviation: also open a deviation (``timeout_deviation``). The step keeps waiting."""
     timeout_deviation: TimeoutDeviationSpec = Field(default_factory=TimeoutDeviationSpec)
+    updates_deviation: DeviationEventKind | None = None
+    """Done = this lifecycle event of the deviation named by the run's ``deviation_id`` param."""
+
+
+class RepeatSpec(_Frozen):
+    """Repeated measurements: each repetition ``<step>#<n>`` is its own signed record."""
+
+    every: Duration
+    """The next repetition is due this long after the previous one was signed."""
+    times: int = Field(ge=1)
+    """At most this many repetitions."""
+    until: str | None = None
+    """Read after each repetition (``<step>`` is the latest, ``<step>_all`` all of them); true ends the step."""
 
 
 class RecordStepSpec(HumanStepSpec):
     kind: Literal["record"]
     fields: dict[Id, FieldSpec]
+    repeat: RepeatSpec | None = None
 
 
 class VerifyStepSpec(HumanStepSpec):
@@ -253,6 +313,10 @@ class DeviationSpec(_Frozen):
     quarantine: bool = True
     """The dose is quarantined until QA signs a disposition."""
     disposition_role: Id = "qa"
+    sop: Id | None = None
+    """An SOP of the institution run as a sub-run to handle the deviation (params ``deviation_id``,
+    ``coi``, ``parent_run_id``); its ``updates_deviation: disposition`` step decides instead of the
+    inline ``<check>__disposition`` step."""
 
 
 class CheckStepSpec(_StepBase):
@@ -281,12 +345,57 @@ class NotifyStepSpec(_StepBase):
     """Jinja template string over ``params``, ``product``, ``run`` and earlier steps' data."""
 
 
+class SubrunStepSpec(_StepBase):
+    kind: Literal["subrun"]
+    sop: Id
+    """An SOP id of the same institution."""
+    params: dict[Id, str] = Field(default_factory=dict)
+    """Param name -> expression over this run's context, evaluated when the sub-run starts."""
+    wait: bool = True
+    """Wait until the sub-run ends; later steps read ``<step>.status`` and ``<step>.<sub_step>.<field>``."""
+
+
 StepSpec = Annotated[
-    RecordStepSpec | VerifyStepSpec | ApproveStepSpec | CheckStepSpec | DocumentStepSpec | NotifyStepSpec,
+    RecordStepSpec | VerifyStepSpec | ApproveStepSpec | CheckStepSpec | DocumentStepSpec | NotifyStepSpec
+    | SubrunStepSpec,
     Field(discriminator="kind"),
 ]
 
 HUMAN_KINDS = frozenset({"record", "verify", "approve"})
+
+STEP_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
+"""A deadline's end: ``<step>.<datetime field>``, or ``<step>`` (the time that step was signed)."""
+
+
+class DeadlineDeviationSpec(_Frozen):
+    """The deviation a breached deadline opens; the run goes on."""
+
+    classification: Literal["minor", "major", "critical"] = "major"
+    description: str | None = None
+    quarantine: bool = False
+    notify: tuple[Id, ...] = ("qa",)
+    """The roles told when it opens."""
+
+
+class DeadlineSpec(_Frozen):
+    """A time limit between two recorded times of a run (``deadlines:``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    id: Id
+    title: str | None = None
+    from_: str = Field(alias="from", pattern=STEP_REF_PATTERN)
+    to: str = Field(pattern=STEP_REF_PATTERN)
+    within: Duration | None = None
+    within_min: str | None = None
+    """An expression over ``params``, ``product`` and ``run`` giving the limit in minutes."""
+    deviation: DeadlineDeviationSpec = Field(default_factory=DeadlineDeviationSpec)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> DeadlineSpec:
+        if (self.within is None) == (self.within_min is None):
+            raise ValueError("give exactly one of 'within' (a duration like '30m') and 'within_min' (an expression in minutes)")
+        return self
 
 
 class SopDefinition(_Frozen):
@@ -301,6 +410,10 @@ class SopDefinition(_Frozen):
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     distinct_signers: tuple[tuple[Id, ...], ...] = ()
     """Groups of human steps that must each be signed by a different person."""
+    deadlines: tuple[DeadlineSpec, ...] = ()
+    """Time limits between recorded times; a breach opens a deviation and the run goes on."""
+    chain_stage: Literal["collection", "receipt", "storage", "infusion"] | None = None
+    """Which link of a dose's chain of identity a completed run of this SOP is (``sopflow chain``)."""
 
     def step(self, step_id: str) -> StepSpec:
         for s in self.steps:

@@ -1,0 +1,85 @@
+"""Edge of the data path: ``sopflow deviations`` and ``sopflow chain``, thin over ``flows.service``.
+
+    sopflow deviations [--all] [--json]     open deviations with their lifecycle, and overdue CAPAs
+    sopflow chain COI [--json]              every run that touched one dose, in order; is the chain unbroken?
+
+``flows.cli`` mounts both.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+__all__ = ["chain", "deviations"]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _cli() -> Any:
+    import flows.cli
+
+    return flows.cli
+
+
+def deviations(show_all: Annotated[bool, typer.Option("--all", help="Closed deviations too.")] = False,
+               as_of: Annotated[str | None, typer.Option("--as-of", help="Judge CAPAs overdue as of this ISO time (default: now).")] = None,
+               as_json: JsonOpt = False) -> None:
+    """Open deviations (oldest first) with their lifecycle, and every overdue CAPA action."""
+    from datetime import datetime
+
+    from flows import service
+
+    cli = _cli()
+    try:
+        now = datetime.fromisoformat(as_of) if as_of else None
+    except ValueError:
+        raise typer.BadParameter(f"expected an ISO date and time, got {as_of!r}", param_hint="--as-of") from None
+    res = cli._run(service.deviations, cli._settings(), now=now, include_closed=show_all)
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n")
+        return
+    out = cli.out
+    if not res["deviations"]:
+        out.print("no open deviations")
+    for d in res["deviations"]:
+        q = "  [red]QUARANTINED[/red]" if d["quarantined"] else ""
+        decision = f" ({d['decision']})" if d["decision"] else ""
+        out.print(f"{d['id']}  {d['classification']}  {d['status']}{decision}{q}  COI {d['coi'] or '-'}  "
+                  f"run {d['run_id'][:8]} {d['sop_id']}/{d['step_id']}  opened {d['opened_at'][:16]} UTC")
+        out.print(f"    {escape(d['description'])}")
+        if d["events"]:
+            out.print("    lifecycle: " + ", ".join(f"{e['kind']} {e['at'][:16]}" for e in d["events"]))
+    for c in res["overdue_capas"]:
+        out.print(f"[yellow]overdue CAPA[/yellow]  deviation {c['deviation_id']}  owner {c['owner']}  due {c['due']}  "
+                  f"{escape(str(c['action']))}")
+
+
+def chain(coi: str, as_json: JsonOpt = False) -> None:
+    """Every run that touched one dose (COI), in order, with sub-runs and deviations; exit 1 when the chain is broken."""
+    from flows import service
+
+    cli = _cli()
+    res = cli._run(service.chain_of_identity, cli._settings(), coi)
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n")
+    else:
+        out = cli.out
+        for r in res["runs"]:
+            stage = f"[{r['stage']}{'?' if r['stage_guessed'] else ''}] " if r["stage"] else ""
+            out.print(f"{'    ' * r['depth']}{r['started_at'][:16]}  {stage}{r['sop_id']} v{r['sop_version']}  "
+                      f"{r['run_id']}  {r['status']}")
+            for d in r["deviations"]:
+                out.print(f"{'    ' * r['depth']}    deviation {d['id']}  {d['classification']}  {d['status']}"
+                          f"{'  QUARANTINED' if d['quarantined'] else ''}")
+        if res["unbroken"]:
+            out.print(f"[green]chain of identity for {escape(res['coi'])}: unbroken[/green]")
+        else:
+            for p in res["problems"]:
+                cli.err.print(f"[red]chain broken:[/red] {escape(p)}")
+    if not res["unbroken"]:
+        raise typer.Exit(1)

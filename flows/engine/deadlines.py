@@ -1,0 +1,104 @@
+"""Stage 2: breached deadlines open deviations; the run goes on.
+
+The walk calls :func:`settle_deadlines` after every step (a ``to`` just recorded over its limit),
+and the executor's sweep calls :func:`sweep_deadlines` every few seconds (a ``from`` recorded,
+no ``to``, and now past due). Each opens one ``Deviation`` per deadline and run (its ``step_id``
+is the deadline's id), audited as ``deviation.open``, and tells the deadline's
+``deviation.notify`` roles. Exactly once: the row is written under the record's write lock after
+looking for it; the message goes out after that transaction, only by whoever wrote the row.
+
+No Prefect here: reads and writes sopflow's record and delivers through apprise.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlmodel import col, select
+
+from flows.config import Settings
+from flows.engine.escalation import format_duration
+from flows.engine.steps import SYSTEM, RunContext, send
+from flows.record import ledger
+from flows.record.db import read_session, write_session
+from flows.record.deadlines import ENDED, deadline_states
+from flows.record.query import stored_sop
+from flows.record.state import run_status
+from flows.record.tables import Deviation, SopRun, utcnow
+from flows.sop.model import SopDefinition
+
+__all__ = ["settle_deadlines", "sweep_deadlines"]
+
+log = logging.getLogger("sopflow.deadlines")
+
+_SOPS: dict[str, SopDefinition] = {}
+"""Stored SOP revisions by version id: their text never changes, so the sweep parses each once."""
+
+
+def _description(entry: dict[str, object], limit: timedelta) -> str:
+    if entry["state"] == "breached":
+        took = timedelta(seconds=float(entry["elapsed_seconds"] or 0))  # type: ignore[arg-type]
+        return (f"deadline {entry['title']!r} breached: {format_duration(took)} from {entry['from']} to {entry['to']}, "
+                f"more than its limit of {format_duration(limit)}")
+    return (f"deadline {entry['title']!r} overdue: {entry['to']} not recorded within {format_duration(limit)} "
+            f"of {entry['from']} (due {entry['due_at']})")
+
+
+def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now: datetime | None = None) -> int:
+    """Open a deviation for each breached or overdue deadline of the run that has none; returns how many."""
+    if not sop.deadlines:
+        return 0
+    now = now or utcnow()
+    with read_session(settings.database_url) as s:
+        todo = [e for e in deadline_states(s, run, sop, now) if e["state"] in ("breached", "overdue")
+                and e["deviation_id"] is None]
+    specs = {d.id: d for d in sop.deadlines}
+    n = 0
+    for entry in todo:
+        spec = specs[entry["id"]]
+        limit = timedelta(seconds=entry["limit_seconds"])
+        text = spec.deviation.description or _description(entry, limit)
+        with write_session(settings.database_url) as s:
+            if s.exec(select(Deviation.id).where(Deviation.run_id == run.id, Deviation.step_id == spec.id)).first():
+                continue  # the walk and a sweep raced: the other one opened it
+            dev = Deviation(run_id=run.id, step_id=spec.id, classification=spec.deviation.classification,
+                            description=text, quarantine=spec.deviation.quarantine, opened_at=now)
+            ledger.append(s, dev, actor=SYSTEM, action="deviation.open", reason=f"deadline {spec.id} {entry['state']}")
+            dev_id = dev.id
+        n += 1
+        title = f"[{run.sop_id}] deadline {entry['state']}: {entry['title']}"
+        body = (f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
+                f"deviation has been opened ({dev_id}); the run goes on. `sopflow record {run.id}` shows it.")
+        try:
+            send(RunContext(settings, run, sop), list(spec.deviation.notify), title, body)
+        except Exception:  # a broken notify.yaml must not undo a recorded deviation
+            log.exception("deviation %s of run %s recorded, but its roles could not be told", dev_id, run.id)
+    return n
+
+
+def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
+    """Settle the deadlines of every run still going (the executor's sweep); returns the deviations opened.
+
+    ``now`` is the clock (tests pass one; the executor passes none).
+    """
+    now = now or utcnow()
+    pending: list[tuple[SopRun, SopDefinition]] = []
+    with read_session(settings.database_url) as s:
+        sops = _SOPS
+        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
+            if run.sop_version_id not in sops:
+                sops[run.sop_version_id] = stored_sop(s, run)
+            if not sops[run.sop_version_id].deadlines:
+                continue
+            status = run_status(s, run.id)
+            if status is None or status.status not in ENDED:
+                s.expunge(run)
+                pending.append((run, sops[run.sop_version_id]))
+    n = 0
+    for run, sop in pending:
+        try:
+            n += settle_deadlines(settings, run, sop, now=now)
+        except Exception:  # one bad run must not stop the others
+            log.exception("deadlines of run %s could not be settled; retrying at the next sweep", run.id)
+    return n

@@ -1,0 +1,315 @@
+"""Stage 2: sub-runs, deviation handling by SOP, deviation lifecycle events and quarantine holds.
+
+A ``subrun`` step (or a failed check whose ``deviation`` names an ``sop``) starts a run of another
+SOP of the institution the way ``service.start_run`` does (the run's record first, then its flow
+run released), but started by the system on behalf of the parent's starter: the child's ``SopRun``
+names ``parent_run_id`` and ``parent_step_id``, and its ``run.start`` audit event says so.
+
+The parent records the link as step records of the link step (the ``subrun`` step's id, or
+``<check>__deviation``): ``waiting`` with ``subrun_id`` before each suspension (each under a new
+pause key ``<step>-sub-<n>``), ``done`` with the outcome. Nothing a resume carries is trusted: a
+woken parent re-reads the record and goes on only when the child's newest ``RunEvent`` is final
+(or, for a deviation, when the deviation has a ``disposition`` event). The child's end (and a
+disposition) resumes the parent at once; the executor's sweep (``resume_ready``) repairs a lost one.
+
+Quarantine: before a gate opens or a sub-run starts, a run whose COI is quarantined by another
+run's deviation records the step ``held`` (key ``<step>-held-<n>``) and suspends until the
+disposition lifts it (``flows.record.deviations.quarantine_problem``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import Any
+from uuid import UUID
+
+from sqlmodel import Session, col, func, select
+
+from flows.engine.client import create_flow_run, pause_key_prefix, release_flow_run
+from flows.engine.steps import RunContext, set_run_status, write_step
+from flows.record import ledger
+from flows.record.db import read_session, write_session
+from flows.record.deviations import (
+    append_event,
+    deviation_events,
+    quarantine_problem,
+    run_coi,
+)
+from flows.record.state import run_status, step_data, step_states
+from flows.record.tables import (
+    Deviation,
+    SopRun,
+    SopVersion,
+    StepRecord,
+    new_id,
+    utcnow,
+)
+from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec, SubrunStepSpec
+
+__all__ = ["deviation_link_id", "deviation_subrun", "hold_if_quarantined", "record_lifecycle",
+           "resume_ready", "run_subrun_step", "start_subrun"]
+
+FINAL = ("completed", "rejected", "stopped", "failed")
+log = logging.getLogger("sopflow.subruns")
+
+
+def deviation_link_id(check_id: str) -> str:
+    """The parent's step id that links a failed check to its deviation SOP's sub-run."""
+    return f"{check_id}__deviation"
+
+
+# --------------------------------------------------------------------------- starting
+
+def _evaluate(expr: str, context: dict[str, Any]) -> Any:
+    from flows.sop.expressions import ExpressionError, _compiled_expression, _context
+
+    try:
+        value = _compiled_expression(expr)(**_context(context))
+    except Exception as exc:
+        raise ExpressionError(f"expression {expr!r} failed: {exc}") from exc
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
+
+
+def _existing_child(session: Session, parent_id: str, link_id: str) -> SopRun | None:
+    return session.exec(select(SopRun).where(SopRun.parent_run_id == parent_id, SopRun.parent_step_id == link_id)
+                        .order_by(col(SopRun.started_at).desc())).first()
+
+
+def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[str, Any], *,
+                 deviation_id: str | None = None) -> str:
+    """Start (once) the sub-run of ``link_id``; returns its run id. Raises FlowsError (the run fails, saying why)."""
+    from flows.sop.catalog import Catalog
+    from flows.sop.inputs import coerce_values
+
+    with read_session(ctx.url) as s:
+        existing = _existing_child(s, ctx.run.id, link_id)
+        if existing is not None:
+            return existing.id
+    catalog = Catalog(ctx.settings.sops_dir, ctx.settings.templates_dir)
+    loaded = catalog.get_sop(ctx.run.institution, sop_id)
+    sop = loaded.definition
+    if deviation_id is not None:  # the contract's three params, those the deviation SOP declares
+        raw_params = {k: v for k, v in raw_params.items() if k in sop.params}
+    products = catalog.products(ctx.run.institution)
+    params = coerce_values(sop.params, {k: v for k, v in raw_params.items() if v is not None},
+                           where=f"{sop_id} params (sub-run of {ctx.run.sop_id} step {link_id!r})", products=products)
+    product = None
+    if (pname := sop.product_param()) is not None and params.get(pname) is not None:
+        product = products[params[pname]].model_dump(mode="json")
+    run_id = new_id()
+    flow_run_id = create_flow_run(ctx.settings, run_id, f"{sop_id}-{run_id[:8]}")
+    try:
+        with write_session(ctx.url) as s:
+            version = s.exec(select(SopVersion).where(SopVersion.institution == ctx.run.institution,
+                                                      SopVersion.sop_id == sop_id,
+                                                      SopVersion.sha256 == loaded.sha256)).first()
+            if version is None:
+                version = SopVersion(institution=ctx.run.institution, sop_id=sop_id, version=sop.version,
+                                     schema_version=sop.schema_version, sha256=loaded.sha256, text=loaded.text,
+                                     stored_at=utcnow())
+                ledger.append(s, version, actor="system", action="sop_version.store")
+            run = SopRun(id=run_id, institution=ctx.run.institution, sop_version_id=version.id, sop_id=sop_id,
+                         sop_version=sop.version, sop_sha256=loaded.sha256, schema_version=sop.schema_version,
+                         params_json=ledger.canonical(params).decode(),
+                         product_json=ledger.canonical(product).decode() if product is not None else None,
+                         flow_run_id=flow_run_id, started_by=ctx.run.started_by, started_at=utcnow(),
+                         parent_run_id=ctx.run.id, parent_step_id=link_id)
+            ledger.append(s, run, actor="system", action="run.start",
+                          reason=f"sub-run of run {ctx.run.id} step {link_id!r}, on behalf of its starter")
+            set_run_status(s, run_id, "scheduled")
+            if deviation_id is not None:
+                append_event(s, deviation_id, "subrun", {"run_id": run_id, "sop_id": sop_id}, run_id=ctx.run.id,
+                             step_id=link_id)
+    except BaseException:
+        release_flow_run(ctx.settings, flow_run_id, cancel=True)
+        raise
+    release_flow_run(ctx.settings, flow_run_id)
+    return run_id
+
+
+# --------------------------------------------------------------------------- waiting
+
+def _outcome(session: Session, child_id: str, deviation_id: str | None) -> dict[str, Any] | None:
+    """What the parent sees of its sub-run, or None while it has nothing to see yet."""
+    child = session.get(SopRun, child_id)
+    status = run_status(session, child_id)
+    decision = None
+    if deviation_id is not None:
+        disp = [json.loads(e.data_json) for e in deviation_events(session, deviation_id) if e.kind == "disposition"]
+        decision = disp[-1].get("decision") if disp else None
+    ended = status is not None and status.status in FINAL
+    if child is None or (not ended and decision is None):
+        return None
+    out: dict[str, Any] = {}
+    for sid, rec in step_states(session, child_id).items():
+        if rec.status == "done" and (rec.kind in HUMAN_KINDS or rec.kind == "subrun"):
+            out[sid] = step_data(rec)
+    out.update({"run_id": child_id, "sop_id": child.sop_id, "status": status.status if status else "unknown",
+                "status_detail": status.detail if status else None})
+    if deviation_id is not None:
+        out.update({"deviation_id": deviation_id, "decision": decision, "reason": disp[-1].get("reason") if disp else None})
+    return out
+
+
+def _count(session: Session, run_id: str, step_id: str, status: str) -> int:
+    return int(session.exec(select(func.count()).select_from(StepRecord).where(
+        StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == status)).one())
+
+
+async def _suspend(ctx: RunContext, step_id: str, kind: str, status: str, data: dict[str, Any], detail: str,
+                   reason: str | None = None) -> None:
+    """Record the step ``status`` (a new record each time: each suspension gets its own key) and suspend."""
+    from prefect.flow_runs import suspend_flow_run
+
+    with write_session(ctx.url) as s:
+        write_step(s, ctx.run.id, step_id, kind, status, data, reason=reason)
+        set_run_status(s, ctx.run.id, "waiting", detail)
+        n = _count(s, ctx.run.id, step_id, status)
+    await suspend_flow_run(key=f"{pause_key_prefix(step_id)}{'sub' if status == 'waiting' else 'held'}-{n}")
+
+
+async def _await_child(ctx: RunContext, link_id: str, kind: str, child_id: str, deviation_id: str | None) -> dict[str, Any]:
+    while True:
+        with write_session(ctx.url) as s:
+            rec = step_states(s, ctx.run.id).get(link_id)
+            if rec is not None and rec.status == "done":
+                return step_data(rec)
+            outcome = _outcome(s, child_id, deviation_id)
+            if outcome is not None:
+                set_run_status(s, ctx.run.id, "running")
+                write_step(s, ctx.run.id, link_id, kind, "done", outcome)
+                return outcome
+        await _suspend(ctx, link_id, kind, "waiting", {"subrun_id": child_id, "deviation_id": deviation_id},
+                       f"{link_id}: waits for sub-run {child_id}")
+
+
+async def run_subrun_step(ctx: RunContext, step: SubrunStepSpec) -> dict[str, Any]:
+    """A ``subrun`` step: start the sub-run (once) and, with ``wait``, wait until it ends."""
+    rec = ctx.states.get(step.id)
+    if rec is not None and rec.status == "done":
+        return step_data(rec)
+    if rec is None or rec.status == "held":
+        await hold_if_quarantined(ctx, step.id, "subrun")
+    context = ctx.expression_context()
+    params = {name: _evaluate(expr, context) for name, expr in step.params.items()}
+    child_id = start_subrun(ctx, step.id, step.sop, params)
+    if not step.wait:
+        with write_session(ctx.url) as s:
+            data = {"run_id": child_id, "sop_id": step.sop, "status": "started"}
+            write_step(s, ctx.run.id, step.id, "subrun", "done", data)
+        return data
+    return await _await_child(ctx, step.id, "subrun", child_id, None)
+
+
+async def deviation_subrun(ctx: RunContext, check: CheckStepSpec, *, wait: bool) -> dict[str, Any] | None:
+    """A failed check whose deviation names an SOP: start it as a sub-run (params ``deviation_id``,
+    ``coi``, ``parent_run_id``) and, with ``wait``, wait for its disposition. Returns
+    ``{"decision": ...}``, or None when there is nothing to decide by (``wait`` false, or the sub-run
+    ended without a disposition: the inline ``<check>__disposition`` step decides then)."""
+    link = deviation_link_id(check.id)
+    with read_session(ctx.url) as s:
+        dev = s.exec(select(Deviation).where(Deviation.run_id == ctx.run.id, Deviation.step_id == check.id)
+                     .order_by(col(Deviation.opened_at).desc())).first()
+    if dev is None or check.deviation.sop is None:
+        return None
+    params = {"deviation_id": dev.id, "coi": run_coi(ctx.run, ctx.sop), "parent_run_id": ctx.run.id}
+    child_id = start_subrun(ctx, link, check.deviation.sop, params, deviation_id=dev.id)
+    if not wait:
+        return None
+    outcome = await _await_child(ctx, link, "subrun", child_id, dev.id)
+    return outcome if outcome.get("decision") else None
+
+
+# --------------------------------------------------------------------------- quarantine
+
+def _quarantine(ctx: RunContext) -> str | None:
+    params = json.loads(ctx.run.params_json)
+    with read_session(ctx.url) as s:
+        return quarantine_problem(s, run_coi(ctx.run, ctx.sop), run_id=ctx.run.id, deviation_id=params.get("deviation_id"))
+
+
+async def hold_if_quarantined(ctx: RunContext, step_id: str, kind: str) -> None:
+    """Return at once unless the run's dose is quarantined; else hold the step until the disposition."""
+    while (problem := _quarantine(ctx)) is not None:
+        await _suspend(ctx, step_id, kind, "held", {"problem": problem}, f"{step_id}: held: {problem}", reason=problem)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+def record_lifecycle(session: Session, ctx: RunContext, step: HumanStepSpec, data: dict[str, Any],
+                     rec: StepRecord) -> None:
+    """A step with ``updates_deviation`` was accepted: append the deviation's event (same transaction)."""
+    kind = getattr(step, "updates_deviation", None)
+    if kind is None:
+        return
+    deviation_id = json.loads(ctx.run.params_json).get("deviation_id")
+    if step.id.endswith("__disposition"):  # the inline disposition of this run's failed check
+        dev = session.exec(select(Deviation).where(Deviation.run_id == ctx.run.id,
+                                                   Deviation.step_id == step.id.removesuffix("__disposition"))
+                           .order_by(col(Deviation.opened_at).desc())).first()
+        deviation_id = dev.id if dev else None
+    if not deviation_id or session.get(Deviation, deviation_id) is None:
+        log.error("run %s step %s updates_deviation %s: no deviation %r", ctx.run.id, step.id, kind, deviation_id)
+        return
+    append_event(session, deviation_id, kind, data, run_id=ctx.run.id, step_id=step.id, actor_id=rec.actor_id,
+                 signature_id=rec.signature_id)
+
+
+# --------------------------------------------------------------------------- resuming
+
+def _paused_key(client: Any, flow_run_id: str) -> str | None:
+    state = client.read_flow_run(UUID(flow_run_id)).state
+    return str(state.state_details.pause_key or "") if state is not None and state.is_paused() else None
+
+
+def resume_ready(settings: Any, client: Any = None) -> int:
+    """Resume every run suspended on a sub-run that has ended (or been dispositioned) and every run
+    held by a quarantine that is lifted. The executor's sweep calls it; so do a sub-run's end and a
+    disposition, at once. Best effort: returns how many it resumed."""
+    from flows.engine.client import _client
+
+    ready: list[tuple[str, str]] = []
+    with read_session(settings.database_url) as s:
+        for rec in s.exec(select(StepRecord).where(col(StepRecord.status).in_(("waiting", "held")))):
+            if rec.status == "waiting" and "subrun_id" not in rec.data_json:
+                continue
+            newest = step_states(s, rec.run_id).get(rec.step_id)
+            run = s.get(SopRun, rec.run_id)
+            if newest is None or newest.id != rec.id or run is None:
+                continue
+            if rec.status == "waiting":
+                d = step_data(rec)
+                if _outcome(s, d["subrun_id"], d.get("deviation_id")) is None:
+                    continue
+                key = f"{pause_key_prefix(rec.step_id)}sub-"
+            else:
+                params = json.loads(run.params_json)
+                from flows.record.query import stored_sop
+
+                if quarantine_problem(s, run_coi(run, stored_sop(s, run)), run_id=run.id,
+                                      deviation_id=params.get("deviation_id")) is not None:
+                    continue
+                key = f"{pause_key_prefix(rec.step_id)}held-"
+            ready.append((run.flow_run_id, key))
+    if not ready:
+        return 0
+    n = 0
+    try:
+        with contextlib.nullcontext(client) if client is not None else _client(settings) as c:
+            for flow_run_id, key in ready:
+                try:
+                    paused = _paused_key(c, flow_run_id)
+                    if paused and paused.startswith(key):
+                        c.resume_flow_run(UUID(flow_run_id))
+                        n += 1
+                except Exception as exc:  # one bad run must not stop the others
+                    log.error("cannot resume flow run %s (%s): %s", flow_run_id, key, exc)
+    except Exception as exc:
+        log.error("resume sweep failed: %s", exc)
+    if n:
+        from flows.engine.executor import nudge
+
+        nudge(settings)
+    return n

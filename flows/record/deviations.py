@@ -1,0 +1,192 @@
+"""Stage 3: a deviation's lifecycle, quarantine of a dose by its COI, and the open-deviation list.
+
+A ``Deviation`` row is written once, when a check (or a time-out, or a deadline) opens it. What
+happens to it afterwards is a sequence of ``DeviationEvent`` rows, appended when a human step
+with ``updates_deviation: <kind>`` is accepted (the inline ``<check>__disposition`` step counts as
+``disposition``), and ``subrun`` when its handling SOP is started. The state is read from them:
+
+    open          no ``closed`` event
+    dispositioned the newest ``disposition`` event (its ``decision``: approve = use with documented
+                  risk acceptance, anything else = reject)
+    quarantined   ``quarantine: true`` and no disposition yet: the dose (the COI param of the run
+                  that opened it) may not start a run, nor open a gate of another run
+    CAPA          each ``capa`` event (``action``, ``owner``, ``due``) is an action; it is done once an
+                  ``effectiveness`` or ``closed`` event follows it, overdue when not done after ``due``
+
+Must not import prefect.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from flows.errors import SopInputError
+from flows.record import ledger
+from flows.record.tables import Deviation, DeviationEvent, SopRun, utcnow
+from flows.sop.model import SopDefinition
+
+__all__ = [
+    "active_quarantines",
+    "append_event",
+    "check_deviation_param",
+    "coi_param",
+    "deviation_events",
+    "deviation_state",
+    "list_deviations",
+    "quarantine_problem",
+    "run_coi",
+]
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def coi_param(sop: SopDefinition | None, params: dict[str, Any]) -> str | None:
+    """The name of the run's chain-of-identity param: one with ``format: coi``, else one named ``coi``."""
+    if sop is not None:
+        for name, spec in sop.params.items():
+            if getattr(spec, "format", None) == "coi":
+                return name
+    return "coi" if "coi" in params else None
+
+
+def run_coi(run: SopRun, sop: SopDefinition | None = None) -> str | None:
+    """The COI a run carries in its params, if any."""
+    params = json.loads(run.params_json)
+    name = coi_param(sop, params)
+    value = params.get(name) if name else None
+    return str(value).strip() if value not in (None, "") else None
+
+
+def append_event(session: Session, deviation_id: str, kind: str, data: dict[str, Any], *, run_id: str, step_id: str,
+                 actor_id: str | None = None, signature_id: str | None = None) -> DeviationEvent:
+    """Append one lifecycle event (inside the caller's write session)."""
+    last = session.exec(select(DeviationEvent.n).where(DeviationEvent.deviation_id == deviation_id)
+                        .order_by(col(DeviationEvent.n).desc()).limit(1)).first()
+    ev = DeviationEvent(deviation_id=deviation_id, n=(last or 0) + 1, kind=kind, data_json=ledger.canonical(data).decode(),
+                        run_id=run_id, step_id=step_id, actor_id=actor_id, signature_id=signature_id, at=utcnow())
+    ledger.append(session, ev, actor=actor_id or "system", action=f"deviation.{kind}")
+    return ev
+
+
+def deviation_events(session: Session, deviation_id: str) -> list[DeviationEvent]:
+    return list(session.exec(select(DeviationEvent).where(DeviationEvent.deviation_id == deviation_id)
+                             .order_by(col(DeviationEvent.n))))
+
+
+def deviation_state(session: Session, dev: Deviation, now: datetime | None = None) -> dict[str, Any]:
+    """A deviation with its events and what they add up to (see the module docstring)."""
+    now = _aware(now or utcnow())
+    events = deviation_events(session, dev.id)
+    disposition = next((e for e in reversed(events) if e.kind == "disposition"), None)
+    decision = json.loads(disposition.data_json).get("decision") if disposition else None
+    closed = any(e.kind == "closed" for e in events)
+    capas = []
+    for i, e in enumerate(events):
+        if e.kind != "capa":
+            continue
+        data = json.loads(e.data_json)
+        done = any(later.kind in ("effectiveness", "closed") for later in events[i + 1:])
+        due = _parse(data.get("due"))
+        capas.append({"event_id": e.id, "action": data.get("action"), "owner": data.get("owner"), "due": data.get("due"),
+                      "done": done, "overdue": bool(due and not done and due < now), "run_id": e.run_id})
+    run = session.get(SopRun, dev.run_id)
+    subruns = [json.loads(e.data_json).get("run_id") for e in events if e.kind == "subrun"]
+    return {
+        "id": dev.id, "run_id": dev.run_id, "sop_id": run.sop_id if run else None, "step_id": dev.step_id,
+        "coi": run_coi(run, _sop_of(session, run)) if run else None,
+        "classification": dev.classification, "description": dev.description, "quarantine": dev.quarantine,
+        "opened_at": _iso(dev.opened_at),
+        "status": "closed" if closed else ("dispositioned" if disposition else "open"),
+        "decision": decision, "quarantined": bool(dev.quarantine and disposition is None),
+        "subruns": subruns, "capas": capas,
+        "events": [{"n": e.n, "kind": e.kind, "at": _iso(e.at), "run_id": e.run_id, "step_id": e.step_id,
+                    "actor_id": e.actor_id, "signature_id": e.signature_id, "data": json.loads(e.data_json)}
+                   for e in events],
+    }
+
+
+def _iso(value: datetime) -> str:
+    return _aware(value).astimezone(UTC).isoformat()
+
+
+def _parse(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return _aware(datetime.fromisoformat(str(value)))
+    except ValueError:
+        return None
+
+
+def _sop_of(session: Session, run: SopRun) -> SopDefinition | None:
+    from flows.record.query import stored_sop
+
+    try:
+        return stored_sop(session, run)
+    except Exception:  # an unreadable stored SOP: fall back to a param named coi
+        return None
+
+
+def active_quarantines(session: Session, coi: str) -> list[Deviation]:
+    """Deviations with ``quarantine: true`` and no disposition yet, opened on a run carrying ``coi``."""
+    out = []
+    for dev in session.exec(select(Deviation).where(Deviation.quarantine == True).order_by(col(Deviation.opened_at))):  # noqa: E712
+        run = session.get(SopRun, dev.run_id)
+        if run is None or run_coi(run, _sop_of(session, run)) != coi:
+            continue
+        if not any(e.kind == "disposition" for e in deviation_events(session, dev.id)):
+            out.append(dev)
+    return out
+
+
+def _lineage(session: Session, run_id: str | None) -> set[str]:
+    """The run and every ancestor through ``parent_run_id``."""
+    seen: set[str] = set()
+    while run_id and run_id not in seen:
+        seen.add(run_id)
+        run = session.get(SopRun, run_id)
+        run_id = run.parent_run_id if run else None
+    return seen
+
+
+def quarantine_problem(session: Session, coi: str | None, *, run_id: str | None = None,
+                       deviation_id: str | None = None) -> str | None:
+    """Why a run on ``coi`` may not go on (start, open a gate), or None.
+
+    The run that opened the deviation, its sub-runs and a run handling it (``deviation_id``) are
+    not held: they are how the deviation gets its disposition.
+    """
+    if not coi:
+        return None
+    lineage = _lineage(session, run_id)
+    for dev in active_quarantines(session, coi):
+        if dev.id == deviation_id or dev.run_id in lineage:
+            continue
+        return (f"dose {coi} is quarantined by deviation {dev.id} ({dev.classification}: {dev.description}) "
+                "until QA signs its disposition")
+    return None
+
+
+def list_deviations(session: Session, now: datetime | None = None, *, include_closed: bool = False) -> dict[str, Any]:
+    """``{"deviations": [open ones, oldest first], "overdue_capas": [...]}`` (``sopflow deviations``)."""
+    now = _aware(now or utcnow())
+    devs = [deviation_state(session, d, now) for d in session.exec(select(Deviation).order_by(col(Deviation.opened_at)))]
+    shown = [d for d in devs if include_closed or d["status"] != "closed"]
+    overdue = [{**c, "deviation_id": d["id"], "coi": d["coi"]} for d in devs for c in d["capas"] if c["overdue"]]
+    return {"now": now.isoformat(), "deviations": shown, "overdue_capas": overdue}
+
+
+def check_deviation_param(session: Session, sop: Any, params: dict[str, Any]) -> None:
+    """A run of an SOP with ``updates_deviation`` steps must name an existing deviation (SopInputError)."""
+    if not any(getattr(st, "updates_deviation", None) for st in sop.steps):
+        return
+    dev_id = params.get("deviation_id")
+    if not dev_id or session.get(Deviation, dev_id) is None:
+        raise SopInputError([f"{sop.id} params.deviation_id: {dev_id!r} is not a deviation id; "
+                             "`sopflow deviations` lists the open ones"])

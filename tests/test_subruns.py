@@ -1,0 +1,232 @@
+"""Sub-runs, deviations handled by their SOP, quarantine, `sopflow deviations` and the chain of
+identity, against the real Prefect server and executor (tests/sops/engine/dev_hospital)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+from sqlmodel import select
+from typer.testing import CliRunner
+
+from flows import service
+from flows.cli import app
+from flows.errors import NotAuthorizedError, SopInputError, StepNotWaitingError
+from flows.record.db import read_session
+from flows.record.export import verify_export
+from flows.record.tables import AuditEvent, SopRun
+from tests.fixtures_engine import PASSWORD, wait_for
+
+pytestmark = pytest.mark.slow
+
+INST = "dev_hospital"
+SOPS = ("parent_flow", "child_flow", "receipt", "deviation_capa", "collection", "storage", "infusion")
+
+
+@pytest.fixture(name="dev", scope="module")
+def dev_fixture(engine):
+    """dev_hospital's staff, trained on its SOPs."""
+    from flows.admin import add_user, grant_training
+
+    for username, role in (("dv_tech", "cell_lab"), ("dv_qa", "qa"), ("dv_qa2", "qa")):
+        add_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)], actor="test")
+        for sop in SOPS:
+            grant_training(engine, username, INST, sop, 1, trainer="Test Trainer")
+    return engine
+
+
+def _start(settings, sop_id: str, coi: str, **params: str) -> str:
+    return service.start_run(settings, INST, sop_id, {"coi": coi, **params}, "dv_tech", PASSWORD).run_id
+
+
+def _sign(settings, run_id: str, step: str, user: str, values: dict) -> None:
+    wait_for(settings, run_id, step=step, timeout=30)
+    service.submit_step(settings, run_id, step, user, PASSWORD, values)
+
+
+def _child(settings, run_id: str, link: str) -> str:
+    """The sub-run a parent's link step started (waits until it has)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with read_session(settings.database_url) as s:
+            child = s.exec(select(SopRun).where(SopRun.parent_run_id == run_id, SopRun.parent_step_id == link)).first()
+            if child is not None:
+                return child.id
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id} started no sub-run at {link}")
+
+
+def _final(settings, run_id: str) -> dict:
+    return wait_for(settings, run_id, statuses=("completed", "rejected", "stopped", "failed"), timeout=30)
+
+
+def test_parent_waits_for_its_sub_run_then_reads_its_data(dev):
+    parent = _start(dev, "parent_flow", "COI-DEV-0001")
+    child = _child(dev, parent, "child")
+    rec = wait_for(dev, parent, statuses=("waiting",))
+    assert {s["id"]: s["status"] for s in rec["steps"]}["child"] == "waiting"
+
+    _sign(dev, child, "confirm", "dv_tech", {"ok": "yes"})
+    rec = _final(dev, parent)
+
+    assert rec["run"]["status"] == "completed"
+    steps = {s["id"]: s for s in rec["steps"]}
+    assert steps["child"]["data"]["status"] == "completed"
+    assert steps["child"]["data"]["confirm"]["ok"] == "yes"
+    assert steps["child_ok"]["data"]["passed"] is True
+    with read_session(dev.database_url) as s:
+        row = s.get(SopRun, child)
+        started = s.exec(select(AuditEvent).where(AuditEvent.object_id == child, AuditEvent.action == "run.start")).one()
+        parent_row = s.get(SopRun, parent)
+    assert (row.parent_run_id, row.parent_step_id, row.started_by) == (parent, "child", parent_row.started_by)
+    assert json.loads(row.params_json)["note"] == "started by COI-DEV-0001"
+    assert started.actor == "system"
+    assert "on behalf of its starter" in started.reason
+
+
+def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_parent(dev):
+    coi = "COI-DEV-0002"
+    receipt = _start(dev, "receipt", coi)
+    _sign(dev, receipt, "arrival", "dv_tech", {"logger_max_c": "-120"})
+    handler = _child(dev, receipt, "cold_enough__deviation")
+    rec = wait_for(dev, receipt, statuses=("waiting",))
+    dev_id = rec["deviations"][0]["id"]
+    with read_session(dev.database_url) as s:
+        params = json.loads(s.get(SopRun, handler).params_json)
+    assert params == {"deviation_id": dev_id, "coi": coi, "parent_run_id": receipt}
+
+    # The quarantined dose starts no other run; the refusal names the deviation.
+    with pytest.raises(NotAuthorizedError, match=f"quarantined by deviation {dev_id}"):
+        _start(dev, "storage", coi)
+    # A deviation SOP run must name a real deviation.
+    with pytest.raises(SopInputError, match="is not a deviation id"):
+        _start(dev, "deviation_capa", coi, deviation_id="nope")
+
+    _sign(dev, handler, "containment", "dv_qa", {"action": "dose moved to quarantine shelf"})
+    _sign(dev, handler, "disposition", "dv_qa", {"decision": "reject", "reason": "excursion too long"})
+    rec = _final(dev, receipt)
+
+    assert rec["run"]["status"] == "rejected"
+    assert "reject" in rec["run"]["status_detail"]
+    assert {s["id"]: s["status"] for s in rec["steps"]}["put_away"] == "not reached"
+    # The disposition lifted the quarantine: the dose may be handled (e.g. stored for return) again.
+    later = _start(dev, "storage", coi)
+    assert wait_for(dev, later, step="done")["run"]["status"] == "waiting"
+    listed = service.deviations(dev)
+    mine = next(d for d in listed["deviations"] if d["id"] == dev_id)
+    assert (mine["status"], mine["decision"], mine["quarantined"]) == ("dispositioned", "reject", False)
+    assert [e["kind"] for e in mine["events"]] == ["subrun", "contained", "disposition"]
+    # The quality record shows the link, the sub-run and the lifecycle; its export verifies offline.
+    rec = service.quality_record(dev, receipt)
+    assert rec["subruns"][0]["id"] == handler
+    assert rec["subruns"][0]["sop_id"] == "deviation_capa"
+    link = {s["id"]: s for s in rec["steps"]}["cold_enough__deviation"]
+    assert (link["status"], link["data"]["decision"], link["data"]["reason"]) == ("done", "reject", "excursion too long")
+    assert (rec["deviations"][0]["decision"], rec["deviations"][0]["status"]) == ("reject", "dispositioned")
+    assert [e["kind"] for e in rec["deviations"][0]["lifecycle"]] == ["subrun", "contained", "disposition"]
+    assert verify_export(json.loads(json.dumps(rec, default=str))) == []
+    printed = CliRunner().invoke(app, ["record", receipt])
+    assert printed.exit_code == 0, printed.output
+    # A rejecting disposition rejects the dose, not the deviation: its SOP goes on to the CAPA.
+    assert f"{handler}  deviation_capa v1 from step cold_enough__deviation: waiting" in printed.output
+    assert wait_for(dev, handler, step="capa")["run"]["status"] == "waiting"
+    assert service.quality_record(dev, handler)["run"]["parent_run_id"] == receipt
+    # The chain shows the deviation's sub-run under the receipt, and why it is broken.
+    chain = service.chain_of_identity(dev, coi)
+    assert [(r["sop_id"], r["depth"]) for r in chain["runs"]] == [("receipt", 0), ("deviation_capa", 1), ("storage", 0)]
+    assert chain["unbroken"] is False
+    problems = "\n".join(chain["problems"])
+    assert f"run {receipt[:8]} (receipt) ended rejected" in problems
+    assert f"deviation {dev_id} on run {receipt[:8]} (receipt) is dispositioned" in problems
+    assert f"no completed collection run for {coi}" in problems
+
+
+def test_quarantine_holds_another_runs_next_gate_until_approval_then_capa_overdue_and_closure(dev):
+    coi = "COI-DEV-0003"
+    other = _start(dev, "receipt", coi)  # started before the deviation: its arrival gate is open
+    wait_for(dev, other, step="arrival")
+    receipt = _start(dev, "receipt", coi)
+    _sign(dev, receipt, "arrival", "dv_tech", {"logger_max_c": "-140"})
+    handler = _child(dev, receipt, "cold_enough__deviation")
+
+    # The other run may finish the gate it had open, but its next gate is held.
+    _sign(dev, other, "arrival", "dv_tech", {"logger_max_c": "-180"})
+    rec = wait_for(dev, other, statuses=("waiting",))
+    import time
+
+    deadline = time.monotonic() + 30
+    while {s["id"]: s["status"] for s in rec["steps"]}["put_away"] != "held" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        rec = service.quality_record(dev, other)
+    assert {s["id"]: s["status"] for s in rec["steps"]}["put_away"] == "held"
+    assert "quarantined by deviation" in rec["run"]["status_detail"]
+    assert "put_away" in next(r for r in service.list_runs(dev) if r["id"] == other)["waiting_on"]
+    with pytest.raises(StepNotWaitingError, match="it is held"):
+        service.submit_step(dev, other, "put_away", "dv_tech", PASSWORD, {"position": "T1"})
+
+    _sign(dev, handler, "containment", "dv_qa", {"action": "hold"})
+    _sign(dev, handler, "disposition", "dv_qa", {"decision": "approve", "reason": "physician accepts the risk"})
+    # Approved: the parent goes on to put_away; the held run's gate opens too.
+    wait_for(dev, receipt, step="put_away")
+    wait_for(dev, other, step="put_away")
+
+    due = "2026-12-01T09:00:00+08:00"
+    wait_for(dev, handler, step="capa")
+    with pytest.raises(SopInputError, match="owner: no user 'nobody'"):
+        service.submit_step(dev, handler, "capa", "dv_qa", PASSWORD, {"action": "a", "owner": "nobody", "due": due})
+    _sign(dev, handler, "capa", "dv_qa", {"action": "requalify shipper", "owner": "dv_qa2", "due": due})
+    wait_for(dev, handler, step="closure")
+    dev_id = service.quality_record(dev, receipt)["deviations"][0]["id"]
+
+    before = service.deviations(dev, now=datetime.fromisoformat(due) - timedelta(days=1))
+    after = service.deviations(dev, now=datetime.fromisoformat(due) + timedelta(days=1))
+    assert dev_id in {d["id"] for d in after["deviations"]}
+    assert not [c for c in before["overdue_capas"] if c["deviation_id"] == dev_id]
+    overdue = [c for c in after["overdue_capas"] if c["deviation_id"] == dev_id]
+    assert [(c["owner"], c["action"]) for c in overdue] == [("dv_qa2", "requalify shipper")]
+    printed = CliRunner().invoke(app, ["deviations", "--as-of", "2026-12-02T00:00:00+00:00"])
+    assert printed.exit_code == 0, printed.output
+    assert dev_id in printed.output
+    assert "overdue CAPA" in printed.output
+    assert "dv_qa2" in printed.output
+
+    _sign(dev, handler, "closure", "dv_qa", {"decision": "approve"})
+    _final(dev, handler)
+    closed = service.deviations(dev, now=datetime.fromisoformat(due) + timedelta(days=1))
+    assert dev_id not in {d["id"] for d in closed["deviations"]}
+    assert not [c for c in closed["overdue_capas"] if c["deviation_id"] == dev_id]
+
+
+def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
+    coi = "COI-DEV-0005"
+    for sop in ("collection", "receipt", "storage", "infusion"):
+        run = _start(dev, sop, coi)
+        if sop == "receipt":
+            _sign(dev, run, "arrival", "dv_tech", {"logger_max_c": "-180"})
+            _sign(dev, run, "put_away", "dv_tech", {"position": "T1-A3"})
+        else:
+            _sign(dev, run, "done", "dv_tech", {"ok": "yes"})
+        assert _final(dev, run)["run"]["status"] == "completed"
+
+    chain = service.chain_of_identity(dev, coi)
+    assert chain["unbroken"] is True, chain["problems"]
+    assert [(r["sop_id"], r["stage"], r["status"]) for r in chain["runs"]] == [
+        ("collection", "collection", "completed"), ("receipt", "receipt", "completed"),
+        ("storage", "storage", "completed"), ("infusion", "infusion", "completed")]
+    printed = CliRunner().invoke(app, ["chain", coi])
+    assert printed.exit_code == 0
+    assert "unbroken" in printed.output
+
+    # A later run on the dose that has not ended breaks the chain until it does.
+    extra = _start(dev, "storage", coi)
+    wait_for(dev, extra, step="done")
+    broken = service.chain_of_identity(dev, coi)
+    assert broken["unbroken"] is False
+    assert broken["problems"] == [f"run {extra[:8]} (storage) has not ended (it is waiting)"]
+    printed = CliRunner().invoke(app, ["chain", coi])
+    assert printed.exit_code == 1
+    assert "chain broken" in printed.output
+
