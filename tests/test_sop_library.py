@@ -14,17 +14,21 @@ import io
 import shutil
 import time
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
+from sqlmodel import select
 
 from flows import service
 from flows.config import Settings
 from flows.errors import SopInputError
 from flows.record.db import read_session
 from flows.record.state import run_status, step_states
+from flows.record.tables import SopRun
 from flows.sop import Catalog
 from tests.fixtures_engine import PASSWORD
 
@@ -65,7 +69,34 @@ STAFF = {
 RELMA_CONFIRMED = {"storage_max_c": -150, "thaw_to_infusion_max_min": 180, "documents": ["CoA", "RFI"],
                    "tocilizumab_doses_min": 2, "unconfirmed": []}
 
-T = "2026-11-25T{}:00+08:00"
+# Entered times are relative to now: "08:00" is two hours ago. Deadlines compare them with the clock
+# (the executor's sweep opens a deviation once a started deadline is past due).
+ZONE = ZoneInfo("Asia/Shanghai")
+BASE = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
+
+
+class _Clock:
+    """``T.format("09:40")``: BASE + 1 h 40 min, ISO 8601 with the +08:00 offset."""
+
+    def at(self, hhmm: str) -> datetime:
+        h, m = (int(x) for x in hhmm.split(":"))
+        return BASE + timedelta(minutes=h * 60 + m - 8 * 60)
+
+    def format(self, hhmm: str) -> str:
+        return self.at(hhmm).astimezone(ZONE).isoformat()
+
+    def shown(self, hhmm: str) -> str:
+        """As a document shows it."""
+        return self.at(hhmm).astimezone(ZONE).strftime("%Y-%m-%d %H:%M:%S %Z (UTC%z)")
+
+
+T = _Clock()
+
+
+def _din() -> str:
+    from flows.sop.identifiers import din_check_character
+
+    return f"W1234 26 123456 {din_check_character('W123426123456')}"
 
 
 @dataclass
@@ -78,6 +109,8 @@ class Scenario:
     status: str
     deviations: list[tuple[str, str]] = field(default_factory=list)
     starter: str = ""
+    parent: str = ""
+    """A deviation_capa sub-run: the name of the scenario whose failed check starts it."""
     run_id: str = ""
     done: int = 0
 
@@ -108,7 +141,7 @@ def _apheresis(inst: str, n: int, *, volume: str = "120", label_ok: str = "yes")
         ("order_approval", f"{p}.doc", {"decision": "approve"}),
         ("pre_collection", collector, {"infection_screen": "yes", "counts_acceptable": "yes", "weight_kg": "62"}),
         ("collection", collector, {"started_at": T.format("08:30"), "ended_at": T.format("12:10"), "volume_ml": volume,
-                                   "bag_din": "W1234 26 123456", "adverse_events": "mild hypocalcaemia <b>treated</b>"}),
+                                   "bag_din": _din(), "adverse_events": "mild hypocalcaemia <b>treated</b>"}),
         ("label_check", checker, {"label_matches_order": label_ok, "label_matches_wristband": "yes"}),
         ("packaging", packer, {"shipper_id": "SH-77", "seal_no": "SEAL-1", "logger_id": "LG-9", "secondary_container_sealed": "yes",
                                "courier": "World Courier AWB 555", "handed_over_at": T.format("13:00")}),
@@ -162,7 +195,7 @@ def _readiness(inst: str, *, released: str = "yes", toci: str = "2") -> list[tup
 
 
 # ---- WF5 infusion
-def _infusion(inst: str, coi: str, *, bag_coi: str | None = None, bag_intact: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+def _infusion(inst: str, coi: str, *, bag_coi: str | None = None, late: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
     nurse = "a.nurse" if inst == A else "b.nurse"
     return [
         ("retrieval", "a.tech" if inst == A else "b.pharm",
@@ -172,40 +205,46 @@ def _infusion(inst: str, coi: str, *, bag_coi: str | None = None, bag_intact: st
                                "rfi_matches": "yes"}),
         ("bedside_id_verify", "a.doc" if inst == A else "b.nurse2", {"identity_confirmed": "yes"}),
         ("thaw", "a.tech" if inst == A else "b.nurse",
-         {"device": "dry_thawer", "thaw_start": T.format("09:40"), "thaw_end": T.format("09:44"), "bag_intact": bag_intact}),
-        ("infusion_given", nurse, {"infusion_start": T.format("09:50"), "infusion_end": T.format("10:05"), "volume_ml": "68",
+         {"device": "dry_thawer", "thaw_start": T.format("09:40"), "thaw_end": T.format("09:44"), "bag_intact": "yes"}),
+        ("infusion_given", nurse, {"infusion_start": T.format("09:50"), "infusion_end": T.format("13:00" if late else "10:05"), "volume_ml": "68",
                                    "rate_ml_min": "10", "leukodepleting_filter": "no", "vitals_stable": "yes"}),
         ("infusion_sign_off", "a.doc" if inst == A else "b.doc", {"decision": "approve"}),
     ]
 
 
-# ---- WF6 deviation and CAPA
-def _capa(inst: str, *, effective: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+# ---- WF6 deviation and CAPA: the sub-run a failed check starts
+def _capa(inst: str, *, disposition: str = "approve", effective: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
     qa = "a.qa" if inst == A else "b.qa"
-    return [
-        ("report", "a.tech" if inst == A else "b.pharm",
-         {"found_at": T.format("11:00"), "stage": "receipt", "description": "seal number differs from the notice",
-          "classification": "major"}),
-        ("containment", qa, {"decision": "approve"}),
+    closer = "a.qm" if inst == A else "b.med"
+    steps = [
+        ("containment", qa, {"found_at": T.format("11:00"), "action": "quarantined", "location": "QT-1"}),
         ("mah_notice", qa, {"notified_at": T.format("12:00"), "contact": "MAH QA desk", "mah_reference": "MAH-2026-17"}),
         ("investigation", qa, {"root_cause": "courier resealed after customs", "impact": "none: logger in range"}),
-        ("disposition", qa, {"outcome": "use_with_risk_acceptance", "rationale": "temperature record complete"}),
-        ("physician_agreement", "a.doc" if inst == A else "b.doc", {"decision": "approve"}),
-        ("capa", qa, {"action": "customs reseal procedure agreed with courier", "owner": "a.qm" if inst == A else "b.med",
-                      "due": "2026-12-20T17:00:00+08:00"}),
+        ("physician_opinion", "a.doc" if inst == A else "b.doc",
+         {"recommendation": "use_with_risk_acceptance" if disposition == "approve" else "destroy", "rationale": "see record"}),
+        ("disposition", qa, {"decision": disposition} if disposition == "approve" else {"decision": "reject", "reason": "destroy"}),
+        ("capa", qa, {"action": "procedure agreed with courier", "owner": closer, "due": T.format("23:00")}),
         ("effectiveness", qa, {"checked_at": T.format("16:00"), "effective": effective, "evidence": "3 shipments checked"}),
     ]
+    if effective == "yes":
+        return [*steps, ("closure", closer, {"decision": "approve"})]
+    return [*steps, _dispose("capa_effective", closer, "reject")]
 
 
 # ---- WF7 toxicity monitoring
-def _toxicity(inst: str, *, crs: str = "1") -> list[tuple[str, str, dict[str, Any]]]:
+def _toxicity(inst: str, *, severe: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
     doc = "a.doc" if inst == A else "b.doc"
-    return [
-        ("assessment", "a.nurse" if inst == A else "b.nurse",
-         {"assessed_at": T.format("14:00"), "temperature_c": "38.6", "hypotension": "none" if crs == "1" else "one_pressor",
-          "oxygen": "none" if crs == "1" else "high_flow", "ice_score": "10", "seizure": "no"}),
-        ("grading", doc, {"crs_grade": crs, "icans_grade": "0", "tocilizumab_mg": "0" if crs == "1" else "496"}),
-    ]
+    assessment = {"assessed_at": T.format("14:00"), "temperature_c": "38.6" if severe else "37.2", "after_treatment": "no",
+                  "hypotension": "one_pressor" if severe else "none", "oxygen": "high_flow" if severe else "none",
+                  "ice_score": "8" if severe else "10", "seizure": "no", "unarousable": "no", "monitoring_complete": "yes"}
+    steps = [("assessment#1", "a.nurse" if inst == A else "b.nurse", assessment)]
+    if severe:
+        steps.append(_dispose("severe_toxicity", doc, "approve"))
+    steps.append(("review", doc, {"grades_confirmed": "yes", "tocilizumab_mg": "496" if severe else "0"}))
+    if severe:
+        steps.append(("ae_report", doc, {"ae_term": "cytokine release syndrome", "onset": T.format("13:30"),
+                                         "reported_to": "pharmacovigilance; MAH", "report_ref": "AE-2026-031"}))
+    return [*steps, ("sign_off", doc, {"decision": "approve"})]
 
 
 def scenarios() -> list[Scenario]:
@@ -232,9 +271,10 @@ def scenarios() -> list[Scenario]:
             out.append(Scenario(f"{inst}/receipt identity mismatch", inst, "dose_receipt", {**_patient(inst, 4), "lot": "LOT-A2"},
                                 steps, "rejected", [("identity_matches", "critical")]))
         else:
-            steps = _receipt(inst, logger="-120")[:1] + [_dispose("transit_temperature", qa, "reject")]
             out.append(Scenario(f"{inst}/receipt excursion", inst, "dose_receipt", {**_patient(inst, 4), "lot": "LOT-B2"},
-                                steps, "rejected", [("transit_temperature", "major")]))
+                                _receipt(inst, logger="-120")[:1], "rejected", [("transit_temperature", "major")]))
+            out.append(Scenario(f"{inst}/capa after receipt excursion", inst, "deviation_capa", {},
+                                _capa(inst, disposition="reject"), "completed", parent=f"{inst}/receipt excursion"))
         # WF3
         tank = {"tank_id": f"LN2-{p.upper()}1"}
         out.append(Scenario(f"{inst}/daily check ok", inst, "storage_daily_check", tank, _daily(inst), "completed"))
@@ -246,14 +286,14 @@ def scenarios() -> list[Scenario]:
         review = ("supervisor_review", "a.lead", {"decision": "approve"}) if inst == A else \
             ("director_review", "b.dir", {"decision": "approve"})
         out.append(Scenario(f"{inst}/alarm ok", inst, "storage_alarm", alarm, [*_alarm(inst), review], "completed"))
-        if inst == A:
-            out.append(Scenario(f"{inst}/alarm excursion", inst, "storage_alarm", alarm,
-                                [*_alarm(inst, max_temp="-120"), _dispose("excursion", qa, "approve"), review], "completed",
-                                [("excursion", "critical")]))
-        else:
-            out.append(Scenario(f"{inst}/alarm excursion", inst, "storage_alarm", alarm,
-                                [*_alarm(inst, max_temp="-120"), _dispose("excursion", "b.dir", "reject")], "rejected",
-                                [("excursion", "critical")]))
+        out.append(Scenario(f"{inst}/alarm excursion", inst, "storage_alarm", alarm,
+                            [*_alarm(inst, max_temp="-120"), review], "completed", [("excursion", "critical")]))
+        if inst == A:  # the deviation SOP's happy path: approve (use with documented risk), CAPA effective, closed
+            out.append(Scenario(f"{inst}/capa after alarm excursion", inst, "deviation_capa", {}, _capa(inst), "completed",
+                                parent=f"{inst}/alarm excursion"))
+        else:  # its failure path: the CAPA is not effective, a deviation of its own, rejected
+            out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {}, _capa(inst, effective="no"), "rejected",
+                                [("capa_effective", "minor")], parent=f"{inst}/alarm excursion"))
         # WF4
         out.append(Scenario(f"{inst}/readiness ok", inst, "infusion_readiness", _patient(inst, 5), _readiness(inst), "completed"))
         if inst == A:
@@ -270,26 +310,16 @@ def scenarios() -> list[Scenario]:
         if inst == A:
             out.append(Scenario(f"{inst}/infusion identity mismatch", inst, "infusion", bad_p,
                                 _infusion(inst, bad_p["coi"], bag_coi="COI-LIB-OTHER1")[:4], "stopped", [("identity", "critical")]))
-        else:
-            steps = _infusion(inst, bad_p["coi"], bag_intact="no")[:5] + [_dispose("bag_ok", "b.qa", "reject")]
-            out.append(Scenario(f"{inst}/infusion bag damaged", inst, "infusion", bad_p, steps, "rejected", [("bag_ok", "critical")]))
-        # WF6
-        dev = {"coi": _patient(inst, 3)["coi"], "deviation_ref": f"DEV-{p.upper()}-1"}
-        closer = ("closure", "a.qm" if inst == A else "b.med", {"decision": "approve"})
-        out.append(Scenario(f"{inst}/capa ok", inst, "deviation_capa", dev, [*_capa(inst), closer], "completed"))
-        out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {**dev, "deviation_ref": f"DEV-{p.upper()}-2"},
-                            [*_capa(inst, effective="no"), _dispose("capa_effective", "a.qm" if inst == A else "b.med", "reject")],
-                            "rejected", [("capa_effective", "minor")]))
+            out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {},
+                                _capa(inst, disposition="reject", effective="no"), "rejected", [("capa_effective", "minor")],
+                                parent=f"{inst}/infusion identity mismatch"))
+        else:  # thaw started 09:40, infusion ended 13:00: 200 min > the product's 180 min
+            out.append(Scenario(f"{inst}/infusion too late", inst, "infusion", bad_p, _infusion(inst, bad_p["coi"], late=True),
+                                "completed", [("thaw_to_infusion_end", "major")]))
         # WF7
-        ae_none = ("ae_report", doc, {"ae_reported": "not_required"})
-        ae_sent = ("ae_report", doc, {"ae_reported": "reported", "ae_term": "cytokine release syndrome",
-                                      "reported_to": "pharmacovigilance; MAH", "report_ref": "AE-2026-031"})
-        review = ("review", doc, {"decision": "approve"})
-        out.append(Scenario(f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 9), [*_toxicity(inst), ae_none, review],
-                            "completed"))
-        out.append(Scenario(f"{inst}/toxicity grade 3", inst, "toxicity_monitoring", _patient(inst, 10),
-                            [*_toxicity(inst, crs="3"), _dispose("severe_toxicity", doc, "approve"), ae_sent, review], "completed",
-                            [("severe_toxicity", "major")]))
+        out.append(Scenario(f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 9), _toxicity(inst), "completed"))
+        out.append(Scenario(f"{inst}/toxicity grade 3", inst, "toxicity_monitoring", _patient(inst, 10), _toxicity(inst, severe=True),
+                            "completed", [("severe_toxicity", "major")]))
     return out
 
 
@@ -322,7 +352,9 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
     plays = scenarios()
     t0 = time.monotonic()
     for sc in plays:
-        sc.run_id = service.start_run(library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD).run_id
+        if not sc.parent:
+            sc.run_id = service.start_run(library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD).run_id
+    by_name = {sc.name: sc for sc in plays}
     t_started = time.monotonic()
     deadline = time.monotonic() + 240
     pending = list(plays)
@@ -330,6 +362,12 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
         assert time.monotonic() < deadline, f"still running: {[(sc.name, sc.done) for sc in pending]}"
         progressed = False
         for sc in list(pending):
+            if not sc.run_id:  # a deviation sub-run: started by its parent's failed check
+                with read_session(library.database_url) as s:
+                    child = s.exec(select(SopRun).where(SopRun.parent_run_id == by_name[sc.parent].run_id)).first()
+                if child is None:
+                    continue
+                sc.run_id = child.id
             with read_session(library.database_url) as s:
                 states = step_states(s, sc.run_id)
                 status = run_status(s, sc.run_id)
@@ -381,6 +419,12 @@ def _pdf_text(path: str) -> str:
     return _pdf_text_bytes(Path(path).read_bytes())
 
 
+def _pages(path: str) -> int:
+    from pypdf import PdfReader
+
+    return len(PdfReader(path).pages)
+
+
 def _has(text: str, *needles: str) -> bool:
     return all("".join(n.split()) in text for n in needles)
 
@@ -393,12 +437,15 @@ def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(played: dict
     text = _pdf_text(pdf_doc["path"])
     step = next(s for s in rec["steps"] if s["id"] == "infusion_record")
 
-    assert _has(text, "申江示例医院 细胞治疗中心", "转运、复苏、床旁身份核对与输注", "床旁身份核对", "复苏结束: 2026-11-25 09:44:00 CST (UTC+0800)")
+    assert _has(text, "申江示例医院 细胞治疗中心", "转运、复苏、床旁身份核对与输注", "床旁身份核对", f"复苏结束: {T.shown('09:44')}")
     assert _has(text, f"SOP infusion v1 · 运行编号 {sc.run_id}")
     assert _has(text, "吴静 (b.nurse)", "冯雪 (b.nurse2)", "赵磊 (b.doc)")  # printed names of the signers
     assert _has(text, "执行: 出库并交接至病区", "复核: 独立复核患者身份与产品一致", "批准: 审核并签署输注记录")  # meanings
     assert _has(text, "输注量: 68 mL", "滴速: 10 mL/min", "储存温度上限 ≤ -150 °C")  # values with their unit
-    assert _has(text, "第 1 页，共 2 页", "第 2 页，共 2 页")
+    pages = _pages(pdf_doc["path"])
+    assert pages >= 2
+    assert _has(text, *(f"第 {n} 页，共 {pages} 页" for n in range(1, pages + 1)))
+    assert _has(text, "时限", "复苏开始至输注结束（产品时限）", "符合")  # the deadline, met
     assert _has(text, "偏差", "无。")
     assert _has(text, "本文件所依据记录内容的 sha256（规范 JSON）：" + step["data"]["record_sha256"])
     assert _has(text, "生成时审计链头：#")  # the head at rendering; it has moved on since
@@ -416,7 +463,7 @@ def test_english_record_escapes_entered_html_and_shows_units(played: dict[str, S
     assert "mild hypocalcaemia &lt;b&gt;treated&lt;/b&gt;" in html
     assert "<b>treated" not in html
     assert "Collected volume: 120 mL" in html
-    assert _has(text, "Demo Hospital Cell Therapy Unit", "Page 1 of", "Body weight: 62 kg")
+    assert _has(text, "Demo Hospital Cell Therapy Unit", f"Page 1 of {_pages(rec['documents'][1]['path'])}", "Body weight: 62 kg")
     assert _has(text, "Zheng Bo (a.lead)", "approved: Released the starting material to the courier")
 
 
@@ -426,7 +473,16 @@ def test_deviation_shows_in_the_record_document(played: dict[str, Scenario], lib
     text = _pdf_text(rec["documents"][1]["path"])
 
     assert _has(text, "severe_toxicity主要3 级及以上 CRS 或 ICANS：严重不良事件需上报否")  # step, class, description, quarantine
-    assert _has(text, "CRS 分级: 3 级")
+    assert _has(text, "CRS 分级（计算）: 3 级", "不良事件报告", "AE-2026-031")
+
+
+def test_breached_deadline_shows_in_the_record_document(played: dict[str, Scenario], library: Settings) -> None:
+    sc = played[f"{B}/infusion too late"]
+    rec = service.quality_record(library, sc.run_id)
+    text = _pdf_text(rec["documents"][1]["path"])
+
+    assert _has(text, "复苏开始至输注结束（产品时限）", "180 min", "200 min", "超出时限")
+    assert _has(text, "thaw_to_infusion_end主要超过产品复苏至输注时限")
 
 
 def test_same_record_renders_the_same_html_and_pdf(played: dict[str, Scenario], library: Settings) -> None:
