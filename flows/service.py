@@ -116,6 +116,7 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
                 f"{', '.join(spec.unconfirmed)}; set them in sops/{institution}/products.yaml and remove them from "
                 "'unconfirmed' before a run may use this product"])
         product = spec.model_dump(mode="json")
+    _check_deadline_limits(sop, institution, params, product)
     init_db(settings.database_url)
     user = _authenticate(settings, username, password, f"start {sop_id}")
     with read_session(settings.database_url) as s:
@@ -152,6 +153,23 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
         raise
     engine.release_flow_run(settings, flow_run_id)
     return StartResult(run_id, flow_run_id, sop_id, sop.version, loaded.sha256)
+
+
+def _check_deadline_limits(sop: Any, institution: str, params: dict[str, Any], product: dict[str, Any] | None) -> None:
+    """Every ``within_min`` gives a limit for this run's product: a deadline nobody can measure is refused at start."""
+    from flows.record.deadlines import limit_of
+    from flows.sop.expressions import ExpressionError
+
+    context = {"params": params, "product": product, "run": {"id": None, "sop_id": sop.id, "institution": institution}}
+    problems = []
+    for spec in sop.deadlines:
+        try:
+            limit_of(spec, context)
+        except ExpressionError as exc:
+            problems.append(f"{sop.id} deadlines.{spec.id}: no time limit for this run: {exc}; "
+                            f"set the value in sops/{institution}/products.yaml")
+    if problems:
+        raise SopInputError(problems)
 
 
 def _run_product(run: SopRun, sop: Any) -> tuple[str, ProductSpec] | None:
@@ -444,11 +462,12 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
             if not roles:
                 continue
             sop = stored_sop(s, run)
-            # The run's deadlines still counting down (or past due), for "time left" beside its steps.
-            clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
+            clocks: list[dict[str, Any]] | None = None
             for step_id, rec in step_states(s, run.id).items():
                 step = find_human_step(sop, step_id)
                 if rec.status == "waiting" and step is not None and step.role in roles:
+                    if clocks is None:  # the run's deadlines still counting down (or past due): "time left"
+                        clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
                     out.append({"run_id": run.id, "sop_id": run.sop_id, "step_id": step_id, "title": step.title or step_id,
                                 "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},

@@ -7,6 +7,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 from sqlmodel import select
 
@@ -86,3 +87,21 @@ def test_deadline_end_skipped_is_not_applicable_and_a_correction_does_not_move_a
     assert states["thaw_to_infusion_end"]["state"] == "not_applicable"
     assert states["thaw_to_infusion_end"]["from_at"] == "2026-11-02T01:35:00+00:00"  # the corrected value
     assert states["signed_within_a_day"]["from_at"] == "2026-11-02T01:30:00+00:00"  # signed then, not at the correction
+
+
+def test_start_refuses_a_deadline_whose_limit_the_product_does_not_give(tmp_path):
+    """Refused before anyone signs in or anything is written: a deadline nobody can measure."""
+    from flows import service
+    from flows.config import get_settings
+    from flows.errors import SopInputError
+
+    settings = dataclasses.replace(get_settings(), sops_dir=Path(__file__).parent / "sops" / "lang",
+                                   database_url=f"sqlite:///{tmp_path / 'never.db'}")
+    with pytest.raises(SopInputError) as info:
+        service.start_run(settings, "demo_hospital", "lang_deadline", {"product": "noclock"}, "qm", "unused")
+
+    assert info.value.problems == [
+        "lang_deadline deadlines.thaw_to_infusion_end: no time limit for this run: within_min "
+        "'product.thaw_to_infusion_max_min' gives None, not a number of minutes; set the value in "
+        "sops/demo_hospital/products.yaml"]
+    assert not (tmp_path / "never.db").exists()

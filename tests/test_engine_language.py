@@ -227,3 +227,17 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     assert obs1["corrections"][0]["changes"] == {"ice_score": {"old": 8.0, "new": 5.0},
                                                  "icans_grade": {"old": 1.0, "new": 2.0}}
     assert _export_problems(lang, run_id) == []
+
+
+def test_repeated_step_without_until_ends_after_its_times(lang):
+    run_id = _start(lang, "lang_repeat_times")
+    sign(lang, run_id, "temp#1", "doc", {"temp_c": "38.2"})
+    sign(lang, run_id, "temp#2", "doc", {"temp_c": "37.1"})
+
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+
+    steps = _steps(rec)
+    assert rec["run"]["status"] == "completed"
+    assert steps["temp"]["data"] == {"repetitions": 2, "ended_by": "times"}
+    assert [s["id"] for s in rec["steps"]] == ["temp", "temp#1", "temp#2", "highest"]
+    assert steps["highest"]["data"]["passed"] is True

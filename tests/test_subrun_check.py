@@ -52,11 +52,13 @@ version: 1
 steps:
   - {id: capa, kind: record, role: qa, updates_deviation: capa, fields: {action: {type: text}, due: {type: text}}}
   - {id: check, kind: check, expect: "true", deviation: {sop: deviation_cap}}
+  - {id: dispose, kind: record, role: qa, updates_deviation: disposition, fields: {note: {type: text}}}
 """)
     text = "\n".join(problems)
     assert "'updates_deviation' needs a param 'deviation_id'" in text
     assert "a 'capa' step needs a field 'owner' of type 'text'" in text
     assert "a 'capa' step needs a field 'due' of type 'datetime'" in text
+    assert "steps[2].updates_deviation: a 'disposition' step must be an approve step or have a choice field" in text
     assert "steps[1].deviation.sop: unknown SOP 'deviation_cap' in dev_hospital. Did you mean 'deviation_capa'?" in text
 
 

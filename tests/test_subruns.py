@@ -29,7 +29,7 @@ def dev_fixture(engine):
     """dev_hospital's staff, trained on its SOPs."""
     from flows.admin import add_user, grant_training
 
-    for username, role in (("dv_tech", "cell_lab"), ("dv_qa", "qa"), ("dv_qa2", "qa")):
+    for username, role in (("dv_tech", "cell_lab"), ("dv_qa", "qa"), ("dv_qa2", "qa"), ("dv_doc", "physician")):
         add_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)], actor="test")
         for sop in SOPS:
             grant_training(engine, username, INST, sop, 1, trainer="Test Trainer")
@@ -106,7 +106,8 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
         _start(dev, "deviation_capa", coi, deviation_id="nope")
 
     _sign(dev, handler, "containment", "dv_qa", {"action": "dose moved to quarantine shelf"})
-    _sign(dev, handler, "disposition", "dv_qa", {"decision": "reject", "reason": "excursion too long"})
+    # QA's disposition rejects the dose: decided at once, whatever the physician will say.
+    _sign(dev, handler, "disposition", "dv_qa", {"outcome": "destroy", "rationale": "excursion too long"})
     rec = _final(dev, receipt)
 
     assert rec["run"]["status"] == "rejected"
@@ -125,6 +126,7 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     assert rec["subruns"][0]["sop_id"] == "deviation_capa"
     link = {s["id"]: s for s in rec["steps"]}["cold_enough__deviation"]
     assert (link["status"], link["data"]["decision"], link["data"]["reason"]) == ("done", "reject", "excursion too long")
+    assert link["data"]["disposition"] == "destroy"
     assert (rec["deviations"][0]["decision"], rec["deviations"][0]["status"]) == ("reject", "dispositioned")
     assert [e["kind"] for e in rec["deviations"][0]["lifecycle"]] == ["subrun", "contained", "disposition"]
     assert verify_export(json.loads(json.dumps(rec, default=str))) == []
@@ -132,7 +134,7 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     assert printed.exit_code == 0, printed.output
     # A rejecting disposition rejects the dose, not the deviation: its SOP goes on to the CAPA.
     assert f"{handler}  deviation_capa v1 from step cold_enough__deviation: waiting" in printed.output
-    assert wait_for(dev, handler, step="capa")["run"]["status"] == "waiting"
+    assert wait_for(dev, handler, step="physician_agreement")["run"]["status"] == "waiting"
     assert service.quality_record(dev, handler)["run"]["parent_run_id"] == receipt
     # The chain shows the deviation's sub-run under the receipt, and why it is broken.
     chain = service.chain_of_identity(dev, coi)
@@ -168,7 +170,14 @@ def test_quarantine_holds_another_runs_next_gate_until_approval_then_capa_overdu
         service.submit_step(dev, other, "put_away", "dv_tech", PASSWORD, {"position": "T1"})
 
     _sign(dev, handler, "containment", "dv_qa", {"action": "hold"})
-    _sign(dev, handler, "disposition", "dv_qa", {"decision": "approve", "reason": "physician accepts the risk"})
+    _sign(dev, handler, "disposition", "dv_qa", {"outcome": "use_with_risk_acceptance", "rationale": "2 min above"})
+    # Use needs the physician's agreement too (the SOP's second disposition step): still quarantined.
+    wait_for(dev, handler, step="physician_agreement")
+    rec = service.quality_record(dev, receipt)
+    assert {s["id"]: s["status"] for s in rec["steps"]}["cold_enough__deviation"] == "waiting"
+    assert rec["deviations"][0]["quarantined"] is True
+    assert {s["id"]: s["status"] for s in service.quality_record(dev, other)["steps"]}["put_away"] == "held"
+    _sign(dev, handler, "physician_agreement", "dv_doc", {"decision": "approve"})
     # Approved: the parent goes on to put_away; the held run's gate opens too.
     wait_for(dev, receipt, step="put_away")
     wait_for(dev, other, step="put_away")
@@ -219,6 +228,7 @@ def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
     printed = CliRunner().invoke(app, ["chain", coi])
     assert printed.exit_code == 0
     assert "unbroken" in printed.output
+    assert "[storage] storage v1" in printed.output
 
     # A later run on the dose that has not ended breaks the chain until it does.
     extra = _start(dev, "storage", coi)

@@ -70,7 +70,7 @@ def chain(coi: str, as_json: JsonOpt = False) -> None:
     else:
         out = cli.out
         for r in res["runs"]:
-            stage = f"[{r['stage']}{'?' if r['stage_guessed'] else ''}] " if r["stage"] else ""
+            stage = escape(f"[{r['stage']}{'?' if r['stage_guessed'] else ''}] ") if r["stage"] else ""
             out.print(f"{'    ' * r['depth']}{r['started_at'][:16]}  {stage}{r['sop_id']} v{r['sop_version']}  "
                       f"{r['run_id']}  {r['status']}")
             for d in r["deviations"]:

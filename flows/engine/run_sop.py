@@ -184,7 +184,7 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             continue
         if step.kind in HUMAN_KINDS:
             data = await _human(ctx, step)  # type: ignore[arg-type]
-            if step.updates_deviation == "disposition":  # type: ignore[union-attr]  # a waiting parent, held runs
+            if _disposes(step):  # a waiting parent, held runs
                 subruns.resume_ready(ctx.settings)
             if step.kind == "approve" and data.get("decision") == "reject" and not _disposes(step):
                 return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")

@@ -33,7 +33,7 @@ from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deviations import (
     append_event,
-    deviation_events,
+    disposition,
     quarantine_problem,
     run_coi,
 )
@@ -135,10 +135,8 @@ def _outcome(session: Session, child_id: str, deviation_id: str | None) -> dict[
     """What the parent sees of its sub-run, or None while it has nothing to see yet."""
     child = session.get(SopRun, child_id)
     status = run_status(session, child_id)
-    decision = None
-    if deviation_id is not None:
-        disp = [json.loads(e.data_json) for e in deviation_events(session, deviation_id) if e.kind == "disposition"]
-        decision = disp[-1].get("decision") if disp else None
+    decided = disposition(session, deviation_id) if deviation_id is not None else None
+    decision = decided["decision"] if decided else None
     ended = status is not None and status.status in FINAL
     if child is None or (not ended and decision is None):
         return None
@@ -149,7 +147,8 @@ def _outcome(session: Session, child_id: str, deviation_id: str | None) -> dict[
     out.update({"run_id": child_id, "sop_id": child.sop_id, "status": status.status if status else "unknown",
                 "status_detail": status.detail if status else None})
     if deviation_id is not None:
-        out.update({"deviation_id": deviation_id, "decision": decision, "reason": disp[-1].get("reason") if disp else None})
+        out.update({"deviation_id": deviation_id, "decision": decision, "reason": decided["reason"] if decided else None,
+                    "disposition": decided["value"] if decided else None})
     return out
 
 

@@ -42,17 +42,17 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
-def limit_of(spec: DeadlineSpec, run: SopRun) -> timedelta:
-    """The deadline's limit for this run.
+def limit_of(spec: DeadlineSpec, run: SopRun | dict[str, Any]) -> timedelta:
+    """The deadline's limit for this run (or for ``{"params", "product", "run"}`` before it exists).
 
     Raises:
         ExpressionError: ``within_min`` cannot be evaluated or is not a number of minutes.
     """
     if spec.within is not None:
         return spec.within
-    context = {"params": json.loads(run.params_json),
-               "product": json.loads(run.product_json) if run.product_json else None,
-               "run": {"id": run.id, "sop_id": run.sop_id, "institution": run.institution}}
+    context = run if isinstance(run, dict) else {
+        "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
+        "run": {"id": run.id, "sop_id": run.sop_id, "institution": run.institution}}
     minutes = evaluate_value(spec.within_min or "", context, "within_min")
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0:
         raise ExpressionError(f"within_min {spec.within_min!r} gives {minutes!r}, not a number of minutes")

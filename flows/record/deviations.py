@@ -6,8 +6,9 @@ with ``updates_deviation: <kind>`` is accepted (the inline ``<check>__dispositio
 ``disposition``), and ``subrun`` when its handling SOP is started. The state is read from them:
 
     open          no ``closed`` event
-    dispositioned the newest ``disposition`` event (its ``decision``: approve = use with documented
-                  risk acceptance, anything else = reject)
+    dispositioned ``disposition`` events decide it (``disposition()``: every disposition step of the
+                  handling SOP signed, or one rejecting; approve = use with documented risk
+                  acceptance, anything else = reject)
     quarantined   ``quarantine: true`` and no disposition yet: the dose (the COI param of the run
                   that opened it) may not start a run, nor open a gate of another run
     CAPA          each ``capa`` event (``action``, ``owner``, ``due``) is an action; it is done once an
@@ -36,6 +37,8 @@ __all__ = [
     "coi_param",
     "deviation_events",
     "deviation_state",
+    "disposition",
+    "disposition_value",
     "list_deviations",
     "quarantine_problem",
     "run_coi",
@@ -79,12 +82,53 @@ def deviation_events(session: Session, deviation_id: str) -> list[DeviationEvent
                              .order_by(col(DeviationEvent.n))))
 
 
+USE_VALUES = frozenset({"approve", "use", "use_with_risk_acceptance", "not_product_related"})
+"""Disposition values under which the dose may be used (the parent run goes on); any other rejects it."""
+
+
+def disposition_value(data: dict[str, Any]) -> str | None:
+    """What a disposition step decided: its ``decision`` (approve steps), else ``outcome`` or ``disposition``."""
+    for key in ("decision", "outcome", "disposition"):
+        if data.get(key) not in (None, ""):
+            return str(data[key])
+    return None
+
+
+def disposition(session: Session, dev_id: str, events: list[DeviationEvent] | None = None) -> dict[str, Any] | None:
+    """The deviation's disposition once it is decided, else None: ``{"decision": "approve" | "reject",
+    "value", "reason", "signed": [step ids]}``.
+
+    Decided when a disposition event rejects (any value outside ``USE_VALUES``), or when every step
+    with ``updates_deviation: disposition`` of the handling SOP's run has signed one (QA and
+    physician, say); the inline ``<check>__disposition`` step is one step alone. The dose may be
+    used only when every one of them says so."""
+    events = deviation_events(session, dev_id) if events is None else events
+    disp = [(e, json.loads(e.data_json)) for e in events if e.kind == "disposition"]
+    if not disp:
+        return None
+    values = [disposition_value(d) for _, d in disp]
+    reason = next((d.get("reason") or d.get("rationale") for _, d in reversed(disp) if d.get("reason") or d.get("rationale")), None)
+    signed = [e.step_id for e, _ in disp]
+    rejecting = [v for v in values if v not in USE_VALUES]
+    if rejecting:
+        return {"decision": "reject", "value": rejecting[0], "reason": reason, "signed": signed}
+    needed: set[str] = set()
+    for e in events:
+        if e.kind == "subrun":
+            run = session.get(SopRun, json.loads(e.data_json).get("run_id"))
+            sop = _sop_of(session, run) if run is not None else None
+            needed |= {st.id for st in (sop.steps if sop else ()) if getattr(st, "updates_deviation", None) == "disposition"}
+    if needed - set(signed) and not any(s.endswith("__disposition") for s in signed):
+        return None  # the other signer(s) of the disposition have not signed yet
+    return {"decision": "approve", "value": values[-1], "reason": reason, "signed": signed}
+
+
 def deviation_state(session: Session, dev: Deviation, now: datetime | None = None) -> dict[str, Any]:
     """A deviation with its events and what they add up to (see the module docstring)."""
     now = _aware(now or utcnow())
     events = deviation_events(session, dev.id)
-    disposition = next((e for e in reversed(events) if e.kind == "disposition"), None)
-    decision = json.loads(disposition.data_json).get("decision") if disposition else None
+    decided = disposition(session, dev.id, events)
+    decision = decided["decision"] if decided else None
     closed = any(e.kind == "closed" for e in events)
     capas = []
     for i, e in enumerate(events):
@@ -98,12 +142,14 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
     run = session.get(SopRun, dev.run_id)
     subruns = [json.loads(e.data_json).get("run_id") for e in events if e.kind == "subrun"]
     return {
-        "id": dev.id, "run_id": dev.run_id, "sop_id": run.sop_id if run else None, "step_id": dev.step_id,
+        "id": dev.id, "run_id": dev.run_id, "sop_id": run.sop_id if run else None,
+        "sop_version": run.sop_version if run else None, "institution": run.institution if run else None,
+        "product": json.loads(run.product_json).get("name") if run and run.product_json else None, "step_id": dev.step_id,
         "coi": run_coi(run, _sop_of(session, run)) if run else None,
         "classification": dev.classification, "description": dev.description, "quarantine": dev.quarantine,
         "opened_at": _iso(dev.opened_at),
-        "status": "closed" if closed else ("dispositioned" if disposition else "open"),
-        "decision": decision, "quarantined": bool(dev.quarantine and disposition is None),
+        "status": "closed" if closed else ("dispositioned" if decided else "open"),
+        "decision": decision, "disposition": decided, "quarantined": bool(dev.quarantine and decided is None),
         "subruns": subruns, "capas": capas,
         "events": [{"n": e.n, "kind": e.kind, "at": _iso(e.at), "run_id": e.run_id, "step_id": e.step_id,
                     "actor_id": e.actor_id, "signature_id": e.signature_id, "data": json.loads(e.data_json)}
@@ -137,10 +183,12 @@ def active_quarantines(session: Session, coi: str) -> list[Deviation]:
     """Deviations with ``quarantine: true`` and no disposition yet, opened on a run carrying ``coi``."""
     out = []
     for dev in session.exec(select(Deviation).where(Deviation.quarantine == True).order_by(col(Deviation.opened_at))):  # noqa: E712
+        if session.exec(select(DeviationEvent.id).where(DeviationEvent.deviation_id == dev.id,
+                                                        DeviationEvent.kind == "disposition")).first() is not None \
+                and disposition(session, dev.id) is not None:
+            continue  # lifted (checked first: it is cheap, and most are)
         run = session.get(SopRun, dev.run_id)
-        if run is None or run_coi(run, _sop_of(session, run)) != coi:
-            continue
-        if not any(e.kind == "disposition" for e in deviation_events(session, dev.id)):
+        if run is not None and run_coi(run, _sop_of(session, run)) == coi:
             out.append(dev)
     return out
 

@@ -173,7 +173,12 @@ class StepRecord(SQLModel, table=True):
 
     Statuses: ``waiting`` (a human step waits for signed input), ``signed`` (input and signature
     recorded; the flow has not yet accepted it), ``done`` (the step completed), ``failed`` (a
-    check failed), ``refused`` (the flow refused a resume: forged or mismatched signature).
+    check failed), ``refused`` (the flow refused a resume: forged or mismatched signature), ``held``
+    (the run's dose is quarantined by another run's deviation: the gate or sub-run waits for its
+    disposition), ``skipped`` (its ``when:`` was false; it never ran). A ``subrun`` step (and a
+    check's ``<check>__deviation`` link) is ``waiting`` with ``subrun_id`` while its sub-run runs,
+    then ``done`` with what the sub-run gave. A repetition of a repeated step is recorded under
+    ``<step>#<n>``.
     """
 
     __tablename__ = "sf_step_record"

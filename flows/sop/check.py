@@ -444,6 +444,12 @@ class _Checker:
                 if "deviation_id" not in self.defn.params:
                     self.add(("steps", i, "updates_deviation"),
                              "'updates_deviation' needs a param 'deviation_id' (the deviation the run handles)")
+                decides = isinstance(step, ApproveStepSpec) or any(
+                    f.type == "choice" for n, f in step.fields.items() if n in ("decision", "outcome", "disposition"))
+                if step.updates_deviation == "disposition" and not decides:
+                    self.add(("steps", i, "updates_deviation"),
+                             "a 'disposition' step must be an approve step or have a choice field "
+                             "'decision', 'outcome' or 'disposition' (the dose's disposition)")
                 if step.updates_deviation == "capa":
                     for name, types in _CAPA_FIELDS.items():
                         spec = step.fields.get(name)

@@ -18,6 +18,9 @@ Step kinds (the ``kind`` key) and their specs:
     document  DocumentStepSpec  renders a Jinja template into a stored, hashed document
     notify    NotifyStepSpec    sends an apprise message to roles
     subrun    SubrunStepSpec    starts a run of another SOP of the institution, linked to this one
+
+Language keys beside them: ``when:`` on any step, ``compute:`` and ``format:`` on fields
+(``coi_pattern`` on products), ``repeat:`` on record steps, SOP-level ``deadlines:``.
 """
 
 from __future__ import annotations
