@@ -26,9 +26,10 @@ from sqlmodel import select
 from flows import service
 from flows.config import Settings
 from flows.errors import SopInputError
-from flows.record.db import read_session
+from flows.record.db import read_session, write_session
 from flows.record.state import run_status, step_states
-from flows.record.tables import SopRun
+from flows.record.tables import SopRun, User, utcnow
+from flows.record.training import record_training
 from flows.sop import Catalog
 from tests.fixtures_engine import PASSWORD
 
@@ -221,7 +222,7 @@ def _capa(inst: str, *, disposition: str = "approve", effective: str = "yes") ->
         ("mah_notice", qa, {"notified_at": T.format("12:00"), "contact": "MAH QA desk", "mah_reference": "MAH-2026-17"}),
         ("investigation", qa, {"root_cause": "courier resealed after customs", "impact": "none: logger in range"}),
         ("physician_opinion", "a.doc" if inst == A else "b.doc",
-         {"recommendation": "use_with_risk_acceptance" if disposition == "approve" else "destroy", "rationale": "see record"}),
+         {"outcome": "use_with_risk_acceptance" if disposition == "approve" else "destroy", "rationale": "see record"}),
         ("disposition", qa, {"decision": disposition} if disposition == "approve" else {"decision": "reject", "reason": "destroy"}),
         ("capa", qa, {"action": "procedure agreed with courier", "owner": closer, "due": T.format("23:00")}),
         ("effectiveness", qa, {"checked_at": T.format("16:00"), "effective": effective, "evidence": "3 shipments checked"}),
@@ -339,10 +340,15 @@ def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) 
     catalogue = yaml.safe_load(path.read_text(encoding="utf-8"))
     catalogue["products"]["relma_cel"].update(RELMA_CONFIRMED)
     path.write_text(yaml.safe_dump(catalogue, allow_unicode=True), encoding="utf-8")
+    ids = {inst: _sop_ids(inst) for inst in (A, B)}
     for username, (name, inst, role) in STAFF.items():
         add_user(engine, username, name, PASSWORD, [(inst, role)], actor="test")
-        for sop_id in _sop_ids(inst):
-            grant_training(engine, username, inst, sop_id, 1, trainer="Test Trainer")
+        grant_training(engine, username, inst, ids[inst][0], 1, trainer="Test Trainer")  # the checked path, once
+    with write_session(engine.database_url) as s:  # the rest in one transaction: the same rows, faster
+        for username, (_, inst, _) in STAFF.items():
+            user = s.exec(select(User).where(User.username == username)).one()
+            for sop_id in ids[inst][1:]:
+                record_training(s, user, inst, sop_id, 1, trained_at=utcnow(), trainer="Test Trainer", actor="test")
     return replace(engine, sops_dir=sops)
 
 
