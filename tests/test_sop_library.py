@@ -340,6 +340,7 @@ def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) 
     catalogue = yaml.safe_load(path.read_text(encoding="utf-8"))
     catalogue["products"]["relma_cel"].update(RELMA_CONFIRMED)
     path.write_text(yaml.safe_dump(catalogue, allow_unicode=True), encoding="utf-8")
+    t0 = time.monotonic()
     ids = {inst: _sop_ids(inst) for inst in (A, B)}
     for username, (name, inst, role) in STAFF.items():
         add_user(engine, username, name, PASSWORD, [(inst, role)], actor="test")
@@ -349,50 +350,61 @@ def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) 
             user = s.exec(select(User).where(User.username == username)).one()
             for sop_id in ids[inst][1:]:
                 record_training(s, user, inst, sop_id, 1, trained_at=utcnow(), trainer="Test Trainer", actor="test")
+    print(f"\nTIMING staff and training {time.monotonic() - t0:.1f}s")
     return replace(engine, sops_dir=sops)
 
 
 @pytest.fixture(name="played", scope="module")
 def played_fixture(library: Settings) -> dict[str, Scenario]:
-    """Start every scenario, then sign whatever waits, round-robin, until all have ended."""
+    """Start every scenario, then sign whatever waits, several at once (signing waits on the
+    password hash, the record database and Prefect's API), until all have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
     plays = scenarios()
     t0 = time.monotonic()
-    for sc in plays:
-        if not sc.parent:
-            sc.run_id = service.start_run(library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD).run_id
-    by_name = {sc.name: sc for sc in plays}
-    t_started = time.monotonic()
-    deadline = time.monotonic() + 240
-    pending = list(plays)
-    while pending:
-        assert time.monotonic() < deadline, f"still running: {[(sc.name, sc.done) for sc in pending]}"
-        progressed = False
-        for sc in list(pending):
-            if not sc.run_id:  # a deviation sub-run: started by its parent's failed check
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        starts = {sc.name: pool.submit(service.start_run, library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD)
+                  for sc in plays if not sc.parent}
+        for sc in plays:
+            if not sc.parent:
+                sc.run_id = starts[sc.name].result().run_id
+        by_name = {sc.name: sc for sc in plays}
+        t_started = time.monotonic()
+        deadline = time.monotonic() + 240
+        pending = list(plays)
+        while pending:
+            assert time.monotonic() < deadline, f"still running: {[(sc.name, sc.done) for sc in pending]}"
+            ready: list[Scenario] = []
+            for sc in list(pending):
+                if not sc.run_id:  # a deviation sub-run: started by its parent's failed check
+                    with read_session(library.database_url) as s:
+                        child = s.exec(select(SopRun).where(SopRun.parent_run_id == by_name[sc.parent].run_id)).first()
+                    if child is None:
+                        continue
+                    sc.run_id = child.id
                 with read_session(library.database_url) as s:
-                    child = s.exec(select(SopRun).where(SopRun.parent_run_id == by_name[sc.parent].run_id)).first()
-                if child is None:
-                    continue
-                sc.run_id = child.id
-            with read_session(library.database_url) as s:
-                states = step_states(s, sc.run_id)
-                status = run_status(s, sc.run_id)
-            st = status.status if status else "unknown"
-            assert st != "failed", f"{sc.name}: run failed: {status.detail if status else ''}"
-            if sc.done < len(sc.steps):
-                step, user, values = sc.steps[sc.done]
-                rec = states.get(step)
-                if rec is not None and rec.status == "waiting":
-                    service.submit_step(library, sc.run_id, step, user, PASSWORD, values)
-                    sc.done += 1
-                    progressed = True
-                else:
-                    assert st not in service.FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
-            elif st in service.FINAL_STATUSES:
-                pending.remove(sc)
-        if not progressed:
-            time.sleep(0.1)
-    print(f"\nTIMING start {t_started - t0:.1f}s, sign+finish {time.monotonic() - t_started:.1f}s, signatures {sum(sc.done for sc in plays)}")
+                    states = step_states(s, sc.run_id)
+                    status = run_status(s, sc.run_id)
+                st = status.status if status else "unknown"
+                assert st != "failed", f"{sc.name}: run failed: {status.detail if status else ''}"
+                if sc.done < len(sc.steps):
+                    step = sc.steps[sc.done][0]
+                    rec = states.get(step)
+                    if rec is not None and rec.status == "waiting":
+                        ready.append(sc)
+                    else:
+                        assert st not in service.FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
+                elif st in service.FINAL_STATUSES:
+                    pending.remove(sc)
+            signing = [(sc, pool.submit(service.submit_step, library, sc.run_id, *sc.steps[sc.done][:2], PASSWORD,
+                                        sc.steps[sc.done][2])) for sc in ready]
+            for sc, future in signing:
+                future.result()
+                sc.done += 1
+            if not ready:
+                time.sleep(0.1)
+    print(f"\nTIMING start {t_started - t0:.1f}s, sign+finish {time.monotonic() - t_started:.1f}s, "
+          f"signatures {sum(sc.done for sc in plays)}")
     return {sc.name: sc for sc in plays}
 
 
