@@ -265,7 +265,7 @@ def scenarios() -> list[Scenario]:
             out.append(Scenario(f"{inst}/apheresis low yield", inst, "apheresis_collection", _patient(inst, 2), steps[:5],
                                "rejected", [("volume_ok", "minor")]))
         # WF2
-        params = {**_patient(inst, 3), "lot": "LOT-A1"}
+        params = {**_patient(inst, 1), "lot": "LOT-A1"}  # the happy paths share one dose: its chain
         out.append(Scenario(f"{inst}/receipt ok", inst, "dose_receipt", params, _receipt(inst), "completed"))
         if inst == A:
             steps = _receipt(inst, coi_matches="no")[:2] + [_dispose("identity_matches", qa, "reject")]
@@ -296,7 +296,7 @@ def scenarios() -> list[Scenario]:
             out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {}, _capa(inst, effective="no"), "rejected",
                                 [("capa_effective", "minor")], parent=f"{inst}/alarm excursion"))
         # WF4
-        out.append(Scenario(f"{inst}/readiness ok", inst, "infusion_readiness", _patient(inst, 5), _readiness(inst), "completed"))
+        out.append(Scenario(f"{inst}/readiness ok", inst, "infusion_readiness", _patient(inst, 1), _readiness(inst), "completed"))
         if inst == A:
             steps = _readiness(inst, toci="1")[:4] + [_dispose("tocilizumab_stock", doc, "reject")]
             out.append(Scenario(f"{inst}/readiness short of tocilizumab", inst, "infusion_readiness", _patient(inst, 6), steps,
@@ -305,7 +305,7 @@ def scenarios() -> list[Scenario]:
             out.append(Scenario(f"{inst}/readiness not released", inst, "infusion_readiness", _patient(inst, 6),
                                 _readiness(inst, released="no")[:1], "stopped", [("dose_released", "major")]))
         # WF5
-        ok = _patient(inst, 7)
+        ok = _patient(inst, 1)
         out.append(Scenario(f"{inst}/infusion ok", inst, "infusion", ok, _infusion(inst, ok["coi"]), "completed"))
         bad_p = _patient(inst, 8)
         if inst == A:
@@ -318,7 +318,7 @@ def scenarios() -> list[Scenario]:
             out.append(Scenario(f"{inst}/infusion too late", inst, "infusion", bad_p, _infusion(inst, bad_p["coi"], late=True),
                                 "completed", [("thaw_to_infusion_end", "major")]))
         # WF7
-        out.append(Scenario(f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 9), _toxicity(inst), "completed"))
+        out.append(Scenario(f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 1), _toxicity(inst), "completed"))
         out.append(Scenario(f"{inst}/toxicity grade 3", inst, "toxicity_monitoring", _patient(inst, 10), _toxicity(inst, severe=True),
                             "completed", [("severe_toxicity", "major")]))
     return out
@@ -363,11 +363,9 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
     plays = scenarios()
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=6) as pool:
-        starts = {sc.name: pool.submit(service.start_run, library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD)
-                  for sc in plays if not sc.parent}
-        for sc in plays:
+        for sc in plays:  # one after the other: a dose's chain of identity is ordered by start
             if not sc.parent:
-                sc.run_id = starts[sc.name].result().run_id
+                sc.run_id = service.start_run(library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD).run_id
         by_name = {sc.name: sc for sc in plays}
         t_started = time.monotonic()
         deadline = time.monotonic() + 240
@@ -528,6 +526,18 @@ def _pdf_text_bytes(data: bytes) -> str:
     from pypdf import PdfReader
 
     return "".join("".join(page.extract_text().split()) for page in PdfReader(io.BytesIO(data)).pages)
+
+
+@pytest.mark.parametrize("inst", [A, B])
+def test_happy_paths_make_an_unbroken_chain_of_identity(played: dict[str, Scenario], library: Settings, inst: str) -> None:
+    chain = service.chain_of_identity(library, _patient(inst, 1)["coi"])
+
+    assert chain["unbroken"], chain["problems"]
+    assert [(e["sop_id"], e["stage"]) for e in chain["runs"]] == [
+        ("apheresis_collection", "collection"), ("dose_receipt", "receipt"), ("infusion_readiness", "storage"),
+        ("infusion", "infusion"), ("toxicity_monitoring", None)]
+    broken = service.chain_of_identity(library, _patient(inst, 2)["coi"])  # the failed collection
+    assert not broken["unbroken"]
 
 
 def test_start_on_an_unconfirmed_product_names_the_values_to_set(engine: Settings) -> None:
