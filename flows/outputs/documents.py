@@ -45,7 +45,14 @@ def _environment(templates_dir: Path, institution: str, timezone: str) -> Sandbo
         dt = datetime.fromisoformat(value) if isinstance(value, str) else value
         return dt.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z (UTC%z)")
 
+    def num(value: Any) -> Any:
+        """A whole float without its '.0' (entered numbers are stored as floats: 68.0 -> 68)."""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+            return int(value)
+        return value
+
     env.filters["local_time"] = local_time
+    env.filters["num"] = num
     return env
 
 
