@@ -42,7 +42,8 @@ def test_unconfirmed_must_name_a_product_key(tmp_path: Path) -> None:
 
     text = str(info.value)
     assert "products.yaml:3" in text or "products.yaml:4" in text or "products.yaml:6" in text
-    assert "'thaw_limit'" in text and "not a product key" in text
+    assert "'thaw_limit'" in text
+    assert "not a product key" in text
     assert "storage_max_c" in text  # the keys it could have named
 
 

@@ -163,16 +163,38 @@ def test_forged_resume_through_prefects_client_is_refused_and_the_step_waits_aga
     wait_for(engine, run_id, step="identity_verification")
 
 
-def test_resume_with_another_steps_signature_is_refused(engine):
+def test_resume_with_another_steps_signature_is_not_accepted_and_the_step_keeps_waiting(engine):
+    """A resume carrying the signature of a step already accepted (a late duplicate of a delivered
+    resume, or a replay) is never taken for the waiting step: audited ``resume.stale``, the step
+    stays ``waiting`` (never ``refused``, so its signer is not turned away meanwhile), and it
+    suspends under a fresh key that the real signature then resumes."""
     from prefect.flow_runs import resume_flow_run
 
     run_id = start_receipt(engine, coi="COI-TEST-0008")
     first = sign(engine, run_id, "arrival", "tech", ARRIVAL)
     rec = wait_for(engine, run_id, step="identity_verification")
-    _wait_paused(UUID(rec["run"]["flow_run_id"]))
-    resume_flow_run(UUID(rec["run"]["flow_run_id"]), run_input={"signature_id": first.signature_id})
-    rec = _wait_refused(engine, run_id, "identity_verification")
-    assert {s["id"]: s["status"] for s in rec["steps"]}["identity_verification"] == "waiting"
+    flow_run_id = UUID(rec["run"]["flow_run_id"])
+    _wait_paused(flow_run_id)
+    resume_flow_run(flow_run_id, run_input={"signature_id": first.signature_id})
+    stale = _wait_audit(engine, "resume.stale", f"{run_id}/identity_verification")
+    assert json.loads(stale.payload_json)["signature_id"] == first.signature_id
+    rec = wait_for(engine, run_id, step="identity_verification")
+    assert [h["status"] for h in rec["history"] if h["step_id"] == "identity_verification"] == ["waiting"]
+    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
+    wait_for(engine, run_id, step="qa_acceptance")
+
+
+def _wait_audit(settings, action: str, object_id: str, timeout: float = 30.0) -> AuditEvent:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with read_session(settings.database_url) as s:
+            ev = s.exec(select(AuditEvent).where(AuditEvent.action == action, AuditEvent.object_id == object_id)).first()
+        if ev is not None:
+            return ev
+        time.sleep(0.1)
+    raise AssertionError(f"no {action} event for {object_id} within {timeout} s")
 
 
 def test_verifier_may_not_be_the_performer(engine):
@@ -224,17 +246,18 @@ def test_start_on_a_product_with_unconfirmed_limits_is_refused(engine):
 
 
 def test_start_by_a_role_the_sop_does_not_admit_is_refused_and_audited(engine):
-    """dose_receipt says ``start_roles: [quality_manager]``: a technician may sign its steps, not start it."""
+    """dose_receipt says ``start_roles: [quality_manager, coordinator]``: a technician may sign its steps, not start it."""
     with read_session(engine.database_url) as s:
         runs_before = s.exec(select(func.count()).select_from(SopRun)).one()
-    with pytest.raises(NotAuthorizedError, match=r"dose_receipt may only be started by role 'quality_manager' of "
+    with pytest.raises(NotAuthorizedError, match=r"dose_receipt may only be started by role 'quality_manager' or 'coordinator' of "
                                                  r"'demo_hospital'; user 'tech' holds 'cell_lab'"):
         service.start_run(engine, "demo_hospital", "dose_receipt", _params(), "tech", PASSWORD)
     with read_session(engine.database_url) as s:
         assert s.exec(select(func.count()).select_from(SopRun)).one() == runs_before
         refused = s.exec(select(AuditEvent).where(AuditEvent.action == "run.start.refused")
                          .order_by(AuditEvent.seq.desc())).first()  # type: ignore[union-attr]
-    assert refused is not None and "may only be started by role 'quality_manager'" in (refused.reason or "")
+    assert refused is not None
+    assert "may only be started by role 'quality_manager'" in (refused.reason or "")
 
 
 def test_lost_resume_is_delivered_by_the_executor(engine):

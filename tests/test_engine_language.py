@@ -8,7 +8,6 @@ each test trains its signers on the SOP it runs.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 

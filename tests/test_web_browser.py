@@ -281,7 +281,7 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
         for person in people.values():
             person.close()
     with capsys.disabled():
-        print(f"\nweb screenshots: {shots}")  # noqa: T201  (the issue asks the test to print it)
+        print(f"\nweb screenshots: {shots}")
     assert {p.name for p in shots.glob("*.png")} >= {  # the folder may hold other browser tests' too
         "en-inbox.png", "en-run-timeline.png", "en-sign-dialog.png", "en-step-form.png", "zh-inbox.png",
         "zh-run-timeline.png", "zh-step-form.png"}

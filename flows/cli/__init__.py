@@ -38,8 +38,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.cli.admin import training_app, user_app
-from flows.cli.quality import chain, deviations
 from flows.cli.changes import register as register_changes
+from flows.cli.quality import chain, deviations
 from flows.cli.records import correct, verify_export
 from flows.cli.sop import app as sop_app
 

@@ -24,7 +24,7 @@ from flows.sop.model import (
 )
 
 __all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate",
-           "repetition"]
+           "repetition", "stale_resume"]
 
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
@@ -100,6 +100,28 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
 
             record_lifecycle(s, ctx, step, data, rec)
         return data, None
+
+
+def stale_resume(ctx: RunContext, step: HumanStepSpec, signature_id: str) -> bool:
+    """True (and audited) when a resume carried the signature of another step of this run that is
+    already done: a late duplicate of a resume that was delivered (the signer's own and the
+    executor's sweep can cross; Prefect files an input under whatever key the run is paused at).
+    It is no forgery and nobody's fault: the gate stays ``waiting`` and suspends under a fresh key."""
+    from flows.engine.steps import SYSTEM
+    from flows.record.ledger import audit
+    from flows.record.state import STALE_RESUME
+
+    with write_session(ctx.url) as s:
+        sig = s.get(Signature, signature_id)
+        if sig is None or sig.run_id != ctx.run.id or sig.step_id == step.id:
+            return False
+        other = step_states(s, ctx.run.id).get(sig.step_id)
+        if other is None or other.status != "done" or other.signature_id != sig.id:
+            return False
+        audit(s, actor=SYSTEM, action=STALE_RESUME, object_type="sf_step", object_id=f"{ctx.run.id}/{step.id}",
+              payload={"signature_id": signature_id, "signed_step": sig.step_id},
+              reason=f"a late duplicate resume for step {sig.step_id!r} (already accepted) reached step {step.id!r}")
+        return True
 
 
 def repetition(step: RecordStepSpec, n: int) -> RecordStepSpec:

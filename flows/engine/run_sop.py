@@ -25,7 +25,13 @@ from flows.config import get_settings
 from flows.engine import subruns
 from flows.engine.client import pause_key_prefix
 from flows.engine.deadlines import settle_deadlines
-from flows.engine.gates import accept_signature, disposition_step, open_gate, repetition
+from flows.engine.gates import (
+    accept_signature,
+    disposition_step,
+    open_gate,
+    repetition,
+    stale_resume,
+)
 from flows.engine.steps import (
     STEP_KINDS,
     RunContext,
@@ -109,6 +115,9 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
             # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
             key = f"{pause_key_prefix(step.id)}{refused_count(s, ctx.run.id, step.id)}"
         signed = await suspend_flow_run(wait_for_input=SignedInput, key=key)
+        if stale_resume(ctx, step, signed.signature_id):
+            logger.info("step %s: ignored a late duplicate resume for another step; waiting again", step.id)
+            continue
         data, problem = accept_signature(ctx, step, signed.signature_id)
         if data is not None:
             return data

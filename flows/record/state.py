@@ -50,10 +50,20 @@ def step_data(rec: StepRecord) -> dict[str, Any]:
     return data
 
 
+STALE_RESUME = "resume.stale"
+"""Audit action: a resume carried the signature of another, already accepted step of the run."""
+
+
 def refused_count(session: Session, run_id: str, step_id: str) -> int:
+    """How many resumes of this step were refused or stale: the gate's next pause key counts them,
+    because Prefect hands a key's input out again on every suspend with that key."""
+    from flows.record.tables import AuditEvent
+
     rows = session.exec(select(StepRecord.id).where(
         StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "refused"))
-    return len(list(rows))
+    stale = session.exec(select(AuditEvent.seq).where(
+        AuditEvent.action == STALE_RESUME, AuditEvent.object_id == f"{run_id}/{step_id}"))
+    return len(list(rows)) + len(list(stale))
 
 
 def run_status(session: Session, run_id: str) -> RunEvent | None:
