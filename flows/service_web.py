@@ -167,6 +167,15 @@ def urgent_inbox(settings: Settings, username: str, now: datetime | None = None)
             if isinstance(due, str):
                 due = datetime.fromisoformat(due)
             due = _aware(due) if due is not None else None
+            # The run's SOP deadlines still counting down (thaw to end of infusion…): each shown as
+            # time left, and the nearest one ranks the step too.
+            it["clocks"] = []
+            for clock in it.get("deadlines") or []:
+                if not clock.get("due_at"):
+                    continue
+                at = _aware(datetime.fromisoformat(clock["due_at"]) if isinstance(clock["due_at"], str) else clock["due_at"])
+                it["clocks"].append({"title": clock["title"], "due_at": at, "seconds_left": (at - now).total_seconds()})
+                due = at if due is None or at < due else due
             it["due_at"] = due
             it["seconds_left"] = (due - now).total_seconds() if due is not None else None
             it["institution"] = run.institution if run else None

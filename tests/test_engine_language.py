@@ -135,6 +135,13 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     [item] = [i for i in service.inbox(lang, "l_doc") if i["run_id"] == run_id]
     assert {d["id"]: d["state"] for d in item["deadlines"]} == {"thaw_to_infusion_end": "running",
                                                                 "signed_within_a_day": "running"}
+    # The web inbox shows each clock as time left and ranks the step by the nearest one.
+    from flows.service_web import urgent_inbox
+
+    [item] = [i for i in urgent_inbox(lang, "l_doc") if i["run_id"] == run_id]
+    clocks = {c["title"]: c["seconds_left"] for c in item["clocks"]}
+    assert 19 * 60 < clocks[clock["title"]] <= 20 * 60
+    assert item["seconds_left"] == min(clocks.values())
 
     sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=25))})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
