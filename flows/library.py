@@ -106,7 +106,8 @@ def sop_library(settings: Settings) -> list[dict[str, Any]]:
 
 
 def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str, Any]:
-    """One SOP in force, as plain data: params, steps (every key the file gives), roles, products.
+    """One SOP in force (its Effective version; the file in ``sops/`` when none is Effective, with
+    ``in_force`` False), as plain data: params, steps (every key given), roles, products.
 
     Raises:
         SopNotFoundError, SopDefinitionError
@@ -118,7 +119,14 @@ def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str,
     if sop_id not in inst.sops:
         catalog.get_sop(institution, sop_id)  # raises SopNotFoundError with a "did you mean"
     loaded = inst.sops[sop_id]
-    d = loaded.definition
+    from flows.changes.control import effective_sop
+    from flows.errors import FlowsError
+
+    try:  # what runs is the Effective version (change control); the file may be a later draft's source
+        pinned = effective_sop(settings, institution, sop_id)
+        d, sha256, in_force = pinned.definition, pinned.sha256, True
+    except FlowsError:
+        d, sha256, in_force = loaded.definition, loaded.sha256, False
     steps = []
     for step in d.steps:
         dumped = step.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
@@ -129,7 +137,7 @@ def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str,
     extra = d.model_dump(mode="json", exclude_none=True, exclude={"schema_version", "id", "title", "version", "description",
                                                                   "params", "steps"})
     return {"institution": institution, "institution_name": inst.spec.name, "id": d.id, "title": d.title,
-            "version": d.version, "description": d.description, "sha256": loaded.sha256,
+            "version": d.version, "description": d.description, "sha256": sha256, "in_force": in_force,
             "roles": {k: r.label for k, r in inst.spec.roles.items()},
             "params": [_field_view(n, f) for n, f in d.params.items()], "steps": steps, "other": extra,
             "products": {k: p.model_dump(mode="json", exclude_none=True) for k, p in inst.products.items()}}

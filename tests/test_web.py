@@ -245,6 +245,22 @@ def test_web_sop_pages_show_version_state_sha256_and_the_definition(engine, app)
     for shown in ("arrival.logger_max_c &lt;= product.storage_max_c", "Logger maximum transit temperature",
                   "from -200 to 40 °C", "Pharmacist", "distinct_signers", "tecartus"):
         assert shown in sop
+    assert 'id="not-in-force"' not in sop  # established: the page shows the Effective version
+
+
+def test_web_sop_page_says_when_no_version_is_in_force(tmp_path):
+    """An SOP whose file no version was made from (no change control yet) is shown with a warning."""
+    import dataclasses
+
+    from flows.config import get_settings
+    from flows.library import describe_sop
+    from flows.record.ledger import sha256_hex
+    from tests.conftest import DEMO_SOP
+
+    settings = dataclasses.replace(get_settings(), database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    desc = describe_sop(settings, "demo_hospital", "dose_receipt")
+    assert desc["in_force"] is False
+    assert desc["sha256"] == sha256_hex(DEMO_SOP.read_bytes())
 
 
 @pytest.mark.parametrize("language", ["en", "zh"])
