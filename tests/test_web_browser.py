@@ -167,6 +167,8 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
             if person is not doc:
                 assert person.login().url.endswith("/inbox"), person.username
         page = doc.go("/login")  # by keyboard alone: the focus starts in the user name
+        # Chromium applies autofocus at a rendering update, which can come after "load" on a busy machine.
+        page.wait_for_function("document.activeElement && document.activeElement.id === 'username'")
         page.keyboard.type("doc")
         page.keyboard.press("Tab")
         page.keyboard.type(PASSWORD)
