@@ -56,21 +56,12 @@ def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
     return out
 
 
-def _version_states(settings: Settings, institution: str) -> list[dict[str, Any]] | None:
-    """SOP versions with their change-control states, where change control is part of this
-    installation (``flows.changes``); None where it is not: then the files in ``sops/`` are in force."""
-    try:
-        from flows.changes.control import list_versions  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return list(list_versions(settings, institution))
-
-
 def sop_library(settings: Settings) -> list[dict[str, Any]]:
     """Per institution, its SOPs with version, state and sha256: the versions change control
-    records, with their states (``effective``, ``draft``, …), where it is installed; otherwise the
-    files (``in_force``: what a new run uses) and the revisions runs used (``superseded`` when the
-    file has changed since)."""
+    records, with their states (``effective``, ``draft``, …); for an institution with no version yet
+    (not established), the files and the revisions runs used (``superseded`` when the file has
+    changed since)."""
+    from flows.changes.control import list_versions
     from flows.sop.catalog import Catalog
 
     catalog = Catalog(settings.sops_dir, settings.templates_dir)
@@ -90,7 +81,7 @@ def sop_library(settings: Settings) -> list[dict[str, Any]]:
                 titles[sop_id] = loaded.definition.title
         except (SopDefinitionError, SopNotFoundError) as exc:
             entry["problems"] = [str(p) for p in getattr(exc, "problems", [exc])]
-        versions = _version_states(settings, inst_id)
+        versions = list(list_versions(settings, inst_id))
         if versions:
             entry["sops"] = [{"id": v["sop_id"], "title": titles.get(v["sop_id"]), "version": v["version"],
                               "sha256": v["sha256"], "state": v["state"],

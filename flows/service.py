@@ -260,19 +260,22 @@ def wait_for_run(settings: Settings, run_id: str, *, step: str | None = None, st
     import time
 
     deadline = time.monotonic() + timeout
-    rec = quality_record(settings, run_id)
     while True:
-        if rec["run"]["status"] in statuses:
-            return rec
-        if step and any(s["id"] == step and s["status"] == "waiting" for s in rec["steps"]):
-            return rec
-        if rec["run"]["status"] == "failed":
-            raise RecordError(f"run {run_id} failed: {rec['run']['status_detail']}")
+        # Each poll reads only the run's status and its steps' newest records; the whole quality
+        # record is built once, when the run is where it was asked to be.
+        with read_session(settings.database_url) as s:
+            _find_run(s, run_id)
+            event = run_status(s, run_id)
+            newest = step_states(s, run_id).get(step) if step else None
+        status = event.status if event else "unknown"
+        if status in statuses or (newest is not None and newest.status == "waiting"):
+            return quality_record(settings, run_id)
+        if status == "failed":
+            raise RecordError(f"run {run_id} failed: {event.detail if event else None}")
         if time.monotonic() > deadline:
             raise RecordError(f"run {run_id}: still not at {step or statuses} after {timeout:.0f} s "
-                              f"(status {rec['run']['status']}); see `sopflow server status`")
+                              f"(status {status}); see `sopflow server status`")
         time.sleep(poll)
-        rec = quality_record(settings, run_id)
 
 
 def submit_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
@@ -474,9 +477,12 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
             roles = roles_of(s, user.id, run.institution)
             if not roles:
                 continue
+            states = step_states(s, run.id)
+            if not any(rec.status == "waiting" for rec in states.values()):
+                continue  # finished runs, and runs between steps: nothing to show, nothing to parse
             sop = stored_sop(s, run)
             clocks: list[dict[str, Any]] | None = None
-            for step_id, rec in step_states(s, run.id).items():
+            for step_id, rec in states.items():
                 step = find_human_step(sop, step_id)
                 if rec.status == "waiting" and step is not None and step.role in roles:
                     if clocks is None:  # the run's deadlines still counting down (or past due): "time left"
@@ -486,18 +492,18 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                                 "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
                                 "cannot_sign": signer_problem(s, run, sop, step, user.id),
                                 "overdue_since": overdue.get((run.id, step_id)), "deadlines": clocks,
-                                "due_at": _repetition_due(s, run.id, sop, step_id)})
+                                "due_at": _repetition_due(s, run.id, sop, step_id, states)})
     return sorted(out, key=lambda x: x["since"])
 
 
-def _repetition_due(session: Session, run_id: str, sop: Any, step_id: str) -> str | None:
+def _repetition_due(session: Session, run_id: str, sop: Any, step_id: str, states: dict[str, Any]) -> str | None:
     """When repetition ``<step>#<n>`` is due (the previous one's signing + ``every``); None otherwise."""
     base, _, n = step_id.partition("#")
     if not n:
         return None
     from flows.record.deadlines import repetitions
 
-    due: str | None = repetitions(session, run_id, sop.step(base))["next_due_at"]
+    due: str | None = repetitions(session, run_id, sop.step(base), states)["next_due_at"]
     return due
 
 

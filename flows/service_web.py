@@ -98,16 +98,18 @@ def sign_out(settings: Settings, username: str, why: str) -> None:
 
 def user_summary(settings: Settings, username: str) -> dict[str, Any]:
     """Printed name and roles per institution. Raises RecordError for an unknown user."""
-    from flows.admin import list_users
+    from flows.record.tables import RoleGrant
+    from flows.record.users import find_user
 
-    for u in list_users(settings):
-        if u["username"] == username:
-            roles: dict[str, list[str]] = {}
-            for grant in u["roles"]:
-                inst, role = grant.split(":", 1)
-                roles.setdefault(inst, []).append(role)
-            return {"username": username, "printed_name": u["printed_name"], "roles": roles}
-    raise RecordError(f"no user {username!r}")
+    with read_session(settings.database_url) as s:
+        user = find_user(s, username)
+        if user is None:
+            raise RecordError(f"no user {username!r}")
+        grants = sorted((g.institution, g.role) for g in s.exec(select(RoleGrant).where(RoleGrant.user_id == user.id)))
+    roles: dict[str, list[str]] = {}
+    for inst, role in grants:
+        roles.setdefault(inst, []).append(role)
+    return {"username": username, "printed_name": user.printed_name, "roles": roles}
 
 
 def set_language(settings: Settings, username: str, language: str) -> None:
@@ -237,7 +239,6 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
         SopInputError (every problem at once), StepNotWaitingError
     """
     from flows.engine.gates import human_fields, meaning_of
-    from flows.sop.inputs import coerce_values
 
     form = step_form(settings, run_id, step_id, username)
     if form["status"] != "waiting":
@@ -245,10 +246,8 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
     with read_session(settings.database_url) as s:
         _, sop, step = service._human_step(s, run_id, step_id)
     fields = human_fields(step)
-    if hasattr(service, "preview_step"):  # the service's own preview (computed fields, identifier formats)
-        data = service.preview_step(settings, run_id, step_id, raw_values)["values"]
-    else:
-        data = coerce_values(fields, raw_values, where=f"{sop.id} step {step_id!r}")
+    # The service's own preview: computed fields and identifier formats, exactly as submit stores them.
+    data = service.preview_step(settings, run_id, step_id, raw_values)["values"]
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{sop.id} step {step_id!r}.reason: a reason is required to reject"])
     with read_session(settings.database_url) as s:
@@ -256,7 +255,7 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
     return {
         **form,
         "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n),
-                    "computed": getattr(f, "compute", None) is not None, "type": f.type} for n, f in fields.items()],
+                    "computed": f.compute is not None, "type": f.type} for n, f in fields.items()],
         "data": data, "data_sha256": ledger.sha256_hex(ledger.canonical(data)),
         "meaning": meaning_of(step, data), "statement": step.meaning,
         "signer": user.printed_name if user else username,

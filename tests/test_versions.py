@@ -252,14 +252,20 @@ def test_export_then_import_arrives_as_drafts_and_a_changed_file_is_refused(tmp_
         effective_sop(prod, INST, "dose_receipt")
 
 
-def test_activate_due_supersedes_the_previous_version(tmp_path):
-    from flows.record.versions import activate_due, effective_version
-
+def _established_with_v2_draft(tmp_path: Path):
+    """A fresh database: the demo institution established, and dose_receipt v2 stored as a draft."""
     settings = _settings(f"sqlite:///{tmp_path / 'sopflow.db'}", tmp_path)
     _staff(settings)
     establish(settings, INST, Officer("qa", PASSWORD))
     path = _v2(tmp_path)
     create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
+    return settings
+
+
+def test_activate_due_supersedes_the_previous_version(tmp_path):
+    from flows.record.versions import activate_due, effective_version
+
+    settings = _established_with_v2_draft(tmp_path)
     now = utcnow()
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
@@ -275,11 +281,7 @@ def test_issued_version_assigns_training_and_overdue_training_is_listed_and_noti
     from flows.changes.control import version_definition
     from flows.changes.sweep import _assign_training, overdue_training
 
-    settings = _settings(f"sqlite:///{tmp_path / 'sopflow.db'}", tmp_path)
-    _staff(settings)
-    establish(settings, INST, Officer("qa", PASSWORD))
-    path = _v2(tmp_path)
-    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
+    settings = _established_with_v2_draft(tmp_path)
     now = utcnow()
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()

@@ -34,15 +34,12 @@ PHONE = {"width": 390, "height": 844}
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(name="web_url", scope="module")
-def web_url_fixture(engine: Any) -> Iterator[str]:
-    """``sopflow web`` (the same app) served by uvicorn in a thread on a free port."""
+def serve(app: Any) -> Iterator[str]:
+    """Serve ``app`` (what ``sopflow web`` serves) with uvicorn in a thread on a free port; yields its URL."""
     import uvicorn
 
-    from flows.web import create_app
-
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -52,6 +49,14 @@ def web_url_fixture(engine: Any) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(name="web_url", scope="module")
+def web_url_fixture(engine: Any) -> Iterator[str]:
+    """``sopflow web`` on the engine's settings."""
+    from flows.web import create_app
+
+    yield from serve(create_app(engine))
 
 
 @pytest.fixture(name="browser", scope="module")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,7 @@ from sqlmodel import col, func, select
 from flows.record.db import read_session, write_session
 from flows.record.tables import AuditEvent, SopVersion
 from tests.conftest import PASSWORD, REPO
-from tests.fixtures_engine import free_port
-from tests.test_web_browser import ARGS, CHROMIUM, browser_fixture, shots_fixture  # noqa: F401  (fixtures)
+from tests.test_web_browser import ARGS, CHROMIUM, browser_fixture, serve, shots_fixture  # noqa: F401  (fixtures)
 
 INST = "demo_hospital"
 PROBE = """# Owner: test · Approval: none · Effective: when change control says
@@ -261,19 +258,7 @@ def test_new_sop_starts_from_a_skeleton_saves_v1_and_the_text_is_shown_as_text(s
 # -- the browser ------------------------------------------------------------------------------------
 @pytest.fixture(name="web_url", scope="module")
 def web_url_fixture(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the web server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    yield from serve(app)
 
 
 def _select_on_line(page: Any, line: int, word: str) -> None:

@@ -12,7 +12,6 @@ library raises. Module-level imports stay light (no prefect; flows.sop is import
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -188,14 +187,6 @@ def _field_line(name: str, spec: FieldSpec) -> str:
     return f"{name:<18} {spec.type:<9} {', '.join(rules)}{label}".rstrip()
 
 
-def _duration(value: timedelta) -> str:
-    seconds = value.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
-
-
 def _describe(defn: SopDefinition) -> list[str]:
     from flows.sop.model import (
         CheckStepSpec,
@@ -203,6 +194,7 @@ def _describe(defn: SopDefinition) -> list[str]:
         HumanStepSpec,
         NotifyStepSpec,
         VerifyStepSpec,
+        format_duration,
     )
 
     lines = (
@@ -220,7 +212,7 @@ def _describe(defn: SopDefinition) -> list[str]:
         repeat = getattr(step, "repeat", None)
         if repeat is not None:
             until = f", until {repeat.until}" if repeat.until else ""
-            lines.append(f"       repeat: every {_duration(repeat.every)}, at most {repeat.times} times{until}")
+            lines.append(f"       repeat: every {format_duration(repeat.every)}, at most {repeat.times} times{until}")
         if isinstance(step, VerifyStepSpec):
             lines.append(f"       verifies: {step.of}")
         if isinstance(step, HumanStepSpec):
@@ -228,7 +220,7 @@ def _describe(defn: SopDefinition) -> list[str]:
                 lines.append(f"       meaning: {step.meaning}")
             if step.timeout is not None:
                 lines.append(
-                    f"       timeout: {_duration(step.timeout)}, then escalate to {step.escalate_to or 'nobody'}"
+                    f"       timeout: {format_duration(step.timeout)}, then escalate to {step.escalate_to or 'nobody'}"
                 )
             lines.extend(f"       {_field_line(n, s)}" for n, s in step.fields.items())
         elif isinstance(step, CheckStepSpec):
@@ -247,7 +239,7 @@ def _describe(defn: SopDefinition) -> list[str]:
     if defn.deadlines:
         lines += ["", "Deadlines:"]
         for d in defn.deadlines:
-            limit = _duration(d.within) if d.within is not None else f"{d.within_min} min"
+            limit = format_duration(d.within) if d.within is not None else f"{d.within_min} min"
             lines.append(f"  {d.id}: {d.from_} → {d.to} within {limit}; "
                          f"breach opens a {d.deviation.classification} deviation"
                          + (f" — {d.title}" if d.title else ""))

@@ -32,10 +32,6 @@ __all__ = ["settle_deadlines", "sweep_deadlines"]
 
 log = logging.getLogger("sopflow.deadlines")
 
-_SOPS: dict[str, SopDefinition] = {}
-"""Stored SOP revisions by version id: their text never changes, so the sweep parses each once."""
-
-
 def _description(entry: dict[str, object], limit: timedelta) -> str:
     if entry["state"] == "breached":
         took = timedelta(seconds=float(entry["elapsed_seconds"] or 0))  # type: ignore[arg-type]
@@ -85,16 +81,14 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
     now = now or utcnow()
     pending: list[tuple[SopRun, SopDefinition]] = []
     with read_session(settings.database_url) as s:
-        sops = _SOPS
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
-            if run.sop_version_id not in sops:
-                sops[run.sop_version_id] = stored_sop(s, run)
-            if not sops[run.sop_version_id].deadlines:
+            sop = stored_sop(s, run)  # parsed once per version (flows.record.query)
+            if not sop.deadlines:
                 continue
             status = run_status(s, run.id)
             if status is None or status.status not in ENDED:
                 s.expunge(run)
-                pending.append((run, sops[run.sop_version_id]))
+                pending.append((run, sop))
     n = 0
     for run, sop in pending:
         try:

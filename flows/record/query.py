@@ -39,12 +39,23 @@ def disposition_id(check_id: str) -> str:
     return f"{check_id}__disposition"
 
 
+_PARSED: dict[tuple[str, str], SopDefinition] = {}
+"""Parsed SOP versions by (version row id, sha256): a version's text never changes and a
+definition is frozen, so each is parsed once per process (sweeps, the inbox and every gate read them)."""
+
+
 def stored_sop(session: Session, run: SopRun) -> SopDefinition:
     """The SOP revision a run is pinned to, from the text stored when it started."""
+    cached = _PARSED.get((run.sop_version_id, run.sop_sha256))
+    if cached is not None:
+        return cached
     version = session.get(SopVersion, run.sop_version_id)
     if version is None:
         raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
-    return SopDefinition.model_validate(yaml.safe_load(version.text))
+    sop = SopDefinition.model_validate(yaml.safe_load(version.text))
+    if version.sha256 == run.sop_sha256:  # only a text the run's own hash vouches for is kept
+        _PARSED[(run.sop_version_id, run.sop_sha256)] = sop
+    return sop
 
 
 def _names(session: Session) -> dict[str, str]:

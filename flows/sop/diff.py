@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from flows.sop.model import SopDefinition
+from flows.sop.model import SopDefinition, format_duration
 
 __all__ = ["Change", "diff_sops"]
 
@@ -42,17 +42,9 @@ class Change:
         return f"{self.where} {self.kind}" + (f" ({detail})" if detail else "")
 
 
-def _duration(value: timedelta) -> str:
-    seconds = value.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, timedelta):
-        return _duration(value)
+        return format_duration(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -30,11 +30,11 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    field_validator,
     model_validator,
 )
 
@@ -63,6 +63,7 @@ __all__ = [
     "SubrunStepSpec",
     "TimeoutDeviationSpec",
     "VerifyStepSpec",
+    "format_duration",
     "parse_duration",
 ]
 
@@ -88,6 +89,28 @@ def parse_duration(value: Any) -> Any:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def format_duration(value: timedelta) -> str:
+    """The inverse of ``parse_duration``: 4 h -> '4h', 90 s -> '90s' (the largest whole unit)."""
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _regex_compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_regex_compiles)]
+"""A regular expression, checked when the file loads; the error's path ends at its own key, so the
+loader points at that key's line."""
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -109,7 +132,7 @@ class FieldSpec(_Frozen):
     phi: bool = False
     """Protected health information: never echoed back in an error message."""
     # text
-    pattern: str | None = None
+    pattern: Regex | None = None
     max_length: int | None = Field(default=None, gt=0)
     # number
     unit: str | None = None
@@ -122,18 +145,6 @@ class FieldSpec(_Frozen):
     """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
     compute: str | None = None
     """A step field nobody enters: this expression's value at submit time (number, text or choice fields)."""
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern_compiles(cls, value: str | None) -> str | None:
-        # A field validator (not the model validator below) so the error's path ends in
-        # `.pattern` and the loader can point at that key's line.
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
-        return value
 
     @model_validator(mode="after")
     def _type_specific(self) -> FieldSpec:
@@ -189,20 +200,10 @@ class ProductSpec(_Frozen):
     unconfirmed: tuple[str, ...] = ()
     """Keys whose value the research could not confirm; the institution must set them."""
     source: str | None = None
-    coi_pattern: str | None = None
+    coi_pattern: Regex | None = None
     """Regular expression the whole value of a ``format: coi`` field must match for this product (the manufacturer's chain-of-identity id)."""
     coi_example: str | None = None
     """A chain-of-identity id that matches ``coi_pattern``, shown to people entering one."""
-
-    @field_validator("coi_pattern")
-    @classmethod
-    def _coi_pattern_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
-        return value
 
     @model_validator(mode="after")
     def _coi_example_matches(self) -> ProductSpec:
