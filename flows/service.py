@@ -28,14 +28,12 @@ from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
 from flows.record.deadlines import deadline_states
 from flows.record.query import run_record, stored_sop
-from flows.record.state import run_status, signer_problem, step_states
+from flows.record.state import FINAL_STATUSES, run_status, signer_problem, step_states
 from flows.record.tables import Signature, SopRun, User, utcnow
 from flows.record.users import roles_of
 from flows.sop.catalog import Catalog
 from flows.sop.inputs import coerce_values
 from flows.sop.model import ProductSpec
-
-FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
 
 __all__ = [
     "CorrectResult",

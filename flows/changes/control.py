@@ -57,6 +57,7 @@ from flows.record.versions import (
     append_event,
     effective_version,
     event_data,
+    newest_effective,
     state_of,
     versions_of,
 )
@@ -233,16 +234,18 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
 
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
+        infos = versions_of(s, institution, sop_id)
         due = any(i.state == "issued" and datetime.fromisoformat(i.data["effective_at"]) <= (now or utcnow())
-                  for i in versions_of(s, institution, sop_id))
+                  for i in infos)
+        if not due and (version := newest_effective(infos)) is not None:
+            return PinnedSop(version.id, version_definition(version), version.sha256)
     if due:
         with write_session(settings.database_url) as s:
             activate_due(s, now, institution=institution, sop_id=sop_id)
     with read_session(settings.database_url) as s:
-        version = effective_version(s, institution, sop_id)
-        if version is not None:
-            return PinnedSop(version.id, version_definition(version), version.sha256)
         infos = versions_of(s, institution, sop_id)
+        if (version := newest_effective(infos)) is not None:
+            return PinnedSop(version.id, version_definition(version), version.sha256)
         known = _known_ids(settings, s, institution)
         institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | set(
             s.exec(select(SopVersion.institution)))

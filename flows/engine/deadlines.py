@@ -22,9 +22,9 @@ from flows.engine.escalation import format_duration
 from flows.engine.steps import SYSTEM, RunContext, send
 from flows.record import ledger
 from flows.record.db import read_session, write_session
-from flows.record.deadlines import ENDED, deadline_states
+from flows.record.deadlines import deadline_states
 from flows.record.query import stored_sop
-from flows.record.state import run_status
+from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, SopRun, utcnow
 from flows.sop.model import SopDefinition
 
@@ -86,7 +86,7 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
             if not sop.deadlines:
                 continue
             status = run_status(s, run.id)
-            if status is None or status.status not in ENDED:
+            if status is None or status.status not in FINAL_STATUSES:
                 s.expunge(run)
                 pending.append((run, sop))
     n = 0

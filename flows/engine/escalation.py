@@ -32,7 +32,7 @@ from flows.errors import RecordError
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.query import stored_sop
-from flows.record.state import run_status
+from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, Escalation, SopRun, StepRecord, utcnow
 from flows.sop.model import HumanStepSpec, SopDefinition
 
@@ -40,7 +40,6 @@ __all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps"]
 
 log = logging.getLogger("sopflow.escalation")
 
-_ENDED = frozenset({"completed", "rejected", "stopped", "failed"})
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue
         if due > now:
             continue
         status = run_status(session, run.id)
-        if status is not None and status.status in _ENDED:
+        if status is not None and status.status in FINAL_STATUSES:
             continue
         esc = session.exec(select(Escalation).where(Escalation.waiting_id == first.id)).first()
         out.append(Overdue(run, sop, step, first.id, since, due, _aware(esc.at) if esc else None))

@@ -37,7 +37,7 @@ from flows.record.deviations import (
     quarantine_problem,
     run_coi,
 )
-from flows.record.state import run_status, step_data, step_states
+from flows.record.state import FINAL_STATUSES, run_status, step_data, step_states
 from flows.record.tables import (
     Deviation,
     SopRun,
@@ -50,7 +50,6 @@ from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec, SubrunSte
 __all__ = ["deviation_link_id", "deviation_subrun", "hold_if_quarantined", "record_lifecycle",
            "resume_ready", "run_subrun_step", "start_subrun"]
 
-FINAL = ("completed", "rejected", "stopped", "failed")
 log = logging.getLogger("sopflow.subruns")
 
 
@@ -131,7 +130,7 @@ def _outcome(session: Session, child_id: str, deviation_id: str | None) -> dict[
     status = run_status(session, child_id)
     decided = disposition(session, deviation_id) if deviation_id is not None else None
     decision = decided["decision"] if decided else None
-    ended = status is not None and status.status in FINAL
+    ended = status is not None and status.status in FINAL_STATUSES
     if child is None or (not ended and decision is None):
         return None
     out: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from flows.record.deviations import deviation_state, run_coi
 from flows.record.query import stored_sop
-from flows.record.state import run_status
+from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, RunEvent, SopRun
 
 __all__ = ["STAGES", "chain_of_identity", "stage_of"]
@@ -83,7 +83,7 @@ def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
             "parent_step_id": run.parent_step_id, "stage": stage, "stage_guessed": guessed,
             "status": status.status if status else "unknown", "status_detail": status.detail if status else None,
             "started_at": _iso(run.started_at),
-            "ended_at": _iso(last.at) if last and last.status in ("completed", "rejected", "stopped", "failed") else None,
+            "ended_at": _iso(last.at) if last and last.status in FINAL_STATUSES else None,
             "deviations": devs,
         })
         for child in children.get(run.id, []):

@@ -24,14 +24,13 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from flows.record.state import run_status, step_data, step_states
+from flows.record.state import FINAL_STATUSES, run_status, step_data, step_states
 from flows.record.tables import Deviation, Signature, SopRun, StepRecord, utcnow
 from flows.sop.expressions import ExpressionError, evaluate_value
 from flows.sop.model import DeadlineSpec, RecordStepSpec, SopDefinition
 
-__all__ = ["ENDED", "deadline_states", "limit_of", "repetitions", "signed_at"]
+__all__ = ["deadline_states", "limit_of", "repetitions", "signed_at"]
 
-ENDED = frozenset({"completed", "rejected", "stopped", "failed"})
 
 
 def _aware(value: datetime) -> datetime:
@@ -92,7 +91,7 @@ def deadline_states(session: Session, run: SopRun, sop: SopDefinition, now: date
     now = now or utcnow()
     states = step_states(session, run.id)
     status = run_status(session, run.id)
-    ended = status is not None and status.status in ENDED
+    ended = status is not None and status.status in FINAL_STATUSES
     opened = {d.step_id: d.id for d in session.exec(
         select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))}
     out = []

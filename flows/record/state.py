@@ -20,6 +20,7 @@ from flows.record.versions import CHANGE_CONTROL_ID, change_control_problem
 from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
 
 __all__ = [
+    "FINAL_STATUSES",
     "next_n",
     "refused_count",
     "run_status",
@@ -49,6 +50,9 @@ def step_data(rec: StepRecord) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(rec.data_json)
     return data
 
+
+FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
+"""Run statuses after which nothing more happens in the run."""
 
 STALE_RESUME = "resume.stale"
 """Audit action: a resume carried the signature of another, already accepted step of the run."""

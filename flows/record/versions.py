@@ -45,6 +45,7 @@ __all__ = [
     "change_control_problem",
     "effective_version",
     "event_data",
+    "newest_effective",
     "state_of",
     "versions_of",
 ]
@@ -119,10 +120,15 @@ def versions_of(session: Session, institution: str, sop_id: str | None = None) -
     return out
 
 
+def newest_effective(infos: list[VersionInfo]) -> SopVersion | None:
+    """The version in force among ``versions_of`` rows (the newest effective one), or None."""
+    effective = [i for i in infos if i.state == "effective"]
+    return max(effective, key=lambda i: i.version.version).version if effective else None
+
+
 def effective_version(session: Session, institution: str, sop_id: str) -> SopVersion | None:
     """The version in force now (the newest effective one), or None."""
-    effective = [i for i in versions_of(session, institution, sop_id) if i.state == "effective"]
-    return max(effective, key=lambda i: i.version.version).version if effective else None
+    return newest_effective(versions_of(session, institution, sop_id))
 
 
 def activate_due(session: Session, now: datetime | None = None, *, institution: str | None = None,
