@@ -260,33 +260,47 @@ def resume_ready(settings: Any, client: Any = None) -> int:
     """Resume every run suspended on a sub-run that has ended (or been dispositioned) and every run
     held by a quarantine that is lifted. The executor's sweep calls it; so do a sub-run's end and a
     disposition, at once. Best effort: returns how many it resumed."""
-    from flows.engine.client import _client
-
     ready: list[tuple[str, str]] = []
     with read_session(settings.database_url) as s:
+        candidates: dict[str, list[StepRecord]] = {}
         for rec in s.exec(select(StepRecord).where(col(StepRecord.status).in_(("waiting", "held")))):
-            if rec.status == "waiting" and "subrun_id" not in rec.data_json:
-                continue
-            newest = step_states(s, rec.run_id).get(rec.step_id)
-            run = s.get(SopRun, rec.run_id)
-            if newest is None or newest.id != rec.id or run is None:
-                continue
-            if rec.status == "waiting":
-                d = step_data(rec)
-                if _outcome(s, d["subrun_id"], d.get("deviation_id")) is None:
-                    continue
-                key = f"{pause_key_prefix(rec.step_id)}sub-"
-            else:
-                params = json.loads(run.params_json)
-                from flows.record.query import stored_sop
+            if rec.status == "held" or "subrun_id" in rec.data_json:
+                candidates.setdefault(rec.run_id, []).append(rec)
+        for run_id, recs in candidates.items():  # each run's newest records read once, not once per row
+            states = step_states(s, run_id)
+            run = s.get(SopRun, run_id)
+            for rec in recs:
+                newest = states.get(rec.step_id)
+                if newest is not None and newest.id == rec.id and run is not None:
+                    _ready(s, run, rec, ready)
+    return _resume_each(settings, client, ready)
 
-                if quarantine_problem(s, run_coi(run, stored_sop(s, run)), run_id=run.id,
-                                      deviation_id=params.get("deviation_id")) is not None:
-                    continue
-                key = f"{pause_key_prefix(rec.step_id)}held-"
-            ready.append((run.flow_run_id, key))
+
+def _ready(s: Session, run: SopRun, rec: StepRecord, ready: list[tuple[str, str]]) -> None:
+    """Add (flow run, pause key) when ``rec`` (the newest record of its step) may go on: its sub-run
+    ended or was dispositioned, or the quarantine that held it is lifted."""
+    if rec.status == "waiting":
+        d = step_data(rec)
+        if _outcome(s, d["subrun_id"], d.get("deviation_id")) is None:
+            return
+        key = f"{pause_key_prefix(rec.step_id)}sub-"
+    else:
+        from flows.record.query import stored_sop
+
+        params = json.loads(run.params_json)
+        if quarantine_problem(s, run_coi(run, stored_sop(s, run)), run_id=run.id,
+                              deviation_id=params.get("deviation_id")) is not None:
+            return
+        key = f"{pause_key_prefix(rec.step_id)}held-"
+    ready.append((run.flow_run_id, key))
+
+
+def _resume_each(settings: Any, client: Any, ready: list[tuple[str, str]]) -> int:
+    """Resume each (flow run, key) still paused under that key; best effort, returns how many."""
     if not ready:
         return 0
+    from flows.engine.client import _client
+
     n = 0
     try:
         with contextlib.nullcontext(client) if client is not None else _client(settings) as c:
