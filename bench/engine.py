@@ -63,32 +63,49 @@ def write_sops(folder: Path, n_checks: int, k_resumes: int) -> None:
         HEADER + "schema_version: 1\n"
         f"id: {INSTITUTION}\nname: Bench Hospital\ntimezone: UTC\n"
         f"roles:\n  {ROLE}: {{label: Operator}}\n  qa: {{label: QA officer}}\n"
-        "  sop_admin: {label: SOP administrator}\n  sop_reviewer: {label: SOP reviewer}\n", encoding="utf-8")
+        "  sop_admin: {label: SOP administrator}\n  sop_reviewer: {label: SOP reviewer}\n",
+        encoding="utf-8",
+    )
     (inst / "products.yaml").write_text(
         HEADER + "schema_version: 1\nproducts:\n"
         "  bench_product:\n    name: Bench product\n    mah: Bench\n    storage_max_c: -150\n"
-        "    thaw_to_infusion_max_min: 180\n    documents: [CoA]\n", encoding="utf-8")
+        "    thaw_to_infusion_max_min: 180\n    documents: [CoA]\n",
+        encoding="utf-8",
+    )
 
     def checks(sop_id: str, n: int) -> str:
-        steps = "".join(f"  - {{id: c{i:03d}, kind: check, expect: \"params.n >= 0\", on_fail: stop}}\n" for i in range(n))
-        return (HEADER + f"schema_version: 1\nid: {sop_id}\ntitle: {n} automated checks\nversion: 1\n"
-                "params:\n  n: {type: number}\nsteps:\n" + steps)
+        steps = "".join(
+            f'  - {{id: c{i:03d}, kind: check, expect: "params.n >= 0", on_fail: stop}}\n' for i in range(n)
+        )
+        return (
+            HEADER + f"schema_version: 1\nid: {sop_id}\ntitle: {n} automated checks\nversion: 1\n"
+            "params:\n  n: {type: number}\nsteps:\n" + steps
+        )
 
     (inst / f"{CHECKS_SOP}.yaml").write_text(checks(CHECKS_SOP, n_checks), encoding="utf-8")
     (inst / f"{BASE_SOP}.yaml").write_text(checks(BASE_SOP, 1), encoding="utf-8")
     steps = "".join(
         f"  - id: r{i:03d}\n    kind: record\n    role: {ROLE}\n    meaning: Recorded a value\n"
-        f"    fields:\n      v: {{type: number}}\n" for i in range(k_resumes + 1))
+        f"    fields:\n      v: {{type: number}}\n"
+        for i in range(k_resumes + 1)
+    )
     (inst / f"{SIGNED_SOP}.yaml").write_text(
         HEADER + f"schema_version: 1\nid: {SIGNED_SOP}\ntitle: {k_resumes + 1} signed records\nversion: 1\n"
-        "steps:\n" + steps, encoding="utf-8")
+        "steps:\n" + steps,
+        encoding="utf-8",
+    )
 
 
 def configure(home: Path, sops: Path) -> Any:
     """Point sopflow and Prefect at the temporary home; must run before Prefect is imported."""
     if "prefect" in sys.modules:
         raise RuntimeError("Prefect was imported before the bench set its environment")
-    for key in ("SOPFLOW_DATABASE_URL", "SOPFLOW_PREFECT_API_URL", "SOPFLOW_PREFECT_DATABASE_URL", "SOPFLOW_NOTIFY_CONFIG"):
+    for key in (
+        "SOPFLOW_DATABASE_URL",
+        "SOPFLOW_PREFECT_API_URL",
+        "SOPFLOW_PREFECT_DATABASE_URL",
+        "SOPFLOW_NOTIFY_CONFIG",
+    ):
         os.environ.pop(key, None)
     os.environ["SOPFLOW_HOME"] = str(home)
     os.environ["SOPFLOW_PREFECT_PORT"] = str(free_port())
@@ -120,8 +137,13 @@ def run_status(settings: Any, run_id: str) -> str | None:
     from flows.record.db import read_session
 
     with read_session(settings.database_url) as s:
-        row = s.connection().execute(
-            text("SELECT status, detail FROM sf_run_event WHERE run_id = :r ORDER BY n DESC LIMIT 1"), {"r": run_id}).first()
+        row = (
+            s.connection()
+            .execute(
+                text("SELECT status, detail FROM sf_run_event WHERE run_id = :r ORDER BY n DESC LIMIT 1"), {"r": run_id}
+            )
+            .first()
+        )
     if row is None:
         return None
     status, detail = row
@@ -136,9 +158,14 @@ def step_status(settings: Any, run_id: str, step_id: str) -> str | None:
     from flows.record.db import read_session
 
     with read_session(settings.database_url) as s:
-        row = s.connection().execute(
-            text("SELECT status FROM sf_step_record WHERE run_id = :r AND step_id = :s ORDER BY n DESC LIMIT 1"),
-            {"r": run_id, "s": step_id}).first()
+        row = (
+            s.connection()
+            .execute(
+                text("SELECT status FROM sf_step_record WHERE run_id = :r AND step_id = :s ORDER BY n DESC LIMIT 1"),
+                {"r": run_id, "s": step_id},
+            )
+            .first()
+        )
     return None if row is None else str(row[0])
 
 
@@ -157,7 +184,9 @@ def time_sopflow(settings: Any, sop_id: str, n_steps: int) -> float:
     t0 = time.perf_counter()
     started = service.start_run(settings, INSTITUTION, sop_id, {"n": "1"}, USER, PASSWORD)
     run_id = started.run_id
-    wait_until(lambda: run_status(settings, run_id) == "completed", RUN_POLL, 120, f"sopflow run {run_id} not completed")
+    wait_until(
+        lambda: run_status(settings, run_id) == "completed", RUN_POLL, 120, f"sopflow run {run_id} not completed"
+    )
     elapsed = time.perf_counter() - t0
     wait_task_runs(started.flow_run_id, n_steps)  # untimed: let the server catch up before the next run
     return elapsed
@@ -209,11 +238,15 @@ def wait_task_runs(flow_run_id: str, n: int) -> None:
     from prefect.client.schemas.objects import StateType
 
     with get_client(sync_client=True) as client:
+
         def recorded() -> bool:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]))),
-                limit=n + 1)
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]))
+                ),
+                limit=n + 1,
+            )
             return len(runs) >= n
 
         wait_until(recorded, 0.05, 120, f"task runs of {flow_run_id} not recorded")
@@ -271,7 +304,9 @@ def time_authenticate(settings: Any, times: int = 7) -> list[float]:
 
 
 def wait_waiting(settings: Any, run_id: str, step_id: str) -> None:
-    wait_until(lambda: step_status(settings, run_id, step_id) == "waiting", STEP_POLL, 60, f"step {step_id} not waiting")
+    wait_until(
+        lambda: step_status(settings, run_id, step_id) == "waiting", STEP_POLL, 60, f"step {step_id} not waiting"
+    )
 
 
 def part2(settings: Any, k: int) -> dict[str, Any]:
@@ -295,8 +330,14 @@ def part2(settings: Any, k: int) -> dict[str, Any]:
     service.submit_step(settings, run_id, steps[k], USER, PASSWORD, {"v": str(k)})
     wait_until(lambda: run_status(settings, run_id) == "completed", STEP_POLL, 60, "signed run not completed")
     last = time.perf_counter() - t0
-    return {"latency": latency, "call": call, "resumed": resumed, "first_wait": first_wait, "last": last,
-            "phases": resume_phases(settings, run_id, steps)}
+    return {
+        "latency": latency,
+        "call": call,
+        "resumed": resumed,
+        "first_wait": first_wait,
+        "last": last,
+        "phases": resume_phases(settings, run_id, steps),
+    }
 
 
 def resume_phases(settings: Any, run_id: str, steps: list[str]) -> dict[str, list[float]]:
@@ -316,16 +357,25 @@ def resume_phases(settings: Any, run_id: str, steps: list[str]) -> dict[str, lis
     with read_session(settings.database_url) as s:
         conn = s.connection()
         fr_id = conn.execute(text("SELECT flow_run_id FROM sf_run WHERE id = :r"), {"r": run_id}).scalar_one()
-        recs = [(st, status, utc(at)) for st, status, at in conn.execute(
-                    text("SELECT step_id, status, at FROM sf_step_record WHERE run_id = :r ORDER BY n"), {"r": run_id})]
+        recs = [
+            (st, status, utc(at))
+            for st, status, at in conn.execute(
+                text("SELECT step_id, status, at FROM sf_step_record WHERE run_id = :r ORDER BY n"), {"r": run_id}
+            )
+        ]
     with get_client(sync_client=True) as client:
         states = sorted((utc(st.timestamp), st.name) for st in client.read_flow_run_states(UUID(fr_id)))
 
     def first(after: Any, pred: Callable[[tuple[Any, str]], bool], seq: list[Any]) -> Any:
         return next((x for x in seq if x[0] >= after and pred(x)), None)
 
-    names = ("signed->Resuming", "Resuming->Pending (claim)", "Pending->Running", "Running->step done",
-             "step done->next waiting")
+    names = (
+        "signed->Resuming",
+        "Resuming->Pending (claim)",
+        "Pending->Running",
+        "Running->step done",
+        "step done->next waiting",
+    )
     out: dict[str, list[float]] = {k: [] for k in names}
     for i in range(len(steps) - 1):
         signed = next((at for st, status, at in recs if st == steps[i] and status == "signed"), None)
@@ -365,8 +415,10 @@ def machine_facts(settings: Any) -> list[str]:
 
     try:
         git = ["git", "rev-parse", "--short", "HEAD"]  # read-only
-        commit = subprocess.run(git, cwd=REPO, capture_output=True, text=True, timeout=5,  # noqa: S603
-                                check=False).stdout.strip() or "?"
+        commit = (
+            subprocess.run(git, cwd=REPO, capture_output=True, text=True, timeout=5, check=False).stdout.strip()  # noqa: S603
+            or "?"
+        )
     except OSError:
         commit = "?"
     cpus = os.cpu_count()
@@ -383,34 +435,58 @@ def machine_facts(settings: Any) -> list[str]:
     ]
 
 
-def report(settings: Any, args: argparse.Namespace, r1: dict[str, Any], r2: dict[str, Any], auth: list[float],
-           rtt: list[float], setup: float, total: float) -> None:
+def report(
+    settings: Any,
+    args: argparse.Namespace,
+    r1: dict[str, Any],
+    r2: dict[str, Any],
+    auth: list[float],
+    rtt: list[float],
+    setup: float,
+    total: float,
+) -> None:
     n, k = args.steps, args.resumes
     print()
     print("sopflow engine bench")
     for line in machine_facts(settings):
         print("  " + line)
-    print(f"  setup      server + executor ready in {setup:.1f} s; Prefect API round trip (GET /health) median {ms(median(rtt)).strip()}, "
-          f"max {ms(max(rtt)).strip()}")
+    print(
+        f"  setup      server + executor ready in {setup:.1f} s; Prefect API round trip (GET /health) median {ms(median(rtt)).strip()}, "
+        f"max {ms(max(rtt)).strip()}"
+    )
     print()
     print(f"1. per-step overhead, {n} automated steps, medians of {args.repeats} (after one warm-up each)")
-    print(f"   sopflow  : {n} check steps {ms(median(r1['sf_n']))} total, 1-step baseline {ms(median(r1['sf_base']))}"
-          f"  (start_run -> record says completed)")
-    print(f"   Prefect  : {n} tasks       {ms(median(r1['pf_n']))} total, 0-task baseline {ms(median(r1['pf_base']))}"
-          f"  (async @flow, sync @task called directly: run-sop's pattern)")
-    print(f"   Prefect' : {n} tasks       {ms(median(r1['pc_n']))} total, 0-task baseline {ms(median(r1['pc_base']))}"
-          f"  (the same inside one SyncClientContext)")
+    print(
+        f"   sopflow  : {n} check steps {ms(median(r1['sf_n']))} total, 1-step baseline {ms(median(r1['sf_base']))}"
+        f"  (start_run -> record says completed)"
+    )
+    print(
+        f"   Prefect  : {n} tasks       {ms(median(r1['pf_n']))} total, 0-task baseline {ms(median(r1['pf_base']))}"
+        f"  (async @flow, sync @task called directly: run-sop's pattern)"
+    )
+    print(
+        f"   Prefect' : {n} tasks       {ms(median(r1['pc_n']))} total, 0-task baseline {ms(median(r1['pc_base']))}"
+        f"  (the same inside one SyncClientContext)"
+    )
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.1f}x" if b > 0 else "n/a"
 
     print(f"   per step : sopflow {ms(r1['sf_step'])}   Prefect {ms(r1['pf_step'])}   Prefect' {ms(r1['pc_step'])}")
-    print(f"   ratio    : sopflow/Prefect {ratio(r1['sf_step'], r1['pf_step'])}   sopflow/Prefect' {ratio(r1['sf_step'], r1['pc_step'])}")
-    print(f"   Prefect's task-run states reached the server {ms(median(r1['settle'])).strip()} (median) after a plain flow returned "
-          "(the bench waits for them, untimed, before the next run)")
+    print(
+        f"   ratio    : sopflow/Prefect {ratio(r1['sf_step'], r1['pf_step'])}   sopflow/Prefect' {ratio(r1['sf_step'], r1['pc_step'])}"
+    )
+    print(
+        f"   Prefect's task-run states reached the server {ms(median(r1['settle'])).strip()} (median) after a plain flow returned "
+        "(the bench waits for them, untimed, before the next run)"
+    )
     for key, label in (("sf", "sopflow"), ("pf", "Prefect"), ("pc", "Prefect'")):
-        print(f"   runs (s) : {label:8s} N " + " ".join(f"{x:.3f}" for x in r1[f"{key}_n"]) +
-              "  base " + " ".join(f"{x:.3f}" for x in r1[f"{key}_base"]))
+        print(
+            f"   runs (s) : {label:8s} N "
+            + " ".join(f"{x:.3f}" for x in r1[f"{key}_n"])
+            + "  base "
+            + " ".join(f"{x:.3f}" for x in r1[f"{key}_base"])
+        )
     print()
     lat, call = r2["latency"], r2["call"]
     a = median(auth)
@@ -419,11 +495,15 @@ def report(settings: Any, args: argparse.Namespace, r1: dict[str, Any], r2: dict
     print(f"   argon2 authenticate alone: median {ms(a)}, max {ms(max(auth))} ({len(auth)} calls)")
     print(f"   submit -> next waiting     : median {ms(median(lat))}  p95 {ms(p95(lat))}  max {ms(max(lat))}")
     print(f"   the same less authenticate : median {ms(median(net))}  p95 {ms(p95(net))}  max {ms(max(net))}")
-    print(f"   submit_step call returns   : median {ms(median(call))}  p95 {ms(p95(call))}  max {ms(max(call))}"
-          f"  (resumed by the call: {sum(r2['resumed'])}/{len(r2['resumed'])})")
+    print(
+        f"   submit_step call returns   : median {ms(median(call))}  p95 {ms(p95(call))}  max {ms(max(call))}"
+        f"  (resumed by the call: {sum(r2['resumed'])}/{len(r2['resumed'])})"
+    )
     if len(lat) >= 10:
-        print(f"   first 5 / last 5 resumes   : median {ms(median(lat[:5]))} / {ms(median(lat[-5:]))}"
-              "  (a resume re-enters the flow from the top)")
+        print(
+            f"   first 5 / last 5 resumes   : median {ms(median(lat[:5]))} / {ms(median(lat[-5:]))}"
+            "  (a resume re-enters the flow from the top)"
+        )
     print("   where a resume goes (Prefect's state history + sopflow's records; before 'signed' it is submit_step):")
     for name, xs in r2["phases"].items():
         if xs:
@@ -468,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         add_user(settings, "bench_qa", "Bench QA", PASSWORD, [(INSTITUTION, "qa")], actor="bench")
         establish(settings, INSTITUTION, flows.admin.Officer("bench_qa", PASSWORD))
         rtt = api_round_trip()
-        print(f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
-              flush=True)
+        print(
+            f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
+            flush=True,
+        )
         r1 = part1(settings, args.steps, args.repeats)
         print(f"part 2: {args.resumes} signed resumes ...", flush=True)
         auth = time_authenticate(settings)

@@ -74,8 +74,16 @@ def has_users(settings: Settings) -> bool:
         return s.exec(select(User.id).limit(1)).first() is not None
 
 
-def add_user(settings: Settings, username: str, printed_name: str, password: str,
-             grants: list[tuple[str, str]], *, actor: str = "admin", officer: Officer | None = None) -> str:
+def add_user(
+    settings: Settings,
+    username: str,
+    printed_name: str,
+    password: str,
+    grants: list[tuple[str, str]],
+    *,
+    actor: str = "admin",
+    officer: Officer | None = None,
+) -> str:
     """Create a user and grant roles; every role must exist in its institution.
 
     With ``officer``, a QA officer creates the account: they re-authenticate (audited) and must
@@ -101,8 +109,13 @@ def add_user(settings: Settings, username: str, printed_name: str, password: str
         outside = sorted({inst for inst, _ in grants} - set(theirs))
         if not grants or outside:
             where = ", ".join(repr(i) for i in outside) if outside else "no institution"
-            raise _refuse(settings, who, "user.add", username,
-                          f"user {who.username!r} may not add users with roles at {where}: that takes role {OFFICER_ROLE!r} there")
+            raise _refuse(
+                settings,
+                who,
+                "user.add",
+                username,
+                f"user {who.username!r} may not add users with roles at {where}: that takes role {OFFICER_ROLE!r} there",
+            )
         actor = who.id
     with write_session(settings.database_url) as s:
         user = _add_user(s, username, printed_name, password, actor=actor)
@@ -130,12 +143,17 @@ def sign_in(settings: Settings, username: str, password: str, purpose: str, *, a
     with write_session(settings.database_url) as s:
         if isinstance(result, User):
             if not accounts.is_active(s, result.id):
-                result = accounts.Refusal("disabled", f"user {username!r}: the account is disabled; a QA officer must enable it")
+                result = accounts.Refusal(
+                    "disabled", f"user {username!r}: the account is disabled; a QA officer must enable it"
+                )
             elif accounts.is_locked(s, result.id):
                 result = accounts.Refusal("locked", accounts.lock_message(s, result))
             elif not allow_temporary and accounts.must_change_password(s, result.id):
-                result = accounts.Refusal("temporary", f"user {username!r}: the password was reset by a QA officer; "
-                                                       f"set your own first (sopflow user passwd {username})")
+                result = accounts.Refusal(
+                    "temporary",
+                    f"user {username!r}: the password was reset by a QA officer; "
+                    f"set your own first (sopflow user passwd {username})",
+                )
             else:
                 accounts.record_success(s, result, purpose)
                 return result
@@ -148,7 +166,9 @@ def _target(session: Session, username: str) -> User:
     if user is None:
         names = list(session.exec(select(User.username)))
         close = difflib.get_close_matches(username, names, n=1)
-        raise RecordError(f"no user {username!r}." + (f" Did you mean {close[0]!r}?" if close else " `sopflow user list` lists them."))
+        raise RecordError(
+            f"no user {username!r}." + (f" Did you mean {close[0]!r}?" if close else " `sopflow user list` lists them.")
+        )
     session.expunge(user)
     return user
 
@@ -162,8 +182,15 @@ def _institutions(session: Session, user_id: str, role: str | None = None) -> se
 
 def _refuse(settings: Settings, actor: User, action: str, target: str, problem: str) -> NotAuthorizedError:
     with write_session(settings.database_url) as s:
-        ledger.audit(s, actor=actor.id, action=f"{action}.refused", object_type="sf_user", object_id=target,
-                     payload={"problem": problem}, reason=problem)
+        ledger.audit(
+            s,
+            actor=actor.id,
+            action=f"{action}.refused",
+            object_type="sf_user",
+            object_id=target,
+            payload={"problem": problem},
+            reason=problem,
+        )
     return NotAuthorizedError(problem)
 
 
@@ -176,8 +203,10 @@ def _officer_over(settings: Settings, officer: Officer, target_name: str, action
         mine = _institutions(s, actor.id, OFFICER_ROLE)
     problem = None
     if not where & mine:
-        problem = (f"user {actor.username!r} may not {verb} {target.username!r}: that takes role {OFFICER_ROLE!r} at an "
-                   f"institution where {target.username!r} holds a role ({', '.join(sorted(where)) or 'none'})")
+        problem = (
+            f"user {actor.username!r} may not {verb} {target.username!r}: that takes role {OFFICER_ROLE!r} at an "
+            f"institution where {target.username!r} holds a role ({', '.join(sorted(where)) or 'none'})"
+        )
     elif actor.id == target.id and action != "user.passwd":
         problem = f"user {actor.username!r} may not {verb} their own account; another QA officer must"
     if problem:
@@ -190,8 +219,11 @@ def _change(settings: Settings, username: str, officer: Officer, kind: str, verb
     actor, target = _officer_over(settings, officer, username, f"user.{verb}", verb)
     with write_session(settings.database_url) as s:
         active, locked = accounts.is_active(s, target.id), accounts.is_locked(s, target.id)
-        already = {"disabled": None if active else "is disabled already", "enabled": None if not active else "is not disabled",
-                   "unlocked": None if locked else "is not locked"}[kind]
+        already = {
+            "disabled": None if active else "is disabled already",
+            "enabled": None if not active else "is not disabled",
+            "unlocked": None if locked else "is not locked",
+        }[kind]
         if already:
             raise RecordError(f"user {username!r} {already}")
         accounts.append_event(s, target, kind, actor=actor.id, reason=reason)
@@ -213,8 +245,15 @@ def unlock_user(settings: Settings, username: str, officer: Officer, *, reason: 
     _change(settings, username, officer, "unlocked", "unlock", reason)
 
 
-def change_password(settings: Settings, username: str, new_password: str, *, old_password: str | None = None,
-                    officer: Officer | None = None, reason: str | None = None) -> None:
+def change_password(
+    settings: Settings,
+    username: str,
+    new_password: str,
+    *,
+    old_password: str | None = None,
+    officer: Officer | None = None,
+    reason: str | None = None,
+) -> None:
     """Set a new password: by the user with the old one, or by a QA officer over them (a reset).
 
     Raises:
@@ -241,8 +280,14 @@ def change_password(settings: Settings, username: str, new_password: str, *, old
     new_hash = hash_password(new_password)
     with write_session(settings.database_url) as s:
         # A reset is temporary: the officer knows it, so it may only be used to set the user's own.
-        accounts.append_event(s, target, "password_set", actor=actor.id, data={"hash": new_hash, "temporary": officer is not None},
-                              reason=reason or ("reset by a QA officer" if officer else "changed by the user"))
+        accounts.append_event(
+            s,
+            target,
+            "password_set",
+            actor=actor.id,
+            data={"hash": new_hash, "temporary": officer is not None},
+            reason=reason or ("reset by a QA officer" if officer else "changed by the user"),
+        )
 
 
 def list_users(settings: Settings) -> list[dict[str, Any]]:
@@ -252,17 +297,28 @@ def list_users(settings: Settings) -> list[dict[str, Any]]:
         out = []
         for u in s.exec(select(User).order_by(col(User.username))):
             grants = s.exec(select(RoleGrant).where(RoleGrant.user_id == u.id))
-            out.append({"username": u.username, "printed_name": u.printed_name,
-                        "roles": sorted({f"{g.institution}:{g.role}" for g in grants}),
-                        "active": accounts.is_active(s, u.id), "locked": accounts.is_locked(s, u.id),
-                        "created_at": u.created_at, "created_by": u.created_by})
+            out.append(
+                {
+                    "username": u.username,
+                    "printed_name": u.printed_name,
+                    "roles": sorted({f"{g.institution}:{g.role}" for g in grants}),
+                    "active": accounts.is_active(s, u.id),
+                    "locked": accounts.is_locked(s, u.id),
+                    "created_at": u.created_at,
+                    "created_by": u.created_by,
+                }
+            )
         return out
 
 
 # -- training -------------------------------------------------------------------------------------
 def _did_you_mean(what: str, wanted: str, options: set[str], where: str = "") -> SopNotFoundError:
     close = difflib.get_close_matches(wanted, sorted(options), n=1)
-    hint = f"Did you mean {close[0]!r}?" if close else (f"Known {what}s: {', '.join(sorted(options))}." if options else f"There are no {what}s.")
+    hint = (
+        f"Did you mean {close[0]!r}?"
+        if close
+        else (f"Known {what}s: {', '.join(sorted(options))}." if options else f"There are no {what}s.")
+    )
     return SopNotFoundError(f"no {what} {wanted!r}{where}. {hint}")
 
 
@@ -275,7 +331,11 @@ def _check_sop_version(settings: Settings, session: Session, institution: str, s
     if institution not in set(catalog.institutions()) | {r[0] for r in stored}:
         raise _did_you_mean("institution", institution, set(catalog.institutions()) | {r[0] for r in stored})
     folder = settings.sops_dir / institution
-    files = {p.stem for p in folder.glob("*.yaml") if p.name not in (INSTITUTION_FILE, PRODUCTS_FILE)} if folder.is_dir() else set()
+    files = (
+        {p.stem for p in folder.glob("*.yaml") if p.name not in (INSTITUTION_FILE, PRODUCTS_FILE)}
+        if folder.is_dir()
+        else set()
+    )
     ids = files | {r[1] for r in stored if r[0] == institution}
     if sop_id not in ids:
         raise _did_you_mean("SOP", sop_id, ids, f" in {institution}")
@@ -305,7 +365,9 @@ def _trained_at(settings: Settings, institution: str, raw: str | None) -> dateti
         else:
             when = datetime.fromisoformat(raw)
     except ValueError:
-        raise RecordError(f"training date {raw!r}: expected an ISO date (2026-11-01) or date-time with an offset") from None
+        raise RecordError(
+            f"training date {raw!r}: expected an ISO date (2026-11-01) or date-time with an offset"
+        ) from None
     if when.tzinfo is None:
         raise RecordError(f"training date {raw!r}: a date-time needs an offset (e.g. +08:00)")
     if when > now:
@@ -313,9 +375,18 @@ def _trained_at(settings: Settings, institution: str, raw: str | None) -> dateti
     return when.astimezone(UTC)
 
 
-def grant_training(settings: Settings, username: str, institution: str, sop_id: str, version: int, *,
-                   trainer: str | None = None, trained_on: str | None = None, officer: Officer | None = None,
-                   actor: str = "admin") -> str:
+def grant_training(
+    settings: Settings,
+    username: str,
+    institution: str,
+    sop_id: str,
+    version: int,
+    *,
+    trainer: str | None = None,
+    trained_on: str | None = None,
+    officer: Officer | None = None,
+    actor: str = "admin",
+) -> str:
     """Record that ``username`` is trained on ``sop_id`` v``version`` at ``institution``; returns the record's id.
 
     By a QA officer of that institution (``officer``), or by the installation administrator
@@ -353,7 +424,16 @@ def list_training(settings: Settings, username: str | None = None) -> list[dict[
     with read_session(settings.database_url) as s:
         names = {u.id: u.username for u in s.exec(select(User))}
         user_id = _target(s, username).id if username else None
-        return [{"username": names.get(r.user_id, r.user_id), "institution": r.institution, "sop_id": r.sop_id,
-                 "sop_version": r.sop_version, "trained_at": r.trained_at, "trainer": r.trainer,
-                 "recorded_by": names.get(r.recorded_by, r.recorded_by), "recorded_at": r.recorded_at}
-                for r in training_records(s, user_id)]
+        return [
+            {
+                "username": names.get(r.user_id, r.user_id),
+                "institution": r.institution,
+                "sop_id": r.sop_id,
+                "sop_version": r.sop_version,
+                "trained_at": r.trained_at,
+                "trainer": r.trainer,
+                "recorded_by": names.get(r.recorded_by, r.recorded_by),
+                "recorded_at": r.recorded_at,
+            }
+            for r in training_records(s, user_id)
+        ]

@@ -55,7 +55,9 @@ def _ensure_users(settings: Settings) -> None:
                 try:
                     authenticate(s, username, password)
                 except FlowsError:
-                    raise RecordError(f"demo user {username!r} exists with another password; use a fresh SOPFLOW_HOME") from None
+                    raise RecordError(
+                        f"demo user {username!r} exists with another password; use a fresh SOPFLOW_HOME"
+                    ) from None
         if not exists:
             add_user(settings, username, name, password, [(INSTITUTION, role)], actor="demo")
     # Runs start only on an Effective version: the first time, QA establishes the SOP files as the first ones.
@@ -84,13 +86,14 @@ def _write_channels(settings: Settings, rx: LocalReceiver, out: Console) -> bool
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     roles = {role for _, role, _ in DEMO_USERS.values()}
-    lines = [MARKER, f"{INSTITUTION}:\n"] + [f"  {r}: [\"{rx.url(r)}\"]\n" for r in sorted(roles)]
+    lines = [MARKER, f"{INSTITUTION}:\n"] + [f'  {r}: ["{rx.url(r)}"]\n' for r in sorted(roles)]
     path.write_text("".join(lines), encoding="utf-8")
     return True
 
 
-def _wait(settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (),
-          timeout: float = 90.0) -> dict[str, Any]:
+def _wait(
+    settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (), timeout: float = 90.0
+) -> dict[str, Any]:
     return service.wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
 
 
@@ -98,10 +101,14 @@ def _sign(settings: Settings, out: Console, run_id: str, step: str, user: str, v
     _wait(settings, run_id, step=step)
     res = service.submit_step(settings, run_id, step, user, _pw(user), values)
     name = DEMO_USERS[user][0]
-    out.print(f"  [green]✔[/green] {step}: signed by {name} ({DEMO_USERS[user][1]}), signature sha256 {res.signed_sha256[:12]}…")
+    out.print(
+        f"  [green]✔[/green] {step}: signed by {name} ({DEMO_USERS[user][1]}), signature sha256 {res.signed_sha256[:12]}…"
+    )
 
 
-def _refused(settings: Settings, out: Console, what: str, run_id: str, step: str, user: str, values: dict[str, Any]) -> bool:
+def _refused(
+    settings: Settings, out: Console, what: str, run_id: str, step: str, user: str, values: dict[str, Any]
+) -> bool:
     try:
         service.submit_step(settings, run_id, step, user, _pw(user), values)
     except FlowsError as exc:
@@ -112,8 +119,13 @@ def _refused(settings: Settings, out: Console, what: str, run_id: str, step: str
     return False
 
 
-ARRIVAL = {"arrived_at": "2026-11-25T09:40:00+08:00", "courier": "SF Express AWB 1234567890", "shipper_id": "DS-0042",
-           "seal_intact": "yes", "transit_hours": "18.5"}
+ARRIVAL = {
+    "arrived_at": "2026-11-25T09:40:00+08:00",
+    "courier": "SF Express AWB 1234567890",
+    "shipper_id": "DS-0042",
+    "seal_intact": "yes",
+    "transit_hours": "18.5",
+}
 
 
 def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
@@ -131,28 +143,37 @@ def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
             ok &= _receipt_accepted(settings, out)
             ok &= _receipt_excursion(settings, out)
             report = service.verify_audit(settings)
-            out.print(f"\n[bold]audit verify[/bold]: {'[green]OK[/green]' if report.ok else '[red]BROKEN[/red]'} "
-                      f"({report.events} events, {report.rows} record rows)")
+            out.print(
+                f"\n[bold]audit verify[/bold]: {'[green]OK[/green]' if report.ok else '[red]BROKEN[/red]'} "
+                f"({report.events} events, {report.rows} record rows)"
+            )
             ok &= report.ok
             if own_channels:
                 rx.wait_for(lambda m: "accepted and in stock" in m.get("message", ""), timeout=10)
-                out.print(f"\n[bold]notifications delivered through apprise to the local receiver ({len(rx.messages)})[/bold]")
+                out.print(
+                    f"\n[bold]notifications delivered through apprise to the local receiver ({len(rx.messages)})[/bold]"
+                )
                 for m in rx.messages:
                     out.print(f"  → {m['path'].strip('/')}: {escape(m.get('title', ''))}")
         finally:
             if not keep and not was_running:
                 server.stop(settings)
                 out.print("\nstopped the local Prefect server and executor (`sopflow demo --keep` leaves them running)")
-    out.print("\n[bold green]demo finished: receipt A completed, receipt B rejected with a deviation, audit chain OK[/bold green]"
-              if ok else "\n[bold red]demo finished with unexpected results (see above)[/bold red]")
+    out.print(
+        "\n[bold green]demo finished: receipt A completed, receipt B rejected with a deviation, audit chain OK[/bold green]"
+        if ok
+        else "\n[bold red]demo finished with unexpected results (see above)[/bold red]"
+    )
     return 0 if ok else 1
 
 
 def _start(settings: Settings, out: Console, coi: str, lot: str) -> str:
     params = {"product": "tecartus", "coi": coi, "lot": lot, "patient_id": "H2026001"}
     res = service.start_run(settings, INSTITUTION, "dose_receipt", params, "chen.jie", _pw("chen.jie"))
-    out.print(f"  started run {res.run_id} (dose_receipt v{res.sop_version}, sha256 {res.sop_sha256[:12]}…) "
-              f"by Chen Jie, quality manager")
+    out.print(
+        f"  started run {res.run_id} (dose_receipt v{res.sop_version}, sha256 {res.sop_sha256[:12]}…) "
+        f"by Chen Jie, quality manager"
+    )
     return res.run_id
 
 
@@ -162,12 +183,26 @@ def _receipt_accepted(settings: Settings, out: Console) -> bool:
     out.print("\n[bold]Receipt A: an intact shipment[/bold]")
     run_id = _start(settings, out, "COI-KT-2026-0117", "LOT-A7731")
     _wait(settings, run_id, step="arrival")
-    ok = _refused(settings, out, "a logger reading of -250 °C (the field allows -200 to 40 °C)", run_id, "arrival", "li.wei",
-                  {**ARRIVAL, "logger_max_c": "-250"})
+    ok = _refused(
+        settings,
+        out,
+        "a logger reading of -250 °C (the field allows -200 to 40 °C)",
+        run_id,
+        "arrival",
+        "li.wei",
+        {**ARRIVAL, "logger_max_c": "-250"},
+    )
     _sign(settings, out, run_id, "arrival", "li.wei", {**ARRIVAL, "logger_max_c": "-171.5"})
     _wait(settings, run_id, step="identity_verification")
-    ok &= _refused(settings, out, "the cell-lab technician signing the pharmacist's identity check", run_id,
-                   "identity_verification", "li.wei", {"coi_matches": "yes", "documents": "complete"})
+    ok &= _refused(
+        settings,
+        out,
+        "the cell-lab technician signing the pharmacist's identity check",
+        run_id,
+        "identity_verification",
+        "li.wei",
+        {"coi_matches": "yes", "documents": "complete"},
+    )
     _sign(settings, out, run_id, "identity_verification", "zhang.min", {"coi_matches": "yes", "documents": "complete"})
     _sign(settings, out, run_id, "qa_acceptance", "wang.fang", {"decision": "approve"})
     rec = _wait(settings, run_id, statuses=("completed", "rejected", "stopped"))
@@ -183,10 +218,18 @@ def _receipt_excursion(settings: Settings, out: Console) -> bool:
     run_id = _start(settings, out, "COI-KT-2026-0118", "LOT-A7790")
     _sign(settings, out, run_id, "arrival", "li.wei", {**ARRIVAL, "logger_max_c": "-120"})
     rec = _wait(settings, run_id, step="transit_temperature__disposition")
-    out.print(f"  [red]✘[/red] transit_temperature failed: deviation opened ({rec['deviations'][0]['classification']}), "
-              "dose quarantined; QA must sign a disposition")
-    _sign(settings, out, run_id, "transit_temperature__disposition", "wang.fang",
-          {"decision": "reject", "reason": "Transit excursion to -120 °C; dose quarantined, MAH notified for return"})
+    out.print(
+        f"  [red]✘[/red] transit_temperature failed: deviation opened ({rec['deviations'][0]['classification']}), "
+        "dose quarantined; QA must sign a disposition"
+    )
+    _sign(
+        settings,
+        out,
+        run_id,
+        "transit_temperature__disposition",
+        "wang.fang",
+        {"decision": "reject", "reason": "Transit excursion to -120 °C; dose quarantined, MAH notified for return"},
+    )
     rec = _wait(settings, run_id, statuses=("completed", "rejected", "stopped"))
     out.print()
     print_record(out, rec)

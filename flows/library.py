@@ -50,9 +50,18 @@ def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
             d = pinned.definition
             if d.start_roles and not set(d.start_roles) & set(mine[inst_id]):
                 continue
-            out.append({"institution": inst_id, "sop_id": sop_id, "title": d.title, "version": d.version,
-                        "sha256": pinned.sha256, "params": [_field_view(n, f) for n, f in d.params.items()],
-                        "products": products, "problems": []})
+            out.append(
+                {
+                    "institution": inst_id,
+                    "sop_id": sop_id,
+                    "title": d.title,
+                    "version": d.version,
+                    "sha256": pinned.sha256,
+                    "params": [_field_view(n, f) for n, f in d.params.items()],
+                    "products": products,
+                    "problems": [],
+                }
+            )
     return out
 
 
@@ -83,15 +92,41 @@ def sop_library(settings: Settings) -> list[dict[str, Any]]:
             entry["problems"] = [str(p) for p in getattr(exc, "problems", [exc])]
         versions = list(list_versions(settings, inst_id))
         if versions:
-            entry["sops"] = [{"id": v["sop_id"], "title": titles.get(v["sop_id"]), "version": v["version"],
-                              "sha256": v["sha256"], "state": v["state"],
-                              "file": current.get(v["sop_id"]) == v["sha256"]} for v in versions]
+            entry["sops"] = [
+                {
+                    "id": v["sop_id"],
+                    "title": titles.get(v["sop_id"]),
+                    "version": v["version"],
+                    "sha256": v["sha256"],
+                    "state": v["state"],
+                    "file": current.get(v["sop_id"]) == v["sha256"],
+                }
+                for v in versions
+            ]
         else:
-            entry["sops"] = [{"id": i, "title": titles[i], "version": catalog.get_sop(inst_id, i).definition.version,
-                              "sha256": sha, "state": "in_force", "file": True} for i, sha in current.items()]
-            entry["sops"] += [{"id": v.sop_id, "title": None, "version": v.version, "sha256": v.sha256,
-                               "state": "superseded", "file": False}
-                              for v in stored if v.institution == inst_id and current.get(v.sop_id) != v.sha256]
+            entry["sops"] = [
+                {
+                    "id": i,
+                    "title": titles[i],
+                    "version": catalog.get_sop(inst_id, i).definition.version,
+                    "sha256": sha,
+                    "state": "in_force",
+                    "file": True,
+                }
+                for i, sha in current.items()
+            ]
+            entry["sops"] += [
+                {
+                    "id": v.sop_id,
+                    "title": None,
+                    "version": v.version,
+                    "sha256": v.sha256,
+                    "state": "superseded",
+                    "file": False,
+                }
+                for v in stored
+                if v.institution == inst_id and current.get(v.sop_id) != v.sha256
+            ]
         out.append(entry)
     return out
 
@@ -122,13 +157,33 @@ def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str,
     for step in d.steps:
         dumped = step.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
         fields = dumped.pop("fields", {}) or {}
-        steps.append({"id": step.id, "kind": step.kind, "title": step.title, "role": dumped.pop("role", None),
-                      "fields": [{"name": n, **f} for n, f in fields.items()],
-                      "other": {k: v for k, v in dumped.items() if k not in ("id", "kind", "title")}})
-    extra = d.model_dump(mode="json", exclude_none=True, exclude={"schema_version", "id", "title", "version", "description",
-                                                                  "params", "steps"})
-    return {"institution": institution, "institution_name": inst.spec.name, "id": d.id, "title": d.title,
-            "version": d.version, "description": d.description, "sha256": sha256, "in_force": in_force,
-            "roles": {k: r.label for k, r in inst.spec.roles.items()},
-            "params": [_field_view(n, f) for n, f in d.params.items()], "steps": steps, "other": extra,
-            "products": {k: p.model_dump(mode="json", exclude_none=True) for k, p in inst.products.items()}}
+        steps.append(
+            {
+                "id": step.id,
+                "kind": step.kind,
+                "title": step.title,
+                "role": dumped.pop("role", None),
+                "fields": [{"name": n, **f} for n, f in fields.items()],
+                "other": {k: v for k, v in dumped.items() if k not in ("id", "kind", "title")},
+            }
+        )
+    extra = d.model_dump(
+        mode="json",
+        exclude_none=True,
+        exclude={"schema_version", "id", "title", "version", "description", "params", "steps"},
+    )
+    return {
+        "institution": institution,
+        "institution_name": inst.spec.name,
+        "id": d.id,
+        "title": d.title,
+        "version": d.version,
+        "description": d.description,
+        "sha256": sha256,
+        "in_force": in_force,
+        "roles": {k: r.label for k, r in inst.spec.roles.items()},
+        "params": [_field_view(n, f) for n, f in d.params.items()],
+        "steps": steps,
+        "other": extra,
+        "products": {k: p.model_dump(mode="json", exclude_none=True) for k, p in inst.products.items()},
+    }

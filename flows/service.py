@@ -87,13 +87,28 @@ def _authenticate(settings: Settings, username: str, password: str, purpose: str
 
 def _refuse(settings: Settings, user: User, action: str, object_id: str, problem: str) -> NotAuthorizedError:
     with write_session(settings.database_url) as s:
-        ledger.audit(s, actor=user.id, action=action, object_type="sf_run", object_id=object_id,
-                     payload={"problem": problem}, reason=problem)
+        ledger.audit(
+            s,
+            actor=user.id,
+            action=action,
+            object_type="sf_run",
+            object_id=object_id,
+            payload={"problem": problem},
+            reason=problem,
+        )
     return NotAuthorizedError(problem)
 
 
-def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dict[str, Any],
-              username: str, password: str, *, pinned: Any = None) -> StartResult:
+def start_run(
+    settings: Settings,
+    institution: str,
+    sop_id: str,
+    raw_params: dict[str, Any],
+    username: str,
+    password: str,
+    *,
+    pinned: Any = None,
+) -> StartResult:
     """Validate the parameters, record the run, pinned to the SOP's Effective version, and hand it to Prefect.
 
     ``pinned``: the version to run (``flows.changes.control.PinnedSop``); only change control
@@ -111,8 +126,10 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     if pinned is None:
         try:
             if sop_id == CHANGE_CONTROL_ID:
-                raise SopNotEffectiveError(f"{CHANGE_CONTROL_ID!r} is sopflow's built-in change-control SOP: it runs on a "
-                                           "draft, started by `sopflow sop submit`, not by `sopflow start`")
+                raise SopNotEffectiveError(
+                    f"{CHANGE_CONTROL_ID!r} is sopflow's built-in change-control SOP: it runs on a "
+                    "draft, started by `sopflow sop submit`, not by `sopflow start`"
+                )
             pinned = effective_sop(settings, institution, sop_id)
         except SopNotEffectiveError as exc:  # refused: audited under the user who asked
             user = _authenticate(settings, username, password, f"start {sop_id}")
@@ -125,10 +142,13 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     if (pname := sop.product_param()) is not None and params.get(pname) is not None:
         spec = products[params[pname]]
         if spec.unconfirmed:
-            raise SopInputError([
-                f"{sop_id} params.{pname}: product {params[pname]!r} has values not confirmed against its label: "
-                f"{', '.join(spec.unconfirmed)}; set them in sops/{institution}/products.yaml and remove them from "
-                "'unconfirmed' before a run may use this product"])
+            raise SopInputError(
+                [
+                    f"{sop_id} params.{pname}: product {params[pname]!r} has values not confirmed against its label: "
+                    f"{', '.join(spec.unconfirmed)}; set them in sops/{institution}/products.yaml and remove them from "
+                    "'unconfirmed' before a run may use this product"
+                ]
+            )
         product = spec.model_dump(mode="json")
     _check_deadline_limits(sop, institution, params, product)
     init_db(settings.database_url)
@@ -138,8 +158,10 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
         if not held:
             problem = f"user {username!r} holds no role at {institution!r} and may not start its runs"
         elif sop.start_roles and not set(sop.start_roles) & set(held):
-            problem = (f"{sop_id} may only be started by role {' or '.join(map(repr, sop.start_roles))} of "
-                       f"{institution!r}; user {username!r} holds {', '.join(map(repr, sorted(held)))}")
+            problem = (
+                f"{sop_id} may only be started by role {' or '.join(map(repr, sop.start_roles))} of "
+                f"{institution!r}; user {username!r} holds {', '.join(map(repr, sorted(held)))}"
+            )
         else:
             problem = None
         problem = problem or _start_problem(s, sop, params)
@@ -152,11 +174,20 @@ def start_run(settings: Settings, institution: str, sop_id: str, raw_params: dic
     flow_run_id = engine.create_flow_run(settings, run_id, f"{sop_id}-{run_id[:8]}")
     try:
         with write_session(settings.database_url) as s:
-            run = SopRun(id=run_id, institution=institution, sop_version_id=pinned.version_id, sop_id=sop_id,
-                         sop_version=sop.version, sop_sha256=pinned.sha256, schema_version=sop.schema_version,
-                         params_json=ledger.canonical(params).decode(),
-                         product_json=ledger.canonical(product).decode() if product is not None else None,
-                         flow_run_id=flow_run_id, started_by=user.id, started_at=utcnow())
+            run = SopRun(
+                id=run_id,
+                institution=institution,
+                sop_version_id=pinned.version_id,
+                sop_id=sop_id,
+                sop_version=sop.version,
+                sop_sha256=pinned.sha256,
+                schema_version=sop.schema_version,
+                params_json=ledger.canonical(params).decode(),
+                product_json=ledger.canonical(product).decode() if product is not None else None,
+                flow_run_id=flow_run_id,
+                started_by=user.id,
+                started_at=utcnow(),
+            )
             ledger.append(s, run, actor=user.id, action="run.start")
             set_run_status(s, run_id, "scheduled")
     except BaseException:
@@ -177,8 +208,10 @@ def _check_deadline_limits(sop: Any, institution: str, params: dict[str, Any], p
         try:
             limit_of(spec, context)
         except ExpressionError as exc:
-            problems.append(f"{sop.id} deadlines.{spec.id}: no time limit for this run: {exc}; "
-                            f"set the value in sops/{institution}/products.yaml")
+            problems.append(
+                f"{sop.id} deadlines.{spec.id}: no time limit for this run: {exc}; "
+                f"set the value in sops/{institution}/products.yaml"
+            )
     if problems:
         raise SopInputError(problems)
 
@@ -230,7 +263,11 @@ def _find_run(session: Session, run_id: str) -> SopRun:
     run = session.get(SopRun, run_id)
     if run is None:
         # Accept a unique prefix, as printed by `sopflow runs`.
-        matches = list(session.exec(select(SopRun).where(col(SopRun.id).startswith(run_id)).limit(2))) if len(run_id) >= 6 else []
+        matches = (
+            list(session.exec(select(SopRun).where(col(SopRun.id).startswith(run_id)).limit(2)))
+            if len(run_id) >= 6
+            else []
+        )
         if len(matches) != 1:
             raise StepNotWaitingError(f"no run {run_id!r}; `sopflow runs` lists them")
         run = matches[0]
@@ -244,12 +281,21 @@ def _human_step(session: Session, run_id: str, step_id: str) -> tuple[SopRun, An
     step = find_human_step(sop, step_id)
     if step is None:
         known = [st.id for st in sop.steps if st.kind in ("record", "verify", "approve")]
-        raise StepNotWaitingError(f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}")
+        raise StepNotWaitingError(
+            f"run {run.id[:8]} ({sop.id}) has no human step {step_id!r}; its human steps: {', '.join(known)}"
+        )
     return run, sop, step
 
 
-def wait_for_run(settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (),
-                 timeout: float = 90.0, poll: float = 0.05) -> dict[str, Any]:
+def wait_for_run(
+    settings: Settings,
+    run_id: str,
+    *,
+    step: str | None = None,
+    statuses: tuple[str, ...] = (),
+    timeout: float = 90.0,
+    poll: float = 0.05,
+) -> dict[str, Any]:
     """Wait until the run waits on ``step`` or has one of ``statuses``; returns its record.
 
     Raises:
@@ -271,13 +317,23 @@ def wait_for_run(settings: Settings, run_id: str, *, step: str | None = None, st
         if status == "failed":
             raise RecordError(f"run {run_id} failed: {event.detail if event else None}")
         if time.monotonic() > deadline:
-            raise RecordError(f"run {run_id}: still not at {step or statuses} after {timeout:.0f} s "
-                              f"(status {status}); see `sopflow server status`")
+            raise RecordError(
+                f"run {run_id}: still not at {step or statuses} after {timeout:.0f} s "
+                f"(status {status}); see `sopflow server status`"
+            )
         time.sleep(poll)
 
 
-def submit_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
-                raw_values: dict[str, Any], *, resume: bool = True) -> SubmitResult:
+def submit_step(
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    username: str,
+    password: str,
+    raw_values: dict[str, Any],
+    *,
+    resume: bool = True,
+) -> SubmitResult:
     """Validate a signer's input, record it with their signature, and resume the flow.
 
     Nothing is written when the input is invalid; a refused signer is written to the audit trail.
@@ -304,7 +360,9 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
     if step.updates_deviation == "capa" and data.get("owner"):  # a CAPA action's owner is an account
         with read_session(settings.database_url) as s:
             if s.exec(select(User).where(User.username == data["owner"])).first() is None:
-                raise SopInputError([f"{sop.id} step {step_id!r}.owner: no user {data['owner']!r}; `sopflow user list` lists them"])
+                raise SopInputError(
+                    [f"{sop.id} step {step_id!r}.owner: no user {data['owner']!r}; `sopflow user list` lists them"]
+                )
     user = _authenticate(settings, username, password, f"sign {run.id}/{step_id}")
     with read_session(settings.database_url) as s:
         problem = signer_problem(s, run, sop, step, user.id)
@@ -318,11 +376,21 @@ def submit_step(settings: Settings, run_id: str, step_id: str, username: str, pa
         # The rules again, under the write lock: another signature may have landed since the check above.
         late = signer_problem(s, run, sop, step, user.id)
         if late is None:
-            sig = Signature(run_id=run.id, step_id=step.id, user_id=user.id, printed_name=user.printed_name,
-                            meaning=meaning_of(step, data), statement=step.meaning, signed_at=utcnow(), signed_sha256="")
+            sig = Signature(
+                run_id=run.id,
+                step_id=step.id,
+                user_id=user.id,
+                printed_name=user.printed_name,
+                meaning=meaning_of(step, data),
+                statement=step.meaning,
+                signed_at=utcnow(),
+                signed_sha256="",
+            )
             sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, step.id, data, sig)))
             ledger.append(s, sig, actor=user.id, action="signature.create")
-            write_step(s, run.id, step.id, step.kind, "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id)
+            write_step(
+                s, run.id, step.id, step.kind, "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id
+            )
             sig_id, digest = sig.id, sig.signed_sha256
     if late is not None:
         raise _refuse(settings, user, "sign.refused", run.id, f"user {username!r}: {late}")
@@ -334,8 +402,9 @@ def _computed(step: Any, data: dict[str, Any]) -> dict[str, Any]:
     return {k: data.get(k) for k, f in human_fields(step).items() if f.compute is not None}
 
 
-def _step_values(settings: Settings, run: SopRun, sop: Any, step: Any, raw_values: dict[str, Any],
-                 where: str | None = None) -> dict[str, Any]:
+def _step_values(
+    settings: Settings, run: SopRun, sop: Any, step: Any, raw_values: dict[str, Any], where: str | None = None
+) -> dict[str, Any]:
     """A signer's entered values checked against the step's fields, plus its computed fields."""
     fields = human_fields(step)
     where = where or f"{sop.id} step {step.id!r}"
@@ -377,8 +446,15 @@ class CorrectResult:
     changes: dict[str, dict[str, Any]]
 
 
-def correct_step(settings: Settings, run_id: str, step_id: str, username: str, password: str,
-                 raw_values: dict[str, Any], reason: str | None) -> CorrectResult:
+def correct_step(
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    username: str,
+    password: str,
+    raw_values: dict[str, Any],
+    reason: str | None,
+) -> CorrectResult:
     """Correct a done human step with a new signed entry; the entry it corrects stays in the record.
 
     The rules: only a human step whose newest record is ``done``; a reason; the new values pass
@@ -399,8 +475,10 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
         current = newest_record(s, run.id, step.id)
         if current is None or current.status != "done":
             state = current.status if current else "not reached yet"
-            raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} cannot be corrected: it is {state}; "
-                                      "only a done step can be corrected")
+            raise StepNotWaitingError(
+                f"step {step_id!r} of run {run.id[:8]} cannot be corrected: it is {state}; "
+                "only a done step can be corrected"
+            )
         s.expunge(run)
         s.expunge(current)
     where = f"{sop.id} step {step_id!r}"
@@ -417,24 +495,39 @@ def correct_step(settings: Settings, run_id: str, step_id: str, username: str, p
     if not changes:
         raise SopInputError([f"{where}: nothing to correct: the values given equal the current ones"])
     if "decision" in changes:
-        raise SopInputError([f"{where}.decision: a decision cannot be corrected: it has decided the run's course; "
-                             "open a deviation instead"])
+        raise SopInputError(
+            [
+                f"{where}.decision: a decision cannot be corrected: it has decided the run's course; "
+                "open a deviation instead"
+            ]
+        )
     if data.get("decision") == "reject" and not data.get("reason"):
         raise SopInputError([f"{where}.reason: a reason is required to reject"])
     user = _authenticate(settings, username, password, f"correct {run.id}/{step_id}")
     with read_session(settings.database_url) as s:
         problem = signer_problem(s, run, sop, step, user.id)
         verifiers = [st.id for st in sop.steps if getattr(st, "of", None) == step.id]
-        if problem is None and verifiers and s.exec(select(Signature.id).where(
-                Signature.run_id == run.id, col(Signature.step_id).in_(verifiers), Signature.user_id == user.id)).first():
+        if (
+            problem is None
+            and verifiers
+            and s.exec(
+                select(Signature.id).where(
+                    Signature.run_id == run.id, col(Signature.step_id).in_(verifiers), Signature.user_id == user.id
+                )
+            ).first()
+        ):
             problem = f"you verified step {step.id!r}: its verifier may not correct it"
     if problem:
         raise _refuse(settings, user, "correct.refused", run.id, f"user {username!r}: {problem}")
     with write_session(settings.database_url) as s:
         newest = newest_record(s, run.id, step.id)
         if newest is None or newest.id != current.id:
-            raise StepNotWaitingError(f"step {step_id!r} of run {run.id[:8]} was changed by someone else meanwhile; look again")
-        rec = write_correction(s, run, current, data, user, reason, f"Correction of an earlier signed entry; reason: {reason}")
+            raise StepNotWaitingError(
+                f"step {step_id!r} of run {run.id[:8]} was changed by someone else meanwhile; look again"
+            )
+        rec = write_correction(
+            s, run, current, data, user, reason, f"Correction of an earlier signed entry; reason: {reason}"
+        )
         sig = s.get(Signature, rec.signature_id)
         digest = sig.signed_sha256 if sig is not None else ""
         return CorrectResult(run.id, step.id, rec.id, str(rec.signature_id), digest, changes)
@@ -449,14 +542,26 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
     with read_session(settings.database_url) as s:
         overdue: dict[str, list[dict[str, Any]]] = {}
         for o in overdue_steps(s):
-            overdue.setdefault(o.run.id, []).append({"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at})
+            overdue.setdefault(o.run.id, []).append(
+                {"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at}
+            )
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
             st = run_status(s, run.id)
             waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed", "held")]
-            out.append({"id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_version": run.sop_version,
-                        "status": st.status if st else "unknown", "detail": st.detail if st else None,
-                        "waiting_on": waiting, "overdue": overdue.get(run.id, []), "started_at": run.started_at,
-                        "flow_run_id": run.flow_run_id})
+            out.append(
+                {
+                    "id": run.id,
+                    "institution": run.institution,
+                    "sop_id": run.sop_id,
+                    "sop_version": run.sop_version,
+                    "status": st.status if st else "unknown",
+                    "detail": st.detail if st else None,
+                    "waiting_on": waiting,
+                    "overdue": overdue.get(run.id, []),
+                    "started_at": run.started_at,
+                    "flow_run_id": run.flow_run_id,
+                }
+            )
     return out
 
 
@@ -485,12 +590,22 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                 if rec.status == "waiting" and step is not None and step.role in roles:
                     if clocks is None:  # the run's deadlines still counting down (or past due): "time left"
                         clocks = [d for d in deadline_states(s, run, sop) if d["state"] in ("running", "overdue")]
-                    out.append({"run_id": run.id, "sop_id": run.sop_id, "step_id": step_id, "title": step.title or step_id,
-                                "role": step.role, "since": rec.at, "params": json.loads(run.params_json),
-                                "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
-                                "cannot_sign": signer_problem(s, run, sop, step, user.id),
-                                "overdue_since": overdue.get((run.id, step_id)), "deadlines": clocks,
-                                "due_at": _repetition_due(s, run.id, sop, step_id, states)})
+                    out.append(
+                        {
+                            "run_id": run.id,
+                            "sop_id": run.sop_id,
+                            "step_id": step_id,
+                            "title": step.title or step_id,
+                            "role": step.role,
+                            "since": rec.at,
+                            "params": json.loads(run.params_json),
+                            "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
+                            "cannot_sign": signer_problem(s, run, sop, step, user.id),
+                            "overdue_since": overdue.get((run.id, step_id)),
+                            "deadlines": clocks,
+                            "due_at": _repetition_due(s, run.id, sop, step_id, states),
+                        }
+                    )
     return sorted(out, key=lambda x: x["since"])
 
 

@@ -92,8 +92,14 @@ def web_sign_in(settings: Settings, username: str, password: str) -> User:
 def sign_out(settings: Settings, username: str, why: str) -> None:
     """Audit the end of a web session: ``logout`` or ``idle`` (the idle timeout ended it)."""
     with write_session(settings.database_url) as s:
-        ledger.audit(s, actor=username, action=f"auth.{why}", object_type="sf_user", object_id=username,
-                     payload={"session": "web"})
+        ledger.audit(
+            s,
+            actor=username,
+            action=f"auth.{why}",
+            object_type="sf_user",
+            object_id=username,
+            payload={"session": "web"},
+        )
 
 
 def user_summary(settings: Settings, username: str) -> dict[str, Any]:
@@ -131,8 +137,12 @@ def set_language(settings: Settings, username: str, language: str) -> None:
 
 
 def language_of_user(session: Any, user_id: str) -> str | None:
-    ev = session.exec(select(UserEvent).where(UserEvent.user_id == user_id, UserEvent.kind == "language")
-                      .order_by(col(UserEvent.n).desc()).limit(1)).first()
+    ev = session.exec(
+        select(UserEvent)
+        .where(UserEvent.user_id == user_id, UserEvent.kind == "language")
+        .order_by(col(UserEvent.n).desc())
+        .limit(1)
+    ).first()
     return json.loads(ev.data_json).get("language") if ev else None
 
 
@@ -175,7 +185,9 @@ def urgent_inbox(settings: Settings, username: str, now: datetime | None = None)
             for clock in it.get("deadlines") or []:
                 if not clock.get("due_at"):
                     continue
-                at = _aware(datetime.fromisoformat(clock["due_at"]) if isinstance(clock["due_at"], str) else clock["due_at"])
+                at = _aware(
+                    datetime.fromisoformat(clock["due_at"]) if isinstance(clock["due_at"], str) else clock["due_at"]
+                )
                 it["clocks"].append({"title": clock["title"], "due_at": at, "seconds_left": (at - now).total_seconds()})
                 due = at if due is None or at < due else due
             it["due_at"] = due
@@ -222,15 +234,27 @@ def step_form(settings: Settings, run_id: str, step_id: str, username: str) -> d
     if getattr(step, "of", None):
         verifies = next((st for st in record["steps"] if st["id"] == step.of), None)
     return {
-        "run": record["run"], "step": {"id": step.id, "kind": step.kind, "title": step.title or step.id, "role": step.role,
-                                       "meaning": step.meaning, "description": step.description},
+        "run": record["run"],
+        "step": {
+            "id": step.id,
+            "kind": step.kind,
+            "title": step.title or step.id,
+            "role": step.role,
+            "meaning": step.meaning,
+            "description": step.description,
+        },
         "fields": [_field_view(n, f) for n, f in human_fields(step).items()],
-        "status": rec.status if rec else "not reached", "run_status": status.status if status else "unknown",
-        "cannot_sign": problem, "verifies": verifies, "timezone": institution_timezone(settings, run.institution),
+        "status": rec.status if rec else "not reached",
+        "run_status": status.status if status else "unknown",
+        "cannot_sign": problem,
+        "verifies": verifies,
+        "timezone": institution_timezone(settings, run.institution),
     }
 
 
-def preview_step(settings: Settings, run_id: str, step_id: str, username: str, raw_values: dict[str, Any]) -> dict[str, Any]:
+def preview_step(
+    settings: Settings, run_id: str, step_id: str, username: str, raw_values: dict[str, Any]
+) -> dict[str, Any]:
     """What the signer would sign: the values exactly as they would be stored (with labels and
     units), the signature's meaning and the SOP's statement, and ``data_sha256`` of those values.
     Writes nothing.
@@ -242,7 +266,9 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
 
     form = step_form(settings, run_id, step_id, username)
     if form["status"] != "waiting":
-        raise StepNotWaitingError(f"step {step_id!r} of run {form['run']['id'][:8]} is not waiting for input (it is {form['status']})")
+        raise StepNotWaitingError(
+            f"step {step_id!r} of run {form['run']['id'][:8]} is not waiting for input (it is {form['status']})"
+        )
     with read_session(settings.database_url) as s:
         _, sop, step = service._human_step(s, run_id, step_id)
     fields = human_fields(step)
@@ -254,16 +280,34 @@ def preview_step(settings: Settings, run_id: str, step_id: str, username: str, r
         user = s.exec(select(User).where(User.username == username)).first()
     return {
         **form,
-        "values": [{"name": n, "label": f.label or n, "unit": f.unit, "value": data.get(n),
-                    "computed": f.compute is not None, "type": f.type} for n, f in fields.items()],
-        "data": data, "data_sha256": ledger.sha256_hex(ledger.canonical(data)),
-        "meaning": meaning_of(step, data), "statement": step.meaning,
+        "values": [
+            {
+                "name": n,
+                "label": f.label or n,
+                "unit": f.unit,
+                "value": data.get(n),
+                "computed": f.compute is not None,
+                "type": f.type,
+            }
+            for n, f in fields.items()
+        ],
+        "data": data,
+        "data_sha256": ledger.sha256_hex(ledger.canonical(data)),
+        "meaning": meaning_of(step, data),
+        "statement": step.meaning,
         "signer": user.printed_name if user else username,
     }
 
 
-def sign_reviewed(settings: Settings, run_id: str, step_id: str, username: str, password: str,
-                  raw_values: dict[str, Any], shown_sha256: str) -> service.SubmitResult:
+def sign_reviewed(
+    settings: Settings,
+    run_id: str,
+    step_id: str,
+    username: str,
+    password: str,
+    raw_values: dict[str, Any],
+    shown_sha256: str,
+) -> service.SubmitResult:
     """Sign what the signer was shown: refused, writing nothing, when the values as they would be
     stored now differ from the ones previewed (``shown_sha256``); else ``service.submit_step``.
 
@@ -272,7 +316,9 @@ def sign_reviewed(settings: Settings, run_id: str, step_id: str, username: str, 
     """
     preview = preview_step(settings, run_id, step_id, username, raw_values)
     if preview["data_sha256"] != shown_sha256:
-        raise SopInputError([f"step {step_id!r}: the values differ from the ones you reviewed; review them again before signing"])
+        raise SopInputError(
+            [f"step {step_id!r}: the values differ from the ones you reviewed; review them again before signing"]
+        )
     return service.submit_step(settings, run_id, step_id, username, password, raw_values)
 
 
@@ -325,10 +371,21 @@ def document_file(settings: Settings, document_id: str, username: str) -> dict[s
         content = path.read_bytes()
     except OSError as exc:
         raise RecordError(f"document {document_id!r}: its file {path.name} cannot be read ({exc.strerror})") from None
-    media = {".pdf": "application/pdf", ".html": "text/html", ".htm": "text/html"}.get(path.suffix.lower(), "text/plain")
-    return {"id": doc.id, "run_id": doc.run_id, "step_id": doc.step_id, "template": doc.template, "name": path.name,
-            "sha256": doc.sha256, "rendered_at": doc.rendered_at, "content": content, "media_type": media,
-            "intact": ledger.sha256_hex(content) == doc.sha256}
+    media = {".pdf": "application/pdf", ".html": "text/html", ".htm": "text/html"}.get(
+        path.suffix.lower(), "text/plain"
+    )
+    return {
+        "id": doc.id,
+        "run_id": doc.run_id,
+        "step_id": doc.step_id,
+        "template": doc.template,
+        "name": path.name,
+        "sha256": doc.sha256,
+        "rendered_at": doc.rendered_at,
+        "content": content,
+        "media_type": media,
+        "intact": ledger.sha256_hex(content) == doc.sha256,
+    }
 
 
 # -- SOPs --------------------------------------------------------------------------------------------

@@ -25,8 +25,18 @@ from flows.record.tables import User
 from flows.record.users import roles_of
 from flows.record.versions import ADMIN_ROLE, CHANGE_CONTROL_ID
 
-__all__ = ["NEW_SOP", "admin_institutions", "check_text", "draft_id", "editor_start", "is_sop_admin", "require_sop_admin",
-           "save_draft", "sop_versions", "version_diff"]
+__all__ = [
+    "NEW_SOP",
+    "admin_institutions",
+    "check_text",
+    "draft_id",
+    "editor_start",
+    "is_sop_admin",
+    "require_sop_admin",
+    "save_draft",
+    "sop_versions",
+    "version_diff",
+]
 
 _ID = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION_LINE = re.compile(r"^version:[ \t]*\d+[ \t]*$", re.M)
@@ -75,15 +85,18 @@ def require_sop_admin(settings: Settings, username: str, institution: str) -> No
     if ADMIN_ROLE not in held:
         raise NotAuthorizedError(
             f"user {username!r} may not edit SOPs at {institution!r}: only its SOP administrators may create drafts, "
-            f"and that takes role {ADMIN_ROLE!r} there (they hold {', '.join(sorted(held)) or 'no role'})")
+            f"and that takes role {ADMIN_ROLE!r} there (they hold {', '.join(sorted(held)) or 'no role'})"
+        )
 
 
 def _check_id(institution: str, sop_id: str) -> None:
     if not _ID.match(sop_id) or not _ID.match(institution):
         raise SopNotFoundError(f"{institution}/{sop_id}: not an SOP id (lower-case letters, digits and _)")
     if sop_id == CHANGE_CONTROL_ID:
-        raise NotAuthorizedError(f"{CHANGE_CONTROL_ID!r} is sopflow's built-in change-control SOP: it ships with "
-                                 "sopflow and is not edited here")
+        raise NotAuthorizedError(
+            f"{CHANGE_CONTROL_ID!r} is sopflow's built-in change-control SOP: it ships with "
+            "sopflow and is not edited here"
+        )
 
 
 def editor_start(settings: Settings, institution: str, sop_id: str | None) -> dict[str, Any]:
@@ -112,7 +125,9 @@ def editor_start(settings: Settings, institution: str, sop_id: str | None) -> di
     elif path.is_file():
         text, based_on, number = path.read_text(encoding="utf-8"), None, 1
     else:
-        raise SopNotFoundError(f"no SOP {sop_id!r} at {institution!r}: neither a version nor sops/{institution}/{sop_id}.yaml")
+        raise SopNotFoundError(
+            f"no SOP {sop_id!r} at {institution!r}: neither a version nor sops/{institution}/{sop_id}.yaml"
+        )
     text = _VERSION_LINE.sub(f"version: {number}", text, count=1)
     return {"text": text, "based_on": based_on, "next_version": number}
 
@@ -142,8 +157,15 @@ def check_text(settings: Settings, username: str, institution: str, text: str, s
     return check_draft_text(settings, institution, text, name=_name(sop_id or draft_id(text)), sop_id=sop_id)
 
 
-def save_draft(settings: Settings, username: str, password: str, institution: str, text: str, sop_id: str | None,
-               reason: str | None = None) -> dict[str, Any]:
+def save_draft(
+    settings: Settings,
+    username: str,
+    password: str,
+    institution: str,
+    text: str,
+    sop_id: str | None,
+    reason: str | None = None,
+) -> dict[str, Any]:
     """Store the text as a Draft (``flows.changes.control.create_draft``): a new SOP (``sop_id``
     None) takes the id its text gives. Returns the draft's ``version_id``, ``sop_id``, ``version``, ``sha256``.
 
@@ -156,8 +178,16 @@ def save_draft(settings: Settings, username: str, password: str, institution: st
     if sop_id is not None:
         _check_id(institution, sop_id)
     target = sop_id or draft_id(text)
-    return create_draft(settings, institution, text, name=_name(target), username=username, password=password,
-                        sop_id=target, reason=(reason or "").strip() or None)
+    return create_draft(
+        settings,
+        institution,
+        text,
+        name=_name(target),
+        username=username,
+        password=password,
+        sop_id=target,
+        reason=(reason or "").strip() or None,
+    )
 
 
 def sop_versions(settings: Settings, institution: str, sop_id: str) -> list[dict[str, Any]]:
@@ -171,20 +201,31 @@ def sop_versions(settings: Settings, institution: str, sop_id: str) -> list[dict
     out = []
     previous = None
     for v in sorted(rows, key=lambda r: r["version"]):
-        effective_at = next((h["data"].get("effective_at") for h in reversed(v["history"])
-                             if h["data"].get("effective_at")), None)
+        effective_at = next(
+            (h["data"].get("effective_at") for h in reversed(v["history"]) if h["data"].get("effective_at")), None
+        )
         run_id = next((h["data"]["run_id"] for h in reversed(v["history"]) if h["data"].get("run_id")), None)
-        out.append({"version": v["version"], "state": v["state"], "since": v["since"], "sha256": v["sha256"],
-                    "effective_at": effective_at,
-                    "review_due": v["data"].get("review_due") if v["state"] == "effective" else None,
-                    "training_due": v["data"].get("training_due") if v["state"] == "issued" else None,
-                    "run_id": run_id, "previous": previous, "history": v["history"]})
+        out.append(
+            {
+                "version": v["version"],
+                "state": v["state"],
+                "since": v["since"],
+                "sha256": v["sha256"],
+                "effective_at": effective_at,
+                "review_due": v["data"].get("review_due") if v["state"] == "effective" else None,
+                "training_due": v["data"].get("training_due") if v["state"] == "issued" else None,
+                "run_id": run_id,
+                "previous": previous,
+                "history": v["history"],
+            }
+        )
         previous = v["version"]
     return out[::-1]
 
 
-def version_diff(settings: Settings, institution: str, sop_id: str, old: str | int | None = None,
-                 new: str | int | None = None) -> dict[str, Any]:
+def version_diff(
+    settings: Settings, institution: str, sop_id: str, old: str | int | None = None, new: str | int | None = None
+) -> dict[str, Any]:
     """What changed from version ``old`` to ``new`` (``flows.changes.transfer.diff_versions``; by
     default the newest version and the one before it): each change's ``kind`` (added, removed,
     moved, changed), ``where``, and ``text``, the line ``sopflow sop diff`` prints.
@@ -205,5 +246,11 @@ def version_diff(settings: Settings, institution: str, sop_id: str, old: str | i
     except ValueError:
         raise SopNotFoundError(f"versions {old!r} and {new!r}: give two version numbers, e.g. old=1&new=2") from None
     changes = diff_versions(settings, institution, sop_id, a, b)
-    return {"institution": institution, "sop_id": sop_id, "old": a, "new": b, "numbers": numbers,
-            "changes": [{"kind": c.kind, "where": c.where, "text": str(c)} for c in changes]}
+    return {
+        "institution": institution,
+        "sop_id": sop_id,
+        "old": a,
+        "new": b,
+        "numbers": numbers,
+        "changes": [{"kind": c.kind, "where": c.where, "text": str(c)} for c in changes],
+    }

@@ -60,6 +60,7 @@ FIXED_AT = datetime(2026, 11, 2, 1, 30, tzinfo=UTC)
 
 # --------------------------------------------------------------------------- databases
 
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh database ``sopflow_test_<random>`` for this test session, with sopflow's tables."""
@@ -73,8 +74,11 @@ def pg_database() -> Iterator[str]:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except OperationalError as exc:
         admin.dispose()
-        pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER}/test ({exc.orig}); the postgres tests need it "
-                    "(CI starts it). Start the server, or deselect them with -m 'not postgres'.", pytrace=False)
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_SERVER}/test ({exc.orig}); the postgres tests need it "
+            "(CI starts it). Start the server, or deselect them with -m 'not postgres'.",
+            pytrace=False,
+        )
     url = f"{PG_SERVER}/{name}"
     try:
         init_db(url)
@@ -147,10 +151,20 @@ class MadeRun:
         assert isinstance(step, HumanStepSpec), f"{step_id} is not a human step"
         return step
 
-    def record(self, session: Session, step_id: str, status: str = "done", data: dict[str, Any] | None = None, *,
-               user: str | None = None, sign: bool = False, at: datetime | None = None,
-               reason: str | None = None, supersedes: StepRecord | None = None,
-               signature_id: str | None = None) -> StepRecord:
+    def record(
+        self,
+        session: Session,
+        step_id: str,
+        status: str = "done",
+        data: dict[str, Any] | None = None,
+        *,
+        user: str | None = None,
+        sign: bool = False,
+        at: datetime | None = None,
+        reason: str | None = None,
+        supersedes: StepRecord | None = None,
+        signature_id: str | None = None,
+    ) -> StepRecord:
         """Append a StepRecord: signed by ``user`` when ``sign`` (as the submit path does), or
         carrying an existing ``signature_id`` (as the flow's accepted ``done`` record does)."""
         data = data or {}
@@ -159,23 +173,40 @@ class MadeRun:
         sig_id = signature_id
         if sign:
             assert actor is not None, "a signature needs a user"
-            sig = Signature(run_id=self.run.id, step_id=step_id, user_id=actor.id, printed_name=actor.printed_name,
-                            meaning="performed", statement=getattr(step, "meaning", None),
-                            signed_at=at or utcnow(), signed_sha256="")
+            sig = Signature(
+                run_id=self.run.id,
+                step_id=step_id,
+                user_id=actor.id,
+                printed_name=actor.printed_name,
+                meaning="performed",
+                statement=getattr(step, "meaning", None),
+                signed_at=at or utcnow(),
+                signed_sha256="",
+            )
             sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(self.run, step_id, data, sig)))
             ledger.append(session, sig, actor=actor.id, action="signature.create")
             sig_id = sig.id
-        rec = StepRecord(run_id=self.run.id, n=next_n(session, StepRecord, self.run.id), step_id=step_id,
-                         kind=step.kind, status=status, data_json=ledger.canonical(data).decode(),
-                         actor_id=actor.id if actor else None, signature_id=sig_id, reason=reason,
-                         supersedes_id=supersedes.id if supersedes else None, at=at or utcnow())
+        rec = StepRecord(
+            run_id=self.run.id,
+            n=next_n(session, StepRecord, self.run.id),
+            step_id=step_id,
+            kind=step.kind,
+            status=status,
+            data_json=ledger.canonical(data).decode(),
+            actor_id=actor.id if actor else None,
+            signature_id=sig_id,
+            reason=reason,
+            supersedes_id=supersedes.id if supersedes else None,
+            at=at or utcnow(),
+        )
         ledger.append(session, rec, actor=actor.id if actor else "system", action=f"step.{status}")
         return rec
 
 
 class MakeRun(Protocol):
-    def __call__(self, session: Session, *, users: tuple[str, ...] = ..., product: str | None = ...,
-                 trained: bool = ...) -> MadeRun: ...
+    def __call__(
+        self, session: Session, *, users: tuple[str, ...] = ..., product: str | None = ..., trained: bool = ...
+    ) -> MadeRun: ...
 
 
 @cache
@@ -193,14 +224,24 @@ def make_run() -> MakeRun:
     computed once per test session (hashing costs 50-400 ms). Call it once per database.
     """
 
-    def make(session: Session, *, users: tuple[str, ...] = tuple(USERS), product: str | None = "axi_cel",
-             trained: bool = True) -> MadeRun:
+    def make(
+        session: Session,
+        *,
+        users: tuple[str, ...] = tuple(USERS),
+        product: str | None = "axi_cel",
+        trained: bool = True,
+    ) -> MadeRun:
         made_users: dict[str, User] = {}
         for username in users:
             printed, roles = USERS[username]
             # As users.add_user writes it, with one argon2 hash per test session (not per user).
-            user = User(username=username, printed_name=printed, password_hash=_password_hash(),
-                        created_at=FIXED_AT, created_by="system")
+            user = User(
+                username=username,
+                printed_name=printed,
+                password_hash=_password_hash(),
+                created_at=FIXED_AT,
+                created_by="system",
+            )
             ledger.append(session, user, actor="system", action="user.create")
             for role in roles:
                 user_store.grant_role(session, user, "demo_hospital", role, actor="system")
@@ -208,25 +249,50 @@ def make_run() -> MakeRun:
         text = DEMO_SOP.read_text(encoding="utf-8")
         sop = SopDefinition.model_validate(yaml.safe_load(text))
         sha = ledger.sha256_hex(DEMO_SOP.read_bytes())
-        version = SopVersion(institution="demo_hospital", sop_id=sop.id, version=sop.version,
-                             schema_version=sop.schema_version, sha256=sha, text=text, stored_at=FIXED_AT)
+        version = SopVersion(
+            institution="demo_hospital",
+            sop_id=sop.id,
+            version=sop.version,
+            schema_version=sop.schema_version,
+            sha256=sha,
+            text=text,
+            stored_at=FIXED_AT,
+        )
         ledger.append(session, version, actor="system", action="sop_version.store")
-        append_event(session, version, "effective", actor="system", data={"effective_at": FIXED_AT.isoformat()},
-                     at=FIXED_AT)  # runs start on an Effective version (flows.record.versions)
+        append_event(
+            session, version, "effective", actor="system", data={"effective_at": FIXED_AT.isoformat()}, at=FIXED_AT
+        )  # runs start on an Effective version (flows.record.versions)
         if trained:  # signers must be trained on the SOP version (state.signer_problem)
             for user in made_users.values():
-                record_training(session, user, "demo_hospital", sop.id, sop.version, trained_at=FIXED_AT,
-                                trainer="Trainer", actor="system")
+                record_training(
+                    session,
+                    user,
+                    "demo_hospital",
+                    sop.id,
+                    sop.version,
+                    trained_at=FIXED_AT,
+                    trainer="Trainer",
+                    actor="system",
+                )
         product_entry = None
         if product:
             product_entry = yaml.safe_load(DEMO_PRODUCTS.read_text(encoding="utf-8"))["products"][product]
         starter = next(iter(made_users.values()))
-        run = SopRun(institution="demo_hospital", sop_version_id=version.id, sop_id=sop.id, sop_version=sop.version,
-                     sop_sha256=sha, schema_version=sop.schema_version,
-                     params_json=json.dumps({"product": product, "coi": "COI-2026-0001", "lot": "LOT-77",
-                                             "patient_id": "P12345"}, sort_keys=True),
-                     product_json=json.dumps(product_entry, sort_keys=True) if product_entry else None,
-                     flow_run_id=new_id(), started_by=starter.id, started_at=FIXED_AT)
+        run = SopRun(
+            institution="demo_hospital",
+            sop_version_id=version.id,
+            sop_id=sop.id,
+            sop_version=sop.version,
+            sop_sha256=sha,
+            schema_version=sop.schema_version,
+            params_json=json.dumps(
+                {"product": product, "coi": "COI-2026-0001", "lot": "LOT-77", "patient_id": "P12345"}, sort_keys=True
+            ),
+            product_json=json.dumps(product_entry, sort_keys=True) if product_entry else None,
+            flow_run_id=new_id(),
+            started_by=starter.id,
+            started_at=FIXED_AT,
+        )
         ledger.append(session, run, actor=starter.id, action="run.start")
         return MadeRun(run=run, sop=sop, users=made_users)
 

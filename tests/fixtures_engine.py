@@ -29,8 +29,14 @@ DEMO_STAFF = {
 }
 PASSWORD = "test-password-1"
 
-ARRIVAL = {"arrived_at": "2026-11-25T09:40:00+08:00", "courier": "SF 1234", "shipper_id": "DS-0042",
-           "seal_intact": "yes", "logger_max_c": "-171.5", "transit_hours": "18.5"}
+ARRIVAL = {
+    "arrived_at": "2026-11-25T09:40:00+08:00",
+    "courier": "SF 1234",
+    "shipper_id": "DS-0042",
+    "seal_intact": "yes",
+    "logger_max_c": "-171.5",
+    "transit_hours": "18.5",
+}
 PARAMS = {"product": "tecartus", "coi": "COI-TEST-0001", "lot": "LOT-1", "patient_id": "H0001"}
 
 
@@ -124,13 +130,15 @@ def receiver_fixture(engine: Settings) -> Iterator[Any]:
         per_role = "".join(f'  {r}: ["{rx.url(r)}"]\n' for r in roles)
         # The demo institution and lang_hospital (the SOP-language engine tests) tell the same receiver.
         engine.notify_config.write_text(
-            "".join(f"{inst}:\n{per_role}" for inst in ("demo_hospital", "lang_hospital")), encoding="utf-8")
+            "".join(f"{inst}:\n{per_role}" for inst in ("demo_hospital", "lang_hospital")), encoding="utf-8"
+        )
         yield rx
         engine.notify_config.unlink(missing_ok=True)
 
 
-def wait_for(settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (),
-             timeout: float = 60.0) -> dict[str, Any]:
+def wait_for(
+    settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (), timeout: float = 60.0
+) -> dict[str, Any]:
     """Wait until a run waits on ``step`` or has one of ``statuses``; returns its record."""
     from flows import service
 

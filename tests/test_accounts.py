@@ -82,14 +82,21 @@ def test_accounts_wrong_password_threshold_times_locks_the_account(staff: Settin
     messages = _fail(staff, "ana", 3)
 
     assert messages[:2] == ["user 'ana': wrong user name or password"] * 2
-    assert messages[2].startswith("user 'ana': wrong user name or password; account locked after 3 failed sign-ins; "
-                                  "a QA officer must unlock it")
+    assert messages[2].startswith(
+        "user 'ana': wrong user name or password; account locked after 3 failed sign-ins; a QA officer must unlock it"
+    )
     assert _state(staff, "ana") == (True, True)  # written although every sign-in failed
     events = _events(staff, start)
-    assert [(e.action, e.object_type) for e in events] == [("auth.failed", "sf_user")] * 3 + [("user.locked", "sf_user_event")]
+    assert [(e.action, e.object_type) for e in events] == [("auth.failed", "sf_user")] * 3 + [
+        ("user.locked", "sf_user_event")
+    ]
     assert [e.object_id for e in events[:3]] == ["ana"] * 3
     lock = json.loads(events[3].payload_json)["row"]
-    assert (lock["kind"], lock["actor"], json.loads(lock["data_json"])) == ("locked", "system", {"failures": 3, "threshold": 3})
+    assert (lock["kind"], lock["actor"], json.loads(lock["data_json"])) == (
+        "locked",
+        "system",
+        {"failures": 3, "threshold": 3},
+    )
     assert events[3].reason == "3 consecutive failed sign-ins (threshold 3)"
     _chain_ok(staff)
 
@@ -103,8 +110,10 @@ def test_accounts_locked_account_refuses_the_right_password(staff: Settings) -> 
     with read_session(staff.database_url) as s, pytest.raises(AuthenticationError) as read_only:
         users.authenticate(s, "ana", PW)
 
-    assert str(info.value) == ("user 'ana': account locked after 3 failed sign-ins; a QA officer must unlock it "
-                               "(sopflow user unlock ana --as QA_USER)")
+    assert str(info.value) == (
+        "user 'ana': account locked after 3 failed sign-ins; a QA officer must unlock it "
+        "(sopflow user unlock ana --as QA_USER)"
+    )
     assert str(read_only.value) == str(info.value)
     [event] = _events(staff, start)
     assert (event.action, event.object_id, event.reason) == ("auth.refused", "ana", str(info.value))
@@ -117,8 +126,13 @@ def test_accounts_failures_count_only_since_the_last_successful_sign_in(staff: S
     _fail(staff, "ana", 2)
 
     assert _state(staff, "ana") == (True, False)
-    assert [e.action for e in _events(staff) if e.object_id == "ana"][-5:] == ["auth.failed", "auth.failed", "auth.ok",
-                                                                              "auth.failed", "auth.failed"]
+    assert [e.action for e in _events(staff) if e.object_id == "ana"][-5:] == [
+        "auth.failed",
+        "auth.failed",
+        "auth.ok",
+        "auth.failed",
+        "auth.failed",
+    ]
     _fail(staff, "ana", 1)
     assert _state(staff, "ana") == (True, True)
 
@@ -145,8 +159,12 @@ def test_accounts_unlock_by_qa_officer_is_audited_and_starts_the_count_again(sta
     with read_session(staff.database_url) as s:
         officer = users.find_user(s, "qa.one")
         assert officer is not None
-        assert (row["kind"], row["actor"], events[1].actor, events[1].reason) == ("unlocked", officer.id, officer.id,
-                                                                                   "called the help desk")
+        assert (row["kind"], row["actor"], events[1].actor, events[1].reason) == (
+            "unlocked",
+            officer.id,
+            officer.id,
+            "called the help desk",
+        )
     assert admin.sign_in(staff, "ana", PW, "test").username == "ana"
     _fail(staff, "ana", 2)  # fewer than the threshold since the unlock (and the sign-in)
     assert _state(staff, "ana") == (True, False)
@@ -169,8 +187,10 @@ def test_accounts_unlock_by_non_qa_user_is_refused_and_audited(staff: Settings) 
     with pytest.raises(NotAuthorizedError) as info:
         admin.unlock_user(staff, "ana", Officer("bo", PW))
 
-    assert str(info.value) == ("user 'bo' may not unlock 'ana': that takes role 'qa' at an institution where 'ana' "
-                               "holds a role (demo_hospital)")
+    assert str(info.value) == (
+        "user 'bo' may not unlock 'ana': that takes role 'qa' at an institution where 'ana' "
+        "holds a role (demo_hospital)"
+    )
     assert _state(staff, "ana") == (True, True)
     events = _events(staff, start)
     assert [e.action for e in events] == ["auth.ok", "user.unlock.refused"]
@@ -222,7 +242,9 @@ def test_accounts_disabled_account_is_refused_even_with_the_right_password(staff
 def test_accounts_disable_by_non_qa_user_and_of_oneself_is_refused(staff: Settings) -> None:
     with pytest.raises(NotAuthorizedError, match="user 'bo' may not disable 'ana'"):
         admin.disable_user(staff, "ana", Officer("bo", PW))
-    with pytest.raises(NotAuthorizedError, match=re.escape("user 'qa.one' may not disable their own account; another QA officer must")):
+    with pytest.raises(
+        NotAuthorizedError, match=re.escape("user 'qa.one' may not disable their own account; another QA officer must")
+    ):
         admin.disable_user(staff, "qa.one", Officer("qa.one", QA_PW))
 
     assert _state(staff, "ana") == (True, False)
@@ -264,10 +286,13 @@ def test_accounts_password_change_with_a_wrong_old_password_is_refused_and_count
     assert [e.action for e in _events(staff) if e.object_id == "ana"][-2:] == ["auth.failed", "auth.ok"]
 
 
-@pytest.mark.parametrize(("new", "message"), [
-    ("short", "user 'ana': the password must have at least 8 characters"),
-    (PW, "user 'ana': the new password must differ from the current one"),
-])
+@pytest.mark.parametrize(
+    ("new", "message"),
+    [
+        ("short", "user 'ana': the password must have at least 8 characters"),
+        (PW, "user 'ana': the new password must differ from the current one"),
+    ],
+)
 def test_accounts_password_change_refuses_a_bad_new_password(staff: Settings, new: str, message: str) -> None:
     with pytest.raises(RecordError) as info:
         admin.change_password(staff, "ana", new, old_password=PW)
@@ -310,6 +335,7 @@ def test_accounts_list_users_shows_state(staff: Settings) -> None:
 
 # --------------------------------------------------------------------------- end to end
 
+
 @pytest.mark.slow
 def test_accounts_locked_signer_is_refused_at_submit(engine: Settings) -> None:
     from flows import service
@@ -340,14 +366,25 @@ def test_accounts_cli_prints_one_red_line_for_a_refused_unlock(tmp_path: Path) -
     env.update({"SOPFLOW_HOME": str(tmp_path / "home"), "COLUMNS": "200", "SOPFLOW_LOCKOUT_THRESHOLD": "2"})
 
     def cli(*args: str, password: str = PW, new: str = PW) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flows", *args], env={**env, "SOPFLOW_PASSWORD": password,
-                              "SOPFLOW_NEW_PASSWORD": new}, capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "flows", *args],
+            env={**env, "SOPFLOW_PASSWORD": password, "SOPFLOW_NEW_PASSWORD": new},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
-    assert cli("user", "add", "qa.one", "--name", "Qian An", "--role", "demo_hospital:qa").returncode == 0  # the first: bootstrap
+    assert (
+        cli("user", "add", "qa.one", "--name", "Qian An", "--role", "demo_hospital:qa").returncode == 0
+    )  # the first: bootstrap
     unattended = cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab")
     assert unattended.returncode == 1
     assert "a QA officer of the user's institutions adds users: --as QA_USER" in unattended.stderr
-    assert cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab", "--as", "qa.one").returncode == 0
+    assert (
+        cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab", "--as", "qa.one").returncode
+        == 0
+    )
     first = cli("user", "passwd", "ana", password="wrong password", new="new secret 12")
     locked = cli("user", "passwd", "ana", password="wrong password", new="new secret 12")
     refused = cli("user", "unlock", "ana", "--as", "ana")
@@ -361,7 +398,8 @@ def test_accounts_cli_prints_one_red_line_for_a_refused_unlock(tmp_path: Path) -
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
         "error: user 'ana': account locked after 2 failed sign-ins; a QA officer must unlock it "
-        "(sopflow user unlock ana --as QA_USER)"]
+        "(sopflow user unlock ana --as QA_USER)"
+    ]
     assert "Traceback" not in refused.stderr + locked.stderr
     assert unlocked.returncode == 0, unlocked.stderr
     assert "user ana unlocked" in unlocked.stdout

@@ -29,8 +29,14 @@ def _clean_record(db_url: str, make_run: MakeRun) -> Clean:
         made = make_run(s)
         waiting = made.record(s, "arrival", "waiting", {"role": "cell_lab"})
         signed = made.record(s, "arrival", "signed", {"seal_intact": True, "logger_max_c": -180}, user="ana", sign=True)
-        done = made.record(s, "arrival", "done", {"seal_intact": True, "logger_max_c": -180}, user="ana",
-                           signature_id=signed.signature_id)
+        done = made.record(
+            s,
+            "arrival",
+            "done",
+            {"seal_intact": True, "logger_max_c": -180},
+            user="ana",
+            signature_id=signed.signature_id,
+        )
         made.record(s, "transit_temperature", "done", {"passed": True})
         clean = Clean(made.run.id, waiting.id, signed.id, done.id, {})
         for ev in s.exec(select(AuditEvent)):
@@ -48,8 +54,11 @@ def _verify(db_url: str) -> list[str]:
 
 def test_audit_verify_reports_edited_record_row(db_url: str, make_run: MakeRun, sql) -> None:
     clean = _clean_record(db_url, make_run)
-    sql("UPDATE sf_step_record SET data_json = :d WHERE id = :id", d='{"logger_max_c":-20,"seal_intact":true}',
-        id=clean.done_id)
+    sql(
+        "UPDATE sf_step_record SET data_json = :d WHERE id = :id",
+        d='{"logger_max_c":-20,"seal_intact":true}',
+        id=clean.done_id,
+    )
 
     problems = _verify(db_url)
 
@@ -64,8 +73,12 @@ def test_audit_verify_reports_rows_reordered_by_their_position(db_url: str, make
 
     problems = _verify(db_url)
 
-    assert sorted(problems) == sorted([f"sf_step_record row {clean.waiting_id}: changed since it was recorded (n)",
-                                       f"sf_step_record row {clean.signed_id}: changed since it was recorded (n)"])
+    assert sorted(problems) == sorted(
+        [
+            f"sf_step_record row {clean.waiting_id}: changed since it was recorded (n)",
+            f"sf_step_record row {clean.signed_id}: changed since it was recorded (n)",
+        ]
+    )
 
 
 def test_audit_verify_reports_edited_time_of_a_row(db_url: str, make_run: MakeRun, sql) -> None:
@@ -89,9 +102,12 @@ def test_audit_verify_reports_deleted_record_row(db_url: str, make_run: MakeRun,
 def test_audit_verify_reports_row_inserted_with_raw_sql(db_url: str, make_run: MakeRun, sql) -> None:
     clean = _clean_record(db_url, make_run)
     rogue = new_id()
-    sql("INSERT INTO sf_step_record (id, run_id, n, step_id, kind, status, data_json, at) "
+    sql(
+        "INSERT INTO sf_step_record (id, run_id, n, step_id, kind, status, data_json, at) "
         "VALUES (:id, :run, 99, 'qa_acceptance', 'approve', 'done', '{\"decision\":\"accept\"}', '2026-11-02 01:30:00')",
-        id=rogue, run=clean.run_id)
+        id=rogue,
+        run=clean.run_id,
+    )
 
     problems = _verify(db_url)
 
@@ -117,8 +133,11 @@ def test_audit_verify_reports_edited_audit_event_payload_with_its_row(db_url: st
         forged = ev.payload_json.replace('\\"logger_max_c\\":-180', '\\"logger_max_c\\":-20')
     assert forged != ev.payload_json
     sql("UPDATE sf_audit SET payload_json = :p WHERE seq = :seq", p=forged, seq=seq)
-    sql("UPDATE sf_step_record SET data_json = :d WHERE id = :id", d='{"logger_max_c":-20,"seal_intact":true}',
-        id=clean.done_id)
+    sql(
+        "UPDATE sf_step_record SET data_json = :d WHERE id = :id",
+        d='{"logger_max_c":-20,"seal_intact":true}',
+        id=clean.done_id,
+    )
 
     problems = _verify(db_url)
 
@@ -138,8 +157,10 @@ def test_audit_verify_reports_rehashed_audit_event_at_the_next_link(db_url: str,
 
     problems = _verify(db_url)
 
-    assert problems == [f"audit event {seq + 1}: does not follow event {seq} (prev_hash differs): "
-                        "the chain was edited or reordered here"]
+    assert problems == [
+        f"audit event {seq + 1}: does not follow event {seq} (prev_hash differs): "
+        "the chain was edited or reordered here"
+    ]
 
 
 def test_audit_verify_reports_deleted_audit_event(db_url: str, make_run: MakeRun, sql) -> None:
@@ -150,7 +171,10 @@ def test_audit_verify_reports_deleted_audit_event(db_url: str, make_run: MakeRun
     problems = _verify(db_url)
 
     assert problems[0] == f"audit event {seq} is missing (next is {seq + 1}): an event was deleted"
-    assert f"audit event {seq + 1}: does not follow event {seq} (prev_hash differs): the chain was edited or reordered here" in problems
+    assert (
+        f"audit event {seq + 1}: does not follow event {seq} (prev_hash differs): the chain was edited or reordered here"
+        in problems
+    )
     assert f"sf_step_record row {clean.signed_id}: not in the audit chain: inserted outside sopflow" in problems
     assert len(problems) == 3
 
@@ -176,9 +200,15 @@ def test_audit_verify_reports_swapped_audit_events(db_url: str, make_run: MakeRu
 
     problems = _verify(db_url)
 
-    assert problems[0] == f"audit event {a}: does not follow event {a - 1} (prev_hash differs): the chain was edited or reordered here"
+    assert (
+        problems[0]
+        == f"audit event {a}: does not follow event {a - 1} (prev_hash differs): the chain was edited or reordered here"
+    )
     assert f"audit event {a}: its content does not match its hash: the event was edited" in problems
-    assert f"audit event {b}: does not follow event {a} (prev_hash differs): the chain was edited or reordered here" in problems
+    assert (
+        f"audit event {b}: does not follow event {a} (prev_hash differs): the chain was edited or reordered here"
+        in problems
+    )
     assert all("row" not in p for p in problems)  # the rows themselves are intact
 
 

@@ -34,8 +34,10 @@ def test_catalogue_lists_every_product_of_the_domain_brief(inst: str) -> None:
 
 def test_unconfirmed_must_name_a_product_key(tmp_path: Path) -> None:
     path = tmp_path / "products.yaml"
-    path.write_text("schema_version: 1\nproducts:\n  x:\n    name: X\n    mah: M\n    unconfirmed: [storage_max_c, thaw_limit]\n",
-                    encoding="utf-8")
+    path.write_text(
+        "schema_version: 1\nproducts:\n  x:\n    name: X\n    mah: M\n    unconfirmed: [storage_max_c, thaw_limit]\n",
+        encoding="utf-8",
+    )
 
     with pytest.raises(SopDefinitionError) as info:
         load_products_file(path)

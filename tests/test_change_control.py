@@ -44,7 +44,9 @@ def _states(settings) -> dict[int, str]:
 
 def _refusals(settings, since: int) -> list[AuditEvent]:
     with read_session(settings.database_url) as s:
-        return list(s.exec(select(AuditEvent).where(col(AuditEvent.seq) > since, col(AuditEvent.action).endswith("refused"))))
+        return list(
+            s.exec(select(AuditEvent).where(col(AuditEvent.seq) > since, col(AuditEvent.action).endswith("refused")))
+        )
 
 
 def _head(settings) -> int:
@@ -58,8 +60,16 @@ def _change(settings, tmp_path: Path, version: int, limit: int, effective_in: ti
     path.write_text(PROBE.format(version=version, limit=limit), encoding="utf-8")
     create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="cc_adm", password=PASSWORD)
     assert _states(settings)[version] == "draft"
-    run_id = submit_change(settings, INST, "cc_probe", version, reviewer="cc_rev", reason=f"limit {limit}",
-                           username="cc_adm", password=PASSWORD)
+    run_id = submit_change(
+        settings,
+        INST,
+        "cc_probe",
+        version,
+        reviewer="cc_rev",
+        reason=f"limit {limit}",
+        username="cc_adm",
+        password=PASSWORD,
+    )
     assert _states(settings)[version] == "in_review"
     wait_for(settings, run_id, step="review")
     service.submit_step(settings, run_id, "review", "cc_rev", PASSWORD, {"decision": "approve"})
@@ -70,8 +80,14 @@ def _change(settings, tmp_path: Path, version: int, limit: int, effective_in: ti
         service.submit_step(settings, run_id, "qa_approval", "cc_adm", PASSWORD, {"decision": "approve"})
     assert [e.action for e in _refusals(settings, mark)] == ["sign.refused"]
     effective_at = (utcnow() + effective_in).isoformat()
-    service.submit_step(settings, run_id, "qa_approval", "qa", PASSWORD,
-                        {"decision": "approve", "effective_at": effective_at, "training_days": "0"})
+    service.submit_step(
+        settings,
+        run_id,
+        "qa_approval",
+        "qa",
+        PASSWORD,
+        {"decision": "approve", "effective_at": effective_at, "training_days": "0"},
+    )
     wait_for(settings, run_id, statuses=("completed",))
     sweep(settings)  # the executor's sweep may have done it already: the same outcome
     assert _states(settings)[version] == "issued"
@@ -90,9 +106,15 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     cc1 = _change(settings, tmp_path, 1, 100, timedelta(days=1))
     with read_session(settings.database_url) as s:
         tech = s.exec(select(User).where(User.username == "cc_tech")).one()
-        assigned = s.exec(select(TrainingAssignment).where(TrainingAssignment.user_id == tech.id,
-                                                           TrainingAssignment.sop_id == "cc_probe")).all()
-        meanings = [sig.meaning for sig in s.exec(select(Signature).where(Signature.run_id == cc1).order_by(col(Signature.signed_at)))]
+        assigned = s.exec(
+            select(TrainingAssignment).where(
+                TrainingAssignment.user_id == tech.id, TrainingAssignment.sop_id == "cc_probe"
+            )
+        ).all()
+        meanings = [
+            sig.meaning
+            for sig in s.exec(select(Signature).where(Signature.run_id == cc1).order_by(col(Signature.signed_at)))
+        ]
     assert [(a.sop_version, a.roles_json) for a in assigned] == [(1, '["cell_lab"]')]
     assert _issued_notice(settings), "the staff who must train were not told that v1 was issued"
     assert meanings[0] == "performed"
@@ -144,9 +166,13 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     path = tmp_path / "cc_probe.yaml"
     path.write_text(PROBE.format(version=3, limit=10), encoding="utf-8")
     create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="cc_adm", password=PASSWORD)
-    cc3 = submit_change(settings, INST, "cc_probe", 3, reviewer="cc_rev", reason="limit 10", username="cc_adm", password=PASSWORD)
+    cc3 = submit_change(
+        settings, INST, "cc_probe", 3, reviewer="cc_rev", reason="limit 10", username="cc_adm", password=PASSWORD
+    )
     wait_for(settings, cc3, step="review")
-    service.submit_step(settings, cc3, "review", "cc_rev", PASSWORD, {"decision": "reject", "reason": "10 is below the label's range"})
+    service.submit_step(
+        settings, cc3, "review", "cc_rev", PASSWORD, {"decision": "reject", "reason": "10 is below the label's range"}
+    )
     wait_for(settings, cc3, statuses=("rejected",))
     sweep(settings)
     assert _states(settings) == {1: "superseded", 2: "effective", 3: "rejected"}

@@ -27,10 +27,13 @@ pytestmark = pytest.mark.slow
 PG = "postgres@127.0.0.1:5432"
 
 
-def cli(env: dict[str, str], *args: str, password: str | None = PASSWORD, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(
+    env: dict[str, str], *args: str, password: str | None = PASSWORD, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     full = {**env, "SOPFLOW_PASSWORD": password or "", "SOPFLOW_NEW_PASSWORD": PASSWORD, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "flows", *args], env=full, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "flows", *args], env=full, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -87,17 +90,56 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
 
     settings = _env_settings(env)
     ok(cli(env, "user", "add", "qa", "--name", DEMO_STAFF["qa"][0], "--role", "demo_hospital:qa"))  # first account
-    ok(cli(env, "user", "add", "tech", "--name", DEMO_STAFF["tech"][0], "--role", "demo_hospital:cell_lab", "--as", "qa"))
+    ok(
+        cli(
+            env,
+            "user",
+            "add",
+            "tech",
+            "--name",
+            DEMO_STAFF["tech"][0],
+            "--role",
+            "demo_hospital:cell_lab",
+            "--as",
+            "qa",
+        )
+    )
     for user in ("qa", "tech"):
-        ok(cli(env, "training", "grant", user, "--institution", "demo_hospital", "--sop", "dose_receipt",
-               "--version", "1", "--trainer", "Test Trainer", "--as", "qa"))
+        ok(
+            cli(
+                env,
+                "training",
+                "grant",
+                user,
+                "--institution",
+                "demo_hospital",
+                "--sop",
+                "dose_receipt",
+                "--version",
+                "1",
+                "--trainer",
+                "Test Trainer",
+                "--as",
+                "qa",
+            )
+        )
     for user, (name, role) in DEMO_STAFF.items():
         if user not in ("qa", "tech"):
             add_user(settings, user, name, PASSWORD, [("demo_hospital", role)], actor="test")
             grant_training(settings, user, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", actor="test")
     ok(cli(env, "sop", "establish", "demo_hospital", "--as", "qa"))  # the files become the first Effective versions
-    out = ok(cli(env, "start", "dose_receipt", "--institution", "demo_hospital", "--as", "qm",
-                 *_sets({"product": "tecartus", "coi": "COI-CLI-0100", "lot": "LOT-9", "patient_id": "H0100"})))
+    out = ok(
+        cli(
+            env,
+            "start",
+            "dose_receipt",
+            "--institution",
+            "demo_hospital",
+            "--as",
+            "qm",
+            *_sets({"product": "tecartus", "coi": "COI-CLI-0100", "lot": "LOT-9", "patient_id": "H0100"}),
+        )
+    )
     run_id = out.split()[2]
     _wait_cli(env, run_id, "waiting on arrival")
     if kill_while_waiting:
@@ -113,7 +155,20 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
     _wait_cli(env, run_id, "waiting on identity_verification")
     if not to_the_end:
         return run_id
-    ok(cli(env, "submit", run_id, "identity_verification", "--as", "pharm", "--set", "coi_matches=yes", "--set", "documents=complete"))
+    ok(
+        cli(
+            env,
+            "submit",
+            run_id,
+            "identity_verification",
+            "--as",
+            "pharm",
+            "--set",
+            "coi_matches=yes",
+            "--set",
+            "documents=complete",
+        )
+    )
     _wait_cli(env, run_id, "waiting on qa_acceptance")
     ok(cli(env, "submit", run_id, "qa_acceptance", "--as", "qa", "--set", "decision=approve"))
     _wait_cli(env, run_id, "completed")
@@ -127,8 +182,11 @@ def _env_settings(env: dict[str, str]):
 
     from flows.config import get_settings
 
-    return replace(get_settings(), home=Path(env["SOPFLOW_HOME"]),
-                   database_url=env.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{env['SOPFLOW_HOME']}/sopflow.db")
+    return replace(
+        get_settings(),
+        home=Path(env["SOPFLOW_HOME"]),
+        database_url=env.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{env['SOPFLOW_HOME']}/sopflow.db",
+    )
 
 
 def _wait_cli(env: dict[str, str], run_id: str, text: str, timeout: float = 60) -> None:
@@ -140,7 +198,9 @@ def _wait_cli(env: dict[str, str], run_id: str, text: str, timeout: float = 60) 
     row: dict[str, object] = {}
     while time.monotonic() < deadline:
         row = next(r for r in service.list_runs(settings) if r["id"] == run_id)
-        shown = f"{row['status']} waiting on {', '.join(row['waiting_on'])}" if row["waiting_on"] else str(row["status"])  # type: ignore[arg-type]
+        shown = (
+            f"{row['status']} waiting on {', '.join(row['waiting_on'])}" if row["waiting_on"] else str(row["status"])
+        )  # type: ignore[arg-type]
         if text in shown:
             return
         time.sleep(0.05)
@@ -194,8 +254,11 @@ def pg_databases_fixture() -> Iterator[tuple[str, str]]:
 @pytest.mark.postgres
 def test_production_path_on_postgresql_for_sopflow_and_prefect(tmp_path, pg_databases):
     records, prefect_db = pg_databases
-    env = _home_env(tmp_path, SOPFLOW_DATABASE_URL=f"postgresql+psycopg2://{PG}/{records}",
-                    SOPFLOW_PREFECT_DATABASE_URL=f"postgresql+asyncpg://{PG}/{prefect_db}")
+    env = _home_env(
+        tmp_path,
+        SOPFLOW_DATABASE_URL=f"postgresql+psycopg2://{PG}/{records}",
+        SOPFLOW_PREFECT_DATABASE_URL=f"postgresql+asyncpg://{PG}/{prefect_db}",
+    )
     try:
         ok(cli(env, "server", "start"))
         run_id = _walk_receipt(env, kill_while_waiting=False)  # the kill is tested on the embedded default
@@ -206,7 +269,10 @@ def test_production_path_on_postgresql_for_sopflow_and_prefect(tmp_path, pg_data
     with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=records) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM sf_signature WHERE run_id = %s", (run_id,))
         assert cur.fetchone()[0] == 3
-    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=prefect_db) as conn, conn.cursor() as cur:
+    with (
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=prefect_db) as conn,
+        conn.cursor() as cur,
+    ):
         cur.execute("SELECT count(*) FROM flow_run WHERE parameters->>'run_id' = %s", (run_id,))
         assert cur.fetchone()[0] == 1
     assert not (tmp_path / "home" / "sopflow.db").exists()

@@ -40,9 +40,7 @@ def test_cli_validate_ok_counts_files(runner: CliRunner) -> None:
     assert result.output.strip() == "3 files OK"
 
 
-def test_cli_validate_broken_sop_prints_file_line_and_exits_1(
-    runner: CliRunner, broken_sops: Path
-) -> None:
+def test_cli_validate_broken_sop_prints_file_line_and_exits_1(runner: CliRunner, broken_sops: Path) -> None:
     result = runner.invoke(
         app,
         [
@@ -57,13 +55,8 @@ def test_cli_validate_broken_sop_prints_file_line_and_exits_1(
     assert result.exit_code == 1
     lines = result.output.splitlines()
     problem_lines = [line for line in lines if "four_problems.yaml:" in line]
-    assert [
-        line.split("four_problems.yaml:")[1].split(":")[0] for line in problem_lines
-    ] == ["10", "13", "16", "20"]
-    assert any(
-        line.endswith("steps[1].titel: unknown key 'titel'. Did you mean 'title'?")
-        for line in problem_lines
-    )
+    assert [line.split("four_problems.yaml:")[1].split(":")[0] for line in problem_lines] == ["10", "13", "16", "20"]
+    assert any(line.endswith("steps[1].titel: unknown key 'titel'. Did you mean 'title'?") for line in problem_lines)
     assert lines[-1] == "4 problems in 1 of 4 files"
     assert "Traceback" not in result.output
 
@@ -82,10 +75,7 @@ def test_cli_validate_given_paths(runner: CliRunner) -> None:
     )
 
     assert result.exit_code == 1
-    assert (
-        "unknown_role.yaml:14: steps[1].role: unknown role 'pharmacst'. Did you mean 'pharmacist'?"
-        in result.output
-    )
+    assert "unknown_role.yaml:14: steps[1].role: unknown role 'pharmacst'. Did you mean 'pharmacist'?" in result.output
     assert result.output.splitlines()[-1] == "1 problem in 1 of 2 files"
 
 
@@ -141,9 +131,7 @@ def test_cli_list_shows_version_and_hash(runner: CliRunner) -> None:
     assert "test_hospital" in result.output
 
 
-def test_cli_list_broken_institution_exits_1(
-    runner: CliRunner, broken_sops: Path
-) -> None:
+def test_cli_list_broken_institution_exits_1(runner: CliRunner, broken_sops: Path) -> None:
     result = runner.invoke(
         app,
         [
@@ -156,10 +144,7 @@ def test_cli_list_broken_institution_exits_1(
     )
 
     assert result.exit_code == 1
-    assert (
-        "four_problems.yaml:13: steps[0].kind: unknown step kind 'recrod'"
-        in result.output
-    )
+    assert "four_problems.yaml:13: steps[0].kind: unknown step kind 'recrod'" in result.output
 
 
 def test_cli_show_describes_steps_fields_and_checks(runner: CliRunner) -> None:
@@ -174,12 +159,7 @@ def test_cli_show_describes_steps_fields_and_checks(runner: CliRunner) -> None:
 
 
 def test_cli_show_unknown_id_suggests(runner: CliRunner) -> None:
-    result = runner.invoke(
-        app, ["show", "every_knd", "--institution", "test_hospital", *DIRS]
-    )
+    result = runner.invoke(app, ["show", "every_knd", "--institution", "test_hospital", *DIRS])
 
     assert result.exit_code == 1
-    assert (
-        result.output.strip()
-        == "no SOP 'every_knd' in test_hospital. Did you mean 'every_kind'?"
-    )
+    assert result.output.strip() == "no SOP 'every_knd' in test_hospital. Did you mean 'every_kind'?"

@@ -27,8 +27,14 @@ from flows.record.export import verify_export
 from flows.record.tables import AuditEvent, Signature, StepRecord
 from tests.conftest import PASSWORD, MakeRun
 
-ARRIVAL = {"arrived_at": "2026-11-25T01:40:00+00:00", "courier": "SF 1234", "shipper_id": "DS-0042",
-           "seal_intact": True, "logger_max_c": -180.0, "transit_hours": 18.5}
+ARRIVAL = {
+    "arrived_at": "2026-11-25T01:40:00+00:00",
+    "courier": "SF 1234",
+    "shipper_id": "DS-0042",
+    "seal_intact": True,
+    "logger_max_c": -180.0,
+    "transit_hours": 18.5,
+}
 
 
 @pytest.fixture(name="settings")
@@ -50,16 +56,19 @@ def _done_arrival(db_url: str, make_run: MakeRun, *, check: bool = True) -> str:
 
 def _counts(db_url: str) -> tuple[int, int, int]:
     with read_session(db_url) as s:
-        return (s.exec(select(func.count()).select_from(StepRecord)).one(),
-                s.exec(select(func.count()).select_from(Signature)).one(),
-                s.exec(select(func.count()).select_from(AuditEvent)).one())
+        return (
+            s.exec(select(func.count()).select_from(StepRecord)).one(),
+            s.exec(select(func.count()).select_from(Signature)).one(),
+            s.exec(select(func.count()).select_from(AuditEvent)).one(),
+        )
 
 
 def test_correction_leaves_original_visible_with_who_when_why(settings, db_url, make_run):
     run_id = _done_arrival(db_url, make_run)
 
-    res = service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"},
-                               "logger read from the wrong channel")
+    res = service.correct_step(
+        settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "logger read from the wrong channel"
+    )
 
     assert res.changes == {"logger_max_c": {"old": -180.0, "new": -175.5}}
     rec = service.quality_record(settings, run_id)
@@ -186,8 +195,9 @@ def test_correction_of_an_approval_decision_is_refused(settings, db_url, make_ru
     before = _counts(db_url)
 
     with pytest.raises(SopInputError, match="a decision cannot be corrected"):
-        service.correct_step(settings, run_id, "qa_acceptance", "ana", PASSWORD, {"decision": "reject", "reason": "x"},
-                             "changed my mind")
+        service.correct_step(
+            settings, run_id, "qa_acceptance", "ana", PASSWORD, {"decision": "reject", "reason": "x"}, "changed my mind"
+        )
 
     assert _counts(db_url) == before
 
@@ -202,8 +212,13 @@ def test_correction_shows_in_the_receipt_document(settings, db_url, make_run):
     with read_session(db_url) as s:
         record = run_record(s, run_id, with_history=False)
 
-    html, _ = render_document(TEMPLATES, "demo_hospital", "Asia/Shanghai", "dose_receipt.html.j2",
-                              {"record": record, "step": {"id": "receipt_record", "title": "Receipt"}})
+    html, _ = render_document(
+        TEMPLATES,
+        "demo_hospital",
+        "Asia/Shanghai",
+        "dose_receipt.html.j2",
+        {"record": record, "step": {"id": "receipt_record", "title": "Receipt"}},
+    )
 
     assert "<strong>Corrected</strong>" in html
     assert "-180.0 → -175.5 °C" in html
@@ -221,8 +236,11 @@ def test_correction_command_corrects_and_refuses_without_reason(db_url, make_run
     runner = CliRunner()
 
     refused = runner.invoke(app, ["correct", run_id, "arrival", "--as", "ana", "--set", "courier=SF 1"], env=env)
-    done = runner.invoke(app, ["correct", run_id, "arrival", "--as", "ana", "--set", "courier=SF 1",
-                               "--reason", "airway bill misread"], env=env)
+    done = runner.invoke(
+        app,
+        ["correct", run_id, "arrival", "--as", "ana", "--set", "courier=SF 1", "--reason", "airway bill misread"],
+        env=env,
+    )
 
     assert refused.exit_code == 1
     assert "a correction needs a reason (--reason)" in refused.output

@@ -21,8 +21,9 @@ def test_readme_documents_step_kind(kind):
     assert re.search(rf"^\| `{kind}` \|", README, re.MULTILINE), f"README.md has no row for step kind {kind!r}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in inspect.getmembers(errors, inspect.isclass)
-                                        if issubclass(c, errors.FlowsError)))
+@pytest.mark.parametrize(
+    "name", sorted(n for n, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.FlowsError))
+)
 def test_readme_documents_error_class(name):
     assert f"`{name}`" in README
 
@@ -46,7 +47,9 @@ def test_readme_documents_cli_command(command):
 
 
 def test_readme_documents_every_setting():
-    names = set(re.findall(r"SOPFLOW_[A-Z_]+", (Path(__file__).resolve().parents[1] / "flows" / "config.py").read_text()))
+    names = set(
+        re.findall(r"SOPFLOW_[A-Z_]+", (Path(__file__).resolve().parents[1] / "flows" / "config.py").read_text())
+    )
     missing = sorted(n for n in names if f"`{n}`" not in README)
     assert not missing, f"settings missing from README.md: {missing}"
 

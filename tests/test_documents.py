@@ -96,7 +96,9 @@ def test_documents_institution_override_wins(tmp_path: Path) -> None:
 
 
 def test_documents_same_context_gives_same_sha256(tmp_path: Path) -> None:
-    root = _templates(tmp_path, {"t.html.j2": "{% for k, v in d | dictsort %}{{ k }}={{ v }};{% endfor %}{{ at | local_time }}\n"})
+    root = _templates(
+        tmp_path, {"t.html.j2": "{% for k, v in d | dictsort %}{{ k }}={{ v }};{% endfor %}{{ at | local_time }}\n"}
+    )
     context = {"d": {"b": 2, "a": "数"}, "at": "2026-11-02T01:30:00+00:00"}
 
     first = render_document(root, "demo_hospital", ZONE, "t.html.j2", context)
@@ -120,24 +122,47 @@ def test_documents_local_time_of_nothing_is_blank(tmp_path: Path) -> None:
 def test_documents_repo_dose_receipt_renders_run_record(db_url: str, make_run: MakeRun) -> None:
     with write_session(db_url) as s:
         made = make_run(s)
-        arrival = {"arrived_at": "2026-11-02T01:00:00+00:00", "courier": "SF Express <script>x</script>",
-                   "shipper_id": "DS-1", "seal_intact": True, "logger_max_c": -120, "transit_hours": 20}
+        arrival = {
+            "arrived_at": "2026-11-02T01:00:00+00:00",
+            "courier": "SF Express <script>x</script>",
+            "shipper_id": "DS-1",
+            "seal_intact": True,
+            "logger_max_c": -120,
+            "transit_hours": 20,
+        }
         made.record(s, "arrival", "waiting", {"role": "cell_lab"}, at=FIXED_AT)
         signed = made.record(s, "arrival", "signed", arrival, user="ana", sign=True, at=FIXED_AT + timedelta(minutes=5))
-        made.record(s, "arrival", "done", arrival, user="ana", signature_id=signed.signature_id,
-                    at=FIXED_AT + timedelta(minutes=6))
+        made.record(
+            s,
+            "arrival",
+            "done",
+            arrival,
+            user="ana",
+            signature_id=signed.signature_id,
+            at=FIXED_AT + timedelta(minutes=6),
+        )
         made.record(s, "transit_temperature", "failed", {"passed": False}, at=FIXED_AT + timedelta(minutes=7))
-        ledger.append(s, Deviation(run_id=made.run.id, step_id="transit_temperature", classification="major",
-                                   description="Transit temperature above the storage limit or seal not intact",
-                                   quarantine=True, opened_at=FIXED_AT + timedelta(minutes=7)), actor="system")
+        ledger.append(
+            s,
+            Deviation(
+                run_id=made.run.id,
+                step_id="transit_temperature",
+                classification="major",
+                description="Transit temperature above the storage limit or seal not intact",
+                quarantine=True,
+                opened_at=FIXED_AT + timedelta(minutes=7),
+            ),
+            actor="system",
+        )
         run_id = made.run.id
         step = made.sop.step("receipt_record")
         step_ctx = {"id": step.id, "title": step.title or step.id}
 
     with read_session(db_url) as s:
         record = run_record(s, run_id, with_history=False)
-    text, digest = render_document(TEMPLATES, "demo_hospital", ZONE, "dose_receipt.html.j2",
-                                   {"record": record, "step": step_ctx})
+    text, digest = render_document(
+        TEMPLATES, "demo_hospital", ZONE, "dose_receipt.html.j2", {"record": record, "step": step_ctx}
+    )
 
     assert f"<title>CAR-T dose receipt and acceptance — run {run_id}</title>" in text
     assert "<h1>Dose receipt and acceptance record</h1>" in text
@@ -150,8 +175,9 @@ def test_documents_repo_dose_receipt_renders_run_record(db_url: str, make_run: M
     assert "SF Express &lt;script&gt;x&lt;/script&gt;" in text
     assert "<script>x" not in text
     assert '<td class="fail">failed</td>' in text
-    assert "<td>transit_temperature</td><td class=\"fail\">major</td>" in text
+    assert '<td>transit_temperature</td><td class="fail">major</td>' in text
     assert "not reached" in text  # qa_acceptance
-    again, digest_again = render_document(TEMPLATES, "demo_hospital", ZONE, "dose_receipt.html.j2",
-                                          {"record": record, "step": step_ctx})
+    again, digest_again = render_document(
+        TEMPLATES, "demo_hospital", ZONE, "dose_receipt.html.j2", {"record": record, "step": step_ctx}
+    )
     assert (again, digest_again) == (text, digest)

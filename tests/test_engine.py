@@ -25,9 +25,11 @@ pytestmark = pytest.mark.slow
 
 def _counts(settings) -> tuple[int, int, int]:
     with read_session(settings.database_url) as s:
-        return (s.exec(select(func.count()).select_from(StepRecord)).one(),
-                s.exec(select(func.count()).select_from(Signature)).one(),
-                s.exec(select(func.count()).select_from(AuditEvent)).one())
+        return (
+            s.exec(select(func.count()).select_from(StepRecord)).one(),
+            s.exec(select(func.count()).select_from(Signature)).one(),
+            s.exec(select(func.count()).select_from(AuditEvent)).one(),
+        )
 
 
 def _task_run_names(settings, flow_run_id: str, expected: set[str], timeout: float = 20.0) -> set[str]:
@@ -77,11 +79,17 @@ def test_run_sop_accepted_receipt_completes_with_document_and_notification(engin
     msg = receiver.wait_for(lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""))
     assert msg is not None
     assert "accepted and in stock" in msg["message"]
-    assert receiver.wait_for(lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", "")) is not None
+    assert (
+        receiver.wait_for(lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", "")) is not None
+    )
     # Prefect's history holds one task run per automated step, named sop/step.
     # Wait for all four: under load the last task run's state reaches the server after the run's end.
-    expected = {"dose_receipt/transit_temperature", "dose_receipt/identity_matches", "dose_receipt/receipt_record",
-                "dose_receipt/tell_ward"}
+    expected = {
+        "dose_receipt/transit_temperature",
+        "dose_receipt/identity_matches",
+        "dose_receipt/receipt_record",
+        "dose_receipt/tell_ward",
+    }
     names = _task_run_names(engine, rec["run"]["flow_run_id"], expected)
     assert expected <= names
 
@@ -190,7 +198,9 @@ def _wait_audit(settings, action: str, object_id: str, timeout: float = 30.0) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with read_session(settings.database_url) as s:
-            ev = s.exec(select(AuditEvent).where(AuditEvent.action == action, AuditEvent.object_id == object_id)).first()
+            ev = s.exec(
+                select(AuditEvent).where(AuditEvent.action == action, AuditEvent.object_id == object_id)
+            ).first()
         if ev is not None:
             return ev
         time.sleep(0.1)
@@ -200,13 +210,22 @@ def _wait_audit(settings, action: str, object_id: str, timeout: float = 30.0) ->
 def test_verifier_may_not_be_the_performer(engine):
     from flows.admin import add_user, grant_training
 
-    add_user(engine, "both", "Sun Li", PASSWORD, [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")], actor="test")
+    add_user(
+        engine,
+        "both",
+        "Sun Li",
+        PASSWORD,
+        [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")],
+        actor="test",
+    )
     grant_training(engine, "both", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
     run_id = start_receipt(engine, coi="COI-TEST-0009")
     sign(engine, run_id, "arrival", "both", ARRIVAL)
     wait_for(engine, run_id, step="identity_verification")
     with pytest.raises(NotAuthorizedError, match="the person who performed 'arrival' may not verify it"):
-        service.submit_step(engine, run_id, "identity_verification", "both", PASSWORD, {"coi_matches": "yes", "documents": "complete"})
+        service.submit_step(
+            engine, run_id, "identity_verification", "both", PASSWORD, {"coi_matches": "yes", "documents": "complete"}
+        )
 
 
 def test_rerunning_a_completed_run_repeats_no_step(engine):
@@ -231,8 +250,14 @@ def test_rerunning_a_completed_run_repeats_no_step(engine):
 def test_start_with_bad_parameters_writes_nothing(engine):
     before = _counts(engine)
     with pytest.raises(SopInputError) as info:
-        service.start_run(engine, "demo_hospital", "dose_receipt",
-                          {"product": "tecartas", "coi": "bad id", "lot": "L-1", "patient_id": "secret patient"}, "qm", PASSWORD)
+        service.start_run(
+            engine,
+            "demo_hospital",
+            "dose_receipt",
+            {"product": "tecartas", "coi": "bad id", "lot": "L-1", "patient_id": "secret patient"},
+            "qm",
+            PASSWORD,
+        )
     text = str(info.value)
     assert "Did you mean 'tecartus'" in text
     assert "coi" in text
@@ -249,13 +274,17 @@ def test_start_by_a_role_the_sop_does_not_admit_is_refused_and_audited(engine):
     """dose_receipt says ``start_roles: [quality_manager, coordinator]``: a technician may sign its steps, not start it."""
     with read_session(engine.database_url) as s:
         runs_before = s.exec(select(func.count()).select_from(SopRun)).one()
-    with pytest.raises(NotAuthorizedError, match=r"dose_receipt may only be started by role 'quality_manager' or 'coordinator' of "
-                                                 r"'demo_hospital'; user 'tech' holds 'cell_lab'"):
+    with pytest.raises(
+        NotAuthorizedError,
+        match=r"dose_receipt may only be started by role 'quality_manager' or 'coordinator' of "
+        r"'demo_hospital'; user 'tech' holds 'cell_lab'",
+    ):
         service.start_run(engine, "demo_hospital", "dose_receipt", _params(), "tech", PASSWORD)
     with read_session(engine.database_url) as s:
         assert s.exec(select(func.count()).select_from(SopRun)).one() == runs_before
-        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "run.start.refused")
-                         .order_by(AuditEvent.seq.desc())).first()  # type: ignore[union-attr]
+        refused = s.exec(
+            select(AuditEvent).where(AuditEvent.action == "run.start.refused").order_by(AuditEvent.seq.desc())
+        ).first()  # type: ignore[union-attr]
     assert refused is not None
     assert "may only be started by role 'quality_manager'" in (refused.reason or "")
 

@@ -73,8 +73,14 @@ def test_computed_values_are_previewed_signed_and_stored(lang):
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
     assert rec["run"]["status"] == "completed"
     steps = _steps(rec)
-    assert steps["assess"]["data"] == {"weight_kg": 25.0, "fever": True, "hypotension": "no_pressors",
-                                       "hypoxia": "high_flow", "crs_grade": 3.0, "toci_mg": 300.0}
+    assert steps["assess"]["data"] == {
+        "weight_kg": 25.0,
+        "fever": True,
+        "hypotension": "no_pressors",
+        "hypoxia": "high_flow",
+        "crs_grade": 3.0,
+        "toci_mg": 300.0,
+    }
     assert steps["assess"]["signature"]["valid"]
     assert steps["grade_recorded"]["data"]["passed"] is True
 
@@ -93,7 +99,11 @@ def test_when_false_skips_steps_and_later_steps_read_their_fields_as_none(lang):
     assert rec["run"]["status"] == "completed"
     steps = _steps(rec)
     assert {k: v["status"] for k, v in steps.items()} == {
-        "assess": "done", "give_toci": "skipped", "dose_sane": "done", "tell_pharmacy": "skipped"}
+        "assess": "done",
+        "give_toci": "skipped",
+        "dose_sane": "done",
+        "tell_pharmacy": "skipped",
+    }
     assert steps["give_toci"]["data"] == {"when": "assess.fever", "value": False}
     assert steps["dose_sane"]["data"]["passed"] is True
     skipped = [h for h in rec["history"] if h["status"] == "skipped"]
@@ -111,7 +121,11 @@ def test_when_true_runs_the_step(lang):
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
     assert {k: v["status"] for k, v in _steps(rec).items()} == {
-        "assess": "done", "give_toci": "done", "dose_sane": "done", "tell_pharmacy": "done"}
+        "assess": "done",
+        "give_toci": "done",
+        "dose_sane": "done",
+        "tell_pharmacy": "done",
+    }
     assert "Tocilizumab 560.0 mg given" in _steps(rec)["tell_pharmacy"]["data"]["message"]
 
 
@@ -133,8 +147,10 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     assert clock["due_at"] == _at(thaw_end + timedelta(minutes=30))
     assert 19 * 60 < clock["seconds_left"] <= 20 * 60
     [item] = [i for i in service.inbox(lang, "l_doc") if i["run_id"] == run_id]
-    assert {d["id"]: d["state"] for d in item["deadlines"]} == {"thaw_to_infusion_end": "running",
-                                                                "signed_within_a_day": "running"}
+    assert {d["id"]: d["state"] for d in item["deadlines"]} == {
+        "thaw_to_infusion_end": "running",
+        "signed_within_a_day": "running",
+    }
     # The web inbox shows each clock as time left and ranks the step by the nearest one.
     from flows.service_web import urgent_inbox
 
@@ -166,9 +182,15 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
     assert rec["run"]["status"] == "completed"
     [dev] = rec["deviations"]
     assert (dev["kind"], dev["step_id"], dev["classification"], dev["quarantine"]) == (
-        "deadline", "thaw_to_infusion_end", "major", False)
-    assert dev["description"] == ("deadline 'End of thaw to end of infusion' breached: 41m from thaw.thaw_end to "
-                                  "infusion.infusion_end, more than its limit of 30m")
+        "deadline",
+        "thaw_to_infusion_end",
+        "major",
+        False,
+    )
+    assert dev["description"] == (
+        "deadline 'End of thaw to end of infusion' breached: 41m from thaw.thaw_end to "
+        "infusion.infusion_end, more than its limit of 30m"
+    )
     assert {d["id"]: d["state"] for d in rec["deadlines"]}["thaw_to_infusion_end"] == "breached"
     assert any(e["action"] == "deviation.open" and e["object_id"] == dev["id"] for e in rec["audit_events"])
     assert _export_problems(lang, run_id) == []
@@ -191,8 +213,10 @@ def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
     assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=45)) == 0
     rec = service.quality_record(lang, run_id)
     [dev] = rec["deviations"]
-    assert dev["description"].startswith("deadline 'End of thaw to end of infusion' overdue: infusion.infusion_end "
-                                         "not recorded within 30m of thaw.thaw_end")
+    assert dev["description"].startswith(
+        "deadline 'End of thaw to end of infusion' overdue: infusion.infusion_end "
+        "not recorded within 30m of thaw.thaw_end"
+    )
 
     sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
@@ -237,8 +261,10 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     service.correct_step(lang, run_id, "obs#1", "l_doc", PASSWORD, {"ice_score": "5"}, "read the wrong sheet")
     obs1 = _steps(service.quality_record(lang, run_id))["obs#1"]
     assert obs1["data"] == {"ice_score": 5.0, "icans_grade": 2.0}
-    assert obs1["corrections"][0]["changes"] == {"ice_score": {"old": 8.0, "new": 5.0},
-                                                 "icans_grade": {"old": 1.0, "new": 2.0}}
+    assert obs1["corrections"][0]["changes"] == {
+        "ice_score": {"old": 8.0, "new": 5.0},
+        "icans_grade": {"old": 1.0, "new": 2.0},
+    }
     assert _export_problems(lang, run_id) == []
 
 

@@ -49,14 +49,29 @@ def _waiting_qa(db_url: str, make_run: MakeRun, *, sop_text: str | None = None) 
         run = made.run
         if sop_text is not None:
             sop = SopDefinition.model_validate(yaml.safe_load(sop_text))
-            version = SopVersion(institution="demo_hospital", sop_id=sop.id, version=sop.version,
-                                 schema_version=1, sha256=ledger.sha256_hex(sop_text.encode()), text=sop_text,
-                                 stored_at=FIXED_AT)
+            version = SopVersion(
+                institution="demo_hospital",
+                sop_id=sop.id,
+                version=sop.version,
+                schema_version=1,
+                sha256=ledger.sha256_hex(sop_text.encode()),
+                text=sop_text,
+                stored_at=FIXED_AT,
+            )
             ledger.append(s, version, actor="system")
-            run = SopRun(institution="demo_hospital", sop_version_id=version.id, sop_id=sop.id, sop_version=sop.version,
-                         sop_sha256=version.sha256, schema_version=1, params_json=made.run.params_json,
-                         product_json=made.run.product_json, flow_run_id=new_id(), started_by=made.run.started_by,
-                         started_at=FIXED_AT)
+            run = SopRun(
+                institution="demo_hospital",
+                sop_version_id=version.id,
+                sop_id=sop.id,
+                sop_version=sop.version,
+                sop_sha256=version.sha256,
+                schema_version=1,
+                params_json=made.run.params_json,
+                product_json=made.run.product_json,
+                flow_run_id=new_id(),
+                started_by=made.run.started_by,
+                started_at=FIXED_AT,
+            )
             ledger.append(s, run, actor="system")
             made = dataclasses.replace(made, run=run, sop=sop)
         made.record(s, "qa_acceptance", "waiting", {"role": "qa"}, at=FIXED_AT)
@@ -83,7 +98,12 @@ def test_escalation_of_overdue_step_is_recorded_once(settings, db_url, make_run)
     assert escalate_overdue(settings, now=FIXED_AT + TIMEOUT + timedelta(hours=3)) == 0
 
     [esc] = _escalations(db_url, run_id)
-    assert (esc.step_id, esc.kind, esc.to_role, esc.deviation_id) == ("qa_acceptance", "escalate", "quality_manager", None)
+    assert (esc.step_id, esc.kind, esc.to_role, esc.deviation_id) == (
+        "qa_acceptance",
+        "escalate",
+        "quality_manager",
+        None,
+    )
     assert json.loads(esc.deliveries_json) == []  # no channel configured: recorded as such
     rec = service.quality_record(settings, run_id)
     assert rec["escalations"][0]["waiting_since"] == "2026-11-02T01:30:00+00:00"
@@ -123,7 +143,8 @@ def test_escalation_skips_a_step_no_longer_waiting(settings, db_url, make_run):
 def test_escalation_on_timeout_deviation_opens_a_deviation_and_keeps_waiting(settings, db_url, make_run):
     text = DEMO_SOP.read_text(encoding="utf-8").replace(
         "    escalate_to: quality_manager\n",
-        "    escalate_to: quality_manager\n    on_timeout: deviation\n    timeout_deviation: {classification: minor}\n")
+        "    escalate_to: quality_manager\n    on_timeout: deviation\n    timeout_deviation: {classification: minor}\n",
+    )
     run_id = _waiting_qa(db_url, make_run, sop_text=text)
 
     assert escalate_overdue(settings, now=FIXED_AT + TIMEOUT + timedelta(hours=1)) == 1
@@ -132,8 +153,9 @@ def test_escalation_on_timeout_deviation_opens_a_deviation_and_keeps_waiting(set
     [esc] = _escalations(db_url, run_id)
     with read_session(db_url) as s:
         [dev] = s.exec(select(Deviation).where(Deviation.run_id == run_id)).all()
-        newest = s.exec(select(StepRecord).where(StepRecord.run_id == run_id)
-                        .order_by(StepRecord.n.desc()).limit(1)).one()  # type: ignore[attr-defined]
+        newest = s.exec(
+            select(StepRecord).where(StepRecord.run_id == run_id).order_by(StepRecord.n.desc()).limit(1)
+        ).one()  # type: ignore[attr-defined]
     assert (esc.kind, esc.deviation_id) == ("deviation", dev.id)
     assert (dev.step_id, dev.classification, dev.quarantine) == ("qa_acceptance", "minor", False)
     assert dev.description == "step 'qa_acceptance' waited 5h 0m for its signer, longer than its time-out of 4h 0m"
@@ -144,7 +166,8 @@ def test_escalation_on_timeout_deviation_opens_a_deviation_and_keeps_waiting(set
 
 def test_sop_on_timeout_without_timeout_is_a_definition_error(tmp_path):
     text = DEMO_SOP.read_text(encoding="utf-8").replace(
-        "    timeout: 4h\n    escalate_to: quality_manager\n", "    on_timeout: deviation\n")
+        "    timeout: 4h\n    escalate_to: quality_manager\n", "    on_timeout: deviation\n"
+    )
     path = tmp_path / "dose_receipt.yaml"
     path.write_text(text, encoding="utf-8")
 
@@ -165,7 +188,12 @@ def test_sop_timeout_without_escalate_to_is_a_definition_error(tmp_path):
 
 
 def test_format_duration_reads_like_a_person_would_say_it():
-    assert [format_duration(timedelta(seconds=s)) for s in (40, 1500, 15120, 273600)] == ["40s", "25m", "4h 12m", "3d 4h"]
+    assert [format_duration(timedelta(seconds=s)) for s in (40, 1500, 15120, 273600)] == [
+        "40s",
+        "25m",
+        "4h 12m",
+        "3d 4h",
+    ]
 
 
 @pytest.mark.slow

@@ -44,8 +44,18 @@ def export_fixture(settings: Settings, db_url: str, make_run: MakeRun) -> dict:
         made.record(s, "transit_temperature", "failed", {"passed": False})
         from flows.record import ledger
 
-        ledger.append(s, Deviation(run_id=made.run.id, step_id="transit_temperature", classification="major",
-                                   description="too warm", quarantine=True, opened_at=FIXED_AT), actor="system")
+        ledger.append(
+            s,
+            Deviation(
+                run_id=made.run.id,
+                step_id="transit_temperature",
+                classification="major",
+                description="too warm",
+                quarantine=True,
+                opened_at=FIXED_AT,
+            ),
+            actor="system",
+        )
         made.record(s, "qa_acceptance", "waiting", {"role": "qa"}, at=FIXED_AT)
         run_id = made.run.id
     service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "wrong channel")
@@ -61,8 +71,10 @@ def test_export_clean_record_verifies(export):
     assert verify_export(export) == []
     tables = {t for t, rows in export["rows"].items() if rows}
     assert {"sf_run", "sf_sop_version", "sf_step_record", "sf_signature", "sf_deviation", "sf_escalation"} <= tables
-    assert all(set(e) == {"seq", "at", "actor", "action", "object_type", "object_id", "payload", "reason", "prev_hash",
-                          "hash"} for e in export["audit_events"])
+    assert all(
+        set(e) == {"seq", "at", "actor", "action", "object_type", "object_id", "payload", "reason", "prev_hash", "hash"}
+        for e in export["audit_events"]
+    )
     assert not any(e["object_type"] == "sf_user" for e in export["audit_events"])  # password hashes stay home
 
 
@@ -73,8 +85,10 @@ def test_export_edited_value_in_readable_record_fails_naming_it(export):
 
     problems = verify_export(doc)
 
-    assert problems == [f"steps[{arrival}] (arrival).data: says {doc['steps'][arrival]['data']!r}, the recorded row says "
-                        f"{export['steps'][arrival]['data']!r}"]
+    assert problems == [
+        f"steps[{arrival}] (arrival).data: says {doc['steps'][arrival]['data']!r}, the recorded row says "
+        f"{export['steps'][arrival]['data']!r}"
+    ]
 
 
 def test_export_edited_value_in_row_fails_naming_the_row(export):
@@ -109,7 +123,9 @@ def test_export_with_an_event_removed_fails_naming_the_row(export):
 
     problems = verify_export(doc)
 
-    assert problems[0] == f"sf_signature row {sig['id']}: no audit event in the export records it (an event was removed)"
+    assert (
+        problems[0] == f"sf_signature row {sig['id']}: no audit event in the export records it (an event was removed)"
+    )
 
 
 def test_export_with_a_hash_changed_fails_naming_the_event(export):
@@ -124,7 +140,9 @@ def test_export_with_a_hash_changed_fails_naming_the_event(export):
 
 def test_export_with_a_rehashed_event_breaks_the_link_to_the_next(export):
     doc = copy.deepcopy(export)
-    pairs = [(a, b) for a, b in zip(doc["audit_events"], doc["audit_events"][1:], strict=False) if b["seq"] == a["seq"] + 1]
+    pairs = [
+        (a, b) for a, b in zip(doc["audit_events"], doc["audit_events"][1:], strict=False) if b["seq"] == a["seq"] + 1
+    ]
     first, second = pairs[0]
     first["actor"] = "someone-else"
     first["hash"] = event_hash(first)
@@ -168,8 +186,12 @@ def test_export_checker_runs_alone_on_the_standard_library(export, tmp_path):
     record = tmp_path / "record.json"
     record.write_text(json.dumps(export), encoding="utf-8")
 
-    done = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "export.py"), str(record)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(tmp_path / "export.py"), str(record)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("verify-export: OK")

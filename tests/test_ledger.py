@@ -90,8 +90,17 @@ def test_ledger_append_refuses_naive_datetime(db_url: str, make_run: MakeRun) ->
 
 
 def test_ledger_append_refuses_a_table_outside_the_record(db_url: str) -> None:
-    event = AuditEvent(seq=1, at=utcnow(), actor="x", action="x", object_type="x", object_id="x",
-                       payload_json="{}", prev_hash="a", hash="b")
+    event = AuditEvent(
+        seq=1,
+        at=utcnow(),
+        actor="x",
+        action="x",
+        object_type="x",
+        object_id="x",
+        payload_json="{}",
+        prev_hash="a",
+        hash="b",
+    )
 
     with pytest.raises(TypeError, match="not a record table") as info, write_session(db_url) as s:
         ledger.append(s, event, actor="system")
@@ -159,8 +168,13 @@ def test_ledger_concurrent_appends_form_one_unbroken_chain(db_url: str, make_run
             start.wait()
             for i in range(appends_n):
                 with write_session(db_url) as s:
-                    ev = RunEvent(run_id=run_id, n=next_n(s, RunEvent, run_id), status="running",
-                                  detail=f"thread {k} append {i}", at=utcnow())
+                    ev = RunEvent(
+                        run_id=run_id,
+                        n=next_n(s, RunEvent, run_id),
+                        status="running",
+                        detail=f"thread {k} append {i}",
+                        at=utcnow(),
+                    )
                     ledger.append(s, ev, actor="system")
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
@@ -184,6 +198,7 @@ def test_ledger_concurrent_appends_form_one_unbroken_chain(db_url: str, make_run
 
 
 # --------------------------------------------------------------------------- signatures
+
 
 def _signed_arrival(db_url: str, make_run: MakeRun) -> tuple[MadeRun, str, str]:
     """A run whose arrival step carries ana's signature; returns (made, signature id, record id)."""
@@ -209,7 +224,11 @@ def test_ledger_verify_signature_accepts_a_correct_signature(db_url: str, make_r
 
 def test_ledger_verify_signature_reports_changed_step_data(db_url: str, make_run: MakeRun, sql) -> None:
     _, sig_id, rec_id = _signed_arrival(db_url, make_run)
-    sql("UPDATE sf_step_record SET data_json = :d WHERE id = :id", d='{"logger_max_c":-20,"seal_intact":true}', id=rec_id)
+    sql(
+        "UPDATE sf_step_record SET data_json = :d WHERE id = :id",
+        d='{"logger_max_c":-20,"seal_intact":true}',
+        id=rec_id,
+    )
 
     with read_session(db_url) as s:
         sig = s.get(Signature, sig_id)
@@ -220,8 +239,12 @@ def test_ledger_verify_signature_reports_changed_step_data(db_url: str, make_run
 
 def test_ledger_verify_signature_reports_changed_signer(db_url: str, make_run: MakeRun, sql) -> None:
     made, sig_id, _ = _signed_arrival(db_url, make_run)
-    sql("UPDATE sf_signature SET user_id = :u, printed_name = :p WHERE id = :id",
-        u=made.users["bo"].id, p="Bo Wang", id=sig_id)
+    sql(
+        "UPDATE sf_signature SET user_id = :u, printed_name = :p WHERE id = :id",
+        u=made.users["bo"].id,
+        p="Bo Wang",
+        id=sig_id,
+    )
 
     with read_session(db_url) as s:
         sig = s.get(Signature, sig_id)
@@ -246,13 +269,20 @@ def test_ledger_verify_signature_reports_signature_attached_to_another_step(db_u
     assert problem.endswith("/identity_verification")
 
 
-def test_ledger_verify_signature_reports_changed_data_of_the_accepted_record(db_url: str, make_run: MakeRun, sql) -> None:
+def test_ledger_verify_signature_reports_changed_data_of_the_accepted_record(
+    db_url: str, make_run: MakeRun, sql
+) -> None:
     made, sig_id, _ = _signed_arrival(db_url, make_run)
     with write_session(db_url) as s:  # the flow accepts: a "done" record carrying the same signature
-        done = made.record(s, "arrival", "done", {"seal_intact": True, "logger_max_c": -180}, user="ana",
-                           signature_id=sig_id)
+        done = made.record(
+            s, "arrival", "done", {"seal_intact": True, "logger_max_c": -180}, user="ana", signature_id=sig_id
+        )
         done_id = done.id
-    sql("UPDATE sf_step_record SET data_json = :d WHERE id = :id", d='{"logger_max_c":-20,"seal_intact":true}', id=done_id)
+    sql(
+        "UPDATE sf_step_record SET data_json = :d WHERE id = :id",
+        d='{"logger_max_c":-20,"seal_intact":true}',
+        id=done_id,
+    )
 
     with read_session(db_url) as s:
         sig = s.get(Signature, sig_id)
@@ -289,20 +319,55 @@ def test_ledger_verify_signature_reports_signature_without_record(db_url: str, m
 def test_ledger_signed_content_covers_time_as_utc_instant() -> None:
     from flows.record.tables import SopRun
 
-    run = SopRun(id="r1", institution="i", sop_version_id="v", sop_id="s", sop_version=1, sop_sha256="abc",
-                 schema_version=1, params_json="{}", flow_run_id="f", started_by="u", started_at=utcnow())
+    run = SopRun(
+        id="r1",
+        institution="i",
+        sop_version_id="v",
+        sop_id="s",
+        sop_version=1,
+        sop_sha256="abc",
+        schema_version=1,
+        params_json="{}",
+        flow_run_id="f",
+        started_by="u",
+        started_at=utcnow(),
+    )
     at = datetime(2026, 11, 2, 9, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
-    sig_local = Signature(run_id="r1", step_id="a", user_id="u", printed_name="U", meaning="performed",
-                          signed_at=at, signed_sha256="")
-    sig_utc = Signature(run_id="r1", step_id="a", user_id="u", printed_name="U", meaning="performed",
-                        signed_at=at.astimezone(UTC), signed_sha256="")
-    sig_naive_utc = Signature(run_id="r1", step_id="a", user_id="u", printed_name="U", meaning="performed",
-                              signed_at=at.astimezone(UTC).replace(tzinfo=None), signed_sha256="")
-    digests = {ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, "a", {}, sig)))
-               for sig in (sig_local, sig_utc, sig_naive_utc)}
+    sig_local = Signature(
+        run_id="r1", step_id="a", user_id="u", printed_name="U", meaning="performed", signed_at=at, signed_sha256=""
+    )
+    sig_utc = Signature(
+        run_id="r1",
+        step_id="a",
+        user_id="u",
+        printed_name="U",
+        meaning="performed",
+        signed_at=at.astimezone(UTC),
+        signed_sha256="",
+    )
+    sig_naive_utc = Signature(
+        run_id="r1",
+        step_id="a",
+        user_id="u",
+        printed_name="U",
+        meaning="performed",
+        signed_at=at.astimezone(UTC).replace(tzinfo=None),
+        signed_sha256="",
+    )
+    digests = {
+        ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, "a", {}, sig)))
+        for sig in (sig_local, sig_utc, sig_naive_utc)
+    }
     assert len(digests) == 1
-    later = Signature(run_id="r1", step_id="a", user_id="u", printed_name="U", meaning="performed",
-                      signed_at=at + timedelta(seconds=1), signed_sha256="")
+    later = Signature(
+        run_id="r1",
+        step_id="a",
+        user_id="u",
+        printed_name="U",
+        meaning="performed",
+        signed_at=at + timedelta(seconds=1),
+        signed_sha256="",
+    )
     assert ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, "a", {}, later))) not in digests
 
 

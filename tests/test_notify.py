@@ -36,8 +36,13 @@ def test_notify_delivers_title_and_body_to_the_role(tmp_path: Path, rx: LocalRec
     path = _config(tmp_path, f"demo_hospital:\n  physician: ['{rx.url('physician')}']\n  qa: ['{rx.url('qa')}']\n")
     channels = load_channels(path)
 
-    deliveries = notify(channels, "demo_hospital", ["physician"], "Dose accepted",
-                        "Dose COI-2026-0001 (Yikaida, lot LOT-77) accepted <and> in stock. 已入库")
+    deliveries = notify(
+        channels,
+        "demo_hospital",
+        ["physician"],
+        "Dose accepted",
+        "Dose COI-2026-0001 (Yikaida, lot LOT-77) accepted <and> in stock. 已入库",
+    )
 
     assert deliveries == [Delivery(role="physician", channel=f"json://127.0.0.1:{rx.port}", ok=True)]
     message = rx.wait_for(lambda m: m["path"] == "/physician")
@@ -91,13 +96,16 @@ def test_notify_nobody_configured_delivers_nothing() -> None:
     assert channels_for({"demo_hospital": {"qa": ["json://h/"]}}, "other", "qa") == []
 
 
-@pytest.mark.parametrize(("url", "shown"), [
-    ("dingtalk://SECRETTOKEN123/", "dingtalk://***"),
-    ("tgram://123456789:SECRETBOT/42", "tgram://***"),
-    ("wecombot://SECRETKEY", "wecombot://***"),
-    ("mailto://user:SECRETpass@example.org", "mailto://example.org"),
-    ("json://user:SECRETpass@127.0.0.1:8765/path?token=SECRET", "json://127.0.0.1:8765"),
-])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("dingtalk://SECRETTOKEN123/", "dingtalk://***"),
+        ("tgram://123456789:SECRETBOT/42", "tgram://***"),
+        ("wecombot://SECRETKEY", "wecombot://***"),
+        ("mailto://user:SECRETpass@example.org", "mailto://example.org"),
+        ("json://user:SECRETpass@127.0.0.1:8765/path?token=SECRET", "json://127.0.0.1:8765"),
+    ],
+)
 def test_notify_delivery_channel_hides_tokens(url: str, shown: str) -> None:
     # Checked on the redaction itself: delivering to these would send requests to real services.
     from flows.outputs.notify import _redact
@@ -118,13 +126,16 @@ def test_notify_load_channels_bad_yaml_names_the_file(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}: ")
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("- json://127.0.0.1/\n", "expected a mapping institution -> role -> list of apprise URLs"),
-    ("demo_hospital: [json://127.0.0.1/]\n", "demo_hospital: expected a mapping role -> list of apprise URLs"),
-    ("demo_hospital:\n  qa: {url: json://127.0.0.1/}\n", "demo_hospital.qa: expected a list of apprise URLs"),
-    ("demo_hospital:\n  qa:\n", "demo_hospital.qa: expected a list of apprise URLs"),
-    ("demo_hospital:\n  qa: [1, 2]\n", "demo_hospital.qa: expected a list of apprise URLs"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- json://127.0.0.1/\n", "expected a mapping institution -> role -> list of apprise URLs"),
+        ("demo_hospital: [json://127.0.0.1/]\n", "demo_hospital: expected a mapping role -> list of apprise URLs"),
+        ("demo_hospital:\n  qa: {url: json://127.0.0.1/}\n", "demo_hospital.qa: expected a list of apprise URLs"),
+        ("demo_hospital:\n  qa:\n", "demo_hospital.qa: expected a list of apprise URLs"),
+        ("demo_hospital:\n  qa: [1, 2]\n", "demo_hospital.qa: expected a list of apprise URLs"),
+    ],
+)
 def test_notify_load_channels_wrong_shape_names_file_and_place(tmp_path: Path, text: str, message: str) -> None:
     path = _config(tmp_path, text)
 

@@ -17,9 +17,7 @@ def test_repo_sops_folder_has_files() -> None:
     assert FILES, "sops/ holds no .yaml files"
 
 
-@pytest.mark.parametrize(
-    "path", FILES, ids=[str(p.relative_to(REPO / "sops")) for p in FILES]
-)
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(REPO / "sops")) for p in FILES])
 def test_repo_sop_file_validates(path: Path) -> None:
     assert [str(p) for p in CATALOG.validate(path)] == []
 

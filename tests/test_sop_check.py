@@ -71,10 +71,7 @@ def test_find_template_prefers_institution_override() -> None:
     assert find_template("receipt.html.j2", VALID_TEMPLATES, "test_hospital") == (
         VALID_TEMPLATES / "test_hospital" / "receipt.html.j2"
     )
-    assert (
-        find_template("receipt.html.j2", VALID_TEMPLATES)
-        == VALID_TEMPLATES / "receipt.html.j2"
-    )
+    assert find_template("receipt.html.j2", VALID_TEMPLATES) == VALID_TEMPLATES / "receipt.html.j2"
     assert find_template("label.html.j2", VALID_TEMPLATES) is None
 
 
@@ -85,9 +82,7 @@ def test_find_template_refuses_paths_outside_templates(name: str) -> None:
 
 def test_evaluate_check_reads_params_product_and_steps() -> None:
     loaded = load_sop(EVERY_KIND)
-    expects = [
-        s.expect for s in loaded.definition.steps if isinstance(s, CheckStepSpec)
-    ]
+    expects = [s.expect for s in loaded.definition.steps if isinstance(s, CheckStepSpec)]
 
     assert [evaluate_check(e, CONTEXT) for e in expects] == [True, True]
     assert (
@@ -139,10 +134,7 @@ def test_render_message_fills_notify_template() -> None:
     assert isinstance(step, NotifyStepSpec)
     message = step.message
 
-    assert (
-        render_message(message, CONTEXT)
-        == "Run r-1: dose COI-123456 (Tecartus) CoA RFI released by qa.zhang."
-    )
+    assert render_message(message, CONTEXT) == "Run r-1: dose COI-123456 (Tecartus) CoA RFI released by qa.zhang."
 
 
 def test_render_message_raises_on_missing_value() -> None:
@@ -154,10 +146,7 @@ def test_catalog_get_sop_suggests_close_id(catalog: Catalog) -> None:
     with pytest.raises(SopNotFoundError) as info:
         catalog.get_sop("test_hospital", "every_knd")
 
-    assert (
-        str(info.value)
-        == "no SOP 'every_knd' in test_hospital. Did you mean 'every_kind'?"
-    )
+    assert str(info.value) == "no SOP 'every_knd' in test_hospital. Did you mean 'every_kind'?"
 
 
 def test_catalog_lists_choices_when_nothing_is_close(catalog: Catalog) -> None:
@@ -197,14 +186,10 @@ def test_catalog_validate_reports_sop_outside_institution_folder(
 
     problems = Catalog(tmp_path, VALID_TEMPLATES).validate()
 
-    assert [p.message for p in problems] == [
-        "no institution.yaml beside it; SOPs live in sops/<institution>/"
-    ]
+    assert [p.message for p in problems] == ["no institution.yaml beside it; SOPs live in sops/<institution>/"]
 
 
-def test_catalog_validate_missing_path_is_a_problem(
-    catalog: Catalog, tmp_path: Path
-) -> None:
+def test_catalog_validate_missing_path_is_a_problem(catalog: Catalog, tmp_path: Path) -> None:
     [problem] = catalog.validate(tmp_path / "nowhere.yaml")
 
     assert problem.message == "no such file"

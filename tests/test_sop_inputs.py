@@ -13,9 +13,7 @@ from flows.sop import Catalog, coerce_values
 from flows.sop.model import FieldSpec, HumanStepSpec
 
 TESTS = Path(__file__).parent
-CATALOG = Catalog(
-    TESTS / "sops" / "valid" / "sops", TESTS / "sops" / "valid" / "templates"
-)
+CATALOG = Catalog(TESTS / "sops" / "valid" / "sops", TESTS / "sops" / "valid" / "templates")
 SOP = CATALOG.get_sop("test_hospital", "every_kind").definition
 PRODUCTS = CATALOG.products("test_hospital")
 
@@ -76,9 +74,7 @@ def test_coerce_values_accepts_typed_json_values() -> None:
 def test_coerce_values_params_with_product_and_optional_left_out() -> None:
     raw = {"product": "tecartus", "coi": "COI-123456", "patient_id": "P1234"}
 
-    values = coerce_values(
-        SOP.params, raw, where="every_kind params", products=PRODUCTS
-    )
+    values = coerce_values(SOP.params, raw, where="every_kind params", products=PRODUCTS)
 
     assert values == {
         "product": "tecartus",
@@ -98,9 +94,7 @@ def test_coerce_values_number_below_minimum_states_rule_with_unit() -> None:
 
     problems = _problems(ARRIVAL, raw, where="every_kind step 'arrival'")
 
-    assert problems == [
-        "every_kind step 'arrival': logger_max_c: -250 °C is below the minimum -200 °C"
-    ]
+    assert problems == ["every_kind step 'arrival': logger_max_c: -250 °C is below the minimum -200 °C"]
 
 
 def test_coerce_values_collects_every_problem() -> None:
@@ -135,22 +129,14 @@ def test_coerce_values_never_echoes_phi() -> None:
 
 
 def test_coerce_values_echoes_non_phi_pattern_mismatch() -> None:
-    problems = _problems(
-        SOP.params, {"product": "tecartus", "coi": "abc", "patient_id": "P1234"}
-    )
+    problems = _problems(SOP.params, {"product": "tecartus", "coi": "abc", "patient_id": "P1234"})
 
-    assert problems == [
-        "every_kind params: coi: 'abc' does not match the required pattern '^[A-Z0-9-]{6,40}$'"
-    ]
+    assert problems == ["every_kind params: coi: 'abc' does not match the required pattern '^[A-Z0-9-]{6,40}$'"]
 
 
 def test_coerce_values_choice_and_product_suggest_close_match() -> None:
-    choice = _problems(
-        IDENTITY, {"documents": "complet"}, where="every_kind step 'identity'"
-    )
-    product = _problems(
-        SOP.params, {"product": "tecartis", "coi": "COI-123456", "patient_id": "P1234"}
-    )
+    choice = _problems(IDENTITY, {"documents": "complet"}, where="every_kind step 'identity'")
+    product = _problems(SOP.params, {"product": "tecartis", "coi": "COI-123456", "patient_id": "P1234"})
 
     assert choice == [
         "every_kind step 'identity': documents: 'complet' is not one of the choices. Did you mean 'complete'?"
@@ -209,14 +195,10 @@ def test_coerce_values_choice_and_product_suggest_close_match() -> None:
         "phi-number",
     ],
 )
-def test_coerce_values_rejects_value_with_rule(
-    spec: FieldSpec, value: object, message: str
-) -> None:
+def test_coerce_values_rejects_value_with_rule(spec: FieldSpec, value: object, message: str) -> None:
     assert _problems({"x": spec}, {"x": value}, where="s") == [f"s: {message}"]
 
 
 def test_coerce_values_product_without_catalogue() -> None:
-    with pytest.raises(
-        SopInputError, match="the institution's catalogue has no products"
-    ):
+    with pytest.raises(SopInputError, match="the institution's catalogue has no products"):
         coerce_values({"p": FieldSpec(type="product")}, {"p": "tecartus"}, where="s")

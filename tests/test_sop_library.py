@@ -67,8 +67,13 @@ STAFF = {
 
 # The test institution "confirms" Relma-cel's values, as the catalogue asks an institution to do
 # before use (the repository's catalogue keeps them unconfirmed).
-RELMA_CONFIRMED = {"storage_max_c": -150, "thaw_to_infusion_max_min": 180, "documents": ["CoA", "RFI"],
-                   "tocilizumab_doses_min": 2, "unconfirmed": []}
+RELMA_CONFIRMED = {
+    "storage_max_c": -150,
+    "thaw_to_infusion_max_min": 180,
+    "documents": ["CoA", "RFI"],
+    "tocilizumab_doses_min": 2,
+    "unconfirmed": [],
+}
 
 # Entered times are relative to now: "08:00" is two hours ago. Deadlines compare them with the clock
 # (the executor's sweep opens a deviation once a started deadline is past due).
@@ -127,53 +132,107 @@ def _dispose(check: str, user: str, decision: str) -> tuple[str, str, dict[str, 
 
 
 def _patient(inst: str, n: int, product: str | None = None) -> dict[str, str]:
-    return {"product": product or ("tecartus" if inst == A else "relma_cel"), "coi": f"COI-LIB-{inst[0].upper()}{n:03d}",
-            "patient_id": f"H{inst[0].upper()}{n:04d}"}
+    return {
+        "product": product or ("tecartus" if inst == A else "relma_cel"),
+        "coi": f"COI-LIB-{inst[0].upper()}{n:03d}",
+        "patient_id": f"H{inst[0].upper()}{n:04d}",
+    }
 
 
 # ---- WF1 apheresis collection
-def _apheresis(inst: str, n: int, *, volume: str = "120", label_ok: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
+def _apheresis(
+    inst: str, n: int, *, volume: str = "120", label_ok: str = "yes"
+) -> list[tuple[str, str, dict[str, Any]]]:
     p = "a" if inst == A else "b"
     collector = "a.apher" if inst == A else "b.tnurse"
     checker = "a.nurse" if inst == A else "b.nurse"
     packer = "a.tech" if inst == A else "b.lab"
     return [
-        ("order", f"{p}.coord", {"consent_on_file": "yes", "mah_enrolment_ref": f"ENR-{n}", "planned_collection": T.format("08:00")}),
+        (
+            "order",
+            f"{p}.coord",
+            {"consent_on_file": "yes", "mah_enrolment_ref": f"ENR-{n}", "planned_collection": T.format("08:00")},
+        ),
         ("order_approval", f"{p}.doc", {"decision": "approve"}),
         ("pre_collection", collector, {"infection_screen": "yes", "counts_acceptable": "yes", "weight_kg": "62"}),
-        ("collection", collector, {"started_at": T.format("08:30"), "ended_at": T.format("12:10"), "volume_ml": volume,
-                                   "bag_din": _din(), "adverse_events": "mild hypocalcaemia <b>treated</b>"}),
+        (
+            "collection",
+            collector,
+            {
+                "started_at": T.format("08:30"),
+                "ended_at": T.format("12:10"),
+                "volume_ml": volume,
+                "bag_din": _din(),
+                "adverse_events": "mild hypocalcaemia <b>treated</b>",
+            },
+        ),
         ("label_check", checker, {"label_matches_order": label_ok, "label_matches_wristband": "yes"}),
-        ("packaging", packer, {"shipper_id": "SH-77", "seal_no": "SEAL-1", "logger_id": "LG-9", "secondary_container_sealed": "yes",
-                               "courier": "World Courier AWB 555", "handed_over_at": T.format("13:00")}),
+        (
+            "packaging",
+            packer,
+            {
+                "shipper_id": "SH-77",
+                "seal_no": "SEAL-1",
+                "logger_id": "LG-9",
+                "secondary_container_sealed": "yes",
+                "courier": "World Courier AWB 555",
+                "handed_over_at": T.format("13:00"),
+            },
+        ),
         ("release_to_courier", "a.lead" if inst == A else "b.doc2", {"decision": "approve"}),
     ]
 
 
 # ---- WF2 dose receipt
 def _receipt(inst: str, *, logger: str = "-171.5", coi_matches: str = "yes") -> list[tuple[str, str, dict[str, Any]]]:
-    arrival = {"arrived_at": T.format("09:40"), "courier": "SF 1234", "shipper_id": "DS-0042", "seal_intact": "yes",
-               "logger_max_c": logger, "transit_hours": "18.5"}
+    arrival = {
+        "arrived_at": T.format("09:40"),
+        "courier": "SF 1234",
+        "shipper_id": "DS-0042",
+        "seal_intact": "yes",
+        "logger_max_c": logger,
+        "transit_hours": "18.5",
+    }
     verify = {"coi_matches": coi_matches, "documents": "complete"}
     if inst == A:
-        return [("arrival", "a.tech", arrival), ("identity_verification", "a.pharm", verify),
-                ("qa_acceptance", "a.qa", {"decision": "approve"})]
-    return [("arrival", "b.ptech", arrival), ("identity_verification", "b.pharm", {**verify, "not_expired": "yes"}),
-            ("storage_transfer", "b.ptech", {"tank_position": "T2/R3/P5", "out_of_vapour_min": "2"}),
-            ("acceptance", "b.dir", {"decision": "approve"})]
+        return [
+            ("arrival", "a.tech", arrival),
+            ("identity_verification", "a.pharm", verify),
+            ("qa_acceptance", "a.qa", {"decision": "approve"}),
+        ]
+    return [
+        ("arrival", "b.ptech", arrival),
+        ("identity_verification", "b.pharm", {**verify, "not_expired": "yes"}),
+        ("storage_transfer", "b.ptech", {"tank_position": "T2/R3/P5", "out_of_vapour_min": "2"}),
+        ("acceptance", "b.dir", {"decision": "approve"}),
+    ]
 
 
 # ---- WF3 storage
 def _daily(inst: str, *, temperature: str = "-185", level: str = "80") -> list[tuple[str, str, dict[str, Any]]]:
-    return [("daily_check", "a.tech" if inst == A else "b.ptech",
-             {"checked_at": T.format("07:30"), "temperature_c": temperature, "ln2_level_pct": level, "alarm_test_ok": "yes",
-              "backup_tank_ready": "yes"})]
+    return [
+        (
+            "daily_check",
+            "a.tech" if inst == A else "b.ptech",
+            {
+                "checked_at": T.format("07:30"),
+                "temperature_c": temperature,
+                "ln2_level_pct": level,
+                "alarm_test_ok": "yes",
+                "backup_tank_ready": "yes",
+            },
+        )
+    ]
 
 
 def _alarm(inst: str, *, max_temp: str = "-172") -> list[tuple[str, str, dict[str, Any]]]:
     who = "a.tech" if inst == A else "b.ptech"
     return [
-        ("acknowledge", who, {"alarm_at": T.format("02:10"), "acknowledged_at": T.format("02:16"), "cause": "lid not closed"}),
+        (
+            "acknowledge",
+            who,
+            {"alarm_at": T.format("02:10"), "acknowledged_at": T.format("02:16"), "cause": "lid not closed"},
+        ),
         ("transfer", who, {"max_temperature_c": max_temp, "doses_moved": "0", "restored_at": T.format("02:30")}),
     ]
 
@@ -184,10 +243,16 @@ def _readiness(inst: str, *, released: str = "yes", toci: str = "2") -> list[tup
     steps = [
         ("dose_status", "a.tech" if inst == A else "b.pharm", {"released": released, "tank_position": "T1/R2/P3"}),
         ("ld_start", f"{p}.doc", {"decision": "approve"}),
-        ("ld_record", "a.nurse" if inst == A else "b.nurse",
-         {"ld_regimen": "flu_cy", "ld_end": T.format("10:00"), "infusion_day": "2", "weight_kg": "62"}),
-        ("tocilizumab", "a.pharm" if inst == A else "b.pharm",
-         {"doses_on_site": toci, "tocilizumab_lot": "TOC-881", "premedication_ordered": "yes"}),
+        (
+            "ld_record",
+            "a.nurse" if inst == A else "b.nurse",
+            {"ld_regimen": "flu_cy", "ld_end": T.format("10:00"), "infusion_day": "2", "weight_kg": "62"},
+        ),
+        (
+            "tocilizumab",
+            "a.pharm" if inst == A else "b.pharm",
+            {"doses_on_site": toci, "tocilizumab_lot": "TOC-881", "premedication_ordered": "yes"},
+        ),
         ("go_no_go", f"{p}.doc2", {"decision": "approve"}),
     ]
     if inst == B:
@@ -196,19 +261,50 @@ def _readiness(inst: str, *, released: str = "yes", toci: str = "2") -> list[tup
 
 
 # ---- WF5 infusion
-def _infusion(inst: str, coi: str, *, bag_coi: str | None = None, late: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+def _infusion(
+    inst: str, coi: str, *, bag_coi: str | None = None, late: bool = False
+) -> list[tuple[str, str, dict[str, Any]]]:
     nurse = "a.nurse" if inst == A else "b.nurse"
     return [
-        ("retrieval", "a.tech" if inst == A else "b.pharm",
-         {"out_of_tank_at": T.format("09:00"), "shipper_id": "DS-7", "handed_over_at": T.format("09:20")}),
+        (
+            "retrieval",
+            "a.tech" if inst == A else "b.pharm",
+            {"out_of_tank_at": T.format("09:00"), "shipper_id": "DS-7", "handed_over_at": T.format("09:20")},
+        ),
         ("handover", nurse, {"shipper_closed": "yes"}),
-        ("bedside_id", nurse, {"patient_states_identity": "yes", "wristband_matches": "yes", "bag_coi": bag_coi or coi,
-                               "rfi_matches": "yes"}),
+        (
+            "bedside_id",
+            nurse,
+            {
+                "patient_states_identity": "yes",
+                "wristband_matches": "yes",
+                "bag_coi": bag_coi or coi,
+                "rfi_matches": "yes",
+            },
+        ),
         ("bedside_id_verify", "a.doc" if inst == A else "b.nurse2", {"identity_confirmed": "yes"}),
-        ("thaw", "a.tech" if inst == A else "b.nurse",
-         {"device": "dry_thawer", "thaw_start": T.format("09:40"), "thaw_end": T.format("09:44"), "bag_intact": "yes"}),
-        ("infusion_given", nurse, {"infusion_start": T.format("09:50"), "infusion_end": T.format("13:00" if late else "10:05"), "volume_ml": "68",
-                                   "rate_ml_min": "10", "leukodepleting_filter": "no", "vitals_stable": "yes"}),
+        (
+            "thaw",
+            "a.tech" if inst == A else "b.nurse",
+            {
+                "device": "dry_thawer",
+                "thaw_start": T.format("09:40"),
+                "thaw_end": T.format("09:44"),
+                "bag_intact": "yes",
+            },
+        ),
+        (
+            "infusion_given",
+            nurse,
+            {
+                "infusion_start": T.format("09:50"),
+                "infusion_end": T.format("13:00" if late else "10:05"),
+                "volume_ml": "68",
+                "rate_ml_min": "10",
+                "leukodepleting_filter": "no",
+                "vitals_stable": "yes",
+            },
+        ),
         ("infusion_sign_off", "a.doc" if inst == A else "b.doc", {"decision": "approve"}),
     ]
 
@@ -219,13 +315,31 @@ def _capa(inst: str, *, disposition: str = "approve", effective: str = "yes") ->
     closer = "a.qm" if inst == A else "b.med"
     steps = [
         ("containment", qa, {"found_at": T.format("11:00"), "action": "quarantined", "location": "QT-1"}),
-        ("mah_notice", qa, {"notified_at": T.format("12:00"), "contact": "MAH QA desk", "mah_reference": "MAH-2026-17"}),
+        (
+            "mah_notice",
+            qa,
+            {"notified_at": T.format("12:00"), "contact": "MAH QA desk", "mah_reference": "MAH-2026-17"},
+        ),
         ("investigation", qa, {"root_cause": "courier resealed after customs", "impact": "none: logger in range"}),
-        ("physician_opinion", "a.doc" if inst == A else "b.doc",
-         {"outcome": "use_with_risk_acceptance" if disposition == "approve" else "destroy", "rationale": "see record"}),
-        ("disposition", qa, {"decision": disposition} if disposition == "approve" else {"decision": "reject", "reason": "destroy"}),
+        (
+            "physician_opinion",
+            "a.doc" if inst == A else "b.doc",
+            {
+                "outcome": "use_with_risk_acceptance" if disposition == "approve" else "destroy",
+                "rationale": "see record",
+            },
+        ),
+        (
+            "disposition",
+            qa,
+            {"decision": disposition} if disposition == "approve" else {"decision": "reject", "reason": "destroy"},
+        ),
         ("capa", qa, {"action": "procedure agreed with courier", "owner": closer, "due": T.format("23:00")}),
-        ("effectiveness", qa, {"checked_at": T.format("16:00"), "effective": effective, "evidence": "3 shipments checked"}),
+        (
+            "effectiveness",
+            qa,
+            {"checked_at": T.format("16:00"), "effective": effective, "evidence": "3 shipments checked"},
+        ),
     ]
     if effective == "yes":
         return [*steps, ("closure", closer, {"decision": "approve"})]
@@ -235,16 +349,34 @@ def _capa(inst: str, *, disposition: str = "approve", effective: str = "yes") ->
 # ---- WF7 toxicity monitoring
 def _toxicity(inst: str, *, severe: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
     doc = "a.doc" if inst == A else "b.doc"
-    assessment = {"assessed_at": T.format("14:00"), "temperature_c": "38.6" if severe else "37.2", "after_treatment": "no",
-                  "hypotension": "one_pressor" if severe else "none", "oxygen": "high_flow" if severe else "none",
-                  "ice_score": "8" if severe else "10", "seizure": "no", "unarousable": "no", "monitoring_complete": "yes"}
+    assessment = {
+        "assessed_at": T.format("14:00"),
+        "temperature_c": "38.6" if severe else "37.2",
+        "after_treatment": "no",
+        "hypotension": "one_pressor" if severe else "none",
+        "oxygen": "high_flow" if severe else "none",
+        "ice_score": "8" if severe else "10",
+        "seizure": "no",
+        "unarousable": "no",
+        "monitoring_complete": "yes",
+    }
     steps = [("assessment#1", "a.nurse" if inst == A else "b.nurse", assessment)]
     if severe:
         steps.append(_dispose("severe_toxicity", doc, "approve"))
     steps.append(("review", doc, {"grades_confirmed": "yes", "tocilizumab_mg": "496" if severe else "0"}))
     if severe:
-        steps.append(("ae_report", doc, {"ae_term": "cytokine release syndrome", "onset": T.format("13:30"),
-                                         "reported_to": "pharmacovigilance; MAH", "report_ref": "AE-2026-031"}))
+        steps.append(
+            (
+                "ae_report",
+                doc,
+                {
+                    "ae_term": "cytokine release syndrome",
+                    "onset": T.format("13:30"),
+                    "reported_to": "pharmacovigilance; MAH",
+                    "report_ref": "AE-2026-031",
+                },
+            )
+        )
     return [*steps, ("sign_off", doc, {"decision": "approve"})]
 
 
@@ -255,72 +387,227 @@ def scenarios() -> list[Scenario]:
         qa = "a.qa" if inst == A else "b.qa"
         doc = f"{p}.doc"
         # WF1
-        out.append(Scenario(f"{inst}/apheresis ok", inst, "apheresis_collection", _patient(inst, 1), _apheresis(inst, 1), "completed"))
+        out.append(
+            Scenario(
+                f"{inst}/apheresis ok",
+                inst,
+                "apheresis_collection",
+                _patient(inst, 1),
+                _apheresis(inst, 1),
+                "completed",
+            )
+        )
         if inst == A:
-            out.append(Scenario(f"{inst}/apheresis mislabelled", inst, "apheresis_collection", _patient(inst, 2),
-                                _apheresis(inst, 2, label_ok="no")[:5], "stopped", [("label_ok", "critical")]))
+            out.append(
+                Scenario(
+                    f"{inst}/apheresis mislabelled",
+                    inst,
+                    "apheresis_collection",
+                    _patient(inst, 2),
+                    _apheresis(inst, 2, label_ok="no")[:5],
+                    "stopped",
+                    [("label_ok", "critical")],
+                )
+            )
         else:
             steps = _apheresis(inst, 2, volume="30")
             steps.insert(4, _dispose("volume_ok", doc, "reject"))
-            out.append(Scenario(f"{inst}/apheresis low yield", inst, "apheresis_collection", _patient(inst, 2), steps[:5],
-                               "rejected", [("volume_ok", "minor")]))
+            out.append(
+                Scenario(
+                    f"{inst}/apheresis low yield",
+                    inst,
+                    "apheresis_collection",
+                    _patient(inst, 2),
+                    steps[:5],
+                    "rejected",
+                    [("volume_ok", "minor")],
+                )
+            )
         # WF2
         params = {**_patient(inst, 1), "lot": "LOT-A1"}  # the happy paths share one dose: its chain
         out.append(Scenario(f"{inst}/receipt ok", inst, "dose_receipt", params, _receipt(inst), "completed"))
         if inst == A:
-            steps = _receipt(inst, coi_matches="no")[:2] + [_dispose("identity_matches", qa, "reject")]
-            out.append(Scenario(f"{inst}/receipt identity mismatch", inst, "dose_receipt", {**_patient(inst, 4), "lot": "LOT-A2"},
-                                steps, "rejected", [("identity_matches", "critical")]))
+            steps = [*_receipt(inst, coi_matches="no")[:2], _dispose("identity_matches", qa, "reject")]
+            out.append(
+                Scenario(
+                    f"{inst}/receipt identity mismatch",
+                    inst,
+                    "dose_receipt",
+                    {**_patient(inst, 4), "lot": "LOT-A2"},
+                    steps,
+                    "rejected",
+                    [("identity_matches", "critical")],
+                )
+            )
         else:
-            out.append(Scenario(f"{inst}/receipt excursion", inst, "dose_receipt", {**_patient(inst, 4), "lot": "LOT-B2"},
-                                _receipt(inst, logger="-120")[:1], "rejected", [("transit_temperature", "major")]))
-            out.append(Scenario(f"{inst}/capa after receipt excursion", inst, "deviation_capa", {},
-                                _capa(inst, disposition="reject"), "completed", parent=f"{inst}/receipt excursion"))
+            out.append(
+                Scenario(
+                    f"{inst}/receipt excursion",
+                    inst,
+                    "dose_receipt",
+                    {**_patient(inst, 4), "lot": "LOT-B2"},
+                    _receipt(inst, logger="-120")[:1],
+                    "rejected",
+                    [("transit_temperature", "major")],
+                )
+            )
+            out.append(
+                Scenario(
+                    f"{inst}/capa after receipt excursion",
+                    inst,
+                    "deviation_capa",
+                    {},
+                    _capa(inst, disposition="reject"),
+                    "completed",
+                    parent=f"{inst}/receipt excursion",
+                )
+            )
         # WF3
         tank = {"tank_id": f"LN2-{p.upper()}1"}
         out.append(Scenario(f"{inst}/daily check ok", inst, "storage_daily_check", tank, _daily(inst), "completed"))
         bad = _daily(inst, temperature="-140") if inst == A else _daily(inst, level="30")
-        out.append(Scenario(f"{inst}/daily check out of limits", inst, "storage_daily_check", tank,
-                            bad + [_dispose("tank_in_limits", qa if inst == A else "b.dir", "approve")], "completed",
-                            [("tank_in_limits", "major")]))
+        out.append(
+            Scenario(
+                f"{inst}/daily check out of limits",
+                inst,
+                "storage_daily_check",
+                tank,
+                [*bad, _dispose("tank_in_limits", qa if inst == A else "b.dir", "approve")],
+                "completed",
+                [("tank_in_limits", "major")],
+            )
+        )
         alarm = {**tank, "alarm": "high_temperature"}
-        review = ("supervisor_review", "a.lead", {"decision": "approve"}) if inst == A else \
-            ("director_review", "b.dir", {"decision": "approve"})
+        review = (
+            ("supervisor_review", "a.lead", {"decision": "approve"})
+            if inst == A
+            else ("director_review", "b.dir", {"decision": "approve"})
+        )
         out.append(Scenario(f"{inst}/alarm ok", inst, "storage_alarm", alarm, [*_alarm(inst), review], "completed"))
-        out.append(Scenario(f"{inst}/alarm excursion", inst, "storage_alarm", alarm,
-                            [*_alarm(inst, max_temp="-120"), review], "completed", [("excursion", "critical")]))
+        out.append(
+            Scenario(
+                f"{inst}/alarm excursion",
+                inst,
+                "storage_alarm",
+                alarm,
+                [*_alarm(inst, max_temp="-120"), review],
+                "completed",
+                [("excursion", "critical")],
+            )
+        )
         if inst == A:  # the deviation SOP's happy path: approve (use with documented risk), CAPA effective, closed
-            out.append(Scenario(f"{inst}/capa after alarm excursion", inst, "deviation_capa", {}, _capa(inst), "completed",
-                                parent=f"{inst}/alarm excursion"))
+            out.append(
+                Scenario(
+                    f"{inst}/capa after alarm excursion",
+                    inst,
+                    "deviation_capa",
+                    {},
+                    _capa(inst),
+                    "completed",
+                    parent=f"{inst}/alarm excursion",
+                )
+            )
         else:  # its failure path: the CAPA is not effective, a deviation of its own, rejected
-            out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {}, _capa(inst, effective="no"), "rejected",
-                                [("capa_effective", "minor")], parent=f"{inst}/alarm excursion"))
+            out.append(
+                Scenario(
+                    f"{inst}/capa not effective",
+                    inst,
+                    "deviation_capa",
+                    {},
+                    _capa(inst, effective="no"),
+                    "rejected",
+                    [("capa_effective", "minor")],
+                    parent=f"{inst}/alarm excursion",
+                )
+            )
         # WF4
-        out.append(Scenario(f"{inst}/readiness ok", inst, "infusion_readiness", _patient(inst, 1), _readiness(inst), "completed"))
+        out.append(
+            Scenario(
+                f"{inst}/readiness ok", inst, "infusion_readiness", _patient(inst, 1), _readiness(inst), "completed"
+            )
+        )
         if inst == A:
-            steps = _readiness(inst, toci="1")[:4] + [_dispose("tocilizumab_stock", doc, "reject")]
-            out.append(Scenario(f"{inst}/readiness short of tocilizumab", inst, "infusion_readiness", _patient(inst, 6), steps,
-                                "rejected", [("tocilizumab_stock", "major")]))
+            steps = [*_readiness(inst, toci="1")[:4], _dispose("tocilizumab_stock", doc, "reject")]
+            out.append(
+                Scenario(
+                    f"{inst}/readiness short of tocilizumab",
+                    inst,
+                    "infusion_readiness",
+                    _patient(inst, 6),
+                    steps,
+                    "rejected",
+                    [("tocilizumab_stock", "major")],
+                )
+            )
         else:
-            out.append(Scenario(f"{inst}/readiness not released", inst, "infusion_readiness", _patient(inst, 6),
-                                _readiness(inst, released="no")[:1], "stopped", [("dose_released", "major")]))
+            out.append(
+                Scenario(
+                    f"{inst}/readiness not released",
+                    inst,
+                    "infusion_readiness",
+                    _patient(inst, 6),
+                    _readiness(inst, released="no")[:1],
+                    "stopped",
+                    [("dose_released", "major")],
+                )
+            )
         # WF5
         ok = _patient(inst, 1)
         out.append(Scenario(f"{inst}/infusion ok", inst, "infusion", ok, _infusion(inst, ok["coi"]), "completed"))
         bad_p = _patient(inst, 8)
         if inst == A:
-            out.append(Scenario(f"{inst}/infusion identity mismatch", inst, "infusion", bad_p,
-                                _infusion(inst, bad_p["coi"], bag_coi="COI-LIB-OTHER1")[:4], "stopped", [("identity", "critical")]))
-            out.append(Scenario(f"{inst}/capa not effective", inst, "deviation_capa", {},
-                                _capa(inst, disposition="reject", effective="no"), "rejected", [("capa_effective", "minor")],
-                                parent=f"{inst}/infusion identity mismatch"))
+            out.append(
+                Scenario(
+                    f"{inst}/infusion identity mismatch",
+                    inst,
+                    "infusion",
+                    bad_p,
+                    _infusion(inst, bad_p["coi"], bag_coi="COI-LIB-OTHER1")[:4],
+                    "stopped",
+                    [("identity", "critical")],
+                )
+            )
+            out.append(
+                Scenario(
+                    f"{inst}/capa not effective",
+                    inst,
+                    "deviation_capa",
+                    {},
+                    _capa(inst, disposition="reject", effective="no"),
+                    "rejected",
+                    [("capa_effective", "minor")],
+                    parent=f"{inst}/infusion identity mismatch",
+                )
+            )
         else:  # thaw started 09:40, infusion ended 13:00: 200 min > the product's 180 min
-            out.append(Scenario(f"{inst}/infusion too late", inst, "infusion", bad_p, _infusion(inst, bad_p["coi"], late=True),
-                                "completed", [("thaw_to_infusion_end", "major")]))
+            out.append(
+                Scenario(
+                    f"{inst}/infusion too late",
+                    inst,
+                    "infusion",
+                    bad_p,
+                    _infusion(inst, bad_p["coi"], late=True),
+                    "completed",
+                    [("thaw_to_infusion_end", "major")],
+                )
+            )
         # WF7
-        out.append(Scenario(f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 1), _toxicity(inst), "completed"))
-        out.append(Scenario(f"{inst}/toxicity grade 3", inst, "toxicity_monitoring", _patient(inst, 10), _toxicity(inst, severe=True),
-                            "completed", [("severe_toxicity", "major")]))
+        out.append(
+            Scenario(
+                f"{inst}/toxicity ok", inst, "toxicity_monitoring", _patient(inst, 1), _toxicity(inst), "completed"
+            )
+        )
+        out.append(
+            Scenario(
+                f"{inst}/toxicity grade 3",
+                inst,
+                "toxicity_monitoring",
+                _patient(inst, 10),
+                _toxicity(inst, severe=True),
+                "completed",
+                [("severe_toxicity", "major")],
+            )
+        )
     return out
 
 
@@ -394,15 +681,24 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
                         assert st not in service.FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
                 elif st in service.FINAL_STATUSES:
                     pending.remove(sc)
-            signing = [(sc, pool.submit(service.submit_step, library, sc.run_id, *sc.steps[sc.done][:2], PASSWORD,
-                                        sc.steps[sc.done][2])) for sc in ready]
+            signing = [
+                (
+                    sc,
+                    pool.submit(
+                        service.submit_step, library, sc.run_id, *sc.steps[sc.done][:2], PASSWORD, sc.steps[sc.done][2]
+                    ),
+                )
+                for sc in ready
+            ]
             for sc, future in signing:
                 future.result()
                 sc.done += 1
             if not ready:
                 time.sleep(0.1)
-    print(f"\nTIMING start {t_started - t0:.1f}s, sign+finish {time.monotonic() - t_started:.1f}s, "
-          f"signatures {sum(sc.done for sc in plays)}")
+    print(
+        f"\nTIMING start {t_started - t0:.1f}s, sign+finish {time.monotonic() - t_started:.1f}s, "
+        f"signatures {sum(sc.done for sc in plays)}"
+    )
     return {sc.name: sc for sc in plays}
 
 
@@ -445,7 +741,9 @@ def _has(text: str, *needles: str) -> bool:
     return all("".join(n.split()) in text for n in needles)
 
 
-def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(played: dict[str, Scenario], library: Settings) -> None:
+def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(
+    played: dict[str, Scenario], library: Settings
+) -> None:
     sc = played[f"{B}/infusion ok"]
     rec = service.quality_record(library, sc.run_id)
     html_doc, pdf_doc = rec["documents"]
@@ -453,10 +751,18 @@ def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(played: dict
     text = _pdf_text(pdf_doc["path"])
     step = next(s for s in rec["steps"] if s["id"] == "infusion_record")
 
-    assert _has(text, "申江示例医院 细胞治疗中心", "转运、复苏、床旁身份核对与输注", "床旁身份核对", f"复苏结束: {T.shown('09:44')}")
+    assert _has(
+        text,
+        "申江示例医院 细胞治疗中心",
+        "转运、复苏、床旁身份核对与输注",
+        "床旁身份核对",
+        f"复苏结束: {T.shown('09:44')}",
+    )
     assert _has(text, f"SOP infusion v1 · 运行编号 {sc.run_id}")
     assert _has(text, "吴静 (b.nurse)", "冯雪 (b.nurse2)", "赵磊 (b.doc)")  # printed names of the signers
-    assert _has(text, "执行: 出库并交接至病区", "复核: 独立复核患者身份与产品一致", "批准: 审核并签署输注记录")  # meanings
+    assert _has(
+        text, "执行: 出库并交接至病区", "复核: 独立复核患者身份与产品一致", "批准: 审核并签署输注记录"
+    )  # meanings
     assert _has(text, "输注量: 68 mL", "滴速: 10 mL/min", "储存温度上限 ≤ -150 °C")  # values with their unit
     pages = _pages(pdf_doc["path"])
     assert pages >= 2
@@ -479,7 +785,12 @@ def test_english_record_escapes_entered_html_and_shows_units(played: dict[str, S
     assert "mild hypocalcaemia &lt;b&gt;treated&lt;/b&gt;" in html
     assert "<b>treated" not in html
     assert "Collected volume: 120 mL" in html
-    assert _has(text, "Demo Hospital Cell Therapy Unit", f"Page 1 of {_pages(rec['documents'][1]['path'])}", "Body weight: 62 kg")
+    assert _has(
+        text,
+        "Demo Hospital Cell Therapy Unit",
+        f"Page 1 of {_pages(rec['documents'][1]['path'])}",
+        "Body weight: 62 kg",
+    )
     assert _has(text, "Zheng Bo (a.lead)", "approved: Released the starting material to the courier")
 
 
@@ -488,7 +799,9 @@ def test_deviation_shows_in_the_record_document(played: dict[str, Scenario], lib
     rec = service.quality_record(library, sc.run_id)
     text = _pdf_text(rec["documents"][1]["path"])
 
-    assert _has(text, "severe_toxicity主要3 级及以上 CRS 或 ICANS：严重不良事件需上报否")  # step, class, description, quarantine
+    assert _has(
+        text, "severe_toxicity主要3 级及以上 CRS 或 ICANS：严重不良事件需上报否"
+    )  # step, class, description, quarantine
     assert _has(text, "CRS 分级（计算）: 3 级", "不良事件报告", "AE-2026-031")
 
 
@@ -529,20 +842,28 @@ def _pdf_text_bytes(data: bytes) -> str:
 
 
 @pytest.mark.parametrize("inst", [A, B])
-def test_happy_paths_make_an_unbroken_chain_of_identity(played: dict[str, Scenario], library: Settings, inst: str) -> None:
+def test_happy_paths_make_an_unbroken_chain_of_identity(
+    played: dict[str, Scenario], library: Settings, inst: str
+) -> None:
     chain = service.chain_of_identity(library, _patient(inst, 1)["coi"])
 
     assert chain["unbroken"], chain["problems"]
     assert [(e["sop_id"], e["stage"]) for e in chain["runs"]] == [
-        ("apheresis_collection", "collection"), ("dose_receipt", "receipt"), ("infusion_readiness", "storage"),
-        ("infusion", "infusion"), ("toxicity_monitoring", None)]
+        ("apheresis_collection", "collection"),
+        ("dose_receipt", "receipt"),
+        ("infusion_readiness", "storage"),
+        ("infusion", "infusion"),
+        ("toxicity_monitoring", None),
+    ]
     broken = service.chain_of_identity(library, _patient(inst, 2)["coi"])  # the failed collection
     assert not broken["unbroken"]
 
 
 def test_start_on_an_unconfirmed_product_names_the_values_to_set(engine: Settings) -> None:
     with pytest.raises(SopInputError) as info:
-        service.start_run(engine, B, "dose_receipt", {**_patient(B, 99, "zevor_cel"), "lot": "LOT-Z"}, "b.coord", PASSWORD)
+        service.start_run(
+            engine, B, "dose_receipt", {**_patient(B, 99, "zevor_cel"), "lot": "LOT-Z"}, "b.coord", PASSWORD
+        )
 
     message = str(info.value)
     assert "'zevor_cel'" in message

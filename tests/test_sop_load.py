@@ -18,25 +18,15 @@ REPO = TESTS.parent
 INVALID = TESTS / "sops" / "invalid"
 VALID_SOPS = TESTS / "sops" / "valid" / "sops"
 VALID_TEMPLATES = TESTS / "sops" / "valid" / "templates"
-CASES = sorted(
-    p
-    for p in INVALID.glob("*.yaml")
-    if p.name not in ("institution.yaml", "products.yaml")
-)
+CASES = sorted(p for p in INVALID.glob("*.yaml") if p.name not in ("institution.yaml", "products.yaml"))
 MARK = "# <- error"
 
 
 def _expected(case: Path) -> tuple[list[str], list[int]]:
     """The `# error: <text>` header lines and the lines marked `# <- error`."""
     lines = case.read_text(encoding="utf-8").splitlines()
-    texts = [
-        line.removeprefix("# error: ") for line in lines if line.startswith("# error: ")
-    ]
-    marked = [
-        number
-        for number, line in enumerate(lines, start=1)
-        if line.rstrip().endswith(MARK)
-    ]
+    texts = [line.removeprefix("# error: ") for line in lines if line.startswith("# error: ")]
+    marked = [number for number, line in enumerate(lines, start=1) if line.rstrip().endswith(MARK)]
     return texts, marked
 
 
@@ -162,9 +152,7 @@ def test_load_sop_literal_error_suggests_close_match(tmp_path: Path) -> None:
     ],
     ids=["empty", "list", "two-documents"],
 )
-def test_load_sop_rejects_file_that_is_not_one_mapping(
-    tmp_path: Path, text: str, message: str
-) -> None:
+def test_load_sop_rejects_file_that_is_not_one_mapping(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "odd.yaml"
     path.write_text(text, encoding="utf-8")
 

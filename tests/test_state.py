@@ -15,12 +15,17 @@ def test_state_newest_record_wins_by_position_not_clock(db_url: str, make_run: M
     with write_session(db_url) as s:
         made = make_run(s, users=("ana",))
         made.record(s, "arrival", "waiting", at=FIXED_AT + timedelta(hours=2))
-        made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True, at=FIXED_AT + timedelta(hours=1))
+        made.record(
+            s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True, at=FIXED_AT + timedelta(hours=1)
+        )
         made.record(s, "arrival", "done", {"seal_intact": True}, user="ana", at=FIXED_AT)  # clock went backwards
         made.record(s, "transit_temperature", "failed", {"passed": False}, at=FIXED_AT - timedelta(days=1))
         for n, (status, hours) in enumerate([("scheduled", 5), ("running", 0)], start=1):
-            ledger.append(s, RunEvent(run_id=made.run.id, n=n, status=status, at=FIXED_AT + timedelta(hours=hours)),
-                          actor="system")
+            ledger.append(
+                s,
+                RunEvent(run_id=made.run.id, n=n, status=status, at=FIXED_AT + timedelta(hours=hours)),
+                actor="system",
+            )
         run_id = made.run.id
 
     with read_session(db_url) as s:
@@ -97,8 +102,9 @@ def test_state_signer_problem_verifier_is_the_performer(db_url: str, make_run: M
         own = state.signer_problem(s, made.run, made.sop, verify, made.users["ana"].id)
         other = state.signer_problem(s, made.run, made.sop, verify, made.users["bo"].id)
 
-    assert own == ("step 'identity_verification' verifies step 'arrival': "
-                   "the person who performed 'arrival' may not verify it")
+    assert own == (
+        "step 'identity_verification' verifies step 'arrival': the person who performed 'arrival' may not verify it"
+    )
     assert other is None
 
 
@@ -110,8 +116,7 @@ def test_state_signer_problem_distinct_signers_group(db_url: str, make_run: Make
 
         same = state.signer_problem(s, made.run, made.sop, qa, made.users["ana"].id)
 
-    assert same == ("steps 'arrival', 'qa_acceptance' must be signed by different people; "
-                    "you signed 'arrival' already")
+    assert same == ("steps 'arrival', 'qa_acceptance' must be signed by different people; you signed 'arrival' already")
 
 
 def test_state_signer_problem_distinct_signers_allows_another_person(db_url: str, make_run: MakeRun) -> None:
@@ -124,7 +129,9 @@ def test_state_signer_problem_distinct_signers_allows_another_person(db_url: str
     assert problem is None
 
 
-def test_state_signer_problem_distinct_signers_counts_every_signature_of_the_group(db_url: str, make_run: MakeRun) -> None:
+def test_state_signer_problem_distinct_signers_counts_every_signature_of_the_group(
+    db_url: str, make_run: MakeRun
+) -> None:
     with write_session(db_url) as s:
         made = make_run(s)
         made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True)
@@ -139,10 +146,18 @@ def test_state_signer_problem_distinct_signers_counts_every_signature_of_the_gro
 def test_state_signed_but_suspended_lists_only_newest_signed_records(db_url: str, make_run: MakeRun) -> None:
     with write_session(db_url) as s:
         made = make_run(s)
-        arrival = made.record(s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True,
-                              at=utcnow() - timedelta(minutes=10))
-        made.record(s, "identity_verification", "signed", {"coi_matches": True}, user="bo", sign=True,
-                    at=utcnow() - timedelta(minutes=10))
+        arrival = made.record(
+            s, "arrival", "signed", {"seal_intact": True}, user="ana", sign=True, at=utcnow() - timedelta(minutes=10)
+        )
+        made.record(
+            s,
+            "identity_verification",
+            "signed",
+            {"coi_matches": True},
+            user="bo",
+            sign=True,
+            at=utcnow() - timedelta(minutes=10),
+        )
         made.record(s, "identity_verification", "done", {"coi_matches": True}, user="bo")
         made.record(s, "qa_acceptance", "signed", {"decision": "accept"}, user="ana", sign=True)  # just now
         flow_run_id, sig_id = made.run.flow_run_id, arrival.signature_id

@@ -27,7 +27,10 @@ def test_engine_test_institution_is_valid() -> None:
 
 
 def test_subrun_naming_an_unknown_sop_or_a_bad_expression_is_refused(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, "bad_parent", """schema_version: 1
+    problems = _problems(
+        tmp_path,
+        "bad_parent",
+        """schema_version: 1
 id: bad_parent
 title: t
 version: 1
@@ -36,7 +39,8 @@ steps:
   - {id: child, kind: subrun, sop: child_flw, params: {coi: "params.cio"}}
   - {id: after, kind: check, expect: "child.status == 'completed'"}
   - {id: own, kind: subrun, sop: bad_parent}
-""")
+""",
+    )
     assert [p.split("dev_hospital/", 1)[1] for p in problems] == [
         "bad_parent.yaml:8: steps[0].params.coi: step 'child': 'params' has no 'cio' in 'params.cio'. Did you mean 'coi'?",
         "bad_parent.yaml:8: steps[0].sop: unknown SOP 'child_flw' in dev_hospital. Did you mean 'child_flow'?",
@@ -45,7 +49,10 @@ steps:
 
 
 def test_lifecycle_steps_need_deviation_id_and_capa_fields(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, "bad_capa", """schema_version: 1
+    problems = _problems(
+        tmp_path,
+        "bad_capa",
+        """schema_version: 1
 id: bad_capa
 title: t
 version: 1
@@ -53,7 +60,8 @@ steps:
   - {id: capa, kind: record, role: qa, updates_deviation: capa, fields: {action: {type: text}, due: {type: text}}}
   - {id: check, kind: check, expect: "true", deviation: {sop: deviation_cap}}
   - {id: dispose, kind: record, role: qa, updates_deviation: disposition, fields: {note: {type: text}}}
-""")
+""",
+    )
     text = "\n".join(problems)
     assert "'updates_deviation' needs a param 'deviation_id'" in text
     assert "a 'capa' step needs a field 'owner' of type 'text'" in text
@@ -63,14 +71,18 @@ steps:
 
 
 def test_unknown_lifecycle_event_is_a_schema_error(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, "bad_event", """schema_version: 1
+    problems = _problems(
+        tmp_path,
+        "bad_event",
+        """schema_version: 1
 id: bad_event
 title: t
 version: 1
 params: {deviation_id: {type: text}}
 steps:
   - {id: closure, kind: approve, role: qa, meaning: m, updates_deviation: closd}
-""")
+""",
+    )
     assert len(problems) == 1
     assert "steps[0].updates_deviation" in problems[0]
     assert "Did you mean 'closed'?" in problems[0]

@@ -79,7 +79,9 @@ def test_parent_waits_for_its_sub_run_then_reads_its_data(dev):
     assert steps["child_ok"]["data"]["passed"] is True
     with read_session(dev.database_url) as s:
         row = s.get(SopRun, child)
-        started = s.exec(select(AuditEvent).where(AuditEvent.object_id == child, AuditEvent.action == "run.start")).one()
+        started = s.exec(
+            select(AuditEvent).where(AuditEvent.object_id == child, AuditEvent.action == "run.start")
+        ).one()
         parent_row = s.get(SopRun, parent)
     assert (row.parent_run_id, row.parent_step_id, row.started_by) == (parent, "child", parent_row.started_by)
     assert json.loads(row.params_json)["note"] == "started by COI-DEV-0001"
@@ -125,7 +127,11 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     assert rec["subruns"][0]["id"] == handler
     assert rec["subruns"][0]["sop_id"] == "deviation_capa"
     link = {s["id"]: s for s in rec["steps"]}["cold_enough__deviation"]
-    assert (link["status"], link["data"]["decision"], link["data"]["reason"]) == ("done", "reject", "excursion too long")
+    assert (link["status"], link["data"]["decision"], link["data"]["reason"]) == (
+        "done",
+        "reject",
+        "excursion too long",
+    )
     assert link["data"]["disposition"] == "destroy"
     assert (rec["deviations"][0]["decision"], rec["deviations"][0]["status"]) == ("reject", "dispositioned")
     assert [e["kind"] for e in rec["deviations"][0]["lifecycle"]] == ["subrun", "contained", "disposition"]
@@ -223,8 +229,11 @@ def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
     chain = service.chain_of_identity(dev, coi)
     assert chain["unbroken"] is True, chain["problems"]
     assert [(r["sop_id"], r["stage"], r["status"]) for r in chain["runs"]] == [
-        ("collection", "collection", "completed"), ("receipt", "receipt", "completed"),
-        ("storage", "storage", "completed"), ("infusion", "infusion", "completed")]
+        ("collection", "collection", "completed"),
+        ("receipt", "receipt", "completed"),
+        ("storage", "storage", "completed"),
+        ("infusion", "infusion", "completed"),
+    ]
     printed = CliRunner().invoke(app, ["chain", coi])
     assert printed.exit_code == 0
     assert "unbroken" in printed.output
@@ -239,4 +248,3 @@ def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
     printed = CliRunner().invoke(app, ["chain", coi])
     assert printed.exit_code == 1
     assert "chain broken" in printed.output
-

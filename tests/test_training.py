@@ -35,8 +35,10 @@ from tests.conftest import FIXED_AT, MakeRun
 
 PW = "correct horse 7"
 
-UNTRAINED = ("only staff trained on dose_receipt v1 at 'demo_hospital' may sign step {step!r}; user 'ana' is not trained "
-             "on dose_receipt v1 (sopflow training grant ana --institution demo_hospital --sop dose_receipt --version 1)")
+UNTRAINED = (
+    "only staff trained on dose_receipt v1 at 'demo_hospital' may sign step {step!r}; user 'ana' is not trained "
+    "on dose_receipt v1 (sopflow training grant ana --institution demo_hospital --sop dose_receipt --version 1)"
+)
 
 
 def test_training_signer_problem_untrained_signer(db_url: str, make_run: MakeRun) -> None:
@@ -85,6 +87,7 @@ def test_training_disposition_step_is_part_of_the_sop(db_url: str, make_run: Mak
 
 # --------------------------------------------------------------------------- granting
 
+
 @pytest.fixture
 def people(db_url: str) -> Settings:
     settings = replace(get_settings(), database_url=db_url)
@@ -98,13 +101,17 @@ def _trainings(settings: Settings) -> list[TrainingRecord]:
         return list(s.exec(select(TrainingRecord)))
 
 
-@pytest.mark.parametrize(("institution", "sop", "version", "message"), [
-    ("demo_hospitl", "dose_receipt", 1, "no institution 'demo_hospitl'. Did you mean 'demo_hospital'?"),
-    ("demo_hospital", "dose_reciept", 1, "no SOP 'dose_reciept' in demo_hospital. Did you mean 'dose_receipt'?"),
-    ("demo_hospital", "dose_receipt", 2, "demo_hospital/dose_receipt has no version 2; known versions: 1"),
-])
-def test_training_grant_refuses_an_sop_or_version_that_does_not_exist(people: Settings, institution: str, sop: str,
-                                                                      version: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("institution", "sop", "version", "message"),
+    [
+        ("demo_hospitl", "dose_receipt", 1, "no institution 'demo_hospitl'. Did you mean 'demo_hospital'?"),
+        ("demo_hospital", "dose_reciept", 1, "no SOP 'dose_reciept' in demo_hospital. Did you mean 'dose_receipt'?"),
+        ("demo_hospital", "dose_receipt", 2, "demo_hospital/dose_receipt has no version 2; known versions: 1"),
+    ],
+)
+def test_training_grant_refuses_an_sop_or_version_that_does_not_exist(
+    people: Settings, institution: str, sop: str, version: int, message: str
+) -> None:
     with pytest.raises(SopNotFoundError) as info:
         admin.grant_training(people, "ana", institution, sop, version, trainer="T")
 
@@ -114,8 +121,19 @@ def test_training_grant_refuses_an_sop_or_version_that_does_not_exist(people: Se
 
 def test_training_grant_accepts_a_version_only_stored_from_an_earlier_run(people: Settings) -> None:
     with write_session(people.database_url) as s:
-        ledger.append(s, SopVersion(institution="demo_hospital", sop_id="dose_receipt", version=7, schema_version=1,
-                                    sha256="0" * 64, text="(retired text)", stored_at=FIXED_AT), actor="system")
+        ledger.append(
+            s,
+            SopVersion(
+                institution="demo_hospital",
+                sop_id="dose_receipt",
+                version=7,
+                schema_version=1,
+                sha256="0" * 64,
+                text="(retired text)",
+                stored_at=FIXED_AT,
+            ),
+            actor="system",
+        )
 
     admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 7, trainer="T")
 
@@ -132,13 +150,17 @@ def test_training_grant_refuses_unknown_user_missing_trainer_and_future_date(peo
     with pytest.raises(RecordError, match="is in the future"):
         admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on=tomorrow)
     with pytest.raises(RecordError, match="needs an offset"):
-        admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on="2026-01-05T09:00")
+        admin.grant_training(
+            people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on="2026-01-05T09:00"
+        )
 
     assert _trainings(people) == []
 
 
 def test_training_grant_by_administrator_with_a_date_in_the_institutions_zone(people: Settings) -> None:
-    admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, trainer="Dr. Trainer", trained_on="2026-01-05")
+    admin.grant_training(
+        people, "ana", "demo_hospital", "dose_receipt", 1, trainer="Dr. Trainer", trained_on="2026-01-05"
+    )
 
     [rec] = _trainings(people)
     trained_at = rec.trained_at if rec.trained_at.tzinfo else rec.trained_at.replace(tzinfo=UTC)
@@ -168,37 +190,90 @@ def test_training_grant_by_qa_officer_and_not_by_others(people: Settings) -> Non
 @pytest.mark.slow
 def test_training_cli_grant_and_list(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOPFLOW_")}
-    env.update({"SOPFLOW_HOME": str(tmp_path / "home"), "COLUMNS": "200", "SOPFLOW_NEW_PASSWORD": PW, "SOPFLOW_PASSWORD": PW})
+    env.update(
+        {"SOPFLOW_HOME": str(tmp_path / "home"), "COLUMNS": "200", "SOPFLOW_NEW_PASSWORD": PW, "SOPFLOW_PASSWORD": PW}
+    )
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flows", *args], env=env, capture_output=True, text=True,
-                              timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "flows", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
 
     assert cli("user", "add", "qa.one", "--name", "Qian An", "--role", "demo_hospital:qa").returncode == 0
-    assert cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab", "--as", "qa.one").returncode == 0
-    unattended = cli("training", "grant", "ana", "--institution", "demo_hospital", "--sop", "dose_receipt", "--version", "1",
-                     "--trainer", "T")
-    typo = cli("training", "grant", "ana", "--institution", "demo_hospital", "--sop", "dose_reciept", "--version", "1",
-               "--trainer", "T", "--as", "qa.one")
-    granted = cli("training", "grant", "ana", "--institution", "demo_hospital", "--sop", "dose_receipt", "--version", "1",
-                  "--trainer", "Dr. Trainer", "--date", "2026-01-05", "--as", "qa.one")
+    assert (
+        cli("user", "add", "ana", "--name", "Ana Li", "--role", "demo_hospital:cell_lab", "--as", "qa.one").returncode
+        == 0
+    )
+    unattended = cli(
+        "training",
+        "grant",
+        "ana",
+        "--institution",
+        "demo_hospital",
+        "--sop",
+        "dose_receipt",
+        "--version",
+        "1",
+        "--trainer",
+        "T",
+    )
+    typo = cli(
+        "training",
+        "grant",
+        "ana",
+        "--institution",
+        "demo_hospital",
+        "--sop",
+        "dose_reciept",
+        "--version",
+        "1",
+        "--trainer",
+        "T",
+        "--as",
+        "qa.one",
+    )
+    granted = cli(
+        "training",
+        "grant",
+        "ana",
+        "--institution",
+        "demo_hospital",
+        "--sop",
+        "dose_receipt",
+        "--version",
+        "1",
+        "--trainer",
+        "Dr. Trainer",
+        "--date",
+        "2026-01-05",
+        "--as",
+        "qa.one",
+    )
     listed = cli("training", "list", "--user", "ana")
 
     assert unattended.returncode == 1
     assert "training is recorded by a QA officer of the institution: --as QA_USER" in unattended.stderr
     assert typo.returncode == 1
-    assert typo.stderr.strip().splitlines() == ["error: no SOP 'dose_reciept' in demo_hospital. Did you mean 'dose_receipt'?"]
+    assert typo.stderr.strip().splitlines() == [
+        "error: no SOP 'dose_reciept' in demo_hospital. Did you mean 'dose_receipt'?"
+    ]
     assert granted.returncode == 0, granted.stderr
     assert "training recorded: ana on demo_hospital/dose_receipt v1" in granted.stdout
-    assert "ana                  demo_hospital/dose_receipt v1  trained 2026-01-04 by Dr. Trainer  (recorded by qa.one" in listed.stdout
+    assert (
+        "ana                  demo_hospital/dose_receipt v1  trained 2026-01-04 by Dr. Trainer  (recorded by qa.one"
+        in listed.stdout
+    )
 
 
 # --------------------------------------------------------------------------- end to end
 
+
 def _counts(settings: Settings) -> tuple[int, int]:
     with read_session(settings.database_url) as s:
-        return (s.exec(select(func.count()).select_from(StepRecord)).one(),
-                s.exec(select(func.count()).select_from(Signature)).one())
+        return (
+            s.exec(select(func.count()).select_from(StepRecord)).one(),
+            s.exec(select(func.count()).select_from(Signature)).one(),
+        )
 
 
 @pytest.mark.slow
@@ -217,7 +292,8 @@ def test_training_untrained_signer_is_refused_at_submit_and_audited(engine: Sett
     assert str(info.value) == (
         "user 'new.tech': only staff trained on dose_receipt v1 at 'demo_hospital' may sign step 'arrival'; user 'new.tech' "
         "is not trained on dose_receipt v1 (sopflow training grant new.tech --institution demo_hospital --sop dose_receipt "
-        "--version 1)")
+        "--version 1)"
+    )
     assert _counts(engine) == before  # no step record, no signature
     with read_session(engine.database_url) as s:
         last = s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc())).first()
@@ -252,8 +328,16 @@ def test_training_flow_refuses_a_signature_by_an_untrained_signer(engine: Settin
         assert isinstance(step, HumanStepSpec)
         user = s.exec(select(User).where(User.username == "raw.tech")).one()
         data = coerce_values(human_fields(step), ARRIVAL, where="test")
-        sig = Signature(run_id=run.id, step_id="arrival", user_id=user.id, printed_name=user.printed_name,
-                        meaning="performed", statement=step.meaning, signed_at=utcnow(), signed_sha256="")
+        sig = Signature(
+            run_id=run.id,
+            step_id="arrival",
+            user_id=user.id,
+            printed_name=user.printed_name,
+            meaning="performed",
+            statement=step.meaning,
+            signed_at=utcnow(),
+            signed_sha256="",
+        )
         sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, "arrival", data, sig)))
         ledger.append(s, sig, actor=user.id, action="signature.create")
         write_step(s, run.id, "arrival", "record", "signed", data, actor=user.id, actor_id=user.id, signature_id=sig.id)
@@ -271,8 +355,11 @@ def test_training_flow_refuses_a_signature_by_an_untrained_signer(engine: Settin
     assert refused, "the flow never refused the untrained signer's signature"
     assert "user 'raw.tech' is not trained on dose_receipt v1" in refused[0]["reason"]
     with read_session(engine.database_url) as s:
-        audited = s.exec(select(AuditEvent).where(AuditEvent.action == "step.refused",
-                                                  col(AuditEvent.payload_json).contains("'raw.tech' is not trained"))).first()
+        audited = s.exec(
+            select(AuditEvent).where(
+                AuditEvent.action == "step.refused", col(AuditEvent.payload_json).contains("'raw.tech' is not trained")
+            )
+        ).first()
     assert audited is not None
     sign(engine, run_id, "arrival", "tech", ARRIVAL)  # a trained signer still gets through
     wait_for(engine, run_id, step="identity_verification")

@@ -59,15 +59,18 @@ def test_users_authenticate_refuses_empty_password(url: str) -> None:
         users.authenticate(s, "cy", "")
 
 
-@pytest.mark.parametrize(("username", "printed", "password", "message"), [
-    ("Ana", "Ana Li", "correct horse 7", "username 'Ana': use 2-40 lowercase letters"),
-    ("1ana", "Ana Li", "correct horse 7", "username '1ana': use 2-40 lowercase letters"),
-    ("a", "Ana Li", "correct horse 7", "username 'a': use 2-40 lowercase letters"),
-    ("ana li", "Ana Li", "correct horse 7", "username 'ana li': use 2-40 lowercase letters"),
-    ("a" * 41, "Ana Li", "correct horse 7", "use 2-40 lowercase letters"),
-    ("ana", "   ", "correct horse 7", "user 'ana': a printed name is required"),
-    ("ana", "Ana Li", "short", "user 'ana': the password must have at least 8 characters"),
-])
+@pytest.mark.parametrize(
+    ("username", "printed", "password", "message"),
+    [
+        ("Ana", "Ana Li", "correct horse 7", "username 'Ana': use 2-40 lowercase letters"),
+        ("1ana", "Ana Li", "correct horse 7", "username '1ana': use 2-40 lowercase letters"),
+        ("a", "Ana Li", "correct horse 7", "username 'a': use 2-40 lowercase letters"),
+        ("ana li", "Ana Li", "correct horse 7", "username 'ana li': use 2-40 lowercase letters"),
+        ("a" * 41, "Ana Li", "correct horse 7", "use 2-40 lowercase letters"),
+        ("ana", "   ", "correct horse 7", "user 'ana': a printed name is required"),
+        ("ana", "Ana Li", "short", "user 'ana': the password must have at least 8 characters"),
+    ],
+)
 def test_users_add_user_refuses_bad_input(url: str, username: str, printed: str, password: str, message: str) -> None:
     with pytest.raises(RecordError) as info, write_session(url) as s:
         users.add_user(s, username, printed, password, actor="admin")
@@ -92,8 +95,13 @@ def test_users_add_user_refuses_duplicate_username(url: str) -> None:
 
 def test_users_grant_role_per_institution(db_url: str) -> None:
     with write_session(db_url) as s:  # one hash on each database: the grant is what is tested
-        user = User(username="eve", printed_name="Eve Qian", password_hash=users.hash_password("correct horse 7"),
-                    created_at=utcnow(), created_by="admin")
+        user = User(
+            username="eve",
+            printed_name="Eve Qian",
+            password_hash=users.hash_password("correct horse 7"),
+            created_at=utcnow(),
+            created_by="admin",
+        )
         ledger.append(s, user, actor="admin", action="user.create")
         users.grant_role(s, user, "demo_hospital", "pharmacist", actor="admin")
         users.grant_role(s, user, "demo_hospital", "qa", actor="admin")

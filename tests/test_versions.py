@@ -55,9 +55,18 @@ def _staff(settings) -> None:
 
     init_db(settings.database_url)
     with write_session(settings.database_url) as s:
-        for username, name, role in (("qa", "Wang Fang", "qa"), ("adm", "Zhou Admin", "sop_admin"), ("tech", "Li Wei", "cell_lab")):
-            user = User(username=username, printed_name=name, password_hash=_password_hash(), created_at=FIXED_AT,
-                        created_by="test")
+        for username, name, role in (
+            ("qa", "Wang Fang", "qa"),
+            ("adm", "Zhou Admin", "sop_admin"),
+            ("tech", "Li Wei", "cell_lab"),
+        ):
+            user = User(
+                username=username,
+                printed_name=name,
+                password_hash=_password_hash(),
+                created_at=FIXED_AT,
+                created_by="test",
+            )
             ledger.append(s, user, actor="test", action="user.create")
             user_store.grant_role(s, user, INST, role, actor="test")
 
@@ -73,8 +82,11 @@ def _v2(tmp_path: Path, *, limit: str = "max: 30", role: str = "qa", step: bool 
     text = text.replace("min: -200, max: 40", f"min: -200, {limit}")
     text = text.replace("    role: pharmacist\n", f"    role: {role}\n")
     if step:
-        text = text.replace("  - id: receipt_record\n", "  - id: transit_time\n    kind: check\n"
-                            "    expect: \"arrival.transit_hours <= 48\"\n  - id: receipt_record\n")
+        text = text.replace(
+            "  - id: receipt_record\n",
+            "  - id: transit_time\n    kind: check\n"
+            '    expect: "arrival.transit_hours <= 48"\n  - id: receipt_record\n',
+        )
     path = tmp_path / "dose_receipt.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -117,11 +129,15 @@ def test_draft_by_non_administrator_is_refused_with_audit_event(db_url, tmp_path
     _staff(settings)
     establish(settings, INST, Officer("qa", PASSWORD))
     text = _v2(tmp_path).read_text(encoding="utf-8")
-    with pytest.raises(NotAuthorizedError, match="may not create SOP drafts at 'demo_hospital': that takes role 'sop_admin'"):
+    with pytest.raises(
+        NotAuthorizedError, match="may not create SOP drafts at 'demo_hospital': that takes role 'sop_admin'"
+    ):
         create_draft(settings, INST, text, name="dose_receipt.yaml", username="tech", password=PASSWORD)
     [event] = _events(settings, "sop.draft.refused")
     assert event.object_id == f"{INST}/dose_receipt"
-    res = create_draft(settings, INST, text, name="dose_receipt.yaml", username="adm", password=PASSWORD, reason="tighter limit")
+    res = create_draft(
+        settings, INST, text, name="dose_receipt.yaml", username="adm", password=PASSWORD, reason="tighter limit"
+    )
     assert res["version"] == 2
     with read_session(settings.database_url) as s:
         states = {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")}
@@ -129,8 +145,14 @@ def test_draft_by_non_administrator_is_refused_with_audit_event(db_url, tmp_path
     # Runs still start on v1; a number is never used twice.
     assert effective_sop(settings, INST, "dose_receipt").definition.version == 1
     with pytest.raises(ChangeControlError, match="version numbers are never reused and v2 exists; set version: 3"):
-        create_draft(settings, INST, text.replace("max: 30", "max: 20"), name="dose_receipt.yaml", username="adm",
-                     password=PASSWORD)
+        create_draft(
+            settings,
+            INST,
+            text.replace("max: 30", "max: 20"),
+            name="dose_receipt.yaml",
+            username="adm",
+            password=PASSWORD,
+        )
 
 
 def test_draft_with_problems_is_refused_with_the_validate_messages(tmp_path):
@@ -142,7 +164,9 @@ def test_draft_with_problems_is_refused_with_the_validate_messages(tmp_path):
     folder = tmp_path / "sops" / INST
     shutil.copytree(REPO / "sops" / INST, folder)
     (folder / "dose_receipt.yaml").write_text(text, encoding="utf-8")
-    expected = [p.message for p in Catalog(tmp_path / "sops", REPO / "templates").validate(folder / "dose_receipt.yaml")]
+    expected = [
+        p.message for p in Catalog(tmp_path / "sops", REPO / "templates").validate(folder / "dose_receipt.yaml")
+    ]
     assert [p.message for p in info.value.problems] == expected
     assert "unknown role 'qa_officer'" in expected[0]
 
@@ -194,11 +218,13 @@ def test_sop_diff_names_the_limit_the_role_and_the_added_step_and_nothing_else(t
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0] == "demo_hospital/dose_receipt v1 → v2: 3 changes"
-    assert sorted(line.strip() for line in lines[1:]) == sorted([
-        "step 'arrival', field 'logger_max_c', max: 40 → 30",
-        "step 'identity_verification', role: 'pharmacist' → 'qa'",
-        "step 'transit_time' added (check, at position 6)",
-    ])
+    assert sorted(line.strip() for line in lines[1:]) == sorted(
+        [
+            "step 'arrival', field 'logger_max_c', max: 40 → 30",
+            "step 'identity_verification', role: 'pharmacist' → 'qa'",
+            "step 'transit_time' added (check, at position 6)",
+        ]
+    )
 
 
 def test_periodic_review_reminder_once_then_review_recorded(tmp_path):
@@ -212,12 +238,20 @@ def test_periodic_review_reminder_once_then_review_recorded(tmp_path):
 
     soon = datetime.fromisoformat(due) - timedelta(days=10)
     assert sweep(settings, now=soon - timedelta(days=60))["review_reminders"] == 0
-    assert sweep(settings, now=soon)["review_reminders"] == len(DEMO_SOPS) + 1  # each SOP and the built-in change control
+    assert (
+        sweep(settings, now=soon)["review_reminders"] == len(DEMO_SOPS) + 1
+    )  # each SOP and the built-in change control
     assert sweep(settings, now=soon)["review_reminders"] == 0  # once
     with pytest.raises(NotAuthorizedError):
         record_review(settings, INST, "dose_receipt", Officer("adm", PASSWORD), note="no change")
-    res = record_review(settings, INST, "dose_receipt", Officer("qa", PASSWORD), note="checked against the 2026 label: no change",
-                        now=soon)
+    res = record_review(
+        settings,
+        INST,
+        "dose_receipt",
+        Officer("qa", PASSWORD),
+        note="checked against the 2026 label: no change",
+        now=soon,
+    )
     assert res["review_due"] > due
     with read_session(settings.database_url) as s:
         info = next(i for i in versions_of(s, INST, "dose_receipt"))
@@ -273,7 +307,10 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
         assert activate_due(s, now) == []
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
         assert effective_version(s, INST, "dose_receipt").version == 2
-        assert {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")} == {1: "superseded", 2: "effective"}
+        assert {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")} == {
+            1: "superseded",
+            2: "effective",
+        }
 
 
 def test_issued_version_assigns_training_and_overdue_training_is_listed_and_notified_once(tmp_path):
@@ -285,7 +322,9 @@ def test_issued_version_assigns_training_and_overdue_training_is_listed_and_noti
     now = utcnow()
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
-        assert _assign_training(s, v2, version_definition(v2), now + timedelta(days=14), now) == 2  # tech (cell_lab), qa
+        assert (
+            _assign_training(s, v2, version_definition(v2), now + timedelta(days=14), now) == 2
+        )  # tech (cell_lab), qa
     assert overdue_training(settings, now=now + timedelta(days=13)) == []
     late = now + timedelta(days=15)
     assert {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=late)} == {("tech", 2), ("qa", 2)}
@@ -314,8 +353,9 @@ def test_cli_draft_versions_export_import_and_overdue(tmp_path, monkeypatch):
     path = _v2(tmp_path)
     out = run("sop", "draft", str(path), "--institution", INST, "--as", "tech", code=1)
     assert "that takes role 'sop_admin'" in out
-    assert "draft demo_hospital/dose_receipt v2 stored" in run("sop", "draft", str(path), "--institution", INST, "--as", "adm",
-                                                                "--reason", "tighter limit")
+    assert "draft demo_hospital/dose_receipt v2 stored" in run(
+        "sop", "draft", str(path), "--institution", INST, "--as", "adm", "--reason", "tighter limit"
+    )
     out = run("sop", "versions", "dose_receipt", "--institution", INST)
     assert "dose_receipt v1  effective" in out
     assert "signed by Wang Fang (initial issue)" in out
@@ -335,8 +375,15 @@ def test_establish_adopts_a_version_a_run_stored_before_versions_had_states(db_u
     _staff(settings)
     text = DEMO_SOP.read_text(encoding="utf-8")
     with write_session(settings.database_url) as s:  # as start_run stored it before change control
-        old = SopVersion(institution=INST, sop_id="dose_receipt", version=1, schema_version=1,
-                         sha256=ledger.sha256_hex(DEMO_SOP.read_bytes()), text=text, stored_at=utcnow())
+        old = SopVersion(
+            institution=INST,
+            sop_id="dose_receipt",
+            version=1,
+            schema_version=1,
+            sha256=ledger.sha256_hex(DEMO_SOP.read_bytes()),
+            text=text,
+            stored_at=utcnow(),
+        )
         ledger.append(s, old, actor="system", action="sop_version.store")
         old_id = old.id
     rows = establish(settings, INST, Officer("qa", PASSWORD))

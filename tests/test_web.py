@@ -59,7 +59,9 @@ def csrf_of(html: str) -> str:
 def login(app: Any, username: str, password: str = PASSWORD, **kw: Any) -> TestClient:
     client = TestClient(app, follow_redirects=False, **kw)
     page = client.get("/login")
-    r = client.post("/login", data={"csrf": csrf_of(page.text), "username": username, "password": password, "next": "/inbox"})
+    r = client.post(
+        "/login", data={"csrf": csrf_of(page.text), "username": username, "password": password, "next": "/inbox"}
+    )
     assert r.status_code == 303, r.text
     return client
 
@@ -77,8 +79,13 @@ def audit_since(engine: Any, seq: int) -> list[str]:
     """What people did since ``seq``: the engine's own events (``system``) are left out, because runs
     of other tests on the shared server go on writing them meanwhile."""
     with read_session(engine.database_url) as s:
-        return list(s.exec(select(AuditEvent.action).where(AuditEvent.seq > seq, AuditEvent.actor != "system")
-                           .order_by(col(AuditEvent.seq))))
+        return list(
+            s.exec(
+                select(AuditEvent.action)
+                .where(AuditEvent.seq > seq, AuditEvent.actor != "system")
+                .order_by(col(AuditEvent.seq))
+            )
+        )
 
 
 def arrival_form(csrf: str, **values: str) -> dict[str, str]:
@@ -101,8 +108,10 @@ def test_web_signer_without_the_steps_role_changes_nothing(engine, app, waiting)
     csrf = csrf_of(page)
     _, shown = review(pharm, run_id, "arrival", arrival_form(csrf))
     before = state(engine, run_id)
-    r = pharm.post(f"/runs/{run_id}/steps/arrival/sign",
-                   data={**arrival_form(csrf), "shown": shown, "password": PASSWORD, "action": "sign"})
+    r = pharm.post(
+        f"/runs/{run_id}/steps/arrival/sign",
+        data={**arrival_form(csrf), "shown": shown, "password": PASSWORD, "action": "sign"},
+    )
     assert r.status_code == 403
     assert "may only be signed by role &#39;cell_lab&#39;" in r.text
     recs, sigs, _ = state(engine, run_id)
@@ -129,8 +138,10 @@ def test_web_refuses_to_sign_values_other_than_the_ones_shown(engine, app, waiti
     csrf = csrf_of(tech.get(f"/runs/{run_id}/steps/arrival").text)
     _, shown = review(tech, run_id, "arrival", arrival_form(csrf))
     before = state(engine, run_id)
-    r = tech.post(f"/runs/{run_id}/steps/arrival/sign",
-                  data={**arrival_form(csrf, logger_max_c="-160"), "shown": shown, "password": PASSWORD, "action": "sign"})
+    r = tech.post(
+        f"/runs/{run_id}/steps/arrival/sign",
+        data={**arrival_form(csrf, logger_max_c="-160"), "shown": shown, "password": PASSWORD, "action": "sign"},
+    )
     assert r.status_code == 422
     assert "differ from the ones you reviewed" in r.text
     assert state(engine, run_id) == before
@@ -196,9 +207,14 @@ def test_web_lockout_applies_to_sign_in(engine, app):
     add_user(engine, "locky", "Lock Y", PASSWORD, [("demo_hospital", "nurse")], actor="test")
     client = TestClient(app, follow_redirects=False)
     for _ in range(engine.lockout_threshold):
-        r = client.post("/login", data={"csrf": csrf_of(client.get("/login").text), "username": "locky", "password": "wrong-password"})
+        r = client.post(
+            "/login",
+            data={"csrf": csrf_of(client.get("/login").text), "username": "locky", "password": "wrong-password"},
+        )
         assert r.status_code == 401
-    r = client.post("/login", data={"csrf": csrf_of(client.get("/login").text), "username": "locky", "password": PASSWORD})
+    r = client.post(
+        "/login", data={"csrf": csrf_of(client.get("/login").text), "username": "locky", "password": PASSWORD}
+    )
     assert r.status_code == 401
     assert "account locked" in r.text
 
@@ -220,8 +236,13 @@ def test_web_language_is_the_users_and_stays(engine, app):
 
 def test_web_errors_are_pages_without_tracebacks(engine, app):
     client = login(app, "qm")
-    for path, status in (("/runs/no-such-run", 404), ("/documents/no-such-doc", 404), ("/nowhere", 404),
-                         ("/runs/no-such-run/steps/arrival", 404), ("/sops/demo_hospital/no_such_sop", 404)):
+    for path, status in (
+        ("/runs/no-such-run", 404),
+        ("/documents/no-such-doc", 404),
+        ("/nowhere", 404),
+        ("/runs/no-such-run/steps/arrival", 404),
+        ("/sops/demo_hospital/no_such_sop", 404),
+    ):
         r = client.get(path)
         assert r.status_code == status, path
         assert "Traceback" not in r.text
@@ -242,8 +263,14 @@ def test_web_sop_pages_show_version_state_sha256_and_the_definition(engine, app)
         assert f'<code class="sha">{r["sha256"]}</code>' in page
         assert f'<span class="badge {r["state"]}">' in page
     sop = client.get("/sops/demo_hospital/dose_receipt").text
-    for shown in ("arrival.logger_max_c &lt;= product.storage_max_c", "Logger maximum transit temperature",
-                  "from -200 to 40 °C", "Pharmacist", "distinct_signers", "tecartus"):
+    for shown in (
+        "arrival.logger_max_c &lt;= product.storage_max_c",
+        "Logger maximum transit temperature",
+        "from -200 to 40 °C",
+        "Pharmacist",
+        "distinct_signers",
+        "tecartus",
+    ):
         assert shown in sop
     assert 'id="not-in-force"' not in sop  # established: the page shows the Effective version
 
@@ -269,9 +296,16 @@ def test_web_sop_words_are_escaped_even_where_translated(language):
     from flows.web.app import _environment
 
     env = _environment(language)
-    spec = {"name": "x", "type": "choice", "label": "<b>Label</b>", "choices": ["<i>c</i>", "approve"], "required": True}
-    html = env.from_string('{% from "macros.html" import field %}{{ field(f, "", ["<s>bad</s>"], "f.", "UTC") }}'
-                           "{{ state|t }}").render(f=spec, state="<u>waiting</u>")
+    spec = {
+        "name": "x",
+        "type": "choice",
+        "label": "<b>Label</b>",
+        "choices": ["<i>c</i>", "approve"],
+        "required": True,
+    }
+    html = env.from_string(
+        '{% from "macros.html" import field %}{{ field(f, "", ["<s>bad</s>"], "f.", "UTC") }}{{ state|t }}'
+    ).render(f=spec, state="<u>waiting</u>")
     for markup in ("<b>", "<i>", "<s>", "<u>"):
         assert markup not in html
     for text in ("&lt;b&gt;Label", "&lt;i&gt;c", "&lt;s&gt;bad", "&lt;u&gt;waiting"):

@@ -27,8 +27,15 @@ import pytest
 from tests.fixtures_engine import ARRIVAL, DEMO_STAFF, PASSWORD, free_port, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 PHONE = {"width": 390, "height": 844}
 
 pytestmark = pytest.mark.slow
@@ -160,7 +167,14 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
     from flows import service
     from flows.admin import add_user, grant_training
 
-    add_user(engine, "dual", "Dual <i>Role</i>", PASSWORD, [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")], actor="test")
+    add_user(
+        engine,
+        "dual",
+        "Dual <i>Role</i>",
+        PASSWORD,
+        [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")],
+        actor="test",
+    )
     grant_training(engine, "dual", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
     people = {name: Person(browser, web_url, name) for name in [*DEMO_STAFF, "dual"]}
     qm, tech, pharm, qa, doc, dual = (people[n] for n in ("qm", "tech", "pharm", "qa", "doc", "dual"))
@@ -251,8 +265,11 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
         assert "COI-WEB-0001" in page.content()
         _no_markup_from_entries(page, "body")
         escaped = "&lt;script&gt;alert("
-        for path in (f"/runs/{run_a}", f"/documents/{rec['documents'][0]['id']}/view",
-                     f"/documents/{rec['documents'][0]['id']}/download"):
+        for path in (
+            f"/runs/{run_a}",
+            f"/documents/{rec['documents'][0]['id']}/view",
+            f"/documents/{rec['documents'][0]['id']}/download",
+        ):
             _escaped(qm, path, escaped, "&lt;i&gt;Role&lt;/i&gt;")
         _escaped(dual, "/inbox", "Dual &lt;i&gt;Role&lt;/i&gt;")
 
@@ -290,5 +307,11 @@ def test_dose_receipts_through_the_pages(engine, web_url, browser, shots, capsys
     with capsys.disabled():
         print(f"\nweb screenshots: {shots}")
     assert {p.name for p in shots.glob("*.png")} >= {  # the folder may hold other browser tests' too
-        "en-inbox.png", "en-run-timeline.png", "en-sign-dialog.png", "en-step-form.png", "zh-inbox.png",
-        "zh-run-timeline.png", "zh-step-form.png"}
+        "en-inbox.png",
+        "en-run-timeline.png",
+        "en-sign-dialog.png",
+        "en-step-form.png",
+        "zh-inbox.png",
+        "zh-run-timeline.png",
+        "zh-step-form.png",
+    }

@@ -81,8 +81,10 @@ def csrf_of(html: str) -> str:
 
 def login(app: Any, username: str) -> TestClient:
     client = TestClient(app, follow_redirects=False)
-    r = client.post("/login", data={"csrf": csrf_of(client.get("/login").text), "username": username,
-                                    "password": PASSWORD, "next": "/sops"})
+    r = client.post(
+        "/login",
+        data={"csrf": csrf_of(client.get("/login").text), "username": username, "password": PASSWORD, "next": "/sops"},
+    )
     assert r.status_code == 303, r.text
     return client
 
@@ -118,7 +120,11 @@ def test_saving_without_csrf_or_as_non_administrator_writes_nothing(settings, ap
     before = written(settings)
     for token in (None, "not-the-token", csrf_of(tech.get("/sops").text)):  # none, wrong, another session's
         data = {k: v for k, v in form.items() if k != "csrf"} | ({"csrf": token} if token else {})
-        for path in (f"/sops/{INST}/editor_probe/edit", f"/sops/{INST}/editor_probe/edit/check", f"/sops/{INST}/new-sop"):
+        for path in (
+            f"/sops/{INST}/editor_probe/edit",
+            f"/sops/{INST}/editor_probe/edit/check",
+            f"/sops/{INST}/new-sop",
+        ):
             r = adm.post(path, data=data)
             assert r.status_code == 403, path
             assert "security token" in (r.json()["error"] if path.endswith("/check") else r.text)
@@ -151,7 +157,7 @@ def test_saving_without_csrf_or_as_non_administrator_writes_nothing(settings, ap
     r = adm.post(f"/sops/{INST}/editor_probe/edit", data={**form, "password": "wrong-password"})
     assert r.status_code == 401
     assert "wrong user name or password" in r.text
-    assert 'version: 2' in r.text  # the text is kept
+    assert "version: 2" in r.text  # the text is kept
     bad = text.replace("    role: qa\n", "    role: qa_officer\n")
     r = adm.post(f"/sops/{INST}/editor_probe/edit", data={**form, "text": bad})
     assert r.status_code == 422
@@ -188,10 +194,15 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
 
     adm = login(app, "adm")
     page = adm.get(f"/sops/{INST}/editor_probe/edit").text
-    v2 = PROBE.replace("\nversion: 1\n", "\nversion: 2\n").replace("max: 100", "max: 80").replace("    role: qa\n",
-                                                                                            "    role: quality_manager\n")
-    r = adm.post(f"/sops/{INST}/editor_probe/edit", data={"csrf": csrf_of(page), "text": v2, "password": PASSWORD,
-                                                          "reason": "<b>tighter</b> limit"})
+    v2 = (
+        PROBE.replace("\nversion: 1\n", "\nversion: 2\n")
+        .replace("max: 100", "max: 80")
+        .replace("    role: qa\n", "    role: quality_manager\n")
+    )
+    r = adm.post(
+        f"/sops/{INST}/editor_probe/edit",
+        data={"csrf": csrf_of(page), "text": v2, "password": PASSWORD, "reason": "<b>tighter</b> limit"},
+    )
     assert r.status_code == 303, r.text
     assert r.headers["location"] == f"/sops/{INST}/editor_probe"
     assert probe_versions(settings) == {1: "draft", 2: "draft"}
@@ -203,9 +214,15 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
     assert sop.status_code == 200  # no file in sops/: the page shows the versions
     html = sop.text
     assert "Draft v2 of editor_probe saved" in html
-    for shown in ('<tr id="v2">', '<span class="badge draft">', '<span class="badge in_review">', sha1,
-                  f'href="/sops/{INST}/editor_probe/diff?old=1&amp;new=2"', 'href="/runs/cc-run-1"',
-                  "&lt;b&gt;tighter&lt;/b&gt; limit"):
+    for shown in (
+        '<tr id="v2">',
+        '<span class="badge draft">',
+        '<span class="badge in_review">',
+        sha1,
+        f'href="/sops/{INST}/editor_probe/diff?old=1&amp;new=2"',
+        'href="/runs/cc-run-1"',
+        "&lt;b&gt;tighter&lt;/b&gt; limit",
+    ):
         assert shown in html, shown
     assert "<b>tighter" not in html
 
@@ -213,12 +230,16 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
     assert r.status_code == 200
     expected = [str(c) for c in diff_versions(settings, INST, "editor_probe", 1, 2)]
     assert len(expected) == 2
-    shown = [re.sub(r"<[^>]+>", "", m).replace("&#39;", "'").replace("&gt;", ">")
-             for m in re.findall(r'<span class="text">(.*?)</span>', r.text)]
+    shown = [
+        re.sub(r"<[^>]+>", "", m).replace("&#39;", "'").replace("&gt;", ">")
+        for m in re.findall(r'<span class="text">(.*?)</span>', r.text)
+    ]
     assert shown == expected
     assert "step 'measure', field 'value', max: 100 → 80" in shown
     default = adm.get(f"/sops/{INST}/editor_probe/diff").text  # the newest two by default
-    assert re.findall(r'<li class="change.*?</li>', default, re.S) == re.findall(r'<li class="change.*?</li>', r.text, re.S)
+    assert re.findall(r'<li class="change.*?</li>', default, re.S) == re.findall(
+        r'<li class="change.*?</li>', r.text, re.S
+    )
     zh = adm.get(f"/sops/{INST}/editor_probe/diff?old=1&new=2", headers={"Accept-Language": "zh-CN"})
     assert zh.status_code == 200
     bad = adm.get(f"/sops/{INST}/editor_probe/diff?old=1&new=9")
@@ -232,9 +253,13 @@ def test_new_sop_starts_from_a_skeleton_saves_v1_and_the_text_is_shown_as_text(s
     assert page.status_code == 200
     assert "unknown role &#39;choose_a_role&#39;. Roles of demo_hospital:" in page.text  # said at once
     csrf = csrf_of(page.text)
-    text = PROBE.replace("editor_probe", "web_new").replace("title: Editor probe", 'title: "</textarea><script>x()</script>"')
-    r = adm.post(f"/sops/{INST}/new-sop", data={"csrf": csrf, "text": text.replace("cell_lab", "cell_labb"),
-                                                "password": PASSWORD})
+    text = PROBE.replace("editor_probe", "web_new").replace(
+        "title: Editor probe", 'title: "</textarea><script>x()</script>"'
+    )
+    r = adm.post(
+        f"/sops/{INST}/new-sop",
+        data={"csrf": csrf, "text": text.replace("cell_lab", "cell_labb"), "password": PASSWORD},
+    )
     assert r.status_code == 422
     assert "<script>x()" not in r.text
     assert "&lt;/textarea&gt;&lt;script&gt;x()" in r.text  # kept in the editor, as text
@@ -263,7 +288,8 @@ def web_url_fixture(app: Any) -> Iterator[str]:
 
 def _select_on_line(page: Any, line: int, word: str) -> None:
     """Put the selection on ``word`` in ``line`` of the editor (as a double-click would)."""
-    page.evaluate("""([line, word]) => {
+    page.evaluate(
+        """([line, word]) => {
         const t = document.getElementById("sop-text");
         const lines = t.value.split("\\n");
         let start = 0;
@@ -271,15 +297,23 @@ def _select_on_line(page: Any, line: int, word: str) -> None:
         const at = start + lines[line - 1].indexOf(word);
         t.focus();
         t.setSelectionRange(at, at + word.length);
-    }""", [line, word])
+    }""",
+        [line, word],
+    )
 
 
 @pytest.mark.slow
 def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(settings, web_url, browser, shots):
     from flows.changes.control import create_draft
 
-    create_draft(settings, INST, PROBE.replace("editor_probe", "browser_probe"), name="browser_probe.yaml",
-                 username="adm", password=PASSWORD)
+    create_draft(
+        settings,
+        INST,
+        PROBE.replace("editor_probe", "browser_probe"),
+        name="browser_probe.yaml",
+        username="adm",
+        password=PASSWORD,
+    )
     context = browser.new_context(viewport=DESKTOP, locale="en-US")
     page = context.new_page()
     page.set_default_timeout(15_000)
@@ -319,32 +353,41 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
         _select_on_line(page, ROLE_LINE, "qa")
         page.keyboard.type("qa_officer", delay=20)
         page.wait_for_selector(f"#gutter .ln.bad[data-line='{ROLE_LINE}']")
-        page.wait_for_function(f"() => document.querySelector(\"#notes .note[data-line='{ROLE_LINE}']\")"
-                               ".textContent.includes(\"unknown role 'qa_officer'\")")  # not a check of half the word
+        page.wait_for_function(
+            f"() => document.querySelector(\"#notes .note[data-line='{ROLE_LINE}']\")"
+            ".textContent.includes(\"unknown role 'qa_officer'\")"
+        )  # not a check of half the word
         note = page.inner_text(f"#notes .note[data-line='{ROLE_LINE}']")
         assert "steps[1].role: unknown role 'qa_officer'" in note
         assert page.locator("#gutter .ln.bad").count() == 1
-        assert f"browser_probe.yaml:{ROLE_LINE}: steps[1].role: unknown role 'qa_officer'" in page.inner_text("#problem-list")
+        assert f"browser_probe.yaml:{ROLE_LINE}: steps[1].role: unknown role 'qa_officer'" in page.inner_text(
+            "#problem-list"
+        )
         assert "Problems: 1" in page.inner_text("#check-status")
         page.screenshot(path=str(shots / "en-sop-editor-problem.png"), full_page=True)
         page.click(f"#problem-list a[data-line='{ROLE_LINE}']")  # the list links to the line
-        selected = page.evaluate("() => { const t = document.getElementById('sop-text');"
-                                 " return t.value.slice(t.selectionStart, t.selectionEnd); }")
+        selected = page.evaluate(
+            "() => { const t = document.getElementById('sop-text');"
+            " return t.value.slice(t.selectionStart, t.selectionEnd); }"
+        )
         assert selected == "    role: qa_officer"
 
         # Fixed: the marker and message go; saved as the next Draft.
         _select_on_line(page, ROLE_LINE, "qa_officer")
         page.keyboard.type("quality_manager", delay=10)
-        page.wait_for_function("() => document.querySelectorAll('#gutter .ln.bad').length === 0"
-                               " && document.getElementById('check-status').textContent.includes('No problems')")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#gutter .ln.bad').length === 0"
+            " && document.getElementById('check-status').textContent.includes('No problems')"
+        )
         page.fill("#draft-password", PASSWORD)
         page.click("#save-draft")
         page.wait_for_url(f"**/sops/{INST}/browser_probe")
         assert f"Draft v{number} of browser_probe saved" in page.inner_text("main")
         assert page.locator(f"#versions tr#v{number} .badge.draft").count() == 1
         with read_session(settings.database_url) as s:
-            saved = s.exec(select(SopVersion).where(SopVersion.sop_id == "browser_probe",
-                                                    SopVersion.version == number)).one()
+            saved = s.exec(
+                select(SopVersion).where(SopVersion.sop_id == "browser_probe", SopVersion.version == number)
+            ).one()
         assert "    role: quality_manager\n" in saved.text
         assert saved.sha256 in page.inner_text("#versions")
         page.screenshot(path=str(shots / "en-sop-versions.png"), full_page=True)
@@ -367,4 +410,6 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
         other.close()
     finally:
         context.close()
-    assert {"en-sop-editor-problem.png", "en-sop-versions.png", "en-sop-diff.png"} <= {p.name for p in shots.glob("*.png")}
+    assert {"en-sop-editor-problem.png", "en-sop-versions.png", "en-sop-diff.png"} <= {
+        p.name for p in shots.glob("*.png")
+    }

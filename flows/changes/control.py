@@ -116,7 +116,9 @@ def version_definition(version: SopVersion) -> SopDefinition:
 def signing_roles(sop: SopDefinition) -> set[str]:
     """Every role that signs a step of the SOP (a failed check's disposition role too)."""
     roles = {s.role for s in sop.steps if isinstance(s, HumanStepSpec)}
-    roles |= {s.deviation.disposition_role for s in sop.steps if isinstance(s, CheckStepSpec) and s.on_fail == "deviation"}
+    roles |= {
+        s.deviation.disposition_role for s in sop.steps if isinstance(s, CheckStepSpec) and s.on_fail == "deviation"
+    }
     return roles
 
 
@@ -126,21 +128,41 @@ def _iso(value: datetime) -> str:
 
 def _refuse(settings: Settings, user: User, action: str, object_id: str, problem: str) -> NotAuthorizedError:
     with write_session(settings.database_url) as s:
-        ledger.audit(s, actor=user.id, action=f"{action}.refused", object_type="sf_sop_version", object_id=object_id,
-                     payload={"problem": problem}, reason=problem)
+        ledger.audit(
+            s,
+            actor=user.id,
+            action=f"{action}.refused",
+            object_type="sf_sop_version",
+            object_id=object_id,
+            payload={"problem": problem},
+            reason=problem,
+        )
     return NotAuthorizedError(problem)
 
 
-def _holder(settings: Settings, username: str, password: str, institution: str, role: str, action: str,
-            object_id: str, purpose: str) -> User:
+def _holder(
+    settings: Settings,
+    username: str,
+    password: str,
+    institution: str,
+    role: str,
+    action: str,
+    object_id: str,
+    purpose: str,
+) -> User:
     """Sign in (audited) and check the user holds ``role`` at ``institution``; refused and audited otherwise."""
     user = sign_in(settings, username, password, purpose)
     with read_session(settings.database_url) as s:
         held = roles_of(s, user.id, institution)
     if role not in held:
-        raise _refuse(settings, user, action, object_id,
-                      f"user {username!r} may not {purpose} at {institution!r}: that takes role {role!r} there "
-                      f"(they hold {', '.join(sorted(held)) or 'no role'})")
+        raise _refuse(
+            settings,
+            user,
+            action,
+            object_id,
+            f"user {username!r} may not {purpose} at {institution!r}: that takes role {role!r} there "
+            f"(they hold {', '.join(sorted(held)) or 'no role'})",
+        )
     return user
 
 
@@ -156,20 +178,30 @@ def _builtin(settings: Settings, institution: str) -> tuple[str, str, SopDefinit
         raise ChangeControlError(
             f"institution {institution!r} declares no role {', '.join(repr(m) for m in missing)}: change control needs "
             f"roles {ADMIN_ROLE!r} (SOP administrators), {REVIEWER_ROLE!r} (reviewers) and {QA_ROLE!r}; add them to "
-            f"sops/{institution}/institution.yaml")
+            f"sops/{institution}/institution.yaml"
+        )
     loaded = load_sop_text(text, name=str(BUILTIN_SOP.name), institution=spec)
     return text, ledger.sha256_hex(text.encode()), loaded.definition
 
 
 def _store(session: Session, institution: str, sop: SopDefinition, text: str, sha: str, now: datetime) -> SopVersion:
-    version = SopVersion(institution=institution, sop_id=sop.id, version=sop.version, schema_version=sop.schema_version,
-                         sha256=sha, text=text, stored_at=now)
+    version = SopVersion(
+        institution=institution,
+        sop_id=sop.id,
+        version=sop.version,
+        schema_version=sop.schema_version,
+        sha256=sha,
+        text=text,
+        stored_at=now,
+    )
     ledger.append(session, version, actor="system", action="sop_version.store")
     return version
 
 
 # -- establish -----------------------------------------------------------------------------------
-def establish(settings: Settings, institution: str, officer: Officer, *, now: datetime | None = None) -> list[dict[str, Any]]:
+def establish(
+    settings: Settings, institution: str, officer: Officer, *, now: datetime | None = None
+) -> list[dict[str, Any]]:
     """Make the SOP files of ``institution`` its first Effective versions, signed "initial issue".
 
     Raises:
@@ -187,8 +219,16 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
     except ChangeControlError as exc:  # the SOPs can run; change control waits until the roles exist
         builtin, skipped = [], str(exc)
     init_db(settings.database_url)
-    qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.establish", institution,
-                 "establish the first SOP versions")
+    qa = _holder(
+        settings,
+        officer.username,
+        officer.password,
+        institution,
+        QA_ROLE,
+        "sop.establish",
+        institution,
+        "establish the first SOP versions",
+    )
     out = []
     with write_session(settings.database_url) as s:
         # Rows stored by runs before versions had states (no events) are adopted, not refused.
@@ -198,17 +238,28 @@ def establish(settings: Settings, institution: str, officer: Officer, *, now: da
         if existing:
             raise ChangeControlError(
                 f"institution {institution!r} has {len(existing)} SOP versions already: establish is only for an "
-                "installation's first versions; a new version goes through `sopflow sop draft` and change control")
+                "installation's first versions; a new version goes through `sopflow sop draft` and change control"
+            )
         items = [(d.definition, d.text, d.sha256) for d in inst.sops.values()]
         for sop, text, sha in items + builtin:
             if sop.id == CHANGE_CONTROL_ID and (sop, text, sha) not in builtin:
-                raise ChangeControlError(f"sops/{institution}/{CHANGE_CONTROL_ID}.yaml: the id {CHANGE_CONTROL_ID!r} is "
-                                         "reserved for sopflow's built-in change-control SOP; rename the file and its id")
+                raise ChangeControlError(
+                    f"sops/{institution}/{CHANGE_CONTROL_ID}.yaml: the id {CHANGE_CONTROL_ID!r} is "
+                    "reserved for sopflow's built-in change-control SOP; rename the file and its id"
+                )
             version = legacy.get((sop.id, sha)) or _store(s, institution, sop, text, sha, now)
             months = DEFAULT_REVIEW_MONTHS
-            append_event(s, version, "effective", actor=qa.id, printed_name=qa.printed_name, meaning="initial issue",
-                         data={"effective_at": _iso(now), "review_due": _iso(add_months(now, months)), "initial_issue": True},
-                         reason="initial issue: the version in force when sopflow was installed", at=now)
+            append_event(
+                s,
+                version,
+                "effective",
+                actor=qa.id,
+                printed_name=qa.printed_name,
+                meaning="initial issue",
+                data={"effective_at": _iso(now), "review_due": _iso(add_months(now, months)), "initial_issue": True},
+                reason="initial issue: the version in force when sopflow was installed",
+                at=now,
+            )
             out.append({"sop_id": sop.id, "version": sop.version, "sha256": sha, "version_id": version.id})
     if skipped:
         out.append({"sop_id": CHANGE_CONTROL_ID, "skipped": skipped})
@@ -235,8 +286,9 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
         infos = versions_of(s, institution, sop_id)
-        due = any(i.state == "issued" and datetime.fromisoformat(i.data["effective_at"]) <= (now or utcnow())
-                  for i in infos)
+        due = any(
+            i.state == "issued" and datetime.fromisoformat(i.data["effective_at"]) <= (now or utcnow()) for i in infos
+        )
         if not due and (version := newest_effective(infos)) is not None:
             return PinnedSop(version.id, version_definition(version), version.sha256)
     if due:
@@ -248,7 +300,8 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
             return PinnedSop(version.id, version_definition(version), version.sha256)
         known = _known_ids(settings, s, institution)
         institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | set(
-            s.exec(select(SopVersion.institution)))
+            s.exec(select(SopVersion.institution))
+        )
     if institution not in institutions:
         close = difflib.get_close_matches(institution, sorted(institutions), n=1)
         raise SopNotFoundError(f"no institution {institution!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
@@ -262,16 +315,20 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
             f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. The file "
             f"sops/{institution}/{sop_id}.yaml has not been through change control: an installation's first versions "
             f"are established with `sopflow sop establish {institution} --as <QA officer>`, later ones with "
-            "`sopflow sop draft` and `sopflow sop submit`")
-    states = "; ".join(f"v{i.version.version} is {i.state.replace('_', ' ')}"
-                       + (f" (effective from {i.data['effective_at'][:16]} UTC)" if i.state == "issued" else "")
-                       for i in infos)
+            "`sopflow sop draft` and `sopflow sop submit`"
+        )
+    states = "; ".join(
+        f"v{i.version.version} is {i.state.replace('_', ' ')}"
+        + (f" (effective from {i.data['effective_at'][:16]} UTC)" if i.state == "issued" else "")
+        for i in infos
+    )
     raise SopNotEffectiveError(f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. {states}")
 
 
 # -- drafts ---
-def check_draft_text(settings: Settings, institution: str, text: str, *, name: str = "draft.yaml",
-                     sop_id: str | None = None) -> dict[str, Any]:
+def check_draft_text(
+    settings: Settings, institution: str, text: str, *, name: str = "draft.yaml", sop_id: str | None = None
+) -> dict[str, Any]:
     """For the web editor, as the administrator types: ``problems`` (each with ``line``, ``path``,
     ``message`` and ``text``, the line ``sopflow sop validate`` prints) against the institution's
     roles and templates, and ``fields``: the JSON Schema's key names by place, for completion.
@@ -286,13 +343,25 @@ def check_draft_text(settings: Settings, institution: str, text: str, *, name: s
     if institution not in catalog.institutions():
         catalog.products(institution)  # raises SopNotFoundError with a "did you mean"
     spec = load_institution_file(settings.sops_dir / institution / "institution.yaml")
-    return {"problems": validate_sop_text(text, name=name, institution=spec, templates_dir=settings.templates_dir,
-                                          sop_id=sop_id),
-            "fields": schema_field_names()}
+    return {
+        "problems": validate_sop_text(
+            text, name=name, institution=spec, templates_dir=settings.templates_dir, sop_id=sop_id
+        ),
+        "fields": schema_field_names(),
+    }
 
 
-def create_draft(settings: Settings, institution: str, text: str, *, name: str, username: str, password: str,
-                 sop_id: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def create_draft(
+    settings: Settings,
+    institution: str,
+    text: str,
+    *,
+    name: str,
+    username: str,
+    password: str,
+    sop_id: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
     """Store SOP YAML text as a Draft version (an administrator of the institution only).
 
     ``name``: how problems name the text (the file's path); ``sop_id``: the id it must carry
@@ -314,29 +383,45 @@ def create_draft(settings: Settings, institution: str, text: str, *, name: str, 
     loaded = load_sop_text(text, name=name, institution=spec, templates_dir=settings.templates_dir, sop_id=expected)
     sop = loaded.definition
     if sop.id == CHANGE_CONTROL_ID:
-        raise ChangeControlError(f"{name}: id {CHANGE_CONTROL_ID!r} is reserved for sopflow's built-in change-control SOP")
+        raise ChangeControlError(
+            f"{name}: id {CHANGE_CONTROL_ID!r} is reserved for sopflow's built-in change-control SOP"
+        )
     init_db(settings.database_url)
-    user = _holder(settings, username, password, institution, ADMIN_ROLE, "sop.draft", f"{institution}/{sop.id}",
-                   "create SOP drafts")
+    user = _holder(
+        settings,
+        username,
+        password,
+        institution,
+        ADMIN_ROLE,
+        "sop.draft",
+        f"{institution}/{sop.id}",
+        "create SOP drafts",
+    )
     sha = ledger.sha256_hex(text.encode())
     with write_session(settings.database_url) as s:
         infos = versions_of(s, institution, sop.id)
         for i in infos:
             if i.version.sha256 == sha:
-                raise ChangeControlError(f"{name}: the same text as {sop.id} v{i.version.version} ({i.state}); nothing to draft")
+                raise ChangeControlError(
+                    f"{name}: the same text as {sop.id} v{i.version.version} ({i.state}); nothing to draft"
+                )
         highest = max((i.version.version for i in infos), default=0)
         if sop.version <= highest:
             raise ChangeControlError(
                 f"{name}:{loaded.lines.line('version')}: version: {sop.id} v{sop.version} cannot be drafted: version "
-                f"numbers are never reused and v{highest} exists; set version: {highest + 1}")
+                f"numbers are never reused and v{highest} exists; set version: {highest + 1}"
+            )
         version = _store(s, institution, sop, text, sha, utcnow())
         append_event(s, version, "draft", actor=user.id, data={"source": name}, reason=reason)
         return {"version_id": version.id, "sop_id": sop.id, "version": sop.version, "sha256": sha}
 
 
 def _version(session: Session, institution: str, sop_id: str, number: int) -> SopVersion:
-    version = session.exec(select(SopVersion).where(SopVersion.institution == institution, SopVersion.sop_id == sop_id,
-                                                    SopVersion.version == number)).first()
+    version = session.exec(
+        select(SopVersion).where(
+            SopVersion.institution == institution, SopVersion.sop_id == sop_id, SopVersion.version == number
+        )
+    ).first()
     if version is None:
         known = ", ".join(f"v{i.version.version}" for i in versions_of(session, institution, sop_id)) or "none"
         raise SopNotFoundError(f"{institution}/{sop_id} has no version {number}; its versions: {known}")
@@ -349,20 +434,43 @@ def _pinned_change_control(settings: Settings, institution: str) -> PinnedSop:
     with write_session(settings.database_url) as s:
         current = effective_version(s, institution, CHANGE_CONTROL_ID)
         if current is None or current.sha256 != sha:
-            if current is None and not s.exec(select(SopVersion.id).where(SopVersion.institution == institution)).first():
-                raise SopNotEffectiveError(f"institution {institution!r} has no SOP versions yet: establish them first "
-                                           f"(`sopflow sop establish {institution} --as <QA officer>`)")
+            if (
+                current is None
+                and not s.exec(select(SopVersion.id).where(SopVersion.institution == institution)).first()
+            ):
+                raise SopNotEffectiveError(
+                    f"institution {institution!r} has no SOP versions yet: establish them first "
+                    f"(`sopflow sop establish {institution} --as <QA officer>`)"
+                )
             version = _store(s, institution, sop, text, sha, utcnow())
             if current is not None:
-                append_event(s, current, "superseded", actor="system", reason="sopflow's built-in change-control SOP changed")
-            append_event(s, version, "effective", actor="system", reason="built into this sopflow release",
-                         data={"effective_at": _iso(utcnow())})
+                append_event(
+                    s, current, "superseded", actor="system", reason="sopflow's built-in change-control SOP changed"
+                )
+            append_event(
+                s,
+                version,
+                "effective",
+                actor="system",
+                reason="built into this sopflow release",
+                data={"effective_at": _iso(utcnow())},
+            )
             current = version
         return PinnedSop(current.id, version_definition(current), current.sha256)
 
 
-def submit_change(settings: Settings, institution: str, sop_id: str, number: int, *, reviewer: str, reason: str,
-                  username: str, password: str, timeout: float = 90.0) -> str:
+def submit_change(
+    settings: Settings,
+    institution: str,
+    sop_id: str,
+    number: int,
+    *,
+    reviewer: str,
+    reason: str,
+    username: str,
+    password: str,
+    timeout: float = 90.0,
+) -> str:
     """Put a Draft under change control: start the built-in SOP on it and sign its submission
     (the author's reason for change). Returns the change-control run's id.
 
@@ -375,36 +483,65 @@ def submit_change(settings: Settings, institution: str, sop_id: str, number: int
     if not reason:
         raise ChangeControlError(f"{sop_id} v{number}: give the reason for change (--reason)")
     init_db(settings.database_url)
-    user = _holder(settings, username, password, institution, ADMIN_ROLE, "sop.submit", f"{institution}/{sop_id}",
-                   "submit SOP changes")
+    user = _holder(
+        settings,
+        username,
+        password,
+        institution,
+        ADMIN_ROLE,
+        "sop.submit",
+        f"{institution}/{sop_id}",
+        "submit SOP changes",
+    )
     with read_session(settings.database_url) as s:
         version = _version(s, institution, sop_id, number)
         ev = state_of(s, version.id)
         if ev is None or ev.state != "draft":
-            raise ChangeControlError(f"{sop_id} v{number} is {ev.state if ev else 'not a draft'}: only a draft can be "
-                                     "submitted to change control")
+            raise ChangeControlError(
+                f"{sop_id} v{number} is {ev.state if ev else 'not a draft'}: only a draft can be "
+                "submitted to change control"
+            )
         rev = s.exec(select(User).where(User.username == reviewer)).first()
         if rev is None or REVIEWER_ROLE not in roles_of(s, rev.id, institution):
-            raise ChangeControlError(f"reviewer {reviewer!r} must be a user holding role {REVIEWER_ROLE!r} at {institution!r}")
+            raise ChangeControlError(
+                f"reviewer {reviewer!r} must be a user holding role {REVIEWER_ROLE!r} at {institution!r}"
+            )
         if rev.id in (ev.actor, user.id):
-            raise ChangeControlError(f"reviewer {reviewer!r} is the author of {sop_id} v{number}: name another reviewer")
+            raise ChangeControlError(
+                f"reviewer {reviewer!r} is the author of {sop_id} v{number}: name another reviewer"
+            )
         sha = version.sha256
     pinned = _pinned_change_control(settings, institution)
-    started = service.start_run(settings, institution, CHANGE_CONTROL_ID,
-                                {"sop_id": sop_id, "version": str(number), "sha256": sha, "reviewer": reviewer},
-                                username, password, pinned=pinned)
+    started = service.start_run(
+        settings,
+        institution,
+        CHANGE_CONTROL_ID,
+        {"sop_id": sop_id, "version": str(number), "sha256": sha, "reviewer": reviewer},
+        username,
+        password,
+        pinned=pinned,
+    )
     with write_session(settings.database_url) as s:
         version = _version(s, institution, sop_id, number)
-        append_event(s, version, "in_review", actor=user.id, data={"run_id": started.run_id, "reviewer": reviewer},
-                     reason=reason)
+        append_event(
+            s, version, "in_review", actor=user.id, data={"run_id": started.run_id, "reviewer": reviewer}, reason=reason
+        )
     service.wait_for_run(settings, started.run_id, step="submit", timeout=timeout)
     service.submit_step(settings, started.run_id, "submit", username, password, {"reason": reason})
     return started.run_id
 
 
 # -- periodic review, retirement, listing --------------------------------------------------------
-def record_review(settings: Settings, institution: str, sop_id: str, officer: Officer, *, note: str,
-                  months: int | None = None, now: datetime | None = None) -> dict[str, Any]:
+def record_review(
+    settings: Settings,
+    institution: str,
+    sop_id: str,
+    officer: Officer,
+    *,
+    note: str,
+    months: int | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
     """Record a periodic review that found no change: QA signs, and the next review falls due
     ``months`` (default 24) from now. The version stays Effective.
 
@@ -416,16 +553,36 @@ def record_review(settings: Settings, institution: str, sop_id: str, officer: Of
     if not note:
         raise ChangeControlError(f"{sop_id}: say what the review found (--note)")
     pinned = effective_sop(settings, institution, sop_id, now=now)
-    qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.review",
-                 f"{institution}/{sop_id}", "record periodic reviews")
+    qa = _holder(
+        settings,
+        officer.username,
+        officer.password,
+        institution,
+        QA_ROLE,
+        "sop.review",
+        f"{institution}/{sop_id}",
+        "record periodic reviews",
+    )
     with write_session(settings.database_url) as s:
         version = _get(s, pinned.version_id)
         ev = state_of(s, version.id)
-        data = {**(event_data(ev) if ev else {}), "periodic_review": True,
-                "review_due": _iso(add_months(now, months or DEFAULT_REVIEW_MONTHS))}
+        data = {
+            **(event_data(ev) if ev else {}),
+            "periodic_review": True,
+            "review_due": _iso(add_months(now, months or DEFAULT_REVIEW_MONTHS)),
+        }
         data.pop("initial_issue", None)
-        append_event(s, version, "effective", actor=qa.id, printed_name=qa.printed_name,
-                     meaning="periodic review: no change", data=data, reason=note, at=now)
+        append_event(
+            s,
+            version,
+            "effective",
+            actor=qa.id,
+            printed_name=qa.printed_name,
+            meaning="periodic review: no change",
+            data=data,
+            reason=note,
+            at=now,
+        )
         return {"sop_id": sop_id, "version": version.version, "review_due": data["review_due"]}
 
 
@@ -439,8 +596,16 @@ def retire(settings: Settings, institution: str, sop_id: str, officer: Officer, 
     if not reason:
         raise ChangeControlError(f"{sop_id}: give the reason for retiring it (--reason)")
     pinned = effective_sop(settings, institution, sop_id)
-    qa = _holder(settings, officer.username, officer.password, institution, QA_ROLE, "sop.retire",
-                 f"{institution}/{sop_id}", "retire SOPs")
+    qa = _holder(
+        settings,
+        officer.username,
+        officer.password,
+        institution,
+        QA_ROLE,
+        "sop.retire",
+        f"{institution}/{sop_id}",
+        "retire SOPs",
+    )
     with write_session(settings.database_url) as s:
         version = _get(s, pinned.version_id)
         append_event(s, version, "retired", actor=qa.id, printed_name=qa.printed_name, meaning="retired", reason=reason)
@@ -463,11 +628,32 @@ def list_versions(settings: Settings, institution: str, sop_id: str | None = Non
         for i in versions_of(s, institution, sop_id):
             from flows.record.tables import SopVersionEvent
 
-            events = s.exec(select(SopVersionEvent).where(SopVersionEvent.version_id == i.version.id)
-                            .order_by(col(SopVersionEvent.n)))
-            out.append({"sop_id": i.version.sop_id, "version": i.version.version, "state": i.state,
-                        "sha256": i.version.sha256, "since": i.since, "data": i.data, "version_id": i.version.id,
-                        "history": [{"state": e.state, "at": e.at, "by": names.get(e.actor, e.actor),
-                                     "printed_name": e.printed_name, "meaning": e.meaning, "reason": e.reason,
-                                     "data": event_data(e)} for e in events]})
+            events = s.exec(
+                select(SopVersionEvent)
+                .where(SopVersionEvent.version_id == i.version.id)
+                .order_by(col(SopVersionEvent.n))
+            )
+            out.append(
+                {
+                    "sop_id": i.version.sop_id,
+                    "version": i.version.version,
+                    "state": i.state,
+                    "sha256": i.version.sha256,
+                    "since": i.since,
+                    "data": i.data,
+                    "version_id": i.version.id,
+                    "history": [
+                        {
+                            "state": e.state,
+                            "at": e.at,
+                            "by": names.get(e.actor, e.actor),
+                            "printed_name": e.printed_name,
+                            "meaning": e.meaning,
+                            "reason": e.reason,
+                            "data": event_data(e),
+                        }
+                        for e in events
+                    ],
+                }
+            )
         return out

@@ -55,8 +55,11 @@ __all__ = ["overdue_training", "sweep"]
 
 
 def _signed(session: Session, run_id: str, step_id: str) -> tuple[dict[str, Any], Signature | None]:
-    rec = session.exec(select(StepRecord).where(StepRecord.run_id == run_id, StepRecord.step_id == step_id,
-                                                StepRecord.status == "done").order_by(col(StepRecord.n).desc())).first()
+    rec = session.exec(
+        select(StepRecord)
+        .where(StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "done")
+        .order_by(col(StepRecord.n).desc())
+    ).first()
     if rec is None:
         return {}, None
     return json.loads(rec.data_json), session.get(Signature, rec.signature_id) if rec.signature_id else None
@@ -67,16 +70,29 @@ def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, 
 
     roles = signing_roles(sop)
     holders: dict[str, set[str]] = {}
-    for g in session.exec(select(RoleGrant).where(RoleGrant.institution == version.institution, col(RoleGrant.role).in_(roles))):
+    for g in session.exec(
+        select(RoleGrant).where(RoleGrant.institution == version.institution, col(RoleGrant.role).in_(roles))
+    ):
         holders.setdefault(g.user_id, set()).add(g.role)
     n = 0
     for user_id, held in sorted(holders.items()):
         if not is_active(session, user_id):
             continue
-        ledger.append(session, TrainingAssignment(
-            user_id=user_id, version_id=version.id, institution=version.institution, sop_id=version.sop_id,
-            sop_version=version.version, roles_json=json.dumps(sorted(held)), due_at=due, assigned_at=now),
-            actor="system", action="training.assign")
+        ledger.append(
+            session,
+            TrainingAssignment(
+                user_id=user_id,
+                version_id=version.id,
+                institution=version.institution,
+                sop_id=version.sop_id,
+                sop_version=version.version,
+                roles_json=json.dumps(sorted(held)),
+                due_at=due,
+                assigned_at=now,
+            ),
+            actor="system",
+            action="training.assign",
+        )
         n += 1
     return n
 
@@ -84,19 +100,33 @@ def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, 
 def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, now: datetime) -> str | None:
     """Apply a finished change-control run to its version; returns the new state."""
     if status == "failed":  # the engine failed, nobody decided: the draft may be submitted again
-        append_event(session, version, "draft", actor="system", data={"run_id": run.id},
-                     reason=f"change-control run {run.id} failed ({(run_status_detail(session, run.id) or 'see its record')}); "
-                            "returned to draft", at=now)
+        append_event(
+            session,
+            version,
+            "draft",
+            actor="system",
+            data={"run_id": run.id},
+            reason=f"change-control run {run.id} failed ({(run_status_detail(session, run.id) or 'see its record')}); "
+            "returned to draft",
+            at=now,
+        )
         return "returned"
     if status in ("rejected", "stopped"):
         data, sig = _signed(session, run.id, "qa_approval")
         if sig is None:
             data, sig = _signed(session, run.id, "review")
-        append_event(session, version, "rejected", actor=sig.user_id if sig else "system",
-                     printed_name=sig.printed_name if sig else None, meaning="rejected" if sig else None,
-                     signed_sha256=sig.signed_sha256 if sig else None,
-                     data={"run_id": run.id, "signature_id": sig.id if sig else None},
-                     reason=data.get("reason") or f"change-control run {status}", at=now)
+        append_event(
+            session,
+            version,
+            "rejected",
+            actor=sig.user_id if sig else "system",
+            printed_name=sig.printed_name if sig else None,
+            meaning="rejected" if sig else None,
+            signed_sha256=sig.signed_sha256 if sig else None,
+            data={"run_id": run.id, "signature_id": sig.id if sig else None},
+            reason=data.get("reason") or f"change-control run {status}",
+            at=now,
+        )
         return "rejected"
     if status != "completed":
         return None
@@ -109,14 +139,36 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
     months = int(data.get("review_months") or DEFAULT_REVIEW_MONTHS)
     training_due = now + timedelta(days=days)
     effective_at = datetime.fromisoformat(data["effective_at"]) if data.get("effective_at") else training_due
-    append_event(session, version, "approved", actor=sig.user_id, printed_name=sig.printed_name, meaning="approved",
-                 signed_sha256=sig.signed_sha256,
-                 data={"run_id": run.id, "signature_id": sig.id, "review_signature_id": review.id if review else None,
-                       "reviewed_by": review.printed_name if review else None}, at=now)
+    append_event(
+        session,
+        version,
+        "approved",
+        actor=sig.user_id,
+        printed_name=sig.printed_name,
+        meaning="approved",
+        signed_sha256=sig.signed_sha256,
+        data={
+            "run_id": run.id,
+            "signature_id": sig.id,
+            "review_signature_id": review.id if review else None,
+            "reviewed_by": review.printed_name if review else None,
+        },
+        at=now,
+    )
     sop = version_definition(version)
-    append_event(session, version, "issued", actor="system", at=now,
-                 data={"run_id": run.id, "effective_at": _iso(effective_at), "training_due": _iso(training_due),
-                       "review_due": _iso(add_months(effective_at, months))})
+    append_event(
+        session,
+        version,
+        "issued",
+        actor="system",
+        at=now,
+        data={
+            "run_id": run.id,
+            "effective_at": _iso(effective_at),
+            "training_due": _iso(training_due),
+            "review_due": _iso(add_months(effective_at, months)),
+        },
+    )
     _assign_training(session, version, sop, training_due, now)
     return "issued"
 
@@ -128,7 +180,9 @@ def run_status_detail(session: Session, run_id: str) -> str | None:
     return ev.detail if ev is not None else None
 
 
-def overdue_training(settings: Settings, *, now: datetime | None = None, institution: str | None = None) -> list[dict[str, Any]]:
+def overdue_training(
+    settings: Settings, *, now: datetime | None = None, institution: str | None = None
+) -> list[dict[str, Any]]:
     """Training assigned on issued versions, due and not yet recorded, oldest due first."""
     now = now or utcnow()
     init_db(settings.database_url)
@@ -145,14 +199,31 @@ def overdue_training(settings: Settings, *, now: datetime | None = None, institu
             ev = state_of(s, a.version_id)
             if ev is not None and ev.state in ("superseded", "retired"):
                 continue
-            out.append({"assignment_id": a.id, "username": names.get(a.user_id, a.user_id), "institution": a.institution,
-                        "sop_id": a.sop_id, "sop_version": a.sop_version, "roles": json.loads(a.roles_json), "due_at": due,
-                        "overdue_days": (now - due).days})
+            out.append(
+                {
+                    "assignment_id": a.id,
+                    "username": names.get(a.user_id, a.user_id),
+                    "institution": a.institution,
+                    "sop_id": a.sop_id,
+                    "sop_version": a.sop_version,
+                    "roles": json.loads(a.roles_json),
+                    "due_at": due,
+                    "overdue_days": (now - due).days,
+                }
+            )
     return out
 
 
-def _remind(settings: Settings, kind: str, object_id: str, institution: str, roles: list[str], title: str, body: str,
-            now: datetime) -> bool:
+def _remind(
+    settings: Settings,
+    kind: str,
+    object_id: str,
+    institution: str,
+    roles: list[str],
+    title: str,
+    body: str,
+    now: datetime,
+) -> bool:
     from flows.outputs.notify import load_channels, notify
 
     with read_session(settings.database_url) as s:
@@ -163,8 +234,14 @@ def _remind(settings: Settings, kind: str, object_id: str, institution: str, rol
         with write_session(settings.database_url) as s:
             if s.exec(select(Reminder.id).where(Reminder.kind == kind, Reminder.object_id == object_id)).first():
                 return False
-            ledger.append(s, Reminder(kind=kind, object_id=object_id, deliveries_json=json.dumps(deliveries, sort_keys=True),
-                                      at=now), actor="system", action=f"reminder.{kind}")
+            ledger.append(
+                s,
+                Reminder(
+                    kind=kind, object_id=object_id, deliveries_json=json.dumps(deliveries, sort_keys=True), at=now
+                ),
+                actor="system",
+                action=f"reminder.{kind}",
+            )
     except RecordError:  # another executor recorded it first
         return False
     return True
@@ -195,21 +272,44 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
                 if new:
                     counts[new] += 1
                 if new == "issued":
-                    issued.append((v.id, v.institution, v.sop_id, v.version, sorted(signing_roles(version_definition(v))),
-                                   event_data(state_of(s, v.id) or ev)))
+                    issued.append(
+                        (
+                            v.id,
+                            v.institution,
+                            v.sop_id,
+                            v.version,
+                            sorted(signing_roles(version_definition(v))),
+                            event_data(state_of(s, v.id) or ev),
+                        )
+                    )
         counts["effective"] = len(activate_due(s, now))
     for vid, inst, sop_id, number, roles, data in issued:  # tell the staff who must train, once
-        _remind(settings, "issued", vid, inst, roles, f"[{sop_id}] v{number} issued: training due {data['training_due'][:10]}",
-                f"{sop_id} v{number} at {inst} is approved and issued. Everyone holding role {', '.join(roles)} must be "
-                f"trained on it by {data['training_due'][:16]} UTC; it becomes effective {data['effective_at'][:16]} UTC, "
-                "and from then on only staff trained on it may sign its steps.", now)
+        _remind(
+            settings,
+            "issued",
+            vid,
+            inst,
+            roles,
+            f"[{sop_id}] v{number} issued: training due {data['training_due'][:10]}",
+            f"{sop_id} v{number} at {inst} is approved and issued. Everyone holding role {', '.join(roles)} must be "
+            f"trained on it by {data['training_due'][:16]} UTC; it becomes effective {data['effective_at'][:16]} UTC, "
+            "and from then on only staff trained on it may sign its steps.",
+            now,
+        )
     for o in overdue_training(settings, now=now):
         roles = sorted({QA_ROLE, *o["roles"]})
-        if _remind(settings, "training_overdue", o["assignment_id"], o["institution"], roles,
-                   f"[{o['sop_id']}] training overdue: {o['username']} on v{o['sop_version']}",
-                   f"{o['username']} has not been trained on {o['sop_id']} v{o['sop_version']} at {o['institution']}; "
-                   f"it was due {o['due_at']:%Y-%m-%d %H:%M} UTC. Until then they may not sign its steps. "
-                   "`sopflow training overdue` lists every overdue training.", now):
+        if _remind(
+            settings,
+            "training_overdue",
+            o["assignment_id"],
+            o["institution"],
+            roles,
+            f"[{o['sop_id']}] training overdue: {o['username']} on v{o['sop_version']}",
+            f"{o['username']} has not been trained on {o['sop_id']} v{o['sop_version']} at {o['institution']}; "
+            f"it was due {o['due_at']:%Y-%m-%d %H:%M} UTC. Until then they may not sign its steps. "
+            "`sopflow training overdue` lists every overdue training.",
+            now,
+        ):
             counts["training_reminders"] += 1
     with read_session(settings.database_url) as s:
         due_reviews = []
@@ -219,12 +319,17 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
             if review_due and datetime.fromisoformat(review_due) - REVIEW_NOTICE <= now:
                 due_reviews.append((v.id, v.institution, v.sop_id, v.version, review_due))
     for vid, inst, sop_id, number, review_due in due_reviews:
-        if _remind(settings, "review_due", f"{vid}@{review_due}", inst, [ADMIN_ROLE, QA_ROLE],
-                   f"[{sop_id}] periodic review due {review_due[:10]}",
-                   f"{sop_id} v{number} at {inst} is due for its periodic review on {review_due[:10]}. Record a review "
-                   f"that finds no change with `sopflow sop review {sop_id} --institution {inst} --as <QA officer>`, "
-                   "or draft a new version.", now):
+        if _remind(
+            settings,
+            "review_due",
+            f"{vid}@{review_due}",
+            inst,
+            [ADMIN_ROLE, QA_ROLE],
+            f"[{sop_id}] periodic review due {review_due[:10]}",
+            f"{sop_id} v{number} at {inst} is due for its periodic review on {review_due[:10]}. Record a review "
+            f"that finds no change with `sopflow sop review {sop_id} --institution {inst} --as <QA officer>`, "
+            "or draft a new version.",
+            now,
+        ):
             counts["review_reminders"] += 1
     return counts
-
-

@@ -61,7 +61,9 @@ def export_institution(settings: Settings, institution: str, folder: Path) -> di
         raise ChangeControlError(f"{folder}: not empty; export into a new or empty folder")
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        effective = [i for i in versions_of(s, institution) if i.state == "effective" and i.version.sop_id != CHANGE_CONTROL_ID]
+        effective = [
+            i for i in versions_of(s, institution) if i.state == "effective" and i.version.sop_id != CHANGE_CONTROL_ID
+        ]
         rows = [(i.version.sop_id, i.version.version, i.version.text) for i in effective]
     if not rows:
         raise SopNotFoundError(f"institution {institution!r} has no Effective SOP to export")
@@ -87,7 +89,11 @@ def _checked(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ChangeControlError(f"{folder / MANIFEST}: cannot read the manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise ChangeControlError(f"{folder / MANIFEST}: not a sopflow export manifest (format {FORMAT!r})")
     problems: list[str] = []
     contents: dict[str, bytes] = {}
@@ -98,8 +104,10 @@ def _checked(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
             continue
         data = path.read_bytes()
         if ledger.sha256_hex(data) != entry.get("sha256"):
-            problems.append(f"{path}: sha256 {ledger.sha256_hex(data)[:12]}… differs from the manifest's "
-                            f"{str(entry.get('sha256'))[:12]}…: the file was changed after export")
+            problems.append(
+                f"{path}: sha256 {ledger.sha256_hex(data)[:12]}… differs from the manifest's "
+                f"{str(entry.get('sha256'))[:12]}…: the file was changed after export"
+            )
         contents[name] = data
     for path in sorted(folder.glob("*.yaml")):
         if path.name not in manifest["files"]:
@@ -109,8 +117,9 @@ def _checked(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, contents
 
 
-def import_institution(settings: Settings, folder: Path, *, username: str, password: str,
-                       institution: str | None = None) -> dict[str, Any]:
+def import_institution(
+    settings: Settings, folder: Path, *, username: str, password: str, institution: str | None = None
+) -> dict[str, Any]:
     """Verify an exported folder against its manifest and store its SOPs as Drafts of ``institution``
     (default: the exported one), created by ``username`` (an administrator there).
 
@@ -131,16 +140,27 @@ def import_institution(settings: Settings, folder: Path, *, username: str, passw
             here = settings.sops_dir / target / name
             if not here.is_file() or yaml.safe_load(here.read_bytes()) != yaml.safe_load(contents[name]):
                 what = "roles" if name == "institution.yaml" else "product catalogue"
-                notes.append(f"{name}: the exported {what} differs from sops/{target}/{name}; review and copy it by hand")
+                notes.append(
+                    f"{name}: the exported {what} differs from sops/{target}/{name}; review and copy it by hand"
+                )
     sops = {n: e for n, e in manifest["files"].items() if "sop_id" in e}
     _precheck(settings, target, folder, sops, contents)
     drafts = []
     for name, entry in sorted(manifest["files"].items()):
         if "sop_id" not in entry:
             continue
-        drafts.append(create_draft(settings, target, contents[name].decode("utf-8"), name=str(folder / name),
-                                   username=username, password=password, sop_id=entry["sop_id"],
-                                   reason=f"imported from {manifest.get('institution')} v{entry.get('version')}"))
+        drafts.append(
+            create_draft(
+                settings,
+                target,
+                contents[name].decode("utf-8"),
+                name=str(folder / name),
+                username=username,
+                password=password,
+                sop_id=entry["sop_id"],
+                reason=f"imported from {manifest.get('institution')} v{entry.get('version')}",
+            )
+        )
     return {"institution": target, "drafts": drafts, "notes": notes}
 
 
@@ -156,8 +176,13 @@ def _precheck(settings: Settings, target: str, folder: Path, sops: dict[str, Any
     numbers = []
     for name, entry in sorted(sops.items()):
         try:
-            loaded = load_sop_text(contents[name].decode("utf-8"), name=str(folder / name), institution=spec,
-                                   templates_dir=settings.templates_dir, sop_id=entry["sop_id"])
+            loaded = load_sop_text(
+                contents[name].decode("utf-8"),
+                name=str(folder / name),
+                institution=spec,
+                templates_dir=settings.templates_dir,
+                sop_id=entry["sop_id"],
+            )
             numbers.append((name, loaded.definition.id, loaded.definition.version))
         except SopDefinitionError as exc:
             problems.extend(exc.problems)
@@ -169,7 +194,9 @@ def _precheck(settings: Settings, target: str, folder: Path, sops: dict[str, Any
         for name, sop_id, number in numbers:
             highest = max((i.version.version for i in versions_of(s, target, sop_id)), default=0)
             if number <= highest:
-                clashes.append(f"{folder / name}: {sop_id} v{number}: {target} has v{highest} already and version numbers "
-                               f"are never reused; export from an installation whose version is above v{highest}")
+                clashes.append(
+                    f"{folder / name}: {sop_id} v{number}: {target} has v{highest} already and version numbers "
+                    f"are never reused; export from an installation whose version is above v{highest}"
+                )
     if clashes:
         raise ChangeControlError("import refused, nothing stored:\n" + "\n".join(clashes))

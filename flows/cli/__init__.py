@@ -45,9 +45,16 @@ from flows.cli.sop import app as sop_app
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(name="sopflow", help="SOP workflows for cell-therapy doses, with signed human steps.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-server_app = typer.Typer(help="Start, stop and inspect the local Prefect server and the executor.", no_args_is_help=True)
+app = typer.Typer(
+    name="sopflow",
+    help="SOP workflows for cell-therapy doses, with signed human steps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+server_app = typer.Typer(
+    help="Start, stop and inspect the local Prefect server and the executor.", no_args_is_help=True
+)
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 app.add_typer(sop_app, name="sop")
 app.add_typer(server_app, name="server")
@@ -66,7 +73,9 @@ _DEBUG = False
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="A value as key=value (repeatable).")]
 AsOpt = Annotated[str, typer.Option("--as", help="Your sopflow user name.")]
-PasswordEnv = Annotated[str, typer.Option("--password-env", help="Read the password from this environment variable when it is set.")]
+PasswordEnv = Annotated[
+    str, typer.Option("--password-env", help="Read the password from this environment variable when it is set.")
+]
 
 
 def _settings() -> Any:
@@ -90,14 +99,18 @@ def _password(username: str, env_name: str) -> str:
     if value is not None:
         return value
     if not sys.stdin.isatty():
-        raise typer.BadParameter(f"no terminal to ask for {username!r}'s password; set {env_name}", param_hint="--password-env")
+        raise typer.BadParameter(
+            f"no terminal to ask for {username!r}'s password; set {env_name}", param_hint="--password-env"
+        )
     return str(typer.prompt(f"Password for {username}", hide_input=True))
 
 
 def _fail(exc: Exception) -> typer.Exit:
     from flows.errors import SopDefinitionError, SopInputError
 
-    lines = [str(p) for p in exc.problems] if isinstance(exc, SopDefinitionError | SopInputError) else str(exc).splitlines()
+    lines = (
+        [str(p) for p in exc.problems] if isinstance(exc, SopDefinitionError | SopInputError) else str(exc).splitlines()
+    )
     for line in lines or [type(exc).__name__]:
         err.print(f"[red]error:[/red] {escape(line)}")
     return typer.Exit(1)
@@ -162,21 +175,33 @@ def _print_status(st: Any) -> None:
 
 # -- runs ---------------------------------------------------------------------------------------
 @app.command("start")
-def start(sop_id: str, institution: Annotated[str, typer.Option(help="Institution id (folder under sops/).")],
-          username: AsOpt, set_: SetOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def start(
+    sop_id: str,
+    institution: Annotated[str, typer.Option(help="Institution id (folder under sops/).")],
+    username: AsOpt,
+    set_: SetOpt = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Start a run of an SOP; the parameters are checked before anything runs."""
     from flows import service
 
     values = _pairs(set_)
     res = _run(service.start_run, _settings(), institution, sop_id, values, username, _password(username, password_env))
-    out.print(f"started run {res.run_id} ({res.sop_id} v{res.sop_version}, sha256 {res.sop_sha256[:12]}; flow run {res.flow_run_id})")
+    out.print(
+        f"started run {res.run_id} ({res.sop_id} v{res.sop_version}, sha256 {res.sop_sha256[:12]}; flow run {res.flow_run_id})"
+    )
 
 
 @app.command("submit")
-def submit(run_id: str, step_id: str, username: AsOpt, set_: SetOpt = None,
-           json_file: Annotated[Path | None, typer.Option("--json", help="A JSON file of field values.")] = None,
-           password_env: PasswordEnv = "SOPFLOW_PASSWORD",
-           preview: Annotated[bool, typer.Option("--preview", help="Show the computed values; sign nothing.")] = False) -> None:
+def submit(
+    run_id: str,
+    step_id: str,
+    username: AsOpt,
+    set_: SetOpt = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="A JSON file of field values.")] = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+    preview: Annotated[bool, typer.Option("--preview", help="Show the computed values; sign nothing.")] = False,
+) -> None:
     """Enter a step's data and sign it (re-authenticates with your password)."""
     from flows import service
 
@@ -200,7 +225,9 @@ def submit(run_id: str, step_id: str, username: AsOpt, set_: SetOpt = None,
     for name, value in res.computed.items():
         out.print(f"{name} = {escape(str(value))}  (computed, signed)")
     tail = "the run goes on" if res.resumed else "the executor will resume the run"
-    out.print(f"signed {res.step_id} of run {res.run_id[:8]}: signature {res.signature_id} (sha256 {res.signed_sha256[:12]}); {tail}")
+    out.print(
+        f"signed {res.step_id} of run {res.run_id[:8]}: signature {res.signature_id} (sha256 {res.signed_sha256[:12]}); {tail}"
+    )
 
 
 @app.command("runs")
@@ -216,8 +243,10 @@ def runs() -> None:
         for o in r.get("overdue", []):
             waits += f" [yellow]({o['step_id']} overdue since {o['since']:%Y-%m-%d %H:%M} UTC)[/yellow]"
         detail = f" ({r['detail']})" if r["detail"] and r["status"] != "waiting" else ""
-        out.print(f"{r['id']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  {r['status']}{escape(detail)}{waits}  "
-                  f"started {r['started_at']:%Y-%m-%d %H:%M} UTC")
+        out.print(
+            f"{r['id']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  {r['status']}{escape(detail)}{waits}  "
+            f"started {r['started_at']:%Y-%m-%d %H:%M} UTC"
+        )
 
 
 @app.command("inbox")
@@ -229,13 +258,17 @@ def inbox(username: AsOpt) -> None:
     if not items:
         out.print(f"nothing waits on {username}")
     for it in items:
-        note = f"  [yellow](you may not sign this one: {escape(it['cannot_sign'])})[/yellow]" if it["cannot_sign"] else ""
+        note = (
+            f"  [yellow](you may not sign this one: {escape(it['cannot_sign'])})[/yellow]" if it["cannot_sign"] else ""
+        )
         if it.get("overdue_since"):
             note += f"  [yellow]overdue since {it['overdue_since']:%Y-%m-%d %H:%M} UTC[/yellow]"
         if it.get("due_at"):
             note += f"  due {it['due_at'][:16].replace('T', ' ')} UTC"
-        out.print(f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "
-                  f"{escape(it['title'])}{note}")
+        out.print(
+            f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "
+            f"{escape(it['title'])}{note}"
+        )
         for d in it.get("deadlines", []):
             from flows.cli.render import deadline_text
 
@@ -249,7 +282,9 @@ def inbox(username: AsOpt) -> None:
 
 
 @app.command("record")
-def record(run_id: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable export.")] = False) -> None:
+def record(
+    run_id: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable export.")] = False
+) -> None:
     """Print the quality record of a run: every step, value, signer, check, deviation, document."""
     from flows import service
     from flows.cli.render import print_record
@@ -276,8 +311,10 @@ def audit_verify() -> None:
 
 
 @app.command("web")
-def web(host: Annotated[str, typer.Option(help="Address to listen on (behind a TLS proxy in production).")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000) -> None:
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on (behind a TLS proxy in production).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
     """Serve the web app: inbox, step forms and signing, runs, documents, SOPs (English and 中文)."""
     import uvicorn
 
@@ -292,7 +329,9 @@ def web(host: Annotated[str, typer.Option(help="Address to listen on (behind a T
 
 
 @app.command("demo")
-def demo(keep: Annotated[bool, typer.Option("--keep", help="Leave the server and executor running afterwards.")] = False) -> None:
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the server and executor running afterwards.")] = False,
+) -> None:
     """Run the dose-receipt demo end to end: one accepted dose, one with a failed temperature check."""
     from flows.demo import run_demo
 

@@ -27,8 +27,12 @@ training_app = typer.Typer(help="Training records: who may sign which SOP versio
 
 OfficerOpt = Annotated[str, typer.Option("--as", help="Your sopflow user name (role qa where the user holds a role).")]
 OptOfficerOpt = Annotated[str | None, typer.Option("--as", help="Act as this QA officer (re-authenticates).")]
-PasswordEnv = Annotated[str, typer.Option("--password-env", help="Read your password from this environment variable when it is set.")]
-NewPasswordEnv = Annotated[str, typer.Option("--new-password-env", help="Read the new password from this environment variable when it is set.")]
+PasswordEnv = Annotated[
+    str, typer.Option("--password-env", help="Read your password from this environment variable when it is set.")
+]
+NewPasswordEnv = Annotated[
+    str, typer.Option("--new-password-env", help="Read the new password from this environment variable when it is set.")
+]
 ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in the audit trail).")]
 
 
@@ -52,19 +56,28 @@ def _new_password(username: str, env_name: str) -> str:
 
 
 @user_app.command("add")
-def user_add(username: str, name: Annotated[str, typer.Option("--name", help="Printed name, shown on signatures.")],
-             role: Annotated[list[str] | None, typer.Option("--role", help="INSTITUTION:ROLE (repeatable).")] = None,
-             password_env: Annotated[str, typer.Option("--password-env", help="Read the new password from this variable.")]
-             = "SOPFLOW_NEW_PASSWORD", officer: OptOfficerOpt = None,
-             officer_password_env: Annotated[str, typer.Option("--officer-password-env", help="The --as officer's password variable.")]
-             = "SOPFLOW_PASSWORD") -> None:
+def user_add(
+    username: str,
+    name: Annotated[str, typer.Option("--name", help="Printed name, shown on signatures.")],
+    role: Annotated[list[str] | None, typer.Option("--role", help="INSTITUTION:ROLE (repeatable).")] = None,
+    password_env: Annotated[
+        str, typer.Option("--password-env", help="Read the new password from this variable.")
+    ] = "SOPFLOW_NEW_PASSWORD",
+    officer: OptOfficerOpt = None,
+    officer_password_env: Annotated[
+        str, typer.Option("--officer-password-env", help="The --as officer's password variable.")
+    ] = "SOPFLOW_PASSWORD",
+) -> None:
     """Create a user with roles: the first account needs nobody; every later one a QA officer (--as) of its institutions."""
     from flows.admin import add_user, has_users
 
     cli = _cli()
     if officer is None and cli._run(has_users, cli._settings()):
-        raise cli._fail(NotAuthorizedError("once the first account exists, a QA officer of the user's institutions "
-                                           "adds users: --as QA_USER"))
+        raise cli._fail(
+            NotAuthorizedError(
+                "once the first account exists, a QA officer of the user's institutions adds users: --as QA_USER"
+            )
+        )
     grants = []
     for r in role or []:
         inst, sep, rname = r.partition(":")
@@ -86,26 +99,37 @@ def _change(fn_name: str, done: str, username: str, officer: str, password_env: 
 
 
 @user_app.command("disable")
-def user_disable(username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def user_disable(
+    username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD"
+) -> None:
     """Disable an account: it can no longer sign in; its records and its name stay (never reused)."""
     _change("disable_user", "disabled", username, officer, password_env, reason)
 
 
 @user_app.command("enable")
-def user_enable(username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def user_enable(
+    username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD"
+) -> None:
     """Enable a disabled account again."""
     _change("enable_user", "enabled", username, officer, password_env, reason)
 
 
 @user_app.command("unlock")
-def user_unlock(username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def user_unlock(
+    username: str, officer: OfficerOpt, reason: ReasonOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD"
+) -> None:
     """Unlock an account locked by failed sign-ins."""
     _change("unlock_user", "unlocked", username, officer, password_env, reason)
 
 
 @user_app.command("passwd")
-def user_passwd(username: str, officer: OptOfficerOpt = None, reason: ReasonOpt = None,
-                password_env: PasswordEnv = "SOPFLOW_PASSWORD", new_password_env: NewPasswordEnv = "SOPFLOW_NEW_PASSWORD") -> None:
+def user_passwd(
+    username: str,
+    officer: OptOfficerOpt = None,
+    reason: ReasonOpt = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+    new_password_env: NewPasswordEnv = "SOPFLOW_NEW_PASSWORD",
+) -> None:
     """Change a password: yours with the old one (SOPFLOW_PASSWORD), or another's as a QA officer (--as)."""
     from flows.admin import change_password
 
@@ -134,17 +158,27 @@ def user_list() -> None:
         cli.out.print("no users yet: `sopflow user add` creates one")
     for r in rows:
         state = "disabled" if not r["active"] else ("locked" if r["locked"] else "active")
-        cli.out.print(f"{r['username']:20} {state:9} {escape(r['printed_name'])}  {' '.join(r['roles']) or '(no roles)'}  "
-                      f"created {r['created_at']:%Y-%m-%d} by {r['created_by']}")
+        cli.out.print(
+            f"{r['username']:20} {state:9} {escape(r['printed_name'])}  {' '.join(r['roles']) or '(no roles)'}  "
+            f"created {r['created_at']:%Y-%m-%d} by {r['created_by']}"
+        )
 
 
 @training_app.command("grant")
-def training_grant(username: str, institution: Annotated[str, typer.Option(help="Institution id (folder under sops/).")],
-                   sop: Annotated[str, typer.Option("--sop", help="SOP id.")],
-                   version: Annotated[int, typer.Option("--version", help="SOP version the user was trained on.")],
-                   trainer: Annotated[str | None, typer.Option("--trainer", help="The trainer's name (default: the --as officer).")] = None,
-                   date: Annotated[str | None, typer.Option("--date", help="ISO date or date-time of the training (default: now).")] = None,
-                   officer: OptOfficerOpt = None, password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def training_grant(
+    username: str,
+    institution: Annotated[str, typer.Option(help="Institution id (folder under sops/).")],
+    sop: Annotated[str, typer.Option("--sop", help="SOP id.")],
+    version: Annotated[int, typer.Option("--version", help="SOP version the user was trained on.")],
+    trainer: Annotated[
+        str | None, typer.Option("--trainer", help="The trainer's name (default: the --as officer).")
+    ] = None,
+    date: Annotated[
+        str | None, typer.Option("--date", help="ISO date or date-time of the training (default: now).")
+    ] = None,
+    officer: OptOfficerOpt = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Record that a user is trained on an SOP version (by a QA officer of the institution, --as)."""
     from flows.admin import grant_training
 
@@ -152,7 +186,17 @@ def training_grant(username: str, institution: Annotated[str, typer.Option(help=
     if officer is None:
         raise cli._fail(NotAuthorizedError("training is recorded by a QA officer of the institution: --as QA_USER"))
     who = _officer(officer, password_env)
-    cli._run(grant_training, cli._settings(), username, institution, sop, version, trainer=trainer, trained_on=date, officer=who)
+    cli._run(
+        grant_training,
+        cli._settings(),
+        username,
+        institution,
+        sop,
+        version,
+        trainer=trainer,
+        trained_on=date,
+        officer=who,
+    )
     cli.out.print(f"training recorded: {username} on {institution}/{sop} v{version}")
 
 
@@ -166,7 +210,11 @@ def training_list(user: Annotated[str | None, typer.Option("--user", help="Only 
     cli = _cli()
     rows = cli._run(list_training, cli._settings(), user)
     if not rows:
-        cli.out.print("no training records" + (f" for {user}" if user else "") + ": `sopflow training grant` records one")
+        cli.out.print(
+            "no training records" + (f" for {user}" if user else "") + ": `sopflow training grant` records one"
+        )
     for r in rows:
-        cli.out.print(f"{r['username']:20} {r['institution']}/{r['sop_id']} v{r['sop_version']}  trained {r['trained_at']:%Y-%m-%d} "
-                      f"by {escape(r['trainer'])}  (recorded by {r['recorded_by']} {r['recorded_at']:%Y-%m-%d %H:%M} UTC)")
+        cli.out.print(
+            f"{r['username']:20} {r['institution']}/{r['sop_id']} v{r['sop_version']}  trained {r['trained_at']:%Y-%m-%d} "
+            f"by {escape(r['trainer'])}  (recorded by {r['recorded_by']} {r['recorded_at']:%Y-%m-%d %H:%M} UTC)"
+        )

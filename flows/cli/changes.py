@@ -25,7 +25,9 @@ __all__ = ["register"]
 
 AsOpt = Annotated[str, typer.Option("--as", help="Your sopflow user name.")]
 InstOpt = Annotated[str, typer.Option("--institution", "-i", help="Institution id.")]
-PasswordEnv = Annotated[str, typer.Option("--password-env", help="Read your password from this environment variable when it is set.")]
+PasswordEnv = Annotated[
+    str, typer.Option("--password-env", help="Read your password from this environment variable when it is set.")
+]
 
 
 def _cli() -> Any:
@@ -40,8 +42,11 @@ def _officer(username: str, password_env: str) -> Any:
     return Officer(username, _cli()._password(username, password_env))
 
 
-def establish(institution: Annotated[str, typer.Argument(help="Institution id (folder under sops/).")], username: AsOpt,
-              password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def establish(
+    institution: Annotated[str, typer.Argument(help="Institution id (folder under sops/).")],
+    username: AsOpt,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Make the institution's SOP files its first Effective versions, signed "initial issue" by a QA officer (once)."""
     from flows.changes.control import establish as run
 
@@ -54,9 +59,13 @@ def establish(institution: Annotated[str, typer.Argument(help="Institution id (f
         cli.out.print(f"established {institution}/{r['sop_id']} v{r['version']} (sha256 {r['sha256'][:12]}): effective")
 
 
-def draft(path: Annotated[Path, typer.Argument(help="The SOP YAML file; its name is the SOP id.")], institution: InstOpt,
-          username: AsOpt, reason: Annotated[str | None, typer.Option("--reason", help="What the draft changes.")] = None,
-          password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def draft(
+    path: Annotated[Path, typer.Argument(help="The SOP YAML file; its name is the SOP id.")],
+    institution: InstOpt,
+    username: AsOpt,
+    reason: Annotated[str | None, typer.Option("--reason", help="What the draft changes.")] = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Store a YAML file, validated as `sopflow sop validate` does, as a new Draft (SOP administrators only)."""
     from flows.changes.control import create_draft
     from flows.sop.load import display_path
@@ -66,28 +75,56 @@ def draft(path: Annotated[Path, typer.Argument(help="The SOP YAML file; its name
         text = path.read_bytes().decode("utf-8")  # exactly the file's bytes: the sha256 is theirs
     except (OSError, UnicodeDecodeError) as exc:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="PATH") from None
-    res = cli._run(create_draft, cli._settings(), institution, text, name=display_path(path), username=username,
-                   password=cli._password(username, password_env), reason=reason)
-    cli.out.print(f"draft {institution}/{res['sop_id']} v{res['version']} stored (sha256 {res['sha256'][:12]}); "
-                  f"`sopflow sop submit {res['sop_id']} {res['version']} -i {institution} --reviewer USER --reason …` "
-                  "puts it under change control")
+    res = cli._run(
+        create_draft,
+        cli._settings(),
+        institution,
+        text,
+        name=display_path(path),
+        username=username,
+        password=cli._password(username, password_env),
+        reason=reason,
+    )
+    cli.out.print(
+        f"draft {institution}/{res['sop_id']} v{res['version']} stored (sha256 {res['sha256'][:12]}); "
+        f"`sopflow sop submit {res['sop_id']} {res['version']} -i {institution} --reviewer USER --reason …` "
+        "puts it under change control"
+    )
 
 
-def submit(sop_id: str, version: int, institution: InstOpt, username: AsOpt,
-           reviewer: Annotated[str, typer.Option("--reviewer", help="The named reviewer (role sop_reviewer).")],
-           reason: Annotated[str, typer.Option("--reason", help="The reason for change.")],
-           password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def submit(
+    sop_id: str,
+    version: int,
+    institution: InstOpt,
+    username: AsOpt,
+    reviewer: Annotated[str, typer.Option("--reviewer", help="The named reviewer (role sop_reviewer).")],
+    reason: Annotated[str, typer.Option("--reason", help="The reason for change.")],
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Start the built-in change-control SOP on a Draft and sign its submission with the reason for change."""
     from flows.changes.control import submit_change
 
     cli = _cli()
-    run_id = cli._run(submit_change, cli._settings(), institution, sop_id, version, reviewer=reviewer, reason=reason,
-                      username=username, password=cli._password(username, password_env))
-    cli.out.print(f"{sop_id} v{version} is in review: change-control run {run_id}; waits on {reviewer} (review), then QA")
+    run_id = cli._run(
+        submit_change,
+        cli._settings(),
+        institution,
+        sop_id,
+        version,
+        reviewer=reviewer,
+        reason=reason,
+        username=username,
+        password=cli._password(username, password_env),
+    )
+    cli.out.print(
+        f"{sop_id} v{version} is in review: change-control run {run_id}; waits on {reviewer} (review), then QA"
+    )
 
 
-def versions(sop_id: Annotated[str | None, typer.Argument(help="One SOP [default: all].")] = None,
-             institution: InstOpt = "demo_hospital") -> None:
+def versions(
+    sop_id: Annotated[str | None, typer.Argument(help="One SOP [default: all].")] = None,
+    institution: InstOpt = "demo_hospital",
+) -> None:
     """List SOP versions with their state and their signed history."""
     from flows.changes.control import list_versions
 
@@ -96,8 +133,11 @@ def versions(sop_id: Annotated[str | None, typer.Argument(help="One SOP [default
     if not rows:
         cli.out.print(f"no SOP versions at {institution}: `sopflow sop establish {institution} --as <QA officer>`")
     for r in rows:
-        extra = "".join(f"  {k.replace('_', ' ')} {str(r['data'][k])[:16]}" for k in ("effective_at", "training_due", "review_due")
-                        if r["data"].get(k))
+        extra = "".join(
+            f"  {k.replace('_', ' ')} {str(r['data'][k])[:16]}"
+            for k in ("effective_at", "training_due", "review_due")
+            if r["data"].get(k)
+        )
         cli.out.print(f"[bold]{r['sop_id']} v{r['version']}[/bold]  {r['state']}{extra}  sha256 {r['sha256'][:12]}")
         for h in r["history"]:
             signed = f" signed by {h['printed_name']} ({h['meaning']})" if h["meaning"] else f" by {h['by']}"
@@ -118,21 +158,33 @@ def diff(sop_id: str, old: int, new: int, institution: InstOpt = "demo_hospital"
         cli.out.print(f"  {escape(str(c))}")
 
 
-def review(sop_id: str, institution: InstOpt, username: AsOpt,
-           note: Annotated[str, typer.Option("--note", help="What the review found.")],
-           months: Annotated[int | None, typer.Option("--months", help="Next review in this many months [default 24].")] = None,
-           password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def review(
+    sop_id: str,
+    institution: InstOpt,
+    username: AsOpt,
+    note: Annotated[str, typer.Option("--note", help="What the review found.")],
+    months: Annotated[
+        int | None, typer.Option("--months", help="Next review in this many months [default 24].")
+    ] = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Record, signed by a QA officer, a periodic review that found no change; sets the next review date."""
     from flows.changes.control import record_review
 
     cli = _cli()
-    res = cli._run(record_review, cli._settings(), institution, sop_id, _officer(username, password_env), note=note, months=months)
+    res = cli._run(
+        record_review, cli._settings(), institution, sop_id, _officer(username, password_env), note=note, months=months
+    )
     cli.out.print(f"{sop_id} v{res['version']} reviewed, no change; next review due {res['review_due'][:10]}")
 
 
-def retire(sop_id: str, institution: InstOpt, username: AsOpt,
-           reason: Annotated[str, typer.Option("--reason", help="Why it is withdrawn.")],
-           password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def retire(
+    sop_id: str,
+    institution: InstOpt,
+    username: AsOpt,
+    reason: Annotated[str, typer.Option("--reason", help="Why it is withdrawn.")],
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Withdraw an SOP from use: its Effective version turns Retired (signed by a QA officer)."""
     from flows.changes.control import retire as run
 
@@ -141,8 +193,10 @@ def retire(sop_id: str, institution: InstOpt, username: AsOpt,
     cli.out.print(f"{sop_id} v{res['version']} retired: no new run may start on it")
 
 
-def export(institution: Annotated[str, typer.Argument(help="Institution id.")],
-           folder: Annotated[Path, typer.Argument(help="An empty or new folder to write.")]) -> None:
+def export(
+    institution: Annotated[str, typer.Argument(help="Institution id.")],
+    folder: Annotated[Path, typer.Argument(help="An empty or new folder to write.")],
+) -> None:
     """Write the institution's Effective SOPs, product catalogue and roles as YAML with a manifest of sha256s."""
     from flows.changes.transfer import export_institution
 
@@ -151,22 +205,36 @@ def export(institution: Annotated[str, typer.Argument(help="Institution id.")],
     cli.out.print(f"exported {len(manifest['files'])} files of {institution} to {folder} (manifest.json)")
 
 
-def import_(folder: Annotated[Path, typer.Argument(help="A folder written by `sopflow sop export`.")], username: AsOpt,
-            institution: Annotated[str | None, typer.Option("--institution", "-i", help="Import into this institution [default: the exported one].")] = None,
-            password_env: PasswordEnv = "SOPFLOW_PASSWORD") -> None:
+def import_(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `sopflow sop export`.")],
+    username: AsOpt,
+    institution: Annotated[
+        str | None,
+        typer.Option("--institution", "-i", help="Import into this institution [default: the exported one]."),
+    ] = None,
+    password_env: PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
     """Check an exported folder against its manifest and store its SOPs as Drafts (change control follows)."""
     from flows.changes.transfer import import_institution
 
     cli = _cli()
-    res = cli._run(import_institution, cli._settings(), folder, username=username,
-                   password=cli._password(username, password_env), institution=institution)
+    res = cli._run(
+        import_institution,
+        cli._settings(),
+        folder,
+        username=username,
+        password=cli._password(username, password_env),
+        institution=institution,
+    )
     for d in res["drafts"]:
         cli.out.print(f"draft {res['institution']}/{d['sop_id']} v{d['version']} stored (sha256 {d['sha256'][:12]})")
     for note in res["notes"]:
         cli.out.print(f"[yellow]{escape(note)}[/yellow]")
 
 
-def training_overdue(institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None) -> None:
+def training_overdue(
+    institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None,
+) -> None:
     """Training assigned when a version was issued, past its due date and not yet recorded."""
     from flows.changes.sweep import overdue_training
 
@@ -175,13 +243,24 @@ def training_overdue(institution: Annotated[str | None, typer.Option("--institut
     if not rows:
         cli.out.print("no overdue training")
     for r in rows:
-        cli.out.print(f"{r['username']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  due {r['due_at']:%Y-%m-%d %H:%M} UTC "
-                      f"({r['overdue_days']} days overdue; roles {', '.join(r['roles'])})")
+        cli.out.print(
+            f"{r['username']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  due {r['due_at']:%Y-%m-%d %H:%M} UTC "
+            f"({r['overdue_days']} days overdue; roles {', '.join(r['roles'])})"
+        )
 
 
 def register(sop_app: typer.Typer, training_app: typer.Typer) -> None:
     """Mount the commands on ``sopflow sop`` and ``sopflow training``."""
-    for name, fn in (("establish", establish), ("draft", draft), ("submit", submit), ("versions", versions), ("diff", diff),
-                     ("review", review), ("retire", retire), ("export", export), ("import", import_)):
+    for name, fn in (
+        ("establish", establish),
+        ("draft", draft),
+        ("submit", submit),
+        ("versions", versions),
+        ("diff", diff),
+        ("review", review),
+        ("retire", retire),
+        ("export", export),
+        ("import", import_),
+    ):
         sop_app.command(name)(fn)
     training_app.command("overdue")(training_overdue)

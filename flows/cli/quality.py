@@ -26,9 +26,13 @@ def _cli() -> Any:
     return flows.cli
 
 
-def deviations(show_all: Annotated[bool, typer.Option("--all", help="Closed deviations too.")] = False,
-               as_of: Annotated[str | None, typer.Option("--as-of", help="Judge CAPAs overdue as of this ISO time (default: now).")] = None,
-               as_json: JsonOpt = False) -> None:
+def deviations(
+    show_all: Annotated[bool, typer.Option("--all", help="Closed deviations too.")] = False,
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="Judge CAPAs overdue as of this ISO time (default: now).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Open deviations (oldest first) with their lifecycle, and every overdue CAPA action."""
     from datetime import datetime
 
@@ -49,14 +53,18 @@ def deviations(show_all: Annotated[bool, typer.Option("--all", help="Closed devi
     for d in res["deviations"]:
         q = "  [red]QUARANTINED[/red]" if d["quarantined"] else ""
         decision = f" ({d['decision']})" if d["decision"] else ""
-        out.print(f"{d['id']}  {d['classification']}  {d['status']}{decision}{q}  COI {d['coi'] or '-'}  "
-                  f"run {d['run_id'][:8]} {d['sop_id']}/{d['step_id']}  opened {d['opened_at'][:16]} UTC")
+        out.print(
+            f"{d['id']}  {d['classification']}  {d['status']}{decision}{q}  COI {d['coi'] or '-'}  "
+            f"run {d['run_id'][:8]} {d['sop_id']}/{d['step_id']}  opened {d['opened_at'][:16]} UTC"
+        )
         out.print(f"    {escape(d['description'])}")
         if d["events"]:
             out.print("    lifecycle: " + ", ".join(f"{e['kind']} {e['at'][:16]}" for e in d["events"]))
     for c in res["overdue_capas"]:
-        out.print(f"[yellow]overdue CAPA[/yellow]  deviation {c['deviation_id']}  owner {c['owner']}  due {c['due']}  "
-                  f"{escape(str(c['action']))}")
+        out.print(
+            f"[yellow]overdue CAPA[/yellow]  deviation {c['deviation_id']}  owner {c['owner']}  due {c['due']}  "
+            f"{escape(str(c['action']))}"
+        )
 
 
 def chain(coi: str, as_json: JsonOpt = False) -> None:
@@ -71,11 +79,15 @@ def chain(coi: str, as_json: JsonOpt = False) -> None:
         out = cli.out
         for r in res["runs"]:
             stage = escape(f"[{r['stage']}{'?' if r['stage_guessed'] else ''}] ") if r["stage"] else ""
-            out.print(f"{'    ' * r['depth']}{r['started_at'][:16]}  {stage}{r['sop_id']} v{r['sop_version']}  "
-                      f"{r['run_id']}  {r['status']}")
+            out.print(
+                f"{'    ' * r['depth']}{r['started_at'][:16]}  {stage}{r['sop_id']} v{r['sop_version']}  "
+                f"{r['run_id']}  {r['status']}"
+            )
             for d in r["deviations"]:
-                out.print(f"{'    ' * r['depth']}    deviation {d['id']}  {d['classification']}  {d['status']}"
-                          f"{'  QUARANTINED' if d['quarantined'] else ''}")
+                out.print(
+                    f"{'    ' * r['depth']}    deviation {d['id']}  {d['classification']}  {d['status']}"
+                    f"{'  QUARANTINED' if d['quarantined'] else ''}"
+                )
         if res["unbroken"]:
             out.print(f"[green]chain of identity for {escape(res['coi'])}: unbroken[/green]")
         else:

@@ -24,26 +24,44 @@ def _cli() -> Any:
     return flows.cli
 
 
-def correct(run_id: str, step_id: str,
-            username: Annotated[str, typer.Option("--as", help="Your sopflow user name.")],
-            reason: Annotated[str, typer.Option("--reason", help="Why the signed entry was wrong (required).")] = "",
-            set_: Annotated[list[str] | None, typer.Option("--set", help="A corrected value as key=value (repeatable).")] = None,
-            password_env: Annotated[str, typer.Option("--password-env", help="Read the password from this environment variable when it is set.")] = "SOPFLOW_PASSWORD",
-            ) -> None:
+def correct(
+    run_id: str,
+    step_id: str,
+    username: Annotated[str, typer.Option("--as", help="Your sopflow user name.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why the signed entry was wrong (required).")] = "",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="A corrected value as key=value (repeatable).")
+    ] = None,
+    password_env: Annotated[
+        str, typer.Option("--password-env", help="Read the password from this environment variable when it is set.")
+    ] = "SOPFLOW_PASSWORD",
+) -> None:
     """Correct a done step with a new signed entry and a reason; the original stays in the record."""
     from flows import service
 
     cli = _cli()
     values = cli._pairs(set_)
-    res = cli._run(service.correct_step, cli._settings(), run_id, step_id, username,
-                   cli._password(username, password_env), values, reason)
+    res = cli._run(
+        service.correct_step,
+        cli._settings(),
+        run_id,
+        step_id,
+        username,
+        cli._password(username, password_env),
+        values,
+        reason,
+    )
     changed = "; ".join(f"{k}: {v['old']!r} → {v['new']!r}" for k, v in res.changes.items())
-    cli.out.print(f"corrected {res.step_id} of run {res.run_id[:8]} ({cli.escape(changed)}): signature {res.signature_id} "
-                  f"(sha256 {res.signed_sha256[:12]}); the original entry stays in the record. Checks that already ran "
-                  "are not re-run.")
+    cli.out.print(
+        f"corrected {res.step_id} of run {res.run_id[:8]} ({cli.escape(changed)}): signature {res.signature_id} "
+        f"(sha256 {res.signed_sha256[:12]}); the original entry stays in the record. Checks that already ran "
+        "are not re-run."
+    )
 
 
-def verify_export(file: Annotated[Path, typer.Argument(help="A record exported with `sopflow record RUN --json`.")]) -> None:
+def verify_export(
+    file: Annotated[Path, typer.Argument(help="A record exported with `sopflow record RUN --json`.")],
+) -> None:
     """Check an exported record offline: event hashes, rows against their events, signature hashes."""
     from flows.record.export import verify_export as check
 
@@ -55,8 +73,10 @@ def verify_export(file: Annotated[Path, typer.Argument(help="A record exported w
         raise typer.Exit(1) from None
     problems = check(doc)
     if not problems:
-        cli.out.print(f"verify-export: OK ({len(doc['audit_events'])} audit events, "
-                      f"{sum(len(v) for v in doc['rows'].values())} rows, run {doc['run']['id']})")
+        cli.out.print(
+            f"verify-export: OK ({len(doc['audit_events'])} audit events, "
+            f"{sum(len(v) for v in doc['rows'].values())} rows, run {doc['run']['id']})"
+        )
         return
     cli.err.print(f"[red]verify-export: {cli.escape(problems[0])}[/red]")
     for p in problems[1:]:

@@ -18,8 +18,11 @@ def _value(v: Any, unit: str | None) -> str:
 
 def _print_signature(out: Console, label: str, sig: dict[str, Any]) -> None:
     valid = "" if sig["valid"] else " [red]SIGNATURE DOES NOT MATCH THE DATA[/red]"
-    out.print(f"      {label}: {escape(sig['printed_name'])} ({sig['user']}), {sig['signed_at']}, meaning: {sig['meaning']}"
-              + (f" — {escape(sig['statement'])}" if sig["statement"] else "") + f"; sha256 {sig['sha256'][:16]}…{valid}")
+    out.print(
+        f"      {label}: {escape(sig['printed_name'])} ({sig['user']}), {sig['signed_at']}, meaning: {sig['meaning']}"
+        + (f" — {escape(sig['statement'])}" if sig["statement"] else "")
+        + f"; sha256 {sig['sha256'][:16]}…{valid}"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -44,7 +47,9 @@ def deadline_text(d: dict[str, Any]) -> str:
 def print_record(out: Console, rec: dict[str, Any]) -> None:
     run = rec["run"]
     out.print(f"[bold]Quality record: run {run['id']}[/bold]")
-    out.print(f"  SOP {run['institution']}/{run['sop_id']} v{run['sop_version']} \"{escape(run['sop_title'])}\" sha256 {run['sop_sha256']}")
+    out.print(
+        f'  SOP {run["institution"]}/{run["sop_id"]} v{run["sop_version"]} "{escape(run["sop_title"])}" sha256 {run["sop_sha256"]}'
+    )
     out.print(f"  status {run['status']}" + (f" ({escape(run['status_detail'])})" if run["status_detail"] else ""))
     out.print(f"  started {run['started_at']} by {escape(run['started_by'])}; Prefect flow run {run['flow_run_id']}")
     if run.get("parent_run_id"):
@@ -62,7 +67,10 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
             if v is None:
                 continue
             if k in ("deliveries",):
-                v = ", ".join(f"{d['role']}→{d['channel']} {'ok' if d['ok'] else 'FAILED'}" for d in v) or "no channel configured"
+                v = (
+                    ", ".join(f"{d['role']}→{d['channel']} {'ok' if d['ok'] else 'FAILED'}" for d in v)
+                    or "no channel configured"
+                )
             unit = st["fields"].get(k, {}).get("unit")
             label = st["fields"].get(k, {}).get("label", k)
             out.print(f"      {escape(str(label))}: {escape(_value(v, unit))}")
@@ -70,14 +78,20 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
         if sig:
             _print_signature(out, "signed", sig)
         for c in st.get("corrections", []):
-            out.print(f"      [yellow]corrected[/yellow] {c['at']} by {escape(str(c['by']))}: {escape(c['reason'] or '')}")
+            out.print(
+                f"      [yellow]corrected[/yellow] {c['at']} by {escape(str(c['by']))}: {escape(c['reason'] or '')}"
+            )
             for name, change in c["changes"].items():
                 unit = st["fields"].get(name, {}).get("unit")
                 label = st["fields"].get(name, {}).get("label", name)
-                out.print(f"        {escape(str(label))}: {escape(_value(change['old'], unit))} → {escape(_value(change['new'], unit))}")
+                out.print(
+                    f"        {escape(str(label))}: {escape(_value(change['old'], unit))} → {escape(_value(change['new'], unit))}"
+                )
             if c["not_rerun"]:
                 ran = ", ".join(f"{n['step_id']} ({n['kind']})" for n in c["not_rerun"])
-                out.print(f"        [yellow]corrected after {escape(ran)} had run on the earlier value; not re-run[/yellow]")
+                out.print(
+                    f"        [yellow]corrected after {escape(ran)} had run on the earlier value; not re-run[/yellow]"
+                )
             if c["signature"]:
                 _print_signature(out, "  signed", c["signature"])
         if st.get("due_at"):
@@ -89,9 +103,12 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
     if rec["deviations"]:
         out.print("[bold]Deviations[/bold]")
         for d in rec["deviations"]:
-            out.print(f"  [red]{d['classification']}[/red] at {d['step_id']} ({d['opened_at']}): {escape(d['description'])}; "
-                      f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}"
-                      + (f"; {d['status']}" if d.get("status") else "") + ("; QUARANTINED" if d.get("quarantined") else ""))
+            out.print(
+                f"  [red]{d['classification']}[/red] at {d['step_id']} ({d['opened_at']}): {escape(d['description'])}; "
+                f"quarantine: {'yes' if d['quarantine'] else 'no'}; disposition: {d['decision'] or d['disposition']}"
+                + (f"; {d['status']}" if d.get("status") else "")
+                + ("; QUARANTINED" if d.get("quarantined") else "")
+            )
             for e in d.get("lifecycle", []):
                 out.print(f"      {e['at']} {e['kind']} (run {e['run_id'][:8]} step {e['step_id']})")
     if rec.get("subruns"):
@@ -106,9 +123,11 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
         out.print("[bold]Escalations[/bold]")
         for e in rec["escalations"]:
             sent = ", ".join(f"{d['role']}→{d['channel']} {'ok' if d['ok'] else 'FAILED'}" for d in e["deliveries"])
-            out.print(f"  {e['at']} {e['step_id']}: overdue (waiting since {e['waiting_since']}); {e['kind']} to "
-                      f"{e['to_role'] or 'no role'}: {escape(sent or 'no channel configured')}"
-                      + (f"; deviation {e['deviation_id']}" if e["deviation_id"] else ""))
+            out.print(
+                f"  {e['at']} {e['step_id']}: overdue (waiting since {e['waiting_since']}); {e['kind']} to "
+                f"{e['to_role'] or 'no role'}: {escape(sent or 'no channel configured')}"
+                + (f"; deviation {e['deviation_id']}" if e["deviation_id"] else "")
+            )
     refused = [h for h in rec.get("history", []) if h["status"] == "refused"]
     if refused:
         out.print("[bold]Refused attempts[/bold]")

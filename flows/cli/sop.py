@@ -84,19 +84,13 @@ def validate(
     console = _console()
     catalog = _catalog(sops_dir, templates_dir)
     targets = list(paths) if paths else [catalog.sops_dir]
-    files = list(
-        dict.fromkeys(f.resolve() for target in targets for f in catalog.files(target))
-    )
-    problems = list(
-        dict.fromkeys(p for target in targets for p in catalog.validate(target))
-    )
+    files = list(dict.fromkeys(f.resolve() for target in targets for f in catalog.files(target)))
+    problems = list(dict.fromkeys(p for target in targets for p in catalog.validate(target)))
     _print_problems(console, problems)
     if problems:
         bad = len({p.file for p in problems})
         noun = "problem" if len(problems) == 1 else "problems"
-        raise _fail(
-            console, f"{len(problems)} {noun} in {bad} of {max(len(files), bad)} files"
-        )
+        raise _fail(console, f"{len(problems)} {noun} in {bad} of {max(len(files), bad)} files")
     console.print(Text(f"{len(files)} files OK", style="green"))
 
 
@@ -106,9 +100,7 @@ def schema(
         Path | None,
         typer.Option("--output", "-o", help="Write to FILE instead of stdout."),
     ] = None,
-    kind: Annotated[
-        str, typer.Option("--kind", help="sop, institution or products.")
-    ] = "sop",
+    kind: Annotated[str, typer.Option("--kind", help="sop, institution or products.")] = "sop",
 ) -> None:
     """Print (or write) the JSON Schema editors use to complete sops/*/*.yaml."""
     from flows.sop.schema import SCHEMA_KINDS
@@ -128,9 +120,7 @@ def schema(
 
 @app.command("list")
 def list_sops(
-    institution: Annotated[
-        str | None, typer.Option("--institution", "-i", help="Only this institution.")
-    ] = None,
+    institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None,
     sops_dir: SopsDir = None,
     templates_dir: TemplatesDir = None,
 ) -> None:
@@ -156,9 +146,7 @@ def list_sops(
     if table.row_count:
         console.print(table)
     if failed:
-        raise _fail(
-            console, "some institutions have invalid files; run `sopflow sop validate`"
-        )
+        raise _fail(console, "some institutions have invalid files; run `sopflow sop validate`")
 
 
 def _field_line(name: str, spec: FieldSpec) -> str:
@@ -197,11 +185,7 @@ def _describe(defn: SopDefinition) -> list[str]:
         format_duration,
     )
 
-    lines = (
-        ["Params:"]
-        + [f"  {_field_line(n, s)}" for n, s in defn.params.items()]
-        + ["", "Steps:"]
-    )
+    lines = ["Params:"] + [f"  {_field_line(n, s)}" for n, s in defn.params.items()] + ["", "Steps:"]
     for number, step in enumerate(defn.steps, start=1):
         head = f"  {number}. {step.id} [{step.kind}]"
         if isinstance(step, HumanStepSpec):
@@ -240,9 +224,10 @@ def _describe(defn: SopDefinition) -> list[str]:
         lines += ["", "Deadlines:"]
         for d in defn.deadlines:
             limit = format_duration(d.within) if d.within is not None else f"{d.within_min} min"
-            lines.append(f"  {d.id}: {d.from_} → {d.to} within {limit}; "
-                         f"breach opens a {d.deviation.classification} deviation"
-                         + (f" — {d.title}" if d.title else ""))
+            lines.append(
+                f"  {d.id}: {d.from_} → {d.to} within {limit}; "
+                f"breach opens a {d.deviation.classification} deviation" + (f" — {d.title}" if d.title else "")
+            )
     return lines
 
 
@@ -254,9 +239,7 @@ def show(
     ],
     institution: Annotated[
         str | None,
-        typer.Option(
-            "--institution", "-i", help="Institution id [default: the only one]."
-        ),
+        typer.Option("--institution", "-i", help="Institution id [default: the only one]."),
     ] = None,
     sops_dir: SopsDir = None,
     templates_dir: TemplatesDir = None,

@@ -70,13 +70,18 @@ def create_flow_run(settings: Settings, run_id: str, name: str) -> str:
         with _client(settings) as client:
             dep = _deployment_id(client)
             fr = client.create_flow_run_from_deployment(
-                dep, parameters={"run_id": run_id}, name=name, idempotency_key=f"sopflow-run-{run_id}",
+                dep,
+                parameters={"run_id": run_id},
+                name=name,
+                idempotency_key=f"sopflow-run-{run_id}",
                 state=Scheduled(scheduled_time=now("UTC") + _HOLD, name="AwaitingRecord"),
             )
             return str(fr.id)
     except httpx.HTTPError as exc:
-        raise EngineError(f"the Prefect server at {settings.api_url} cannot be reached: {exc}; "
-                          "`sopflow server start` starts the local one") from exc
+        raise EngineError(
+            f"the Prefect server at {settings.api_url} cannot be reached: {exc}; "
+            "`sopflow server start` starts the local one"
+        ) from exc
 
 
 def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = False) -> None:
@@ -92,8 +97,10 @@ def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = Fal
     except (httpx.HTTPError, PrefectException) as exc:
         if cancel:
             return
-        raise EngineError(f"the run is recorded, but Prefect at {settings.api_url} could not be told to start it now ({exc}); "
-                          f"an executor starts it within {_HOLD.seconds} s of its creation") from exc
+        raise EngineError(
+            f"the run is recorded, but Prefect at {settings.api_url} could not be told to start it now ({exc}); "
+            f"an executor starts it within {_HOLD.seconds} s of its creation"
+        ) from exc
     if not cancel:
         nudge(settings)
 
@@ -106,7 +113,7 @@ def pause_key_prefix(step_id: str) -> str:
 def _paused_at(state: Any, step_id: str) -> bool:
     key = state.state_details.pause_key if state is not None and state.is_paused() else None
     prefix = pause_key_prefix(step_id)
-    return bool(key) and str(key).startswith(prefix) and str(key)[len(prefix):].isdigit()
+    return bool(key) and str(key).startswith(prefix) and str(key)[len(prefix) :].isdigit()
 
 
 def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str, *, wait: float = 15.0) -> bool:

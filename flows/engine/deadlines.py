@@ -32,13 +32,18 @@ __all__ = ["settle_deadlines", "sweep_deadlines"]
 
 log = logging.getLogger("sopflow.deadlines")
 
+
 def _description(entry: dict[str, object], limit: timedelta) -> str:
     if entry["state"] == "breached":
         took = timedelta(seconds=float(entry["elapsed_seconds"] or 0))  # type: ignore[arg-type]
-        return (f"deadline {entry['title']!r} breached: {format_duration(took)} from {entry['from']} to {entry['to']}, "
-                f"more than its limit of {format_duration(limit)}")
-    return (f"deadline {entry['title']!r} overdue: {entry['to']} not recorded within {format_duration(limit)} "
-            f"of {entry['from']} (due {entry['due_at']})")
+        return (
+            f"deadline {entry['title']!r} breached: {format_duration(took)} from {entry['from']} to {entry['to']}, "
+            f"more than its limit of {format_duration(limit)}"
+        )
+    return (
+        f"deadline {entry['title']!r} overdue: {entry['to']} not recorded within {format_duration(limit)} "
+        f"of {entry['from']} (due {entry['due_at']})"
+    )
 
 
 def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now: datetime | None = None) -> int:
@@ -47,8 +52,11 @@ def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now
         return 0
     now = now or utcnow()
     with read_session(settings.database_url) as s:
-        todo = [e for e in deadline_states(s, run, sop, now) if e["state"] in ("breached", "overdue")
-                and e["deviation_id"] is None]
+        todo = [
+            e
+            for e in deadline_states(s, run, sop, now)
+            if e["state"] in ("breached", "overdue") and e["deviation_id"] is None
+        ]
     specs = {d.id: d for d in sop.deadlines}
     n = 0
     for entry in todo:
@@ -58,14 +66,22 @@ def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now
         with write_session(settings.database_url) as s:
             if s.exec(select(Deviation.id).where(Deviation.run_id == run.id, Deviation.step_id == spec.id)).first():
                 continue  # the walk and a sweep raced: the other one opened it
-            dev = Deviation(run_id=run.id, step_id=spec.id, classification=spec.deviation.classification,
-                            description=text, quarantine=spec.deviation.quarantine, opened_at=now)
+            dev = Deviation(
+                run_id=run.id,
+                step_id=spec.id,
+                classification=spec.deviation.classification,
+                description=text,
+                quarantine=spec.deviation.quarantine,
+                opened_at=now,
+            )
             ledger.append(s, dev, actor=SYSTEM, action="deviation.open", reason=f"deadline {spec.id} {entry['state']}")
             dev_id = dev.id
         n += 1
         title = f"[{run.sop_id}] deadline {entry['state']}: {entry['title']}"
-        body = (f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
-                f"deviation has been opened ({dev_id}); the run goes on. `sopflow record {run.id}` shows it.")
+        body = (
+            f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
+            f"deviation has been opened ({dev_id}); the run goes on. `sopflow record {run.id}` shows it."
+        )
         try:
             send(RunContext(settings, run, sop), list(spec.deviation.notify), title, body)
         except Exception:  # a broken notify.yaml must not undo a recorded deviation

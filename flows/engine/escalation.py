@@ -41,7 +41,6 @@ __all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps"]
 log = logging.getLogger("sopflow.escalation")
 
 
-
 @dataclass(frozen=True)
 class Overdue:
     """A human step waiting longer than its time-out."""
@@ -76,11 +75,17 @@ def format_duration(delta: timedelta) -> str:
 def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue]:
     """Every human step of a run still going whose newest record is ``waiting`` past its time-out."""
     now = now or utcnow()
-    newest = (select(StepRecord.run_id, StepRecord.step_id, func.max(StepRecord.n).label("n"))
-              .group_by(col(StepRecord.run_id), col(StepRecord.step_id)).subquery())
-    waiting = session.exec(select(StepRecord).join(newest, (col(StepRecord.run_id) == newest.c.run_id)
-                                                   & (col(StepRecord.n) == newest.c.n))
-                           .where(StepRecord.status == "waiting").order_by(col(StepRecord.at)))
+    newest = (
+        select(StepRecord.run_id, StepRecord.step_id, func.max(StepRecord.n).label("n"))
+        .group_by(col(StepRecord.run_id), col(StepRecord.step_id))
+        .subquery()
+    )
+    waiting = session.exec(
+        select(StepRecord)
+        .join(newest, (col(StepRecord.run_id) == newest.c.run_id) & (col(StepRecord.n) == newest.c.n))
+        .where(StepRecord.status == "waiting")
+        .order_by(col(StepRecord.at))
+    )
     sops: dict[str, SopDefinition] = {}
     out: list[Overdue] = []
     for rec in list(waiting):
@@ -93,9 +98,12 @@ def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue
         step = find_human_step(sop, rec.step_id)
         if step is None or step.timeout is None:
             continue
-        first = session.exec(select(StepRecord).where(StepRecord.run_id == run.id, StepRecord.step_id == step.id,
-                                                      StepRecord.status == "waiting")
-                             .order_by(col(StepRecord.n)).limit(1)).one()
+        first = session.exec(
+            select(StepRecord)
+            .where(StepRecord.run_id == run.id, StepRecord.step_id == step.id, StepRecord.status == "waiting")
+            .order_by(col(StepRecord.n))
+            .limit(1)
+        ).one()
         since = _aware(first.at)
         due = since + step.timeout
         if due > now:
@@ -111,9 +119,11 @@ def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue
 def _message(o: Overdue, now: datetime) -> tuple[str, str]:
     title = o.step.title or o.step.id
     waited = format_duration(now - o.since)
-    body = (f"Run {o.run.id} of {o.sop.title} (v{o.run.sop_version}) has waited {waited} for {o.step.role!r} to sign "
-            f"step {o.step.id!r}: {title}. Waiting since {o.since:%Y-%m-%d %H:%M} UTC; its time-out is "
-            f"{format_duration(o.step.timeout or timedelta())}.")
+    body = (
+        f"Run {o.run.id} of {o.sop.title} (v{o.run.sop_version}) has waited {waited} for {o.step.role!r} to sign "
+        f"step {o.step.id!r}: {title}. Waiting since {o.since:%Y-%m-%d %H:%M} UTC; its time-out is "
+        f"{format_duration(o.step.timeout or timedelta())}."
+    )
     if o.step.on_timeout == "deviation":
         body += f" A {o.step.timeout_deviation.classification} deviation has been opened."
     return f"[{o.run.sop_id}] overdue for {waited}: {title}", body + " `sopflow inbox` lists it."
@@ -144,16 +154,31 @@ def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
                 deviation_id = None
                 if o.step.on_timeout == "deviation":
                     spec = o.step.timeout_deviation
-                    dev = Deviation(run_id=o.run.id, step_id=o.step.id, classification=spec.classification,
-                                    description=spec.description or (
-                                        f"step {o.step.id!r} waited {format_duration(now - o.since)} for its signer, "
-                                        f"longer than its time-out of {format_duration(o.step.timeout or timedelta())}"),
-                                    quarantine=False, opened_at=now)
+                    dev = Deviation(
+                        run_id=o.run.id,
+                        step_id=o.step.id,
+                        classification=spec.classification,
+                        description=spec.description
+                        or (
+                            f"step {o.step.id!r} waited {format_duration(now - o.since)} for its signer, "
+                            f"longer than its time-out of {format_duration(o.step.timeout or timedelta())}"
+                        ),
+                        quarantine=False,
+                        opened_at=now,
+                    )
                     ledger.append(s, dev, actor=SYSTEM, action="deviation.open")
                     deviation_id = dev.id
-                esc = Escalation(run_id=o.run.id, step_id=o.step.id, waiting_id=o.waiting_id, kind=o.step.on_timeout,
-                                 to_role=o.step.escalate_to, deliveries_json=json.dumps(deliveries, sort_keys=True),
-                                 deviation_id=deviation_id, waiting_since=o.since, at=now)
+                esc = Escalation(
+                    run_id=o.run.id,
+                    step_id=o.step.id,
+                    waiting_id=o.waiting_id,
+                    kind=o.step.on_timeout,
+                    to_role=o.step.escalate_to,
+                    deliveries_json=json.dumps(deliveries, sort_keys=True),
+                    deviation_id=deviation_id,
+                    waiting_since=o.since,
+                    at=now,
+                )
                 ledger.append(s, esc, actor=SYSTEM, action=f"escalation.{o.step.on_timeout}")
         except RecordError:  # the unique waiting_id: another executor won the race
             log.warning("escalation of run %s step %s was recorded elsewhere", o.run.id, o.step.id)

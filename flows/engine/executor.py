@@ -137,7 +137,9 @@ class Executor:
             if asyncio.iscoroutine(state):
                 state = asyncio.run(state)
             if state is not None and (state.is_failed() or state.is_crashed()):
-                self._record_failure(flow_run.parameters.get("run_id"), f"Prefect flow run {state.name}: {state.message}")
+                self._record_failure(
+                    flow_run.parameters.get("run_id"), f"Prefect flow run {state.name}: {state.message}"
+                )
         except Exception:
             # Typically the server went away mid-claim: give the run back so an executor retries it.
             log.exception("flow run %s raised; rescheduling it", flow_run_id)
@@ -191,8 +193,9 @@ class Executor:
 
         runs = self.client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))
+            ),
         )
         host = socket.gethostname()
         n = 0
@@ -273,8 +276,14 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    for sweep in (self.recover_orphans, self.resume_signed, self.resume_ready, self.escalate,
-                                  self.deadlines, self.change_control):
+                    for sweep in (
+                        self.recover_orphans,
+                        self.resume_signed,
+                        self.resume_ready,
+                        self.escalate,
+                        self.deadlines,
+                        self.change_control,
+                    ):
                         try:
                             sweep()
                         except Exception:

@@ -23,8 +23,17 @@ from flows.sop.model import (
     RecordStepSpec,
 )
 
-__all__ = ["MEANINGS", "accept_signature", "disposition_step", "find_human_step", "human_fields", "meaning_of", "open_gate",
-           "repetition", "stale_resume"]
+__all__ = [
+    "MEANINGS",
+    "accept_signature",
+    "disposition_step",
+    "find_human_step",
+    "human_fields",
+    "meaning_of",
+    "open_gate",
+    "repetition",
+    "stale_resume",
+]
 
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
@@ -48,7 +57,9 @@ def meaning_of(step: HumanStepSpec, data: dict[str, Any]) -> str:
 def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
     """The signed decision a failed check waits for: use the dose with documented risk, or reject it."""
     return ApproveStepSpec(
-        kind="approve", id=disposition_id(check.id), role=check.deviation.disposition_role,
+        kind="approve",
+        id=disposition_id(check.id),
+        role=check.deviation.disposition_role,
         title=f"Deviation disposition for {check.title or check.id}",
         meaning="Disposition of a deviation: approve = use with documented risk acceptance; reject = reject the dose",
         updates_deviation="disposition",
@@ -68,7 +79,9 @@ def open_gate(ctx: RunContext, step: HumanStepSpec) -> bool:
         return rec is None or rec.status == "held"
 
 
-def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | None) -> tuple[dict[str, Any] | None, str | None]:
+def accept_signature(
+    ctx: RunContext, step: HumanStepSpec, signature_id: str | None
+) -> tuple[dict[str, Any] | None, str | None]:
     """Accept the step's signed input, or refuse it. Returns (data, None) or (None, problem).
 
     ``signature_id`` is what the resume carried (None: take the signed record as it stands,
@@ -89,12 +102,28 @@ def accept_signature(ctx: RunContext, step: HumanStepSpec, signature_id: str | N
             else:
                 problem = verify_signature(s, sig) or signer_problem(s, ctx.run, ctx.sop, step, sig.user_id)
         if problem is not None:
-            write_step(s, ctx.run.id, step.id, step.kind, "refused", {"signature_id": signature_id, "problem": problem},
-                       reason=problem)
+            write_step(
+                s,
+                ctx.run.id,
+                step.id,
+                step.kind,
+                "refused",
+                {"signature_id": signature_id, "problem": problem},
+                reason=problem,
+            )
             return None, problem
         data = step_data(rec)  # rec is the signed record: every other case returned above
-        write_step(s, ctx.run.id, step.id, step.kind, "done", data, actor=rec.actor_id or "system",
-                   actor_id=rec.actor_id, signature_id=rec.signature_id)
+        write_step(
+            s,
+            ctx.run.id,
+            step.id,
+            step.kind,
+            "done",
+            data,
+            actor=rec.actor_id or "system",
+            actor_id=rec.actor_id,
+            signature_id=rec.signature_id,
+        )
         if step.updates_deviation is not None:  # the deviation's lifecycle event, in the same transaction
             from flows.engine.subruns import record_lifecycle
 
@@ -118,9 +147,15 @@ def stale_resume(ctx: RunContext, step: HumanStepSpec, signature_id: str) -> boo
         other = step_states(s, ctx.run.id).get(sig.step_id)
         if other is None or other.status != "done" or other.signature_id != sig.id:
             return False
-        audit(s, actor=SYSTEM, action=STALE_RESUME, object_type="sf_step", object_id=f"{ctx.run.id}/{step.id}",
-              payload={"signature_id": signature_id, "signed_step": sig.step_id},
-              reason=f"a late duplicate resume for step {sig.step_id!r} (already accepted) reached step {step.id!r}")
+        audit(
+            s,
+            actor=SYSTEM,
+            action=STALE_RESUME,
+            object_type="sf_step",
+            object_id=f"{ctx.run.id}/{step.id}",
+            payload={"signature_id": signature_id, "signed_step": sig.step_id},
+            reason=f"a late duplicate resume for step {sig.step_id!r} (already accepted) reached step {step.id!r}",
+        )
         return True
 
 
@@ -134,7 +169,12 @@ def find_human_step(sop: Any, step_id: str) -> HumanStepSpec | None:
     base, _, n = step_id.partition("#")
     if n:
         step = next((s for s in sop.steps if s.id == base), None)
-        if isinstance(step, RecordStepSpec) and step.repeat is not None and n.isdigit() and 1 <= int(n) <= step.repeat.times:
+        if (
+            isinstance(step, RecordStepSpec)
+            and step.repeat is not None
+            and n.isdigit()
+            and 1 <= int(n) <= step.repeat.times
+        ):
             return repetition(step, int(n))
         return None
     for step in sop.steps:

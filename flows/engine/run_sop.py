@@ -89,9 +89,13 @@ def gate_task(ctx: RunContext, step: HumanStepSpec) -> None:
 
 
 def _notify_waiting(ctx: RunContext, step: HumanStepSpec, title: str) -> None:
-    send(ctx, [step.role], f"[{ctx.run.sop_id}] waiting on you: {title}",
-         f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
-         f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.")
+    send(
+        ctx,
+        [step.role],
+        f"[{ctx.run.sop_id}] waiting on you: {title}",
+        f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
+        f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.",
+    )
 
 
 async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
@@ -212,8 +216,11 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
                 decision = await _human(ctx, disposition_step(step))
                 subruns.resume_ready(ctx.settings)  # the disposition lifts a quarantine: held runs go on
             if decision.get("decision") != "approve":  # only approve (use with documented risk) goes on
-                return _finish(ctx, "rejected", f"{step.id}: deviation disposition: {decision.get('decision')} "
-                                                f"({decision.get('reason')})")
+                return _finish(
+                    ctx,
+                    "rejected",
+                    f"{step.id}: deviation disposition: {decision.get('decision')} ({decision.get('reason')})",
+                )
     return _finish(ctx, "completed", None)
 
 

@@ -97,8 +97,13 @@ def _spawn(settings: Settings, name: str, argv: list[str]) -> int:
     env = {**os.environ, **prefect_env(settings), "SOPFLOW_HOME": str(settings.home)}
     log = _log_file(settings, name).open("ab")
     proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        start_new_session=True, cwd=settings.home,
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        cwd=settings.home,
     )
     _pid_file(settings, name).write_text(f"{proc.pid}\n")
     return proc.pid
@@ -114,7 +119,17 @@ def start(settings: Settings, *, executor: bool = True, timeout: float = 90.0) -
                 f"port {settings.prefect_port} already has a Prefect server that sopflow did not start; "
                 "stop it or set SOPFLOW_PREFECT_PORT"
             )
-        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(settings.prefect_port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(settings.prefect_port),
+        ]
         _spawn(settings, "prefect-server", argv)
     wait_healthy(settings, timeout)
     if executor and not _alive(_read_pid(settings, "executor")):
@@ -125,7 +140,9 @@ def start(settings: Settings, *, executor: bool = True, timeout: float = 90.0) -
             if not _alive(pid):
                 raise EngineError(f"the executor exited while starting; see {_log_file(settings, 'executor')}")
             if time.monotonic() > deadline:
-                raise EngineError(f"the executor did not get ready within {timeout:.0f} s; see {_log_file(settings, 'executor')}")
+                raise EngineError(
+                    f"the executor did not get ready within {timeout:.0f} s; see {_log_file(settings, 'executor')}"
+                )
             time.sleep(0.1)
     return status(settings)
 

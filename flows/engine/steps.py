@@ -79,7 +79,12 @@ class RunContext:
         try:
             spec = load_institution_file(self.settings.sops_dir / self.run.institution / "institution.yaml")
         except (FlowsError, OSError):
-            return {"id": self.run.institution, "name": self.run.institution, "language": "en", "timezone": self.timezone}
+            return {
+                "id": self.run.institution,
+                "name": self.run.institution,
+                "language": "en",
+                "timezone": self.timezone,
+            }
         return {"id": spec.id, "name": spec.name, "language": spec.language, "timezone": self.timezone}
 
     def refresh(self) -> None:
@@ -98,7 +103,9 @@ class RunContext:
                 ctx[step.id] = step_data(rec)
             elif step.kind in (*HUMAN_KINDS, "subrun") and rec is not None and rec.status == "skipped":
                 # A skipped step's values read as none ('when:' of a later step may test them).
-                ctx[step.id] = dict.fromkeys([*getattr(step, "fields", {}), "signed_by", "decision", "status", "run_id"])
+                ctx[step.id] = dict.fromkeys(
+                    [*getattr(step, "fields", {}), "signed_by", "decision", "status", "run_id"]
+                )
             if getattr(step, "repeat", None) is not None:
                 # <step> is the latest repetition, <step>_all every one of them, in order.
                 reps = self.repetitions(step.id)
@@ -109,8 +116,11 @@ class RunContext:
 
     def repetitions(self, step_id: str) -> list[StepRecord]:
         """The done repetitions ``<step>#<n>`` of a repeated step, by n."""
-        reps = [(int(k.partition("#")[2]), r) for k, r in self.states.items()
-                if k.startswith(f"{step_id}#") and r.status == "done"]
+        reps = [
+            (int(k.partition("#")[2]), r)
+            for k, r in self.states.items()
+            if k.startswith(f"{step_id}#") and r.status == "done"
+        ]
         return [r for _, r in sorted(reps, key=lambda x: x[0])]
 
 
@@ -129,12 +139,33 @@ def load_context(settings: Settings, run_id: str, wait: float = 10.0) -> RunCont
         time.sleep(0.05)
 
 
-def write_step(session: Session, run_id: str, step_id: str, kind: str, status: str, data: dict[str, Any], *,
-               actor: str = SYSTEM, actor_id: str | None = None, signature_id: str | None = None,
-               reason: str | None = None, task_run_id: str | None = None) -> StepRecord:
-    rec = StepRecord(run_id=run_id, n=next_n(session, StepRecord, run_id), step_id=step_id, kind=kind,
-                     status=status, data_json=ledger.canonical(data).decode(), actor_id=actor_id,
-                     signature_id=signature_id, reason=reason, task_run_id=task_run_id, at=utcnow())
+def write_step(
+    session: Session,
+    run_id: str,
+    step_id: str,
+    kind: str,
+    status: str,
+    data: dict[str, Any],
+    *,
+    actor: str = SYSTEM,
+    actor_id: str | None = None,
+    signature_id: str | None = None,
+    reason: str | None = None,
+    task_run_id: str | None = None,
+) -> StepRecord:
+    rec = StepRecord(
+        run_id=run_id,
+        n=next_n(session, StepRecord, run_id),
+        step_id=step_id,
+        kind=kind,
+        status=status,
+        data_json=ledger.canonical(data).decode(),
+        actor_id=actor_id,
+        signature_id=signature_id,
+        reason=reason,
+        task_run_id=task_run_id,
+        at=utcnow(),
+    )
     ledger.append(session, rec, actor=actor, action=f"step.{status}")
     return rec
 
@@ -161,8 +192,15 @@ def run_when(ctx: RunContext, step: Any) -> tuple[bool, str | None]:
     if not holds:
         with write_session(ctx.url) as s:
             if step_states(s, ctx.run.id).get(step.id) is None:
-                write_step(s, ctx.run.id, step.id, step.kind, "skipped", {"when": step.when, "value": False},
-                           reason=f"'when' is false: {step.when}")
+                write_step(
+                    s,
+                    ctx.run.id,
+                    step.id,
+                    step.kind,
+                    "skipped",
+                    {"when": step.when, "value": False},
+                    reason=f"'when' is false: {step.when}",
+                )
     return holds, None
 
 
@@ -177,15 +215,21 @@ def run_check(ctx: RunContext, step: CheckStepSpec, task_run_id: str | None) -> 
     with write_session(ctx.url) as s:
         write_step(s, ctx.run.id, step.id, "check", "done" if passed else "failed", data, task_run_id=task_run_id)
         if not passed:
-            dev = Deviation(run_id=ctx.run.id, step_id=step.id, classification=step.deviation.classification,
-                            description=step.deviation.description or f"check {step.id!r} failed: {step.expect}",
-                            quarantine=step.deviation.quarantine, opened_at=utcnow())
+            dev = Deviation(
+                run_id=ctx.run.id,
+                step_id=step.id,
+                classification=step.deviation.classification,
+                description=step.deviation.description or f"check {step.id!r} failed: {step.expect}",
+                quarantine=step.deviation.quarantine,
+                opened_at=utcnow(),
+            )
             ledger.append(s, dev, actor=SYSTEM, action="deviation.open")
     return passed
 
 
-def document_context(ctx: RunContext, step: DocumentStepSpec, record: dict[str, Any],
-                     audit_head: dict[str, Any] | None) -> dict[str, Any]:
+def document_context(
+    ctx: RunContext, step: DocumentStepSpec, record: dict[str, Any], audit_head: dict[str, Any] | None
+) -> dict[str, Any]:
     """What a document template sees: the record, the step, the institution, the SOP's field
     types/labels/units, and ``document`` (the record's sha256 and the audit chain head)."""
     language = step.language or ctx.institution["language"]
@@ -197,10 +241,15 @@ def document_context(ctx: RunContext, step: DocumentStepSpec, record: dict[str, 
         "record": record,
         "step": {"id": step.id, "title": step.title or step.id},
         "institution": ctx.institution,
-        "sop": {"params": {k: {"type": f.type, "label": f.label or k, "unit": f.unit} for k, f in ctx.sop.params.items()},
-                "fields": fields},
-        "document": {"language": language, "record_sha256": ledger.sha256_hex(ledger.canonical(record)),
-                     "audit_head": audit_head},
+        "sop": {
+            "params": {k: {"type": f.type, "label": f.label or k, "unit": f.unit} for k, f in ctx.sop.params.items()},
+            "fields": fields,
+        },
+        "document": {
+            "language": language,
+            "record_sha256": ledger.sha256_hex(ledger.canonical(record)),
+            "audit_head": audit_head,
+        },
     }
 
 
@@ -236,20 +285,33 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
         pdf_path = folder / f"{step.id}-{digest[:12]}-{stem.removesuffix('.html')}.pdf"
         pdf_path.write_bytes(pdf)
     with write_session(ctx.url) as s:
-        doc = Document(run_id=ctx.run.id, step_id=step.id, template=name, path=str(path), sha256=digest,
-                       rendered_at=utcnow())
+        doc = Document(
+            run_id=ctx.run.id, step_id=step.id, template=name, path=str(path), sha256=digest, rendered_at=utcnow()
+        )
         ledger.append(s, doc, actor=SYSTEM, action="document.render")
-        data: dict[str, Any] = {"document_id": doc.id, "sha256": digest, "path": str(path),
-                                "record_sha256": context["document"]["record_sha256"]}
+        data: dict[str, Any] = {
+            "document_id": doc.id,
+            "sha256": digest,
+            "path": str(path),
+            "record_sha256": context["document"]["record_sha256"],
+        }
         if pdf_path is not None:
-            pdf_doc = Document(run_id=ctx.run.id, step_id=step.id, template=name, path=str(pdf_path), sha256=pdf_digest,
-                               rendered_at=utcnow())
+            pdf_doc = Document(
+                run_id=ctx.run.id,
+                step_id=step.id,
+                template=name,
+                path=str(pdf_path),
+                sha256=pdf_digest,
+                rendered_at=utcnow(),
+            )
             ledger.append(s, pdf_doc, actor=SYSTEM, action="document.render")
             data.update({"pdf_document_id": pdf_doc.id, "pdf_sha256": pdf_digest, "pdf_path": str(pdf_path)})
         write_step(s, ctx.run.id, step.id, "document", "done", data, task_run_id=task_run_id)
 
 
-def send(ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str, attempts: int = 3) -> list[dict[str, Any]]:
+def send(
+    ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str, attempts: int = 3
+) -> list[dict[str, Any]]:
     """Deliver to every channel of the roles, retrying failures; never raises for a failed delivery."""
     channels = load_channels(ctx.settings.notify_config)
     results = notify(channels, ctx.run.institution, roles, title, body)
@@ -269,8 +331,15 @@ def run_notify(ctx: RunContext, step: NotifyStepSpec, task_run_id: str | None) -
         message = f"(message could not be rendered: {exc})"
     deliveries = send(ctx, step.to, f"[{ctx.run.sop_id}] {step.title or step.id}", message)
     with write_session(ctx.url) as s:
-        write_step(s, ctx.run.id, step.id, "notify", "done", {"message": message, "to": list(step.to), "deliveries": deliveries},
-                   task_run_id=task_run_id)
+        write_step(
+            s,
+            ctx.run.id,
+            step.id,
+            "notify",
+            "done",
+            {"message": message, "to": list(step.to), "deliveries": deliveries},
+            task_run_id=task_run_id,
+        )
 
 
 STEP_KINDS: dict[str, tuple[Any, str]] = {

@@ -47,8 +47,15 @@ from flows.record.tables import (
 )
 from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec, SubrunStepSpec
 
-__all__ = ["deviation_link_id", "deviation_subrun", "hold_if_quarantined", "record_lifecycle",
-           "resume_ready", "run_subrun_step", "start_subrun"]
+__all__ = [
+    "deviation_link_id",
+    "deviation_subrun",
+    "hold_if_quarantined",
+    "record_lifecycle",
+    "resume_ready",
+    "run_subrun_step",
+    "start_subrun",
+]
 
 log = logging.getLogger("sopflow.subruns")
 
@@ -59,6 +66,7 @@ def deviation_link_id(check_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- starting
+
 
 def _evaluate(expr: str, context: dict[str, Any]) -> Any:
     from flows.sop.expressions import ExpressionError, _compiled_expression, _context
@@ -71,12 +79,16 @@ def _evaluate(expr: str, context: dict[str, Any]) -> Any:
 
 
 def _existing_child(session: Session, parent_id: str, link_id: str) -> SopRun | None:
-    return session.exec(select(SopRun).where(SopRun.parent_run_id == parent_id, SopRun.parent_step_id == link_id)
-                        .order_by(col(SopRun.started_at).desc())).first()
+    return session.exec(
+        select(SopRun)
+        .where(SopRun.parent_run_id == parent_id, SopRun.parent_step_id == link_id)
+        .order_by(col(SopRun.started_at).desc())
+    ).first()
 
 
-def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[str, Any], *,
-                 deviation_id: str | None = None) -> str:
+def start_subrun(
+    ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[str, Any], *, deviation_id: str | None = None
+) -> str:
     """Start (once) the sub-run of ``link_id``; returns its run id. Raises FlowsError (the run fails, saying why)."""
     from flows.sop.catalog import Catalog
     from flows.sop.inputs import coerce_values
@@ -94,8 +106,12 @@ def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[st
     if deviation_id is not None:  # the contract's three params, those the deviation SOP declares
         raw_params = {k: v for k, v in raw_params.items() if k in sop.params}
     products = catalog.products(ctx.run.institution)
-    params = coerce_values(sop.params, {k: v for k, v in raw_params.items() if v is not None},
-                           where=f"{sop_id} params (sub-run of {ctx.run.sop_id} step {link_id!r})", products=products)
+    params = coerce_values(
+        sop.params,
+        {k: v for k, v in raw_params.items() if v is not None},
+        where=f"{sop_id} params (sub-run of {ctx.run.sop_id} step {link_id!r})",
+        products=products,
+    )
     product = None
     if (pname := sop.product_param()) is not None and params.get(pname) is not None:
         product = products[params[pname]].model_dump(mode="json")
@@ -103,18 +119,34 @@ def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[st
     flow_run_id = create_flow_run(ctx.settings, run_id, f"{sop_id}-{run_id[:8]}")
     try:
         with write_session(ctx.url) as s:
-            run = SopRun(id=run_id, institution=ctx.run.institution, sop_version_id=pinned.version_id, sop_id=sop_id,
-                         sop_version=sop.version, sop_sha256=pinned.sha256, schema_version=sop.schema_version,
-                         params_json=ledger.canonical(params).decode(),
-                         product_json=ledger.canonical(product).decode() if product is not None else None,
-                         flow_run_id=flow_run_id, started_by=ctx.run.started_by, started_at=utcnow(),
-                         parent_run_id=ctx.run.id, parent_step_id=link_id)
-            ledger.append(s, run, actor="system", action="run.start",
-                          reason=f"sub-run of run {ctx.run.id} step {link_id!r}, on behalf of its starter")
+            run = SopRun(
+                id=run_id,
+                institution=ctx.run.institution,
+                sop_version_id=pinned.version_id,
+                sop_id=sop_id,
+                sop_version=sop.version,
+                sop_sha256=pinned.sha256,
+                schema_version=sop.schema_version,
+                params_json=ledger.canonical(params).decode(),
+                product_json=ledger.canonical(product).decode() if product is not None else None,
+                flow_run_id=flow_run_id,
+                started_by=ctx.run.started_by,
+                started_at=utcnow(),
+                parent_run_id=ctx.run.id,
+                parent_step_id=link_id,
+            )
+            ledger.append(
+                s,
+                run,
+                actor="system",
+                action="run.start",
+                reason=f"sub-run of run {ctx.run.id} step {link_id!r}, on behalf of its starter",
+            )
             set_run_status(s, run_id, "scheduled")
             if deviation_id is not None:
-                append_event(s, deviation_id, "subrun", {"run_id": run_id, "sop_id": sop_id}, run_id=ctx.run.id,
-                             step_id=link_id)
+                append_event(
+                    s, deviation_id, "subrun", {"run_id": run_id, "sop_id": sop_id}, run_id=ctx.run.id, step_id=link_id
+                )
     except BaseException:
         release_flow_run(ctx.settings, flow_run_id, cancel=True)
         raise
@@ -123,6 +155,7 @@ def start_subrun(ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[st
 
 
 # --------------------------------------------------------------------------- waiting
+
 
 def _outcome(session: Session, child_id: str, deviation_id: str | None) -> dict[str, Any] | None:
     """What the parent sees of its sub-run, or None while it has nothing to see yet."""
@@ -137,21 +170,39 @@ def _outcome(session: Session, child_id: str, deviation_id: str | None) -> dict[
     for sid, rec in step_states(session, child_id).items():
         if rec.status == "done" and (rec.kind in HUMAN_KINDS or rec.kind == "subrun"):
             out[sid] = step_data(rec)
-    out.update({"run_id": child_id, "sop_id": child.sop_id, "status": status.status if status else "unknown",
-                "status_detail": status.detail if status else None})
+    out.update(
+        {
+            "run_id": child_id,
+            "sop_id": child.sop_id,
+            "status": status.status if status else "unknown",
+            "status_detail": status.detail if status else None,
+        }
+    )
     if deviation_id is not None:
-        out.update({"deviation_id": deviation_id, "decision": decision, "reason": decided["reason"] if decided else None,
-                    "disposition": decided["value"] if decided else None})
+        out.update(
+            {
+                "deviation_id": deviation_id,
+                "decision": decision,
+                "reason": decided["reason"] if decided else None,
+                "disposition": decided["value"] if decided else None,
+            }
+        )
     return out
 
 
 def _count(session: Session, run_id: str, step_id: str, status: str) -> int:
-    return int(session.exec(select(func.count()).select_from(StepRecord).where(
-        StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == status)).one())
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(StepRecord)
+            .where(StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == status)
+        ).one()
+    )
 
 
-async def _suspend(ctx: RunContext, step_id: str, kind: str, status: str, data: dict[str, Any], detail: str,
-                   reason: str | None = None) -> None:
+async def _suspend(
+    ctx: RunContext, step_id: str, kind: str, status: str, data: dict[str, Any], detail: str, reason: str | None = None
+) -> None:
     """Record the step ``status`` (a new record each time: each suspension gets its own key) and suspend."""
     from prefect.flow_runs import suspend_flow_run
 
@@ -162,7 +213,9 @@ async def _suspend(ctx: RunContext, step_id: str, kind: str, status: str, data: 
     await suspend_flow_run(key=f"{pause_key_prefix(step_id)}{'sub' if status == 'waiting' else 'held'}-{n}")
 
 
-async def _await_child(ctx: RunContext, link_id: str, kind: str, child_id: str, deviation_id: str | None) -> dict[str, Any]:
+async def _await_child(
+    ctx: RunContext, link_id: str, kind: str, child_id: str, deviation_id: str | None
+) -> dict[str, Any]:
     while True:
         with write_session(ctx.url) as s:
             rec = step_states(s, ctx.run.id).get(link_id)
@@ -173,8 +226,14 @@ async def _await_child(ctx: RunContext, link_id: str, kind: str, child_id: str, 
                 set_run_status(s, ctx.run.id, "running")
                 write_step(s, ctx.run.id, link_id, kind, "done", outcome)
                 return outcome
-        await _suspend(ctx, link_id, kind, "waiting", {"subrun_id": child_id, "deviation_id": deviation_id},
-                       f"{link_id}: waits for sub-run {child_id}")
+        await _suspend(
+            ctx,
+            link_id,
+            kind,
+            "waiting",
+            {"subrun_id": child_id, "deviation_id": deviation_id},
+            f"{link_id}: waits for sub-run {child_id}",
+        )
 
 
 async def run_subrun_step(ctx: RunContext, step: SubrunStepSpec) -> dict[str, Any]:
@@ -202,8 +261,11 @@ async def deviation_subrun(ctx: RunContext, check: CheckStepSpec, *, wait: bool)
     ended without a disposition: the inline ``<check>__disposition`` step decides then)."""
     link = deviation_link_id(check.id)
     with read_session(ctx.url) as s:
-        dev = s.exec(select(Deviation).where(Deviation.run_id == ctx.run.id, Deviation.step_id == check.id)
-                     .order_by(col(Deviation.opened_at).desc())).first()
+        dev = s.exec(
+            select(Deviation)
+            .where(Deviation.run_id == ctx.run.id, Deviation.step_id == check.id)
+            .order_by(col(Deviation.opened_at).desc())
+        ).first()
     if dev is None or check.deviation.sop is None:
         return None
     params = {"deviation_id": dev.id, "coi": run_coi(ctx.run, ctx.sop), "parent_run_id": ctx.run.id}
@@ -216,10 +278,13 @@ async def deviation_subrun(ctx: RunContext, check: CheckStepSpec, *, wait: bool)
 
 # --------------------------------------------------------------------------- quarantine
 
+
 def _quarantine(ctx: RunContext) -> str | None:
     params = json.loads(ctx.run.params_json)
     with read_session(ctx.url) as s:
-        return quarantine_problem(s, run_coi(ctx.run, ctx.sop), run_id=ctx.run.id, deviation_id=params.get("deviation_id"))
+        return quarantine_problem(
+            s, run_coi(ctx.run, ctx.sop), run_id=ctx.run.id, deviation_id=params.get("deviation_id")
+        )
 
 
 async def hold_if_quarantined(ctx: RunContext, step_id: str, kind: str) -> None:
@@ -230,26 +295,39 @@ async def hold_if_quarantined(ctx: RunContext, step_id: str, kind: str) -> None:
 
 # --------------------------------------------------------------------------- lifecycle
 
-def record_lifecycle(session: Session, ctx: RunContext, step: HumanStepSpec, data: dict[str, Any],
-                     rec: StepRecord) -> None:
+
+def record_lifecycle(
+    session: Session, ctx: RunContext, step: HumanStepSpec, data: dict[str, Any], rec: StepRecord
+) -> None:
     """A step with ``updates_deviation`` was accepted: append the deviation's event (same transaction)."""
     kind = getattr(step, "updates_deviation", None)
     if kind is None:
         return
     deviation_id = json.loads(ctx.run.params_json).get("deviation_id")
     if step.id.endswith("__disposition"):  # the inline disposition of this run's failed check
-        dev = session.exec(select(Deviation).where(Deviation.run_id == ctx.run.id,
-                                                   Deviation.step_id == step.id.removesuffix("__disposition"))
-                           .order_by(col(Deviation.opened_at).desc())).first()
+        dev = session.exec(
+            select(Deviation)
+            .where(Deviation.run_id == ctx.run.id, Deviation.step_id == step.id.removesuffix("__disposition"))
+            .order_by(col(Deviation.opened_at).desc())
+        ).first()
         deviation_id = dev.id if dev else None
     if not deviation_id or session.get(Deviation, deviation_id) is None:
         log.error("run %s step %s updates_deviation %s: no deviation %r", ctx.run.id, step.id, kind, deviation_id)
         return
-    append_event(session, deviation_id, kind, data, run_id=ctx.run.id, step_id=step.id, actor_id=rec.actor_id,
-                 signature_id=rec.signature_id)
+    append_event(
+        session,
+        deviation_id,
+        kind,
+        data,
+        run_id=ctx.run.id,
+        step_id=step.id,
+        actor_id=rec.actor_id,
+        signature_id=rec.signature_id,
+    )
 
 
 # --------------------------------------------------------------------------- resuming
+
 
 def _paused_key(client: Any, flow_run_id: str) -> str | None:
     state = client.read_flow_run(UUID(flow_run_id)).state
@@ -288,8 +366,12 @@ def _ready(s: Session, run: SopRun, rec: StepRecord, ready: list[tuple[str, str]
         from flows.record.query import stored_sop
 
         params = json.loads(run.params_json)
-        if quarantine_problem(s, run_coi(run, stored_sop(s, run)), run_id=run.id,
-                              deviation_id=params.get("deviation_id")) is not None:
+        if (
+            quarantine_problem(
+                s, run_coi(run, stored_sop(s, run)), run_id=run.id, deviation_id=params.get("deviation_id")
+            )
+            is not None
+        ):
             return
         key = f"{pause_key_prefix(rec.step_id)}held-"
     ready.append((run.flow_run_id, key))

@@ -75,8 +75,9 @@ def render_pdf(html: str, base_dir: Path) -> bytes:
         raise DocumentRenderError("pdf", f"WeasyPrint failed: {type(exc).__name__}: {exc}") from exc
 
 
-def render_document(templates_dir: Path, institution: str, timezone: str, template: str,
-                    context: dict[str, Any]) -> tuple[str, str]:
+def render_document(
+    templates_dir: Path, institution: str, timezone: str, template: str, context: dict[str, Any]
+) -> tuple[str, str]:
     """Render ``template`` with ``context``; returns (text, sha256 of its UTF-8 bytes).
 
     Raises:

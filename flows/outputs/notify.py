@@ -77,8 +77,13 @@ def _redact(url: str) -> str:
     return f"{scheme}://{host}"
 
 
-def notify(channels: dict[str, dict[str, list[str]]], institution: str, roles: tuple[str, ...] | list[str],
-           title: str, body: str) -> list[Delivery]:
+def notify(
+    channels: dict[str, dict[str, list[str]]],
+    institution: str,
+    roles: tuple[str, ...] | list[str],
+    title: str,
+    body: str,
+) -> list[Delivery]:
     """Send one message to every channel of each role, once per channel; returns one Delivery per channel."""
     import apprise  # imported here: it loads its plugins on import
 

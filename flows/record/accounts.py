@@ -55,8 +55,12 @@ class Refusal:
 
 
 def _newest(session: Session, user_id: str, kinds: tuple[str, ...]) -> UserEvent | None:
-    return session.exec(select(UserEvent).where(UserEvent.user_id == user_id, col(UserEvent.kind).in_(kinds))
-                        .order_by(col(UserEvent.n).desc()).limit(1)).first()
+    return session.exec(
+        select(UserEvent)
+        .where(UserEvent.user_id == user_id, col(UserEvent.kind).in_(kinds))
+        .order_by(col(UserEvent.n).desc())
+        .limit(1)
+    ).first()
 
 
 def password_hash(session: Session, user: User) -> str:
@@ -84,18 +88,33 @@ def is_locked(session: Session, user_id: str) -> bool:
 def lock_message(session: Session, user: User) -> str:
     ev = _newest(session, user.id, ("locked",))
     failures = json.loads(ev.data_json).get("failures") if ev else None
-    return (f"user {user.username!r}: account locked after {failures or 'too many'} failed sign-ins; "
-            f"a QA officer must unlock it (sopflow user unlock {user.username} --as QA_USER)")
+    return (
+        f"user {user.username!r}: account locked after {failures or 'too many'} failed sign-ins; "
+        f"a QA officer must unlock it (sopflow user unlock {user.username} --as QA_USER)"
+    )
 
 
-def append_event(session: Session, user: User, kind: str, *, actor: str, data: dict[str, Any] | None = None,
-                 reason: str | None = None) -> UserEvent:
+def append_event(
+    session: Session,
+    user: User,
+    kind: str,
+    *,
+    actor: str,
+    data: dict[str, Any] | None = None,
+    reason: str | None = None,
+) -> UserEvent:
     """Append an account event (inside a write session, which holds the lock ``n`` relies on)."""
     if kind not in EVENT_KINDS:
         raise ValueError(f"unknown account event {kind!r}")
     last = session.exec(select(func.max(UserEvent.n)).where(UserEvent.user_id == user.id)).one()
-    ev = UserEvent(user_id=user.id, n=(last or 0) + 1, kind=kind, data_json=ledger.canonical(data or {}).decode(),
-                   at=utcnow(), actor=actor)
+    ev = UserEvent(
+        user_id=user.id,
+        n=(last or 0) + 1,
+        kind=kind,
+        data_json=ledger.canonical(data or {}).decode(),
+        at=utcnow(),
+        actor=actor,
+    )
     ledger.append(session, ev, actor=actor, action=f"user.{kind}", reason=reason)
     return ev
 
@@ -126,24 +145,50 @@ def check_credentials(session: Session, username: str, password: str) -> User | 
 
 def _reset_seq(session: Session, username: str) -> int:
     """The audit position after which failed sign-ins of ``username`` count."""
-    seqs = [session.exec(select(func.max(AuditEvent.seq)).where(
-        AuditEvent.object_type == "sf_user", AuditEvent.object_id == username, AuditEvent.action == "auth.ok")).one()]
+    seqs = [
+        session.exec(
+            select(func.max(AuditEvent.seq)).where(
+                AuditEvent.object_type == "sf_user", AuditEvent.object_id == username, AuditEvent.action == "auth.ok"
+            )
+        ).one()
+    ]
     user = find_user(session, username)
     if user is not None:
-        seqs.append(session.exec(select(func.max(AuditEvent.seq)).where(
-            AuditEvent.object_type == User.__tablename__, AuditEvent.object_id == user.id)).one())
-        resets = list(session.exec(select(UserEvent.id).where(UserEvent.user_id == user.id, col(UserEvent.kind).in_(_RESETS))))
+        seqs.append(
+            session.exec(
+                select(func.max(AuditEvent.seq)).where(
+                    AuditEvent.object_type == User.__tablename__, AuditEvent.object_id == user.id
+                )
+            ).one()
+        )
+        resets = list(
+            session.exec(select(UserEvent.id).where(UserEvent.user_id == user.id, col(UserEvent.kind).in_(_RESETS)))
+        )
         if resets:
-            seqs.append(session.exec(select(func.max(AuditEvent.seq)).where(
-                AuditEvent.object_type == UserEvent.__tablename__, col(AuditEvent.object_id).in_(resets))).one())
+            seqs.append(
+                session.exec(
+                    select(func.max(AuditEvent.seq)).where(
+                        AuditEvent.object_type == UserEvent.__tablename__, col(AuditEvent.object_id).in_(resets)
+                    )
+                ).one()
+            )
     return max((s for s in seqs if s is not None), default=0)
 
 
 def failures_since_reset(session: Session, username: str) -> int:
     """Consecutive failed sign-ins of ``username``: ``auth.failed`` events after the newest reset point."""
-    return int(session.exec(select(func.count()).select_from(AuditEvent).where(
-        AuditEvent.object_type == "sf_user", AuditEvent.object_id == username, AuditEvent.action == "auth.failed",
-        AuditEvent.seq > _reset_seq(session, username))).one())
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(
+                AuditEvent.object_type == "sf_user",
+                AuditEvent.object_id == username,
+                AuditEvent.action == "auth.failed",
+                AuditEvent.seq > _reset_seq(session, username),
+            )
+        ).one()
+    )
 
 
 def record_failure(session: Session, username: str, refusal: Refusal, purpose: str, *, threshold: int) -> str:
@@ -153,23 +198,48 @@ def record_failure(session: Session, username: str, refusal: Refusal, purpose: s
     the account is disabled or locked is ``auth.refused`` and does not. Returns the message.
     """
     if refusal.kind in ("disabled", "locked", "temporary"):
-        ledger.audit(session, actor=username, action="auth.refused", object_type="sf_user", object_id=username,
-                     payload={"purpose": purpose, "problem": refusal.kind}, reason=refusal.message)
+        ledger.audit(
+            session,
+            actor=username,
+            action="auth.refused",
+            object_type="sf_user",
+            object_id=username,
+            payload={"purpose": purpose, "problem": refusal.kind},
+            reason=refusal.message,
+        )
         return refusal.message
-    ledger.audit(session, actor=username, action="auth.failed", object_type="sf_user", object_id=username,
-                 payload={"purpose": purpose})
+    ledger.audit(
+        session,
+        actor=username,
+        action="auth.failed",
+        object_type="sf_user",
+        object_id=username,
+        payload={"purpose": purpose},
+    )
     user = find_user(session, username)
     if user is None or is_locked(session, user.id):
         return refusal.message
     failures = failures_since_reset(session, username)
     if failures < threshold:
         return refusal.message
-    append_event(session, user, "locked", actor="system", data={"failures": failures, "threshold": threshold},
-                 reason=f"{failures} consecutive failed sign-ins (threshold {threshold})")
+    append_event(
+        session,
+        user,
+        "locked",
+        actor="system",
+        data={"failures": failures, "threshold": threshold},
+        reason=f"{failures} consecutive failed sign-ins (threshold {threshold})",
+    )
     return f"{refusal.message}; {lock_message(session, user).split(': ', 1)[1]}"
 
 
 def record_success(session: Session, user: User, purpose: str) -> None:
     """Audit a successful sign-in (inside a write session): earlier failures no longer count."""
-    ledger.audit(session, actor=user.id, action="auth.ok", object_type="sf_user", object_id=user.username,
-                 payload={"purpose": purpose})
+    ledger.audit(
+        session,
+        actor=user.id,
+        action="auth.ok",
+        object_type="sf_user",
+        object_id=user.username,
+        payload={"purpose": purpose},
+    )

@@ -25,8 +25,12 @@ from flows.record.tables import Deviation, RunEvent, SopRun
 __all__ = ["STAGES", "chain_of_identity", "stage_of"]
 
 STAGES = ("collection", "receipt", "storage", "infusion")
-_GUESS = (("collection", ("collect", "apheresis")), ("receipt", ("receipt", "receiv")),
-          ("storage", ("storage", "cryo", "store")), ("infusion", ("infusion", "infuse")))
+_GUESS = (
+    ("collection", ("collect", "apheresis")),
+    ("receipt", ("receipt", "receiv")),
+    ("storage", ("storage", "cryo", "store")),
+    ("infusion", ("infusion", "infuse")),
+)
 
 
 def stage_of(sop_id: str, declared: str | None) -> tuple[str | None, bool]:
@@ -75,17 +79,30 @@ def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
         status = run_status(session, run.id)
         last = session.exec(select(RunEvent).where(RunEvent.run_id == run.id).order_by(col(RunEvent.n).desc())).first()
         stage, guessed = (None, False) if depth else stage_of(run.sop_id, getattr(sop, "chain_stage", None))
-        devs = [deviation_state(session, d) for d in
-                session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))]
-        entries.append({
-            "run_id": run.id, "sop_id": run.sop_id, "sop_title": sop.title if sop else run.sop_id,
-            "sop_version": run.sop_version, "depth": depth, "parent_run_id": run.parent_run_id,
-            "parent_step_id": run.parent_step_id, "stage": stage, "stage_guessed": guessed,
-            "status": status.status if status else "unknown", "status_detail": status.detail if status else None,
-            "started_at": _iso(run.started_at),
-            "ended_at": _iso(last.at) if last and last.status in FINAL_STATUSES else None,
-            "deviations": devs,
-        })
+        devs = [
+            deviation_state(session, d)
+            for d in session.exec(
+                select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at))
+            )
+        ]
+        entries.append(
+            {
+                "run_id": run.id,
+                "sop_id": run.sop_id,
+                "sop_title": sop.title if sop else run.sop_id,
+                "sop_version": run.sop_version,
+                "depth": depth,
+                "parent_run_id": run.parent_run_id,
+                "parent_step_id": run.parent_step_id,
+                "stage": stage,
+                "stage_guessed": guessed,
+                "status": status.status if status else "unknown",
+                "status_detail": status.detail if status else None,
+                "started_at": _iso(run.started_at),
+                "ended_at": _iso(last.at) if last and last.status in FINAL_STATUSES else None,
+                "deviations": devs,
+            }
+        )
         for child in children.get(run.id, []):
             visit(child, depth + 1)
 
@@ -100,8 +117,10 @@ def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
             problems.append(f"{name} has not ended (it is {e['status']})")
         for d in e["deviations"]:
             if d["status"] != "closed":
-                problems.append(f"deviation {d['id']} on {name} is {d['status']}"
-                                + (" and quarantines the dose" if d["quarantined"] else ""))
+                problems.append(
+                    f"deviation {d['id']} on {name} is {d['status']}"
+                    + (" and quarantines the dose" if d["quarantined"] else "")
+                )
     done_at: dict[str, str] = {}
     for e in entries:
         if e["stage"] and e["status"] == "completed" and e["stage"] not in done_at:
@@ -114,5 +133,9 @@ def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
         if previous is not None and done_at[stage] < done_at[previous]:
             problems.append(f"the {stage} run started before the {previous} run")
         previous = stage
-    return {"coi": coi, "runs": entries, "unbroken": bool(entries) and not problems,
-            "problems": problems if entries else [f"no run carries COI {coi!r}"]}
+    return {
+        "coi": coi,
+        "runs": entries,
+        "unbroken": bool(entries) and not problems,
+        "problems": problems if entries else [f"no run carries COI {coi!r}"],
+    }

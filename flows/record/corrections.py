@@ -34,8 +34,12 @@ CORRECTED = "corrected"
 
 def newest_record(session: Session, run_id: str, step_id: str) -> StepRecord | None:
     """The newest record of one step (by position, never by clock)."""
-    return session.exec(select(StepRecord).where(StepRecord.run_id == run_id, StepRecord.step_id == step_id)
-                        .order_by(col(StepRecord.n).desc()).limit(1)).first()
+    return session.exec(
+        select(StepRecord)
+        .where(StepRecord.run_id == run_id, StepRecord.step_id == step_id)
+        .order_by(col(StepRecord.n).desc())
+        .limit(1)
+    ).first()
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -43,19 +47,44 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[s
     return {k: {"old": old.get(k), "new": new.get(k)} for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def write_correction(session: Session, run: SopRun, corrected: StepRecord, data: dict[str, Any], user: User,
-                     reason: str, statement: str | None) -> StepRecord:
+def write_correction(
+    session: Session,
+    run: SopRun,
+    corrected: StepRecord,
+    data: dict[str, Any],
+    user: User,
+    reason: str,
+    statement: str | None,
+) -> StepRecord:
     """Append the corrector's signature over ``data`` and the ``done`` record superseding ``corrected``.
 
     Call inside a write session; the caller has checked the corrector and the values.
     """
-    sig = Signature(run_id=run.id, step_id=corrected.step_id, user_id=user.id, printed_name=user.printed_name,
-                    meaning=CORRECTED, statement=statement, signed_at=utcnow(), signed_sha256="")
+    sig = Signature(
+        run_id=run.id,
+        step_id=corrected.step_id,
+        user_id=user.id,
+        printed_name=user.printed_name,
+        meaning=CORRECTED,
+        statement=statement,
+        signed_at=utcnow(),
+        signed_sha256="",
+    )
     sig.signed_sha256 = ledger.sha256_hex(ledger.canonical(ledger.signed_content(run, corrected.step_id, data, sig)))
     ledger.append(session, sig, actor=user.id, action="signature.create", reason=reason)
-    rec = StepRecord(run_id=run.id, n=next_n(session, StepRecord, run.id), step_id=corrected.step_id,
-                     kind=corrected.kind, status="done", data_json=ledger.canonical(data).decode(), actor_id=user.id,
-                     signature_id=sig.id, supersedes_id=corrected.id, reason=reason, at=utcnow())
+    rec = StepRecord(
+        run_id=run.id,
+        n=next_n(session, StepRecord, run.id),
+        step_id=corrected.step_id,
+        kind=corrected.kind,
+        status="done",
+        data_json=ledger.canonical(data).decode(),
+        actor_id=user.id,
+        signature_id=sig.id,
+        supersedes_id=corrected.id,
+        reason=reason,
+        at=utcnow(),
+    )
     ledger.append(session, rec, actor=user.id, action="step.corrected", reason=reason)
     return rec
 
@@ -93,13 +122,24 @@ def corrections_by_step(records: list[StepRecord], sop: SopDefinition) -> dict[s
         start = first.n if first is not None else 0
         not_rerun: list[dict[str, str]] = []
         for other in records:
-            if (start < other.n < rec.n and _used_earlier_value(other, rec.step_id, sop)
-                    and all(o["step_id"] != other.step_id for o in not_rerun)):
+            if (
+                start < other.n < rec.n
+                and _used_earlier_value(other, rec.step_id, sop)
+                and all(o["step_id"] != other.step_id for o in not_rerun)
+            ):
                 not_rerun.append({"step_id": other.step_id, "kind": other.kind})
         old = json.loads(prev.data_json) if prev is not None else {}
-        out.setdefault(rec.step_id, []).append({
-            "record_id": rec.id, "supersedes": rec.supersedes_id, "n": rec.n, "at": rec.at,
-            "actor_id": rec.actor_id, "reason": rec.reason, "signature_id": rec.signature_id,
-            "changes": changed_fields(old, json.loads(rec.data_json)), "not_rerun": not_rerun,
-        })
+        out.setdefault(rec.step_id, []).append(
+            {
+                "record_id": rec.id,
+                "supersedes": rec.supersedes_id,
+                "n": rec.n,
+                "at": rec.at,
+                "actor_id": rec.actor_id,
+                "reason": rec.reason,
+                "signature_id": rec.signature_id,
+                "changes": changed_fields(old, json.loads(rec.data_json)),
+                "not_rerun": not_rerun,
+            }
+        )
     return out

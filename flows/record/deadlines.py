@@ -32,7 +32,6 @@ from flows.sop.model import DeadlineSpec, RecordStepSpec, SopDefinition
 __all__ = ["deadline_states", "limit_of", "repetitions", "signed_at"]
 
 
-
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite hands back naive UTC
 
@@ -49,9 +48,15 @@ def limit_of(spec: DeadlineSpec, run: SopRun | dict[str, Any]) -> timedelta:
     """
     if spec.within is not None:
         return spec.within
-    context = run if isinstance(run, dict) else {
-        "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
-        "run": {"id": run.id, "sop_id": run.sop_id, "institution": run.institution}}
+    context = (
+        run
+        if isinstance(run, dict)
+        else {
+            "params": json.loads(run.params_json),
+            "product": json.loads(run.product_json) if run.product_json else None,
+            "run": {"id": run.id, "sop_id": run.sop_id, "institution": run.institution},
+        }
+    )
     minutes = evaluate_value(spec.within_min or "", context, "within_min")
     if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes < 0:
         raise ExpressionError(f"within_min {spec.within_min!r} gives {minutes!r}, not a number of minutes")
@@ -75,16 +80,26 @@ def _end(session: Session, ref: str, states: dict[str, StepRecord]) -> tuple[str
 def signed_at(session: Session, run_id: str, step_id: str) -> datetime | None:
     """When the step's entry was signed: its first accepted (``done``) record's signature, so a
     later correction does not move the time."""
-    first = session.exec(select(StepRecord).where(
-        StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "done",
-        col(StepRecord.supersedes_id).is_(None)).order_by(col(StepRecord.n)).limit(1)).first()
+    first = session.exec(
+        select(StepRecord)
+        .where(
+            StepRecord.run_id == run_id,
+            StepRecord.step_id == step_id,
+            StepRecord.status == "done",
+            col(StepRecord.supersedes_id).is_(None),
+        )
+        .order_by(col(StepRecord.n))
+        .limit(1)
+    ).first()
     if first is None:
         return None
     sig = session.get(Signature, first.signature_id) if first.signature_id else None
     return _aware(sig.signed_at if sig is not None else first.at)
 
 
-def deadline_states(session: Session, run: SopRun, sop: SopDefinition, now: datetime | None = None) -> list[dict[str, Any]]:
+def deadline_states(
+    session: Session, run: SopRun, sop: SopDefinition, now: datetime | None = None
+) -> list[dict[str, Any]]:
     """Every deadline of the run with its state, times and (while it runs) the seconds left."""
     if not sop.deadlines:
         return []
@@ -92,14 +107,26 @@ def deadline_states(session: Session, run: SopRun, sop: SopDefinition, now: date
     states = step_states(session, run.id)
     status = run_status(session, run.id)
     ended = status is not None and status.status in FINAL_STATUSES
-    opened = {d.step_id: d.id for d in session.exec(
-        select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))}
+    opened = {
+        d.step_id: d.id
+        for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
+    }
     out = []
     for spec in sop.deadlines:
         entry: dict[str, Any] = {
-            "id": spec.id, "title": spec.title or spec.id, "from": spec.from_, "to": spec.to,
-            "from_at": None, "to_at": None, "limit_seconds": None, "due_at": None, "seconds_left": None,
-            "elapsed_seconds": None, "state": "pending", "deviation_id": opened.get(spec.id), "problem": None,
+            "id": spec.id,
+            "title": spec.title or spec.id,
+            "from": spec.from_,
+            "to": spec.to,
+            "from_at": None,
+            "to_at": None,
+            "limit_seconds": None,
+            "due_at": None,
+            "seconds_left": None,
+            "elapsed_seconds": None,
+            "state": "pending",
+            "deviation_id": opened.get(spec.id),
+            "problem": None,
         }
         out.append(entry)
         (from_state, start), (to_state, end) = _end(session, spec.from_, states), _end(session, spec.to, states)
@@ -129,16 +156,18 @@ def deadline_states(session: Session, run: SopRun, sop: SopDefinition, now: date
     return out
 
 
-def repetitions(session: Session, run_id: str, step: RecordStepSpec,
-                states: dict[str, StepRecord] | None = None) -> dict[str, Any]:
+def repetitions(
+    session: Session, run_id: str, step: RecordStepSpec, states: dict[str, StepRecord] | None = None
+) -> dict[str, Any]:
     """Where a repeated step (``repeat:``) stands: how many repetitions are done, and which one
     is next with its due time (the previous one's signing time + ``every``; none for the first)."""
     repeat = step.repeat
     if repeat is None:
         raise ValueError(f"step {step.id!r} is not repeated")
     states = states if states is not None else step_states(session, run_id)
-    done = sorted(int(k.partition("#")[2]) for k, r in states.items()
-                  if k.startswith(f"{step.id}#") and r.status == "done")
+    done = sorted(
+        int(k.partition("#")[2]) for k, r in states.items() if k.startswith(f"{step.id}#") and r.status == "done"
+    )
     summary = states.get(step.id)
     finished = summary is not None and summary.status in ("done", "skipped")
     nxt = None if finished or len(done) >= repeat.times else len(done) + 1
@@ -146,6 +175,12 @@ def repetitions(session: Session, run_id: str, step: RecordStepSpec,
     if nxt is not None and nxt > 1:
         prev = signed_at(session, run_id, f"{step.id}#{nxt - 1}")
         due = prev + repeat.every if prev is not None else None
-    return {"every_seconds": repeat.every.total_seconds(), "times": repeat.times,
-            "until": repeat.until, "done": len(done), "next": f"{step.id}#{nxt}" if nxt else None,
-            "next_due_at": _iso(due), "ended_by": step_data(summary).get("ended_by") if finished and summary else None}
+    return {
+        "every_seconds": repeat.every.total_seconds(),
+        "times": repeat.times,
+        "until": repeat.until,
+        "done": len(done),
+        "next": f"{step.id}#{nxt}" if nxt else None,
+        "next_due_at": _iso(due),
+        "ended_by": step_data(summary).get("ended_by") if finished and summary else None,
+    }

@@ -66,20 +66,45 @@ def run_coi(run: SopRun, sop: SopDefinition | None = None) -> str | None:
     return str(value).strip() if value not in (None, "") else None
 
 
-def append_event(session: Session, deviation_id: str, kind: str, data: dict[str, Any], *, run_id: str, step_id: str,
-                 actor_id: str | None = None, signature_id: str | None = None) -> DeviationEvent:
+def append_event(
+    session: Session,
+    deviation_id: str,
+    kind: str,
+    data: dict[str, Any],
+    *,
+    run_id: str,
+    step_id: str,
+    actor_id: str | None = None,
+    signature_id: str | None = None,
+) -> DeviationEvent:
     """Append one lifecycle event (inside the caller's write session)."""
-    last = session.exec(select(DeviationEvent.n).where(DeviationEvent.deviation_id == deviation_id)
-                        .order_by(col(DeviationEvent.n).desc()).limit(1)).first()
-    ev = DeviationEvent(deviation_id=deviation_id, n=(last or 0) + 1, kind=kind, data_json=ledger.canonical(data).decode(),
-                        run_id=run_id, step_id=step_id, actor_id=actor_id, signature_id=signature_id, at=utcnow())
+    last = session.exec(
+        select(DeviationEvent.n)
+        .where(DeviationEvent.deviation_id == deviation_id)
+        .order_by(col(DeviationEvent.n).desc())
+        .limit(1)
+    ).first()
+    ev = DeviationEvent(
+        deviation_id=deviation_id,
+        n=(last or 0) + 1,
+        kind=kind,
+        data_json=ledger.canonical(data).decode(),
+        run_id=run_id,
+        step_id=step_id,
+        actor_id=actor_id,
+        signature_id=signature_id,
+        at=utcnow(),
+    )
     ledger.append(session, ev, actor=actor_id or "system", action=f"deviation.{kind}")
     return ev
 
 
 def deviation_events(session: Session, deviation_id: str) -> list[DeviationEvent]:
-    return list(session.exec(select(DeviationEvent).where(DeviationEvent.deviation_id == deviation_id)
-                             .order_by(col(DeviationEvent.n))))
+    return list(
+        session.exec(
+            select(DeviationEvent).where(DeviationEvent.deviation_id == deviation_id).order_by(col(DeviationEvent.n))
+        )
+    )
 
 
 USE_VALUES = frozenset({"approve", "use", "use_with_risk_acceptance", "not_product_related"})
@@ -107,7 +132,10 @@ def disposition(session: Session, dev_id: str, events: list[DeviationEvent] | No
     if not disp:
         return None
     values = [disposition_value(d) for _, d in disp]
-    reason = next((d.get("reason") or d.get("rationale") for _, d in reversed(disp) if d.get("reason") or d.get("rationale")), None)
+    reason = next(
+        (d.get("reason") or d.get("rationale") for _, d in reversed(disp) if d.get("reason") or d.get("rationale")),
+        None,
+    )
     signed = [e.step_id for e, _ in disp]
     rejecting = [v for v in values if v not in USE_VALUES]
     if rejecting:
@@ -117,7 +145,9 @@ def disposition(session: Session, dev_id: str, events: list[DeviationEvent] | No
         if e.kind == "subrun":
             run = session.get(SopRun, json.loads(e.data_json).get("run_id"))
             sop = _sop_of(session, run) if run is not None else None
-            needed |= {st.id for st in (sop.steps if sop else ()) if getattr(st, "updates_deviation", None) == "disposition"}
+            needed |= {
+                st.id for st in (sop.steps if sop else ()) if getattr(st, "updates_deviation", None) == "disposition"
+            }
     if needed - set(signed) and not any(s.endswith("__disposition") for s in signed):
         return None  # the other signer(s) of the disposition have not signed yet
     return {"decision": "approve", "value": values[-1], "reason": reason, "signed": signed}
@@ -135,25 +165,53 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
         if e.kind != "capa":
             continue
         data = json.loads(e.data_json)
-        done = any(later.kind in ("effectiveness", "closed") for later in events[i + 1:])
+        done = any(later.kind in ("effectiveness", "closed") for later in events[i + 1 :])
         due = _parse(data.get("due"))
-        capas.append({"event_id": e.id, "action": data.get("action"), "owner": data.get("owner"), "due": data.get("due"),
-                      "done": done, "overdue": bool(due and not done and due < now), "run_id": e.run_id})
+        capas.append(
+            {
+                "event_id": e.id,
+                "action": data.get("action"),
+                "owner": data.get("owner"),
+                "due": data.get("due"),
+                "done": done,
+                "overdue": bool(due and not done and due < now),
+                "run_id": e.run_id,
+            }
+        )
     run = session.get(SopRun, dev.run_id)
     subruns = [json.loads(e.data_json).get("run_id") for e in events if e.kind == "subrun"]
     return {
-        "id": dev.id, "run_id": dev.run_id, "sop_id": run.sop_id if run else None,
-        "sop_version": run.sop_version if run else None, "institution": run.institution if run else None,
-        "product": json.loads(run.product_json).get("name") if run and run.product_json else None, "step_id": dev.step_id,
+        "id": dev.id,
+        "run_id": dev.run_id,
+        "sop_id": run.sop_id if run else None,
+        "sop_version": run.sop_version if run else None,
+        "institution": run.institution if run else None,
+        "product": json.loads(run.product_json).get("name") if run and run.product_json else None,
+        "step_id": dev.step_id,
         "coi": run_coi(run, _sop_of(session, run)) if run else None,
-        "classification": dev.classification, "description": dev.description, "quarantine": dev.quarantine,
+        "classification": dev.classification,
+        "description": dev.description,
+        "quarantine": dev.quarantine,
         "opened_at": _iso(dev.opened_at),
         "status": "closed" if closed else ("dispositioned" if decided else "open"),
-        "decision": decision, "disposition": decided, "quarantined": bool(dev.quarantine and decided is None),
-        "subruns": subruns, "capas": capas,
-        "events": [{"n": e.n, "kind": e.kind, "at": _iso(e.at), "run_id": e.run_id, "step_id": e.step_id,
-                    "actor_id": e.actor_id, "signature_id": e.signature_id, "data": json.loads(e.data_json)}
-                   for e in events],
+        "decision": decision,
+        "disposition": decided,
+        "quarantined": bool(dev.quarantine and decided is None),
+        "subruns": subruns,
+        "capas": capas,
+        "events": [
+            {
+                "n": e.n,
+                "kind": e.kind,
+                "at": _iso(e.at),
+                "run_id": e.run_id,
+                "step_id": e.step_id,
+                "actor_id": e.actor_id,
+                "signature_id": e.signature_id,
+                "data": json.loads(e.data_json),
+            }
+            for e in events
+        ],
     }
 
 
@@ -183,9 +241,15 @@ def active_quarantines(session: Session, coi: str) -> list[Deviation]:
     """Deviations with ``quarantine: true`` and no disposition yet, opened on a run carrying ``coi``."""
     out = []
     for dev in session.exec(select(Deviation).where(Deviation.quarantine == True).order_by(col(Deviation.opened_at))):  # noqa: E712
-        if session.exec(select(DeviationEvent.id).where(DeviationEvent.deviation_id == dev.id,
-                                                        DeviationEvent.kind == "disposition")).first() is not None \
-                and disposition(session, dev.id) is not None:
+        if (
+            session.exec(
+                select(DeviationEvent.id).where(
+                    DeviationEvent.deviation_id == dev.id, DeviationEvent.kind == "disposition"
+                )
+            ).first()
+            is not None
+            and disposition(session, dev.id) is not None
+        ):
             continue  # lifted (checked first: it is cheap, and most are)
         run = session.get(SopRun, dev.run_id)
         if run is not None and run_coi(run, _sop_of(session, run)) == coi:
@@ -203,8 +267,9 @@ def _lineage(session: Session, run_id: str | None) -> set[str]:
     return seen
 
 
-def quarantine_problem(session: Session, coi: str | None, *, run_id: str | None = None,
-                       deviation_id: str | None = None) -> str | None:
+def quarantine_problem(
+    session: Session, coi: str | None, *, run_id: str | None = None, deviation_id: str | None = None
+) -> str | None:
     """Why a run on ``coi`` may not go on (start, open a gate), or None.
 
     The run that opened the deviation, its sub-runs and a run handling it (``deviation_id``) are
@@ -216,15 +281,19 @@ def quarantine_problem(session: Session, coi: str | None, *, run_id: str | None 
     for dev in active_quarantines(session, coi):
         if dev.id == deviation_id or dev.run_id in lineage:
             continue
-        return (f"dose {coi} is quarantined by deviation {dev.id} ({dev.classification}: {dev.description}) "
-                "until QA signs its disposition")
+        return (
+            f"dose {coi} is quarantined by deviation {dev.id} ({dev.classification}: {dev.description}) "
+            "until QA signs its disposition"
+        )
     return None
 
 
 def list_deviations(session: Session, now: datetime | None = None, *, include_closed: bool = False) -> dict[str, Any]:
     """``{"deviations": [open ones, oldest first], "overdue_capas": [...]}`` (``sopflow deviations``)."""
     now = _aware(now or utcnow())
-    devs = [deviation_state(session, d, now) for d in session.exec(select(Deviation).order_by(col(Deviation.opened_at)))]
+    devs = [
+        deviation_state(session, d, now) for d in session.exec(select(Deviation).order_by(col(Deviation.opened_at)))
+    ]
     shown = [d for d in devs if include_closed or d["status"] != "closed"]
     overdue = [{**c, "deviation_id": d["id"], "coi": d["coi"]} for d in devs for c in d["capas"] if c["overdue"]]
     return {"now": now.isoformat(), "deviations": shown, "overdue_capas": overdue}
@@ -236,5 +305,9 @@ def check_deviation_param(session: Session, sop: Any, params: dict[str, Any]) ->
         return
     dev_id = params.get("deviation_id")
     if not dev_id or session.get(Deviation, dev_id) is None:
-        raise SopInputError([f"{sop.id} params.deviation_id: {dev_id!r} is not a deviation id; "
-                             "`sopflow deviations` lists the open ones"])
+        raise SopInputError(
+            [
+                f"{sop.id} params.deviation_id: {dev_id!r} is not a deviation id; "
+                "`sopflow deviations` lists the open ones"
+            ]
+        )

@@ -40,9 +40,15 @@ def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
     version = session.get(SopVersion, run.sop_version_id)
     if version is not None:
         rows["sf_sop_version"] = [_iso(row_payload(version))]
-    order = {RunEvent: RunEvent.n, StepRecord: StepRecord.n, Signature: Signature.signed_at,
-             Deviation: Deviation.opened_at, Document: Document.rendered_at, Escalation: Escalation.at,
-             DeviationEvent: DeviationEvent.at}
+    order = {
+        RunEvent: RunEvent.n,
+        StepRecord: StepRecord.n,
+        Signature: Signature.signed_at,
+        Deviation: Deviation.opened_at,
+        Document: Document.rendered_at,
+        Escalation: Escalation.at,
+        DeviationEvent: DeviationEvent.at,
+    }
     for model, key in order.items():
         found = session.exec(select(model).where(model.run_id == run.id).order_by(col(key), col(model.id)))  # type: ignore[attr-defined]
         rows[model.__tablename__] = [_iso(row_payload(r)) for r in found]  # type: ignore[attr-defined]
@@ -50,8 +56,18 @@ def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
     events = []
     for ev in session.exec(select(AuditEvent).where(col(AuditEvent.object_id).in_(ids)).order_by(col(AuditEvent.seq))):
         if (ev.object_type, ev.object_id) == ("sf_run", run.id) or ev.object_type in rows:
-            events.append({"seq": ev.seq, "at": _iso(ev.at), "actor": ev.actor, "action": ev.action,
-                           "object_type": ev.object_type, "object_id": ev.object_id,
-                           "payload": json.loads(ev.payload_json), "reason": ev.reason,
-                           "prev_hash": ev.prev_hash, "hash": ev.hash})
+            events.append(
+                {
+                    "seq": ev.seq,
+                    "at": _iso(ev.at),
+                    "actor": ev.actor,
+                    "action": ev.action,
+                    "object_type": ev.object_type,
+                    "object_id": ev.object_id,
+                    "payload": json.loads(ev.payload_json),
+                    "reason": ev.reason,
+                    "prev_hash": ev.prev_hash,
+                    "hash": ev.hash,
+                }
+            )
     return {"rows": rows, "audit_events": events}

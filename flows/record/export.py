@@ -43,8 +43,12 @@ def _sha256(obj: Any) -> str:
 
 def event_hash(ev: dict[str, Any]) -> str:
     """The hash an audit event must carry: sha256 of the canonical JSON of its other fields."""
-    return _sha256({k: ev.get(k) for k in ("seq", "at", "actor", "action", "object_type", "object_id", "payload",
-                                           "reason", "prev_hash")})
+    return _sha256(
+        {
+            k: ev.get(k)
+            for k in ("seq", "at", "actor", "action", "object_type", "object_id", "payload", "reason", "prev_hash")
+        }
+    )
 
 
 def _check_events(doc: dict[str, Any], problems: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -92,8 +96,9 @@ def _check_rows(doc: dict[str, Any], covered: dict[tuple[str, str], dict[str, An
                 problems.append(f"{table} row {key[1]}: no audit event in the export records it (an event was removed)")
             elif ev["row"] != row:
                 changed = sorted(k for k in set(row) | set(ev["row"]) if row.get(k) != ev["row"].get(k))
-                problems.append(f"{table} row {key[1]}: differs from what audit event {ev['seq']} recorded "
-                                f"({', '.join(changed)})")
+                problems.append(
+                    f"{table} row {key[1]}: differs from what audit event {ev['seq']} recorded ({', '.join(changed)})"
+                )
     for (table, row_id), ev in sorted(covered.items(), key=lambda kv: kv[1]["seq"]):
         if (table, row_id) not in seen and table in rows:
             problems.append(f"audit event {ev['seq']} records {table} row {row_id}, which is missing from the export")
@@ -121,16 +126,27 @@ def _check_signatures(doc: dict[str, Any], problems: list[str]) -> None:
             except ValueError:
                 problems.append(f"sf_step_record row {rec.get('id')}: data_json is not JSON")
                 continue
-            signed = {"run_id": run["id"], "sop_sha256": run.get("sop_sha256"), "step_id": sig.get("step_id"),
-                      "data": data, "signer_id": sig.get("user_id"), "printed_name": sig.get("printed_name"),
-                      "meaning": sig.get("meaning"), "statement": sig.get("statement"), "signed_at": sig.get("signed_at")}
+            signed = {
+                "run_id": run["id"],
+                "sop_sha256": run.get("sop_sha256"),
+                "step_id": sig.get("step_id"),
+                "data": data,
+                "signer_id": sig.get("user_id"),
+                "printed_name": sig.get("printed_name"),
+                "meaning": sig.get("meaning"),
+                "statement": sig.get("statement"),
+                "signed_at": sig.get("signed_at"),
+            }
             if rec.get("step_id") != sig.get("step_id") or _sha256(signed) != sig.get("signed_sha256"):
-                problems.append(f"sf_signature row {sig.get('id')}: its hash does not match the data it signed "
-                                f"(step record {rec.get('id')})")
+                problems.append(
+                    f"sf_signature row {sig.get('id')}: its hash does not match the data it signed "
+                    f"(step record {rec.get('id')})"
+                )
 
 
-def _same(problems: list[str], where: str, shown: dict[str, Any], row: dict[str, Any] | None,
-          pairs: dict[str, Any]) -> None:
+def _same(
+    problems: list[str], where: str, shown: dict[str, Any], row: dict[str, Any] | None, pairs: dict[str, Any]
+) -> None:
     """``shown[k]`` must equal ``pairs[k](row)`` (or ``row[pairs[k]]``) for every key shown."""
     if row is None:
         problems.append(f"{where}: names a row that is not in the export")
@@ -147,10 +163,24 @@ def _json(field: str) -> Any:
     return lambda row: json.loads(row[field]) if row.get(field) is not None else None
 
 
-_SIG = {"id": "id", "printed_name": "printed_name", "meaning": "meaning", "statement": "statement",
-        "signed_at": "signed_at", "sha256": "signed_sha256"}
-_REC = {"n": "n", "step_id": "step_id", "status": "status", "at": "at", "data": _json("data_json"), "reason": "reason",
-        "supersedes": "supersedes_id", "task_run_id": "task_run_id"}
+_SIG = {
+    "id": "id",
+    "printed_name": "printed_name",
+    "meaning": "meaning",
+    "statement": "statement",
+    "signed_at": "signed_at",
+    "sha256": "signed_sha256",
+}
+_REC = {
+    "n": "n",
+    "step_id": "step_id",
+    "status": "status",
+    "at": "at",
+    "data": _json("data_json"),
+    "reason": "reason",
+    "supersedes": "supersedes_id",
+    "task_run_id": "task_run_id",
+}
 
 
 def _check_readable(doc: dict[str, Any], problems: list[str]) -> None:
@@ -165,10 +195,23 @@ def _check_readable(doc: dict[str, Any], problems: list[str]) -> None:
                 problems.append(f"{where}.id: says {shown.get('id')!r}, the recorded row says {sig_id!r}")
 
     run = doc.get("run") or {}
-    _same(problems, "run", run, by_id.get("sf_run", {}).get(run.get("id")),
-          {"institution": "institution", "sop_id": "sop_id", "sop_version": "sop_version", "sop_sha256": "sop_sha256",
-           "schema_version": "schema_version", "params": _json("params_json"), "product": _json("product_json"),
-           "started_at": "started_at", "flow_run_id": "flow_run_id"})
+    _same(
+        problems,
+        "run",
+        run,
+        by_id.get("sf_run", {}).get(run.get("id")),
+        {
+            "institution": "institution",
+            "sop_id": "sop_id",
+            "sop_version": "sop_version",
+            "sop_sha256": "sop_sha256",
+            "schema_version": "schema_version",
+            "params": _json("params_json"),
+            "product": _json("product_json"),
+            "started_at": "started_at",
+            "flow_run_id": "flow_run_id",
+        },
+    )
     for i, h in enumerate(doc.get("history") or []):
         rec = recs.get(h.get("id"))
         _same(problems, f"history[{i}]", h, rec, _REC)
@@ -180,9 +223,17 @@ def _check_readable(doc: dict[str, Any], problems: list[str]) -> None:
         rec = newest.get(st.get("id"))
         if rec is None:
             if st.get("status") != "not reached":
-                problems.append(f"steps[{i}] ({st.get('id')}): says {st.get('status')!r}, but no record of it is exported")
+                problems.append(
+                    f"steps[{i}] ({st.get('id')}): says {st.get('status')!r}, but no record of it is exported"
+                )
             continue
-        _same(problems, f"steps[{i}] ({st.get('id')})", st, rec, {"status": "status", "at": "at", "data": _json("data_json")})
+        _same(
+            problems,
+            f"steps[{i}] ({st.get('id')})",
+            st,
+            rec,
+            {"status": "status", "at": "at", "data": _json("data_json")},
+        )
         sig_check(f"steps[{i}] ({st.get('id')}).signature", st.get("signature"))
         for j, c in enumerate(st.get("corrections") or []):
             where = f"steps[{i}] ({st.get('id')}).corrections[{j}]"
@@ -193,17 +244,44 @@ def _check_readable(doc: dict[str, Any], problems: list[str]) -> None:
                 new_data, old_data = json.loads(new["data_json"]), json.loads(old["data_json"])
                 for name, change in (c.get("changes") or {}).items():
                     if change.get("old") != old_data.get(name) or change.get("new") != new_data.get(name):
-                        problems.append(f"{where}.changes.{name}: says {change.get('old')!r} → {change.get('new')!r}, "
-                                        f"the recorded rows say {old_data.get(name)!r} → {new_data.get(name)!r}")
+                        problems.append(
+                            f"{where}.changes.{name}: says {change.get('old')!r} → {change.get('new')!r}, "
+                            f"the recorded rows say {old_data.get(name)!r} → {new_data.get(name)!r}"
+                        )
     simple = {
         "run_events": ("sf_run_event", {"n": "n", "status": "status", "detail": "detail", "at": "at"}),
-        "deviations": ("sf_deviation", {"step_id": "step_id", "classification": "classification",
-                                        "description": "description", "quarantine": "quarantine", "opened_at": "opened_at"}),
-        "documents": ("sf_document", {"step_id": "step_id", "template": "template", "path": "path", "sha256": "sha256",
-                                      "rendered_at": "rendered_at"}),
-        "escalations": ("sf_escalation", {"step_id": "step_id", "kind": "kind", "to_role": "to_role", "at": "at",
-                                          "waiting_since": "waiting_since", "deviation_id": "deviation_id",
-                                          "deliveries": _json("deliveries_json")}),
+        "deviations": (
+            "sf_deviation",
+            {
+                "step_id": "step_id",
+                "classification": "classification",
+                "description": "description",
+                "quarantine": "quarantine",
+                "opened_at": "opened_at",
+            },
+        ),
+        "documents": (
+            "sf_document",
+            {
+                "step_id": "step_id",
+                "template": "template",
+                "path": "path",
+                "sha256": "sha256",
+                "rendered_at": "rendered_at",
+            },
+        ),
+        "escalations": (
+            "sf_escalation",
+            {
+                "step_id": "step_id",
+                "kind": "kind",
+                "to_role": "to_role",
+                "at": "at",
+                "waiting_since": "waiting_since",
+                "deviation_id": "deviation_id",
+                "deliveries": _json("deliveries_json"),
+            },
+        ),
     }
     for section, (table, pairs) in simple.items():
         for i, entry in enumerate(doc.get(section) or []):
@@ -213,8 +291,14 @@ def _check_readable(doc: dict[str, Any], problems: list[str]) -> None:
 def verify_export(doc: dict[str, Any]) -> list[str]:
     """Every problem found in an exported record, the first mismatch first; empty when it verifies."""
     problems: list[str] = []
-    if not isinstance(doc, dict) or not isinstance(doc.get("audit_events"), list) or not isinstance(doc.get("rows"), dict):
-        return ["not a sopflow record export: 'audit_events' and 'rows' are missing (export with `sopflow record RUN --json`)"]
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("audit_events"), list)
+        or not isinstance(doc.get("rows"), dict)
+    ):
+        return [
+            "not a sopflow record export: 'audit_events' and 'rows' are missing (export with `sopflow record RUN --json`)"
+        ]
     covered = _check_events(doc, problems)
     _check_rows(doc, covered, problems)
     _check_signatures(doc, problems)
@@ -239,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"verify-export: {p}\n")
     if problems:
         return 1
-    sys.stdout.write(f"verify-export: OK ({len(doc['audit_events'])} audit events, "
-                     f"{sum(len(v) for v in doc['rows'].values())} rows)\n")
+    sys.stdout.write(
+        f"verify-export: OK ({len(doc['audit_events'])} audit events, "
+        f"{sum(len(v) for v in doc['rows'].values())} rows)\n"
+    )
     return 0
 
 

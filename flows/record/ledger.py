@@ -114,7 +114,9 @@ def audit(
     return ev
 
 
-def append(session: Session, row: SQLModel, *, actor: str, action: str | None = None, reason: str | None = None) -> SQLModel:
+def append(
+    session: Session, row: SQLModel, *, actor: str, action: str | None = None, reason: str | None = None
+) -> SQLModel:
     """Insert a record row and the audit event that carries its content (as ``payload["row"]``)."""
     table = row.__tablename__  # type: ignore[attr-defined]
     if table not in RECORD_TABLES:
@@ -196,7 +198,9 @@ def verify_chain(session: Session, *, limit_problems: int = 20) -> ChainReport:
             report.problems.append(f"audit event {expected_seq} is missing (next is {ev.seq}): an event was deleted")
             expected_seq = ev.seq
         if ev.prev_hash != prev:
-            report.problems.append(f"audit event {ev.seq}: does not follow event {ev.seq - 1} (prev_hash differs): the chain was edited or reordered here")
+            report.problems.append(
+                f"audit event {ev.seq}: does not follow event {ev.seq - 1} (prev_hash differs): the chain was edited or reordered here"
+            )
         if _event_hash(ev) != ev.hash:
             report.problems.append(f"audit event {ev.seq}: its content does not match its hash: the event was edited")
         payload = json.loads(ev.payload_json)

@@ -93,28 +93,43 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         if sig is None:
             return None
         return {
-            "id": sig.id, "user": usernames.get(sig.user_id, sig.user_id), "printed_name": sig.printed_name,
-            "meaning": sig.meaning, "statement": sig.statement, "signed_at": _iso(sig.signed_at),
-            "sha256": sig.signed_sha256, "valid": verify_signature(session, sig) is None,
+            "id": sig.id,
+            "user": usernames.get(sig.user_id, sig.user_id),
+            "printed_name": sig.printed_name,
+            "meaning": sig.meaning,
+            "statement": sig.statement,
+            "signed_at": _iso(sig.signed_at),
+            "sha256": sig.signed_sha256,
+            "valid": verify_signature(session, sig) is None,
         }
 
-    def step_entry(step_id: str, kind: str, title: str | None, fields: dict[str, Any],
-                   timeout: Any = None) -> dict[str, Any]:
+    def step_entry(
+        step_id: str, kind: str, title: str | None, fields: dict[str, Any], timeout: Any = None
+    ) -> dict[str, Any]:
         rec = latest.get(step_id)
         # The entry's own signature; a correction's signature is shown with the correction.
         signed = [r for r in records if r.step_id == step_id and r.signature_id and r.supersedes_id is None]
         waits = [r for r in records if r.step_id == step_id and r.status == "waiting"]
         return {
-            "id": step_id, "kind": kind, "title": title or step_id,
+            "id": step_id,
+            "kind": kind,
+            "title": title or step_id,
             "status": rec.status if rec else "not reached",
             "at": _iso(rec.at) if rec else None,
             "data": json.loads(rec.data_json) if rec else {},
             "fields": {k: {"label": f.label or k, "unit": f.unit} for k, f in fields.items()},
             "signature": signature(signed[-1].signature_id) if signed else None,
             "corrections": [
-                {"record_id": c["record_id"], "supersedes": c["supersedes"], "at": _iso(c["at"]),
-                 "by": names.get(c["actor_id"], c["actor_id"]), "reason": c["reason"], "changes": c["changes"],
-                 "not_rerun": c["not_rerun"], "signature": signature(c["signature_id"])}
+                {
+                    "record_id": c["record_id"],
+                    "supersedes": c["supersedes"],
+                    "at": _iso(c["at"]),
+                    "by": names.get(c["actor_id"], c["actor_id"]),
+                    "reason": c["reason"],
+                    "changes": c["changes"],
+                    "not_rerun": c["not_rerun"],
+                    "signature": signature(c["signature_id"]),
+                }
                 for c in corrections.get(step_id, [])
             ],
             # When a waiting step passes its time-out (``on_timeout`` applies then).
@@ -130,55 +145,103 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             steps[-1]["repeat"] = repetitions(session, run.id, step, latest)  # type: ignore[arg-type]
             reps = sorted((int(k.partition("#")[2]), k) for k in latest if k.startswith(f"{step.id}#"))
             for n, rep_id in reps:
-                steps.append(step_entry(rep_id, step.kind, f"{step.title or step.id} #{n}", fields,
-                                        getattr(step, "timeout", None)))
+                steps.append(
+                    step_entry(
+                        rep_id, step.kind, f"{step.title or step.id} #{n}", fields, getattr(step, "timeout", None)
+                    )
+                )
         if step.kind == "check" and f"{step.id}__deviation" in latest:  # handled by the deviation SOP (a sub-run)
             steps.append(step_entry(f"{step.id}__deviation", "subrun", f"Deviation at {step.id}: handling sub-run", {}))
         if step.kind == "check" and disposition_id(step.id) in latest:
-            steps.append(step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {}))
+            steps.append(
+                step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {})
+            )
 
     deadline_ids = {d.id for d in sop.deadlines}
     deviations = [
-        {"id": d.id, "step_id": d.step_id, "kind": "deadline" if d.step_id in deadline_ids else "step",
-         "classification": d.classification, "description": d.description,
-         "quarantine": d.quarantine, "opened_at": _iso(d.opened_at),
-         "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
-         "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
-         if disposition_id(d.step_id) in latest else None}
+        {
+            "id": d.id,
+            "step_id": d.step_id,
+            "kind": "deadline" if d.step_id in deadline_ids else "step",
+            "classification": d.classification,
+            "description": d.description,
+            "quarantine": d.quarantine,
+            "opened_at": _iso(d.opened_at),
+            "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
+            "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
+            if disposition_id(d.step_id) in latest
+            else None,
+        }
         for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
     ]
     from flows.record.deviations import deviation_state
 
     for d in deviations:  # the lifecycle (events appended by the deviation SOP's steps, or the inline disposition)
         state = deviation_state(session, session.get(Deviation, d["id"]))  # type: ignore[arg-type]
-        d.update({"status": state["status"], "quarantined": state["quarantined"], "capas": state["capas"],
-                  "lifecycle": state["events"], "subruns": state["subruns"]})
+        d.update(
+            {
+                "status": state["status"],
+                "quarantined": state["quarantined"],
+                "capas": state["capas"],
+                "lifecycle": state["events"],
+                "subruns": state["subruns"],
+            }
+        )
         if d["decision"] is None and state["decision"] is not None:
             d.update({"disposition": "done", "decision": state["decision"]})
     subruns = [
-        {"id": r.id, "sop_id": r.sop_id, "sop_version": r.sop_version, "parent_step_id": r.parent_step_id,
-         "started_at": _iso(r.started_at), "status": (st.status if (st := run_status(session, r.id)) else "unknown")}
+        {
+            "id": r.id,
+            "sop_id": r.sop_id,
+            "sop_version": r.sop_version,
+            "parent_step_id": r.parent_step_id,
+            "started_at": _iso(r.started_at),
+            "status": (st.status if (st := run_status(session, r.id)) else "unknown"),
+        }
         for r in session.exec(select(SopRun).where(SopRun.parent_run_id == run.id).order_by(col(SopRun.started_at)))
     ]
     documents = [
-        {"id": d.id, "step_id": d.step_id, "template": d.template, "path": d.path, "sha256": d.sha256,
-         "rendered_at": _iso(d.rendered_at)}
+        {
+            "id": d.id,
+            "step_id": d.step_id,
+            "template": d.template,
+            "path": d.path,
+            "sha256": d.sha256,
+            "rendered_at": _iso(d.rendered_at),
+        }
         for d in session.exec(select(Document).where(Document.run_id == run.id).order_by(col(Document.rendered_at)))
     ]
     escalations = [
-        {"id": e.id, "step_id": e.step_id, "kind": e.kind, "to_role": e.to_role, "at": _iso(e.at),
-         "waiting_since": _iso(e.waiting_since), "deviation_id": e.deviation_id,
-         "deliveries": json.loads(e.deliveries_json)}
+        {
+            "id": e.id,
+            "step_id": e.step_id,
+            "kind": e.kind,
+            "to_role": e.to_role,
+            "at": _iso(e.at),
+            "waiting_since": _iso(e.waiting_since),
+            "deviation_id": e.deviation_id,
+            "deliveries": json.loads(e.deliveries_json),
+        }
         for e in session.exec(select(Escalation).where(Escalation.run_id == run.id).order_by(col(Escalation.at)))
     ]
     out: dict[str, Any] = {
         "run": {
-            "id": run.id, "institution": run.institution, "sop_id": run.sop_id, "sop_title": sop.title,
-            "sop_version": run.sop_version, "sop_sha256": run.sop_sha256, "schema_version": run.schema_version,
-            "params": json.loads(run.params_json), "product": json.loads(run.product_json) if run.product_json else None,
-            "status": status.status if status else "unknown", "status_detail": status.detail if status else None,
-            "started_at": _iso(run.started_at), "started_by": names.get(run.started_by, run.started_by),
-            "flow_run_id": run.flow_run_id, "parent_run_id": run.parent_run_id, "parent_step_id": run.parent_step_id,
+            "id": run.id,
+            "institution": run.institution,
+            "sop_id": run.sop_id,
+            "sop_title": sop.title,
+            "sop_version": run.sop_version,
+            "sop_sha256": run.sop_sha256,
+            "schema_version": run.schema_version,
+            "params": json.loads(run.params_json),
+            "product": json.loads(run.product_json) if run.product_json else None,
+            "status": status.status if status else "unknown",
+            "status_detail": status.detail if status else None,
+            "started_at": _iso(run.started_at),
+            "started_by": names.get(run.started_by, run.started_by),
+            "flow_run_id": run.flow_run_id,
+            "parent_run_id": run.parent_run_id,
+            "parent_step_id": run.parent_step_id,
         },
         "subruns": subruns,
         "steps": steps,
@@ -189,10 +252,19 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
     }
     if with_history:
         out["history"] = [
-            {"id": r.id, "n": r.n, "step_id": r.step_id, "status": r.status, "at": _iso(r.at),
-             "actor": names.get(r.actor_id, r.actor_id) if r.actor_id else "system",
-             "data": json.loads(r.data_json), "reason": r.reason, "supersedes": r.supersedes_id,
-             "signature": signature(r.signature_id), "task_run_id": r.task_run_id}
+            {
+                "id": r.id,
+                "n": r.n,
+                "step_id": r.step_id,
+                "status": r.status,
+                "at": _iso(r.at),
+                "actor": names.get(r.actor_id, r.actor_id) if r.actor_id else "system",
+                "data": json.loads(r.data_json),
+                "reason": r.reason,
+                "supersedes": r.supersedes_id,
+                "signature": signature(r.signature_id),
+                "task_run_id": r.task_run_id,
+            }
             for r in records
         ]
         out["run_events"] = [

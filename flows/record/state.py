@@ -63,10 +63,14 @@ def refused_count(session: Session, run_id: str, step_id: str) -> int:
     because Prefect hands a key's input out again on every suspend with that key."""
     from flows.record.tables import AuditEvent
 
-    rows = session.exec(select(StepRecord.id).where(
-        StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "refused"))
-    stale = session.exec(select(AuditEvent.seq).where(
-        AuditEvent.action == STALE_RESUME, AuditEvent.object_id == f"{run_id}/{step_id}"))
+    rows = session.exec(
+        select(StepRecord.id).where(
+            StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "refused"
+        )
+    )
+    stale = session.exec(
+        select(AuditEvent.seq).where(AuditEvent.action == STALE_RESUME, AuditEvent.object_id == f"{run_id}/{step_id}")
+    )
     return len(list(rows)) + len(list(stale))
 
 
@@ -78,8 +82,11 @@ def run_status(session: Session, run_id: str) -> RunEvent | None:
 
 def _signers_of(session: Session, run_id: str, step_ids: set[str]) -> list[tuple[str, str]]:
     """(step_id, user_id) of every signature on these steps, a corrected one's too, in a fixed order."""
-    sigs = session.exec(select(Signature).where(Signature.run_id == run_id, col(Signature.step_id).in_(step_ids))
-                        .order_by(col(Signature.step_id), col(Signature.id)))
+    sigs = session.exec(
+        select(Signature)
+        .where(Signature.run_id == run_id, col(Signature.step_id).in_(step_ids))
+        .order_by(col(Signature.step_id), col(Signature.id))
+    )
     return [(s.step_id, s.user_id) for s in sigs]
 
 
@@ -102,9 +109,11 @@ def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: Huma
     if not is_trained(session, user_id, run.institution, run.sop_id, run.sop_version):
         user = session.get(User, user_id)
         name = user.username if user else user_id
-        return (f"only staff trained on {run.sop_id} v{run.sop_version} at {run.institution!r} may sign step {step.id!r}; "
-                f"user {name!r} is not trained on {run.sop_id} v{run.sop_version} "
-                f"({grant_hint(name, run.institution, run.sop_id, run.sop_version)})")
+        return (
+            f"only staff trained on {run.sop_id} v{run.sop_version} at {run.institution!r} may sign step {step.id!r}; "
+            f"user {name!r} is not trained on {run.sop_id} v{run.sop_version} "
+            f"({grant_hint(name, run.institution, run.sop_id, run.sop_version)})"
+        )
     # Everyone who signed the verified step's entry, a corrector too, performed it.
     if isinstance(step, VerifyStepSpec) and user_id in {u for _, u in _signers_of(session, run.id, {step.of})}:
         return f"step {step.id!r} verifies step {step.of!r}: the person who performed {step.of!r} may not verify it"
@@ -114,8 +123,10 @@ def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: Huma
         others = set(group) - {step.id}
         for other, signer in _signers_of(session, run.id, others):
             if signer == user_id:
-                return (f"steps {', '.join(repr(g) for g in group)} must be signed by different people; "
-                        f"you signed {other!r} already")
+                return (
+                    f"steps {', '.join(repr(g) for g in group)} must be signed by different people; "
+                    f"you signed {other!r} already"
+                )
     return None
 
 
@@ -132,8 +143,12 @@ def signed_but_suspended(session: Session, older_than: float = 0.0) -> list[tupl
         at = rec.at if rec.at.tzinfo else rec.at.replace(tzinfo=cutoff.tzinfo)
         if at > cutoff:
             continue
-        newest = session.exec(select(StepRecord).where(StepRecord.run_id == rec.run_id, StepRecord.step_id == rec.step_id)
-                              .order_by(col(StepRecord.n).desc()).limit(1)).first()
+        newest = session.exec(
+            select(StepRecord)
+            .where(StepRecord.run_id == rec.run_id, StepRecord.step_id == rec.step_id)
+            .order_by(col(StepRecord.n).desc())
+            .limit(1)
+        ).first()
         run = session.get(SopRun, rec.run_id)
         if newest is not None and newest.id == rec.id and run is not None and rec.signature_id:
             out.append((run.flow_run_id, rec.step_id, rec.signature_id))

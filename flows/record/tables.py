@@ -367,7 +367,23 @@ class AuditEvent(SQLModel, table=True):
 
 RECORD_TABLES: dict[str, type[SQLModel]] = {
     t.__tablename__: t  # type: ignore[misc]
-    for t in (User, RoleGrant, UserEvent, TrainingRecord, SopVersion, SopRun, RunEvent, StepRecord, Signature, Deviation,
-              DeviationEvent, Document, Escalation, SopVersionEvent, TrainingAssignment, Reminder)
+    for t in (
+        User,
+        RoleGrant,
+        UserEvent,
+        TrainingRecord,
+        SopVersion,
+        SopRun,
+        RunEvent,
+        StepRecord,
+        Signature,
+        Deviation,
+        DeviationEvent,
+        Document,
+        Escalation,
+        SopVersionEvent,
+        TrainingAssignment,
+        Reminder,
+    )
 }
 """Every table whose rows the audit chain covers, by table name."""

@@ -17,19 +17,46 @@ from flows.record.tables import TrainingRecord, User, utcnow
 __all__ = ["grant_hint", "is_trained", "record_training", "training_records"]
 
 
-def record_training(session: Session, user: User, institution: str, sop_id: str, sop_version: int, *,
-                    trained_at: datetime, trainer: str, actor: str) -> TrainingRecord:
+def record_training(
+    session: Session,
+    user: User,
+    institution: str,
+    sop_id: str,
+    sop_version: int,
+    *,
+    trained_at: datetime,
+    trainer: str,
+    actor: str,
+) -> TrainingRecord:
     """Append a training record (inside a write session); the caller has checked SOP and version exist."""
-    rec = TrainingRecord(user_id=user.id, institution=institution, sop_id=sop_id, sop_version=sop_version,
-                         trained_at=trained_at, trainer=trainer, recorded_by=actor, recorded_at=utcnow())
+    rec = TrainingRecord(
+        user_id=user.id,
+        institution=institution,
+        sop_id=sop_id,
+        sop_version=sop_version,
+        trained_at=trained_at,
+        trainer=trainer,
+        recorded_by=actor,
+        recorded_at=utcnow(),
+    )
     ledger.append(session, rec, actor=actor, action="training.grant")
     return rec
 
 
 def is_trained(session: Session, user_id: str, institution: str, sop_id: str, sop_version: int) -> bool:
-    return session.exec(select(TrainingRecord.id).where(
-        TrainingRecord.user_id == user_id, TrainingRecord.institution == institution,
-        TrainingRecord.sop_id == sop_id, TrainingRecord.sop_version == sop_version).limit(1)).first() is not None
+    return (
+        session.exec(
+            select(TrainingRecord.id)
+            .where(
+                TrainingRecord.user_id == user_id,
+                TrainingRecord.institution == institution,
+                TrainingRecord.sop_id == sop_id,
+                TrainingRecord.sop_version == sop_version,
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
 
 
 def training_records(session: Session, user_id: str | None = None) -> list[TrainingRecord]:

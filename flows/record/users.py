@@ -36,15 +36,22 @@ def find_user(session: Session, username: str) -> User | None:
 def add_user(session: Session, username: str, printed_name: str, password: str, *, actor: str) -> User:
     """Create a user (inside a write session). Raises RecordError for a bad or taken username."""
     if not _USERNAME.match(username):
-        raise RecordError(f"username {username!r}: use 2-40 lowercase letters, digits, '.', '_' or '-', starting with a letter")
+        raise RecordError(
+            f"username {username!r}: use 2-40 lowercase letters, digits, '.', '_' or '-', starting with a letter"
+        )
     if not printed_name.strip():
         raise RecordError(f"user {username!r}: a printed name is required (it is shown on every signature)")
     if len(password) < MIN_PASSWORD:
         raise RecordError(f"user {username!r}: the password must have at least {MIN_PASSWORD} characters")
     if find_user(session, username) is not None:
         raise RecordError(f"user {username!r} exists already; accounts are never shared or reused")
-    user = User(username=username, printed_name=printed_name.strip(), password_hash=hash_password(password),
-                created_at=utcnow(), created_by=actor)
+    user = User(
+        username=username,
+        printed_name=printed_name.strip(),
+        password_hash=hash_password(password),
+        created_at=utcnow(),
+        created_by=actor,
+    )
     ledger.append(session, user, actor=actor, action="user.create")
     return user
 

@@ -71,28 +71,66 @@ def event_data(ev: SopVersionEvent) -> dict[str, Any]:
 
 def state_of(session: Session, version_id: str) -> SopVersionEvent | None:
     """The version's newest event (its state), or None for a row without events."""
-    return session.exec(select(SopVersionEvent).where(SopVersionEvent.version_id == version_id)
-                        .order_by(col(SopVersionEvent.n).desc()).limit(1)).first()
+    return session.exec(
+        select(SopVersionEvent)
+        .where(SopVersionEvent.version_id == version_id)
+        .order_by(col(SopVersionEvent.n).desc())
+        .limit(1)
+    ).first()
 
 
-def append_event(session: Session, version: SopVersion, state: str, *, actor: str, data: dict[str, Any] | None = None,
-                 reason: str | None = None, printed_name: str | None = None, meaning: str | None = None,
-                 signed_sha256: str | None = None, at: datetime | None = None) -> SopVersionEvent:
+def append_event(
+    session: Session,
+    version: SopVersion,
+    state: str,
+    *,
+    actor: str,
+    data: dict[str, Any] | None = None,
+    reason: str | None = None,
+    printed_name: str | None = None,
+    meaning: str | None = None,
+    signed_sha256: str | None = None,
+    at: datetime | None = None,
+) -> SopVersionEvent:
     """Append a state change (inside a write session). With ``meaning`` and no ``signed_sha256``
     it is signed here: the hash covers the version's text hash, the state, the data and the signer."""
     if state not in STATES:
         raise ValueError(f"unknown SOP version state {state!r}")
-    last = session.exec(select(SopVersionEvent.n).where(SopVersionEvent.version_id == version.id)
-                        .order_by(col(SopVersionEvent.n).desc()).limit(1)).first()
+    last = session.exec(
+        select(SopVersionEvent.n)
+        .where(SopVersionEvent.version_id == version.id)
+        .order_by(col(SopVersionEvent.n).desc())
+        .limit(1)
+    ).first()
     at = at or utcnow()
     data = data or {}
     if meaning is not None and signed_sha256 is None:
-        signed_sha256 = ledger.sha256_hex(ledger.canonical({
-            "version_id": version.id, "sop_sha256": version.sha256, "state": state, "data": data,
-            "signer_id": actor, "printed_name": printed_name, "meaning": meaning, "at": at}))
-    ev = SopVersionEvent(version_id=version.id, n=(last or 0) + 1, state=state, data_json=ledger.canonical(data).decode(),
-                         actor=actor, printed_name=printed_name, meaning=meaning, signed_sha256=signed_sha256,
-                         reason=reason, at=at)
+        signed_sha256 = ledger.sha256_hex(
+            ledger.canonical(
+                {
+                    "version_id": version.id,
+                    "sop_sha256": version.sha256,
+                    "state": state,
+                    "data": data,
+                    "signer_id": actor,
+                    "printed_name": printed_name,
+                    "meaning": meaning,
+                    "at": at,
+                }
+            )
+        )
+    ev = SopVersionEvent(
+        version_id=version.id,
+        n=(last or 0) + 1,
+        state=state,
+        data_json=ledger.canonical(data).decode(),
+        actor=actor,
+        printed_name=printed_name,
+        meaning=meaning,
+        signed_sha256=signed_sha256,
+        reason=reason,
+        at=at,
+    )
     ledger.append(session, ev, actor=actor, action=f"sop_version.{state}", reason=reason)
     return ev
 
@@ -115,8 +153,14 @@ def versions_of(session: Session, institution: str, sop_id: str | None = None) -
     for v in session.exec(query.order_by(col(SopVersion.sop_id), col(SopVersion.version), col(SopVersion.stored_at))):
         ev = state_of(session, v.id)
         # A row stored before versions had states (a run used the file): its state is unknown.
-        out.append(VersionInfo(v, ev.state if ev else "unknown", _aware(ev.at) if ev else _aware(v.stored_at),
-                               event_data(ev) if ev else {}))
+        out.append(
+            VersionInfo(
+                v,
+                ev.state if ev else "unknown",
+                _aware(ev.at) if ev else _aware(v.stored_at),
+                event_data(ev) if ev else {},
+            )
+        )
     return out
 
 
@@ -131,8 +175,9 @@ def effective_version(session: Session, institution: str, sop_id: str) -> SopVer
     return newest_effective(versions_of(session, institution, sop_id))
 
 
-def activate_due(session: Session, now: datetime | None = None, *, institution: str | None = None,
-                 sop_id: str | None = None) -> list[SopVersion]:
+def activate_due(
+    session: Session, now: datetime | None = None, *, institution: str | None = None, sop_id: str | None = None
+) -> list[SopVersion]:
     """Turn every issued version whose effective date has come effective, superseding the one
     before it (inside a write session). Returns the versions that turned effective."""
     now = now or utcnow()
@@ -152,10 +197,23 @@ def activate_due(session: Session, now: datetime | None = None, *, institution: 
             continue
         for other in versions_of(session, v.institution, v.sop_id):
             if other.state == "effective" and other.version.id != v.id:
-                append_event(session, other.version, "superseded", actor="system", data={"by_version": v.version},
-                             reason=f"v{v.version} became effective", at=now)
-        append_event(session, v, "effective", actor="system",
-                     data={"effective_at": data["effective_at"], "review_due": data.get("review_due")}, at=now)
+                append_event(
+                    session,
+                    other.version,
+                    "superseded",
+                    actor="system",
+                    data={"by_version": v.version},
+                    reason=f"v{v.version} became effective",
+                    at=now,
+                )
+        append_event(
+            session,
+            v,
+            "effective",
+            actor="system",
+            data={"effective_at": data["effective_at"], "review_due": data.get("review_due")},
+            at=now,
+        )
         done.append(v)
     return done
 
@@ -163,13 +221,21 @@ def activate_due(session: Session, now: datetime | None = None, *, institution: 
 def _author(session: Session, run: SopRun) -> str | None:
     """The user id of the author of the version a change-control run is about (who created the draft)."""
     params = json.loads(run.params_json)
-    version = session.exec(select(SopVersion).where(
-        SopVersion.institution == run.institution, SopVersion.sop_id == params.get("sop_id"),
-        SopVersion.version == int(params.get("version") or 0))).first()
+    version = session.exec(
+        select(SopVersion).where(
+            SopVersion.institution == run.institution,
+            SopVersion.sop_id == params.get("sop_id"),
+            SopVersion.version == int(params.get("version") or 0),
+        )
+    ).first()
     if version is None:
         return None
-    first = session.exec(select(SopVersionEvent).where(SopVersionEvent.version_id == version.id)
-                         .order_by(col(SopVersionEvent.n)).limit(1)).first()
+    first = session.exec(
+        select(SopVersionEvent)
+        .where(SopVersionEvent.version_id == version.id)
+        .order_by(col(SopVersionEvent.n))
+        .limit(1)
+    ).first()
     return first.actor if first is not None else None
 
 
@@ -180,12 +246,20 @@ def change_control_problem(session: Session, run: SopRun, step_id: str, user_id:
         return None
     params = json.loads(run.params_json)
     authors = {_author(session, run)}
-    authors |= {r.actor_id for r in session.exec(select(StepRecord).where(
-        StepRecord.run_id == run.id, StepRecord.step_id == "submit", col(StepRecord.signature_id).is_not(None)))}
+    authors |= {
+        r.actor_id
+        for r in session.exec(
+            select(StepRecord).where(
+                StepRecord.run_id == run.id, StepRecord.step_id == "submit", col(StepRecord.signature_id).is_not(None)
+            )
+        )
+    }
     if user_id in authors:
         what = "approve" if step_id == "qa_approval" else "review"
-        return (f"the author of a change may not {what} it: {params.get('sop_id')} v{params.get('version')} was "
-                "written or submitted by you (separation of duties)")
+        return (
+            f"the author of a change may not {what} it: {params.get('sop_id')} v{params.get('version')} was "
+            "written or submitted by you (separation of duties)"
+        )
     if step_id == "review":
         from flows.record.tables import User
 

@@ -54,9 +54,7 @@ class Institution:
     dir: Path
 
 
-def _not_found(
-    what: str, wanted: str, options: list[str], where: str = ""
-) -> SopNotFoundError:
+def _not_found(what: str, wanted: str, options: list[str], where: str = "") -> SopNotFoundError:
     close = difflib.get_close_matches(wanted, options, n=1)
     if close:
         hint = f"Did you mean {close[0]!r}?"
@@ -70,15 +68,9 @@ def _not_found(
 class Catalog:
     """The SOPs, products and institutions under one ``sops/`` folder."""
 
-    def __init__(
-        self, sops_dir: Path | None = None, templates_dir: Path | None = None
-    ) -> None:
+    def __init__(self, sops_dir: Path | None = None, templates_dir: Path | None = None) -> None:
         self.sops_dir = Path(sops_dir) if sops_dir is not None else default_sops_dir()
-        self.templates_dir = (
-            Path(templates_dir)
-            if templates_dir is not None
-            else default_templates_dir()
-        )
+        self.templates_dir = Path(templates_dir) if templates_dir is not None else default_templates_dir()
 
     # --- discovery ----------------------------------------------------------------------
 
@@ -86,9 +78,7 @@ class Catalog:
         """Ids of the institution folders (those with an ``institution.yaml``), sorted."""
         if not self.sops_dir.is_dir():
             return []
-        return sorted(
-            d.name for d in self.sops_dir.iterdir() if (d / INSTITUTION_FILE).is_file()
-        )
+        return sorted(d.name for d in self.sops_dir.iterdir() if (d / INSTITUTION_FILE).is_file())
 
     def _dir(self, inst_id: str) -> Path:
         if not re.match(ID_PATTERN, inst_id) or inst_id not in self.institutions():
@@ -96,11 +86,7 @@ class Catalog:
         return self.sops_dir / inst_id
 
     def _sop_ids(self, folder: Path) -> list[str]:
-        return sorted(
-            p.stem
-            for p in folder.glob("*.yaml")
-            if p.name not in (INSTITUTION_FILE, PRODUCTS_FILE)
-        )
+        return sorted(p.stem for p in folder.glob("*.yaml") if p.name not in (INSTITUTION_FILE, PRODUCTS_FILE))
 
     def _products(self, folder: Path) -> dict[str, ProductSpec]:
         path = folder / PRODUCTS_FILE
@@ -168,9 +154,7 @@ class Catalog:
         """
         products = self._products(self._dir(inst_id))
         if product_id not in products:
-            raise _not_found(
-                "product", product_id, list(products), f" in {inst_id}'s catalogue"
-            )
+            raise _not_found("product", product_id, list(products), f" in {inst_id}'s catalogue")
         return products[product_id]
 
     def products(self, inst_id: str) -> dict[str, ProductSpec]:
@@ -188,11 +172,7 @@ class Catalog:
         """The YAML files :meth:`validate` reads for ``path`` (default: the whole sops folder)."""
         path = Path(path) if path is not None else self.sops_dir
         if path.is_dir():
-            return sorted(
-                p
-                for p in path.rglob("*.y*ml")
-                if p.suffix in (".yaml", ".yml") and p.is_file()
-            )
+            return sorted(p for p in path.rglob("*.y*ml") if p.suffix in (".yaml", ".yml") and p.is_file())
         return [path]
 
     def validate(self, path: Path | None = None) -> list[Problem]:
@@ -203,11 +183,7 @@ class Catalog:
         files = self.files(path)
         if not files:
             where = display_path(Path(path) if path is not None else self.sops_dir)
-            return [
-                Problem(
-                    where, None, "", "no such file, or no .yaml files in that folder"
-                )
-            ]
+            return [Problem(where, None, "", "no such file, or no .yaml files in that folder")]
         institutions: dict[Path, InstitutionSpec | None] = {}
         problems: list[Problem] = []
         for file in files:

@@ -80,9 +80,7 @@ def template_name(
     return None
 
 
-def find_template(
-    name: str, templates_dir: Path, institution: str | None = None
-) -> Path | None:
+def find_template(name: str, templates_dir: Path, institution: str | None = None) -> Path | None:
     """The file a document step's template resolves to: ``templates/<institution>/`` first."""
     parts = PurePosixPath(name).parts
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
@@ -96,9 +94,7 @@ def find_template(
 
 def _template_names(templates_dir: Path, institution: str | None) -> list[str]:
     names: set[str] = set()
-    for folder in ([templates_dir / institution] if institution else []) + [
-        templates_dir
-    ]:
+    for folder in ([templates_dir / institution] if institution else []) + [templates_dir]:
         if folder.is_dir():
             names.update(p.name for p in folder.iterdir() if p.is_file())
     return sorted(names)
@@ -119,9 +115,7 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def add(self, loc: tuple[str | int, ...], message: str) -> None:
-        self.problems.append(
-            Problem(self.file, self.loaded.lines.line(*loc), dotted(loc), message)
-        )
+        self.problems.append(Problem(self.file, self.loaded.lines.line(*loc), dotted(loc), message))
 
     def run(self) -> list[Problem]:
         self.step_ids()
@@ -196,14 +190,19 @@ class _Checker:
     def identifier_formats(self) -> None:
         if self.defn.product_param() is not None:
             return
-        places: list[tuple[tuple[str | int, ...], FieldSpec]] = [(("params", n), f) for n, f in self.defn.params.items()]
+        places: list[tuple[tuple[str | int, ...], FieldSpec]] = [
+            (("params", n), f) for n, f in self.defn.params.items()
+        ]
         for i, step in enumerate(self.defn.steps):
             if isinstance(step, HumanStepSpec):
                 places += [(("steps", i, "fields", n), f) for n, f in step.fields.items()]
         for loc, spec in places:
             if spec.format == "coi":
-                self.add((*loc, "format"), "format 'coi' checks against the run's product's 'coi_pattern'; "
-                         "the SOP needs a param of type 'product'")
+                self.add(
+                    (*loc, "format"),
+                    "format 'coi' checks against the run's product's 'coi_pattern'; "
+                    "the SOP needs a param of type 'product'",
+                )
 
     def deadlines(self) -> None:
         steps = {s.id: s for s in self.defn.steps}
@@ -219,9 +218,15 @@ class _Checker:
                     self.add(("deadlines", d, key), f"deadline {spec.id!r}: {problem}")
             if spec.within_min is not None:
                 base = self._scope(0, message=False, reader="a deadline's 'within_min'")
-                scope = Scope(base.names, {k: v if k in RESERVED_NAMES else
-                                           "is a step; a deadline's 'within_min' reads only params, product and run"
-                                           for k, v in base.unavailable.items()})
+                scope = Scope(
+                    base.names,
+                    {
+                        k: v
+                        if k in RESERVED_NAMES
+                        else "is a step; a deadline's 'within_min' reads only params, product and run"
+                        for k, v in base.unavailable.items()
+                    },
+                )
                 for msg in check_expression(spec.within_min, scope):
                     self.add(("deadlines", d, "within_min"), f"deadline {spec.id!r}: {msg}")
             for j, role in enumerate(spec.deviation.notify):
@@ -326,9 +331,7 @@ class _Checker:
                 continue
             base = display_path(self.templates_dir)
             where = f"{base}/{inst}/ or {base}/" if inst else f"{base}/"
-            hint = _hint(
-                step.template, _template_names(self.templates_dir, inst), "Templates"
-            )
+            hint = _hint(step.template, _template_names(self.templates_dir, inst), "Templates")
             self.add(
                 ("steps", i, "template"),
                 f"template {step.template!r} not found in {where}. {hint}".rstrip(),
@@ -340,9 +343,7 @@ class _Checker:
         if self.defn.product_param() is not None:
             names["product"] = frozenset(ProductSpec.model_fields)
         else:
-            unavailable["product"] = (
-                "is only available when the SOP declares a param of type 'product'"
-            )
+            unavailable["product"] = "is only available when the SOP declares a param of type 'product'"
         if message or reader is not None:
             names["run"] = frozenset({"id", "sop_id", "institution"})
         else:
@@ -356,15 +357,9 @@ class _Checker:
             elif not isinstance(step, HumanStepSpec):
                 unavailable[step.id] = f"is a {step.kind} step and has no data to read"
             elif i >= position:
-                unavailable[step.id] = (
-                    f"is a later step; {reader} can only read steps before it"
-                )
+                unavailable[step.id] = f"is a later step; {reader} can only read steps before it"
             else:
-                extra = (
-                    {"signed_by", "decision"}
-                    if isinstance(step, ApproveStepSpec)
-                    else {"signed_by"}
-                )
+                extra = {"signed_by", "decision"} if isinstance(step, ApproveStepSpec) else {"signed_by"}
                 names[step.id] = frozenset(step.fields) | extra
             if getattr(step, "repeat", None) is not None:
                 if step.id in names:
@@ -400,14 +395,18 @@ class _Checker:
                 self.add(("steps", i, "repeat", "until"), f"step {step.id!r}: {msg}")
         for j, other in enumerate(self.defn.steps):
             if other.id == f"{step.id}_all":
-                self.add(("steps", j, "id"), f"step id {other.id!r} is taken: expressions read the repetitions "
-                         f"of {step.id!r} under that name")
+                self.add(
+                    ("steps", j, "id"),
+                    f"step id {other.id!r} is taken: expressions read the repetitions of {step.id!r} under that name",
+                )
             if isinstance(other, VerifyStepSpec) and other.of == step.id:
                 self.add(("steps", j, "of"), f"{step.id!r} is repeated; verify cannot check a repeated step")
         for g, group in enumerate(self.defn.distinct_signers):
             if step.id in group:
-                self.add(("distinct_signers", g, group.index(step.id)),
-                         f"{step.id!r} is repeated; distinct_signers cannot name a repeated step")
+                self.add(
+                    ("distinct_signers", g, group.index(step.id)),
+                    f"{step.id!r} is repeated; distinct_signers cannot name a repeated step",
+                )
 
     def computed(self, i: int, step: HumanStepSpec) -> None:
         """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones."""
@@ -416,8 +415,10 @@ class _Checker:
         for name, spec in step.fields.items():
             if spec.compute is None:
                 continue
-            here = Scope({**scope.names, step.id: frozenset(readable)},
-                         {k: v for k, v in scope.unavailable.items() if k != step.id})
+            here = Scope(
+                {**scope.names, step.id: frozenset(readable)},
+                {k: v for k, v in scope.unavailable.items() if k != step.id},
+            )
             for msg in check_expression(spec.compute, here):
                 self.add(("steps", i, "fields", name, "compute"), f"step {step.id!r}: {msg}")
             readable.add(name)
@@ -431,8 +432,11 @@ class _Checker:
                 self.add(loc, f"SOP {sop_id!r} cannot run itself as a sub-run")
             elif here is not None and not (here / f"{sop_id}.yaml").is_file():
                 ids = sorted(p.stem for p in here.glob("*.yaml") if p.stem not in ("institution", "products"))
-                self.add(loc, f"unknown SOP {sop_id!r} in {self.institution.id if self.institution else ''}. "
-                              f"{_hint(sop_id, ids, 'SOPs')}".rstrip())
+                self.add(
+                    loc,
+                    f"unknown SOP {sop_id!r} in {self.institution.id if self.institution else ''}. "
+                    f"{_hint(sop_id, ids, 'SOPs')}".rstrip(),
+                )
 
         for i, step in enumerate(self.defn.steps):
             if isinstance(step, SubrunStepSpec):
@@ -444,19 +448,26 @@ class _Checker:
                 sibling(("steps", i, "deviation", "sop"), step.deviation.sop)
             elif isinstance(step, HumanStepSpec) and step.updates_deviation is not None:
                 if "deviation_id" not in self.defn.params:
-                    self.add(("steps", i, "updates_deviation"),
-                             "'updates_deviation' needs a param 'deviation_id' (the deviation the run handles)")
+                    self.add(
+                        ("steps", i, "updates_deviation"),
+                        "'updates_deviation' needs a param 'deviation_id' (the deviation the run handles)",
+                    )
                 decides = isinstance(step, ApproveStepSpec) or any(
-                    f.type == "choice" for n, f in step.fields.items() if n in ("decision", "outcome", "disposition"))
+                    f.type == "choice" for n, f in step.fields.items() if n in ("decision", "outcome", "disposition")
+                )
                 if step.updates_deviation == "disposition" and not decides:
-                    self.add(("steps", i, "updates_deviation"),
-                             "a 'disposition' step must be an approve step or have a choice field "
-                             "'decision', 'outcome' or 'disposition' (the dose's disposition)")
+                    self.add(
+                        ("steps", i, "updates_deviation"),
+                        "a 'disposition' step must be an approve step or have a choice field "
+                        "'decision', 'outcome' or 'disposition' (the dose's disposition)",
+                    )
                 if step.updates_deviation == "capa":
                     for name, types in _CAPA_FIELDS.items():
                         spec = step.fields.get(name)
                         if spec is None or spec.type not in types:
-                            self.add(("steps", i, "fields"), f"a 'capa' step needs a field {name!r} of type {types[0]!r}")
+                            self.add(
+                                ("steps", i, "fields"), f"a 'capa' step needs a field {name!r} of type {types[0]!r}"
+                            )
 
 
 def check_sop(

@@ -115,7 +115,9 @@ def _kept_in_order(old: list[str], new: list[str]) -> set[str]:
     table = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
-            table[i][j] = table[i + 1][j + 1] + 1 if common_old[i] == common_new[j] else max(table[i + 1][j], table[i][j + 1])
+            table[i][j] = (
+                table[i + 1][j + 1] + 1 if common_old[i] == common_new[j] else max(table[i + 1][j], table[i][j + 1])
+            )
     kept, i, j = set(), 0, 0
     while i < n and j < m:
         if common_old[i] == common_new[j]:
@@ -134,7 +136,9 @@ def diff_sops(old: SopDefinition, new: SopDefinition) -> list[Change]:
     a = _plain(old.model_dump(mode="python"))
     b = _plain(new.model_dump(mode="python"))
     out: list[Change] = []
-    _compare("", {k: v for k, v in a.items() if k not in _HEADER}, {k: v for k, v in b.items() if k not in _HEADER}, out)
+    _compare(
+        "", {k: v for k, v in a.items() if k not in _HEADER}, {k: v for k, v in b.items() if k not in _HEADER}, out
+    )
     _named("", "param", a["params"], b["params"], out)
     old_steps = {s["id"]: s for s in a["steps"]}
     new_steps = {s["id"]: s for s in b["steps"]}

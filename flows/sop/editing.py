@@ -24,8 +24,14 @@ from flows.sop.model import InstitutionSpec, SopDefinition
 __all__ = ["load_sop_text", "schema_field_names", "validate_sop_text"]
 
 
-def load_sop_text(text: str, *, name: str, institution: InstitutionSpec | None = None,
-                  templates_dir: Path | None = None, sop_id: str | None = None) -> LoadedSop:
+def load_sop_text(
+    text: str,
+    *,
+    name: str,
+    institution: InstitutionSpec | None = None,
+    templates_dir: Path | None = None,
+    sop_id: str | None = None,
+) -> LoadedSop:
     """Load, validate and cross-check SOP YAML text shown as ``name`` in problems.
 
     ``sop_id``: the id the text must carry (a file's stem; for a draft of an existing SOP).
@@ -54,8 +60,14 @@ def load_sop_text(text: str, *, name: str, institution: InstitutionSpec | None =
     return loaded
 
 
-def validate_sop_text(text: str, *, name: str = "draft.yaml", institution: InstitutionSpec | None = None,
-                      templates_dir: Path | None = None, sop_id: str | None = None) -> list[dict[str, Any]]:
+def validate_sop_text(
+    text: str,
+    *,
+    name: str = "draft.yaml",
+    institution: InstitutionSpec | None = None,
+    templates_dir: Path | None = None,
+    sop_id: str | None = None,
+) -> list[dict[str, Any]]:
     """Every problem in SOP YAML text as ``{line, path, message, text}`` (``text`` is what the CLI
     prints: ``name:line: path: message``); an empty list when the text is a valid SOP."""
     try:

@@ -48,19 +48,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
         if operator_ == "**":
             if isinstance(right, int | float) and abs(right) > 100:
-                raise ExpressionError(
-                    f"exponent {right!r} is too large (the limit is 100)"
-                )
+                raise ExpressionError(f"exponent {right!r} is too large (the limit is 100)")
             return operator.pow(left, right)
         for seq, times in ((left, right), (right, left)):
-            if (
-                isinstance(seq, str | list | tuple)
-                and isinstance(times, int)
-                and len(seq) * times > _MAX_SIZE
-            ):
-                raise ExpressionError(
-                    f"repeating a sequence {times} times is not allowed here"
-                )
+            if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > _MAX_SIZE:
+                raise ExpressionError(f"repeating a sequence {times} times is not allowed here")
         return operator.mul(left, right)
 
 
@@ -72,9 +64,7 @@ class _Values(SimpleNamespace):
     """
 
     def __init__(self, where: str, values: Mapping[str, Any]) -> None:
-        super().__init__(
-            **{str(k): _as_values(f"{where}.{k}", v) for k, v in values.items()}
-        )
+        super().__init__(**{str(k): _as_values(f"{where}.{k}", v) for k, v in values.items()})
         self._where = where
 
 
@@ -112,9 +102,7 @@ def _parse_expression(source: str) -> nodes.Expr:
     expr = parser.parse_expression()
     if not parser.stream.eos:
         token = parser.stream.current
-        raise TemplateSyntaxError(
-            f"unexpected {token.value!r} after the expression", token.lineno
-        )
+        raise TemplateSyntaxError(f"unexpected {token.value!r} after the expression", token.lineno)
     return expr
 
 
@@ -136,11 +124,7 @@ def _chains(node: nodes.Node) -> Iterator[tuple[str, str | None]]:
 
 
 def _const_str(node: nodes.Node) -> str | None:
-    return (
-        node.value
-        if isinstance(node, nodes.Const) and isinstance(node.value, str)
-        else None
-    )
+    return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else None
 
 
 def _hint(word: str, options: list[str]) -> str:
@@ -150,9 +134,7 @@ def _hint(word: str, options: list[str]) -> str:
     return f" Available: {', '.join(sorted(options))}." if options else ""
 
 
-def _check_names(
-    source: str, tree: nodes.Node, scope: Scope, local_names: set[str]
-) -> list[str]:
+def _check_names(source: str, tree: nodes.Node, scope: Scope, local_names: set[str]) -> list[str]:
     at = f"in {source!r}"
     problems = [
         f"attribute {n.attr!r} is not allowed {at} (names starting with '_' are private)"
@@ -167,13 +149,9 @@ def _check_names(
         if name in scope.unavailable:
             problems.append(f"{name!r} {at} {scope.unavailable[name]}")
         elif name not in scope.names:
-            problems.append(
-                f"unknown name {name!r} {at}.{_hint(name, list(scope.names))}"
-            )
+            problems.append(f"unknown name {name!r} {at}.{_hint(name, list(scope.names))}")
         elif attr is not None and attr not in scope.names[name]:
-            problems.append(
-                f"{name!r} has no {attr!r} {at}.{_hint(attr, sorted(scope.names[name]))}"
-            )
+            problems.append(f"{name!r} has no {attr!r} {at}.{_hint(attr, sorted(scope.names[name]))}")
     return problems
 
 
@@ -198,9 +176,7 @@ def check_message(source: str, scope: Scope) -> list[str]:
         _ENV.from_string(source)
     except TemplateError as exc:
         return [f"invalid template {source!r}: {_error_text(exc)}"]
-    local_names = {
-        n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")
-    }
+    local_names = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
     return _check_names(source, tree, scope, local_names)
 
 
@@ -263,8 +239,6 @@ def render_message(template: str, context: Mapping[str, Any]) -> str:
     try:
         return str(_compiled_template(template).render(**_context(context)))
     except (ExpressionError, TemplateError) as exc:
-        raise ExpressionError(
-            f"message {template!r} failed: {_error_text(exc)}"
-        ) from exc
+        raise ExpressionError(f"message {template!r} failed: {_error_text(exc)}") from exc
     except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
         raise ExpressionError(f"message {template!r} failed: {exc}") from exc

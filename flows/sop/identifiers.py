@@ -43,11 +43,12 @@ def normalize_din(value: str) -> tuple[str, str | None]:
     check character the expected one."""
     din = "".join(value.split()).upper()
     if len(din) != 14 or not _DIN.match(din[:13]):
-        return din, ("is not an ISBT 128 donation identification number: expected 13 characters "
-                     "(5-character facility id A-Z/0-9, 2-digit year, 6-digit serial) and a check character, "
-                     f"{len(din)} characters given without spaces")
+        return din, (
+            "is not an ISBT 128 donation identification number: expected 13 characters "
+            "(5-character facility id A-Z/0-9, 2-digit year, 6-digit serial) and a check character, "
+            f"{len(din)} characters given without spaces"
+        )
     expected = din_check_character(din[:13])
     if din[13] != expected:
-        return din, (f"check character {din[13]!r} is wrong for DIN {din[:13]}: "
-                     f"ISO 7064 Mod 37-2 gives {expected!r}")
+        return din, (f"check character {din[13]!r} is wrong for DIN {din[:13]}: ISO 7064 Mod 37-2 gives {expected!r}")
     return din, None

@@ -36,9 +36,7 @@ def _hint(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     if close:
         return f" Did you mean {close[0]!r}?"
-    return (
-        f" Expected one of: {', '.join(repr(o) for o in options)}." if options else ""
-    )
+    return f" Expected one of: {', '.join(repr(o) for o in options)}." if options else ""
 
 
 def _num(value: float, unit: str | None) -> str:
@@ -106,24 +104,23 @@ def _coi(value: str, spec: FieldSpec, product: tuple[str, ProductSpec] | None) -
         raise _Bad("format 'coi' needs the run's product, and this run has none")
     name, entry = product
     if entry.coi_pattern is None:
-        raise _Bad(f"product {name!r} has no 'coi_pattern' in the catalogue (products.yaml), so its "
-                   "chain-of-identity id cannot be checked; set 'coi_pattern' (and 'coi_example') for it")
+        raise _Bad(
+            f"product {name!r} has no 'coi_pattern' in the catalogue (products.yaml), so its "
+            "chain-of-identity id cannot be checked; set 'coi_pattern' (and 'coi_example') for it"
+        )
     if re.fullmatch(entry.coi_pattern, value) is None:
         subject = "the value" if spec.phi else repr(value)
         example = f" (e.g. {entry.coi_example!r})" if entry.coi_example else ""
-        raise _Bad(f"{subject} is not a chain-of-identity id of product {name!r}: it must match "
-                   f"{entry.coi_pattern!r}{example}")
+        raise _Bad(
+            f"{subject} is not a chain-of-identity id of product {name!r}: it must match {entry.coi_pattern!r}{example}"
+        )
 
 
 def _choice(spec: FieldSpec, value: Any, show: str) -> str:
     choices = list(spec.choices or ())
     if isinstance(value, str) and value in choices:
         return value
-    hint = (
-        _hint(value, choices)
-        if isinstance(value, str) and not spec.phi
-        else _hint("", choices)
-    )
+    hint = _hint(value, choices) if isinstance(value, str) and not spec.phi else _hint("", choices)
     raise _Bad(f"{show} is not one of the choices.{hint}")
 
 
@@ -134,15 +131,11 @@ def _datetime(value: Any, show: str) -> str:
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise _Bad(
-                f"{show} is not an ISO 8601 date and time like 2026-11-03T09:30+08:00"
-            ) from None
+            raise _Bad(f"{show} is not an ISO 8601 date and time like 2026-11-03T09:30+08:00") from None
     else:
         raise _Bad(f"expected a date and time, got {_kind_of(value)}")
     if moment.tzinfo is None or moment.utcoffset() is None:
-        raise _Bad(
-            f"{show} has no time zone; add an offset like +08:00 (e.g. 2026-11-03T09:30+08:00)"
-        )
+        raise _Bad(f"{show} has no time zone; add an offset like +08:00 (e.g. 2026-11-03T09:30+08:00)")
     return moment.astimezone(UTC).isoformat()
 
 
@@ -150,9 +143,7 @@ def _product(value: Any, show: str, products: Mapping[str, ProductSpec]) -> str:
     if isinstance(value, str) and value in products:
         return value
     if not products:
-        raise _Bad(
-            f"{show} is not a known product; the institution's catalogue has no products"
-        )
+        raise _Bad(f"{show} is not a known product; the institution's catalogue has no products")
     hint = _hint(value if isinstance(value, str) else "", sorted(products))
     raise _Bad(f"{show} is not a product in the catalogue.{hint}")
 
@@ -200,9 +191,7 @@ def coerce_values(
         if key in fields and fields[key].compute is not None:
             problems.append(f"{where}: {key}: is computed ({fields[key].compute!r}); it cannot be entered")
         elif key not in fields:
-            problems.append(
-                f"{where}: unknown field {key!r}.{_hint(str(key), list(fields))}"
-            )
+            problems.append(f"{where}: unknown field {key!r}.{_hint(str(key), list(fields))}")
     values: dict[str, Any] = {}
     for name, spec in fields.items():
         if spec.compute is not None:
@@ -221,7 +210,8 @@ def coerce_values(
     run_product = product or _param_product(fields, values, products or {})
     # A product param that was given but refused is reported already; its coi is not checked against nothing.
     product_refused = run_product is None and any(
-        f.type == "product" and not _is_empty(raw.get(n)) for n, f in fields.items())
+        f.type == "product" and not _is_empty(raw.get(n)) for n, f in fields.items()
+    )
     for name, spec in fields.items():
         if spec.format == "coi" and isinstance(values.get(name), str) and not product_refused:
             try:
@@ -233,8 +223,9 @@ def coerce_values(
     return values
 
 
-def _param_product(fields: Mapping[str, FieldSpec], values: Mapping[str, Any],
-                   products: Mapping[str, ProductSpec]) -> tuple[str, ProductSpec] | None:
+def _param_product(
+    fields: Mapping[str, FieldSpec], values: Mapping[str, Any], products: Mapping[str, ProductSpec]
+) -> tuple[str, ProductSpec] | None:
     for name, spec in fields.items():
         if spec.type == "product" and values.get(name) in products:
             return values[name], products[values[name]]

@@ -200,9 +200,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _did_you_mean(
-    word: str, options: typing.Iterable[str], what: str = "one of"
-) -> str:
+def _did_you_mean(word: str, options: typing.Iterable[str], what: str = "one of") -> str:
     options = list(options)
     close = difflib.get_close_matches(word, options, n=1)
     if close:
@@ -275,9 +273,7 @@ def _message(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[Loc, str]:
     if kind == "missing":
         return loc, f"missing required key {loc[-1]!r}"
     if kind == "union_tag_invalid":
-        kinds = [
-            t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")
-        ]
+        kinds = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
         return (
             (*loc, "kind"),
             f"unknown step kind {ctx.get('tag')!r}. {_did_you_mean(str(ctx.get('tag')), kinds)}",
@@ -296,17 +292,11 @@ def _message(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[Loc, str]:
         )
     if kind == "literal_error":
         expected = str(ctx.get("expected", ""))
-        options = [
-            o.strip().strip("'")
-            for o in expected.replace(" or ", ",").split(",")
-            if o.strip()
-        ]
+        options = [o.strip().strip("'") for o in expected.replace(" or ", ",").split(",") if o.strip()]
         hint = _did_you_mean(str(value), options) if isinstance(value, str) else ""
         return loc, f"expected {expected}, got {_show(value)}. {hint}".rstrip()
     if kind in ("value_error", "assertion_error"):
-        return loc, str(err["msg"]).removeprefix("Value error, ").removeprefix(
-            "Assertion failed, "
-        )
+        return loc, str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if kind in _EXPECTED:
         msg = f"expected {_EXPECTED[kind]}, got {_type_name(value)} {_show(value)}"
         if isinstance(value, bool) and kind == "string_type":
@@ -316,16 +306,12 @@ def _message(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[Loc, str]:
     return loc, f"{msg[:1].lower()}{msg[1:]}, got {_show(value)}"
 
 
-def _problems_from(
-    exc: ValidationError, root: type[BaseModel], file: str, lines: LineMap
-) -> list[Problem]:
+def _problems_from(exc: ValidationError, root: type[BaseModel], file: str, lines: LineMap) -> list[Problem]:
     errors = exc.errors()
     problems = []
     for err in errors:
         if err["type"] == "too_short" and any(
-            len(other["loc"]) > len(err["loc"])
-            and other["loc"][: len(err["loc"])] == err["loc"]
-            for other in errors
+            len(other["loc"]) > len(err["loc"]) and other["loc"][: len(err["loc"])] == err["loc"] for other in errors
         ):
             continue  # pydantic counts only the items that validated; the items' own errors say more
         loc, message = _message(err, root)
@@ -342,15 +328,11 @@ def _read(path: Path) -> tuple[str, str, bytes]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise SopDefinitionError(
-            [Problem(file, None, "", f"cannot read the file: {exc.strerror}")]
-        ) from exc
+        raise SopDefinitionError([Problem(file, None, "", f"cannot read the file: {exc.strerror}")]) from exc
     try:
         return file, raw.decode("utf-8"), raw
     except UnicodeDecodeError as exc:
-        raise SopDefinitionError(
-            [Problem(file, None, "", f"the file is not UTF-8 text: {exc.reason}")]
-        ) from exc
+        raise SopDefinitionError([Problem(file, None, "", f"the file is not UTF-8 text: {exc.reason}")]) from exc
 
 
 def _load(path: Path, model: type[M]) -> tuple[M, str, str, LineMap]:
@@ -412,9 +394,7 @@ def load_institution_file(path: Path | str) -> InstitutionSpec:
     spec, _, _, lines = _load(path, InstitutionSpec)
     if spec.id != path.parent.name:
         problem = f"id {spec.id!r} must equal the institution's folder name {path.parent.name!r}"
-        raise SopDefinitionError(
-            [Problem(display_path(path), lines.line("id"), "id", problem)]
-        )
+        raise SopDefinitionError([Problem(display_path(path), lines.line("id"), "id", problem)])
     return spec
 
 

@@ -209,7 +209,11 @@ class ProductSpec(_Frozen):
     def _coi_example_matches(self) -> ProductSpec:
         if self.coi_example is not None and self.coi_pattern is None:
             raise ValueError("'coi_example' needs a 'coi_pattern' it matches")
-        if self.coi_example is not None and self.coi_pattern is not None and not re.fullmatch(self.coi_pattern, self.coi_example):
+        if (
+            self.coi_example is not None
+            and self.coi_pattern is not None
+            and not re.fullmatch(self.coi_pattern, self.coi_example)
+        ):
             raise ValueError(f"'coi_example' {self.coi_example!r} does not match 'coi_pattern' {self.coi_pattern!r}")
         return self
 
@@ -233,8 +237,10 @@ class ProductSpec(_Frozen):
         settable = set(type(self).model_fields) - {"name", "mah", "unconfirmed", "source"}
         unknown = [k for k in self.unconfirmed if k not in settable]
         if unknown:
-            raise ValueError(f"'unconfirmed' names {', '.join(map(repr, unknown))}, which "
-                             f"{'is' if len(unknown) == 1 else 'are'} not a product key; keys: {', '.join(sorted(settable))}")
+            raise ValueError(
+                f"'unconfirmed' names {', '.join(map(repr, unknown))}, which "
+                f"{'is' if len(unknown) == 1 else 'are'} not a product key; keys: {', '.join(sorted(settable))}"
+            )
         return self
 
 
@@ -252,7 +258,9 @@ class TimeoutDeviationSpec(_Frozen):
     description: str | None = None
 
 
-DeviationEventKind = Literal["contained", "mah_notified", "investigated", "disposition", "capa", "effectiveness", "closed"]
+DeviationEventKind = Literal[
+    "contained", "mah_notified", "investigated", "disposition", "capa", "effectiveness", "closed"
+]
 DEVIATION_EVENTS: tuple[str, ...] = DeviationEventKind.__args__  # type: ignore[attr-defined]
 """A deviation's lifecycle, in its usual order (``flows.record.deviations``)."""
 
@@ -362,7 +370,12 @@ class SubrunStepSpec(_StepBase):
 
 
 StepSpec = Annotated[
-    RecordStepSpec | VerifyStepSpec | ApproveStepSpec | CheckStepSpec | DocumentStepSpec | NotifyStepSpec
+    RecordStepSpec
+    | VerifyStepSpec
+    | ApproveStepSpec
+    | CheckStepSpec
+    | DocumentStepSpec
+    | NotifyStepSpec
     | SubrunStepSpec,
     Field(discriminator="kind"),
 ]
@@ -400,7 +413,9 @@ class DeadlineSpec(_Frozen):
     @model_validator(mode="after")
     def _one_limit(self) -> DeadlineSpec:
         if (self.within is None) == (self.within_min is None):
-            raise ValueError("give exactly one of 'within' (a duration like '30m') and 'within_min' (an expression in minutes)")
+            raise ValueError(
+                "give exactly one of 'within' (a duration like '30m') and 'within_min' (an expression in minutes)"
+            )
         return self
 
 

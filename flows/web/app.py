@@ -45,16 +45,52 @@ __all__ = ["Web", "create_app"]
 
 log = logging.getLogger("sopflow.web")
 
-STATUS_WORDS = [N_("waiting"), N_("signed"), N_("done"), N_("failed"), N_("refused"), N_("not reached"),
-                N_("scheduled"), N_("running"), N_("completed"), N_("rejected"), N_("stopped"), N_("unknown"),
-                N_("skipped"), N_("open"), N_("performed"), N_("verified"), N_("approved"), N_("corrected"),
-                N_("approve"), N_("reject"), N_("Decision"), N_("Reason (required to reject)"), N_("record"),
-                N_("verify"), N_("check"), N_("document"), N_("notify"), N_("disposition"), N_("in_force"),
-                N_("superseded"), N_("minor"), N_("major"), N_("critical"), N_("draft"), N_("in_review"), N_("issued"),
-                N_("effective"), N_("retired"), N_("computed")]
+STATUS_WORDS = [
+    N_("waiting"),
+    N_("signed"),
+    N_("done"),
+    N_("failed"),
+    N_("refused"),
+    N_("not reached"),
+    N_("scheduled"),
+    N_("running"),
+    N_("completed"),
+    N_("rejected"),
+    N_("stopped"),
+    N_("unknown"),
+    N_("skipped"),
+    N_("open"),
+    N_("performed"),
+    N_("verified"),
+    N_("approved"),
+    N_("corrected"),
+    N_("approve"),
+    N_("reject"),
+    N_("Decision"),
+    N_("Reason (required to reject)"),
+    N_("record"),
+    N_("verify"),
+    N_("check"),
+    N_("document"),
+    N_("notify"),
+    N_("disposition"),
+    N_("in_force"),
+    N_("superseded"),
+    N_("minor"),
+    N_("major"),
+    N_("critical"),
+    N_("draft"),
+    N_("in_review"),
+    N_("issued"),
+    N_("effective"),
+    N_("retired"),
+    N_("computed"),
+]
 """Words the record holds that pages show translated (``{{ _(word) }}``)."""
 
-CSRF_MESSAGE = N_("This form has expired or did not come from this site (missing or wrong security token). Nothing was saved. Reload the page and try again.")
+CSRF_MESSAGE = N_(
+    "This form has expired or did not come from this site (missing or wrong security token). Nothing was saved. Reload the page and try again."
+)
 
 
 def _local(value: Any, tz: str = "UTC") -> str:
@@ -85,8 +121,13 @@ def _num(value: Any) -> Any:
 
 
 def _environment(language: str) -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]),
-                      extensions=["jinja2.ext.i18n"], trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html"]),
+        extensions=["jinja2.ext.i18n"],
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     cat = catalogue(language)
     env.install_gettext_callables(cat.gettext, cat.ngettext, newstyle=True)  # type: ignore[attr-defined]
     env.filters["local"] = _local
@@ -115,9 +156,15 @@ class Web:
         if expired is not None and expired.username:
             await run_in_threadpool(svc.sign_out, self.settings, expired.username, "idle")
             live = self.store.new(expired.language)
-            live.flash.append(("error", catalogue(live.language).gettext(
-                N_("Your session ended after %(minutes)s minutes without activity. Sign in again."))
-                % {"minutes": f"{self.settings.web_idle_minutes:g}"}))
+            live.flash.append(
+                (
+                    "error",
+                    catalogue(live.language).gettext(
+                        N_("Your session ended after %(minutes)s minutes without activity. Sign in again.")
+                    )
+                    % {"minutes": f"{self.settings.web_idle_minutes:g}"},
+                )
+            )
         if live is None:
             for gone in self.store.sweep():  # sessions nobody came back to: end them, audited
                 if gone.username:
@@ -146,8 +193,9 @@ class Web:
     def render(self, ws: WebSession, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         env = self.envs.get(ws.language, self.envs["en"])
         flash, ws.flash = ws.flash, []
-        html = env.get_template(name).render(ws=ws, csrf=ws.csrf, flash=flash, now=datetime.now(UTC),
-                                             prefect_ui=self.prefect_ui, **ctx)
+        html = env.get_template(name).render(
+            ws=ws, csrf=ws.csrf, flash=flash, now=datetime.now(UTC), prefect_ui=self.prefect_ui, **ctx
+        )
         return self.secure(HTMLResponse(html, status_code=status), ws)
 
     def redirect(self, ws: WebSession, to: str) -> Response:
@@ -158,8 +206,10 @@ class Web:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
-                                    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        )
         if ws is not None:  # Secure is added by the middleware when the request came over HTTPS
             response.set_cookie(COOKIE, ws.token, httponly=True, samesite="strict", path="/")
         return response
@@ -199,7 +249,9 @@ def _status_of(exc: FlowsError) -> int:
 
 
 def _safe_next(target: str | None) -> str:
-    return target if target and target.startswith("/") and not target.startswith("//") and "\\" not in target else "/inbox"
+    return (
+        target if target and target.startswith("/") and not target.startswith("//") and "\\" not in target else "/inbox"
+    )
 
 
 def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI:
@@ -227,8 +279,7 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> Response:
-        return web.render(exc.ws, "error.html", status=403, message=web.gettext(
-            exc.ws, CSRF_MESSAGE))
+        return web.render(exc.ws, "error.html", status=403, message=web.gettext(exc.ws, CSRF_MESSAGE))
 
     @app.exception_handler(FlowsError)
     async def _flows_error(request: Request, exc: FlowsError) -> Response:
@@ -245,8 +296,14 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     async def _crash(request: Request, exc: Exception) -> Response:
         log.exception("web request %s %s failed", request.method, request.url.path)
         ws = await web.session(request)
-        return web.render(ws, "error.html", status=500, message=web.gettext(
-            ws, N_("Something went wrong on the server; nothing was signed. The error is in the server log.")))
+        return web.render(
+            ws,
+            "error.html",
+            status=500,
+            message=web.gettext(
+                ws, N_("Something went wrong on the server; nothing was signed. The error is in the server log.")
+            ),
+        )
 
     @app.get("/")
     async def root(request: Request) -> Response:

@@ -54,35 +54,68 @@ def _problems(exc: Exception) -> list[dict[str, Any]]:
 def register(app: FastAPI, web: Web) -> None:
     settings = web.settings
 
-    async def _editor(request: Request, institution: str, sop_id: str | None, status: int = 200, *,
-                      text: str | None = None, problems: list[dict[str, Any]] | None = None, reason: str = "",
-                      save_error: str | None = None) -> Response:
+    async def _editor(
+        request: Request,
+        institution: str,
+        sop_id: str | None,
+        status: int = 200,
+        *,
+        text: str | None = None,
+        problems: list[dict[str, Any]] | None = None,
+        reason: str = "",
+        save_error: str | None = None,
+    ) -> Response:
         ws = await web.user(request)
         await run_in_threadpool(sop_admin.require_sop_admin, settings, ws.username, institution)
         start = await run_in_threadpool(sop_admin.editor_start, settings, institution, sop_id)
-        checked = await run_in_threadpool(sop_admin.check_text, settings, ws.username, institution,
-                                          start["text"] if text is None else text, sop_id)
+        checked = await run_in_threadpool(
+            sop_admin.check_text, settings, ws.username, institution, start["text"] if text is None else text, sop_id
+        )
         base = f"/sops/{institution}/{sop_id}/edit" if sop_id else f"/sops/{institution}/{NEW}"
-        return web.render(ws, "editor.html", status=status, institution=institution, sop_id=sop_id, start=start,
-                          text=start["text"] if text is None else text, action=base, check_url=base + "/check",
-                          problems=checked["problems"] if problems is None else problems, fields=checked["fields"],
-                          reason=reason, save_error=save_error)
+        return web.render(
+            ws,
+            "editor.html",
+            status=status,
+            institution=institution,
+            sop_id=sop_id,
+            start=start,
+            text=start["text"] if text is None else text,
+            action=base,
+            check_url=base + "/check",
+            problems=checked["problems"] if problems is None else problems,
+            fields=checked["fields"],
+            reason=reason,
+            save_error=save_error,
+        )
 
     async def _save(request: Request, institution: str, sop_id: str | None) -> Response:
         ws = await web.user(request)
         form = await web.form(request, ws)
         text, reason = form.get("text", "").replace("\r\n", "\n"), form.get("reason", "")
         try:  # NotAuthorizedError goes to the error page (403): refused and audited by the service
-            saved = await run_in_threadpool(sop_admin.save_draft, settings, ws.username, form.get("password", ""),
-                                            institution, text, sop_id, reason)
+            saved = await run_in_threadpool(
+                sop_admin.save_draft, settings, ws.username, form.get("password", ""), institution, text, sop_id, reason
+            )
         except AuthenticationError as exc:
             return await _editor(request, institution, sop_id, 401, text=text, reason=reason, save_error=str(exc))
         except (SopDefinitionError, ChangeControlError) as exc:
-            return await _editor(request, institution, sop_id, 422, text=text, reason=reason,
-                                 problems=_problems(exc), save_error=web.gettext(ws, N_(
-                                     "Not saved: the text has problems (listed below).")))
-        ws.flash.append(("ok", web.gettext(ws, N_("Draft v%(version)s of %(sop)s saved. sha256 %(sha)s"))
-                         % {"version": saved["version"], "sop": saved["sop_id"], "sha": saved["sha256"]}))
+            return await _editor(
+                request,
+                institution,
+                sop_id,
+                422,
+                text=text,
+                reason=reason,
+                problems=_problems(exc),
+                save_error=web.gettext(ws, N_("Not saved: the text has problems (listed below).")),
+            )
+        ws.flash.append(
+            (
+                "ok",
+                web.gettext(ws, N_("Draft v%(version)s of %(sop)s saved. sha256 %(sha)s"))
+                % {"version": saved["version"], "sop": saved["sop_id"], "sha": saved["sha256"]},
+            )
+        )
         return web.redirect(ws, f"/sops/{institution}/{saved['sop_id']}")
 
     async def _check(request: Request, institution: str, sop_id: str | None) -> Response:
@@ -99,8 +132,14 @@ def register(app: FastAPI, web: Web) -> None:
         except Forbidden:
             return refused(403, web.gettext(ws, CSRF_MESSAGE))
         try:
-            checked = await run_in_threadpool(sop_admin.check_text, settings, ws.username, institution,
-                                              form.get("text", "").replace("\r\n", "\n"), sop_id)
+            checked = await run_in_threadpool(
+                sop_admin.check_text,
+                settings,
+                ws.username,
+                institution,
+                form.get("text", "").replace("\r\n", "\n"),
+                sop_id,
+            )
         except FlowsError as exc:
             return refused(_status_of(exc), str(exc), [str(p) for p in getattr(exc, "problems", None) or [exc]])
         return web.secure(JSONResponse({"ok": True, **checked}), ws)
@@ -130,8 +169,9 @@ def register(app: FastAPI, web: Web) -> None:
         return await _check(request, institution, sop_id)
 
     @app.get("/sops/{institution}/{sop_id}/diff")
-    async def diff(request: Request, institution: str, sop_id: str, old: str | None = None,
-                   new: str | None = None) -> Response:
+    async def diff(
+        request: Request, institution: str, sop_id: str, old: str | None = None, new: str | None = None
+    ) -> Response:
         ws = await web.user(request)
         changes = await run_in_threadpool(sop_admin.version_diff, settings, institution, sop_id, old, new)
         return web.render(ws, "diff.html", diff=changes)

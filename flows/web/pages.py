@@ -83,7 +83,9 @@ def register(app: FastAPI, web: Web) -> None:
         sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
         chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
         if chosen is None:
-            raise StepNotWaitingError(f"no SOP {sop_id!r} at {institution!r} that you may start; the start page lists them")
+            raise StepNotWaitingError(
+                f"no SOP {sop_id!r} at {institution!r} that you may start; the start page lists them"
+            )
         return chosen
 
     @app.get("/runs/new/{institution}/{sop_id}")
@@ -101,12 +103,24 @@ def register(app: FastAPI, web: Web) -> None:
         tz = await run_in_threadpool(svc.institution_timezone, settings, institution)
         values = _values(form, chosen["params"], tz)
         try:
-            res = await run_in_threadpool(service.start_run, settings, institution, sop_id, values, ws.username,
-                                          form.get("password", ""))
+            res = await run_in_threadpool(
+                service.start_run, settings, institution, sop_id, values, ws.username, form.get("password", "")
+            )
         except (SopInputError, AuthenticationError, NotAuthorizedError) as exc:
-            errors, general = field_errors(getattr(exc, "problems", None) or [str(exc)], [p["name"] for p in chosen["params"]])
-            return web.render(ws, "start.html", status=422, sops=[], chosen=chosen, values=values, errors=errors,
-                              general=general, tz=tz)
+            errors, general = field_errors(
+                getattr(exc, "problems", None) or [str(exc)], [p["name"] for p in chosen["params"]]
+            )
+            return web.render(
+                ws,
+                "start.html",
+                status=422,
+                sops=[],
+                chosen=chosen,
+                values=values,
+                errors=errors,
+                general=general,
+                tz=tz,
+            )
         ws.flash.append(("ok", web.gettext(ws, N_("Run started."))))
         return web.redirect(ws, f"/runs/{res.run_id}")
 
@@ -125,11 +139,29 @@ def register(app: FastAPI, web: Web) -> None:
         return web.render(ws, "run.html", rec=rec, tz=tz, steps={s["id"]: s for s in rec["steps"]})
 
     # -- steps -----------------------------------------------------------------------------------------
-    def _step_page(ws: Any, form: dict[str, Any], status: int = 200, *, values: dict[str, str] | None = None,
-                   errors: dict[str, list[str]] | None = None, general: list[str] | None = None,
-                   preview: dict[str, Any] | None = None, sign_error: str | None = None) -> Response:
-        return web.render(ws, "step.html", status=status, form=form, values=values or {}, errors=errors or {},
-                          general=general or [], preview=preview, sign_error=sign_error, prefix=PREFIX)
+    def _step_page(
+        ws: Any,
+        form: dict[str, Any],
+        status: int = 200,
+        *,
+        values: dict[str, str] | None = None,
+        errors: dict[str, list[str]] | None = None,
+        general: list[str] | None = None,
+        preview: dict[str, Any] | None = None,
+        sign_error: str | None = None,
+    ) -> Response:
+        return web.render(
+            ws,
+            "step.html",
+            status=status,
+            form=form,
+            values=values or {},
+            errors=errors or {},
+            general=general or [],
+            preview=preview,
+            sign_error=sign_error,
+            prefix=PREFIX,
+        )
 
     @app.get("/runs/{run_id}/steps/{step_id}")
     async def step_page(request: Request, run_id: str, step_id: str) -> Response:
@@ -160,8 +192,16 @@ def register(app: FastAPI, web: Web) -> None:
         if posted.get("action") == "edit":
             return _step_page(ws, form, values=values)
         try:
-            res = await run_in_threadpool(svc.sign_reviewed, settings, run_id, step_id, ws.username,
-                                          posted.get("password", ""), values, posted.get("shown", ""))
+            res = await run_in_threadpool(
+                svc.sign_reviewed,
+                settings,
+                run_id,
+                step_id,
+                ws.username,
+                posted.get("password", ""),
+                values,
+                posted.get("shown", ""),
+            )
         except AuthenticationError as exc:
             preview = await run_in_threadpool(svc.preview_step, settings, run_id, step_id, ws.username, values)
             return _step_page(ws, form, 401, values=values, preview=preview, sign_error=str(exc))
@@ -170,11 +210,14 @@ def register(app: FastAPI, web: Web) -> None:
             return _step_page(ws, form, 422, values=values, errors=errors, general=general)
         except (NotAuthorizedError, StepNotWaitingError) as exc:
             form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
-            return _step_page(ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values,
-                              general=[str(exc)])
+            return _step_page(
+                ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values, general=[str(exc)]
+            )
         ws.flash.append(("ok", web.gettext(ws, N_("Signed. Signature sha256: %(sha)s")) % {"sha": res.signed_sha256}))
         if not res.resumed:  # the signature is recorded; the executor's sweep hands it to the run
-            ws.flash.append(("ok", web.gettext(ws, N_("The run goes on as soon as the engine picks the signature up."))))
+            ws.flash.append(
+                ("ok", web.gettext(ws, N_("The run goes on as soon as the engine picks the signature up.")))
+            )
         return web.redirect(ws, f"/runs/{res.run_id}")
 
     # -- documents -------------------------------------------------------------------------------------
@@ -192,7 +235,9 @@ def register(app: FastAPI, web: Web) -> None:
         # An HTML document is shown as it is, in a sandbox: no scripts, no requests, no forms
         # (a PDF is left to the browser's viewer, which a sandbox would block).
         sandbox = "; sandbox" if doc["media_type"] == "text/html" else ""
-        response.headers["Content-Security-Policy"] = f"default-src 'none'; style-src 'unsafe-inline'; img-src data:{sandbox}"
+        response.headers["Content-Security-Policy"] = (
+            f"default-src 'none'; style-src 'unsafe-inline'; img-src data:{sandbox}"
+        )
         response.headers["X-Document-SHA256"] = doc["sha256"]
         return web.secure(response, ws)
 
@@ -229,5 +274,13 @@ def register(app: FastAPI, web: Web) -> None:
             sop = None  # a new SOP's drafts, or one whose file is gone: its versions still show
         admin = await run_in_threadpool(sop_admin.is_sop_admin, settings, ws.username, institution)
         tz = await run_in_threadpool(svc.institution_timezone, settings, institution) if versions else "UTC"
-        return web.render(ws, "sop.html", sop=sop, versions=versions, institution=institution, sop_id=sop_id,
-                          admin=admin and sop_id != CHANGE_CONTROL_ID, tz=tz)
+        return web.render(
+            ws,
+            "sop.html",
+            sop=sop,
+            versions=versions,
+            institution=institution,
+            sop_id=sop_id,
+            admin=admin and sop_id != CHANGE_CONTROL_ID,
+            tz=tz,
+        )

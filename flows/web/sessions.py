@@ -59,8 +59,9 @@ class SessionStore:
 
     def new(self, language: str) -> WebSession:
         """An anonymous session (it carries the login form's CSRF token and the chosen language)."""
-        s = WebSession(token=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), language=language,
-                       last_seen=self._now())
+        s = WebSession(
+            token=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), language=language, last_seen=self._now()
+        )
         with self._lock:
             self._sessions[s.token] = s
         return s
@@ -85,8 +86,14 @@ class SessionStore:
 
     def sign_in(self, old: WebSession, username: str, printed_name: str, language: str) -> WebSession:
         """A fresh token and CSRF token for a signed-in user; the anonymous session ends."""
-        s = WebSession(token=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), language=language,
-                       username=username, printed_name=printed_name, last_seen=self._now())
+        s = WebSession(
+            token=secrets.token_urlsafe(32),
+            csrf=secrets.token_urlsafe(32),
+            language=language,
+            username=username,
+            printed_name=printed_name,
+            last_seen=self._now(),
+        )
         with self._lock:
             self._sessions.pop(old.token, None)
             self._sessions[s.token] = s
