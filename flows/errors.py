@@ -2,17 +2,19 @@
 
 The library raises; only ``flows.cli`` and ``flows.web`` turn these into messages for people.
 Third-party errors are translated into these at the boundary (``raise … from exc``).
+``did_you_mean`` is the one way a message suggests what was meant.
 
     FlowsError
     ├── ConfigError               a setting is missing or wrong (database URL, home folder, server)
     ├── SopDefinitionError        bad YAML / schema / cross-reference; .problems: list[Problem]
-    ├── SopNotFoundError          no SOP, institution or product by that id (with "did you mean")
+    ├── NotFoundError             no such run, document, user, version … (the web answers 404)
+    │   └── SopNotFoundError      no SOP, institution or product by that id (with "did you mean")
     ├── SopNotEffectiveError      the SOP has no Effective version: a run cannot start on it
     ├── SopInputError             bad run parameters or step fields; .problems: list[str]
     ├── ChangeControlError        an SOP version cannot move as asked (state, number, import hashes)
     ├── ApprovalError             a signature or submission is refused
     │   ├── AuthenticationError   unknown user, wrong password, inactive account
-    │   ├── NotAuthorizedError    the signer lacks the step's role, or signs their own work
+    │   ├── NotAuthorizedError    who may do what says no (the web answers 403); audited by the guard
     │   ├── StepNotWaitingError   the step is not waiting for input (done, not reached, unknown)
     │   └── SignatureMismatchError a signature does not match what it claims to sign
     ├── RecordError               the quality record cannot be written or read as asked
@@ -23,6 +25,8 @@ Third-party errors are translated into these at the boundary (``raise … from e
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "EngineError",
     "FlowsError",
     "NotAuthorizedError",
+    "NotFoundError",
     "NotificationError",
     "Problem",
     "RecordError",
@@ -43,6 +48,7 @@ __all__ = [
     "SopNotEffectiveError",
     "SopNotFoundError",
     "StepNotWaitingError",
+    "did_you_mean",
 ]
 
 
@@ -76,7 +82,21 @@ class SopDefinitionError(FlowsError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-class SopNotFoundError(FlowsError):
+def did_you_mean(word: str, options: Iterable[str], known: str = "Expected one of") -> str:
+    """The hint after "unknown …" / "no …": ``Did you mean 'x'?`` when an option is close to
+    ``word``, else ``<known>: 'a', 'b'.`` listing the options as given; ``""`` when there are none."""
+    options = list(dict.fromkeys(str(o) for o in options))
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return f"Did you mean {close[0]!r}?"
+    return f"{known}: {', '.join(repr(o) for o in options)}." if options else ""
+
+
+class NotFoundError(FlowsError):
+    """No run, document, user, SOP version … by that id or name."""
+
+
+class SopNotFoundError(NotFoundError):
     """No SOP, institution or product by that id."""
 
 

@@ -153,7 +153,7 @@ def test_catalog_lists_choices_when_nothing_is_close(catalog: Catalog) -> None:
     with pytest.raises(SopNotFoundError) as info:
         catalog.institution("zzz")
 
-    assert str(info.value) == "no institution 'zzz'. Known institutions: test_hospital."
+    assert str(info.value) == "no institution 'zzz'. Known institutions: 'test_hospital'."
 
 
 def test_catalog_product_suggests_close_id(catalog: Catalog) -> None:

@@ -11,13 +11,12 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.errors import Problem, SopDefinitionError, SopNotFoundError
+from flows.errors import Problem, SopDefinitionError, SopNotFoundError, did_you_mean
 from flows.sop.load import (
     LoadedSop,
     display_path,
@@ -55,13 +54,7 @@ class Institution:
 
 
 def _not_found(what: str, wanted: str, options: list[str], where: str = "") -> SopNotFoundError:
-    close = difflib.get_close_matches(wanted, options, n=1)
-    if close:
-        hint = f"Did you mean {close[0]!r}?"
-    elif options:
-        hint = f"Known {what}s: {', '.join(sorted(options))}."
-    else:
-        hint = f"There are no {what}s."
+    hint = did_you_mean(wanted, sorted(options), f"Known {what}s") or f"There are no {what}s."
     return SopNotFoundError(f"no {what} {wanted!r}{where}. {hint}")
 
 

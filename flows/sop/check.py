@@ -10,13 +10,11 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from flows.errors import Problem
+from flows.errors import Problem, did_you_mean
 from flows.sop.expressions import Scope, check_expression, check_message
-from flows.sop.load import LoadedSop, display_path, dotted
 from flows.sop.model import (
     HUMAN_KINDS,
     ApproveStepSpec,
@@ -31,6 +29,7 @@ from flows.sop.model import (
     SubrunStepSpec,
     VerifyStepSpec,
 )
+from flows.sop.source import LoadedSop, display_path, dotted
 
 __all__ = ["RESERVED_NAMES", "check_sop", "find_template", "localized_name", "template_name"]
 
@@ -49,13 +48,6 @@ class _AnyName(frozenset[str]):
 
 _ANY_NAME = _AnyName()
 _CAPA_FIELDS = {"action": ("text",), "owner": ("text",), "due": ("datetime",)}
-
-
-def _hint(word: str, options: list[str], what: str) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    if close:
-        return f"Did you mean {close[0]!r}?"
-    return f"{what}: {', '.join(sorted(options))}." if options else ""
 
 
 def localized_name(name: str, language: str | None) -> str | None:
@@ -236,13 +228,13 @@ class _Checker:
         step_id, _, field = ref.partition(".")
         step = steps.get(step_id)
         if step is None:
-            return f"unknown step {step_id!r}. {_hint(step_id, list(steps), 'Steps')}".rstrip()
+            return f"unknown step {step_id!r}. {did_you_mean(step_id, sorted(steps), 'Steps')}".rstrip()
         if not isinstance(step, HumanStepSpec):
             return f"{step_id!r} is a {step.kind} step; a deadline's end is a signed step or one of its datetime fields"
         if getattr(step, "repeat", None) is not None:
             return f"{step_id!r} is repeated; a deadline cannot name a repeated step"
         if field and field not in step.fields:
-            return f"step {step_id!r} has no field {field!r}. {_hint(field, list(step.fields), 'Fields')}".rstrip()
+            return f"step {step_id!r} has no field {field!r}. {did_you_mean(field, sorted(step.fields), 'Fields')}".rstrip()
         if field and step.fields[field].type != "datetime":
             return f"{ref!r} is a {step.fields[field].type} field; a deadline's end must be of type 'datetime'"
         return None
@@ -251,7 +243,7 @@ class _Checker:
         if self.institution is None or role in self.institution.roles:
             return
         roles = list(self.institution.roles)
-        hint = _hint(role, roles, f"Roles of {self.institution.id}")
+        hint = did_you_mean(role, sorted(roles), f"Roles of {self.institution.id}")
         self.add(loc, f"unknown role {role!r}. {hint}")
 
     def roles(self) -> None:
@@ -281,7 +273,7 @@ class _Checker:
             if target is None:
                 self.add(
                     loc,
-                    f"unknown step {step.of!r}. {_hint(step.of, list(index), 'Steps')}".rstrip(),
+                    f"unknown step {step.of!r}. {did_you_mean(step.of, sorted(index), 'Steps')}".rstrip(),
                 )
             elif target == i:
                 self.add(loc, f"step {step.id!r} cannot verify itself")
@@ -311,7 +303,7 @@ class _Checker:
                 if step_id not in kinds:
                     self.add(
                         loc,
-                        f"unknown step {step_id!r}. {_hint(step_id, human, 'Signed steps')}".rstrip(),
+                        f"unknown step {step_id!r}. {did_you_mean(step_id, sorted(human), 'Signed steps')}".rstrip(),
                     )
                 elif kinds[step_id] not in HUMAN_KINDS:
                     self.add(
@@ -331,7 +323,7 @@ class _Checker:
                 continue
             base = display_path(self.templates_dir)
             where = f"{base}/{inst}/ or {base}/" if inst else f"{base}/"
-            hint = _hint(step.template, _template_names(self.templates_dir, inst), "Templates")
+            hint = did_you_mean(step.template, sorted(_template_names(self.templates_dir, inst)), "Templates")
             self.add(
                 ("steps", i, "template"),
                 f"template {step.template!r} not found in {where}. {hint}".rstrip(),
@@ -435,7 +427,7 @@ class _Checker:
                 self.add(
                     loc,
                     f"unknown SOP {sop_id!r} in {self.institution.id if self.institution else ''}. "
-                    f"{_hint(sop_id, ids, 'SOPs')}".rstrip(),
+                    f"{did_you_mean(sop_id, sorted(ids), 'SOPs')}".rstrip(),
                 )
 
         for i, step in enumerate(self.defn.steps):

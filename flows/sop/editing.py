@@ -18,8 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from flows.errors import Problem, SopDefinitionError
-from flows.sop.load import LoadedSop, _parse_yaml, _problems_from
+from flows.sop.check import check_sop
 from flows.sop.model import InstitutionSpec, SopDefinition
+from flows.sop.source import LoadedSop, parse_yaml, problems_from
 
 __all__ = ["load_sop_text", "schema_field_names", "validate_sop_text"]
 
@@ -39,9 +40,7 @@ def load_sop_text(
     Raises:
         SopDefinitionError: every problem in the text, at once.
     """
-    from flows.sop.check import check_sop
-
-    data, lines, problems = _parse_yaml(text, name)
+    data, lines, problems = parse_yaml(text, name)
     if data is None:
         raise SopDefinitionError(problems)
     if sop_id is not None and "id" in data and data["id"] != sop_id:
@@ -50,7 +49,7 @@ def load_sop_text(
     try:
         definition = SopDefinition.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problems_from(exc, SopDefinition, name, lines))
+        problems.extend(problems_from(exc, SopDefinition, name, lines))
     if problems or definition is None:
         raise SopDefinitionError(sorted(problems, key=lambda p: (p.line or 0, p.path)))
     loaded = LoadedSop(definition, Path(name), text, hashlib.sha256(text.encode()).hexdigest(), lines)

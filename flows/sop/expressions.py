@@ -10,7 +10,6 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
-import difflib
 import functools
 import operator
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +20,8 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefined, nodes
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from flows.errors import did_you_mean
 
 __all__ = [
     "ExpressionError",
@@ -127,13 +128,6 @@ def _const_str(node: nodes.Node) -> str | None:
     return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else None
 
 
-def _hint(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    if close:
-        return f" Did you mean {close[0]!r}?"
-    return f" Available: {', '.join(sorted(options))}." if options else ""
-
-
 def _check_names(source: str, tree: nodes.Node, scope: Scope, local_names: set[str]) -> list[str]:
     at = f"in {source!r}"
     problems = [
@@ -149,9 +143,13 @@ def _check_names(source: str, tree: nodes.Node, scope: Scope, local_names: set[s
         if name in scope.unavailable:
             problems.append(f"{name!r} {at} {scope.unavailable[name]}")
         elif name not in scope.names:
-            problems.append(f"unknown name {name!r} {at}.{_hint(name, list(scope.names))}")
+            problems.append(
+                f"unknown name {name!r} {at}. {did_you_mean(name, sorted(scope.names), 'Available')}".rstrip()
+            )
         elif attr is not None and attr not in scope.names[name]:
-            problems.append(f"{name!r} has no {attr!r} {at}.{_hint(attr, sorted(scope.names[name]))}")
+            problems.append(
+                f"{name!r} has no {attr!r} {at}. {did_you_mean(attr, sorted(scope.names[name]), 'Available')}".rstrip()
+            )
     return problems
 
 

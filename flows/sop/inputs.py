@@ -10,14 +10,13 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from flows.errors import SopInputError
+from flows.errors import SopInputError, did_you_mean
 from flows.sop.expressions import ExpressionError, evaluate_value
 from flows.sop.identifiers import normalize_din
 from flows.sop.model import FieldSpec, ProductSpec
@@ -30,13 +29,6 @@ _FALSE = frozenset({"false", "no", "0"})
 
 class _Bad(Exception):
     """One value is wrong; the message states the rule (and the value unless it is PHI)."""
-
-
-def _hint(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    if close:
-        return f" Did you mean {close[0]!r}?"
-    return f" Expected one of: {', '.join(repr(o) for o in options)}." if options else ""
 
 
 def _num(value: float, unit: str | None) -> str:
@@ -120,8 +112,8 @@ def _choice(spec: FieldSpec, value: Any, show: str) -> str:
     choices = list(spec.choices or ())
     if isinstance(value, str) and value in choices:
         return value
-    hint = _hint(value, choices) if isinstance(value, str) and not spec.phi else _hint("", choices)
-    raise _Bad(f"{show} is not one of the choices.{hint}")
+    hint = did_you_mean(value if isinstance(value, str) and not spec.phi else "", choices)
+    raise _Bad(f"{show} is not one of the choices. {hint}".rstrip())
 
 
 def _datetime(value: Any, show: str) -> str:
@@ -144,8 +136,8 @@ def _product(value: Any, show: str, products: Mapping[str, ProductSpec]) -> str:
         return value
     if not products:
         raise _Bad(f"{show} is not a known product; the institution's catalogue has no products")
-    hint = _hint(value if isinstance(value, str) else "", sorted(products))
-    raise _Bad(f"{show} is not a product in the catalogue.{hint}")
+    hint = did_you_mean(value if isinstance(value, str) else "", sorted(products))
+    raise _Bad(f"{show} is not a product in the catalogue. {hint}".rstrip())
 
 
 def _coerce(spec: FieldSpec, value: Any, products: Mapping[str, ProductSpec]) -> Any:
@@ -191,7 +183,7 @@ def coerce_values(
         if key in fields and fields[key].compute is not None:
             problems.append(f"{where}: {key}: is computed ({fields[key].compute!r}); it cannot be entered")
         elif key not in fields:
-            problems.append(f"{where}: unknown field {key!r}.{_hint(str(key), list(fields))}")
+            problems.append(f"{where}: unknown field {key!r}. {did_you_mean(str(key), list(fields))}".rstrip())
     values: dict[str, Any] = {}
     for name, spec in fields.items():
         if spec.compute is not None:

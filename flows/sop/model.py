@@ -9,15 +9,8 @@ Files on disk (one folder per institution)::
     sops/<institution>/products.yaml      ProductCatalogSpec: the products checks can read
     sops/<institution>/<sop_id>.yaml      SopDefinition: params and steps
 
-Step kinds (the ``kind`` key) and their specs:
-
-    record    RecordStepSpec    a person enters typed fields and signs as performer
-    verify    VerifyStepSpec    a second person confirms another step's data (never its performer)
-    approve   ApproveStepSpec   a role signs a decision (approve / reject) with a stated meaning
-    check     CheckStepSpec     an acceptance expression; on failure opens a deviation
-    document  DocumentStepSpec  renders a Jinja template into a stored, hashed document
-    notify    NotifyStepSpec    sends an apprise message to roles
-    subrun    SubrunStepSpec    starts a run of another SOP of the institution, linked to this one
+Step kinds (the ``kind`` key): :data:`STEP_KINDS` is the one table of them (each kind's spec,
+whether a person signs it, its help line); ``StepSpec`` is the union of their specs.
 
 Language keys beside them: ``when:`` on any step, ``compute:`` and ``format:`` on fields
 (``coi_pattern`` on products), ``repeat:`` on record steps, SOP-level ``deadlines:``.
@@ -26,6 +19,7 @@ Language keys beside them: ``when:`` on any step, ``compute:`` and ``format:`` o
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -42,6 +36,7 @@ __all__ = [
     "DEVIATION_EVENTS",
     "HUMAN_KINDS",
     "ID_PATTERN",
+    "STEP_KINDS",
     "STEP_REF_PATTERN",
     "ApproveStepSpec",
     "CheckStepSpec",
@@ -59,6 +54,7 @@ __all__ = [
     "RepeatSpec",
     "RoleSpec",
     "SopDefinition",
+    "StepKind",
     "StepSpec",
     "SubrunStepSpec",
     "TimeoutDeviationSpec",
@@ -380,7 +376,42 @@ StepSpec = Annotated[
     Field(discriminator="kind"),
 ]
 
-HUMAN_KINDS = frozenset({"record", "verify", "approve"})
+
+@dataclass(frozen=True)
+class StepKind:
+    """One row of :data:`STEP_KINDS`: the spec a ``kind:`` key selects, whether a person signs it, and
+    the one-line help the README and ``sopflow sop show`` give."""
+
+    spec: type[_StepBase]
+    human: bool
+    help: str
+
+
+STEP_KINDS: dict[str, StepKind] = {
+    "record": StepKind(RecordStepSpec, True, "a person enters typed fields and signs as performer"),
+    "verify": StepKind(
+        VerifyStepSpec, True, "a second person confirms another step's data and signs as verifier (never its performer)"
+    ),
+    "approve": StepKind(
+        ApproveStepSpec, True, "a role signs a decision, approve or reject, with the SOP's stated meaning"
+    ),
+    "check": StepKind(
+        CheckStepSpec, False, "an acceptance expression over earlier data and the product; failure opens a deviation"
+    ),
+    "document": StepKind(DocumentStepSpec, False, "renders a Jinja template into a stored document with its sha256"),
+    "notify": StepKind(NotifyStepSpec, False, "sends an apprise message to the channels of the named roles"),
+    "subrun": StepKind(
+        SubrunStepSpec,
+        False,
+        "starts a run of another SOP of the institution linked to this one; with wait, waits for its end",
+    ),
+}
+"""The one table of step kinds. ``StepSpec`` (above) is its union, the JSON Schema is built from
+that, the engine walks a step by its row (``flows.engine.run_sop``) and the services tell human
+steps by ``HUMAN_KINDS``; ``tests/test_step_kinds.py`` ties them together."""
+
+HUMAN_KINDS = frozenset(kind for kind, row in STEP_KINDS.items() if row.human)
+"""The kinds a person signs: they suspend the run until a signed input arrives."""
 
 STEP_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
 """A deadline's end: ``<step>.<datetime field>``, or ``<step>`` (the time that step was signed)."""
