@@ -11,7 +11,7 @@ ahead) are notified once each (``Reminder`` rows). Only ``write_session`` writer
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -193,7 +193,7 @@ def overdue_training(
         if institution is not None:
             query = query.where(TrainingAssignment.institution == institution)
         for a in s.exec(query):
-            due = a.due_at if a.due_at.tzinfo else a.due_at.replace(tzinfo=UTC)
+            due = a.due_at
             if due > now or is_trained(s, a.user_id, a.institution, a.sop_id, a.sop_version):
                 continue
             ev = state_of(s, a.version_id)

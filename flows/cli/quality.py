@@ -34,13 +34,15 @@ def deviations(
     as_json: JsonOpt = False,
 ) -> None:
     """Open deviations (oldest first) with their lifecycle, and every overdue CAPA action."""
-    from datetime import datetime
+    from datetime import UTC, datetime
 
     from flows import service
 
     cli = _cli()
     try:
         now = datetime.fromisoformat(as_of) if as_of else None
+        if now is not None and now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)  # --as-of without an offset is read as UTC, as the listing prints
     except ValueError:
         raise typer.BadParameter(f"expected an ISO date and time, got {as_of!r}", param_hint="--as-of") from None
     res = cli._run(service.deviations, cli._settings(), now=now, include_closed=show_all)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, func, select
 
@@ -53,10 +53,6 @@ class Overdue:
     since: datetime
     due: datetime
     escalated_at: datetime | None
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite hands back naive UTC
 
 
 def format_duration(delta: timedelta) -> str:
@@ -104,7 +100,7 @@ def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue
             .order_by(col(StepRecord.n))
             .limit(1)
         ).one()
-        since = _aware(first.at)
+        since = first.at
         due = since + step.timeout
         if due > now:
             continue
@@ -112,7 +108,7 @@ def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue
         if status is not None and status.status in FINAL_STATUSES:
             continue
         esc = session.exec(select(Escalation).where(Escalation.waiting_id == first.id)).first()
-        out.append(Overdue(run, sop, step, first.id, since, due, _aware(esc.at) if esc else None))
+        out.append(Overdue(run, sop, step, first.id, since, due, esc.at if esc else None))
     return out
 
 

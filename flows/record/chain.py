@@ -46,7 +46,7 @@ def stage_of(sop_id: str, declared: str | None) -> tuple[str | None, bool]:
 def _iso(value: Any) -> str | None:
     if value is None:
         return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    return value.astimezone(UTC).isoformat()
 
 
 def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:

@@ -32,10 +32,6 @@ from flows.sop.model import DeadlineSpec, RecordStepSpec, SopDefinition
 __all__ = ["deadline_states", "limit_of", "repetitions", "signed_at"]
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite hands back naive UTC
-
-
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
@@ -73,8 +69,8 @@ def _end(session: Session, ref: str, states: dict[str, StepRecord]) -> tuple[str
         return "skipped", None
     if field:
         value = step_data(rec).get(field)
-        return ("recorded", _aware(datetime.fromisoformat(value))) if isinstance(value, str) else ("skipped", None)
-    return "recorded", signed_at(session, rec.run_id, step_id) or _aware(rec.at)
+        return ("recorded", datetime.fromisoformat(value)) if isinstance(value, str) else ("skipped", None)
+    return "recorded", signed_at(session, rec.run_id, step_id) or rec.at
 
 
 def signed_at(session: Session, run_id: str, step_id: str) -> datetime | None:
@@ -94,7 +90,7 @@ def signed_at(session: Session, run_id: str, step_id: str) -> datetime | None:
     if first is None:
         return None
     sig = session.get(Signature, first.signature_id) if first.signature_id else None
-    return _aware(sig.signed_at if sig is not None else first.at)
+    return sig.signed_at if sig is not None else first.at
 
 
 def deadline_states(

@@ -45,10 +45,6 @@ __all__ = [
 ]
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def coi_param(sop: SopDefinition | None, params: dict[str, Any]) -> str | None:
     """The name of the run's chain-of-identity param: one with ``format: coi``, else one named ``coi``."""
     if sop is not None:
@@ -155,7 +151,7 @@ def disposition(session: Session, dev_id: str, events: list[DeviationEvent] | No
 
 def deviation_state(session: Session, dev: Deviation, now: datetime | None = None) -> dict[str, Any]:
     """A deviation with its events and what they add up to (see the module docstring)."""
-    now = _aware(now or utcnow())
+    now = now or utcnow()
     events = deviation_events(session, dev.id)
     decided = disposition(session, dev.id, events)
     decision = decided["decision"] if decided else None
@@ -216,14 +212,14 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
 
 
 def _iso(value: datetime) -> str:
-    return _aware(value).astimezone(UTC).isoformat()
+    return value.astimezone(UTC).isoformat()
 
 
 def _parse(value: Any) -> datetime | None:
     if not value:
         return None
     try:
-        return _aware(datetime.fromisoformat(str(value)))
+        return datetime.fromisoformat(str(value))
     except ValueError:
         return None
 
@@ -290,7 +286,7 @@ def quarantine_problem(
 
 def list_deviations(session: Session, now: datetime | None = None, *, include_closed: bool = False) -> dict[str, Any]:
     """``{"deviations": [open ones, oldest first], "overdue_capas": [...]}`` (``sopflow deviations``)."""
-    now = _aware(now or utcnow())
+    now = now or utcnow()
     devs = [
         deviation_state(session, d, now) for d in session.exec(select(Deviation).order_by(col(Deviation.opened_at)))
     ]

@@ -140,8 +140,7 @@ def signed_but_suspended(session: Session, older_than: float = 0.0) -> list[tupl
     cutoff = utcnow() - timedelta(seconds=older_than)
     out = []
     for rec in session.exec(select(StepRecord).where(StepRecord.status == "signed")):
-        at = rec.at if rec.at.tzinfo else rec.at.replace(tzinfo=cutoff.tzinfo)
-        if at > cutoff:
+        if rec.at > cutoff:
             continue
         newest = session.exec(
             select(StepRecord)

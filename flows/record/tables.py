@@ -14,7 +14,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, Dialect, Index, Text, UniqueConstraint
+from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "StepRecord",
     "TrainingAssignment",
     "TrainingRecord",
+    "UTCDateTime",
     "User",
     "UserEvent",
     "new_id",
@@ -49,8 +51,32 @@ def new_id() -> str:
     return str(uuid4())
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """The record's one datetime column type: aware UTC in, aware UTC out.
+
+    A naive datetime is refused on the way in (the record never guesses a zone); SQLite keeps no
+    zone, so a value read back from it is the stored UTC instant made aware again. Code reading
+    the record never needs to repair a datetime.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: the record stores aware UTC times")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _ts(**kw: object) -> object:
-    return Field(sa_column=Column(DateTime(timezone=True), nullable=False), **kw)  # type: ignore[call-overload]
+    return Field(sa_column=Column(UTCDateTime(), nullable=False), **kw)  # type: ignore[call-overload]
 
 
 def _text(nullable: bool = False) -> object:

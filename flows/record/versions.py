@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -58,10 +58,6 @@ REVIEWER_ROLE = "sop_reviewer"
 """The role a named reviewer of a change must hold."""
 
 STATES = ("draft", "in_review", "approved", "issued", "effective", "superseded", "retired", "rejected")
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite hands back naive UTC
 
 
 def event_data(ev: SopVersionEvent) -> dict[str, Any]:
@@ -157,7 +153,7 @@ def versions_of(session: Session, institution: str, sop_id: str | None = None) -
             VersionInfo(
                 v,
                 ev.state if ev else "unknown",
-                _aware(ev.at) if ev else _aware(v.stored_at),
+                ev.at if ev else v.stored_at,
                 event_data(ev) if ev else {},
             )
         )
