@@ -10,7 +10,7 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from flows.errors import Problem, did_you_mean
@@ -29,7 +29,8 @@ from flows.sop.model import (
     SubrunStepSpec,
     VerifyStepSpec,
 )
-from flows.sop.source import LoadedSop, display_path, dotted
+from flows.sop.source import LoadedSop, UnparsedDeadline, UnparsedStep, display_path, dotted
+from flows.sop.templates import find_template, localized_name, template_name, template_names
 
 __all__ = ["RESERVED_NAMES", "check_sop", "find_template", "localized_name", "template_name"]
 
@@ -48,48 +49,6 @@ class _AnyName(frozenset[str]):
 
 _ANY_NAME = _AnyName()
 _CAPA_FIELDS = {"action": ("text",), "owner": ("text",), "due": ("datetime",)}
-
-
-def localized_name(name: str, language: str | None) -> str | None:
-    """``record.html.j2`` -> ``record.<language>.html.j2`` (None without a language or a dot)."""
-    if not language or "." not in PurePosixPath(name).name:
-        return None
-    head, _, rest = name.rpartition("/")
-    stem, _, ext = rest.partition(".")
-    return f"{head + '/' if head else ''}{stem}.{language}.{ext}"
-
-
-def template_name(
-    name: str, templates_dir: Path, institution: str | None = None, language: str | None = None
-) -> str | None:
-    """The template name a document step loads: its ``<language>`` variant when one exists
-    (``templates/<institution>/`` first, then ``templates/``), else the name itself; None when
-    neither exists."""
-    localized = localized_name(name, language)
-    for candidate in ([localized] if localized else []) + [name]:
-        if find_template(candidate, templates_dir, institution) is not None:
-            return candidate
-    return None
-
-
-def find_template(name: str, templates_dir: Path, institution: str | None = None) -> Path | None:
-    """The file a document step's template resolves to: ``templates/<institution>/`` first."""
-    parts = PurePosixPath(name).parts
-    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
-        return None
-    folders = ([templates_dir / institution] if institution else []) + [templates_dir]
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _template_names(templates_dir: Path, institution: str | None) -> list[str]:
-    names: set[str] = set()
-    for folder in ([templates_dir / institution] if institution else []) + [templates_dir]:
-        if folder.is_dir():
-            names.update(p.name for p in folder.iterdir() if p.is_file())
-    return sorted(names)
 
 
 class _Checker:
@@ -130,7 +89,7 @@ class _Checker:
                     ("steps", i, "id"),
                     f"step id {step.id!r} is reserved (expressions use it for run data)",
                 )
-            if step.id in first:
+            if step.id in first and step.id:
                 line = self.loaded.lines.line("steps", first[step.id], "id")
                 self.add(
                     ("steps", i, "id"),
@@ -200,6 +159,9 @@ class _Checker:
         steps = {s.id: s for s in self.defn.steps}
         seen: set[str] = set()
         for d, spec in enumerate(self.defn.deadlines):
+            if isinstance(spec, UnparsedDeadline):
+                seen.add(spec.id)
+                continue
             if spec.id in seen or spec.id in steps:
                 what = "another deadline" if spec.id in seen else "a step"
                 self.add(("deadlines", d, "id"), f"deadline id {spec.id!r} is already used by {what}")
@@ -227,6 +189,8 @@ class _Checker:
     def _deadline_end(self, ref: str, steps: dict[str, Any]) -> str | None:
         step_id, _, field = ref.partition(".")
         step = steps.get(step_id)
+        if isinstance(step, UnparsedStep):
+            return None
         if step is None:
             return f"unknown step {step_id!r}. {did_you_mean(step_id, sorted(steps), 'Steps')}".rstrip()
         if not isinstance(step, HumanStepSpec):
@@ -282,6 +246,8 @@ class _Checker:
                     loc,
                     f"{step.of!r} comes after {step.id!r}; verify can only check an earlier step",
                 )
+            elif isinstance(self.defn.steps[target], UnparsedStep):
+                continue
             elif self.defn.steps[target].kind not in ("record", "approve"):
                 kind = self.defn.steps[target].kind
                 self.add(
@@ -291,6 +257,7 @@ class _Checker:
 
     def distinct_signers(self) -> None:
         kinds = {s.id: s.kind for s in self.defn.steps}
+        unparsed = {s.id for s in self.defn.steps if isinstance(s, UnparsedStep)}
         human = [s.id for s in self.defn.steps if s.kind in HUMAN_KINDS]
         for g, group in enumerate(self.defn.distinct_signers):
             if len(set(group)) < 2:
@@ -305,7 +272,7 @@ class _Checker:
                         loc,
                         f"unknown step {step_id!r}. {did_you_mean(step_id, sorted(human), 'Signed steps')}".rstrip(),
                     )
-                elif kinds[step_id] not in HUMAN_KINDS:
+                elif kinds[step_id] not in HUMAN_KINDS and step_id not in unparsed:
                     self.add(
                         loc,
                         f"{step_id!r} is a {kinds[step_id]} step; only record, verify and approve steps are signed",
@@ -323,7 +290,7 @@ class _Checker:
                 continue
             base = display_path(self.templates_dir)
             where = f"{base}/{inst}/ or {base}/" if inst else f"{base}/"
-            hint = did_you_mean(step.template, sorted(_template_names(self.templates_dir, inst)), "Templates")
+            hint = did_you_mean(step.template, sorted(template_names(self.templates_dir, inst)), "Templates")
             self.add(
                 ("steps", i, "template"),
                 f"template {step.template!r} not found in {where}. {hint}".rstrip(),
@@ -343,6 +310,14 @@ class _Checker:
         reader = reader or ("a notify message" if message else "a check")
         for i, step in enumerate(self.defn.steps):
             if step.id in names or step.id in RESERVED_NAMES:
+                continue
+            if isinstance(step, UnparsedStep):
+                if i < position:
+                    names[step.id] = _ANY_NAME  # its own problems are reported; read it as anything
+                    if step.repeated:
+                        names[f"{step.id}_all"] = _ANY_NAME
+                else:
+                    unavailable[step.id] = f"is a later step; {reader} can only read steps before it"
                 continue
             if isinstance(step, SubrunStepSpec) and i < position and step.wait:
                 names[step.id] = _ANY_NAME  # status, run_id and the sub-run's steps: another file's
