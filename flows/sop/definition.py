@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, cast, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -41,7 +41,8 @@ def _text(raw: Any, key: str) -> str:
 @functools.cache
 def _adapter(name: str) -> TypeAdapter[Any]:
     info = SopDefinition.model_fields[name]
-    return TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+    annotation: Any = info.annotation
+    return TypeAdapter(Annotated[(annotation, *info.metadata)] if info.metadata else annotation)
 
 
 _STEP: TypeAdapter[Any] = TypeAdapter(StepSpec)
@@ -61,7 +62,7 @@ def _field(raw: Any) -> FieldSpec:
         return FieldSpec.model_validate(raw)
     except ValidationError:
         kind = _text(raw, "type")
-        return FieldSpec.model_construct(type=kind if kind in _FIELD_TYPES else "text")
+        return FieldSpec.model_construct(type=cast(FieldType, kind if kind in _FIELD_TYPES else "text"))
 
 
 def _deadline(raw: Any) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
-from yaml.error import Mark, MarkedYAMLError
+from yaml.error import MarkedYAMLError
 
 __all__ = [
     "MAX_ALIASES",
@@ -63,7 +63,7 @@ _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 class YamlRefused(MarkedYAMLError):
     """The text breaks one of the bounds above; ``problem_mark`` says where."""
 
-    def __init__(self, mark: Mark | None, problem: str) -> None:
+    def __init__(self, mark: Any, problem: str) -> None:
         super().__init__(problem=problem, problem_mark=mark)
 
 
@@ -112,7 +112,7 @@ class BoundedLoader(yaml.SafeLoader):
             raise YamlRefused(self.get_mark(), f"nested more than {MAX_DEPTH} levels deep")
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
