@@ -15,6 +15,7 @@ from typing import Any
 
 from flows.errors import Problem, did_you_mean
 from flows.sop.expressions import Scope, check_expression, check_message
+from flows.sop.lookup import key_fields, lookup_problems
 from flows.sop.model import (
     HUMAN_KINDS,
     ApproveStepSpec,
@@ -376,10 +377,20 @@ class _Checker:
                 )
 
     def computed(self, i: int, step: HumanStepSpec) -> None:
-        """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones."""
+        """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones;
+        ``required_when:`` reads all of this step's fields; a ``lookup`` must cover its key's range."""
         scope = self._scope(i, message=False, reader="a computed field")
         readable = {n for n, f in step.fields.items() if f.compute is None}
+        keys = key_fields(self.defn.steps, self.defn.params, i)
         for name, spec in step.fields.items():
+            loc = ("steps", i, "fields", name)
+            if spec.required_when is not None:
+                every = Scope(
+                    {**scope.names, step.id: frozenset(step.fields)},
+                    {k: v for k, v in scope.unavailable.items() if k != step.id},
+                )
+                for msg in check_expression(spec.required_when, every):
+                    self.add((*loc, "required_when"), f"step {step.id!r}: {msg}")
             if spec.compute is None:
                 continue
             here = Scope(
@@ -387,7 +398,12 @@ class _Checker:
                 {k: v for k, v in scope.unavailable.items() if k != step.id},
             )
             for msg in check_expression(spec.compute, here):
-                self.add(("steps", i, "fields", name, "compute"), f"step {step.id!r}: {msg}")
+                self.add((*loc, "compute"), f"step {step.id!r}: {msg}")
+            rows, key = lookup_problems(spec, keys)
+            for sub, msg in rows:
+                self.add((*loc, "lookup", *sub), f"step {step.id!r}: lookup: {msg}")
+            for msg in key:
+                self.add((*loc, "compute"), f"step {step.id!r}: lookup: {msg}")
             readable.add(name)
 
     def subruns(self) -> None:

@@ -18,8 +18,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flows.errors import SopInputError, did_you_mean
-from flows.sop.expressions import ExpressionError, evaluate_value
+from flows.sop.expressions import ExpressionError, evaluate_check, evaluate_value
 from flows.sop.identifiers import normalize_din
+from flows.sop.lookup import lookup_value
 from flows.sop.model import FieldSpec, ProductSpec
 from flows.sop.normalize import (
     DEFAULT_FUTURE_SKEW,
@@ -238,14 +239,17 @@ def compute_fields(
     context: Mapping[str, Any],
     where: str,
 ) -> dict[str, Any]:
-    """The entered values plus every computed field (``compute:``), in declaration order.
+    """The entered values plus every computed field (``compute:``), in declaration order; then
+    every ``required_when:`` condition over them.
 
     Each expression reads ``context`` (params, product, run, earlier steps) and this step's
     values so far as ``<step_id>.<field>``; its value is checked like an entered one (a number's
-    ``min``/``max``, a choice's ``choices``).
+    ``min``/``max``, a choice's ``choices``). A field with ``lookup:`` takes the value of the row
+    whose range holds its ``compute:`` value (:mod:`flows.sop.lookup`).
 
     Raises:
-        SopInputError: every field that could not be computed, or whose value breaks its rule.
+        SopInputError: every field that could not be computed, whose value breaks its rule, or
+        that its ``required_when`` requires and nobody entered.
     """
     data = dict(entered)
     problems: list[str] = []
@@ -255,6 +259,8 @@ def compute_fields(
         data[name] = None
         try:
             value = evaluate_value(spec.compute, {**context, step_id: data}, "compute")
+            if spec.lookup is not None and value is not None:
+                value = _looked_up(spec, value)
             if value is None or (isinstance(value, str) and not value.strip()):
                 if spec.required:
                     raise _Bad(f"{spec.compute!r} gives no value")
@@ -266,6 +272,26 @@ def compute_fields(
             problems.append(f"{where}: {name}: could not be computed: {exc}")
         except _Bad as exc:
             problems.append(f"{where}: {name}: the computed value {exc}")
+    for name, spec in fields.items():
+        if spec.required_when is None or not _is_empty(data.get(name)):
+            continue
+        try:
+            required = evaluate_check(spec.required_when, {**context, step_id: data})
+        except ExpressionError as exc:
+            problems.append(f"{where}: {name}: whether it is required could not be decided: {exc}")
+            continue
+        if required:
+            label = f" ({spec.label})" if spec.label else ""
+            problems.append(f"{where}: {name}: a value is required when {spec.required_when!r}{label}")
     if problems:
         raise SopInputError(problems)
     return data
+
+
+def _looked_up(spec: FieldSpec, key: Any) -> Any:
+    if isinstance(key, bool) or not isinstance(key, int | float):
+        raise _Bad(f"chooses its row by {spec.compute!r}, which gives {kind_of(key)}, not a number")
+    value = lookup_value(spec.lookup or (), float(key))
+    if value is None:
+        raise _Bad(f"has no row for {spec.compute!r} = {float(key):g}")
+    return value
