@@ -12,8 +12,9 @@ that field's value::
         - {from: 30, to: 300, value: 8}      # 8 mg/kg from 30 kg
 
 When the SOP loads, :func:`lookup_problems` checks that the field it chooses by is a number field
-with ``min`` and ``max``, that the rows are in ascending order, neither overlap nor leave a gap,
-and cover that field's whole range, and that every value is one this field may hold. So every
+with ``min`` and ``max``, that the rows are in ascending order, neither overlap nor leave a gap
+(for an ``integer: true`` key, a gap no whole number falls in is none: ``{to: 2}`` then
+``{from: 3}``), and cover that field's whole range, and that every value is one this field may hold. So every
 value that can be entered finds exactly one row; :func:`lookup_value` finds it at submit time.
 
 Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.record``.
@@ -21,6 +22,7 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,18 +51,29 @@ def _end_key(row: LookupRowSpec, lower: bool) -> str:
     return "to" if row.to is not None else "below"
 
 
-def _between(rows: Sequence[LookupRowSpec]) -> list[tuple[Loc, str]]:
+def _uncovered_integer(end: float, inclusive: bool) -> float:
+    """The first whole number after a row that ends at ``end``."""
+    return math.floor(end) + 1 if inclusive or not end.is_integer() else end
+
+
+def _between(rows: Sequence[LookupRowSpec], integer: bool) -> list[tuple[Loc, str]]:
+    """Order, overlaps and gaps; for a whole-number key only whole numbers can fall in a gap."""
     problems: list[tuple[Loc, str]] = []
     for j in range(1, len(rows)):
         (low, low_in), (prev_high, prev_in) = rows[j].lower, rows[j - 1].upper
         loc: Loc = (j, _end_key(rows[j], True))
+        if integer:
+            first = _uncovered_integer(prev_high, prev_in)
+            gap = first < low or (first == low and not low_in)
+        else:
+            gap = low > prev_high or (low == prev_high and not low_in and not prev_in)
         if low < rows[j - 1].lower[0]:
             problems.append((loc, f"rows must be in ascending order: this row starts at {low:g}, below the row before"))
         elif low < prev_high or (low == prev_high and low_in and prev_in):
             problems.append((loc, f"overlaps the row before, which ends at {prev_high:g}: a value would be in both"))
-        elif low > prev_high:
+        elif gap and low > prev_high:
             problems.append((loc, f"leaves a gap: values between {prev_high:g} and {low:g} are in no row"))
-        elif not low_in and not prev_in:
+        elif gap:
             problems.append(
                 (loc, f"leaves {low:g} in no row: the row before ends below it and this row starts above it")
             )
@@ -120,15 +133,13 @@ def lookup_problems(
         return [], []
     ref = spec.compute.strip()
     rows = spec.lookup
-    problems = _between(rows) + _values(rows, spec)
+    key = fields_by_ref.get(ref)
+    problems = _between(rows, key is not None and key.integer) + _values(rows, spec)
     if KEY_PATTERN.fullmatch(ref) is None:
         return problems, [
             f"{ref!r} is not a field: a 'lookup' chooses by a number field, named like 'ld_record.weight_kg'"
         ]
-    if ref not in fields_by_ref:
-        return problems, []  # an unknown name or a later step: the expression check reports it
-    key = fields_by_ref[ref]
-    if key is None:
+    if key is None:  # an unknown name or a later step: the expression check reports it
         return problems, []
     if key.type != "number":
         return problems, [f"{ref!r} is a {key.type} field; a 'lookup' chooses by a number field"]
