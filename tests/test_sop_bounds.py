@@ -44,6 +44,7 @@ CASES = {
     "tag-local": (HEAD + "title: !secret t\n" + STEPS, 5, "explicit tag '!secret' is not allowed"),
     "nul": (HEAD + "description: a\x00b\n" + STEPS, 5, "contains a NUL character"),
     "control": (HEAD + "description: a\x07b\n" + STEPS, 5, "the character U+0007 is not allowed in YAML"),
+    "control-after-chinese": (HEAD + "title: 毒性监测\ndescription: a\x07b\n" + STEPS, 6, "U+0007 is not allowed"),
     "bidi": (HEAD + "description: 'a\u202eb'\n" + STEPS, 5, "bidirectional control character U+202E"),
     "huge-integer": (HEAD.replace("\nversion: 1\n", "\nversion: " + "9" * 5000 + "\n"), 4, "at most 32 characters"),
     "infinite-float": (HEAD.replace("\nversion: 1\n", "\nversion: 1.0e+400\n"), 4, "is not finite"),
@@ -100,3 +101,13 @@ def test_load_institution_resolves_a_relative_path(tmp_path: Path, monkeypatch: 
     )
     with pytest.raises(SopDefinitionError, match="must equal the institution's folder name 'north'"):
         load_institution_file("institution.yaml")
+
+
+def test_validate_sop_text_refuses_a_lone_surrogate_from_the_editor() -> None:
+    """JSON can carry '\\ud800'; it is not a character and cannot be encoded for the parser."""
+    [problem] = validate_sop_text(HEAD + "title: 'a\ud800'\n" + STEPS, name="case.yaml")
+
+    assert (problem["line"], problem["message"]) == (
+        5,
+        "the text contains a lone surrogate U+D800, which is not a character",
+    )

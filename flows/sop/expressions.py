@@ -161,7 +161,7 @@ def check_expression(source: str, scope: Scope) -> list[str]:
         return _too_long(source, "expression")
     try:
         tree = _parse_expression(source)
-        _compile_expression(source)
+        _compiled_expression(source)  # cached: the editor re-checks the same text as people type
     except TemplateError as exc:
         return [f"invalid expression {source!r}: {_error_text(exc)}"]
     except (RecursionError, SyntaxError, MemoryError):
@@ -175,7 +175,7 @@ def check_message(source: str, scope: Scope) -> list[str]:
         return _too_long(source, "message template")
     try:
         tree = _ENV.parse(source)
-        _compile_template(source)
+        _compiled_template(source)
     except TemplateError as exc:
         return [f"invalid template {source!r}: {_error_text(exc)}"]
     except (RecursionError, SyntaxError, MemoryError):

@@ -28,10 +28,13 @@ import re
 from typing import Any
 
 import yaml
-from yaml.constructor import ConstructorError
+from yaml.composer import Composer
+from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.error import MarkedYAMLError
+from yaml.resolver import Resolver
 
 __all__ = [
+    "FAST",
     "MAX_ALIASES",
     "MAX_BYTES",
     "MAX_DEPTH",
@@ -58,6 +61,7 @@ _STANDARD = "tag:yaml.org,2002:"
 _INT = _STANDARD + "int"
 _FLOAT = _STANDARD + "float"
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class YamlRefused(MarkedYAMLError):
@@ -73,12 +77,17 @@ def _line(text: str, position: int) -> int:
 
 def precheck(text: str) -> tuple[int | None, str] | None:
     """``(line, problem)`` when the text is too large or holds a NUL or a bidi control; else None."""
-    size = len(text.encode("utf-8", "surrogatepass"))
+    size = len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate is refused below
     if size > MAX_BYTES:
         return None, f"the text is {size} bytes long; an SOP file may be at most {MAX_BYTES} bytes"
     nul = text.find("\x00")
     if nul >= 0:
         return _line(text, nul), "the text contains a NUL character (U+0000); SOP files are plain text"
+    surrogate = _SURROGATE.search(text)
+    if surrogate is not None:
+        return _line(
+            text, surrogate.start()
+        ), f"the text contains a lone surrogate U+{ord(surrogate.group()):04X}, which is not a character"
     bidi = _BIDI.search(text)
     if bidi is not None:
         return _line(text, bidi.start()), (
@@ -88,7 +97,27 @@ def precheck(text: str) -> tuple[int | None, str] | None:
     return None
 
 
-class BoundedLoader(yaml.SafeLoader):
+_Base: Any = yaml.SafeLoader  # PyYAML without libyaml: all in Python (about 8 times slower)
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _Fast(Composer, CParser, SafeConstructor, Resolver):
+        """libyaml's scanner and parser, PyYAML's composer (bounded below) and safe constructor:
+        the same nodes, values and marks as ``yaml.SafeLoader``."""
+
+        def __init__(self, text: str) -> None:
+            CParser.__init__(self, text)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    _Base = _Fast
+
+FAST = bool(yaml.__with_libyaml__)
+"""Whether libyaml reads the text (``ReaderError`` positions are then byte offsets)."""
+
+
+class BoundedLoader(_Base):  # type: ignore[misc]
     """PyYAML's safe loader, refusing tags and counting nodes, aliases and depth as it composes."""
 
     def __init__(self, text: str) -> None:
@@ -112,7 +141,7 @@ class BoundedLoader(yaml.SafeLoader):
             raise YamlRefused(self.get_mark(), f"nested more than {MAX_DEPTH} levels deep")
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
+        event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
@@ -152,7 +181,7 @@ class BoundedLoader(yaml.SafeLoader):
             raise ConstructorError(None, None, f"cannot read {shown}: {exc}", node.start_mark) from exc
 
     def construct_yaml_float(self, node: Any) -> float:
-        value = super().construct_yaml_float(node)
+        value = float(super().construct_yaml_float(node))
         if not math.isfinite(value):
             raise ConstructorError(
                 None, None, f"the number {node.value!r} is not finite; use a number like 1.5e3", node.start_mark

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from flows.errors import Problem, did_you_mean
 from flows.sop.model import ID_PATTERN, STEP_KINDS, SopDefinition
-from flows.sop.safe_yaml import BoundedLoader, YamlRefused, check_expansion, precheck
+from flows.sop.safe_yaml import FAST, MAX_DEPTH, BoundedLoader, YamlRefused, check_expansion, precheck
 
 __all__ = [
     "LineMap",
@@ -171,6 +171,8 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap, list[Problem]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
+        if "maximum nesting depth" in str(exc.problem):  # libyaml's own limit, met while scanning ahead
+            return None, LineMap(), [Problem(file, line, "", f"nested more than {MAX_DEPTH} levels deep")]
         what = " ".join(str(s) for s in (exc.context, exc.problem) if s)
         return None, LineMap(), [Problem(file, line, "", f"invalid YAML: {what}")]
     except yaml.YAMLError as exc:
@@ -192,7 +194,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap, list[Problem]]:
 
 
 def _reader_line(text: str, exc: yaml.reader.ReaderError) -> int:
-    return text.count("\n", 0, max(exc.position, 0)) + 1
+    position = max(exc.position, 0)
+    if FAST:  # libyaml counts bytes of the UTF-8 text
+        return text.encode("utf-8")[:position].count(b"\n") + 1
+    return text.count("\n", 0, position) + 1
 
 
 def _reader_problem(exc: yaml.reader.ReaderError) -> str:
