@@ -16,7 +16,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["FieldSpec", "FieldType", "Finite", "FrozenSpec", "LookupRowSpec", "Regex"]
+__all__ = ["ID_PATTERN", "FieldSpec", "FieldType", "Finite", "FrozenSpec", "Id", "LookupRowSpec", "Regex"]
+
+
+ID_PATTERN = r"^[a-z][a-z0-9_]*$"
+"""Every id (SOP, step, field, param, role, product, institution) matches this."""
+
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 def _regex_compiles(value: str) -> str:
