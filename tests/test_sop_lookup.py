@@ -106,3 +106,26 @@ def test_required_when_makes_a_field_optional_unless_its_condition_holds() -> No
 def test_required_when_cannot_go_with_required_true() -> None:
     with pytest.raises(ValidationError, match="'required_when' cannot go with 'required: true'"):
         FieldSpec(type="text", required=True, required_when="x")
+
+
+def _ice_sop(integer: bool) -> str:
+    return (
+        "schema_version: 1\nid: ice\ntitle: t\nversion: 1\nsteps:\n  - id: a\n    kind: record\n    role: qa\n"
+        f"    fields:\n      ice: {{type: number, min: 0, max: 10, integer: {str(integer).lower()}}}\n"
+        "      grade:\n        type: number\n        compute: a.ice\n        lookup:\n"
+        "          - {from: 0, to: 2, value: 3}\n          - {from: 3, to: 6, value: 2}\n"
+        "          - {from: 7, to: 9, value: 1}\n          - {from: 10, to: 10, value: 0}\n"
+    )
+
+
+def test_lookup_bands_of_whole_numbers_leave_no_gap_for_an_integer_key() -> None:
+    from flows.sop.editing import validate_sop_text
+
+    assert validate_sop_text(_ice_sop(integer=True)) == []
+    gaps = validate_sop_text(_ice_sop(integer=False))
+    assert [(p["line"], p["path"]) for p in gaps] == [
+        (16, "steps[0].fields.grade.lookup[1].from"),
+        (17, "steps[0].fields.grade.lookup[2].from"),
+        (18, "steps[0].fields.grade.lookup[3].from"),
+    ]
+    assert gaps[0]["message"] == "step 'a': lookup: leaves a gap: values between 2 and 3 are in no row"
