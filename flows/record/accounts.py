@@ -14,22 +14,22 @@ threshold, a ``locked`` event is written (by ``system``). Must not import prefec
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, col, func, select
 
+from flows.errors import AuthenticationError
 from flows.record import ledger
 from flows.record.tables import AuditEvent, User, UserEvent, utcnow
-from flows.record.users import _HASHER, _dummy_hash, find_user
+from flows.record.users import find_user, spend_verification_time, verify_password
 
 __all__ = [
     "EVENT_KINDS",
     "Refusal",
     "append_event",
+    "authenticate",
     "check_credentials",
     "failures_since_reset",
     "is_active",
@@ -128,19 +128,31 @@ def check_credentials(session: Session, username: str, password: str) -> User | 
     wrong = Refusal("password", f"user {username!r}: wrong user name or password")
     user = find_user(session, username)
     if user is None:
-        # Spend the same time as a real check so a probe cannot tell which names exist.
-        with contextlib.suppress(VerificationError, InvalidHashError):
-            _HASHER.verify(_dummy_hash(), password)
+        spend_verification_time(password)  # a probe cannot tell which names exist
         return Refusal("unknown", wrong.message)
     if not is_active(session, user.id):
         return Refusal("disabled", f"user {username!r}: the account is disabled; a QA officer must enable it")
     if is_locked(session, user.id):
         return Refusal("locked", lock_message(session, user))
-    try:
-        _HASHER.verify(password_hash(session, user), password)
-    except (VerificationError, InvalidHashError):
+    if not verify_password(password_hash(session, user), password):
         return wrong
     return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User:
+    """The user, if the account is active, not locked, and the password is its current one.
+
+    One message for an unknown user and a wrong password (never says which part); a disabled or
+    locked account is refused with its own message, whatever the password. Reads only: the
+    audited sign-in (failure counting, lockout) is ``flows.services.guard.sign_in``.
+
+    Raises:
+        AuthenticationError
+    """
+    result = check_credentials(session, username, password)
+    if not isinstance(result, User):
+        raise AuthenticationError(result.message)
+    return result
 
 
 def _reset_seq(session: Session, username: str) -> int:

@@ -18,9 +18,10 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from flows.record.deviations import deviation_state, run_coi
-from flows.record.query import stored_sop
 from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, RunEvent, SopRun
+from flows.record.versions import stored_sop
+from flows.sop.model import SopDefinition
 
 __all__ = ["STAGES", "chain_of_identity", "stage_of"]
 
@@ -46,13 +47,13 @@ def stage_of(sop_id: str, declared: str | None) -> tuple[str | None, bool]:
 def _iso(value: Any) -> str | None:
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat()
+    return str(value.astimezone(UTC).isoformat())
 
 
 def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
     coi = coi.strip()
     runs = list(session.exec(select(SopRun).order_by(col(SopRun.started_at), col(SopRun.id))))
-    sops = {}
+    sops: dict[str, SopDefinition | None] = {}
     for r in runs:
         try:
             sops[r.id] = stored_sop(session, r)

@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 from flows.errors import SopInputError
 from flows.record import ledger
 from flows.record.tables import Deviation, DeviationEvent, SopRun, utcnow
+from flows.record.versions import stored_sop
 from flows.sop.model import SopDefinition
 
 __all__ = [
@@ -225,8 +226,6 @@ def _parse(value: Any) -> datetime | None:
 
 
 def _sop_of(session: Session, run: SopRun) -> SopDefinition | None:
-    from flows.record.query import stored_sop
-
     try:
         return stored_sop(session, run)
     except Exception:  # an unreadable stored SOP: fall back to a param named coi

@@ -50,7 +50,9 @@ def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
         DeviationEvent: DeviationEvent.at,
     }
     for model, key in order.items():
-        found = session.exec(select(model).where(model.run_id == run.id).order_by(col(key), col(model.id)))  # type: ignore[attr-defined]
+        found: Any = session.exec(
+            select(model).where(model.run_id == run.id).order_by(col(key), col(model.id))  # type: ignore[arg-type, attr-defined]
+        )
         rows[model.__tablename__] = [_iso(row_payload(r)) for r in found]  # type: ignore[attr-defined]
     ids = {str(r["id"]) for table_rows in rows.values() for r in table_rows}
     events = []

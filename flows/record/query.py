@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
 from sqlmodel import Session, col, select
 
-from flows.errors import RecordError
+from flows.errors import NotFoundError
+from flows.record.corrections import corrections_by_step
 from flows.record.deadlines import deadline_states, repetitions
+from flows.record.deviations import deviation_state
+from flows.record.evidence import run_evidence
 from flows.record.ledger import canonical, verify_signature
 from flows.record.state import run_status
 from flows.record.tables import (
@@ -25,37 +27,18 @@ from flows.record.tables import (
     RunEvent,
     Signature,
     SopRun,
-    SopVersion,
     StepRecord,
     User,
 )
-from flows.sop.model import HUMAN_KINDS, SopDefinition
+from flows.record.versions import stored_sop
+from flows.sop.model import HUMAN_KINDS
 
-__all__ = ["disposition_id", "run_record", "stored_sop"]
+__all__ = ["disposition_id", "run_record"]
 
 
 def disposition_id(check_id: str) -> str:
     """The id of the disposition step a failed check opens."""
     return f"{check_id}__disposition"
-
-
-_PARSED: dict[tuple[str, str], SopDefinition] = {}
-"""Parsed SOP versions by (version row id, sha256): a version's text never changes and a
-definition is frozen, so each is parsed once per process (sweeps, the inbox and every gate read them)."""
-
-
-def stored_sop(session: Session, run: SopRun) -> SopDefinition:
-    """The SOP revision a run is pinned to, from the text stored when it started."""
-    cached = _PARSED.get((run.sop_version_id, run.sop_sha256))
-    if cached is not None:
-        return cached
-    version = session.get(SopVersion, run.sop_version_id)
-    if version is None:
-        raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
-    sop = SopDefinition.model_validate(yaml.safe_load(version.text))
-    if version.sha256 == run.sop_sha256:  # only a text the run's own hash vouches for is kept
-        _PARSED[(run.sop_version_id, run.sop_sha256)] = sop
-    return sop
 
 
 def _names(session: Session) -> dict[str, str]:
@@ -71,10 +54,10 @@ def _iso(value: Any) -> str | None:
 
 
 def run_record(session: Session, run_id: str, *, with_history: bool = True) -> dict[str, Any]:
-    """The quality record of one run. Raises RecordError when there is no such run."""
+    """The quality record of one run. Raises NotFoundError when there is no such run."""
     run = session.get(SopRun, run_id)
     if run is None:
-        raise RecordError(f"no run {run_id!r}; `sopflow runs` lists them")
+        raise NotFoundError(f"no run {run_id!r}; `sopflow runs` lists them")
     sop = stored_sop(session, run)
     names = _names(session)
     usernames = _usernames(session)
@@ -84,8 +67,6 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
     latest: dict[str, StepRecord] = {}
     for r in records:
         latest[r.step_id] = r
-    from flows.record.corrections import corrections_by_step
-
     corrections = corrections_by_step(records, sop)
 
     def signature(sig_id: str | None) -> dict[str, Any] | None:
@@ -174,8 +155,6 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         }
         for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
     ]
-    from flows.record.deviations import deviation_state
-
     for d in deviations:  # the lifecycle (events appended by the deviation SOP's steps, or the inline disposition)
         state = deviation_state(session, session.get(Deviation, d["id"]))  # type: ignore[arg-type]
         d.update(
@@ -274,7 +253,5 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         head = session.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
         out["audit_head"] = {"seq": head.seq, "hash": head.hash} if head else None
         # The rows as stored and the audit events that recorded them: `sopflow audit verify-export`.
-        from flows.record.evidence import run_evidence
-
         out.update(run_evidence(session, run))
     return out

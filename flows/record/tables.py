@@ -392,7 +392,7 @@ class AuditEvent(SQLModel, table=True):
 
 
 RECORD_TABLES: dict[str, type[SQLModel]] = {
-    t.__tablename__: t  # type: ignore[misc]
+    t.__tablename__: t
     for t in (
         User,
         RoleGrant,

@@ -87,7 +87,7 @@ def _text(spec: FieldSpec, value: Any, show: str) -> str:
         value, problem = normalize_din(value)
         if problem:
             raise _Bad(f"{'the value' if spec.phi else repr(value)} {problem}")
-    return value
+    return str(value)
 
 
 def _coi(value: str, spec: FieldSpec, product: tuple[str, ProductSpec] | None) -> None:
