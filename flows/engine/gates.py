@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
 from flows.record.db import write_session
-from flows.record.deviations import append_event
+from flows.record.deviations import append_deviation_event
 from flows.record.ledger import audit, verify_signature
 from flows.record.query import disposition_id
 from flows.record.state import STALE_RESUME, signer_problem, step_data, step_states
@@ -208,7 +208,7 @@ def record_lifecycle(
     if not deviation_id or session.get(Deviation, deviation_id) is None:
         log.error("run %s step %s updates_deviation %s: no deviation %r", ctx.run.id, step.id, kind, deviation_id)
         return
-    append_event(
+    append_deviation_event(
         session,
         deviation_id,
         kind,
