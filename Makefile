@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # Re-install when the project's dependencies change.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test check install clean
 
 # Debian packages the project needs outside Python: Chromium for the browser tests, a CJK font so
 # Chinese renders in PDFs, and Pango for WeasyPrint. Installed once, only when something is missing.
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# Format, lint, types and every SOP file (scripts/check); CI runs it before the tests.
+check: $(STAMP)
+	scripts/check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

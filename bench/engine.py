@@ -179,10 +179,10 @@ def wait_until(pred: Callable[[], bool], every: float, timeout: float, what: str
 
 # -- part 1: per-step overhead -------------------------------------------------------------------
 def time_sopflow(settings: Any, sop_id: str, n_steps: int) -> float:
-    from flows import service
+    from flows.services.runs import start_run
 
     t0 = time.perf_counter()
-    started = service.start_run(settings, INSTITUTION, sop_id, {"n": "1"}, USER, PASSWORD)
+    started = start_run(settings, INSTITUTION, sop_id, {"n": "1"}, USER, PASSWORD)
     run_id = started.run_id
     wait_until(
         lambda: run_status(settings, run_id) == "completed", RUN_POLL, 120, f"sopflow run {run_id} not completed"
@@ -291,8 +291,8 @@ def part1(settings: Any, n: int, repeats: int) -> dict[str, Any]:
 
 # -- part 2: signed submit -> next step ------------------------------------------------------------
 def time_authenticate(settings: Any, times: int = 7) -> list[float]:
+    from flows.record.accounts import authenticate
     from flows.record.db import read_session
-    from flows.record.users import authenticate
 
     out = []
     for _ in range(times):
@@ -310,24 +310,25 @@ def wait_waiting(settings: Any, run_id: str, step_id: str) -> None:
 
 
 def part2(settings: Any, k: int) -> dict[str, Any]:
-    from flows import service
+    from flows.services.runs import start_run
+    from flows.services.signing import submit_step
 
     steps = [f"r{i:03d}" for i in range(k + 1)]
     t_start = time.perf_counter()
-    run_id = service.start_run(settings, INSTITUTION, SIGNED_SOP, {}, USER, PASSWORD).run_id
+    run_id = start_run(settings, INSTITUTION, SIGNED_SOP, {}, USER, PASSWORD).run_id
     wait_waiting(settings, run_id, steps[0])
     first_wait = time.perf_counter() - t_start
     latency, call, resumed = [], [], []
     for i in range(k):
         t0 = time.perf_counter()
-        res = service.submit_step(settings, run_id, steps[i], USER, PASSWORD, {"v": str(i)})
+        res = submit_step(settings, run_id, steps[i], USER, PASSWORD, {"v": str(i)})
         t1 = time.perf_counter()
         wait_waiting(settings, run_id, steps[i + 1])
         latency.append(time.perf_counter() - t0)
         call.append(t1 - t0)
         resumed.append(res.resumed)
     t0 = time.perf_counter()
-    service.submit_step(settings, run_id, steps[k], USER, PASSWORD, {"v": str(k)})
+    submit_step(settings, run_id, steps[k], USER, PASSWORD, {"v": str(k)})
     wait_until(lambda: run_status(settings, run_id) == "completed", STEP_POLL, 60, "signed run not completed")
     last = time.perf_counter() - t0
     return {
@@ -529,24 +530,23 @@ def main(argv: list[str] | None = None) -> int:
     write_sops(sops, args.steps, args.resumes)
     settings = configure(home, sops)
 
-    from flows.admin import add_user
-    from flows.engine import server
+    from flows.services import server
+    from flows.services.accounts import add_user
+    from flows.services.guard import Officer
+    from flows.services.training import grant_training
+    from flows.services.versions import establish
 
     try:
         t0 = time.perf_counter()
         server.start(settings)
         setup = time.perf_counter() - t0
-        add_user(settings, USER, "Bench User", PASSWORD, [(INSTITUTION, ROLE)], actor="bench")
-        import flows.admin
-
-        if hasattr(flows.admin, "grant_training"):  # signers must be trained on the SOP revision
-            for sop_id in (CHECKS_SOP, BASE_SOP, SIGNED_SOP):
-                flows.admin.grant_training(settings, USER, INSTITUTION, sop_id, 1, trainer="Bench trainer")
+        qa = Officer("bench_qa", PASSWORD)
+        add_user(settings, "bench_qa", "Bench QA", PASSWORD, [(INSTITUTION, "qa")])  # the first account
+        add_user(settings, USER, "Bench User", PASSWORD, [(INSTITUTION, ROLE)], officer=qa)
+        for sop_id in (CHECKS_SOP, BASE_SOP, SIGNED_SOP):  # signers must be trained on the SOP revision
+            grant_training(settings, USER, INSTITUTION, sop_id, 1, trainer="Bench trainer", officer=qa)
         # Runs start only on Effective versions: the bench's files become the first ones (initial issue by QA).
-        from flows.changes.control import establish
-
-        add_user(settings, "bench_qa", "Bench QA", PASSWORD, [(INSTITUTION, "qa")], actor="bench")
-        establish(settings, INSTITUTION, flows.admin.Officer("bench_qa", PASSWORD))
+        establish(settings, INSTITUTION, qa)
         rtt = api_round_trip()
         print(
             f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",

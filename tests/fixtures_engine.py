@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from flows.config import Settings, get_settings
+from tests.waiting import LIMIT
 
 DEMO_STAFF = {
     # username: (printed name, role)
@@ -73,7 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _HOME is not None:
-        from flows.engine import server
+        from flows.services import server
 
         server.stop(get_settings())
         shutil.rmtree(_HOME, ignore_errors=True)
@@ -81,19 +82,28 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(name="engine", scope="session")
 def engine_fixture() -> Iterator[Settings]:
-    """A running local Prefect server and executor, with the demo institution's staff, each
-    trained on dose_receipt v1 (signers must be: ``state.signer_problem``), and the institution's
-    SOP files established as its first Effective versions by QA (``sopflow sop establish``)."""
-    from flows.admin import Officer, add_user, grant_training
-    from flows.changes.control import establish
-    from flows.engine import server
+    """A running local Prefect server and worker, with the demo institution's staff, each trained
+    on dose_receipt v1 (signers must be: ``state.signer_problem``), and the institution's SOP files
+    established as its first Effective versions by QA (``sopflow sop establish``). The staff come in
+    through the service floor as an installation's would: ``qa`` is the first account, and adds the
+    others and records their training as the QA officer."""
+    from flows.services import server
+    from flows.services.accounts import add_user
+    from flows.services.guard import Officer
+    from flows.services.training import grant_training
+    from flows.services.versions import establish
 
     settings = get_settings()
     server.start(settings)
-    for username, (name, role) in DEMO_STAFF.items():
-        add_user(settings, username, name, PASSWORD, [("demo_hospital", role)], actor="test")
-        grant_training(settings, username, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
-    establish(settings, "demo_hospital", Officer("qa", PASSWORD))
+    qa = Officer("qa", PASSWORD)
+    for username in ["qa", *(u for u in DEMO_STAFF if u != "qa")]:
+        name, role = DEMO_STAFF[username]
+        add_user(
+            settings, username, name, PASSWORD, [("demo_hospital", role)], officer=None if username == "qa" else qa
+        )
+    for username in DEMO_STAFF:
+        grant_training(settings, username, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", officer=qa)
+    establish(settings, "demo_hospital", qa)
     _establish_others(settings)
     yield settings
     server.stop(settings)
@@ -103,16 +113,17 @@ def _establish_others(settings: Settings) -> None:
     """Every other institution under sops/: its files become its first Effective versions, signed by
     a QA officer of its own (``est_<institution>``), so runs of its SOPs can start. An institution
     whose files are invalid is left out: its own tests then say it has no Effective version."""
-    from flows.admin import Officer, add_user
-    from flows.changes.control import establish
     from flows.errors import FlowsError
+    from flows.services.guard import Officer
+    from flows.services.versions import establish
     from flows.sop.catalog import Catalog
+    from tests.seed import seed_user
 
     for inst in Catalog(settings.sops_dir, settings.templates_dir).institutions():
         if inst == "demo_hospital":
             continue
         try:
-            add_user(settings, f"est_{inst}"[:40], f"QA of {inst}", PASSWORD, [(inst, "qa")], actor="test")
+            seed_user(settings, f"est_{inst}"[:40], f"QA of {inst}", PASSWORD, [(inst, "qa")])
             establish(settings, inst, Officer(f"est_{inst}"[:40], PASSWORD))
         except FlowsError as exc:
             import warnings
@@ -123,7 +134,7 @@ def _establish_others(settings: Settings) -> None:
 @pytest.fixture(name="receiver", scope="session")
 def receiver_fixture(engine: Settings) -> Iterator[Any]:
     """A real loopback receiver that every role's notifications are delivered to by apprise."""
-    from flows.outputs.receiver import LocalReceiver
+    from flows.cli.receiver import LocalReceiver
 
     with LocalReceiver() as rx:
         roles = sorted({r for _, r in DEMO_STAFF.values()})
@@ -137,22 +148,24 @@ def receiver_fixture(engine: Settings) -> Iterator[Any]:
 
 
 def wait_for(
-    settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (), timeout: float = 60.0
+    settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (), timeout: float = LIMIT
 ) -> dict[str, Any]:
     """Wait until a run waits on ``step`` or has one of ``statuses``; returns its record."""
-    from flows import service
+    from flows.services import runs as runs_service
 
-    return service.wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
+    return runs_service.wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
 
 
 def start_receipt(settings: Settings, **params: str) -> str:
-    from flows import service
+    from flows.services import runs as runs_service
 
-    return service.start_run(settings, "demo_hospital", "dose_receipt", {**PARAMS, **params}, "qm", PASSWORD).run_id
+    return runs_service.start_run(
+        settings, "demo_hospital", "dose_receipt", {**PARAMS, **params}, "qm", PASSWORD
+    ).run_id
 
 
 def sign(settings: Settings, run_id: str, step: str, user: str, values: dict[str, Any]) -> Any:
-    from flows import service
+    from flows.services import signing as signing_service
 
     wait_for(settings, run_id, step=step)
-    return service.submit_step(settings, run_id, step, user, PASSWORD, values)
+    return signing_service.submit_step(settings, run_id, step, user, PASSWORD, values)

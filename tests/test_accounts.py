@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, select
 
-from flows import admin
-from flows.admin import Officer
 from flows.config import Settings, get_settings
 from flows.errors import AuthenticationError, NotAuthorizedError, RecordError
 from flows.record import accounts, ledger, users
 from flows.record.db import read_session, write_session
 from flows.record.tables import AuditEvent, UserEvent
+from flows.services import accounts as account_service
+from flows.services import guard, training
+from flows.services.guard import UNAUTHENTICATED, Officer
 
 PW = "correct horse 7"
 QA_PW = "qa officer pw 1"
@@ -35,9 +36,10 @@ def _settings(db_url: str, threshold: int = 3) -> Settings:
 def staff(db_url: str) -> Settings:
     """ana (cell_lab), bo (pharmacist), qa.one (qa) at demo_hospital; far.qa (qa) only at other_hospital."""
     settings = _settings(db_url)
-    admin.add_user(settings, "ana", "Ana Li", PW, [("demo_hospital", "cell_lab")])
-    admin.add_user(settings, "bo", "Bo Wang", PW, [("demo_hospital", "pharmacist")])
-    admin.add_user(settings, "qa.one", "Qian An", QA_PW, [("demo_hospital", "qa")])
+    account_service.add_user(settings, "qa.one", "Qian An", QA_PW, [("demo_hospital", "qa")])  # the first account
+    qa = Officer("qa.one", QA_PW)
+    account_service.add_user(settings, "ana", "Ana Li", PW, [("demo_hospital", "cell_lab")], officer=qa)
+    account_service.add_user(settings, "bo", "Bo Wang", PW, [("demo_hospital", "pharmacist")], officer=qa)
     with write_session(db_url) as s:  # an institution without a folder under sops/: grant directly
         far = users.add_user(s, "far.qa", "Fa Run", QA_PW, actor="admin")
         users.grant_role(s, far, "other_hospital", "qa", actor="admin")
@@ -65,7 +67,7 @@ def _fail(settings: Settings, username: str, times: int) -> list[str]:
     messages = []
     for _ in range(times):
         with pytest.raises(AuthenticationError) as info:
-            admin.sign_in(settings, username, "wrong password", "test")
+            guard.sign_in(settings, username, "wrong password", "test")
         messages.append(str(info.value))
     return messages
 
@@ -106,9 +108,9 @@ def test_accounts_locked_account_refuses_the_right_password(staff: Settings) -> 
     start = _head(staff)
 
     with pytest.raises(AuthenticationError) as info:
-        admin.sign_in(staff, "ana", PW, "sign run/arrival")
+        guard.sign_in(staff, "ana", PW, "sign run/arrival")
     with read_session(staff.database_url) as s, pytest.raises(AuthenticationError) as read_only:
-        users.authenticate(s, "ana", PW)
+        accounts.authenticate(s, "ana", PW)
 
     assert str(info.value) == (
         "user 'ana': account locked after 3 failed sign-ins; a QA officer must unlock it "
@@ -122,7 +124,7 @@ def test_accounts_locked_account_refuses_the_right_password(staff: Settings) -> 
 
 def test_accounts_failures_count_only_since_the_last_successful_sign_in(staff: Settings) -> None:
     _fail(staff, "ana", 2)
-    admin.sign_in(staff, "ana", PW, "test")
+    guard.sign_in(staff, "ana", PW, "test")
     _fail(staff, "ana", 2)
 
     assert _state(staff, "ana") == (True, False)
@@ -150,7 +152,7 @@ def test_accounts_unlock_by_qa_officer_is_audited_and_starts_the_count_again(sta
     _fail(staff, "ana", 3)
     start = _head(staff)
 
-    admin.unlock_user(staff, "ana", Officer("qa.one", QA_PW), reason="called the help desk")
+    account_service.unlock_user(staff, "ana", Officer("qa.one", QA_PW), reason="called the help desk")
 
     assert _state(staff, "ana") == (True, False)
     events = _events(staff, start)
@@ -165,7 +167,7 @@ def test_accounts_unlock_by_qa_officer_is_audited_and_starts_the_count_again(sta
             officer.id,
             "called the help desk",
         )
-    assert admin.sign_in(staff, "ana", PW, "test").username == "ana"
+    assert guard.sign_in(staff, "ana", PW, "test").username == "ana"
     _fail(staff, "ana", 2)  # fewer than the threshold since the unlock (and the sign-in)
     assert _state(staff, "ana") == (True, False)
     _chain_ok(staff)
@@ -173,7 +175,7 @@ def test_accounts_unlock_by_qa_officer_is_audited_and_starts_the_count_again(sta
 
 def test_accounts_unlock_without_failures_since_is_a_reset_point(staff: Settings) -> None:
     _fail(staff, "ana", 3)
-    admin.unlock_user(staff, "ana", Officer("qa.one", QA_PW))
+    account_service.unlock_user(staff, "ana", Officer("qa.one", QA_PW))
 
     _fail(staff, "ana", 2)  # the 3 before the unlock do not count
 
@@ -185,7 +187,7 @@ def test_accounts_unlock_by_non_qa_user_is_refused_and_audited(staff: Settings) 
     start = _head(staff)
 
     with pytest.raises(NotAuthorizedError) as info:
-        admin.unlock_user(staff, "ana", Officer("bo", PW))
+        account_service.unlock_user(staff, "ana", Officer("bo", PW))
 
     assert str(info.value) == (
         "user 'bo' may not unlock 'ana': that takes role 'qa' at an institution where 'ana' "
@@ -201,7 +203,7 @@ def test_accounts_qa_officer_of_another_institution_may_not_unlock(staff: Settin
     _fail(staff, "ana", 3)
 
     with pytest.raises(NotAuthorizedError, match=re.escape("user 'far.qa' may not unlock 'ana'")):
-        admin.unlock_user(staff, "ana", Officer("far.qa", QA_PW))
+        account_service.unlock_user(staff, "ana", Officer("far.qa", QA_PW))
 
     assert _state(staff, "ana") == (True, True)
 
@@ -210,29 +212,29 @@ def test_accounts_unlock_with_the_officers_wrong_password_is_refused(staff: Sett
     _fail(staff, "ana", 3)
 
     with pytest.raises(AuthenticationError, match=re.escape("user 'qa.one': wrong user name or password")):
-        admin.unlock_user(staff, "ana", Officer("qa.one", "not it at all"))
+        account_service.unlock_user(staff, "ana", Officer("qa.one", "not it at all"))
 
     assert _state(staff, "ana") == (True, True)
 
 
 def test_accounts_unlock_of_an_account_that_is_not_locked_is_refused(staff: Settings) -> None:
     with pytest.raises(RecordError, match="user 'ana' is not locked"):
-        admin.unlock_user(staff, "ana", Officer("qa.one", QA_PW))
+        account_service.unlock_user(staff, "ana", Officer("qa.one", QA_PW))
 
 
 def test_accounts_disabled_account_is_refused_even_with_the_right_password(staff: Settings) -> None:
-    admin.disable_user(staff, "ana", Officer("qa.one", QA_PW), reason="left the unit")
+    account_service.disable_user(staff, "ana", Officer("qa.one", QA_PW), reason="left the unit")
     start = _head(staff)
 
     with pytest.raises(AuthenticationError) as info:
-        admin.sign_in(staff, "ana", PW, "test")
+        guard.sign_in(staff, "ana", PW, "test")
 
     assert str(info.value) == "user 'ana': the account is disabled; a QA officer must enable it"
     [event] = _events(staff, start)
     assert (event.action, json.loads(event.payload_json)["problem"]) == ("auth.refused", "disabled")
     assert _state(staff, "ana") == (False, False)
-    admin.enable_user(staff, "ana", Officer("qa.one", QA_PW))
-    assert admin.sign_in(staff, "ana", PW, "test").username == "ana"
+    account_service.enable_user(staff, "ana", Officer("qa.one", QA_PW))
+    assert guard.sign_in(staff, "ana", PW, "test").username == "ana"
     with read_session(staff.database_url) as s:
         kinds = [e.kind for e in s.exec(select(UserEvent).order_by(col(UserEvent.n)))]
     assert kinds == ["disabled", "enabled"]
@@ -241,11 +243,11 @@ def test_accounts_disabled_account_is_refused_even_with_the_right_password(staff
 
 def test_accounts_disable_by_non_qa_user_and_of_oneself_is_refused(staff: Settings) -> None:
     with pytest.raises(NotAuthorizedError, match="user 'bo' may not disable 'ana'"):
-        admin.disable_user(staff, "ana", Officer("bo", PW))
+        account_service.disable_user(staff, "ana", Officer("bo", PW))
     with pytest.raises(
         NotAuthorizedError, match=re.escape("user 'qa.one' may not disable their own account; another QA officer must")
     ):
-        admin.disable_user(staff, "qa.one", Officer("qa.one", QA_PW))
+        account_service.disable_user(staff, "qa.one", Officer("qa.one", QA_PW))
 
     assert _state(staff, "ana") == (True, False)
     assert _state(staff, "qa.one") == (True, False)
@@ -253,20 +255,71 @@ def test_accounts_disable_by_non_qa_user_and_of_oneself_is_refused(staff: Settin
 
 
 def test_accounts_disabled_username_is_never_reused(staff: Settings) -> None:
-    admin.disable_user(staff, "ana", Officer("qa.one", QA_PW))
+    account_service.disable_user(staff, "ana", Officer("qa.one", QA_PW))
 
     with pytest.raises(RecordError) as info:
-        admin.add_user(staff, "ana", "Another Ana", "another pw 123", [("demo_hospital", "cell_lab")])
+        account_service.add_user(
+            staff,
+            "ana",
+            "Another Ana",
+            "another pw 123",
+            [("demo_hospital", "cell_lab")],
+            officer=Officer("qa.one", QA_PW),
+        )
 
     assert str(info.value) == "user 'ana' exists already; accounts are never shared or reused"
 
 
+def test_accounts_second_account_without_a_qa_officer_is_refused_and_audited(staff: Settings) -> None:
+    """Issue 10: "once one account exists, a QA officer adds users" was a rule of the CLI only; the
+    service floor refuses it for every caller (the web, a script), and the refusal is audited."""
+    head = _head(staff)
+    with pytest.raises(NotAuthorizedError) as info:
+        account_service.add_user(staff, "eve", "Eve Outside", "eve's password 1", [("demo_hospital", "qa")])
+
+    assert str(info.value) == account_service.NEED_OFFICER
+    [refused] = _events(staff, head)
+    assert (refused.action, refused.actor, refused.object_id, refused.reason) == (
+        "user.add.refused",
+        UNAUTHENTICATED,
+        "eve",
+        str(info.value),
+    )
+    with read_session(staff.database_url) as s:
+        assert users.find_user(s, "eve") is None
+    _chain_ok(staff)
+
+
+def test_accounts_first_account_needs_nobody_and_later_ones_a_qa_officer_of_their_institutions(db_url: str) -> None:
+    settings = _settings(db_url)
+    assert not account_service.has_users(settings)
+    account_service.add_user(settings, "first.qa", "First QA", QA_PW, [("demo_hospital", "qa")])
+    assert account_service.has_users(settings)
+
+    with pytest.raises(NotAuthorizedError, match="may not add users with roles at 'shenjiang_hospital'"):
+        account_service.add_user(
+            settings, "zhou", "Zhou", PW, [("shenjiang_hospital", "qa")], officer=Officer("first.qa", QA_PW)
+        )
+    account_service.add_user(
+        settings, "ana", "Ana Li", PW, [("demo_hospital", "cell_lab")], officer=Officer("first.qa", QA_PW)
+    )
+
+    with read_session(settings.database_url) as s:
+        first = users.find_user(s, "first.qa")
+        ana = users.find_user(s, "ana")
+        refusals = list(s.exec(select(AuditEvent).where(AuditEvent.action == "user.add.refused")))
+    assert first is not None
+    assert ana is not None
+    assert (first.created_by, ana.created_by) == ("bootstrap", first.id)
+    assert [(r.actor, r.object_id) for r in refusals] == [(first.id, "zhou")]
+
+
 def test_accounts_password_change_with_the_old_password(staff: Settings) -> None:
-    admin.change_password(staff, "ana", "a new secret 9", old_password=PW)
+    account_service.change_password(staff, "ana", "a new secret 9", old_password=PW)
 
     with pytest.raises(AuthenticationError, match="wrong user name or password"):
-        admin.sign_in(staff, "ana", PW, "test")
-    assert admin.sign_in(staff, "ana", "a new secret 9", "test").username == "ana"
+        guard.sign_in(staff, "ana", PW, "test")
+    assert guard.sign_in(staff, "ana", "a new secret 9", "test").username == "ana"
     with read_session(staff.database_url) as s:
         user = users.find_user(s, "ana")
         assert user is not None
@@ -280,9 +333,9 @@ def test_accounts_password_change_with_the_old_password(staff: Settings) -> None
 
 def test_accounts_password_change_with_a_wrong_old_password_is_refused_and_counts(staff: Settings) -> None:
     with pytest.raises(AuthenticationError, match="wrong user name or password"):
-        admin.change_password(staff, "ana", "a new secret 9", old_password="wrong password")
+        account_service.change_password(staff, "ana", "a new secret 9", old_password="wrong password")
 
-    assert admin.sign_in(staff, "ana", PW, "test").username == "ana"
+    assert guard.sign_in(staff, "ana", PW, "test").username == "ana"
     assert [e.action for e in _events(staff) if e.object_id == "ana"][-2:] == ["auth.failed", "auth.ok"]
 
 
@@ -295,26 +348,26 @@ def test_accounts_password_change_with_a_wrong_old_password_is_refused_and_count
 )
 def test_accounts_password_change_refuses_a_bad_new_password(staff: Settings, new: str, message: str) -> None:
     with pytest.raises(RecordError) as info:
-        admin.change_password(staff, "ana", new, old_password=PW)
+        account_service.change_password(staff, "ana", new, old_password=PW)
 
     assert str(info.value) == message
 
 
 def test_accounts_password_reset_by_qa_officer_and_not_by_others(staff: Settings) -> None:
     with pytest.raises(NotAuthorizedError, match="user 'bo' may not set the password of 'ana'"):
-        admin.change_password(staff, "ana", "reset secret 1", officer=Officer("bo", PW))
-    admin.change_password(staff, "ana", "reset secret 1", officer=Officer("qa.one", QA_PW))
+        account_service.change_password(staff, "ana", "reset secret 1", officer=Officer("bo", PW))
+    account_service.change_password(staff, "ana", "reset secret 1", officer=Officer("qa.one", QA_PW))
 
     # The officer knows the reset password: it signs nothing until ana sets her own.
     with pytest.raises(AuthenticationError, match="the password was reset by a QA officer; set your own first"):
-        admin.sign_in(staff, "ana", "reset secret 1", "sign")
-    admin.change_password(staff, "ana", "ana's own secret", old_password="reset secret 1")
-    assert admin.sign_in(staff, "ana", "ana's own secret", "sign").username == "ana"
+        guard.sign_in(staff, "ana", "reset secret 1", "sign")
+    account_service.change_password(staff, "ana", "ana's own secret", old_password="reset secret 1")
+    assert guard.sign_in(staff, "ana", "ana's own secret", "sign").username == "ana"
 
 
 def test_accounts_password_change_starts_the_count_again(staff: Settings) -> None:
     _fail(staff, "ana", 2)
-    admin.change_password(staff, "ana", "reset secret 1", officer=Officer("qa.one", QA_PW))
+    account_service.change_password(staff, "ana", "reset secret 1", officer=Officer("qa.one", QA_PW))
 
     _fail(staff, "ana", 2)
 
@@ -323,9 +376,9 @@ def test_accounts_password_change_starts_the_count_again(staff: Settings) -> Non
 
 def test_accounts_list_users_shows_state(staff: Settings) -> None:
     _fail(staff, "ana", 3)
-    admin.disable_user(staff, "bo", Officer("qa.one", QA_PW))
+    account_service.disable_user(staff, "bo", Officer("qa.one", QA_PW))
 
-    rows = {r["username"]: r for r in admin.list_users(staff)}
+    rows = {r["username"]: r for r in account_service.list_users(staff)}
 
     assert (rows["ana"]["active"], rows["ana"]["locked"]) == (True, True)
     assert (rows["bo"]["active"], rows["bo"]["locked"]) == (False, False)
@@ -338,19 +391,22 @@ def test_accounts_list_users_shows_state(staff: Settings) -> None:
 
 @pytest.mark.slow
 def test_accounts_locked_signer_is_refused_at_submit(engine: Settings) -> None:
-    from flows import service
+    from flows.services import signing as signing_service
     from tests.fixtures_engine import ARRIVAL, PASSWORD, start_receipt, wait_for
 
-    admin.add_user(engine, "locked.tech", "Lo Ke", PASSWORD, [("demo_hospital", "cell_lab")])
-    admin.grant_training(engine, "locked.tech", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
+    qa = Officer("qa", PASSWORD)
+    account_service.add_user(engine, "locked.tech", "Lo Ke", PASSWORD, [("demo_hospital", "cell_lab")], officer=qa)
+    training.grant_training(
+        engine, "locked.tech", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", officer=qa
+    )
     run_id = start_receipt(engine, coi="COI-LOCK-0001")
     wait_for(engine, run_id, step="arrival")
     for _ in range(engine.lockout_threshold):
         with pytest.raises(AuthenticationError):
-            service.submit_step(engine, run_id, "arrival", "locked.tech", "not the password", ARRIVAL)
+            signing_service.submit_step(engine, run_id, "arrival", "locked.tech", "not the password", ARRIVAL)
 
     with pytest.raises(AuthenticationError, match="account locked after 5 failed sign-ins"):
-        service.submit_step(engine, run_id, "arrival", "locked.tech", PASSWORD, ARRIVAL)
+        signing_service.submit_step(engine, run_id, "arrival", "locked.tech", PASSWORD, ARRIVAL)
 
     rec = wait_for(engine, run_id, step="arrival")
     assert {s["id"]: s["status"] for s in rec["steps"]}["arrival"] == "waiting"

@@ -9,15 +9,20 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, select
 
-from flows import service
-from flows.admin import add_user, grant_training
-from flows.changes.control import create_draft, submit_change
-from flows.changes.sweep import sweep
 from flows.errors import NotAuthorizedError, SopNotEffectiveError
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Signature, TrainingAssignment, User, utcnow
 from flows.record.versions import versions_of
+from flows.services import audit as audit_service
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
+from flows.services.accounts import add_user
+from flows.services.drafts import create_draft, submit_change
+from flows.services.guard import Officer
+from flows.services.sweeps import sweep
+from flows.services.training import grant_training
 from tests.fixtures_engine import PASSWORD, wait_for
+from tests.waiting import eventually
 
 INST = "demo_hospital"
 PROBE = """# Owner: test · Approval: none · Effective: when change control says
@@ -72,15 +77,15 @@ def _change(settings, tmp_path: Path, version: int, limit: int, effective_in: ti
     )
     assert _states(settings)[version] == "in_review"
     wait_for(settings, run_id, step="review")
-    service.submit_step(settings, run_id, "review", "cc_rev", PASSWORD, {"decision": "approve"})
+    signing_service.submit_step(settings, run_id, "review", "cc_rev", PASSWORD, {"decision": "approve"})
     wait_for(settings, run_id, step="qa_approval")
     mark = _head(settings)
     # The author holds role qa too: they still may not approve their own change (refused, audited).
     with pytest.raises(NotAuthorizedError, match="the author of a change may not approve it"):
-        service.submit_step(settings, run_id, "qa_approval", "cc_adm", PASSWORD, {"decision": "approve"})
+        signing_service.submit_step(settings, run_id, "qa_approval", "cc_adm", PASSWORD, {"decision": "approve"})
     assert [e.action for e in _refusals(settings, mark)] == ["sign.refused"]
     effective_at = (utcnow() + effective_in).isoformat()
-    service.submit_step(
+    signing_service.submit_step(
         settings,
         run_id,
         "qa_approval",
@@ -96,11 +101,12 @@ def _change(settings, tmp_path: Path, version: int, limit: int, effective_in: ti
 
 def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine, tmp_path):
     settings = engine
-    add_user(settings, "cc_adm", "Zhou Admin", PASSWORD, [(INST, "sop_admin"), (INST, "qa")], actor="test")
-    add_user(settings, "cc_rev", "Xu Reviewer", PASSWORD, [(INST, "sop_reviewer")], actor="test")
-    add_user(settings, "cc_tech", "He Tech", PASSWORD, [(INST, "cell_lab")], actor="test")
+    qa = Officer("qa", PASSWORD)
+    add_user(settings, "cc_adm", "Zhou Admin", PASSWORD, [(INST, "sop_admin"), (INST, "qa")], officer=qa)
+    add_user(settings, "cc_rev", "Xu Reviewer", PASSWORD, [(INST, "sop_reviewer")], officer=qa)
+    add_user(settings, "cc_tech", "He Tech", PASSWORD, [(INST, "cell_lab")], officer=qa)
     for user in ("cc_adm", "cc_rev", "qa"):
-        grant_training(settings, user, INST, "change_control", 1, trainer="Test Trainer")
+        grant_training(settings, user, INST, "change_control", 1, trainer="Test Trainer", officer=qa)
 
     # v1: through change control; issued, not yet effective: no run may start.
     cc1 = _change(settings, tmp_path, 1, 100, timedelta(days=1))
@@ -121,7 +127,7 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     assert meanings[-2:] == ["reviewed", "approved"]
     mark = _head(settings)
     with pytest.raises(SopNotEffectiveError, match=r"cc_probe has no Effective version.*v1 is issued \(effective from"):
-        service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
+        runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
     assert [e.action for e in _refusals(settings, mark)] == ["run.start.refused"]
     assert sweep(settings, now=utcnow() + timedelta(days=2))["effective"] == 1
     assert _states(settings) == {1: "effective"}
@@ -129,36 +135,36 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     assert ("cc_tech", 1) in overdue  # assigned with a zero-day window, not yet trained
 
     # Run A starts on v1; the signer must be trained on v1.
-    run_a = service.start_run(settings, INST, "cc_probe", {"lot": "LOT-A"}, "qm", PASSWORD)
+    run_a = runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-A"}, "qm", PASSWORD)
     assert run_a.sop_version == 1
     wait_for(settings, run_a.run_id, step="measure")
     mark = _head(settings)
     with pytest.raises(NotAuthorizedError, match="not trained on cc_probe v1"):
-        service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
+        signing_service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
     assert [e.action for e in _refusals(settings, mark)] == ["sign.refused"]
-    grant_training(settings, "cc_tech", INST, "cc_probe", 1, trainer="Test Trainer")
+    grant_training(settings, "cc_tech", INST, "cc_probe", 1, trainer="Test Trainer", officer=qa)
 
     # v2 (limit 80) becomes effective while run A waits.
     _change(settings, tmp_path, 2, 80, timedelta(days=3))
     assert sweep(settings, now=utcnow() + timedelta(days=4))["effective"] == 1
     assert _states(settings) == {1: "superseded", 2: "effective"}
-    run_b = service.start_run(settings, INST, "cc_probe", {"lot": "LOT-B"}, "qm", PASSWORD)
+    run_b = runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-B"}, "qm", PASSWORD)
     assert run_b.sop_version == 2
 
     # Run A finishes on v1 (its limit 100 applies; cc_tech is trained on v1).
-    service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "90"})
+    signing_service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "90"})
     rec_a = wait_for(settings, run_a.run_id, statuses=("completed",))
     assert rec_a["run"]["sop_version"] == 1
     # Run B uses v2: its limit 80, and training on v2.
     wait_for(settings, run_b.run_id, step="measure")
     with pytest.raises(NotAuthorizedError, match="not trained on cc_probe v2"):
-        service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
-    grant_training(settings, "cc_tech", INST, "cc_probe", 2, trainer="Test Trainer")
+        signing_service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
+    grant_training(settings, "cc_tech", INST, "cc_probe", 2, trainer="Test Trainer", officer=qa)
     from flows.errors import SopInputError
 
     with pytest.raises(SopInputError, match="80"):
-        service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "90"})
-    service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "70"})
+        signing_service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "90"})
+    signing_service.submit_step(settings, run_b.run_id, "measure", "cc_tech", PASSWORD, {"value": "70"})
     rec_b = wait_for(settings, run_b.run_id, statuses=("completed",))
     assert rec_b["run"]["sop_version"] == 2
 
@@ -170,32 +176,28 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
         settings, INST, "cc_probe", 3, reviewer="cc_rev", reason="limit 10", username="cc_adm", password=PASSWORD
     )
     wait_for(settings, cc3, step="review")
-    service.submit_step(
+    signing_service.submit_step(
         settings, cc3, "review", "cc_rev", PASSWORD, {"decision": "reject", "reason": "10 is below the label's range"}
     )
     wait_for(settings, cc3, statuses=("rejected",))
     sweep(settings)
     assert _states(settings) == {1: "superseded", 2: "effective", 3: "rejected"}
-    assert service.verify_audit(settings).ok
+    assert audit_service.verify_audit(settings).ok
 
 
 def service_overdue(settings) -> set[tuple[str, int]]:
-    from flows.changes.sweep import overdue_training
+    from flows.services.training import overdue_training
 
     return {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=utcnow() + timedelta(days=2))}
 
 
-def _issued_notice(settings, timeout: float = 15.0) -> bool:
+def _issued_notice(settings) -> bool:
     """Whether the "issued" reminder of cc_probe was recorded (by this test's sweep or the executor's)."""
-    import time
-
     from flows.record.tables import Reminder, SopVersion
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def told() -> bool:
         with read_session(settings.database_url) as s:
             ids = set(s.exec(select(SopVersion.id).where(SopVersion.sop_id == "cc_probe")))
-            if any(r.object_id in ids for r in s.exec(select(Reminder).where(Reminder.kind == "issued"))):
-                return True
-        time.sleep(0.1)
-    return False
+            return any(r.object_id in ids for r in s.exec(select(Reminder).where(Reminder.kind == "issued")))
+
+    return eventually(told, "no 'issued' reminder of cc_probe was recorded")

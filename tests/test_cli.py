@@ -21,6 +21,7 @@ from tests.fixtures_engine import (
     start_receipt,
     wait_for,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,9 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
 
     Staff are set up in-process (the `user` and `training` commands have their own tests; each CLI
     call costs a second of start-up), the first of them through the CLI to show the path works."""
-    from flows.admin import add_user, grant_training
+    from flows.services.accounts import add_user
+    from flows.services.guard import Officer
+    from flows.services.training import grant_training
 
     settings = _env_settings(env)
     ok(cli(env, "user", "add", "qa", "--name", DEMO_STAFF["qa"][0], "--role", "demo_hospital:qa"))  # first account
@@ -125,8 +128,9 @@ def _walk_receipt(env: dict[str, str], *, kill_while_waiting: bool, to_the_end: 
         )
     for user, (name, role) in DEMO_STAFF.items():
         if user not in ("qa", "tech"):
-            add_user(settings, user, name, PASSWORD, [("demo_hospital", role)], actor="test")
-            grant_training(settings, user, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", actor="test")
+            qa = Officer("qa", PASSWORD)
+            add_user(settings, user, name, PASSWORD, [("demo_hospital", role)], officer=qa)
+            grant_training(settings, user, "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", officer=qa)
     ok(cli(env, "sop", "establish", "demo_hospital", "--as", "qa"))  # the files become the first Effective versions
     out = ok(
         cli(
@@ -189,26 +193,26 @@ def _env_settings(env: dict[str, str]):
     )
 
 
-def _wait_cli(env: dict[str, str], run_id: str, text: str, timeout: float = 60) -> None:
+def _wait_cli(env: dict[str, str], run_id: str, text: str) -> None:
     """Wait until `sopflow runs` would show ``text`` for the run (read in-process: the CLI costs ~0.7 s a call)."""
-    from flows import service
+    from flows.services import runs as runs_service
 
     settings = _env_settings(env)
-    deadline = time.monotonic() + timeout
     row: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        row = next(r for r in service.list_runs(settings) if r["id"] == run_id)
+
+    def shows() -> bool:
+        nonlocal row
+        row = next(r for r in runs_service.list_runs(settings) if r["id"] == run_id)
         shown = (
             f"{row['status']} waiting on {', '.join(row['waiting_on'])}" if row["waiting_on"] else str(row["status"])
         )  # type: ignore[arg-type]
-        if text in shown:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"run {run_id} never showed {text!r}: {row}")
+        return text in shown
+
+    eventually(shows, lambda: f"run {run_id} never showed {text!r}: {row}")
 
 
-def _wait_dead(home: Path, timeout: float = 10) -> None:
-    from flows.engine.server import _alive
+def _wait_dead(home: Path, timeout: float = 60) -> None:
+    from flows.services.server import _alive
 
     deadline = time.monotonic() + timeout
     pids = [int((home / "run" / f"{n}.pid").read_text()) for n in ("executor", "prefect-server")]
@@ -277,3 +281,25 @@ def test_production_path_on_postgresql_for_sopflow_and_prefect(tmp_path, pg_data
         assert cur.fetchone()[0] == 1
     assert not (tmp_path / "home" / "sopflow.db").exists()
     assert not (tmp_path / "home" / "prefect" / "prefect.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SOPFLOW_PREFECT_PORT", "abc", "error: SOPFLOW_PREFECT_PORT: expected a number, got 'abc'"),
+        ("SOPFLOW_LOCKOUT_THRESHOLD", "0", "error: SOPFLOW_LOCKOUT_THRESHOLD: expected a whole number of at least 1"),
+        ("SOPFLOW_DATABASE_URL", "nosuchdb://x", "error: database URL 'nosuchdb://x' cannot be used"),
+        ("SOPFLOW_HOME", "/proc/no-home", "error: database URL 'sqlite:////proc/no-home/sopflow.db' cannot be used"),
+    ],
+)
+def test_cli_configuration_mistake_is_one_red_line_not_a_traceback(tmp_path, variable, value, message):
+    """Issue 10: settings are read before any command runs; a mistake in them is a user's mistake."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOPFLOW_")}
+    env.update({"SOPFLOW_HOME": str(tmp_path / "home"), "COLUMNS": "200", variable: value})
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "runs"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(message), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -1,4 +1,4 @@
-"""Corrections without erasure (EU GMP Annex 11 §9, 21 CFR 11.10(e)): ``service.correct_step``
+"""Corrections without erasure (EU GMP Annex 11 §9, 21 CFR 11.10(e)): ``signing_service.correct_step``
 against a real record on SQLite and PostgreSQL. Each refusal test asserts that nothing was
 written (and, for a refused person, that the refusal was audited)."""
 
@@ -12,7 +12,6 @@ import pytest
 from rich.console import Console
 from sqlmodel import func, select
 
-from flows import service
 from flows.cli.render import print_record
 from flows.config import Settings, get_settings
 from flows.errors import (
@@ -25,6 +24,8 @@ from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.export import verify_export
 from flows.record.tables import AuditEvent, Signature, StepRecord
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
 from tests.conftest import PASSWORD, MakeRun
 
 ARRIVAL = {
@@ -66,12 +67,12 @@ def _counts(db_url: str) -> tuple[int, int, int]:
 def test_correction_leaves_original_visible_with_who_when_why(settings, db_url, make_run):
     run_id = _done_arrival(db_url, make_run)
 
-    res = service.correct_step(
+    res = signing_service.correct_step(
         settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "logger read from the wrong channel"
     )
 
     assert res.changes == {"logger_max_c": {"old": -180.0, "new": -175.5}}
-    rec = service.quality_record(settings, run_id)
+    rec = runs_service.quality_record(settings, run_id)
     arrival = next(st for st in rec["steps"] if st["id"] == "arrival")
     assert arrival["status"] == "done"
     assert arrival["data"]["logger_max_c"] == -175.5
@@ -105,10 +106,10 @@ def test_correction_leaves_original_visible_with_who_when_why(settings, db_url, 
 def test_correction_twice_shows_every_correction(settings, db_url, make_run):
     run_id = _done_arrival(db_url, make_run)
 
-    service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "first")
-    service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"courier": "SF 9999"}, "second")
+    signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "first")
+    signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"courier": "SF 9999"}, "second")
 
-    rec = service.quality_record(settings, run_id)
+    rec = runs_service.quality_record(settings, run_id)
     arrival = next(st for st in rec["steps"] if st["id"] == "arrival")
     assert [c["reason"] for c in arrival["corrections"]] == ["first", "second"]
     assert arrival["corrections"][1]["changes"] == {"courier": {"old": "SF 1234", "new": "SF 9999"}}
@@ -121,7 +122,7 @@ def test_correction_without_reason_is_refused_and_writes_nothing(settings, db_ur
     before = _counts(db_url)
 
     with pytest.raises(SopInputError, match="needs a reason") as info:
-        service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175"}, "  ")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175"}, "  ")
 
     assert "--reason" in str(info.value)
     assert _counts(db_url) == before
@@ -132,7 +133,7 @@ def test_correction_by_user_without_role_is_refused_and_audited(settings, db_url
     steps_before, sigs_before, _ = _counts(db_url)
 
     with pytest.raises(NotAuthorizedError, match="may only be signed by role 'cell_lab'"):
-        service.correct_step(settings, run_id, "arrival", "bo", PASSWORD, {"logger_max_c": "-175"}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "bo", PASSWORD, {"logger_max_c": "-175"}, "typo")
 
     assert _counts(db_url)[:2] == (steps_before, sigs_before)
     with read_session(db_url) as s:
@@ -145,7 +146,7 @@ def test_correction_with_wrong_password_is_refused_and_audited(settings, db_url,
     steps_before, sigs_before, _ = _counts(db_url)
 
     with pytest.raises(AuthenticationError):
-        service.correct_step(settings, run_id, "arrival", "ana", "wrong", {"logger_max_c": "-175"}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", "wrong", {"logger_max_c": "-175"}, "typo")
 
     assert _counts(db_url)[:2] == (steps_before, sigs_before)
     with read_session(db_url) as s:
@@ -160,11 +161,11 @@ def test_correction_of_step_not_done_is_refused_and_writes_nothing(settings, db_
     before = _counts(db_url)
 
     with pytest.raises(StepNotWaitingError, match="cannot be corrected: it is waiting; only a done step"):
-        service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175"}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175"}, "typo")
     with pytest.raises(StepNotWaitingError, match="it is not reached yet"):
-        service.correct_step(settings, run_id, "qa_acceptance", "ana", PASSWORD, {"reason": "x"}, "typo")
+        signing_service.correct_step(settings, run_id, "qa_acceptance", "ana", PASSWORD, {"reason": "x"}, "typo")
     with pytest.raises(StepNotWaitingError, match="has no human step 'transit_temperature'"):
-        service.correct_step(settings, run_id, "transit_temperature", "ana", PASSWORD, {"passed": "no"}, "typo")
+        signing_service.correct_step(settings, run_id, "transit_temperature", "ana", PASSWORD, {"passed": "no"}, "typo")
 
     assert _counts(db_url) == before
 
@@ -174,13 +175,13 @@ def test_correction_with_unchanged_or_invalid_values_is_refused(settings, db_url
     before = _counts(db_url)
 
     with pytest.raises(SopInputError, match="nothing to correct: the values given equal the current ones"):
-        service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-180"}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-180"}, "typo")
     with pytest.raises(SopInputError, match="nothing to correct: give the corrected values"):
-        service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {}, "typo")
     with pytest.raises(SopInputError, match=r"logger_max_c: .* is below the minimum"):
-        service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-500"}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-500"}, "typo")
     with pytest.raises(SopInputError, match="unknown field 'logger'"):
-        service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger": "-175"}, "typo")
+        signing_service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger": "-175"}, "typo")
 
     assert _counts(db_url) == before
 
@@ -195,7 +196,7 @@ def test_correction_of_an_approval_decision_is_refused(settings, db_url, make_ru
     before = _counts(db_url)
 
     with pytest.raises(SopInputError, match="a decision cannot be corrected"):
-        service.correct_step(
+        signing_service.correct_step(
             settings, run_id, "qa_acceptance", "ana", PASSWORD, {"decision": "reject", "reason": "x"}, "changed my mind"
         )
 
@@ -208,7 +209,9 @@ def test_correction_shows_in_the_receipt_document(settings, db_url, make_run):
     from tests.conftest import TEMPLATES
 
     run_id = _done_arrival(db_url, make_run)
-    service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "wrong channel")
+    signing_service.correct_step(
+        settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "wrong channel"
+    )
     with read_session(db_url) as s:
         record = run_record(s, run_id, with_history=False)
 

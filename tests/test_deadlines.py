@@ -123,25 +123,26 @@ def test_deadline_end_skipped_is_not_applicable_and_a_correction_does_not_move_a
 
 def test_start_refuses_a_deadline_whose_limit_the_product_does_not_give(tmp_path):
     """Refused before anyone signs in or any run is written: a deadline nobody can measure."""
-    from flows import service
-    from flows.admin import Officer, add_user
-    from flows.changes.control import establish
     from flows.config import get_settings
     from flows.errors import SopInputError
     from flows.record.db import read_session
     from flows.record.tables import AuditEvent, SopRun
+    from flows.services import runs as runs_service
+    from flows.services.accounts import add_user
+    from flows.services.guard import Officer
+    from flows.services.versions import establish
 
     settings = dataclasses.replace(
         get_settings(),
         sops_dir=Path(__file__).parent / "sops" / "engine",
         database_url=f"sqlite:///{tmp_path / 'lang.db'}",
     )
-    add_user(settings, "qa1", "Q A", "test-password-1", [("lang_hospital", "qa")], actor="test")
+    add_user(settings, "qa1", "Q A", "test-password-1", [("lang_hospital", "qa")])  # the first account
     establish(settings, "lang_hospital", Officer("qa1", "test-password-1"))
     with read_session(settings.database_url) as s:
         before = len(s.exec(select(AuditEvent)).all())
     with pytest.raises(SopInputError) as info:
-        service.start_run(settings, "lang_hospital", "lang_deadline", {"product": "noclock"}, "qa1", "unused")
+        runs_service.start_run(settings, "lang_hospital", "lang_deadline", {"product": "noclock"}, "qa1", "unused")
 
     assert info.value.problems == [
         "lang_deadline deadlines.thaw_to_infusion_end: no time limit for this run: within_min "

@@ -9,7 +9,6 @@ from uuid import UUID
 import pytest
 from sqlmodel import func, select
 
-from flows import service
 from flows.errors import (
     AuthenticationError,
     NotAuthorizedError,
@@ -18,7 +17,10 @@ from flows.errors import (
 )
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Signature, SopRun, StepRecord
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
 from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -32,22 +34,21 @@ def _counts(settings) -> tuple[int, int, int]:
         )
 
 
-def _task_run_names(settings, flow_run_id: str, expected: set[str], timeout: float = 20.0) -> set[str]:
+def _task_run_names(settings, flow_run_id: str, expected: set[str]) -> set[str]:
     """Task runs reach the server asynchronously: wait for them, never sleep a fixed time."""
-    import time
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    deadline = time.monotonic() + timeout
     names: set[str] = set()
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
+
+        def arrived() -> bool:
+            nonlocal names
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
             names = {r.name for r in runs if r.state and r.state.is_completed()}
-            if expected <= names:
-                break
-            time.sleep(0.1)
+            return expected <= names
+
+        eventually(arrived, lambda: f"task runs {sorted(expected - names)} never completed", every=0.1)
     return names
 
 
@@ -103,7 +104,9 @@ def test_run_sop_temperature_excursion_opens_deviation_and_waits_for_disposition
     assert rec["deviations"][0]["disposition"] == "waiting"
     assert {s["id"]: s["status"] for s in rec["steps"]}["identity_verification"] == "not reached"
     with pytest.raises(SopInputError, match="a reason is required to reject"):
-        service.submit_step(engine, run_id, "transit_temperature__disposition", "qa", PASSWORD, {"decision": "reject"})
+        signing_service.submit_step(
+            engine, run_id, "transit_temperature__disposition", "qa", PASSWORD, {"decision": "reject"}
+        )
     sign(engine, run_id, "transit_temperature__disposition", "qa", {"decision": "reject", "reason": "excursion"})
     rec = wait_for(engine, run_id, statuses=("rejected", "completed"))
     assert rec["run"]["status"] == "rejected"
@@ -115,7 +118,7 @@ def test_submit_value_out_of_range_is_refused_and_writes_nothing(engine):
     wait_for(engine, run_id, step="arrival")
     before = _counts(engine)
     with pytest.raises(SopInputError) as info:
-        service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, {**ARRIVAL, "logger_max_c": "-250"})
+        signing_service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, {**ARRIVAL, "logger_max_c": "-250"})
     assert "logger_max_c: -250 °C is below the minimum -200 °C" in str(info.value)
     assert _counts(engine) == before
 
@@ -125,7 +128,7 @@ def test_submit_without_the_role_is_refused_audited_and_records_no_step(engine):
     wait_for(engine, run_id, step="arrival")
     before = _counts(engine)
     with pytest.raises(NotAuthorizedError) as info:
-        service.submit_step(engine, run_id, "arrival", "pharm", PASSWORD, ARRIVAL)
+        signing_service.submit_step(engine, run_id, "arrival", "pharm", PASSWORD, ARRIVAL)
     assert "may only be signed by role 'cell_lab'" in str(info.value)
     after = _counts(engine)
     assert after[:2] == before[:2]  # no step record, no signature
@@ -139,7 +142,7 @@ def test_submit_wrong_password_is_refused_and_audited(engine):
     run_id = start_receipt(engine, coi="COI-TEST-0005")
     wait_for(engine, run_id, step="arrival")
     with pytest.raises(AuthenticationError, match="wrong user name or password"):
-        service.submit_step(engine, run_id, "arrival", "tech", "not-the-password", ARRIVAL)
+        signing_service.submit_step(engine, run_id, "arrival", "tech", "not-the-password", ARRIVAL)
     with read_session(engine.database_url) as s:
         last = s.exec(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
     assert last.action == "auth.failed"
@@ -150,7 +153,7 @@ def test_submit_to_a_step_not_reached_is_refused(engine):
     run_id = start_receipt(engine, coi="COI-TEST-0006")
     wait_for(engine, run_id, step="arrival")
     with pytest.raises(StepNotWaitingError, match="not waiting for input"):
-        service.submit_step(engine, run_id, "qa_acceptance", "qa", PASSWORD, {"decision": "approve"})
+        signing_service.submit_step(engine, run_id, "qa_acceptance", "qa", PASSWORD, {"decision": "approve"})
 
 
 def test_forged_resume_through_prefects_client_is_refused_and_the_step_waits_again(engine):
@@ -192,38 +195,36 @@ def test_resume_with_another_steps_signature_is_not_accepted_and_the_step_keeps_
     wait_for(engine, run_id, step="qa_acceptance")
 
 
-def _wait_audit(settings, action: str, object_id: str, timeout: float = 30.0) -> AuditEvent:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_audit(settings, action: str, object_id: str) -> AuditEvent:
+    def event() -> AuditEvent | None:
         with read_session(settings.database_url) as s:
-            ev = s.exec(
+            return s.exec(
                 select(AuditEvent).where(AuditEvent.action == action, AuditEvent.object_id == object_id)
             ).first()
-        if ev is not None:
-            return ev
-        time.sleep(0.1)
-    raise AssertionError(f"no {action} event for {object_id} within {timeout} s")
+
+    return eventually(event, f"no {action} event for {object_id}", every=0.1)
 
 
 def test_verifier_may_not_be_the_performer(engine):
-    from flows.admin import add_user, grant_training
+    from flows.services.accounts import add_user
+    from flows.services.guard import Officer
+    from flows.services.training import grant_training
 
+    qa = Officer("qa", PASSWORD)
     add_user(
         engine,
         "both",
         "Sun Li",
         PASSWORD,
         [("demo_hospital", "cell_lab"), ("demo_hospital", "pharmacist")],
-        actor="test",
+        officer=qa,
     )
-    grant_training(engine, "both", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
+    grant_training(engine, "both", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", officer=qa)
     run_id = start_receipt(engine, coi="COI-TEST-0009")
     sign(engine, run_id, "arrival", "both", ARRIVAL)
     wait_for(engine, run_id, step="identity_verification")
     with pytest.raises(NotAuthorizedError, match="the person who performed 'arrival' may not verify it"):
-        service.submit_step(
+        signing_service.submit_step(
             engine, run_id, "identity_verification", "both", PASSWORD, {"coi_matches": "yes", "documents": "complete"}
         )
 
@@ -250,7 +251,7 @@ def test_rerunning_a_completed_run_repeats_no_step(engine):
 def test_start_with_bad_parameters_writes_nothing(engine):
     before = _counts(engine)
     with pytest.raises(SopInputError) as info:
-        service.start_run(
+        runs_service.start_run(
             engine,
             "demo_hospital",
             "dose_receipt",
@@ -267,7 +268,9 @@ def test_start_with_bad_parameters_writes_nothing(engine):
 
 def test_start_on_a_product_with_unconfirmed_limits_is_refused(engine):
     with pytest.raises(SopInputError, match=r"storage_max_c, thaw_to_infusion_max_min"):
-        service.start_run(engine, "demo_hospital", "dose_receipt", {**_params(), "product": "axi_cel"}, "qm", PASSWORD)
+        runs_service.start_run(
+            engine, "demo_hospital", "dose_receipt", {**_params(), "product": "axi_cel"}, "qm", PASSWORD
+        )
 
 
 def test_start_by_a_role_the_sop_does_not_admit_is_refused_and_audited(engine):
@@ -279,7 +282,7 @@ def test_start_by_a_role_the_sop_does_not_admit_is_refused_and_audited(engine):
         match=r"dose_receipt may only be started by role 'quality_manager' or 'coordinator' of "
         r"'demo_hospital'; user 'tech' holds 'cell_lab'",
     ):
-        service.start_run(engine, "demo_hospital", "dose_receipt", _params(), "tech", PASSWORD)
+        runs_service.start_run(engine, "demo_hospital", "dose_receipt", _params(), "tech", PASSWORD)
     with read_session(engine.database_url) as s:
         assert s.exec(select(func.count()).select_from(SopRun)).one() == runs_before
         refused = s.exec(
@@ -293,9 +296,9 @@ def test_lost_resume_is_delivered_by_the_executor(engine):
     """A signature recorded while its resume never reached Prefect is resumed by the executor's sweep."""
     run_id = start_receipt(engine, coi="COI-TEST-0011")
     wait_for(engine, run_id, step="arrival")
-    res = service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, ARRIVAL, resume=False)
+    res = signing_service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, ARRIVAL, resume=False)
     assert res.resumed is False
-    wait_for(engine, run_id, step="identity_verification", timeout=30)
+    wait_for(engine, run_id, step="identity_verification")
 
 
 def _params() -> dict[str, str]:
@@ -304,32 +307,30 @@ def _params() -> dict[str, str]:
     return dict(PARAMS)
 
 
-def _wait_paused(flow_run_id: UUID, timeout: float = 20.0) -> None:
-    import time
-
+def _wait_paused(flow_run_id: UUID) -> None:
     from prefect.client.orchestration import get_client
 
-    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
+
+        def paused() -> bool:
             state = client.read_flow_run(flow_run_id).state
-            if state is not None and state.is_paused():
-                return
-            time.sleep(0.05)
-    pytest.fail("the flow run never suspended")
+            return state is not None and state.is_paused()
+
+        eventually(paused, "the flow run never suspended")
 
 
-def _wait_refused(settings, run_id: str, step: str, timeout: float = 30.0) -> dict:
-    import time
+def _wait_refused(settings, run_id: str, step: str) -> dict:
+    rec: dict = {"history": []}
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rec = service.quality_record(settings, run_id)
+    def refused() -> dict | None:
+        nonlocal rec
+        rec = runs_service.quality_record(settings, run_id)
         hist = [h for h in rec["history"] if h["step_id"] == step]
-        if any(h["status"] == "refused" for h in hist) and hist[-1]["status"] == "waiting":
-            return rec
-        time.sleep(0.05)
-    pytest.fail(f"no refusal recorded at {step}: {json.dumps(rec['history'], default=str)[:500]}")
+        return rec if any(h["status"] == "refused" for h in hist) and hist[-1]["status"] == "waiting" else None
+
+    return eventually(
+        refused, lambda: f"no refusal recorded at {step}: {json.dumps(rec['history'], default=str)[:500]}"
+    )
 
 
 def test_rerunning_a_rejected_run_never_goes_past_the_rejection(engine):
@@ -347,11 +348,11 @@ def test_rerunning_a_rejected_run_never_goes_past_the_rejection(engine):
     wait_for(engine, run_id, statuses=("rejected",))
     result = asyncio.run(run_flow(run_sop, parameters={"run_id": run_id}))
     assert result["status"] == "rejected"
-    rec = service.quality_record(engine, run_id)
+    rec = runs_service.quality_record(engine, run_id)
     assert rec["run"]["status"] == "rejected"
     assert {s["id"]: s["status"] for s in rec["steps"]}["tell_ward"] == "not reached"
     with pytest.raises(StepNotWaitingError, match="is rejected: none of its steps can be signed"):
-        service.submit_step(engine, run_id, "qa_acceptance", "qa", PASSWORD, {"decision": "approve"})
+        signing_service.submit_step(engine, run_id, "qa_acceptance", "qa", PASSWORD, {"decision": "approve"})
 
 
 def test_pause_key_of_one_step_never_matches_a_step_whose_id_extends_it():

@@ -11,9 +11,11 @@ from datetime import timedelta
 
 import pytest
 
-from flows import service
 from flows.config import Settings
 from flows.errors import SopInputError
+from flows.services import inbox as inbox_service
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
 from tests.fixtures_engine import PASSWORD, sign, wait_for
 
 pytestmark = pytest.mark.slow
@@ -26,23 +28,23 @@ _TRAINED: set[str] = set()
 @pytest.fixture(name="lang")
 def lang_fixture(engine: Settings) -> Settings:
     """The engine's settings, with lang_hospital's staff (``_start`` trains the signers)."""
-    from flows.admin import add_user
+    from tests.seed import seed_user
 
     if not _TRAINED:
         for username, role in STAFF.items():
-            add_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)], actor="test")
+            seed_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)])
         _TRAINED.add("")
     return engine
 
 
 def _start(settings: Settings, sop_id: str, params: dict[str, str] | None = None) -> str:
-    from flows.admin import grant_training
+    from tests.seed import seed_training
 
     if sop_id not in _TRAINED:
         for username in ("l_tech", "l_doc"):  # the only signers of these SOPs
-            grant_training(settings, username, INST, sop_id, 1, trainer="Test Trainer")
+            seed_training(settings, username, INST, sop_id, 1)
         _TRAINED.add(sop_id)
-    return service.start_run(settings, INST, sop_id, params or {}, "l_qm", PASSWORD).run_id
+    return runs_service.start_run(settings, INST, sop_id, params or {}, "l_qm", PASSWORD).run_id
 
 
 def _steps(rec: dict) -> dict[str, dict]:
@@ -55,7 +57,7 @@ def _export_problems(settings: Settings, run_id: str) -> list[str]:
 
     from flows.record.export import verify_export
 
-    return verify_export(json.loads(json.dumps(service.quality_record(settings, run_id), default=str)))
+    return verify_export(json.loads(json.dumps(runs_service.quality_record(settings, run_id), default=str)))
 
 
 def test_computed_values_are_previewed_signed_and_stored(lang):
@@ -63,11 +65,11 @@ def test_computed_values_are_previewed_signed_and_stored(lang):
     wait_for(lang, run_id, step="assess")
     entered = {"weight_kg": "25", "fever": "yes", "hypotension": "no_pressors", "hypoxia": "high_flow"}
 
-    preview = service.preview_step(lang, run_id, "assess", entered)
+    preview = signing_service.preview_step(lang, run_id, "assess", entered)
     assert preview["computed"] == {"crs_grade": 3.0, "toci_mg": 300.0}
     with pytest.raises(SopInputError, match="toci_mg: is computed"):
-        service.submit_step(lang, run_id, "assess", "l_doc", PASSWORD, {**entered, "toci_mg": "200"})
-    result = service.submit_step(lang, run_id, "assess", "l_doc", PASSWORD, entered)
+        signing_service.submit_step(lang, run_id, "assess", "l_doc", PASSWORD, {**entered, "toci_mg": "200"})
+    result = signing_service.submit_step(lang, run_id, "assess", "l_doc", PASSWORD, entered)
     assert result.computed == {"crs_grade": 3.0, "toci_mg": 300.0}
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
@@ -146,13 +148,13 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     assert clock["limit_seconds"] == 30 * 60  # tecartus's thaw_to_infusion_max_min in the test catalogue
     assert clock["due_at"] == _at(thaw_end + timedelta(minutes=30))
     assert 19 * 60 < clock["seconds_left"] <= 20 * 60
-    [item] = [i for i in service.inbox(lang, "l_doc") if i["run_id"] == run_id]
+    [item] = [i for i in inbox_service.inbox(lang, "l_doc") if i["run_id"] == run_id]
     assert {d["id"]: d["state"] for d in item["deadlines"]} == {
         "thaw_to_infusion_end": "running",
         "signed_within_a_day": "running",
     }
     # The web inbox shows each clock as time left and ranks the step by the nearest one.
-    from flows.service_web import urgent_inbox
+    from flows.services.inbox import urgent_inbox
 
     [item] = [i for i in urgent_inbox(lang, "l_doc") if i["run_id"] == run_id]
     clocks = {c["title"]: c["seconds_left"] for c in item["clocks"]}
@@ -211,7 +213,7 @@ def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
     assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=29)) == 0
     assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=31)) == 1
     assert sweep_deadlines(lang, now=thaw_end + timedelta(minutes=45)) == 0
-    rec = service.quality_record(lang, run_id)
+    rec = runs_service.quality_record(lang, run_id)
     [dev] = rec["deviations"]
     assert dev["description"].startswith(
         "deadline 'End of thaw to end of infusion' overdue: infusion.infusion_end "
@@ -241,7 +243,7 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     due = _at(signed_at + timedelta(hours=4))
     assert steps["obs"]["repeat"]["next"] == "obs#2"
     assert steps["obs"]["repeat"]["next_due_at"] == due
-    [item] = [i for i in service.inbox(lang, "l_doc") if i["run_id"] == run_id]
+    [item] = [i for i in inbox_service.inbox(lang, "l_doc") if i["run_id"] == run_id]
     assert (item["step_id"], item["title"], item["due_at"]) == ("obs#2", "ICE assessment", due)
 
     sign(lang, run_id, "obs#2", "l_doc", {"ice_score": "10"})
@@ -258,8 +260,8 @@ def test_repeated_step_is_signed_per_repetition_until_its_condition_holds(lang):
     assert steps["worst_recorded"]["data"]["passed"] is True
 
     # A repetition is corrected on its own; its computed value follows the corrected entry.
-    service.correct_step(lang, run_id, "obs#1", "l_doc", PASSWORD, {"ice_score": "5"}, "read the wrong sheet")
-    obs1 = _steps(service.quality_record(lang, run_id))["obs#1"]
+    signing_service.correct_step(lang, run_id, "obs#1", "l_doc", PASSWORD, {"ice_score": "5"}, "read the wrong sheet")
+    obs1 = _steps(runs_service.quality_record(lang, run_id))["obs#1"]
     assert obs1["data"] == {"ice_score": 5.0, "icans_grade": 2.0}
     assert obs1["corrections"][0]["changes"] == {
         "ice_score": {"old": 8.0, "new": 5.0},

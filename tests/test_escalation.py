@@ -13,7 +13,6 @@ import pytest
 import yaml
 from sqlmodel import select
 
-from flows import service
 from flows.config import Settings, get_settings
 from flows.engine.escalation import escalate_overdue, format_duration
 from flows.errors import SopDefinitionError
@@ -28,6 +27,7 @@ from flows.record.tables import (
     new_id,
     utcnow,
 )
+from flows.services import runs as runs_service
 from flows.sop import load_sop
 from flows.sop.model import SopDefinition
 from tests.conftest import DEMO_SOP, FIXED_AT, MakeRun
@@ -105,7 +105,7 @@ def test_escalation_of_overdue_step_is_recorded_once(settings, db_url, make_run)
         None,
     )
     assert json.loads(esc.deliveries_json) == []  # no channel configured: recorded as such
-    rec = service.quality_record(settings, run_id)
+    rec = runs_service.quality_record(settings, run_id)
     assert rec["escalations"][0]["waiting_since"] == "2026-11-02T01:30:00+00:00"
     qa = next(st for st in rec["steps"] if st["id"] == "qa_acceptance")
     assert qa["status"] == "waiting"
@@ -160,7 +160,7 @@ def test_escalation_on_timeout_deviation_opens_a_deviation_and_keeps_waiting(set
     assert (dev.step_id, dev.classification, dev.quarantine) == ("qa_acceptance", "minor", False)
     assert dev.description == "step 'qa_acceptance' waited 5h 0m for its signer, longer than its time-out of 4h 0m"
     assert (newest.step_id, newest.status) == ("qa_acceptance", "waiting")
-    rec = service.quality_record(settings, run_id)
+    rec = runs_service.quality_record(settings, run_id)
     assert rec["deviations"][0]["classification"] == "minor"
 
 
@@ -218,7 +218,7 @@ def test_escalation_overdue_approval_is_delivered_by_apprise_once(engine, receiv
     [esc] = _escalations(engine.database_url, run_id)
     assert [d["ok"] for d in json.loads(esc.deliveries_json)] == [True]
     assert len([m for m in receiver.messages if for_this_run(m)]) == 1
-    rows = service.list_runs(engine)
+    rows = runs_service.list_runs(engine)
     assert next(r for r in rows if r["id"] == run_id)["overdue"] == []  # by the real clock it is not overdue yet
     sign(engine, run_id, "qa_acceptance", "qa", {"decision": "approve"})
     rec = wait_for(engine, run_id, statuses=("completed", "rejected", "stopped"))

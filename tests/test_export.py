@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows import service
 from flows.cli import app
 from flows.config import Settings, get_settings
 from flows.engine.escalation import escalate_overdue
 from flows.record.db import write_session
 from flows.record.export import event_hash, verify_export
 from flows.record.tables import Deviation
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
 from tests.conftest import FIXED_AT, PASSWORD, MakeRun
 from tests.test_corrections import ARRIVAL
 
@@ -58,9 +59,11 @@ def export_fixture(settings: Settings, db_url: str, make_run: MakeRun) -> dict:
         )
         made.record(s, "qa_acceptance", "waiting", {"role": "qa"}, at=FIXED_AT)
         run_id = made.run.id
-    service.correct_step(settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "wrong channel")
+    signing_service.correct_step(
+        settings, run_id, "arrival", "ana", PASSWORD, {"logger_max_c": "-175.5"}, "wrong channel"
+    )
     assert escalate_overdue(settings, now=FIXED_AT + timedelta(hours=5)) == 1
-    return json.loads(json.dumps(service.quality_record(settings, run_id), default=str))
+    return json.loads(json.dumps(runs_service.quality_record(settings, run_id), default=str))
 
 
 def _event_of(doc: dict, table: str, row_id: str) -> dict:

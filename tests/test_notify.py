@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli.receiver import LocalReceiver
 from flows.errors import ConfigError
 from flows.outputs.notify import Delivery, channels_for, load_channels, notify
-from flows.outputs.receiver import LocalReceiver
 
 
 @pytest.fixture

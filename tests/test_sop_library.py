@@ -23,17 +23,22 @@ import pytest
 import yaml
 from sqlmodel import select
 
-from flows import service
 from flows.config import Settings
 from flows.errors import SopInputError
 from flows.record.db import read_session, write_session
-from flows.record.state import run_status, step_states
+from flows.record.state import FINAL_STATUSES, run_status, step_states
 from flows.record.tables import SopRun, User, utcnow
 from flows.record.training import record_training
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
 from flows.sop import Catalog
 from tests.fixtures_engine import PASSWORD
+from tests.waiting import LIMIT
 
-pytestmark = pytest.mark.slow
+STALL = LIMIT
+"""Seconds without any scenario moving (a signature landing, a run ending) before the set-up fails."""
+# The module's set-up plays 28 runs: minutes on a busy machine; the hang guard is the stall check.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(8 * LIMIT))]
 
 REPO = Path(__file__).resolve().parent.parent
 A, B = "demo_hospital", "shenjiang_hospital"
@@ -627,7 +632,7 @@ def _sop_ids(inst: str) -> list[str]:
 def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """The library's staff, trained on every SOP of their institution; settings whose SOP folder is
     a copy of the repository's in which shenjiang_hospital has confirmed Relma-cel's values."""
-    from flows.admin import add_user, grant_training
+    from tests.seed import seed_training, seed_user
 
     sops = tmp_path_factory.mktemp("library") / "sops"
     shutil.copytree(REPO / "sops", sops)
@@ -638,8 +643,8 @@ def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) 
     t0 = time.monotonic()
     ids = {inst: _sop_ids(inst) for inst in (A, B)}
     for username, (name, inst, role) in STAFF.items():
-        add_user(engine, username, name, PASSWORD, [(inst, role)], actor="test")
-        grant_training(engine, username, inst, ids[inst][0], 1, trainer="Test Trainer")  # the checked path, once
+        seed_user(engine, username, name, PASSWORD, [(inst, role)])
+        seed_training(engine, username, inst, ids[inst][0], 1)
     with write_session(engine.database_url) as s:  # the rest in one transaction: the same rows, faster
         for username, (_, inst, _) in STAFF.items():
             user = s.exec(select(User).where(User.username == username)).one()
@@ -660,13 +665,22 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
     with ThreadPoolExecutor(max_workers=6) as pool:
         for sc in plays:  # one after the other: a dose's chain of identity is ordered by start
             if not sc.parent:
-                sc.run_id = service.start_run(library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD).run_id
+                sc.run_id = runs_service.start_run(
+                    library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD
+                ).run_id
         by_name = {sc.name: sc for sc in plays}
         t_started = time.monotonic()
-        deadline = time.monotonic() + 240
+        # Waits while the scenarios progress: it fails only when none has moved for STALL seconds
+        # (a hang), never against a wall-clock deadline that a busy machine can break.
         pending = list(plays)
+        progress, last_moved = -1, time.monotonic()
         while pending:
-            assert time.monotonic() < deadline, f"still running: {[(sc.name, sc.done) for sc in pending]}"
+            moved = sum(sc.done for sc in plays) - len(pending)
+            if moved != progress:
+                progress, last_moved = moved, time.monotonic()
+            assert time.monotonic() - last_moved < STALL, (
+                f"no scenario moved for {STALL:.0f} s; still running: {[(sc.name, sc.done) for sc in pending]}"
+            )
             ready: list[Scenario] = []
             for sc in list(pending):
                 if not sc.run_id:  # a deviation sub-run: started by its parent's failed check
@@ -686,14 +700,19 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
                     if rec is not None and rec.status == "waiting":
                         ready.append(sc)
                     else:
-                        assert st not in service.FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
-                elif st in service.FINAL_STATUSES:
+                        assert st not in FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
+                elif st in FINAL_STATUSES:
                     pending.remove(sc)
             signing = [
                 (
                     sc,
                     pool.submit(
-                        service.submit_step, library, sc.run_id, *sc.steps[sc.done][:2], PASSWORD, sc.steps[sc.done][2]
+                        signing_service.submit_step,
+                        library,
+                        sc.run_id,
+                        *sc.steps[sc.done][:2],
+                        PASSWORD,
+                        sc.steps[sc.done][2],
                     ),
                 )
                 for sc in ready
@@ -722,7 +741,7 @@ def test_every_library_sop_has_a_happy_and_a_failure_scenario() -> None:
 @pytest.mark.parametrize("name", [sc.name for sc in scenarios()])
 def test_library_scenario_ends_as_expected(played: dict[str, Scenario], library: Settings, name: str) -> None:
     sc = played[name]
-    rec = service.quality_record(library, sc.run_id)
+    rec = runs_service.quality_record(library, sc.run_id)
 
     assert rec["run"]["status"] == sc.status
     assert sorted((d["step_id"], d["classification"]) for d in rec["deviations"]) == sorted(sc.deviations)
@@ -753,7 +772,7 @@ def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(
     played: dict[str, Scenario], library: Settings
 ) -> None:
     sc = played[f"{B}/infusion ok"]
-    rec = service.quality_record(library, sc.run_id)
+    rec = runs_service.quality_record(library, sc.run_id)
     html_doc, pdf_doc = rec["documents"]
     html = Path(html_doc["path"]).read_text(encoding="utf-8")
     text = _pdf_text(pdf_doc["path"])
@@ -786,7 +805,7 @@ def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(
 
 def test_english_record_escapes_entered_html_and_shows_units(played: dict[str, Scenario], library: Settings) -> None:
     sc = played[f"{A}/apheresis ok"]
-    rec = service.quality_record(library, sc.run_id)
+    rec = runs_service.quality_record(library, sc.run_id)
     html = Path(rec["documents"][0]["path"]).read_text(encoding="utf-8")
     text = _pdf_text(rec["documents"][1]["path"])
 
@@ -804,7 +823,7 @@ def test_english_record_escapes_entered_html_and_shows_units(played: dict[str, S
 
 def test_deviation_shows_in_the_record_document(played: dict[str, Scenario], library: Settings) -> None:
     sc = played[f"{B}/toxicity grade 3"]
-    rec = service.quality_record(library, sc.run_id)
+    rec = runs_service.quality_record(library, sc.run_id)
     text = _pdf_text(rec["documents"][1]["path"])
 
     assert _has(
@@ -815,7 +834,7 @@ def test_deviation_shows_in_the_record_document(played: dict[str, Scenario], lib
 
 def test_breached_deadline_shows_in_the_record_document(played: dict[str, Scenario], library: Settings) -> None:
     sc = played[f"{B}/infusion too late"]
-    rec = service.quality_record(library, sc.run_id)
+    rec = runs_service.quality_record(library, sc.run_id)
     text = _pdf_text(rec["documents"][1]["path"])
 
     assert _has(text, "复苏开始至输注结束（产品时限）", "180 min", "200 min", "超出时限")
@@ -853,7 +872,7 @@ def _pdf_text_bytes(data: bytes) -> str:
 def test_happy_paths_make_an_unbroken_chain_of_identity(
     played: dict[str, Scenario], library: Settings, inst: str
 ) -> None:
-    chain = service.chain_of_identity(library, _patient(inst, 1)["coi"])
+    chain = runs_service.chain_of_identity(library, _patient(inst, 1)["coi"])
 
     assert chain["unbroken"], chain["problems"]
     assert [(e["sop_id"], e["stage"]) for e in chain["runs"]] == [
@@ -863,13 +882,13 @@ def test_happy_paths_make_an_unbroken_chain_of_identity(
         ("infusion", "infusion"),
         ("toxicity_monitoring", None),
     ]
-    broken = service.chain_of_identity(library, _patient(inst, 2)["coi"])  # the failed collection
+    broken = runs_service.chain_of_identity(library, _patient(inst, 2)["coi"])  # the failed collection
     assert not broken["unbroken"]
 
 
 def test_start_on_an_unconfirmed_product_names_the_values_to_set(engine: Settings) -> None:
     with pytest.raises(SopInputError) as info:
-        service.start_run(
+        runs_service.start_run(
             engine, B, "dose_receipt", {**_patient(B, 99, "zevor_cel"), "lot": "LOT-Z"}, "b.coord", PASSWORD
         )
 

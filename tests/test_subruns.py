@@ -10,13 +10,15 @@ import pytest
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from flows import service
 from flows.cli import app
 from flows.errors import NotAuthorizedError, SopInputError, StepNotWaitingError
 from flows.record.db import read_session
 from flows.record.export import verify_export
 from flows.record.tables import AuditEvent, SopRun
+from flows.services import runs as runs_service
+from flows.services import signing as signing_service
 from tests.fixtures_engine import PASSWORD, wait_for
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -27,40 +29,37 @@ SOPS = ("parent_flow", "child_flow", "receipt", "deviation_capa", "collection", 
 @pytest.fixture(name="dev", scope="module")
 def dev_fixture(engine):
     """dev_hospital's staff, trained on its SOPs."""
-    from flows.admin import add_user, grant_training
+    from tests.seed import seed_training, seed_user
 
     for username, role in (("dv_tech", "cell_lab"), ("dv_qa", "qa"), ("dv_qa2", "qa"), ("dv_doc", "physician")):
-        add_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)], actor="test")
+        seed_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(INST, role)])
         for sop in SOPS:
-            grant_training(engine, username, INST, sop, 1, trainer="Test Trainer")
+            seed_training(engine, username, INST, sop, 1)
     return engine
 
 
 def _start(settings, sop_id: str, coi: str, **params: str) -> str:
-    return service.start_run(settings, INST, sop_id, {"coi": coi, **params}, "dv_tech", PASSWORD).run_id
+    return runs_service.start_run(settings, INST, sop_id, {"coi": coi, **params}, "dv_tech", PASSWORD).run_id
 
 
 def _sign(settings, run_id: str, step: str, user: str, values: dict) -> None:
-    wait_for(settings, run_id, step=step, timeout=30)
-    service.submit_step(settings, run_id, step, user, PASSWORD, values)
+    wait_for(settings, run_id, step=step)
+    signing_service.submit_step(settings, run_id, step, user, PASSWORD, values)
 
 
 def _child(settings, run_id: str, link: str) -> str:
     """The sub-run a parent's link step started (waits until it has)."""
-    import time
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def child() -> str | None:
         with read_session(settings.database_url) as s:
-            child = s.exec(select(SopRun).where(SopRun.parent_run_id == run_id, SopRun.parent_step_id == link)).first()
-            if child is not None:
-                return child.id
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} started no sub-run at {link}")
+            row = s.exec(select(SopRun).where(SopRun.parent_run_id == run_id, SopRun.parent_step_id == link)).first()
+            return row.id if row is not None else None
+
+    return eventually(child, f"run {run_id} started no sub-run at {link}")
 
 
 def _final(settings, run_id: str) -> dict:
-    return wait_for(settings, run_id, statuses=("completed", "rejected", "stopped", "failed"), timeout=30)
+    return wait_for(settings, run_id, statuses=("completed", "rejected", "stopped", "failed"))
 
 
 def test_parent_waits_for_its_sub_run_then_reads_its_data(dev):
@@ -118,12 +117,12 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     # The disposition lifted the quarantine: the dose may be handled (e.g. stored for return) again.
     later = _start(dev, "storage", coi)
     assert wait_for(dev, later, step="done")["run"]["status"] == "waiting"
-    listed = service.deviations(dev)
+    listed = runs_service.deviations(dev)
     mine = next(d for d in listed["deviations"] if d["id"] == dev_id)
     assert (mine["status"], mine["decision"], mine["quarantined"]) == ("dispositioned", "reject", False)
     assert [e["kind"] for e in mine["events"]] == ["subrun", "contained", "disposition"]
     # The quality record shows the link, the sub-run and the lifecycle; its export verifies offline.
-    rec = service.quality_record(dev, receipt)
+    rec = runs_service.quality_record(dev, receipt)
     assert rec["subruns"][0]["id"] == handler
     assert rec["subruns"][0]["sop_id"] == "deviation_capa"
     link = {s["id"]: s for s in rec["steps"]}["cold_enough__deviation"]
@@ -141,9 +140,9 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     # A rejecting disposition rejects the dose, not the deviation: its SOP goes on to the CAPA.
     assert f"{handler}  deviation_capa v1 from step cold_enough__deviation: waiting" in printed.output
     assert wait_for(dev, handler, step="physician_agreement")["run"]["status"] == "waiting"
-    assert service.quality_record(dev, handler)["run"]["parent_run_id"] == receipt
+    assert runs_service.quality_record(dev, handler)["run"]["parent_run_id"] == receipt
     # The chain shows the deviation's sub-run under the receipt, and why it is broken.
-    chain = service.chain_of_identity(dev, coi)
+    chain = runs_service.chain_of_identity(dev, coi)
     assert [(r["sop_id"], r["depth"]) for r in chain["runs"]] == [("receipt", 0), ("deviation_capa", 1), ("storage", 0)]
     assert chain["unbroken"] is False
     problems = "\n".join(chain["problems"])
@@ -163,26 +162,26 @@ def test_quarantine_holds_another_runs_next_gate_until_approval_then_capa_overdu
     # The other run may finish the gate it had open, but its next gate is held.
     _sign(dev, other, "arrival", "dv_tech", {"logger_max_c": "-180"})
     rec = wait_for(dev, other, statuses=("waiting",))
-    import time
 
-    deadline = time.monotonic() + 30
-    while {s["id"]: s["status"] for s in rec["steps"]}["put_away"] != "held" and time.monotonic() < deadline:
-        time.sleep(0.05)
-        rec = service.quality_record(dev, other)
+    def held() -> dict | None:
+        rec = runs_service.quality_record(dev, other)
+        return rec if {s["id"]: s["status"] for s in rec["steps"]}["put_away"] == "held" else None
+
+    rec = eventually(held, "put_away of the other run was never held")
     assert {s["id"]: s["status"] for s in rec["steps"]}["put_away"] == "held"
     assert "quarantined by deviation" in rec["run"]["status_detail"]
-    assert "put_away" in next(r for r in service.list_runs(dev) if r["id"] == other)["waiting_on"]
+    assert "put_away" in next(r for r in runs_service.list_runs(dev) if r["id"] == other)["waiting_on"]
     with pytest.raises(StepNotWaitingError, match="it is held"):
-        service.submit_step(dev, other, "put_away", "dv_tech", PASSWORD, {"position": "T1"})
+        signing_service.submit_step(dev, other, "put_away", "dv_tech", PASSWORD, {"position": "T1"})
 
     _sign(dev, handler, "containment", "dv_qa", {"action": "hold"})
     _sign(dev, handler, "disposition", "dv_qa", {"outcome": "use_with_risk_acceptance", "rationale": "2 min above"})
     # Use needs the physician's agreement too (the SOP's second disposition step): still quarantined.
     wait_for(dev, handler, step="physician_agreement")
-    rec = service.quality_record(dev, receipt)
+    rec = runs_service.quality_record(dev, receipt)
     assert {s["id"]: s["status"] for s in rec["steps"]}["cold_enough__deviation"] == "waiting"
     assert rec["deviations"][0]["quarantined"] is True
-    assert {s["id"]: s["status"] for s in service.quality_record(dev, other)["steps"]}["put_away"] == "held"
+    assert {s["id"]: s["status"] for s in runs_service.quality_record(dev, other)["steps"]}["put_away"] == "held"
     _sign(dev, handler, "physician_agreement", "dv_doc", {"decision": "approve"})
     # Approved: the parent goes on to put_away; the held run's gate opens too.
     wait_for(dev, receipt, step="put_away")
@@ -191,13 +190,15 @@ def test_quarantine_holds_another_runs_next_gate_until_approval_then_capa_overdu
     due = "2026-12-01T09:00:00+08:00"
     wait_for(dev, handler, step="capa")
     with pytest.raises(SopInputError, match="owner: no user 'nobody'"):
-        service.submit_step(dev, handler, "capa", "dv_qa", PASSWORD, {"action": "a", "owner": "nobody", "due": due})
+        signing_service.submit_step(
+            dev, handler, "capa", "dv_qa", PASSWORD, {"action": "a", "owner": "nobody", "due": due}
+        )
     _sign(dev, handler, "capa", "dv_qa", {"action": "requalify shipper", "owner": "dv_qa2", "due": due})
     wait_for(dev, handler, step="closure")
-    dev_id = service.quality_record(dev, receipt)["deviations"][0]["id"]
+    dev_id = runs_service.quality_record(dev, receipt)["deviations"][0]["id"]
 
-    before = service.deviations(dev, now=datetime.fromisoformat(due) - timedelta(days=1))
-    after = service.deviations(dev, now=datetime.fromisoformat(due) + timedelta(days=1))
+    before = runs_service.deviations(dev, now=datetime.fromisoformat(due) - timedelta(days=1))
+    after = runs_service.deviations(dev, now=datetime.fromisoformat(due) + timedelta(days=1))
     assert dev_id in {d["id"] for d in after["deviations"]}
     assert not [c for c in before["overdue_capas"] if c["deviation_id"] == dev_id]
     overdue = [c for c in after["overdue_capas"] if c["deviation_id"] == dev_id]
@@ -210,7 +211,7 @@ def test_quarantine_holds_another_runs_next_gate_until_approval_then_capa_overdu
 
     _sign(dev, handler, "closure", "dv_qa", {"decision": "approve"})
     _final(dev, handler)
-    closed = service.deviations(dev, now=datetime.fromisoformat(due) + timedelta(days=1))
+    closed = runs_service.deviations(dev, now=datetime.fromisoformat(due) + timedelta(days=1))
     assert dev_id not in {d["id"] for d in closed["deviations"]}
     assert not [c for c in closed["overdue_capas"] if c["deviation_id"] == dev_id]
 
@@ -226,7 +227,7 @@ def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
             _sign(dev, run, "done", "dv_tech", {"ok": "yes"})
         assert _final(dev, run)["run"]["status"] == "completed"
 
-    chain = service.chain_of_identity(dev, coi)
+    chain = runs_service.chain_of_identity(dev, coi)
     assert chain["unbroken"] is True, chain["problems"]
     assert [(r["sop_id"], r["stage"], r["status"]) for r in chain["runs"]] == [
         ("collection", "collection", "completed"),
@@ -242,7 +243,7 @@ def test_chain_of_identity_lists_runs_in_order_and_flags_a_broken_chain(dev):
     # A later run on the dose that has not ended breaks the chain until it does.
     extra = _start(dev, "storage", coi)
     wait_for(dev, extra, step="done")
-    broken = service.chain_of_identity(dev, coi)
+    broken = runs_service.chain_of_identity(dev, coi)
     assert broken["unbroken"] is False
     assert broken["problems"] == [f"run {extra[:8]} (storage) has not ended (it is waiting)"]
     printed = CliRunner().invoke(app, ["chain", coi])

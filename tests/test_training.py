@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,10 +15,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, func, select
 
-from flows import admin
-from flows.admin import Officer
 from flows.config import Settings, get_settings
-from flows.errors import NotAuthorizedError, RecordError, SopNotFoundError
+from flows.errors import NotAuthorizedError, NotFoundError, RecordError, SopNotFoundError
 from flows.record import ledger, state
 from flows.record.db import read_session, write_session
 from flows.record.tables import (
@@ -30,10 +27,14 @@ from flows.record.tables import (
     TrainingRecord,
 )
 from flows.record.training import is_trained, record_training
+from flows.services import accounts, training
+from flows.services.guard import UNAUTHENTICATED, Officer
 from flows.sop.model import CheckStepSpec, HumanStepSpec
 from tests.conftest import FIXED_AT, MakeRun
+from tests.waiting import eventually
 
 PW = "correct horse 7"
+QA = Officer("qa.one", PW)
 
 UNTRAINED = (
     "only staff trained on dose_receipt v1 at 'demo_hospital' may sign step {step!r}; user 'ana' is not trained "
@@ -91,8 +92,8 @@ def test_training_disposition_step_is_part_of_the_sop(db_url: str, make_run: Mak
 @pytest.fixture
 def people(db_url: str) -> Settings:
     settings = replace(get_settings(), database_url=db_url)
-    admin.add_user(settings, "ana", "Ana Li", PW, [("demo_hospital", "cell_lab")])
-    admin.add_user(settings, "qa.one", "Qian An", PW, [("demo_hospital", "qa")])
+    accounts.add_user(settings, "qa.one", "Qian An", PW, [("demo_hospital", "qa")])  # the first account
+    accounts.add_user(settings, "ana", "Ana Li", PW, [("demo_hospital", "cell_lab")], officer=QA)
     return settings
 
 
@@ -113,7 +114,7 @@ def test_training_grant_refuses_an_sop_or_version_that_does_not_exist(
     people: Settings, institution: str, sop: str, version: int, message: str
 ) -> None:
     with pytest.raises(SopNotFoundError) as info:
-        admin.grant_training(people, "ana", institution, sop, version, trainer="T")
+        training.grant_training(people, "ana", institution, sop, version, trainer="T", officer=QA)
 
     assert str(info.value) == message
     assert _trainings(people) == []
@@ -135,47 +136,62 @@ def test_training_grant_accepts_a_version_only_stored_from_an_earlier_run(people
             actor="system",
         )
 
-    admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 7, trainer="T")
+    training.grant_training(people, "ana", "demo_hospital", "dose_receipt", 7, trainer="T", officer=QA)
 
     with pytest.raises(SopNotFoundError, match="known versions: 1, 7"):
-        admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 3, trainer="T")
+        training.grant_training(people, "ana", "demo_hospital", "dose_receipt", 3, trainer="T", officer=QA)
 
 
-def test_training_grant_refuses_unknown_user_missing_trainer_and_future_date(people: Settings) -> None:
-    with pytest.raises(RecordError, match=re.escape("no user 'anna'. Did you mean 'ana'?")):
-        admin.grant_training(people, "anna", "demo_hospital", "dose_receipt", 1, trainer="T")
-    with pytest.raises(RecordError, match="name the trainer with --trainer"):
-        admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1)
+def test_training_grant_refuses_unknown_user_and_future_or_zoneless_date(people: Settings) -> None:
+    with pytest.raises(NotFoundError, match=re.escape("no user 'anna'. Did you mean 'ana'?")):
+        training.grant_training(people, "anna", "demo_hospital", "dose_receipt", 1, trainer="T", officer=QA)
     tomorrow = (datetime.now(UTC) + timedelta(days=2)).date().isoformat()
     with pytest.raises(RecordError, match="is in the future"):
-        admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on=tomorrow)
+        training.grant_training(
+            people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on=tomorrow, officer=QA
+        )
     with pytest.raises(RecordError, match="needs an offset"):
-        admin.grant_training(
-            people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on="2026-01-05T09:00"
+        training.grant_training(
+            people, "ana", "demo_hospital", "dose_receipt", 1, trainer="T", trained_on="2026-01-05T09:00", officer=QA
         )
 
     assert _trainings(people) == []
 
 
-def test_training_grant_by_administrator_with_a_date_in_the_institutions_zone(people: Settings) -> None:
-    admin.grant_training(
-        people, "ana", "demo_hospital", "dose_receipt", 1, trainer="Dr. Trainer", trained_on="2026-01-05"
+def test_training_grant_without_a_qa_officer_is_refused_and_audited(people: Settings) -> None:
+    """Issue 10: "training is recorded by a QA officer" was a rule of the CLI only; code calling the
+    service floor directly (the web, a script) is refused too, and the refusal is in the audit trail."""
+    with pytest.raises(NotAuthorizedError) as info:
+        training.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, trainer="Dr. Trainer", officer=None)
+
+    assert str(info.value) == "training is recorded by a QA officer of the institution: --as QA_USER"
+    assert _trainings(people) == []
+    with read_session(people.database_url) as s:
+        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "training.grant.refused")).one()
+        assert ledger.verify_chain(s).ok
+    assert (refused.actor, refused.object_id, refused.reason) == (UNAUTHENTICATED, "ana", str(info.value))
+
+
+def test_training_grant_by_qa_officer_with_a_date_in_the_institutions_zone(people: Settings) -> None:
+    training.grant_training(
+        people, "ana", "demo_hospital", "dose_receipt", 1, trainer="Dr. Trainer", trained_on="2026-01-05", officer=QA
     )
 
     [rec] = _trainings(people)
-    trained_at = rec.trained_at if rec.trained_at.tzinfo else rec.trained_at.replace(tzinfo=UTC)
-    assert trained_at == datetime(2026, 1, 4, 16, 0, tzinfo=UTC)  # 2026-01-05 00:00 Asia/Shanghai
-    assert (rec.trainer, rec.recorded_by, rec.sop_version) == ("Dr. Trainer", "admin", 1)
-    [row] = admin.list_training(people, "ana")
-    assert (row["username"], row["sop_id"], row["recorded_by"]) == ("ana", "dose_receipt", "admin")
+    assert rec.trained_at == datetime(2026, 1, 4, 16, 0, tzinfo=UTC)  # 2026-01-05 00:00 Asia/Shanghai
+    with read_session(people.database_url) as s:
+        officer_id = s.exec(select(AuditEvent.actor).where(AuditEvent.action == "training.grant")).one()
+    assert (rec.trainer, rec.recorded_by, rec.sop_version) == ("Dr. Trainer", officer_id, 1)
+    [row] = training.list_training(people, "ana")
+    assert (row["username"], row["sop_id"], row["recorded_by"]) == ("ana", "dose_receipt", "qa.one")
     with read_session(people.database_url) as s:
         assert ledger.verify_chain(s).ok
 
 
 def test_training_grant_by_qa_officer_and_not_by_others(people: Settings) -> None:
     with pytest.raises(NotAuthorizedError) as info:
-        admin.grant_training(people, "qa.one", "demo_hospital", "dose_receipt", 1, officer=Officer("ana", PW))
-    admin.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, officer=Officer("qa.one", PW))
+        training.grant_training(people, "qa.one", "demo_hospital", "dose_receipt", 1, officer=Officer("ana", PW))
+    training.grant_training(people, "ana", "demo_hospital", "dose_receipt", 1, officer=Officer("qa.one", PW))
 
     assert str(info.value) == "user 'ana' may not record training at 'demo_hospital': that takes role 'qa' there"
     [rec] = _trainings(people)
@@ -278,16 +294,18 @@ def _counts(settings: Settings) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_training_untrained_signer_is_refused_at_submit_and_audited(engine: Settings) -> None:
-    from flows import service
+    from flows.services import signing as signing_service
     from tests.fixtures_engine import ARRIVAL, PASSWORD, start_receipt, wait_for
 
-    admin.add_user(engine, "new.tech", "Xin Ji", PASSWORD, [("demo_hospital", "cell_lab")])
+    accounts.add_user(
+        engine, "new.tech", "Xin Ji", PASSWORD, [("demo_hospital", "cell_lab")], officer=Officer("qa", PASSWORD)
+    )
     run_id = start_receipt(engine, coi="COI-TRAIN-0001")
     wait_for(engine, run_id, step="arrival")
     before = _counts(engine)
 
     with pytest.raises(NotAuthorizedError) as info:
-        service.submit_step(engine, run_id, "arrival", "new.tech", PASSWORD, ARRIVAL)
+        signing_service.submit_step(engine, run_id, "arrival", "new.tech", PASSWORD, ARRIVAL)
 
     assert str(info.value) == (
         "user 'new.tech': only staff trained on dose_receipt v1 at 'demo_hospital' may sign step 'arrival'; user 'new.tech' "
@@ -300,8 +318,10 @@ def test_training_untrained_signer_is_refused_at_submit_and_audited(engine: Sett
     assert last is not None
     assert (last.action, last.reason) == ("sign.refused", str(info.value))
     # Once trained, the same person signs.
-    admin.grant_training(engine, "new.tech", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer")
-    service.submit_step(engine, run_id, "arrival", "new.tech", PASSWORD, ARRIVAL)
+    training.grant_training(
+        engine, "new.tech", "demo_hospital", "dose_receipt", 1, trainer="Test Trainer", officer=Officer("qa", PASSWORD)
+    )
+    signing_service.submit_step(engine, run_id, "arrival", "new.tech", PASSWORD, ARRIVAL)
     wait_for(engine, run_id, step="identity_verification")
 
 
@@ -309,16 +329,18 @@ def test_training_untrained_signer_is_refused_at_submit_and_audited(engine: Sett
 def test_training_flow_refuses_a_signature_by_an_untrained_signer(engine: Settings) -> None:
     """A signature row that bypassed the submit-time check (written straight into the record with a
     correct hash) is refused by the flow when it re-checks the signer: the step waits again."""
-    from flows import service
     from flows.engine import client
     from flows.engine.gates import human_fields
     from flows.engine.steps import write_step
-    from flows.record.query import stored_sop
     from flows.record.tables import SopRun, User, utcnow
+    from flows.record.versions import stored_sop
+    from flows.services import runs as runs_service
     from flows.sop.inputs import coerce_values
     from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
 
-    admin.add_user(engine, "raw.tech", "Ra Wu", PASSWORD, [("demo_hospital", "cell_lab")])
+    accounts.add_user(
+        engine, "raw.tech", "Ra Wu", PASSWORD, [("demo_hospital", "cell_lab")], officer=Officer("qa", PASSWORD)
+    )
     run_id = start_receipt(engine, coi="COI-TRAIN-0002")
     wait_for(engine, run_id, step="arrival")
     with write_session(engine.database_url) as s:
@@ -344,15 +366,12 @@ def test_training_flow_refuses_a_signature_by_an_untrained_signer(engine: Settin
         flow_run_id, sig_id = run.flow_run_id, sig.id
     client.resume(engine, flow_run_id, "arrival", sig_id)
 
-    deadline = time.monotonic() + 30
-    refused: list[dict[str, str]] = []
-    while time.monotonic() < deadline:
-        hist = [h for h in service.quality_record(engine, run_id)["history"] if h["step_id"] == "arrival"]
+    def refusals() -> list[dict[str, str]]:
+        hist = [h for h in runs_service.quality_record(engine, run_id)["history"] if h["step_id"] == "arrival"]
         refused = [h for h in hist if h["status"] == "refused"]
-        if refused and hist[-1]["status"] == "waiting":
-            break
-        time.sleep(0.05)
-    assert refused, "the flow never refused the untrained signer's signature"
+        return refused if refused and hist[-1]["status"] == "waiting" else []
+
+    refused = eventually(refusals, "the flow never refused the untrained signer's signature")
     assert "user 'raw.tech' is not trained on dose_receipt v1" in refused[0]["reason"]
     with read_session(engine.database_url) as s:
         audited = s.exec(

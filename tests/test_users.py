@@ -9,7 +9,7 @@ import pytest
 from sqlmodel import select
 
 from flows.errors import AuthenticationError, RecordError
-from flows.record import ledger, users
+from flows.record import accounts, ledger, users
 from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import AuditEvent, User, utcnow
 
@@ -27,7 +27,7 @@ def test_users_add_and_authenticate(url: str) -> None:
         added_id = added.id
 
     with read_session(url) as s:
-        user = users.authenticate(s, "ana.li", "correct horse 7")
+        user = accounts.authenticate(s, "ana.li", "correct horse 7")
         events = list(s.exec(select(AuditEvent)))
         report = ledger.verify_chain(s)
     assert user.id == added_id
@@ -41,12 +41,12 @@ def test_users_add_and_authenticate(url: str) -> None:
 
 def test_users_wrong_password_and_unknown_user_give_the_same_message(url: str) -> None:
     with read_session(url) as s, pytest.raises(AuthenticationError) as unknown:
-        users.authenticate(s, "bo", "correct horse 7")
+        accounts.authenticate(s, "bo", "correct horse 7")
     with write_session(url) as s:
         users.add_user(s, "bo", "Bo Wang", "correct horse 7", actor="admin")
 
     with read_session(url) as s, pytest.raises(AuthenticationError) as wrong:
-        users.authenticate(s, "bo", "Correct horse 7")
+        accounts.authenticate(s, "bo", "Correct horse 7")
 
     assert str(unknown.value) == str(wrong.value) == "user 'bo': wrong user name or password"
 
@@ -56,7 +56,7 @@ def test_users_authenticate_refuses_empty_password(url: str) -> None:
         users.add_user(s, "cy", "Cy Zhao", "correct horse 7", actor="admin")
 
     with read_session(url) as s, pytest.raises(AuthenticationError, match="wrong user name or password"):
-        users.authenticate(s, "cy", "")
+        accounts.authenticate(s, "cy", "")
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """SOP versions without the engine: establish, drafts, refusals, diff, editor validation,
-periodic review, export and import (flows.changes, flows.record.versions, flows.sop.diff)."""
+periodic review, export and import (flows.services.versions, flows.services.transfer, flows.record.versions, flows.sop.diff)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ import pytest
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
-from flows.admin import Officer
-from flows.changes.control import (
-    create_draft,
-    effective_sop,
-    establish,
-    record_review,
-)
-from flows.changes.sweep import sweep
-from flows.changes.transfer import export_institution, import_institution
 from flows.config import get_settings
 from flows.errors import (
     ChangeControlError,
@@ -31,7 +22,12 @@ from flows.errors import (
 )
 from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import AuditEvent, Reminder, SopVersion, utcnow
-from flows.record.versions import append_event, versions_of
+from flows.record.versions import append_version_event, effective_sop, versions_of
+from flows.services.drafts import create_draft
+from flows.services.guard import Officer
+from flows.services.sweeps import sweep
+from flows.services.transfer import export_institution, import_institution
+from flows.services.versions import establish, record_review
 from flows.sop.catalog import Catalog
 from flows.sop.editing import schema_field_names, validate_sop_text
 from tests.conftest import DEMO_SOP, PASSWORD, REPO
@@ -93,12 +89,12 @@ def _v2(tmp_path: Path, *, limit: str = "max: 30", role: str = "qa", step: bool 
 
 
 def test_start_without_effective_version_is_refused_with_audit_event(db_url, tmp_path):
-    from flows import service
+    from flows.services import runs as runs_service
 
     settings = _settings(db_url, tmp_path)
     _staff(settings)
     with pytest.raises(SopNotEffectiveError, match="has no Effective version") as info:
-        service.start_run(settings, INST, "dose_receipt", {}, "tech", PASSWORD)
+        runs_service.start_run(settings, INST, "dose_receipt", {}, "tech", PASSWORD)
     assert "sopflow sop establish demo_hospital" in str(info.value)
     [event] = _events(settings, "run.start.refused")
     assert "no Effective version" in (event.reason or "")
@@ -192,7 +188,7 @@ def test_validate_sop_text_gives_lines_and_schema_names():
 
 
 def test_check_draft_text_uses_the_institution_roles(tmp_path):
-    from flows.changes.control import check_draft_text
+    from flows.services.drafts import check_draft_text
 
     settings = _settings(f"sqlite:///{tmp_path / 'x.db'}", tmp_path)
     text = _v2(tmp_path, role="qa_officer").read_text(encoding="utf-8")
@@ -303,7 +299,9 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
     now = utcnow()
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
-        append_event(s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()})
+        append_version_event(
+            s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()}
+        )
         assert activate_due(s, now) == []
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
         assert effective_version(s, INST, "dose_receipt").version == 2
@@ -314,9 +312,9 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
 
 
 def test_issued_version_assigns_training_and_overdue_training_is_listed_and_notified_once(tmp_path):
-    from flows.admin import grant_training
-    from flows.changes.control import version_definition
-    from flows.changes.sweep import _assign_training, overdue_training
+    from flows.record.versions import version_definition
+    from flows.services.sweeps import _assign_training
+    from flows.services.training import grant_training, overdue_training
 
     settings = _established_with_v2_draft(tmp_path)
     now = utcnow()
@@ -328,7 +326,7 @@ def test_issued_version_assigns_training_and_overdue_training_is_listed_and_noti
     assert overdue_training(settings, now=now + timedelta(days=13)) == []
     late = now + timedelta(days=15)
     assert {(o["username"], o["sop_version"]) for o in overdue_training(settings, now=late)} == {("tech", 2), ("qa", 2)}
-    grant_training(settings, "tech", INST, "dose_receipt", 2, trainer="Trainer")
+    grant_training(settings, "tech", INST, "dose_receipt", 2, trainer="Trainer", officer=Officer("qa", PASSWORD))
     assert [o["username"] for o in overdue_training(settings, now=late)] == ["qa"]
     assert sweep(settings, now=late)["training_reminders"] == 1
     assert sweep(settings, now=late)["training_reminders"] == 0

@@ -22,7 +22,7 @@ from sqlmodel import col, func, select
 from flows.record.db import read_session, write_session
 from flows.record.tables import AuditEvent, SopVersion
 from tests.conftest import PASSWORD, REPO
-from tests.test_web_browser import ARGS, CHROMIUM, browser_fixture, serve, shots_fixture  # noqa: F401  (fixtures)
+from tests.test_web_browser import ARGS, BROWSER_WAIT_MS, CHROMIUM, browser_fixture, serve, shots_fixture  # noqa: F401  (fixtures)
 
 INST = "demo_hospital"
 PROBE = """# Owner: test · Approval: none · Effective: when change control says
@@ -54,8 +54,9 @@ DESKTOP = {"width": 1400, "height": 900}
 def settings_fixture(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A database with the demo institution's SOPs Effective and ``editor_probe`` v1 as a Draft
     written by the administrator ``adm``."""
-    from flows.admin import Officer
-    from flows.changes.control import create_draft, establish
+    from flows.services.drafts import create_draft
+    from flows.services.guard import Officer
+    from flows.services.versions import establish
     from tests.test_versions import _settings, _staff
 
     tmp = tmp_path_factory.mktemp("web-editor")
@@ -189,8 +190,8 @@ def test_check_gives_the_cli_messages_at_their_line_and_the_schema_names(setting
 
 
 def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_lines(settings, app):
-    from flows.changes.transfer import diff_versions
-    from flows.record.versions import append_event
+    from flows.record.versions import append_version_event
+    from flows.services.transfer import diff_versions
 
     adm = login(app, "adm")
     page = adm.get(f"/sops/{INST}/editor_probe/edit").text
@@ -208,7 +209,9 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
     assert probe_versions(settings) == {1: "draft", 2: "draft"}
     with write_session(settings.database_url) as s:  # v1 under change control, as submit_change records it
         v1 = s.exec(select(SopVersion).where(SopVersion.sop_id == "editor_probe", SopVersion.version == 1)).one()
-        append_event(s, v1, "in_review", actor="test", data={"run_id": "cc-run-1", "reviewer": "rev"}, reason="why")
+        append_version_event(
+            s, v1, "in_review", actor="test", data={"run_id": "cc-run-1", "reviewer": "rev"}, reason="why"
+        )
         sha1 = v1.sha256
     sop = adm.get(f"/sops/{INST}/editor_probe")
     assert sop.status_code == 200  # no file in sops/: the page shows the versions
@@ -243,7 +246,7 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
     zh = adm.get(f"/sops/{INST}/editor_probe/diff?old=1&new=2", headers={"Accept-Language": "zh-CN"})
     assert zh.status_code == 200
     bad = adm.get(f"/sops/{INST}/editor_probe/diff?old=1&new=9")
-    assert bad.status_code == 400
+    assert bad.status_code == 404  # no such version: a NotFoundError, mapped by its class (issue 10)
     assert "has no version 9" in bad.text
 
 
@@ -304,7 +307,7 @@ def _select_on_line(page: Any, line: int, word: str) -> None:
 
 @pytest.mark.slow
 def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(settings, web_url, browser, shots):
-    from flows.changes.control import create_draft
+    from flows.services.drafts import create_draft
 
     create_draft(
         settings,
@@ -316,7 +319,7 @@ def test_browser_edits_a_draft_sees_the_problem_at_its_line_fixes_it_and_saves(s
     )
     context = browser.new_context(viewport=DESKTOP, locale="en-US")
     page = context.new_page()
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(BROWSER_WAIT_MS)
     try:
         page.goto(web_url + "/login")
         page.fill("#username", "adm")

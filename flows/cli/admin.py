@@ -1,4 +1,5 @@
-"""Edge of the data path: ``sopflow user …`` and ``sopflow training …``, thin over ``flows.admin``.
+"""Edge of the data path: ``sopflow user …`` and ``sopflow training …``, thin over
+``flows.services.accounts`` and ``flows.services.training`` (which decide who may).
 
     sopflow user add USER --name N --role INST:ROLE    create a user (installation administrator)
     sopflow user disable|enable|unlock USER --as QA    a QA officer where USER holds a role
@@ -13,12 +14,11 @@ password from ``SOPFLOW_NEW_PASSWORD`` or a prompt (asked twice). ``flows.cli`` 
 
 from __future__ import annotations
 
-import os
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from flows.errors import NotAuthorizedError
+from flows.cli import common as cli
 
 __all__ = ["training_app", "user_app"]
 
@@ -36,25 +36,6 @@ NewPasswordEnv = Annotated[
 ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in the audit trail).")]
 
 
-def _cli() -> Any:
-    import flows.cli
-
-    return flows.cli
-
-
-def _officer(username: str, password_env: str) -> Any:
-    from flows.admin import Officer
-
-    return Officer(username, _cli()._password(username, password_env))
-
-
-def _new_password(username: str, env_name: str) -> str:
-    value = os.environ.get(env_name)
-    if value is not None:
-        return value
-    return str(typer.prompt(f"New password for {username}", hide_input=True, confirmation_prompt=True))
-
-
 @user_app.command("add")
 def user_add(
     username: str,
@@ -69,32 +50,24 @@ def user_add(
     ] = "SOPFLOW_PASSWORD",
 ) -> None:
     """Create a user with roles: the first account needs nobody; every later one a QA officer (--as) of its institutions."""
-    from flows.admin import add_user, has_users
+    from flows.services.accounts import add_user
 
-    cli = _cli()
-    if officer is None and cli._run(has_users, cli._settings()):
-        raise cli._fail(
-            NotAuthorizedError(
-                "once the first account exists, a QA officer of the user's institutions adds users: --as QA_USER"
-            )
-        )
     grants = []
     for r in role or []:
         inst, sep, rname = r.partition(":")
         if not sep:
             raise typer.BadParameter(f"expected INSTITUTION:ROLE, got {r!r}", param_hint="--role")
         grants.append((inst, rname))
-    password = _new_password(username, password_env)
-    who = _officer(officer, officer_password_env) if officer else None
-    cli._run(add_user, cli._settings(), username, name, password, grants, officer=who)
+    password = cli.new_password(username, password_env)
+    who = cli.officer(officer, officer_password_env) if officer else None
+    cli.run(add_user, cli.settings(), username, name, password, grants, officer=who)
     cli.out.print(f"user {username} added" + (f" with {', '.join(role or [])}" if role else ""))
 
 
 def _change(fn_name: str, done: str, username: str, officer: str, password_env: str, reason: str | None) -> None:
-    import flows.admin
+    from flows.services import accounts
 
-    cli = _cli()
-    cli._run(getattr(flows.admin, fn_name), cli._settings(), username, _officer(officer, password_env), reason=reason)
+    cli.run(getattr(accounts, fn_name), cli.settings(), username, cli.officer(officer, password_env), reason=reason)
     cli.out.print(f"user {username} {done}")
 
 
@@ -131,17 +104,16 @@ def user_passwd(
     new_password_env: NewPasswordEnv = "SOPFLOW_NEW_PASSWORD",
 ) -> None:
     """Change a password: yours with the old one (SOPFLOW_PASSWORD), or another's as a QA officer (--as)."""
-    from flows.admin import change_password
+    from flows.services.accounts import change_password
 
-    cli = _cli()
     if officer is not None:
-        who = _officer(officer, password_env)
-        new = _new_password(username, new_password_env)
-        cli._run(change_password, cli._settings(), username, new, officer=who, reason=reason)
+        who = cli.officer(officer, password_env)
+        new = cli.new_password(username, new_password_env)
+        cli.run(change_password, cli.settings(), username, new, officer=who, reason=reason)
     else:
-        old = cli._password(username, password_env)
-        new = _new_password(username, new_password_env)
-        cli._run(change_password, cli._settings(), username, new, old_password=old, reason=reason)
+        old = cli.password(username, password_env)
+        new = cli.new_password(username, new_password_env)
+        cli.run(change_password, cli.settings(), username, new, old_password=old, reason=reason)
     cli.out.print(f"password of {username} changed")
 
 
@@ -150,10 +122,9 @@ def user_list() -> None:
     """Every user with printed name, roles and state (disabled users too: their names stay taken)."""
     from rich.markup import escape
 
-    from flows.admin import list_users
+    from flows.services.accounts import list_users
 
-    cli = _cli()
-    rows = cli._run(list_users, cli._settings())
+    rows = cli.run(list_users, cli.settings())
     if not rows:
         cli.out.print("no users yet: `sopflow user add` creates one")
     for r in rows:
@@ -180,15 +151,12 @@ def training_grant(
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Record that a user is trained on an SOP version (by a QA officer of the institution, --as)."""
-    from flows.admin import grant_training
+    from flows.services.training import grant_training
 
-    cli = _cli()
-    if officer is None:
-        raise cli._fail(NotAuthorizedError("training is recorded by a QA officer of the institution: --as QA_USER"))
-    who = _officer(officer, password_env)
-    cli._run(
+    who = cli.officer(officer, password_env) if officer else None
+    cli.run(
         grant_training,
-        cli._settings(),
+        cli.settings(),
         username,
         institution,
         sop,
@@ -205,10 +173,9 @@ def training_list(user: Annotated[str | None, typer.Option("--user", help="Only 
     """Training records, oldest entry first."""
     from rich.markup import escape
 
-    from flows.admin import list_training
+    from flows.services.training import list_training
 
-    cli = _cli()
-    rows = cli._run(list_training, cli._settings(), user)
+    rows = cli.run(list_training, cli.settings(), user)
     if not rows:
         cli.out.print(
             "no training records" + (f" for {user}" if user else "") + ": `sopflow training grant` records one"

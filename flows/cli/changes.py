@@ -1,4 +1,5 @@
-"""Edge of the data path: ``sopflow sop …`` commands of SOP change control, thin over ``flows.changes``.
+"""Edge of the data path: ``sopflow sop …`` commands of SOP change control, thin over ``flows.services.versions``
+and ``flows.services.transfer``.
 
     sopflow sop establish INST --as QA                   the SOP files become the first Effective versions
     sopflow sop draft PATH --institution I --as ADMIN    a validated YAML file becomes a Draft
@@ -16,10 +17,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
+
+from flows.cli import common as cli
 
 __all__ = ["register"]
 
@@ -30,28 +33,15 @@ PasswordEnv = Annotated[
 ]
 
 
-def _cli() -> Any:
-    import flows.cli
-
-    return flows.cli
-
-
-def _officer(username: str, password_env: str) -> Any:
-    from flows.admin import Officer
-
-    return Officer(username, _cli()._password(username, password_env))
-
-
 def establish(
     institution: Annotated[str, typer.Argument(help="Institution id (folder under sops/).")],
     username: AsOpt,
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Make the institution's SOP files its first Effective versions, signed "initial issue" by a QA officer (once)."""
-    from flows.changes.control import establish as run
+    from flows.services.versions import establish as run_establish
 
-    cli = _cli()
-    rows = cli._run(run, cli._settings(), institution, _officer(username, password_env))
+    rows = cli.run(run_establish, cli.settings(), institution, cli.officer(username, password_env))
     for r in rows:
         if r.get("skipped"):
             cli.out.print(f"[yellow]not established: {r['sop_id']}: {escape(r['skipped'])}[/yellow]")
@@ -67,22 +57,21 @@ def draft(
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Store a YAML file, validated as `sopflow sop validate` does, as a new Draft (SOP administrators only)."""
-    from flows.changes.control import create_draft
+    from flows.services.drafts import create_draft
     from flows.sop.load import display_path
 
-    cli = _cli()
     try:
         text = path.read_bytes().decode("utf-8")  # exactly the file's bytes: the sha256 is theirs
     except (OSError, UnicodeDecodeError) as exc:
         raise typer.BadParameter(f"{path}: {exc}", param_hint="PATH") from None
-    res = cli._run(
+    res = cli.run(
         create_draft,
-        cli._settings(),
+        cli.settings(),
         institution,
         text,
         name=display_path(path),
         username=username,
-        password=cli._password(username, password_env),
+        password=cli.password(username, password_env),
         reason=reason,
     )
     cli.out.print(
@@ -102,19 +91,18 @@ def submit(
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Start the built-in change-control SOP on a Draft and sign its submission with the reason for change."""
-    from flows.changes.control import submit_change
+    from flows.services.drafts import submit_change
 
-    cli = _cli()
-    run_id = cli._run(
+    run_id = cli.run(
         submit_change,
-        cli._settings(),
+        cli.settings(),
         institution,
         sop_id,
         version,
         reviewer=reviewer,
         reason=reason,
         username=username,
-        password=cli._password(username, password_env),
+        password=cli.password(username, password_env),
     )
     cli.out.print(
         f"{sop_id} v{version} is in review: change-control run {run_id}; waits on {reviewer} (review), then QA"
@@ -126,10 +114,9 @@ def versions(
     institution: InstOpt = "demo_hospital",
 ) -> None:
     """List SOP versions with their state and their signed history."""
-    from flows.changes.control import list_versions
+    from flows.services.versions import list_versions
 
-    cli = _cli()
-    rows = cli._run(list_versions, cli._settings(), institution, sop_id)
+    rows = cli.run(list_versions, cli.settings(), institution, sop_id)
     if not rows:
         cli.out.print(f"no SOP versions at {institution}: `sopflow sop establish {institution} --as <QA officer>`")
     for r in rows:
@@ -149,10 +136,9 @@ def versions(
 
 def diff(sop_id: str, old: int, new: int, institution: InstOpt = "demo_hospital") -> None:
     """What changed between two versions: steps added, removed, moved; roles, fields, limits, checks (old → new)."""
-    from flows.changes.transfer import diff_versions
+    from flows.services.transfer import diff_versions
 
-    cli = _cli()
-    changes = cli._run(diff_versions, cli._settings(), institution, sop_id, old, new)
+    changes = cli.run(diff_versions, cli.settings(), institution, sop_id, old, new)
     cli.out.print(f"{institution}/{sop_id} v{old} → v{new}: {len(changes)} change{'s' if len(changes) != 1 else ''}")
     for c in changes:
         cli.out.print(f"  {escape(str(c))}")
@@ -169,11 +155,16 @@ def review(
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Record, signed by a QA officer, a periodic review that found no change; sets the next review date."""
-    from flows.changes.control import record_review
+    from flows.services.versions import record_review
 
-    cli = _cli()
-    res = cli._run(
-        record_review, cli._settings(), institution, sop_id, _officer(username, password_env), note=note, months=months
+    res = cli.run(
+        record_review,
+        cli.settings(),
+        institution,
+        sop_id,
+        cli.officer(username, password_env),
+        note=note,
+        months=months,
     )
     cli.out.print(f"{sop_id} v{res['version']} reviewed, no change; next review due {res['review_due'][:10]}")
 
@@ -186,10 +177,9 @@ def retire(
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Withdraw an SOP from use: its Effective version turns Retired (signed by a QA officer)."""
-    from flows.changes.control import retire as run
+    from flows.services.versions import retire as run_retire
 
-    cli = _cli()
-    res = cli._run(run, cli._settings(), institution, sop_id, _officer(username, password_env), reason=reason)
+    res = cli.run(run_retire, cli.settings(), institution, sop_id, cli.officer(username, password_env), reason=reason)
     cli.out.print(f"{sop_id} v{res['version']} retired: no new run may start on it")
 
 
@@ -198,10 +188,9 @@ def export(
     folder: Annotated[Path, typer.Argument(help="An empty or new folder to write.")],
 ) -> None:
     """Write the institution's Effective SOPs, product catalogue and roles as YAML with a manifest of sha256s."""
-    from flows.changes.transfer import export_institution
+    from flows.services.transfer import export_institution
 
-    cli = _cli()
-    manifest = cli._run(export_institution, cli._settings(), institution, folder)
+    manifest = cli.run(export_institution, cli.settings(), institution, folder)
     cli.out.print(f"exported {len(manifest['files'])} files of {institution} to {folder} (manifest.json)")
 
 
@@ -215,15 +204,14 @@ def import_(
     password_env: PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
     """Check an exported folder against its manifest and store its SOPs as Drafts (change control follows)."""
-    from flows.changes.transfer import import_institution
+    from flows.services.transfer import import_institution
 
-    cli = _cli()
-    res = cli._run(
+    res = cli.run(
         import_institution,
-        cli._settings(),
+        cli.settings(),
         folder,
         username=username,
-        password=cli._password(username, password_env),
+        password=cli.password(username, password_env),
         institution=institution,
     )
     for d in res["drafts"]:
@@ -236,10 +224,9 @@ def training_overdue(
     institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None,
 ) -> None:
     """Training assigned when a version was issued, past its due date and not yet recorded."""
-    from flows.changes.sweep import overdue_training
+    from flows.services.training import overdue_training
 
-    cli = _cli()
-    rows = cli._run(overdue_training, cli._settings(), institution=institution)
+    rows = cli.run(overdue_training, cli.settings(), institution=institution)
     if not rows:
         cli.out.print("no overdue training")
     for r in rows:

@@ -1,4 +1,4 @@
-"""Edge of the data path: ``sopflow deviations`` and ``sopflow chain``, thin over ``flows.service``.
+"""Edge of the data path: ``sopflow deviations`` and ``sopflow chain``, thin over ``flows.services.runs``.
 
     sopflow deviations [--all] [--json]     open deviations with their lifecycle, and overdue CAPAs
     sopflow chain COI [--json]              every run that touched one dose, in order; is the chain unbroken?
@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
+from flows.cli import common as cli
+
 __all__ = ["chain", "deviations"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def _cli() -> Any:
-    import flows.cli
-
-    return flows.cli
 
 
 def deviations(
@@ -36,16 +32,15 @@ def deviations(
     """Open deviations (oldest first) with their lifecycle, and every overdue CAPA action."""
     from datetime import UTC, datetime
 
-    from flows import service
+    from flows.services import runs
 
-    cli = _cli()
     try:
         now = datetime.fromisoformat(as_of) if as_of else None
         if now is not None and now.tzinfo is None:
             now = now.replace(tzinfo=UTC)  # --as-of without an offset is read as UTC, as the listing prints
     except ValueError:
         raise typer.BadParameter(f"expected an ISO date and time, got {as_of!r}", param_hint="--as-of") from None
-    res = cli._run(service.deviations, cli._settings(), now=now, include_closed=show_all)
+    res = cli.run(runs.deviations, cli.settings(), now=now, include_closed=show_all)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n")
         return
@@ -71,10 +66,9 @@ def deviations(
 
 def chain(coi: str, as_json: JsonOpt = False) -> None:
     """Every run that touched one dose (COI), in order, with sub-runs and deviations; exit 1 when the chain is broken."""
-    from flows import service
+    from flows.services import runs
 
-    cli = _cli()
-    res = cli._run(service.chain_of_identity, cli._settings(), coi)
+    res = cli.run(runs.chain_of_identity, cli.settings(), coi)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n")
     else:

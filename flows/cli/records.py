@@ -1,9 +1,9 @@
-"""Edge of the data path: ``sopflow correct`` and ``sopflow audit verify-export``, thin over the library.
+"""Edge of the data path: ``sopflow correct`` and ``sopflow audit verify-export``, thin over ``flows.services.signing`` and ``flows.record.export``.
 
     sopflow correct RUN STEP --as USER --set k=v … --reason "…"   correct a signed entry (re-signs)
     sopflow audit verify-export FILE                               check an exported record offline
 
-``flows.cli`` mounts both. ``verify-export`` runs ``flows.record.export``, the stdlib-only checker
+``flows.cli`` mounts both. ``verify-export`` runs ``flows.record.export`` (through ``flows.services.audit``), the stdlib-only checker
 an inspector can copy and run alone (``python export.py FILE``).
 """
 
@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+from rich.markup import escape
+
+from flows.cli import common as cli
 
 __all__ = ["correct", "verify_export"]
-
-
-def _cli() -> Any:
-    import flows.cli
-
-    return flows.cli
 
 
 def correct(
@@ -37,23 +34,22 @@ def correct(
     ] = "SOPFLOW_PASSWORD",
 ) -> None:
     """Correct a done step with a new signed entry and a reason; the original stays in the record."""
-    from flows import service
+    from flows.services import signing
 
-    cli = _cli()
-    values = cli._pairs(set_)
-    res = cli._run(
-        service.correct_step,
-        cli._settings(),
+    values = cli.pairs(set_)
+    res = cli.run(
+        signing.correct_step,
+        cli.settings(),
         run_id,
         step_id,
         username,
-        cli._password(username, password_env),
+        cli.password(username, password_env),
         values,
         reason,
     )
     changed = "; ".join(f"{k}: {v['old']!r} → {v['new']!r}" for k, v in res.changes.items())
     cli.out.print(
-        f"corrected {res.step_id} of run {res.run_id[:8]} ({cli.escape(changed)}): signature {res.signature_id} "
+        f"corrected {res.step_id} of run {res.run_id[:8]} ({escape(changed)}): signature {res.signature_id} "
         f"(sha256 {res.signed_sha256[:12]}); the original entry stays in the record. Checks that already ran "
         "are not re-run."
     )
@@ -63,13 +59,12 @@ def verify_export(
     file: Annotated[Path, typer.Argument(help="A record exported with `sopflow record RUN --json`.")],
 ) -> None:
     """Check an exported record offline: event hashes, rows against their events, signature hashes."""
-    from flows.record.export import verify_export as check
+    from flows.services.audit import verify_export as check
 
-    cli = _cli()
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        cli.err.print(f"[red]error:[/red] {cli.escape(f'{file}: {exc}')}")
+        cli.err.print(f"[red]error:[/red] {escape(f'{file}: {exc}')}")
         raise typer.Exit(1) from None
     problems = check(doc)
     if not problems:
@@ -78,7 +73,7 @@ def verify_export(
             f"{sum(len(v) for v in doc['rows'].values())} rows, run {doc['run']['id']})"
         )
         return
-    cli.err.print(f"[red]verify-export: {cli.escape(problems[0])}[/red]")
+    cli.err.print(f"[red]verify-export: {escape(problems[0])}[/red]")
     for p in problems[1:]:
-        cli.err.print(f"  also: {cli.escape(p)}")
+        cli.err.print(f"  also: {escape(p)}")
     raise typer.Exit(1)

@@ -41,7 +41,7 @@ def deadline_text(d: dict[str, Any]) -> str:
         return f"overdue by {_duration(d['seconds_left'])}{due}"
     if d["state"] in ("met", "breached"):
         return f"{d['state']}: {_duration(d['elapsed_seconds'])} of {limit}"
-    return d["state"] + (f": {d['problem']}" if d.get("problem") else "")
+    return str(d["state"]) + (f": {d['problem']}" if d.get("problem") else "")
 
 
 def print_record(out: Console, rec: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ touch Prefect. Prefect's errors are translated into ``EngineError`` here.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from datetime import timedelta
 from functools import cache
@@ -15,10 +16,14 @@ from uuid import UUID
 
 from flows.config import Settings
 from flows.engine.env import apply_prefect_env
-from flows.engine.executor import nudge
+from flows.engine.nudge import nudge
 from flows.errors import EngineError
+from flows.record.db import read_session
+from flows.record.state import signed_but_suspended
 
-__all__ = ["create_flow_run", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
+__all__ = ["api_client", "create_flow_run", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
+
+log = logging.getLogger("sopflow.executor")
 
 DEPLOYMENT = "run-sop/sopflow"
 _HOLD = timedelta(seconds=60)
@@ -26,8 +31,9 @@ _HOLD = timedelta(seconds=60)
 picks it up then anyway (and the flow fails, saying so, when no record was written)."""
 
 
-def _client(settings: Settings) -> Any:
-    """This process's one sync client for the API URL (building one costs 40-100 ms: CA bundle)."""
+def api_client(settings: Settings) -> Any:
+    """This process's one sync Prefect client for the API URL, as a context manager that does not
+    close it (building one costs 40-100 ms: CA bundle)."""
     apply_prefect_env(settings)
     return contextlib.nullcontext(_open_client(settings.api_url))  # shared: `with` must not close it
 
@@ -67,7 +73,7 @@ def create_flow_run(settings: Settings, run_id: str, name: str) -> str:
     from prefect.types._datetime import now
 
     try:
-        with _client(settings) as client:
+        with api_client(settings) as client:
             dep = _deployment_id(client)
             fr = client.create_flow_run_from_deployment(
                 dep,
@@ -92,7 +98,7 @@ def release_flow_run(settings: Settings, flow_run_id: str, *, cancel: bool = Fal
     from prefect.states import Cancelled, Scheduled
 
     try:
-        with _client(settings) as client:
+        with api_client(settings) as client:
             client.set_flow_run_state(UUID(flow_run_id), Cancelled() if cancel else Scheduled(), force=True)
     except (httpx.HTTPError, PrefectException) as exc:
         if cancel:
@@ -130,7 +136,7 @@ def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str
 
     deadline = time.monotonic() + wait
     try:
-        with _client(settings) as client:
+        with api_client(settings) as client:
             while True:
                 state = client.read_flow_run(UUID(flow_run_id)).state
                 if _paused_at(state, step_id):
@@ -149,14 +155,10 @@ def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> i
     """Resume every run suspended at a step that was signed more than ``grace`` seconds ago
     (the signer's own resume normally arrives first; this repairs a lost one)."""
     apply_prefect_env(settings)  # before the first Prefect import in this process
-    from flows.record.db import read_session
-    from flows.record.state import signed_but_suspended
 
     with read_session(settings.database_url) as s:
         pending = signed_but_suspended(s, older_than=grace)
     n = 0
-    import logging
-
     from prefect.exceptions import PrefectException
 
     for flow_run_id, step_id, signature_id in pending:
@@ -166,5 +168,5 @@ def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> i
                 client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
                 n += 1
         except PrefectException as exc:  # e.g. the flow run is gone: say so, and go on with the others
-            logging.getLogger("sopflow.executor").error("cannot resume flow run %s (%s): %s", flow_run_id, step_id, exc)
+            log.error("cannot resume flow run %s (%s): %s", flow_run_id, step_id, exc)
     return n

@@ -23,9 +23,9 @@ from flows.engine.steps import SYSTEM, RunContext, send
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deadlines import deadline_states
-from flows.record.query import stored_sop
 from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, SopRun, utcnow
+from flows.record.versions import stored_sop
 from flows.sop.model import SopDefinition
 
 __all__ = ["settle_deadlines", "sweep_deadlines"]

@@ -2,7 +2,7 @@
 
 Prefect reads its settings from the environment when it is imported, so ``prefect_env`` must be
 applied before the first ``import prefect`` in a process (``apply_prefect_env`` does that for the
-current process; ``flows.engine.server`` passes it to the processes it starts). Stdlib only.
+current process; ``flows.services.server`` passes it to the processes it starts). Stdlib only.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from flows.engine.steps import SYSTEM, RunContext, send
 from flows.errors import RecordError
 from flows.record import ledger
 from flows.record.db import read_session, write_session
-from flows.record.query import stored_sop
 from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, Escalation, SopRun, StepRecord, utcnow
+from flows.record.versions import stored_sop
 from flows.sop.model import HumanStepSpec, SopDefinition
 
 __all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps"]

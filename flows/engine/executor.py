@@ -17,9 +17,11 @@ It also repairs what a crash leaves: runs claimed by an executor on this host wh
 gone are rescheduled (every step is idempotent, so they re-enter safely), and a run whose step
 was signed in sopflow's record while the resume never reached Prefect is resumed. The same
 sweep (every 5 s) escalates human steps waiting past their time-out (``flows.engine.escalation``)
-and opens deviations for deadlines past due (``flows.engine.deadlines``).
+and opens deviations for deadlines past due (``flows.engine.deadlines``); the floors above add their
+own periodic jobs (``jobs=``: change control's sweep), so the engine never imports them.
 
-Run it with ``python -m flows.engine.executor`` (``sopflow server start`` does).
+The process is ``python -m flows.services.worker`` (``sopflow server start`` starts it): it wires
+this executor with every floor's jobs.
 """
 
 from __future__ import annotations
@@ -28,20 +30,31 @@ import asyncio
 import logging
 import os
 import select
-import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from flows.config import Settings
+from flows.engine.client import resume_signed_runs
+from flows.engine.deadlines import sweep_deadlines
 from flows.engine.env import apply_prefect_env
+from flows.engine.escalation import escalate_overdue
+from flows.engine.nudge import nudge_file
+from flows.engine.steps import set_run_status
+from flows.engine.subruns import resume_ready
+from flows.record.db import init_db, write_session
 
-__all__ = ["DEPLOYMENT_NAME", "Executor", "ensure_deployment", "main", "nudge", "nudge_file"]
+__all__ = ["DEPLOYMENT_NAME", "Executor", "Job", "ensure_deployment"]
 
 DEPLOYMENT_NAME = "sopflow"
+Job = tuple[str, Callable[[Settings], object]]
+"""A periodic job the executor runs every sweep (every 5 s): its name (for the log) and the function.
+The engine's own jobs come first; the floors above register theirs (``flows.services.worker``)."""
 log = logging.getLogger("sopflow.executor")
 
 
@@ -58,19 +71,21 @@ def ensure_deployment() -> UUID:
 
     with get_client(sync_client=True) as client:
         try:
-            return client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}").id  # type: ignore[no-any-return]
+            return client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}").id
         except ObjectNotFound:
             pass
-    deployment = run_sop.to_deployment(name=DEPLOYMENT_NAME, description="sopflow: run one SOP revision")
-    return deployment.apply()  # type: ignore[no-any-return]
+    # to_deployment and apply are Prefect's sync_compatible: called from sync code they return values.
+    deployment: Any = run_sop.to_deployment(name=DEPLOYMENT_NAME, description="sopflow: run one SOP revision")
+    deployment_id: UUID = deployment.apply()
+    return deployment_id
 
 
 class Executor:
-    def __init__(self, *, limit: int = 16, poll: float | None = None) -> None:
-        settings = apply_prefect_env()
+    def __init__(
+        self, *, limit: int = 16, poll: float | None = None, jobs: Sequence[Job] = (), settings: Settings | None = None
+    ) -> None:
+        settings = apply_prefect_env(settings)
         from prefect.client.orchestration import get_client
-
-        from flows.record.db import init_db
 
         init_db(settings.database_url)
 
@@ -89,9 +104,17 @@ class Executor:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.deployment_id = ensure_deployment()
         self._last_sweep = 0.0
+        self.jobs: list[Job] = [
+            ("recover_orphans", lambda _: self.recover_orphans()),
+            ("resume_signed", lambda _: self.resume_signed()),
+            ("resume_ready", lambda _: self.resume_ready()),
+            ("escalate", lambda _: self.escalate()),
+            ("deadlines", lambda _: self.deadlines()),
+            *jobs,
+        ]
 
     # -- claiming --------------------------------------------------------------------------
-    def _scheduled(self, limit: int) -> list[object]:
+    def _scheduled(self, limit: int) -> list[Any]:
         from prefect.client.schemas.filters import (
             DeploymentFilter,
             DeploymentFilterId,
@@ -104,7 +127,7 @@ class Executor:
         from prefect.client.schemas.sorting import FlowRunSort
         from prefect.types._datetime import now
 
-        return self.client.read_flow_runs(  # type: ignore[no-any-return]
+        return self.client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self.deployment_id])),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
@@ -118,7 +141,7 @@ class Executor:
         from prefect.client.schemas.responses import SetStateStatus
         from prefect.states import Pending
 
-        result = self.client.set_flow_run_state(flow_run_id, Pending())
+        result: Any = self.client.set_flow_run_state(flow_run_id, Pending())
         if result.status != SetStateStatus.ACCEPT:
             return False
         self.client.update_flow_run(flow_run_id, infrastructure_pid=self.owner)
@@ -133,7 +156,7 @@ class Executor:
         try:
             flow_run = self.client.read_flow_run(flow_run_id)
             run_id = flow_run.parameters.get("run_id")
-            state = run_flow(run_sop, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+            state: Any = run_flow(run_sop, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
             if asyncio.iscoroutine(state):
                 state = asyncio.run(state)
             if state is not None and (state.is_failed() or state.is_crashed()):
@@ -156,8 +179,6 @@ class Executor:
         """Put an engine failure in sopflow's record, so `sopflow runs` does not say 'waiting' forever."""
         if not run_id:
             return
-        from flows.engine.steps import set_run_status
-        from flows.record.db import write_session
 
         try:
             with write_session(self.settings.database_url) as s:
@@ -171,7 +192,7 @@ class Executor:
         if free <= 0:
             return 0
         for fr in self._scheduled(free):
-            fr_id = fr.id  # type: ignore[attr-defined]
+            fr_id = fr.id
             if fr_id in self.running or not self._claim(fr_id):
                 continue
             self.running[fr_id] = self.pool.submit(self._execute, fr_id)
@@ -213,20 +234,14 @@ class Executor:
 
     def resume_signed(self) -> int:
         """Resume suspended runs whose waiting step was signed while the resume was lost."""
-        from flows.engine.client import resume_signed_runs
-
         return resume_signed_runs(self.settings, self.client)
 
     def resume_ready(self) -> int:
         """Resume runs waiting on a sub-run that ended, or held by a quarantine that was lifted."""
-        from flows.engine.subruns import resume_ready
-
         return resume_ready(self.settings, self.client)
 
     def escalate(self) -> int:
         """Tell the escalation role about human steps waiting past their time-out (once per waiting period)."""
-        from flows.engine.escalation import escalate_overdue
-
         try:
             return escalate_overdue(self.settings)
         except Exception:  # a broken notify.yaml or one bad run must not stop the executor
@@ -235,19 +250,11 @@ class Executor:
 
     def deadlines(self) -> int:
         """Open a deviation for each deadline now past due with its end not recorded (once per deadline and run)."""
-        from flows.engine.deadlines import sweep_deadlines
-
         try:
             return sweep_deadlines(self.settings)
         except Exception:  # a broken run or database hiccup must not stop the executor
             log.exception("deadline sweep failed; retrying at the next sweep")
             return 0
-
-    def change_control(self) -> int:
-        """Issue versions whose change control completed, make due ones Effective, send reminders."""
-        from flows.changes.sweep import sweep
-
-        return sum(sweep(self.settings).values())
 
     # -- loop --------------------------------------------------------------------------------
     def _wait_for_nudge(self, timeout: float) -> bool:
@@ -262,13 +269,13 @@ class Executor:
                 break
         return nudged
 
-    def serve(self) -> None:
-        from flows.engine.server import ready_file
-
+    def serve(self, ready: Path | None = None) -> None:
+        """Poll and sweep until ``stopping`` is set; writes its pid to ``ready`` once it listens."""
         self.recover_orphans()
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         nudge_file(self.settings).write_text(f"{self.nudges.getsockname()[1]}\n")
-        ready_file(self.settings).write_text(f"{os.getpid()}\n")
+        if ready is not None:
+            ready.write_text(f"{os.getpid()}\n")
         log.info("executor %s polling every %.3f-%.3f s", self.owner, self.poll, self.poll_max)
         interval = self.poll
         while not self.stopping.is_set():
@@ -276,18 +283,11 @@ class Executor:
                 claimed = self.poll_once()
                 if time.monotonic() - self._last_sweep > 5:
                     self._last_sweep = time.monotonic()
-                    for sweep in (
-                        self.recover_orphans,
-                        self.resume_signed,
-                        self.resume_ready,
-                        self.escalate,
-                        self.deadlines,
-                        self.change_control,
-                    ):
+                    for name, job in self.jobs:
                         try:
-                            sweep()
+                            job(self.settings)
                         except Exception:
-                            log.exception("%s failed; the other sweeps go on", sweep.__name__)
+                            log.exception("%s failed; the other sweeps go on", name)
             except Exception:  # the server may be restarting; keep trying
                 log.exception("poll failed; retrying")
                 claimed = 0
@@ -299,20 +299,6 @@ class Executor:
         self.client.__exit__(None, None, None)
 
 
-def nudge_file(settings: Settings) -> Path:
-    return settings.run_dir / "executor.nudge"
-
-
-def nudge(settings: Settings) -> None:
-    """Tell a local executor to poll now (best effort; a missing or dead executor is fine)."""
-    try:
-        port = int(nudge_file(settings).read_text().split()[0])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(b"poll", ("127.0.0.1", port))
-    except (OSError, ValueError, IndexError):
-        pass
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -321,31 +307,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class _SuspendedIsNotAnError(logging.Filter):
-    """Prefect logs every suspension at a human step as ERROR ("Finished in state Suspended"):
-    that is how every gate waits, so it is logged here at INFO."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and "Finished in state Suspended" in record.getMessage():
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("prefect.flow_runs").addFilter(_SuspendedIsNotAnError())
-    ex = Executor()
-
-    def _stop(*_: object) -> None:
-        ex.stopping.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    ex.serve()
-
-
-if __name__ == "__main__":
-    main()

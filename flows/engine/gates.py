@@ -3,18 +3,25 @@
 No Prefect here: ``run_sop`` suspends and resumes; this module decides, against the record,
 whether the signature a resume names is the one sopflow recorded for this run and step, made by
 someone allowed to sign it, over exactly the data stored. Anything else is refused and audited.
+A step with ``updates_deviation`` appends its deviation's lifecycle event in the same transaction
+as its acceptance (``record_lifecycle``).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
-from flows.engine.steps import RunContext, set_run_status, write_step
+from sqlmodel import Session, col, select
+
+from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
 from flows.record.db import write_session
-from flows.record.ledger import verify_signature
+from flows.record.deviations import append_deviation_event
+from flows.record.ledger import audit, verify_signature
 from flows.record.query import disposition_id
-from flows.record.state import signer_problem, step_data, step_states
-from flows.record.tables import Signature
+from flows.record.state import STALE_RESUME, signer_problem, step_data, step_states
+from flows.record.tables import Deviation, Signature, StepRecord
 from flows.sop.model import (
     ApproveStepSpec,
     CheckStepSpec,
@@ -31,9 +38,12 @@ __all__ = [
     "human_fields",
     "meaning_of",
     "open_gate",
+    "record_lifecycle",
     "repetition",
     "stale_resume",
 ]
+
+log = logging.getLogger("sopflow.gates")
 
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
@@ -101,7 +111,7 @@ def accept_signature(
                 problem = f"signature {rec.signature_id!r} is not a signature on step {step.id!r} of this run"
             else:
                 problem = verify_signature(s, sig) or signer_problem(s, ctx.run, ctx.sop, step, sig.user_id)
-        if problem is not None:
+        if problem is not None or rec is None:  # rec is None only with a problem: narrowed for the reader
             write_step(
                 s,
                 ctx.run.id,
@@ -112,7 +122,7 @@ def accept_signature(
                 reason=problem,
             )
             return None, problem
-        data = step_data(rec)  # rec is the signed record: every other case returned above
+        data = step_data(rec)
         write_step(
             s,
             ctx.run.id,
@@ -125,8 +135,6 @@ def accept_signature(
             signature_id=rec.signature_id,
         )
         if step.updates_deviation is not None:  # the deviation's lifecycle event, in the same transaction
-            from flows.engine.subruns import record_lifecycle
-
             record_lifecycle(s, ctx, step, data, rec)
         return data, None
 
@@ -136,10 +144,6 @@ def stale_resume(ctx: RunContext, step: HumanStepSpec, signature_id: str) -> boo
     already done: a late duplicate of a resume that was delivered (the signer's own and the
     executor's sweep can cross; Prefect files an input under whatever key the run is paused at).
     It is no forgery and nobody's fault: the gate stays ``waiting`` and suspends under a fresh key."""
-    from flows.engine.steps import SYSTEM
-    from flows.record.ledger import audit
-    from flows.record.state import STALE_RESUME
-
     with write_session(ctx.url) as s:
         sig = s.get(Signature, signature_id)
         if sig is None or sig.run_id != ctx.run.id or sig.step_id == step.id:
@@ -183,3 +187,34 @@ def find_human_step(sop: Any, step_id: str) -> HumanStepSpec | None:
         if isinstance(step, CheckStepSpec) and disposition_id(step.id) == step_id:
             return disposition_step(step)
     return None
+
+
+# -- deviation lifecycle -----------------------------------------------------------------------------
+def record_lifecycle(
+    session: Session, ctx: RunContext, step: HumanStepSpec, data: dict[str, Any], rec: StepRecord
+) -> None:
+    """A step with ``updates_deviation`` was accepted: append the deviation's event (same transaction)."""
+    kind = getattr(step, "updates_deviation", None)
+    if kind is None:
+        return
+    deviation_id = json.loads(ctx.run.params_json).get("deviation_id")
+    if step.id.endswith("__disposition"):  # the inline disposition of this run's failed check
+        dev = session.exec(
+            select(Deviation)
+            .where(Deviation.run_id == ctx.run.id, Deviation.step_id == step.id.removesuffix("__disposition"))
+            .order_by(col(Deviation.opened_at).desc())
+        ).first()
+        deviation_id = dev.id if dev else None
+    if not deviation_id or session.get(Deviation, deviation_id) is None:
+        log.error("run %s step %s updates_deviation %s: no deviation %r", ctx.run.id, step.id, kind, deviation_id)
+        return
+    append_deviation_event(
+        session,
+        deviation_id,
+        kind,
+        data,
+        run_id=ctx.run.id,
+        step_id=step.id,
+        actor_id=rec.actor_id,
+        signature_id=rec.signature_id,
+    )

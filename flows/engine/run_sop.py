@@ -12,6 +12,7 @@ skipped without touching Prefect, so a resumed run costs little and never repeat
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -33,7 +34,7 @@ from flows.engine.gates import (
     stale_resume,
 )
 from flows.engine.steps import (
-    STEP_KINDS,
+    AUTOMATED,
     RunContext,
     load_context,
     run_when,
@@ -46,11 +47,9 @@ from flows.record.db import read_session, write_session
 from flows.record.state import refused_count, step_data, step_states
 from flows.sop.expressions import ExpressionError, evaluate_check
 from flows.sop.model import (
-    HUMAN_KINDS,
     CheckStepSpec,
     HumanStepSpec,
     RecordStepSpec,
-    SubrunStepSpec,
 )
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
@@ -71,10 +70,9 @@ def _task_run_id() -> str | None:
 
 @task(name="step", cache_policy=NO_CACHE, persist_result=False)
 def step_task(ctx: RunContext, step_id: str) -> Any:
-    """Run one automated step (check, document, notify) with its handler from ``STEP_KINDS``."""
+    """Run one automated step (check, document, notify) with its handler from ``AUTOMATED``."""
     step = ctx.sop.step(step_id)
-    handler = STEP_KINDS[step.kind][0]
-    return handler(ctx, step, _task_run_id())
+    return AUTOMATED[step.kind](ctx, step, _task_run_id())
 
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
@@ -114,11 +112,12 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
             continue
         if rec is None or rec.status == "held":  # a quarantined dose opens no further gate
             await subruns.hold_if_quarantined(ctx, step.id, step.kind)
-        gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), quote(step))
+        # quote(): see _walk_task; Prefect's task signature does not know it (hence the ignore).
+        gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), quote(step))  # type: ignore[call-overload]
         with read_session(ctx.url) as s:
             # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
             key = f"{pause_key_prefix(step.id)}{refused_count(s, ctx.run.id, step.id)}"
-        signed = await suspend_flow_run(wait_for_input=SignedInput, key=key)
+        signed = await suspend_flow_run(wait_for_input=SignedInput, key=key)  # type: ignore[misc]  # sync_compatible
         if stale_resume(ctx, step, signed.signature_id):
             logger.info("step %s: ignored a late duplicate resume for another step; waiting again", step.id)
             continue
@@ -189,39 +188,73 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
                 get_run_logger().warning("step %s runs: its 'when' could not be evaluated: %s", step.id, problem)
             if not go:
                 continue
-        if isinstance(step, RecordStepSpec) and step.repeat is not None:
-            await _repeat(ctx, step)
-            continue
-        if isinstance(step, SubrunStepSpec):
-            await subruns.run_subrun_step(ctx, step)
-            continue
-        if step.kind in HUMAN_KINDS:
-            data = await _human(ctx, step)  # type: ignore[arg-type]
-            if _disposes(step):  # a waiting parent, held runs
-                subruns.resume_ready(ctx.settings)
-            if step.kind == "approve" and data.get("decision") == "reject" and not _disposes(step):
-                return _finish(ctx, "rejected", f"{step.id}: {data.get('reason') or 'rejected'}")
-            continue
-        if rec is None:
-            # quote(): Prefect would otherwise walk the whole run context (SOP, run row) on every call.
-            step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), step.id)
-            ctx.refresh()
-        if isinstance(step, CheckStepSpec) and ctx.states[step.id].status == "failed":
-            decision = None
-            if step.deviation.sop is not None:  # handled by the deviation SOP as a sub-run
-                decision = await subruns.deviation_subrun(ctx, step, wait=step.on_fail != "stop")
-            if step.on_fail == "stop":
-                return _finish(ctx, "stopped", f"{step.id}: check failed; deviation opened")
-            if decision is None:
-                decision = await _human(ctx, disposition_step(step))
-                subruns.resume_ready(ctx.settings)  # the disposition lifts a quarantine: held runs go on
-            if decision.get("decision") != "approve":  # only approve (use with documented risk) goes on
-                return _finish(
-                    ctx,
-                    "rejected",
-                    f"{step.id}: deviation disposition: {decision.get('decision')} ({decision.get('reason')})",
-                )
+        end = await WALKS[step.kind](ctx, step, rec)
+        if end is not None:
+            return _finish(ctx, *end)
     return _finish(ctx, "completed", None)
+
+
+End = tuple[str, str | None] | None
+"""What walking one step says: None (go on to the next), or the run's final (status, detail)."""
+
+
+async def _walk_human(ctx: RunContext, step: Any, rec: Any) -> End:
+    """record, verify, approve: wait for the signed input; a rejecting approval ends the run."""
+    if isinstance(step, RecordStepSpec) and step.repeat is not None:
+        await _repeat(ctx, step)
+        return None
+    data = await _human(ctx, step)
+    if _disposes(step):  # a waiting parent, held runs
+        subruns.resume_ready(ctx.settings)
+    if step.kind == "approve" and data.get("decision") == "reject" and not _disposes(step):
+        return "rejected", f"{step.id}: {data.get('reason') or 'rejected'}"
+    return None
+
+
+async def _walk_task(ctx: RunContext, step: Any, rec: Any) -> End:
+    """document, notify (and a check's evaluation): the kind's handler as a Prefect task, once."""
+    if rec is None:
+        # quote(): Prefect would otherwise walk the whole run context (SOP, run row) on every call.
+        step_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), step.id)  # type: ignore[call-overload]
+        ctx.refresh()
+    return None
+
+
+async def _walk_check(ctx: RunContext, step: Any, rec: Any) -> End:
+    """check: evaluate it; a failure waits for the deviation's disposition (by sub-run or inline)."""
+    await _walk_task(ctx, step, rec)
+    if not isinstance(step, CheckStepSpec) or ctx.states[step.id].status != "failed":
+        return None
+    decision = None
+    if step.deviation.sop is not None:  # handled by the deviation SOP as a sub-run
+        decision = await subruns.deviation_subrun(ctx, step, wait=step.on_fail != "stop")
+    if step.on_fail == "stop":
+        return "stopped", f"{step.id}: check failed; deviation opened"
+    if decision is None:
+        decision = await _human(ctx, disposition_step(step))
+        subruns.resume_ready(ctx.settings)  # the disposition lifts a quarantine: held runs go on
+    if decision.get("decision") != "approve":  # only approve (use with documented risk) goes on
+        return "rejected", f"{step.id}: deviation disposition: {decision.get('decision')} ({decision.get('reason')})"
+    return None
+
+
+async def _walk_subrun(ctx: RunContext, step: Any, rec: Any) -> End:
+    """subrun: start the linked run (once) and, with ``wait``, wait for its end."""
+    await subruns.run_subrun_step(ctx, step)
+    return None
+
+
+WALKS: dict[str, Callable[[RunContext, Any, Any], Awaitable[End]]] = {
+    "record": _walk_human,
+    "verify": _walk_human,
+    "approve": _walk_human,
+    "check": _walk_check,
+    "document": _walk_task,
+    "notify": _walk_task,
+    "subrun": _walk_subrun,
+}
+"""How the walk takes each step kind of ``flows.sop.model.STEP_KINDS`` (one row each; the human
+kinds share one). ``tests/test_step_kinds.py`` checks both tables name the same kinds."""
 
 
 def _disposes(step: Any) -> bool:

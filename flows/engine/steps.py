@@ -3,7 +3,8 @@
 ``flows.engine.run_sop`` wraps these in Prefect tasks. Each handler first looks at the record:
 a run re-executes from the top after every resume, so every step must be idempotent.
 
-    STEP_KINDS   kind -> (handler or None for human steps, one-line help)
+    AUTOMATED    kind -> handler of each automated step kind (check, document, notify); the walk
+                 (``flows.engine.run_sop.WALKS``) covers every kind of ``flows.sop.model.STEP_KINDS``
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from flows.config import Settings
+from flows.errors import FlowsError
 from flows.outputs.documents import render_document, render_pdf
 from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
 from flows.record.db import read_session, write_session
-from flows.record.query import run_record, stored_sop
+from flows.record.query import run_record
 from flows.record.state import next_n, run_status, step_data, step_states
 from flows.record.tables import (
+    AuditEvent,
     Deviation,
     Document,
     RunEvent,
@@ -32,16 +35,20 @@ from flows.record.tables import (
     StepRecord,
     utcnow,
 )
+from flows.record.versions import stored_sop
+from flows.sop.check import template_name
 from flows.sop.expressions import ExpressionError, evaluate_check, render_message
+from flows.sop.load import load_institution_file
 from flows.sop.model import (
     HUMAN_KINDS,
     CheckStepSpec,
     DocumentStepSpec,
+    HumanStepSpec,
     NotifyStepSpec,
     SopDefinition,
 )
 
-__all__ = ["STEP_KINDS", "RunContext", "load_context", "set_run_status", "write_step"]
+__all__ = ["AUTOMATED", "SYSTEM", "RunContext", "load_context", "send", "set_run_status", "write_step"]
 
 SYSTEM = "system"
 
@@ -62,9 +69,6 @@ class RunContext:
     @cached_property
     def timezone(self) -> str:
         """The institution's zone for documents (UTC, said so on the page, if its file is broken now)."""
-        from flows.errors import FlowsError
-        from flows.sop.load import load_institution_file
-
         try:
             return load_institution_file(self.settings.sops_dir / self.run.institution / "institution.yaml").timezone
         except (FlowsError, OSError):
@@ -73,9 +77,6 @@ class RunContext:
     @cached_property
     def institution(self) -> dict[str, Any]:
         """The institution's name and language for document headers (its id if the file is broken now)."""
-        from flows.errors import FlowsError
-        from flows.sop.load import load_institution_file
-
         try:
             spec = load_institution_file(self.settings.sops_dir / self.run.institution / "institution.yaml")
         except (FlowsError, OSError):
@@ -235,7 +236,7 @@ def document_context(
     language = step.language or ctx.institution["language"]
     fields: dict[str, dict[str, Any]] = {}
     for st in ctx.sop.steps:
-        if st.kind in HUMAN_KINDS:
+        if isinstance(st, HumanStepSpec):
             fields[st.id] = {k: {"type": f.type, "label": f.label or k, "unit": f.unit} for k, f in st.fields.items()}
     return {
         "record": record,
@@ -260,11 +261,6 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
     was rendered from (canonical JSON) and the audit chain head at rendering. The stored rows carry
     the sha256 of each file.
     """
-    from sqlmodel import col, select
-
-    from flows.record.tables import AuditEvent
-    from flows.sop.check import template_name
-
     with read_session(ctx.url) as s:
         record = run_record(s, ctx.run.id, with_history=False)
         head = s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
@@ -295,7 +291,7 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
             "path": str(path),
             "record_sha256": context["document"]["record_sha256"],
         }
-        if pdf_path is not None:
+        if pdf_path is not None and pdf_digest is not None:
             pdf_doc = Document(
                 run_id=ctx.run.id,
                 step_id=step.id,
@@ -342,12 +338,5 @@ def run_notify(ctx: RunContext, step: NotifyStepSpec, task_run_id: str | None) -
         )
 
 
-STEP_KINDS: dict[str, tuple[Any, str]] = {
-    "record": (None, "a person enters typed fields and signs as performer"),
-    "verify": (None, "a second person confirms another step's data and signs as verifier (never its performer)"),
-    "approve": (None, "a role signs a decision, approve or reject, with the SOP's stated meaning"),
-    "check": (run_check, "an acceptance expression over earlier data and the product; failure opens a deviation"),
-    "document": (run_document, "renders a Jinja template into a stored document with its sha256"),
-    "notify": (run_notify, "sends an apprise message to the channels of the named roles"),
-    "subrun": (None, "starts a run of another SOP of the institution linked to this one; with wait, waits for its end"),
-}
+AUTOMATED: dict[str, Any] = {"check": run_check, "document": run_document, "notify": run_notify}
+"""The handler of each automated step kind; ``flows.engine.run_sop`` runs them as Prefect tasks."""

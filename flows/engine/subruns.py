@@ -1,9 +1,15 @@
 """Stage 2: sub-runs, deviation handling by SOP, deviation lifecycle events and quarantine holds.
 
-A ``subrun`` step (or a failed check whose ``deviation`` names an ``sop``) starts a run of another
-SOP of the institution the way ``service.start_run`` does (the run's record first, then its flow
-run released), but started by the system on behalf of the parent's starter: the child's ``SopRun``
-names ``parent_run_id`` and ``parent_step_id``, and its ``run.start`` audit event says so.
+A ``subrun`` step (or a failed check whose ``deviation`` names an ``sop``) opens a run of another
+SOP of the institution through ``flows.engine.opening``, the one way every run is opened, with
+the same start checks as ``sopflow start`` (parameters, confirmed product, deadline limits,
+deviation id, quarantine), but started by the system on behalf of the parent's starter (no
+sign-in, no ``start_roles``): the child's ``SopRun`` names ``parent_run_id`` and
+``parent_step_id``, and its ``run.start`` audit event says so. When a check refuses the sub-run
+(an unconfirmed product, a deadline without a limit, no Effective version…), the parent's link
+step is recorded ``held`` with the reason (audited ``run.start.refused``) and waits: the executor's
+sweep (``resume_ready``) re-checks it and resumes the parent once the sub-run would start. A
+patient's run never fails for a configuration that can be put right.
 
 The parent records the link as step records of the link step (the ``subrun`` step's id, or
 ``<check>__deviation``): ``waiting`` with ``subrun_id`` before each suspension (each under a new
@@ -27,31 +33,31 @@ from uuid import UUID
 
 from sqlmodel import Session, col, func, select
 
-from flows.engine.client import create_flow_run, pause_key_prefix, release_flow_run
-from flows.engine.steps import RunContext, set_run_status, write_step
-from flows.record import ledger
+from flows.config import Settings
+from flows.engine.client import api_client, pause_key_prefix
+from flows.engine.nudge import nudge
+from flows.engine.opening import PreparedRun, open_run, prepare_run
+from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
+from flows.errors import EngineError, FlowsError, NotAuthorizedError
 from flows.record.db import read_session, write_session
 from flows.record.deviations import (
-    append_event,
+    append_deviation_event,
     disposition,
     quarantine_problem,
     run_coi,
 )
+from flows.record.ledger import audit
 from flows.record.state import FINAL_STATUSES, run_status, step_data, step_states
-from flows.record.tables import (
-    Deviation,
-    SopRun,
-    StepRecord,
-    new_id,
-    utcnow,
-)
-from flows.sop.model import HUMAN_KINDS, CheckStepSpec, HumanStepSpec, SubrunStepSpec
+from flows.record.tables import Deviation, SopRun, StepRecord
+from flows.record.versions import effective_sop, stored_sop
+from flows.sop.expressions import evaluate_value
+from flows.sop.model import HUMAN_KINDS, CheckStepSpec, SubrunStepSpec
 
 __all__ = [
     "deviation_link_id",
     "deviation_subrun",
     "hold_if_quarantined",
-    "record_lifecycle",
+    "prepare_subrun",
     "resume_ready",
     "run_subrun_step",
     "start_subrun",
@@ -68,16 +74,6 @@ def deviation_link_id(check_id: str) -> str:
 # --------------------------------------------------------------------------- starting
 
 
-def _evaluate(expr: str, context: dict[str, Any]) -> Any:
-    from flows.sop.expressions import ExpressionError, _compiled_expression, _context
-
-    try:
-        value = _compiled_expression(expr)(**_context(context))
-    except Exception as exc:
-        raise ExpressionError(f"expression {expr!r} failed: {exc}") from exc
-    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
-
-
 def _existing_child(session: Session, parent_id: str, link_id: str) -> SopRun | None:
     return session.exec(
         select(SopRun)
@@ -86,72 +82,106 @@ def _existing_child(session: Session, parent_id: str, link_id: str) -> SopRun | 
     ).first()
 
 
+def prepare_subrun(
+    settings: Settings,
+    parent: SopRun,
+    link_id: str,
+    sop_id: str,
+    raw_params: dict[str, Any],
+    deviation_id: str | None = None,
+) -> PreparedRun:
+    """Every check a sub-run must pass before it is recorded (``flows.engine.opening``), on the
+    version of ``sop_id`` Effective now; a quarantine that would hold it is a refusal too.
+
+    Raises:
+        FlowsError: the refusal (the caller holds the parent's step with it).
+    """
+    pinned = effective_sop(settings, parent.institution, sop_id)
+    if deviation_id is not None:  # the contract's three params, those the deviation SOP declares
+        raw_params = {k: v for k, v in raw_params.items() if k in pinned.definition.params}
+    prepared = prepare_run(
+        settings,
+        parent.institution,
+        pinned,
+        {k: v for k, v in raw_params.items() if v is not None},
+        where=f"{sop_id} params (sub-run of {parent.sop_id} step {link_id!r})",
+        lineage=parent.id,
+    )
+    if prepared.held_by is not None:
+        raise NotAuthorizedError(prepared.held_by)
+    return prepared
+
+
 def start_subrun(
     ctx: RunContext, link_id: str, sop_id: str, raw_params: dict[str, Any], *, deviation_id: str | None = None
 ) -> str:
-    """Start (once) the sub-run of ``link_id``; returns its run id. Raises FlowsError (the run fails, saying why)."""
-    from flows.sop.catalog import Catalog
-    from flows.sop.inputs import coerce_values
+    """Start (once) the sub-run of ``link_id``; returns its run id.
 
+    Raises:
+        FlowsError: a start check refused it (``prepare_subrun``); EngineError: Prefect is unreachable.
+    """
     with read_session(ctx.url) as s:
         existing = _existing_child(s, ctx.run.id, link_id)
         if existing is not None:
             return existing.id
-    from flows.changes.control import effective_sop
+    prepared = prepare_subrun(ctx.settings, ctx.run, link_id, sop_id, raw_params, deviation_id)
 
-    catalog = Catalog(ctx.settings.sops_dir, ctx.settings.templates_dir)
-    # A sub-run, like any run, starts on the version Effective now (change control), never on a file.
-    pinned = effective_sop(ctx.settings, ctx.run.institution, sop_id)
-    sop = pinned.definition
-    if deviation_id is not None:  # the contract's three params, those the deviation SOP declares
-        raw_params = {k: v for k, v in raw_params.items() if k in sop.params}
-    products = catalog.products(ctx.run.institution)
-    params = coerce_values(
-        sop.params,
-        {k: v for k, v in raw_params.items() if v is not None},
-        where=f"{sop_id} params (sub-run of {ctx.run.sop_id} step {link_id!r})",
-        products=products,
+    def deviation_event(session: Session, run_id: str) -> None:
+        if deviation_id is not None:
+            append_deviation_event(
+                session,
+                deviation_id,
+                "subrun",
+                {"run_id": run_id, "sop_id": sop_id},
+                run_id=ctx.run.id,
+                step_id=link_id,
+            )
+
+    opened = open_run(
+        ctx.settings,
+        ctx.run.institution,
+        prepared,
+        started_by=ctx.run.started_by,
+        actor=SYSTEM,
+        reason=f"sub-run of run {ctx.run.id} step {link_id!r}, on behalf of its starter",
+        parent_run_id=ctx.run.id,
+        parent_step_id=link_id,
+        also=deviation_event,
     )
-    product = None
-    if (pname := sop.product_param()) is not None and params.get(pname) is not None:
-        product = products[params[pname]].model_dump(mode="json")
-    run_id = new_id()
-    flow_run_id = create_flow_run(ctx.settings, run_id, f"{sop_id}-{run_id[:8]}")
-    try:
-        with write_session(ctx.url) as s:
-            run = SopRun(
-                id=run_id,
-                institution=ctx.run.institution,
-                sop_version_id=pinned.version_id,
-                sop_id=sop_id,
-                sop_version=sop.version,
-                sop_sha256=pinned.sha256,
-                schema_version=sop.schema_version,
-                params_json=ledger.canonical(params).decode(),
-                product_json=ledger.canonical(product).decode() if product is not None else None,
-                flow_run_id=flow_run_id,
-                started_by=ctx.run.started_by,
-                started_at=utcnow(),
-                parent_run_id=ctx.run.id,
-                parent_step_id=link_id,
-            )
-            ledger.append(
-                s,
-                run,
-                actor="system",
-                action="run.start",
-                reason=f"sub-run of run {ctx.run.id} step {link_id!r}, on behalf of its starter",
-            )
-            set_run_status(s, run_id, "scheduled")
-            if deviation_id is not None:
-                append_event(
-                    s, deviation_id, "subrun", {"run_id": run_id, "sop_id": sop_id}, run_id=ctx.run.id, step_id=link_id
+    return opened.run_id
+
+
+async def _start_or_hold(
+    ctx: RunContext, link_id: str, kind: str, sop_id: str, params: dict[str, Any], deviation_id: str | None = None
+) -> str:
+    """``start_subrun``; while a start check refuses it, record the link step ``held`` with the
+    reason (audited ``run.start.refused`` by ``system``) and suspend until the sweep sees it pass."""
+    while True:
+        try:
+            return start_subrun(ctx, link_id, sop_id, params, deviation_id=deviation_id)
+        except EngineError:
+            raise
+        except FlowsError as exc:
+            problem = f"sub-run {sop_id} cannot start: {exc}"
+            log.error("run %s step %s: %s", ctx.run.id, link_id, problem)
+            with write_session(ctx.url) as s:
+                audit(
+                    s,
+                    actor=SYSTEM,
+                    action="run.start.refused",
+                    object_type="sf_run",
+                    object_id=sop_id,
+                    payload={"parent_run_id": ctx.run.id, "step_id": link_id, "problem": problem},
+                    reason=problem,
                 )
-    except BaseException:
-        release_flow_run(ctx.settings, flow_run_id, cancel=True)
-        raise
-    release_flow_run(ctx.settings, flow_run_id)
-    return run_id
+            data = {
+                "problem": problem,
+                "cause": "start",
+                "sop_id": sop_id,
+                "params": params,
+                "deviation_id": deviation_id,
+            }
+            await _suspend(ctx, link_id, kind, "held", data, f"{link_id}: held: {problem}", reason=problem)
 
 
 # --------------------------------------------------------------------------- waiting
@@ -210,7 +240,8 @@ async def _suspend(
         write_step(s, ctx.run.id, step_id, kind, status, data, reason=reason)
         set_run_status(s, ctx.run.id, "waiting", detail)
         n = _count(s, ctx.run.id, step_id, status)
-    await suspend_flow_run(key=f"{pause_key_prefix(step_id)}{'sub' if status == 'waiting' else 'held'}-{n}")
+    # Prefect's sync_compatible decorator hides the coroutine from type checkers.
+    await suspend_flow_run(key=f"{pause_key_prefix(step_id)}{'sub' if status == 'waiting' else 'held'}-{n}")  # type: ignore[misc]
 
 
 async def _await_child(
@@ -244,8 +275,8 @@ async def run_subrun_step(ctx: RunContext, step: SubrunStepSpec) -> dict[str, An
     if rec is None or rec.status == "held":
         await hold_if_quarantined(ctx, step.id, "subrun")
     context = ctx.expression_context()
-    params = {name: _evaluate(expr, context) for name, expr in step.params.items()}
-    child_id = start_subrun(ctx, step.id, step.sop, params)
+    params = {name: evaluate_value(expr, context, "sub-run param") for name, expr in step.params.items()}
+    child_id = await _start_or_hold(ctx, step.id, "subrun", step.sop, params)
     if not step.wait:
         with write_session(ctx.url) as s:
             data = {"run_id": child_id, "sop_id": step.sop, "status": "started"}
@@ -269,7 +300,7 @@ async def deviation_subrun(ctx: RunContext, check: CheckStepSpec, *, wait: bool)
     if dev is None or check.deviation.sop is None:
         return None
     params = {"deviation_id": dev.id, "coi": run_coi(ctx.run, ctx.sop), "parent_run_id": ctx.run.id}
-    child_id = start_subrun(ctx, link, check.deviation.sop, params, deviation_id=dev.id)
+    child_id = await _start_or_hold(ctx, link, "subrun", check.deviation.sop, params, deviation_id=dev.id)
     if not wait:
         return None
     outcome = await _await_child(ctx, link, "subrun", child_id, dev.id)
@@ -293,39 +324,6 @@ async def hold_if_quarantined(ctx: RunContext, step_id: str, kind: str) -> None:
         await _suspend(ctx, step_id, kind, "held", {"problem": problem}, f"{step_id}: held: {problem}", reason=problem)
 
 
-# --------------------------------------------------------------------------- lifecycle
-
-
-def record_lifecycle(
-    session: Session, ctx: RunContext, step: HumanStepSpec, data: dict[str, Any], rec: StepRecord
-) -> None:
-    """A step with ``updates_deviation`` was accepted: append the deviation's event (same transaction)."""
-    kind = getattr(step, "updates_deviation", None)
-    if kind is None:
-        return
-    deviation_id = json.loads(ctx.run.params_json).get("deviation_id")
-    if step.id.endswith("__disposition"):  # the inline disposition of this run's failed check
-        dev = session.exec(
-            select(Deviation)
-            .where(Deviation.run_id == ctx.run.id, Deviation.step_id == step.id.removesuffix("__disposition"))
-            .order_by(col(Deviation.opened_at).desc())
-        ).first()
-        deviation_id = dev.id if dev else None
-    if not deviation_id or session.get(Deviation, deviation_id) is None:
-        log.error("run %s step %s updates_deviation %s: no deviation %r", ctx.run.id, step.id, kind, deviation_id)
-        return
-    append_event(
-        session,
-        deviation_id,
-        kind,
-        data,
-        run_id=ctx.run.id,
-        step_id=step.id,
-        actor_id=rec.actor_id,
-        signature_id=rec.signature_id,
-    )
-
-
 # --------------------------------------------------------------------------- resuming
 
 
@@ -334,10 +332,11 @@ def _paused_key(client: Any, flow_run_id: str) -> str | None:
     return str(state.state_details.pause_key or "") if state is not None and state.is_paused() else None
 
 
-def resume_ready(settings: Any, client: Any = None) -> int:
-    """Resume every run suspended on a sub-run that has ended (or been dispositioned) and every run
-    held by a quarantine that is lifted. The executor's sweep calls it; so do a sub-run's end and a
-    disposition, at once. Best effort: returns how many it resumed."""
+def resume_ready(settings: Settings, client: Any = None) -> int:
+    """Resume every run suspended on a sub-run that has ended (or been dispositioned), every run
+    held by a quarantine that is lifted, and every run whose sub-run a start check refused once that
+    check passes. The executor's sweep calls it; so do a sub-run's end and a disposition, at once.
+    Best effort: returns how many it resumed."""
     ready: list[tuple[str, str]] = []
     with read_session(settings.database_url) as s:
         candidates: dict[str, list[StepRecord]] = {}
@@ -350,42 +349,43 @@ def resume_ready(settings: Any, client: Any = None) -> int:
             for rec in recs:
                 newest = states.get(rec.step_id)
                 if newest is not None and newest.id == rec.id and run is not None:
-                    _ready(s, run, rec, ready)
+                    _ready(settings, s, run, rec, ready)
     return _resume_each(settings, client, ready)
 
 
-def _ready(s: Session, run: SopRun, rec: StepRecord, ready: list[tuple[str, str]]) -> None:
+def _ready(settings: Settings, s: Session, run: SopRun, rec: StepRecord, ready: list[tuple[str, str]]) -> None:
     """Add (flow run, pause key) when ``rec`` (the newest record of its step) may go on: its sub-run
-    ended or was dispositioned, or the quarantine that held it is lifted."""
+    ended or was dispositioned, the quarantine that held it is lifted, or the sub-run a start check
+    refused would now start."""
+    d = step_data(rec)
     if rec.status == "waiting":
-        d = step_data(rec)
         if _outcome(s, d["subrun_id"], d.get("deviation_id")) is None:
             return
         key = f"{pause_key_prefix(rec.step_id)}sub-"
+    elif d.get("cause") == "start":
+        try:
+            prepare_subrun(settings, run, rec.step_id, d["sop_id"], d["params"], d.get("deviation_id"))
+        except FlowsError:
+            return
+        key = f"{pause_key_prefix(rec.step_id)}held-"
     else:
-        from flows.record.query import stored_sop
-
         params = json.loads(run.params_json)
-        if (
-            quarantine_problem(
-                s, run_coi(run, stored_sop(s, run)), run_id=run.id, deviation_id=params.get("deviation_id")
-            )
-            is not None
-        ):
+        problem = quarantine_problem(
+            s, run_coi(run, stored_sop(s, run)), run_id=run.id, deviation_id=params.get("deviation_id")
+        )
+        if problem is not None:
             return
         key = f"{pause_key_prefix(rec.step_id)}held-"
     ready.append((run.flow_run_id, key))
 
 
-def _resume_each(settings: Any, client: Any, ready: list[tuple[str, str]]) -> int:
+def _resume_each(settings: Settings, client: Any, ready: list[tuple[str, str]]) -> int:
     """Resume each (flow run, key) still paused under that key; best effort, returns how many."""
     if not ready:
         return 0
-    from flows.engine.client import _client
-
     n = 0
     try:
-        with contextlib.nullcontext(client) if client is not None else _client(settings) as c:
+        with contextlib.nullcontext(client) if client is not None else api_client(settings) as c:
             for flow_run_id, key in ready:
                 try:
                     paused = _paused_key(c, flow_run_id)
@@ -397,7 +397,5 @@ def _resume_each(settings: Any, client: Any, ready: list[tuple[str, str]]) -> in
     except Exception as exc:
         log.error("resume sweep failed: %s", exc)
     if n:
-        from flows.engine.executor import nudge
-
         nudge(settings)
     return n

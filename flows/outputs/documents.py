@@ -70,7 +70,7 @@ def render_pdf(html: str, base_dir: Path) -> bytes:
     except (ImportError, OSError) as exc:
         raise DocumentRenderError("pdf", f"WeasyPrint is not usable here: {exc}") from exc
     try:
-        return HTML(string=html, base_url=str(base_dir)).write_pdf()
+        return bytes(HTML(string=html, base_url=str(base_dir)).write_pdf())
     except Exception as exc:
         raise DocumentRenderError("pdf", f"WeasyPrint failed: {type(exc).__name__}: {exc}") from exc
 

@@ -14,22 +14,22 @@ threshold, a ``locked`` event is written (by ``system``). Must not import prefec
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, col, func, select
 
+from flows.errors import AuthenticationError
 from flows.record import ledger
-from flows.record.tables import AuditEvent, User, UserEvent, utcnow
-from flows.record.users import _HASHER, _dummy_hash, find_user
+from flows.record.tables import AuditEvent, User, UserEvent, next_position, utcnow
+from flows.record.users import find_user, spend_verification_time, verify_password
 
 __all__ = [
     "EVENT_KINDS",
     "Refusal",
-    "append_event",
+    "append_account_event",
+    "authenticate",
     "check_credentials",
     "failures_since_reset",
     "is_active",
@@ -94,7 +94,7 @@ def lock_message(session: Session, user: User) -> str:
     )
 
 
-def append_event(
+def append_account_event(
     session: Session,
     user: User,
     kind: str,
@@ -106,10 +106,10 @@ def append_event(
     """Append an account event (inside a write session, which holds the lock ``n`` relies on)."""
     if kind not in EVENT_KINDS:
         raise ValueError(f"unknown account event {kind!r}")
-    last = session.exec(select(func.max(UserEvent.n)).where(UserEvent.user_id == user.id)).one()
+
     ev = UserEvent(
         user_id=user.id,
-        n=(last or 0) + 1,
+        n=next_position(session, UserEvent.n, UserEvent.user_id, user.id),
         kind=kind,
         data_json=ledger.canonical(data or {}).decode(),
         at=utcnow(),
@@ -128,19 +128,31 @@ def check_credentials(session: Session, username: str, password: str) -> User | 
     wrong = Refusal("password", f"user {username!r}: wrong user name or password")
     user = find_user(session, username)
     if user is None:
-        # Spend the same time as a real check so a probe cannot tell which names exist.
-        with contextlib.suppress(VerificationError, InvalidHashError):
-            _HASHER.verify(_dummy_hash(), password)
+        spend_verification_time(password)  # a probe cannot tell which names exist
         return Refusal("unknown", wrong.message)
     if not is_active(session, user.id):
         return Refusal("disabled", f"user {username!r}: the account is disabled; a QA officer must enable it")
     if is_locked(session, user.id):
         return Refusal("locked", lock_message(session, user))
-    try:
-        _HASHER.verify(password_hash(session, user), password)
-    except (VerificationError, InvalidHashError):
+    if not verify_password(password_hash(session, user), password):
         return wrong
     return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User:
+    """The user, if the account is active, not locked, and the password is its current one.
+
+    One message for an unknown user and a wrong password (never says which part); a disabled or
+    locked account is refused with its own message, whatever the password. Reads only: the
+    audited sign-in (failure counting, lockout) is ``flows.services.guard.sign_in``.
+
+    Raises:
+        AuthenticationError
+    """
+    result = check_credentials(session, username, password)
+    if not isinstance(result, User):
+        raise AuthenticationError(result.message)
+    return result
 
 
 def _reset_seq(session: Session, username: str) -> int:
@@ -222,7 +234,7 @@ def record_failure(session: Session, username: str, refusal: Refusal, purpose: s
     failures = failures_since_reset(session, username)
     if failures < threshold:
         return refusal.message
-    append_event(
+    append_account_event(
         session,
         user,
         "locked",

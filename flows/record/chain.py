@@ -12,15 +12,15 @@ open. Every reason it is not is listed in ``problems``. Must not import prefect.
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from flows.record.deviations import deviation_state, run_coi
-from flows.record.query import stored_sop
 from flows.record.state import FINAL_STATUSES, run_status
-from flows.record.tables import Deviation, RunEvent, SopRun
+from flows.record.tables import Deviation, RunEvent, SopRun, iso_utc
+from flows.record.versions import stored_sop
+from flows.sop.model import SopDefinition
 
 __all__ = ["STAGES", "chain_of_identity", "stage_of"]
 
@@ -43,16 +43,10 @@ def stage_of(sop_id: str, declared: str | None) -> tuple[str | None, bool]:
     return None, False
 
 
-def _iso(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat()
-
-
 def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
     coi = coi.strip()
     runs = list(session.exec(select(SopRun).order_by(col(SopRun.started_at), col(SopRun.id))))
-    sops = {}
+    sops: dict[str, SopDefinition | None] = {}
     for r in runs:
         try:
             sops[r.id] = stored_sop(session, r)
@@ -98,8 +92,8 @@ def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
                 "stage_guessed": guessed,
                 "status": status.status if status else "unknown",
                 "status_detail": status.detail if status else None,
-                "started_at": _iso(run.started_at),
-                "ended_at": _iso(last.at) if last and last.status in FINAL_STATUSES else None,
+                "started_at": iso_utc(run.started_at),
+                "ended_at": iso_utc(last.at) if last and last.status in FINAL_STATUSES else None,
                 "deviations": devs,
             }
         )

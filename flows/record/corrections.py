@@ -11,7 +11,7 @@ A correction does not re-run what already used the earlier value (checks, verifi
 documents): :func:`corrections_by_step` names those, so the record says so.
 
 Who may correct, and what counts as a valid value, is decided by the service layer
-(``flows.service.correct_step``); this module only writes and reads. Must not import prefect.
+(``flows.services.signing.correct_step``); this module only writes and reads. Must not import prefect.
 """
 
 from __future__ import annotations

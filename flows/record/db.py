@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
 from flows.errors import ConfigError, RecordError
+from flows.record import tables  # noqa: F401  (registers the tables with SQLModel.metadata)
 
 __all__ = ["get_engine", "init_db", "read_session", "write_session"]
 
@@ -61,8 +62,6 @@ def _sqlite_locking(engine: Engine) -> None:
 
 def init_db(url: str) -> Engine:
     """Create the tables that do not exist yet; returns the engine."""
-    from flows.record import tables  # noqa: F401  (registers the tables)
-
     engine = get_engine(url)
     try:
         SQLModel.metadata.create_all(engine)

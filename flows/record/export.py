@@ -103,7 +103,7 @@ def _check_rows(doc: dict[str, Any], covered: dict[tuple[str, str], dict[str, An
         if (table, row_id) not in seen and table in rows:
             problems.append(f"audit event {ev['seq']} records {table} row {row_id}, which is missing from the export")
     for table in ("sf_step_record", "sf_run_event"):
-        ns = sorted(r.get("n") for r in rows.get(table, []) if isinstance(r.get("n"), int))
+        ns = sorted(int(r["n"]) for r in rows.get(table, []) if isinstance(r.get("n"), int))
         for want, got in zip(range(1, len(ns) + 1), ns, strict=True):
             if want != got:
                 problems.append(f"{table}: position {want} is missing (a row was removed from the export)")

@@ -118,7 +118,7 @@ def append(
     session: Session, row: SQLModel, *, actor: str, action: str | None = None, reason: str | None = None
 ) -> SQLModel:
     """Insert a record row and the audit event that carries its content (as ``payload["row"]``)."""
-    table = row.__tablename__  # type: ignore[attr-defined]
+    table = str(row.__tablename__)
     if table not in RECORD_TABLES:
         raise TypeError(f"{type(row).__name__} is not a record table")
     for name in sa_inspect(type(row)).columns.keys():  # noqa: SIM118  (iterating the collection yields Column objects)

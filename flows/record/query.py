@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
 from sqlmodel import Session, col, select
 
-from flows.errors import RecordError
+from flows.errors import NotFoundError
+from flows.record.corrections import corrections_by_step
 from flows.record.deadlines import deadline_states, repetitions
-from flows.record.ledger import canonical, verify_signature
+from flows.record.deviations import deviation_state
+from flows.record.evidence import run_evidence
+from flows.record.ledger import verify_signature
 from flows.record.state import run_status
 from flows.record.tables import (
     AuditEvent,
@@ -25,37 +27,19 @@ from flows.record.tables import (
     RunEvent,
     Signature,
     SopRun,
-    SopVersion,
     StepRecord,
     User,
+    iso_utc,
 )
-from flows.sop.model import HUMAN_KINDS, SopDefinition
+from flows.record.versions import stored_sop
+from flows.sop.model import HUMAN_KINDS
 
-__all__ = ["disposition_id", "run_record", "stored_sop"]
+__all__ = ["disposition_id", "run_record"]
 
 
 def disposition_id(check_id: str) -> str:
     """The id of the disposition step a failed check opens."""
     return f"{check_id}__disposition"
-
-
-_PARSED: dict[tuple[str, str], SopDefinition] = {}
-"""Parsed SOP versions by (version row id, sha256): a version's text never changes and a
-definition is frozen, so each is parsed once per process (sweeps, the inbox and every gate read them)."""
-
-
-def stored_sop(session: Session, run: SopRun) -> SopDefinition:
-    """The SOP revision a run is pinned to, from the text stored when it started."""
-    cached = _PARSED.get((run.sop_version_id, run.sop_sha256))
-    if cached is not None:
-        return cached
-    version = session.get(SopVersion, run.sop_version_id)
-    if version is None:
-        raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
-    sop = SopDefinition.model_validate(yaml.safe_load(version.text))
-    if version.sha256 == run.sop_sha256:  # only a text the run's own hash vouches for is kept
-        _PARSED[(run.sop_version_id, run.sop_sha256)] = sop
-    return sop
 
 
 def _names(session: Session) -> dict[str, str]:
@@ -66,15 +50,11 @@ def _usernames(session: Session) -> dict[str, str]:
     return {u.id: u.username for u in session.exec(select(User))}
 
 
-def _iso(value: Any) -> str | None:
-    return None if value is None else json.loads(canonical(value))
-
-
 def run_record(session: Session, run_id: str, *, with_history: bool = True) -> dict[str, Any]:
-    """The quality record of one run. Raises RecordError when there is no such run."""
+    """The quality record of one run. Raises NotFoundError when there is no such run."""
     run = session.get(SopRun, run_id)
     if run is None:
-        raise RecordError(f"no run {run_id!r}; `sopflow runs` lists them")
+        raise NotFoundError(f"no run {run_id!r}; `sopflow runs` lists them")
     sop = stored_sop(session, run)
     names = _names(session)
     usernames = _usernames(session)
@@ -84,8 +64,6 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
     latest: dict[str, StepRecord] = {}
     for r in records:
         latest[r.step_id] = r
-    from flows.record.corrections import corrections_by_step
-
     corrections = corrections_by_step(records, sop)
 
     def signature(sig_id: str | None) -> dict[str, Any] | None:
@@ -98,7 +76,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "printed_name": sig.printed_name,
             "meaning": sig.meaning,
             "statement": sig.statement,
-            "signed_at": _iso(sig.signed_at),
+            "signed_at": iso_utc(sig.signed_at),
             "sha256": sig.signed_sha256,
             "valid": verify_signature(session, sig) is None,
         }
@@ -115,7 +93,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "kind": kind,
             "title": title or step_id,
             "status": rec.status if rec else "not reached",
-            "at": _iso(rec.at) if rec else None,
+            "at": iso_utc(rec.at) if rec else None,
             "data": json.loads(rec.data_json) if rec else {},
             "fields": {k: {"label": f.label or k, "unit": f.unit} for k, f in fields.items()},
             "signature": signature(signed[-1].signature_id) if signed else None,
@@ -123,7 +101,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 {
                     "record_id": c["record_id"],
                     "supersedes": c["supersedes"],
-                    "at": _iso(c["at"]),
+                    "at": iso_utc(c["at"]),
                     "by": names.get(c["actor_id"], c["actor_id"]),
                     "reason": c["reason"],
                     "changes": c["changes"],
@@ -133,7 +111,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 for c in corrections.get(step_id, [])
             ],
             # When a waiting step passes its time-out (``on_timeout`` applies then).
-            "due_at": _iso(waits[0].at + timeout) if rec and rec.status == "waiting" and waits and timeout else None,
+            "due_at": iso_utc(waits[0].at + timeout) if rec and rec.status == "waiting" and waits and timeout else None,
         }
 
     steps = []
@@ -166,7 +144,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "classification": d.classification,
             "description": d.description,
             "quarantine": d.quarantine,
-            "opened_at": _iso(d.opened_at),
+            "opened_at": iso_utc(d.opened_at),
             "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
             "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
             if disposition_id(d.step_id) in latest
@@ -174,8 +152,6 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
         }
         for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
     ]
-    from flows.record.deviations import deviation_state
-
     for d in deviations:  # the lifecycle (events appended by the deviation SOP's steps, or the inline disposition)
         state = deviation_state(session, session.get(Deviation, d["id"]))  # type: ignore[arg-type]
         d.update(
@@ -195,7 +171,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "sop_id": r.sop_id,
             "sop_version": r.sop_version,
             "parent_step_id": r.parent_step_id,
-            "started_at": _iso(r.started_at),
+            "started_at": iso_utc(r.started_at),
             "status": (st.status if (st := run_status(session, r.id)) else "unknown"),
         }
         for r in session.exec(select(SopRun).where(SopRun.parent_run_id == run.id).order_by(col(SopRun.started_at)))
@@ -207,7 +183,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "template": d.template,
             "path": d.path,
             "sha256": d.sha256,
-            "rendered_at": _iso(d.rendered_at),
+            "rendered_at": iso_utc(d.rendered_at),
         }
         for d in session.exec(select(Document).where(Document.run_id == run.id).order_by(col(Document.rendered_at)))
     ]
@@ -217,8 +193,8 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "step_id": e.step_id,
             "kind": e.kind,
             "to_role": e.to_role,
-            "at": _iso(e.at),
-            "waiting_since": _iso(e.waiting_since),
+            "at": iso_utc(e.at),
+            "waiting_since": iso_utc(e.waiting_since),
             "deviation_id": e.deviation_id,
             "deliveries": json.loads(e.deliveries_json),
         }
@@ -237,7 +213,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "product": json.loads(run.product_json) if run.product_json else None,
             "status": status.status if status else "unknown",
             "status_detail": status.detail if status else None,
-            "started_at": _iso(run.started_at),
+            "started_at": iso_utc(run.started_at),
             "started_by": names.get(run.started_by, run.started_by),
             "flow_run_id": run.flow_run_id,
             "parent_run_id": run.parent_run_id,
@@ -257,7 +233,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 "n": r.n,
                 "step_id": r.step_id,
                 "status": r.status,
-                "at": _iso(r.at),
+                "at": iso_utc(r.at),
                 "actor": names.get(r.actor_id, r.actor_id) if r.actor_id else "system",
                 "data": json.loads(r.data_json),
                 "reason": r.reason,
@@ -268,13 +244,11 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             for r in records
         ]
         out["run_events"] = [
-            {"id": e.id, "n": e.n, "status": e.status, "detail": e.detail, "at": _iso(e.at)}
+            {"id": e.id, "n": e.n, "status": e.status, "detail": e.detail, "at": iso_utc(e.at)}
             for e in session.exec(select(RunEvent).where(RunEvent.run_id == run.id).order_by(col(RunEvent.n)))
         ]
         head = session.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
         out["audit_head"] = {"seq": head.seq, "hash": head.hash} if head else None
         # The rows as stored and the audit events that recorded them: `sopflow audit verify-export`.
-        from flows.record.evidence import run_evidence
-
         out.update(run_evidence(session, run))
     return out

@@ -8,12 +8,13 @@ gate both call it, so the rule is checked twice with the same code. Must not imp
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from flows.record.accounts import is_active
-from flows.record.tables import RunEvent, Signature, SopRun, StepRecord, User
+from flows.record.tables import AuditEvent, RunEvent, Signature, SopRun, StepRecord, User, next_position, utcnow
 from flows.record.training import grant_hint, is_trained
 from flows.record.users import roles_of
 from flows.record.versions import CHANGE_CONTROL_ID, change_control_problem
@@ -42,8 +43,7 @@ def step_states(session: Session, run_id: str) -> dict[str, StepRecord]:
 
 def next_n(session: Session, table: type[StepRecord] | type[RunEvent], run_id: str) -> int:
     """The next position in a run's sequence (call inside a write session: it holds the lock)."""
-    last = session.exec(select(table.n).where(table.run_id == run_id).order_by(col(table.n).desc()).limit(1)).first()
-    return (last or 0) + 1
+    return next_position(session, table.n, table.run_id, run_id)
 
 
 def step_data(rec: StepRecord) -> dict[str, Any]:
@@ -61,8 +61,6 @@ STALE_RESUME = "resume.stale"
 def refused_count(session: Session, run_id: str, step_id: str) -> int:
     """How many resumes of this step were refused or stale: the gate's next pause key counts them,
     because Prefect hands a key's input out again on every suspend with that key."""
-    from flows.record.tables import AuditEvent
-
     rows = session.exec(
         select(StepRecord.id).where(
             StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.status == "refused"
@@ -133,10 +131,6 @@ def signer_problem(session: Session, run: SopRun, sop: SopDefinition, step: Huma
 def signed_but_suspended(session: Session, older_than: float = 0.0) -> list[tuple[str, str, str]]:
     """(flow_run_id, step_id, signature_id) of every step whose newest record is ``signed`` and
     older than ``older_than`` seconds: the flow has not accepted it (its resume may be lost)."""
-    from datetime import timedelta
-
-    from flows.record.tables import utcnow
-
     cutoff = utcnow() - timedelta(seconds=older_than)
     out = []
     for rec in session.exec(select(StepRecord).where(StepRecord.status == "signed")):

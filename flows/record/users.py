@@ -9,13 +9,23 @@ import re
 from functools import cache
 
 from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlmodel import Session, select
 
-from flows.errors import AuthenticationError, RecordError
+from flows.errors import RecordError
 from flows.record import ledger
 from flows.record.tables import RoleGrant, User, utcnow
 
-__all__ = ["add_user", "authenticate", "find_user", "grant_role", "hash_password", "roles_of"]
+__all__ = [
+    "MIN_PASSWORD",
+    "add_user",
+    "find_user",
+    "grant_role",
+    "hash_password",
+    "roles_of",
+    "spend_verification_time",
+    "verify_password",
+]
 
 # argon2id at OWASP's minimum (19 MiB, 2 passes, 1 lane): argon2-cffi's default (64 MiB, 3 passes,
 # 4 lanes) took 0.38 s a hash on a loaded 2-core machine, and every signature re-authenticates.
@@ -67,19 +77,17 @@ def roles_of(session: Session, user_id: str, institution: str) -> set[str]:
     return {g.role for g in grants}
 
 
-def authenticate(session: Session, username: str, password: str) -> User:
-    """The user, if the account is active, not locked, and the password is its current one.
+def verify_password(password_hash: str, password: str) -> bool:
+    """Whether ``password`` is the one ``password_hash`` was made from (argon2; slow on purpose)."""
+    try:
+        return bool(_HASHER.verify(password_hash, password))
+    except (VerificationError, InvalidHashError):
+        return False
 
-    One message for an unknown user and a wrong password (never says which part); a disabled or
-    locked account is refused with its own message, whatever the password. Reads only: the
-    audited sign-in (failure counting, lockout) is ``flows.admin.sign_in``.
-    """
-    from flows.record.accounts import check_credentials
 
-    result = check_credentials(session, username, password)
-    if not isinstance(result, User):
-        raise AuthenticationError(result.message)
-    return result
+def spend_verification_time(password: str) -> None:
+    """Take as long as a real password check, so a probe cannot tell which user names exist."""
+    verify_password(_dummy_hash(), password)
 
 
 @cache

@@ -12,6 +12,9 @@ its newest ``SopVersionEvent`` (by position ``n``):
 ``periodic_review``, the next ``review_due``). A run starts only on the version that is
 ``effective`` then (``effective_version``) and stays pinned to it (``SopRun.sop_version_id``).
 
+Which definition a run uses: ``effective_sop`` pins a new run (start and sub-runs alike) to the
+version Effective now; ``stored_sop`` reads back the definition a run is pinned to.
+
 ``change_control_problem`` is the extra signing rule of the built-in change-control SOP; the one
 signing rule, ``state.signer_problem``, calls it for those runs. Must not import prefect.
 """
@@ -23,30 +26,43 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import yaml
 from sqlmodel import Session, col, select
 
+from flows.config import Settings
+from flows.errors import RecordError, SopNotEffectiveError, SopNotFoundError, did_you_mean
 from flows.record import ledger
+from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import (
     SopRun,
     SopVersion,
     SopVersionEvent,
     StepRecord,
+    User,
+    next_position,
     utcnow,
 )
+from flows.sop.catalog import INSTITUTION_FILE, PRODUCTS_FILE, Catalog
+from flows.sop.model import SopDefinition
 
 __all__ = [
     "ADMIN_ROLE",
     "CHANGE_CONTROL_ID",
     "REVIEWER_ROLE",
     "STATES",
+    "PinnedSop",
     "VersionInfo",
     "activate_due",
-    "append_event",
+    "append_version_event",
     "change_control_problem",
+    "effective_sop",
     "effective_version",
     "event_data",
+    "known_sop_ids",
     "newest_effective",
     "state_of",
+    "stored_sop",
+    "version_definition",
     "versions_of",
 ]
 
@@ -75,7 +91,7 @@ def state_of(session: Session, version_id: str) -> SopVersionEvent | None:
     ).first()
 
 
-def append_event(
+def append_version_event(
     session: Session,
     version: SopVersion,
     state: str,
@@ -92,12 +108,6 @@ def append_event(
     it is signed here: the hash covers the version's text hash, the state, the data and the signer."""
     if state not in STATES:
         raise ValueError(f"unknown SOP version state {state!r}")
-    last = session.exec(
-        select(SopVersionEvent.n)
-        .where(SopVersionEvent.version_id == version.id)
-        .order_by(col(SopVersionEvent.n).desc())
-        .limit(1)
-    ).first()
     at = at or utcnow()
     data = data or {}
     if meaning is not None and signed_sha256 is None:
@@ -117,7 +127,7 @@ def append_event(
         )
     ev = SopVersionEvent(
         version_id=version.id,
-        n=(last or 0) + 1,
+        n=next_position(session, SopVersionEvent.n, SopVersionEvent.version_id, version.id),
         state=state,
         data_json=ledger.canonical(data).decode(),
         actor=actor,
@@ -193,7 +203,7 @@ def activate_due(
             continue
         for other in versions_of(session, v.institution, v.sop_id):
             if other.state == "effective" and other.version.id != v.id:
-                append_event(
+                append_version_event(
                     session,
                     other.version,
                     "superseded",
@@ -202,7 +212,7 @@ def activate_due(
                     reason=f"v{v.version} became effective",
                     at=now,
                 )
-        append_event(
+        append_version_event(
             session,
             v,
             "effective",
@@ -257,9 +267,97 @@ def change_control_problem(session: Session, run: SopRun, step_id: str, user_id:
             "written or submitted by you (separation of duties)"
         )
     if step_id == "review":
-        from flows.record.tables import User
-
         user = session.get(User, user_id)
         if user is None or user.username != params.get("reviewer"):
             return f"step 'review' of this change may only be signed by its named reviewer {params.get('reviewer')!r}"
     return None
+
+
+# -- which definition a run uses ---------------------------------------------------------------
+@dataclass(frozen=True)
+class PinnedSop:
+    """The version a run starts on: its row id, definition and text hash."""
+
+    version_id: str
+    definition: SopDefinition
+    sha256: str
+
+
+def version_definition(version: SopVersion) -> SopDefinition:
+    return SopDefinition.model_validate(yaml.safe_load(version.text))
+
+
+_PARSED: dict[tuple[str, str], SopDefinition] = {}
+"""Parsed SOP versions by (version row id, sha256): a version's text never changes and a
+definition is frozen, so each is parsed once per process (sweeps, the inbox and every gate read them)."""
+
+
+def stored_sop(session: Session, run: SopRun) -> SopDefinition:
+    """The SOP revision a run is pinned to, from the text stored when it started."""
+    cached = _PARSED.get((run.sop_version_id, run.sop_sha256))
+    if cached is not None:
+        return cached
+    version = session.get(SopVersion, run.sop_version_id)
+    if version is None:
+        raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
+    sop = version_definition(version)
+    if version.sha256 == run.sop_sha256:  # only a text the run's own hash vouches for is kept
+        _PARSED[(run.sop_version_id, run.sop_sha256)] = sop
+    return sop
+
+
+def known_sop_ids(settings: Settings, session: Session, institution: str) -> set[str]:
+    """The SOP ids an institution has: those with a stored version, and the files in its folder."""
+    ids = {v.sop_id for v in session.exec(select(SopVersion).where(SopVersion.institution == institution))}
+    folder = settings.sops_dir / institution
+    if folder.is_dir():
+        ids |= {p.stem for p in folder.glob("*.yaml") if p.name not in (INSTITUTION_FILE, PRODUCTS_FILE)}
+    return ids
+
+
+def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: datetime | None = None) -> PinnedSop:
+    """The version of ``sop_id`` Effective now (an Issued one whose date has come turns Effective first).
+
+    Raises:
+        SopNotFoundError: no such institution or SOP. SopNotEffectiveError: no version is Effective.
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        infos = versions_of(s, institution, sop_id)
+        due = any(
+            i.state == "issued" and datetime.fromisoformat(i.data["effective_at"]) <= (now or utcnow()) for i in infos
+        )
+        if not due and (version := newest_effective(infos)) is not None:
+            return PinnedSop(version.id, version_definition(version), version.sha256)
+    if due:
+        with write_session(settings.database_url) as s:
+            activate_due(s, now, institution=institution, sop_id=sop_id)
+    with read_session(settings.database_url) as s:
+        infos = versions_of(s, institution, sop_id)
+        if (version := newest_effective(infos)) is not None:
+            return PinnedSop(version.id, version_definition(version), version.sha256)
+        known = known_sop_ids(settings, s, institution)
+        institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | set(
+            s.exec(select(SopVersion.institution))
+        )
+    if institution not in institutions:
+        raise SopNotFoundError(
+            f"no institution {institution!r}. {did_you_mean(institution, sorted(institutions), 'Known institutions')}".rstrip()
+        )
+    if sop_id not in known:
+        hint = did_you_mean(sop_id, sorted(known), "Known SOPs") or "Known SOPs: none."
+        raise SopNotFoundError(f"no SOP {sop_id!r} in {institution}. {hint}")
+    why = "a run starts only on a version that has been reviewed, approved by QA and trained on"
+    if not infos:
+        raise SopNotEffectiveError(
+            f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. The file "
+            f"sops/{institution}/{sop_id}.yaml has not been through change control: an installation's first versions "
+            f"are established with `sopflow sop establish {institution} --as <QA officer>`, later ones with "
+            "`sopflow sop draft` and `sopflow sop submit`"
+        )
+    states = "; ".join(
+        f"v{i.version.version} is {i.state.replace('_', ' ')}"
+        + (f" (effective from {i.data['effective_at'][:16]} UTC)" if i.state == "issued" else "")
+        for i in infos
+    )
+    raise SopNotEffectiveError(f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. {states}")

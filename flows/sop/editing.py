@@ -18,6 +18,7 @@ from typing import Any
 from flows.errors import Problem, SopDefinitionError
 from flows.sop.definition import check_definition
 from flows.sop.model import InstitutionSpec
+from flows.sop.schema import sop_json_schema
 from flows.sop.source import LoadedSop, parse_yaml
 
 __all__ = ["load_sop_text", "schema_field_names", "validate_sop_text"]
@@ -82,8 +83,6 @@ def _props(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 def schema_field_names() -> dict[str, list[str]]:
     """The SOP JSON Schema's key names by where they go: ``sop`` (top level), ``field`` (a param or
     a step's field), and one entry per step kind (``step.record``, ``step.check`` …)."""
-    from flows.sop.schema import sop_json_schema
-
     schema = sop_json_schema()
     out: dict[str, list[str]] = {"sop": sorted(schema["properties"])}
     defs = schema["$defs"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -113,6 +113,8 @@ DEVIATION_EVENTS: tuple[str, ...] = DeviationEventKind.__args__  # type: ignore[
 
 
 class _StepBase(_Frozen):
+    if TYPE_CHECKING:  # each kind's spec declares its own Literal; readers of any step may read it
+        kind: str
     id: Id
     title: str | None = None
     description: str | None = None

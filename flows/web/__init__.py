@@ -1,5 +1,5 @@
-"""Edge of the data path: the web app (``sopflow web``), thin over ``flows.service`` and
-``flows.service_web``. See ``flows.web.app``."""
+"""Edge of the data path: the web app (``sopflow web``), thin over the service floor
+(``flows.services``). See ``flows.web.app``."""
 
 from flows.web.app import create_app
 

@@ -1,7 +1,7 @@
 """Edge: the web pages of SOP change control (issue 6): the administrators' editor, the diff
 between two versions. (An SOP page's versions are on the SOP page, ``flows.web.pages``.)
 
-Thin, like ``flows.web.pages``: each route calls one service of ``flows.sop_admin`` and renders
+Thin, like ``flows.web.pages``: each route calls one service of ``flows.services.editor`` and renders
 the result. The editor's script (``static/app.js``) posts the text, with the CSRF token, to
 ``…/check`` as the administrator types and shows the problems it returns next to their line;
 "Save as draft" posts the form (the password is asked: ``create_draft`` signs the user in again,
@@ -25,14 +25,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from flows import sop_admin
 from flows.errors import (
     AuthenticationError,
     ChangeControlError,
     FlowsError,
     SopDefinitionError,
 )
-from flows.web.app import CSRF_MESSAGE, Forbidden, Web, _status_of
+from flows.services import editor as sop_editor
+from flows.services import guard
+from flows.web.base import CSRF_MESSAGE, Forbidden, Web, status_of
 from flows.web.i18n import N_
 
 __all__ = ["NEW", "register"]
@@ -66,10 +67,10 @@ def register(app: FastAPI, web: Web) -> None:
         save_error: str | None = None,
     ) -> Response:
         ws = await web.user(request)
-        await run_in_threadpool(sop_admin.require_sop_admin, settings, ws.username, institution)
-        start = await run_in_threadpool(sop_admin.editor_start, settings, institution, sop_id)
+        await run_in_threadpool(guard.require_sop_admin, settings, ws.who, institution)
+        start = await run_in_threadpool(sop_editor.editor_start, settings, institution, sop_id)
         checked = await run_in_threadpool(
-            sop_admin.check_text, settings, ws.username, institution, start["text"] if text is None else text, sop_id
+            sop_editor.check_text, settings, ws.who, institution, start["text"] if text is None else text, sop_id
         )
         base = f"/sops/{institution}/{sop_id}/edit" if sop_id else f"/sops/{institution}/{NEW}"
         return web.render(
@@ -94,7 +95,14 @@ def register(app: FastAPI, web: Web) -> None:
         text, reason = form.get("text", "").replace("\r\n", "\n"), form.get("reason", "")
         try:  # NotAuthorizedError goes to the error page (403): refused and audited by the service
             saved = await run_in_threadpool(
-                sop_admin.save_draft, settings, ws.username, form.get("password", ""), institution, text, sop_id, reason
+                sop_editor.save_draft,
+                settings,
+                ws.who,
+                form.get("password", ""),
+                institution,
+                text,
+                sop_id,
+                reason,
             )
         except AuthenticationError as exc:
             return await _editor(request, institution, sop_id, 401, text=text, reason=reason, save_error=str(exc))
@@ -133,15 +141,15 @@ def register(app: FastAPI, web: Web) -> None:
             return refused(403, web.gettext(ws, CSRF_MESSAGE))
         try:
             checked = await run_in_threadpool(
-                sop_admin.check_text,
+                sop_editor.check_text,
                 settings,
-                ws.username,
+                ws.who,
                 institution,
                 form.get("text", "").replace("\r\n", "\n"),
                 sop_id,
             )
         except FlowsError as exc:
-            return refused(_status_of(exc), str(exc), [str(p) for p in getattr(exc, "problems", None) or [exc]])
+            return refused(status_of(exc), str(exc), [str(p) for p in getattr(exc, "problems", None) or [exc]])
         return web.secure(JSONResponse({"ok": True, **checked}), ws)
 
     @app.get(f"/sops/{{institution}}/{NEW}")
@@ -173,5 +181,5 @@ def register(app: FastAPI, web: Web) -> None:
         request: Request, institution: str, sop_id: str, old: str | None = None, new: str | None = None
     ) -> Response:
         ws = await web.user(request)
-        changes = await run_in_threadpool(sop_admin.version_diff, settings, institution, sop_id, old, new)
+        changes = await run_in_threadpool(sop_editor.version_diff, settings, institution, sop_id, old, new)
         return web.render(ws, "diff.html", diff=changes)

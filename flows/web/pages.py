@@ -17,8 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from flows import library, service, sop_admin
-from flows import service_web as svc
 from flows.errors import (
     AuthenticationError,
     FlowsError,
@@ -26,8 +24,11 @@ from flows.errors import (
     SopInputError,
     StepNotWaitingError,
 )
-from flows.record.versions import CHANGE_CONTROL_ID
-from flows.web.app import Web
+from flows.services import documents, library, runs, signing
+from flows.services import editor as sop_editor
+from flows.services.versions import CHANGE_CONTROL_ID
+from flows.web import editor
+from flows.web.base import Web
 from flows.web.i18n import N_
 
 __all__ = ["field_errors", "register"]
@@ -68,19 +69,19 @@ def register(app: FastAPI, web: Web) -> None:
 
     # -- runs ------------------------------------------------------------------------------------------
     @app.get("/runs")
-    async def runs(request: Request) -> Response:
+    async def runs_page(request: Request) -> Response:
         ws = await web.user(request)
-        rows = await run_in_threadpool(svc.runs_for, settings, ws.username)
+        rows = await run_in_threadpool(runs.runs_for, settings, ws.who)
         return web.render(ws, "runs.html", runs=rows)
 
     @app.get("/runs/new")
     async def start_choose(request: Request) -> Response:
         ws = await web.user(request)
-        sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
+        sops = await run_in_threadpool(library.startable_sops, settings, ws.who)
         return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[], tz="UTC")
 
     async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
-        sops = await run_in_threadpool(library.startable_sops, settings, ws.username)
+        sops = await run_in_threadpool(library.startable_sops, settings, ws.who)
         chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
         if chosen is None:
             raise StepNotWaitingError(
@@ -92,7 +93,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def start_form(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         chosen = await _startable(ws, institution, sop_id)
-        tz = await run_in_threadpool(svc.institution_timezone, settings, institution)
+        tz = await run_in_threadpool(library.institution_timezone, settings, institution)
         return web.render(ws, "start.html", sops=[], chosen=chosen, values={}, errors={}, general=[], tz=tz)
 
     @app.post("/runs/new/{institution}/{sop_id}")
@@ -100,11 +101,11 @@ def register(app: FastAPI, web: Web) -> None:
         ws = await web.user(request)
         form = await web.form(request, ws)
         chosen = await _startable(ws, institution, sop_id)
-        tz = await run_in_threadpool(svc.institution_timezone, settings, institution)
+        tz = await run_in_threadpool(library.institution_timezone, settings, institution)
         values = _values(form, chosen["params"], tz)
         try:
             res = await run_in_threadpool(
-                service.start_run, settings, institution, sop_id, values, ws.username, form.get("password", "")
+                runs.start_run, settings, institution, sop_id, values, ws.who, form.get("password", "")
             )
         except (SopInputError, AuthenticationError, NotAuthorizedError) as exc:
             errors, general = field_errors(
@@ -127,8 +128,8 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/{run_id}")
     async def run_page(request: Request, run_id: str) -> Response:
         ws = await web.user(request)
-        rec = await run_in_threadpool(svc.record_for, settings, ws.username, run_id)
-        tz = await run_in_threadpool(svc.institution_timezone, settings, rec["run"]["institution"])
+        rec = await run_in_threadpool(runs.record_for, settings, ws.who, run_id)
+        tz = await run_in_threadpool(library.institution_timezone, settings, rec["run"]["institution"])
         # Documents in the user's language first (templates named like record.zh.html.j2).
         rec["documents"].sort(key=lambda d: f".{ws.language}." not in d["template"])
         seen: set[str] = set()
@@ -166,7 +167,7 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/{run_id}/steps/{step_id}")
     async def step_page(request: Request, run_id: str, step_id: str) -> Response:
         ws = await web.user(request)
-        form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+        form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
         return _step_page(ws, form)
 
     @app.post("/runs/{run_id}/steps/{step_id}/review")
@@ -174,10 +175,10 @@ def register(app: FastAPI, web: Web) -> None:
         """Check the entered values and show what the signer would sign (the signature dialog)."""
         ws = await web.user(request)
         posted = await web.form(request, ws)
-        form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+        form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
         values = _values(posted, form["fields"], form["timezone"])
         try:
-            preview = await run_in_threadpool(svc.preview_step, settings, run_id, step_id, ws.username, values)
+            preview = await run_in_threadpool(signing.review_step, settings, run_id, step_id, ws.who, values)
         except SopInputError as exc:
             errors, general = field_errors(exc.problems, [f["name"] for f in form["fields"]])
             return _step_page(ws, form, 422, values=values, errors=errors, general=general)
@@ -187,29 +188,29 @@ def register(app: FastAPI, web: Web) -> None:
     async def step_sign(request: Request, run_id: str, step_id: str) -> Response:
         ws = await web.user(request)
         posted = await web.form(request, ws)
-        form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+        form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
         values = _values(posted, form["fields"], form["timezone"])
         if posted.get("action") == "edit":
             return _step_page(ws, form, values=values)
         try:
             res = await run_in_threadpool(
-                svc.sign_reviewed,
+                signing.sign_reviewed,
                 settings,
                 run_id,
                 step_id,
-                ws.username,
+                ws.who,
                 posted.get("password", ""),
                 values,
                 posted.get("shown", ""),
             )
         except AuthenticationError as exc:
-            preview = await run_in_threadpool(svc.preview_step, settings, run_id, step_id, ws.username, values)
+            preview = await run_in_threadpool(signing.review_step, settings, run_id, step_id, ws.who, values)
             return _step_page(ws, form, 401, values=values, preview=preview, sign_error=str(exc))
         except SopInputError as exc:
             errors, general = field_errors(exc.problems, [f["name"] for f in form["fields"]])
             return _step_page(ws, form, 422, values=values, errors=errors, general=general)
         except (NotAuthorizedError, StepNotWaitingError) as exc:
-            form = await run_in_threadpool(svc.step_form, settings, run_id, step_id, ws.username)
+            form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
             return _step_page(
                 ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values, general=[str(exc)]
             )
@@ -224,12 +225,12 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/documents/{document_id}")
     async def document_page(request: Request, document_id: str) -> Response:
         ws = await web.user(request)
-        doc = await run_in_threadpool(svc.document_file, settings, document_id, ws.username)
+        doc = await run_in_threadpool(documents.document_file, settings, document_id, ws.who)
         return web.render(ws, "document.html", doc=doc)
 
     async def _document_bytes(request: Request, document_id: str, disposition: str) -> Response:
         ws = await web.user(request)
-        doc = await run_in_threadpool(svc.document_file, settings, document_id, ws.username)
+        doc = await run_in_threadpool(documents.document_file, settings, document_id, ws.who)
         response = Response(doc["content"], media_type=doc["media_type"])
         response.headers["Content-Disposition"] = f'{disposition}; filename="{doc["name"]}"'
         # An HTML document is shown as it is, in a sandbox: no scripts, no requests, no forms
@@ -250,30 +251,28 @@ def register(app: FastAPI, web: Web) -> None:
         return await _document_bytes(request, document_id, "attachment")
 
     # -- SOPs ------------------------------------------------------------------------------------------
-    from flows.web import editor
-
     editor.register(app, web)  # before /sops/{institution}/{sop_id}: its paths are longer or not SOP ids
 
     @app.get("/sops")
     async def sops(request: Request) -> Response:
         ws = await web.user(request)
         rows = await run_in_threadpool(library.sop_library, settings)
-        admin = await run_in_threadpool(sop_admin.admin_institutions, settings, ws.username)
+        admin = await run_in_threadpool(sop_editor.admin_institutions, settings, ws.who)
         return web.render(ws, "sops.html", library=rows, admin=admin, new=editor.NEW)
 
     @app.get("/sops/{institution}/{sop_id}")
     async def sop_page(request: Request, institution: str, sop_id: str) -> Response:
         """The SOP file in force, readably, and its versions with their states (change control)."""
         ws = await web.user(request)
-        versions = await run_in_threadpool(sop_admin.sop_versions, settings, institution, sop_id)
+        versions = await run_in_threadpool(sop_editor.sop_versions, settings, institution, sop_id)
         try:
             sop = await run_in_threadpool(library.describe_sop, settings, institution, sop_id)
         except FlowsError as exc:
             if not versions:
                 return web.error(ws, exc, 404)
             sop = None  # a new SOP's drafts, or one whose file is gone: its versions still show
-        admin = await run_in_threadpool(sop_admin.is_sop_admin, settings, ws.username, institution)
-        tz = await run_in_threadpool(svc.institution_timezone, settings, institution) if versions else "UTC"
+        admin = await run_in_threadpool(sop_editor.is_sop_admin, settings, ws.who, institution)
+        tz = await run_in_threadpool(library.institution_timezone, settings, institution) if versions else "UTC"
         return web.render(
             ws,
             "sop.html",

@@ -41,6 +41,13 @@ class WebSession:
     flash: list[tuple[str, str]] = field(default_factory=list)
     """Messages for the next page: (kind, text) with kind ``ok`` or ``error``."""
 
+    @property
+    def who(self) -> str:
+        """The signed-in user's name: for routes behind ``Web.user``, which signs the visitor in first."""
+        if self.username is None:
+            raise RuntimeError("no one is signed in on this session")
+        return self.username
+
     def csrf_ok(self, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(self.csrf.encode(), str(token).encode())
 

@@ -1,14 +1,15 @@
-"""The service layer, continued: SOP change control as the web's pages need it (issue 6, web side).
+"""The service floor: the web's SOP editor, versions and diff pages, over change control
+(``flows.services.versions``).
 
-- ``require_sop_admin``: the editor is for administrators of the institution (role ``sop_admin``).
+- ``guard.require_sop_admin``: the editor is for administrators of the institution (role ``sop_admin``).
 - ``editor_start``: the text a new draft starts from (the newest version, numbered one above).
 - ``check_text`` / ``save_draft``: as the administrator types, and Save; over
-  ``flows.changes.control.check_draft_text`` and ``create_draft`` (which validates, checks the
+  ``flows.services.drafts.check_draft_text`` and ``create_draft`` (which validates, checks the
   role again with the password and audits a refusal).
 - ``sop_versions``: an SOP's versions with their states, dates, the change-control run and the
   pairs to compare; ``version_diff``: what changed between two versions (``sopflow sop diff``).
 
-Same rules as ``flows.service``: the pages call these and hold no business rule.
+The pages call these and hold no business rule.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlmodel import select
-
 from flows.config import Settings
-from flows.errors import NotAuthorizedError, RecordError, SopNotFoundError
+from flows.errors import NotAuthorizedError, NotFoundError, SopNotFoundError
 from flows.record.db import init_db, read_session
-from flows.record.tables import User
-from flows.record.users import roles_of
+from flows.record.tables import SopVersion
+from flows.record.users import find_user
 from flows.record.versions import ADMIN_ROLE, CHANGE_CONTROL_ID
+from flows.services import guard
+from flows.services.drafts import check_draft_text, create_draft
+from flows.services.transfer import diff_versions
+from flows.services.versions import list_versions
 
 __all__ = [
     "NEW_SOP",
@@ -32,7 +35,6 @@ __all__ = [
     "draft_id",
     "editor_start",
     "is_sop_admin",
-    "require_sop_admin",
     "save_draft",
     "sop_versions",
     "version_diff",
@@ -61,32 +63,20 @@ steps:
 
 
 def is_sop_admin(settings: Settings, username: str, institution: str) -> bool:
-    init_db(settings.database_url)
-    with read_session(settings.database_url) as s:
-        user = s.exec(select(User).where(User.username == username)).first()
-        return user is not None and ADMIN_ROLE in roles_of(s, user.id, institution)
+    """Whether the user may use the SOP editor at the institution (``guard.require_sop_admin``)."""
+    try:
+        guard.require_sop_admin(settings, username, institution)
+    except (NotAuthorizedError, NotFoundError):
+        return False
+    return True
 
 
 def admin_institutions(settings: Settings, username: str) -> list[str]:
     """The institutions where the user is an SOP administrator (holds ``sop_admin``)."""
-    from flows.service_web import user_summary
-
-    return sorted(i for i, roles in user_summary(settings, username)["roles"].items() if ADMIN_ROLE in roles)
-
-
-def require_sop_admin(settings: Settings, username: str, institution: str) -> None:
-    """Raises NotAuthorizedError unless the user holds ``sop_admin`` at the institution."""
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        user = s.exec(select(User).where(User.username == username)).first()
-        if user is None:
-            raise RecordError(f"no user {username!r}")
-        held = roles_of(s, user.id, institution)
-    if ADMIN_ROLE not in held:
-        raise NotAuthorizedError(
-            f"user {username!r} may not edit SOPs at {institution!r}: only its SOP administrators may create drafts, "
-            f"and that takes role {ADMIN_ROLE!r} there (they hold {', '.join(sorted(held)) or 'no role'})"
-        )
+        user = find_user(s, username)
+        return sorted(guard.institutions_of(s, user.id, ADMIN_ROLE)) if user is not None else []
 
 
 def _check_id(institution: str, sop_id: str) -> None:
@@ -107,8 +97,6 @@ def editor_start(settings: Settings, institution: str, sop_id: str | None) -> di
     Raises:
         SopNotFoundError: no version and no file of ``sop_id`` at the institution.
     """
-    from flows.changes.control import list_versions
-
     if sop_id is None:
         return {"text": NEW_SOP, "based_on": None, "next_version": 1}
     _check_id(institution, sop_id)
@@ -116,8 +104,6 @@ def editor_start(settings: Settings, institution: str, sop_id: str | None) -> di
     path = settings.sops_dir / institution / f"{sop_id}.yaml"
     if versions:
         newest = max(versions, key=lambda v: v["version"])
-        from flows.record.tables import SopVersion
-
         with read_session(settings.database_url) as s:
             row = s.get(SopVersion, newest["version_id"])
             text = row.text if row is not None else ""
@@ -143,15 +129,13 @@ def draft_id(text: str) -> str | None:
 
 
 def check_text(settings: Settings, username: str, institution: str, text: str, sop_id: str | None) -> dict[str, Any]:
-    """``problems`` and ``fields`` for the editor (``flows.changes.control.check_draft_text``), for an
+    """``problems`` and ``fields`` for the editor (``flows.services.drafts.check_draft_text``), for an
     administrator; problems are named as ``<sop_id>.yaml`` like ``sopflow sop validate`` names the file.
 
     Raises:
         NotAuthorizedError (not an administrator), SopNotFoundError
     """
-    from flows.changes.control import check_draft_text
-
-    require_sop_admin(settings, username, institution)
+    guard.require_sop_admin(settings, username, institution)
     if sop_id is not None:
         _check_id(institution, sop_id)
     return check_draft_text(settings, institution, text, name=_name(sop_id or draft_id(text)), sop_id=sop_id)
@@ -166,15 +150,13 @@ def save_draft(
     sop_id: str | None,
     reason: str | None = None,
 ) -> dict[str, Any]:
-    """Store the text as a Draft (``flows.changes.control.create_draft``): a new SOP (``sop_id``
+    """Store the text as a Draft (``flows.services.drafts.create_draft``): a new SOP (``sop_id``
     None) takes the id its text gives. Returns the draft's ``version_id``, ``sop_id``, ``version``, ``sha256``.
 
     Raises:
         SopDefinitionError, ChangeControlError, SopNotFoundError, AuthenticationError, NotAuthorizedError
         (audited by ``create_draft``)
     """
-    from flows.changes.control import create_draft
-
     if sop_id is not None:
         _check_id(institution, sop_id)
     target = sop_id or draft_id(text)
@@ -195,8 +177,6 @@ def sop_versions(settings: Settings, institution: str, sop_id: str) -> list[dict
     turned or turns Effective), ``review_due`` (while Effective), ``run_id`` (its change-control
     run, whose record is its approval history), ``previous`` (the number before it, to compare)
     and ``history`` (the signed state changes, as ``sopflow sop versions`` lists them)."""
-    from flows.changes.control import list_versions
-
     rows = list_versions(settings, institution, sop_id)
     out = []
     previous = None
@@ -226,16 +206,13 @@ def sop_versions(settings: Settings, institution: str, sop_id: str) -> list[dict
 def version_diff(
     settings: Settings, institution: str, sop_id: str, old: str | int | None = None, new: str | int | None = None
 ) -> dict[str, Any]:
-    """What changed from version ``old`` to ``new`` (``flows.changes.transfer.diff_versions``; by
+    """What changed from version ``old`` to ``new`` (``flows.services.transfer.diff_versions``; by
     default the newest version and the one before it): each change's ``kind`` (added, removed,
     moved, changed), ``where``, and ``text``, the line ``sopflow sop diff`` prints.
 
     Raises:
         SopNotFoundError: no such version (or fewer than two).
     """
-    from flows.changes.control import list_versions
-    from flows.changes.transfer import diff_versions
-
     numbers = sorted(v["version"] for v in list_versions(settings, institution, sop_id))
     if old in (None, "") and new in (None, ""):
         if len(numbers) < 2:

@@ -1,4 +1,4 @@
-"""Stage 4: a local notification receiver, for the demo and the tests.
+"""Edge: a local notification receiver for `sopflow demo` (and the tests).
 
 apprise delivers to it for real (``json://127.0.0.1:PORT/``): the same code path as any webhook
 channel, no mock. It listens on loopback only and keeps what it received in memory.

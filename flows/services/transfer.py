@@ -1,4 +1,4 @@
-"""Moving SOP definitions between sopflow installations, and reading two versions side by side.
+"""The service floor: moving SOP definitions between installations, and two versions side by side.
 
 ``export_institution`` writes a folder: ``institution.yaml`` (name, zone, roles),
 ``products.yaml`` (the catalogue) and one ``<sop_id>.yaml`` per Effective SOP, each the exact
@@ -18,11 +18,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flows.config import Settings
-from flows.errors import ChangeControlError, SopNotFoundError
+from flows.errors import ChangeControlError, Problem, SopDefinitionError, SopNotFoundError
 from flows.record import ledger
 from flows.record.db import init_db, read_session
+from flows.record.versions import CHANGE_CONTROL_ID, version_definition, versions_of
+from flows.services.drafts import create_draft
+from flows.services.versions import find_version
+from flows.sop.catalog import INSTITUTION_FILE, PRODUCTS_FILE
 from flows.sop.diff import Change, diff_sops
+from flows.sop.editing import load_sop_text
+from flows.sop.load import load_institution_file
 
 __all__ = ["MANIFEST", "diff_versions", "export_institution", "import_institution"]
 
@@ -36,12 +44,10 @@ def diff_versions(settings: Settings, institution: str, sop_id: str, old: int, n
     Raises:
         SopNotFoundError: no such version.
     """
-    from flows.changes.control import _version, version_definition
-
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        a = version_definition(_version(s, institution, sop_id, old))
-        b = version_definition(_version(s, institution, sop_id, new))
+        a = version_definition(find_version(s, institution, sop_id, old))
+        b = version_definition(find_version(s, institution, sop_id, new))
     return diff_sops(a, b)
 
 
@@ -51,10 +57,8 @@ def export_institution(settings: Settings, institution: str, folder: Path) -> di
     Raises:
         SopNotFoundError (no institution, or nothing Effective), ChangeControlError (folder not empty)
     """
-    from flows.record.versions import CHANGE_CONTROL_ID, versions_of
-
     src = settings.sops_dir / institution
-    if not (src / "institution.yaml").is_file():
+    if not (src / INSTITUTION_FILE).is_file():
         raise SopNotFoundError(f"no institution {institution!r} under {settings.sops_dir}")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -69,7 +73,7 @@ def export_institution(settings: Settings, institution: str, folder: Path) -> di
         raise SopNotFoundError(f"institution {institution!r} has no Effective SOP to export")
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
-    for name in ("institution.yaml", "products.yaml"):
+    for name in (INSTITUTION_FILE, PRODUCTS_FILE):
         if (src / name).is_file():
             data = (src / name).read_bytes()
             (folder / name).write_bytes(data)
@@ -127,19 +131,15 @@ def import_institution(
         ChangeControlError (hash mismatch, missing or extra file, version numbers), SopDefinitionError,
         SopNotFoundError, AuthenticationError, NotAuthorizedError
     """
-    import yaml
-
-    from flows.changes.control import create_draft
-
     folder = Path(folder)
     manifest, contents = _checked(folder)
     target = institution or str(manifest.get("institution"))
     notes: list[str] = []
-    for name in ("institution.yaml", "products.yaml"):
+    for name in (INSTITUTION_FILE, PRODUCTS_FILE):
         if name in contents:
             here = settings.sops_dir / target / name
             if not here.is_file() or yaml.safe_load(here.read_bytes()) != yaml.safe_load(contents[name]):
-                what = "roles" if name == "institution.yaml" else "product catalogue"
+                what = "roles" if name == INSTITUTION_FILE else "product catalogue"
                 notes.append(
                     f"{name}: the exported {what} differs from sops/{target}/{name}; review and copy it by hand"
                 )
@@ -166,12 +166,7 @@ def import_institution(
 
 def _precheck(settings: Settings, target: str, folder: Path, sops: dict[str, Any], contents: dict[str, bytes]) -> None:
     """Every SOP valid at the target and numbered above its versions there, before any is stored."""
-    from flows.errors import Problem, SopDefinitionError
-    from flows.record.versions import versions_of
-    from flows.sop.editing import load_sop_text
-    from flows.sop.load import load_institution_file
-
-    spec = load_institution_file(settings.sops_dir / target / "institution.yaml")
+    spec = load_institution_file(settings.sops_dir / target / INSTITUTION_FILE)
     problems: list[Problem] = []
     numbers = []
     for name, entry in sorted(sops.items()):

@@ -1,4 +1,4 @@
-"""The change-control sweep: what happens without anyone acting, on the executor's clock.
+"""The service floor: the change-control sweep, a periodic job of the executor (``flows.services.worker``).
 
 ``sweep`` (the executor calls it every 5 s; tests pass ``now``): a completed change-control run
 turns its version Approved (the event carries QA's signature) and Issued, and assigns training to
@@ -16,20 +16,13 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from flows.changes.control import (
-    DEFAULT_REVIEW_MONTHS,
-    DEFAULT_TRAINING_DAYS,
-    QA_ROLE,
-    REVIEW_NOTICE,
-    _iso,
-    add_months,
-    signing_roles,
-    version_definition,
-)
 from flows.config import Settings
 from flows.errors import RecordError
+from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
+from flows.record.accounts import is_active
 from flows.record.db import init_db, read_session, write_session
+from flows.record.state import run_status
 from flows.record.tables import (
     Reminder,
     RoleGrant,
@@ -38,20 +31,29 @@ from flows.record.tables import (
     SopVersion,
     StepRecord,
     TrainingAssignment,
-    User,
+    iso_utc,
     utcnow,
 )
-from flows.record.training import is_trained
 from flows.record.versions import (
     ADMIN_ROLE,
     activate_due,
-    append_event,
+    append_version_event,
     event_data,
     state_of,
+    version_definition,
+)
+from flows.services.guard import OFFICER_ROLE as QA_ROLE
+from flows.services.training import overdue_training
+from flows.services.versions import (
+    DEFAULT_REVIEW_MONTHS,
+    DEFAULT_TRAINING_DAYS,
+    REVIEW_NOTICE,
+    add_months,
+    signing_roles,
 )
 from flows.sop.model import SopDefinition
 
-__all__ = ["overdue_training", "sweep"]
+__all__ = ["sweep"]
 
 
 def _signed(session: Session, run_id: str, step_id: str) -> tuple[dict[str, Any], Signature | None]:
@@ -66,8 +68,6 @@ def _signed(session: Session, run_id: str, step_id: str) -> tuple[dict[str, Any]
 
 
 def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, due: datetime, now: datetime) -> int:
-    from flows.record.accounts import is_active
-
     roles = signing_roles(sop)
     holders: dict[str, set[str]] = {}
     for g in session.exec(
@@ -100,7 +100,7 @@ def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, 
 def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, now: datetime) -> str | None:
     """Apply a finished change-control run to its version; returns the new state."""
     if status == "failed":  # the engine failed, nobody decided: the draft may be submitted again
-        append_event(
+        append_version_event(
             session,
             version,
             "draft",
@@ -115,7 +115,7 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
         data, sig = _signed(session, run.id, "qa_approval")
         if sig is None:
             data, sig = _signed(session, run.id, "review")
-        append_event(
+        append_version_event(
             session,
             version,
             "rejected",
@@ -139,7 +139,7 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
     months = int(data.get("review_months") or DEFAULT_REVIEW_MONTHS)
     training_due = now + timedelta(days=days)
     effective_at = datetime.fromisoformat(data["effective_at"]) if data.get("effective_at") else training_due
-    append_event(
+    append_version_event(
         session,
         version,
         "approved",
@@ -156,7 +156,7 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
         at=now,
     )
     sop = version_definition(version)
-    append_event(
+    append_version_event(
         session,
         version,
         "issued",
@@ -164,9 +164,9 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
         at=now,
         data={
             "run_id": run.id,
-            "effective_at": _iso(effective_at),
-            "training_due": _iso(training_due),
-            "review_due": _iso(add_months(effective_at, months)),
+            "effective_at": iso_utc(effective_at),
+            "training_due": iso_utc(training_due),
+            "review_due": iso_utc(add_months(effective_at, months)),
         },
     )
     _assign_training(session, version, sop, training_due, now)
@@ -174,44 +174,8 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
 
 
 def run_status_detail(session: Session, run_id: str) -> str | None:
-    from flows.record.state import run_status
-
     ev = run_status(session, run_id)
     return ev.detail if ev is not None else None
-
-
-def overdue_training(
-    settings: Settings, *, now: datetime | None = None, institution: str | None = None
-) -> list[dict[str, Any]]:
-    """Training assigned on issued versions, due and not yet recorded, oldest due first."""
-    now = now or utcnow()
-    init_db(settings.database_url)
-    out = []
-    with read_session(settings.database_url) as s:
-        names = {u.id: u.username for u in s.exec(select(User))}
-        query = select(TrainingAssignment).order_by(col(TrainingAssignment.due_at))
-        if institution is not None:
-            query = query.where(TrainingAssignment.institution == institution)
-        for a in s.exec(query):
-            due = a.due_at
-            if due > now or is_trained(s, a.user_id, a.institution, a.sop_id, a.sop_version):
-                continue
-            ev = state_of(s, a.version_id)
-            if ev is not None and ev.state in ("superseded", "retired"):
-                continue
-            out.append(
-                {
-                    "assignment_id": a.id,
-                    "username": names.get(a.user_id, a.user_id),
-                    "institution": a.institution,
-                    "sop_id": a.sop_id,
-                    "sop_version": a.sop_version,
-                    "roles": json.loads(a.roles_json),
-                    "due_at": due,
-                    "overdue_days": (now - due).days,
-                }
-            )
-    return out
 
 
 def _remind(
@@ -224,8 +188,6 @@ def _remind(
     body: str,
     now: datetime,
 ) -> bool:
-    from flows.outputs.notify import load_channels, notify
-
     with read_session(settings.database_url) as s:
         if s.exec(select(Reminder.id).where(Reminder.kind == kind, Reminder.object_id == object_id)).first():
             return False
@@ -254,8 +216,6 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
     Raises:
         ConfigError: the notification channels file is broken.
     """
-    from flows.record.state import run_status
-
     now = now or utcnow()
     init_db(settings.database_url)
     issued: list[tuple[str, str, str, int, list[str], dict[str, Any]]] = []

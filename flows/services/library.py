@@ -1,10 +1,9 @@
-"""The service layer, continued: the SOP library as people see it (the web's SOP pages and start form).
+"""The service floor: the SOP library as people see it (the web's SOP pages and start form).
 
-- ``startable_sops``: the SOPs a user may start, with their parameters and the products.
+- ``startable_sops``: the SOPs a user may start (``guard.start_problem``), with params and products.
 - ``sop_library``: per institution, SOP versions with state and sha256.
-- ``describe_sop``: one SOP as plain data, every key the file gives (new SOP keys show up as they are).
-
-Same rules as ``flows.service``: no business rule in a page.
+- ``describe_sop``: one SOP in force as plain data, every key the file gives.
+- ``institution_timezone``, ``field_view``: small helpers pages share.
 """
 
 from __future__ import annotations
@@ -14,25 +13,44 @@ from typing import Any
 from sqlmodel import col, select
 
 from flows.config import Settings
-from flows.errors import SopDefinitionError, SopNotFoundError
+from flows.errors import FlowsError, SopDefinitionError, SopNotFoundError
 from flows.record.db import init_db, read_session
 from flows.record.tables import SopVersion
-from flows.service_web import _field_view, user_summary
+from flows.record.users import find_user
+from flows.record.versions import effective_sop, state_of
+from flows.services import guard
+from flows.sop.catalog import INSTITUTION_FILE, Catalog
+from flows.sop.load import load_institution_file
+from flows.sop.model import FieldSpec
 
-__all__ = ["describe_sop", "sop_library", "startable_sops"]
+__all__ = ["describe_sop", "field_view", "institution_timezone", "sop_library", "startable_sops"]
+
+
+def institution_timezone(settings: Settings, institution: str) -> str:
+    """The institution's time zone (UTC when its file cannot be read: pages say which zone they show)."""
+    try:
+        return load_institution_file(settings.sops_dir / institution / INSTITUTION_FILE).timezone
+    except (OSError, SopDefinitionError):
+        return "UTC"
+
+
+def field_view(name: str, spec: FieldSpec) -> dict[str, Any]:
+    """A field as a form renders it: every key the SOP gave (new keys pass through untouched)."""
+    return {"name": name, **spec.model_dump(exclude_none=True, mode="json")}
 
 
 def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
-    """The SOPs this user may start (an Effective version at an institution where they hold a role
-    that ``start_roles`` admits), with params and products; an institution whose files are broken is
+    """The SOPs this user may start (an Effective version at an institution where ``guard.start_problem``
+    finds nothing against them), with params and products; an institution whose files are broken is
     listed with its problems."""
-    from flows.changes.control import effective_sop
-    from flows.errors import FlowsError
-    from flows.sop.catalog import Catalog
-
-    mine = user_summary(settings, username)["roles"]
     catalog = Catalog(settings.sops_dir, settings.templates_dir)
-    out = []
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        user = find_user(s, username)
+        mine = guard.institutions_of(s, user.id) if user is not None else set()
+    out: list[dict[str, Any]] = []
+    if user is None:
+        return out
     for inst_id in catalog.institutions():
         if inst_id not in mine:
             continue
@@ -48,8 +66,9 @@ def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
             except FlowsError:
                 continue
             d = pinned.definition
-            if d.start_roles and not set(d.start_roles) & set(mine[inst_id]):
-                continue
+            with read_session(settings.database_url) as s:
+                if guard.start_problem(s, user, inst_id, d) is not None:
+                    continue
             out.append(
                 {
                     "institution": inst_id,
@@ -57,7 +76,7 @@ def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
                     "title": d.title,
                     "version": d.version,
                     "sha256": pinned.sha256,
-                    "params": [_field_view(n, f) for n, f in d.params.items()],
+                    "params": [field_view(n, f) for n, f in d.params.items()],
                     "products": products,
                     "problems": [],
                 }
@@ -68,15 +87,12 @@ def startable_sops(settings: Settings, username: str) -> list[dict[str, Any]]:
 def sop_library(settings: Settings) -> list[dict[str, Any]]:
     """Per institution, its SOPs with version, state and sha256: the versions change control
     records, with their states (``effective``, ``draft``, …); for an institution with no version yet
-    (not established), the files and the revisions runs used (``superseded`` when the file has
-    changed since)."""
-    from flows.changes.control import list_versions
-    from flows.sop.catalog import Catalog
-
+    (not established), the files, and the stored revisions that differ from them (``superseded``)."""
     catalog = Catalog(settings.sops_dir, settings.templates_dir)
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
         stored = list(s.exec(select(SopVersion).order_by(col(SopVersion.stored_at))))
+        states = {v.id: ev.state if (ev := state_of(s, v.id)) is not None else "unknown" for v in stored}
     out = []
     for inst_id in sorted(set(catalog.institutions()) | {v.institution for v in stored}):
         entry: dict[str, Any] = {"id": inst_id, "name": inst_id, "problems": [], "sops": []}
@@ -90,16 +106,16 @@ def sop_library(settings: Settings) -> list[dict[str, Any]]:
                 titles[sop_id] = loaded.definition.title
         except (SopDefinitionError, SopNotFoundError) as exc:
             entry["problems"] = [str(p) for p in getattr(exc, "problems", [exc])]
-        versions = list(list_versions(settings, inst_id))
+        versions = sorted((v for v in stored if v.institution == inst_id), key=lambda v: (v.sop_id, v.version))
         if versions:
             entry["sops"] = [
                 {
-                    "id": v["sop_id"],
-                    "title": titles.get(v["sop_id"]),
-                    "version": v["version"],
-                    "sha256": v["sha256"],
-                    "state": v["state"],
-                    "file": current.get(v["sop_id"]) == v["sha256"],
+                    "id": v.sop_id,
+                    "title": titles.get(v.sop_id),
+                    "version": v.version,
+                    "sha256": v.sha256,
+                    "state": states[v.id],
+                    "file": current.get(v.sop_id) == v.sha256,
                 }
                 for v in versions
             ]
@@ -115,18 +131,6 @@ def sop_library(settings: Settings) -> list[dict[str, Any]]:
                 }
                 for i, sha in current.items()
             ]
-            entry["sops"] += [
-                {
-                    "id": v.sop_id,
-                    "title": None,
-                    "version": v.version,
-                    "sha256": v.sha256,
-                    "state": "superseded",
-                    "file": False,
-                }
-                for v in stored
-                if v.institution == inst_id and current.get(v.sop_id) != v.sha256
-            ]
         out.append(entry)
     return out
 
@@ -138,16 +142,11 @@ def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str,
     Raises:
         SopNotFoundError, SopDefinitionError
     """
-    from flows.sop.catalog import Catalog
-
     catalog = Catalog(settings.sops_dir, settings.templates_dir)
     inst = catalog.institution(institution)
     if sop_id not in inst.sops:
         catalog.get_sop(institution, sop_id)  # raises SopNotFoundError with a "did you mean"
     loaded = inst.sops[sop_id]
-    from flows.changes.control import effective_sop
-    from flows.errors import FlowsError
-
     try:  # what runs is the Effective version (change control); the file may be a later draft's source
         pinned = effective_sop(settings, institution, sop_id)
         d, sha256, in_force = pinned.definition, pinned.sha256, True
@@ -182,7 +181,7 @@ def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str,
         "sha256": sha256,
         "in_force": in_force,
         "roles": {k: r.label for k, r in inst.spec.roles.items()},
-        "params": [_field_view(n, f) for n, f in d.params.items()],
+        "params": [field_view(n, f) for n, f in d.params.items()],
         "steps": steps,
         "other": extra,
         "products": {k: p.model_dump(mode="json", exclude_none=True) for k, p in inst.products.items()},

@@ -17,15 +17,18 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from flows import service
-from flows.admin import add_user, grant_training
+from flows.cli.receiver import LocalReceiver
+from flows.cli.render import print_record
 from flows.config import Settings
 from flows.errors import FlowsError, RecordError
-from flows.outputs.receiver import LocalReceiver
-from flows.record.db import init_db, read_session
-from flows.record.training import is_trained
-from flows.record.users import authenticate, find_user
-from flows.sop.catalog import Catalog
+from flows.services import server
+from flows.services.accounts import add_user, list_users
+from flows.services.audit import verify_audit
+from flows.services.guard import Officer, sign_in
+from flows.services.runs import start_run, wait_for_run
+from flows.services.signing import submit_step
+from flows.services.training import grant_training, list_training
+from flows.services.versions import establish, list_versions
 
 __all__ = ["DEMO_USERS", "run_demo"]
 
@@ -46,37 +49,33 @@ def _pw(user: str) -> str:
     return DEMO_USERS[user][2]
 
 
-def _ensure_users(settings: Settings) -> None:
-    init_db(settings.database_url)
-    for username, (name, role, password) in DEMO_USERS.items():
-        with read_session(settings.database_url) as s:
-            exists = find_user(s, username) is not None
-            if exists:
-                try:
-                    authenticate(s, username, password)
-                except FlowsError:
-                    raise RecordError(
-                        f"demo user {username!r} exists with another password; use a fresh SOPFLOW_HOME"
-                    ) from None
-        if not exists:
-            add_user(settings, username, name, password, [(INSTITUTION, role)], actor="demo")
-    # Runs start only on an Effective version: the first time, QA establishes the SOP files as the first ones.
-    from flows.admin import Officer
-    from flows.changes.control import establish
-    from flows.record.versions import versions_of
+QA = "wang.fang"
+"""The demo's QA officer: the installation's first account, who then adds the others and records training."""
 
-    with read_session(settings.database_url) as s:
-        established = bool(versions_of(s, INSTITUTION))
-    if not established:
-        establish(settings, INSTITUTION, Officer("wang.fang", _pw("wang.fang")))
-    # Signers must be trained on the SOP version a run uses (as a QA officer would record it).
-    version = Catalog(settings.sops_dir, settings.templates_dir).get_sop(INSTITUTION, SOP).definition.version
+
+def _ensure_users(settings: Settings) -> None:
+    qa = Officer(QA, _pw(QA))
+    existing = {u["username"] for u in list_users(settings)}
+    for username in [QA, *(u for u in DEMO_USERS if u != QA)]:
+        name, role, password = DEMO_USERS[username]
+        if username in existing:
+            try:
+                sign_in(settings, username, password, "demo: the demo's own account")
+            except FlowsError:
+                raise RecordError(
+                    f"demo user {username!r} exists with another password; use a fresh SOPFLOW_HOME"
+                ) from None
+        else:  # the first account is the QA officer's; she adds the others (guard.first_account)
+            add_user(settings, username, name, password, [(INSTITUTION, role)], officer=None if username == QA else qa)
+    # Runs start only on an Effective version: the first time, QA establishes the SOP files as the first ones.
+    if not list_versions(settings, INSTITUTION):
+        establish(settings, INSTITUTION, qa)
+    # Signers must be trained on the SOP version a run uses, recorded by the QA officer.
+    version = next(v["version"] for v in list_versions(settings, INSTITUTION, SOP) if v["state"] == "effective")
+    trained = {(r["username"], r["sop_version"]) for r in list_training(settings) if r["sop_id"] == SOP}
     for username in DEMO_USERS:
-        with read_session(settings.database_url) as s:
-            user = find_user(s, username)
-            trained = user is not None and is_trained(s, user.id, INSTITUTION, SOP, version)
-        if not trained:
-            grant_training(settings, username, INSTITUTION, SOP, version, trainer="Demo trainer", actor="demo")
+        if (username, version) not in trained:
+            grant_training(settings, username, INSTITUTION, SOP, version, trainer="Demo trainer", officer=qa)
 
 
 def _write_channels(settings: Settings, rx: LocalReceiver, out: Console) -> bool:
@@ -94,12 +93,12 @@ def _write_channels(settings: Settings, rx: LocalReceiver, out: Console) -> bool
 def _wait(
     settings: Settings, run_id: str, *, step: str | None = None, statuses: tuple[str, ...] = (), timeout: float = 90.0
 ) -> dict[str, Any]:
-    return service.wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
+    return wait_for_run(settings, run_id, step=step, statuses=statuses, timeout=timeout)
 
 
 def _sign(settings: Settings, out: Console, run_id: str, step: str, user: str, values: dict[str, Any]) -> None:
     _wait(settings, run_id, step=step)
-    res = service.submit_step(settings, run_id, step, user, _pw(user), values)
+    res = submit_step(settings, run_id, step, user, _pw(user), values)
     name = DEMO_USERS[user][0]
     out.print(
         f"  [green]✔[/green] {step}: signed by {name} ({DEMO_USERS[user][1]}), signature sha256 {res.signed_sha256[:12]}…"
@@ -110,7 +109,7 @@ def _refused(
     settings: Settings, out: Console, what: str, run_id: str, step: str, user: str, values: dict[str, Any]
 ) -> bool:
     try:
-        service.submit_step(settings, run_id, step, user, _pw(user), values)
+        submit_step(settings, run_id, step, user, _pw(user), values)
     except FlowsError as exc:
         first = str(exc).splitlines()[0]
         out.print(f"  [yellow]✘[/yellow] {what}: refused — {escape(first)}")
@@ -129,8 +128,6 @@ ARRIVAL = {
 
 
 def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
-    from flows.engine import server
-
     ok = True
     out.print("[bold]sopflow demo: CAR-T dose receipt (WF2) at Demo Hospital[/bold]")
     was_running = all(st.alive for st in server.status(settings))
@@ -142,7 +139,7 @@ def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
             _ensure_users(settings)
             ok &= _receipt_accepted(settings, out)
             ok &= _receipt_excursion(settings, out)
-            report = service.verify_audit(settings)
+            report = verify_audit(settings)
             out.print(
                 f"\n[bold]audit verify[/bold]: {'[green]OK[/green]' if report.ok else '[red]BROKEN[/red]'} "
                 f"({report.events} events, {report.rows} record rows)"
@@ -169,7 +166,7 @@ def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
 
 def _start(settings: Settings, out: Console, coi: str, lot: str) -> str:
     params = {"product": "tecartus", "coi": coi, "lot": lot, "patient_id": "H2026001"}
-    res = service.start_run(settings, INSTITUTION, "dose_receipt", params, "chen.jie", _pw("chen.jie"))
+    res = start_run(settings, INSTITUTION, "dose_receipt", params, "chen.jie", _pw("chen.jie"))
     out.print(
         f"  started run {res.run_id} (dose_receipt v{res.sop_version}, sha256 {res.sop_sha256[:12]}…) "
         f"by Chen Jie, quality manager"
@@ -178,8 +175,6 @@ def _start(settings: Settings, out: Console, coi: str, lot: str) -> str:
 
 
 def _receipt_accepted(settings: Settings, out: Console) -> bool:
-    from flows.cli.render import print_record
-
     out.print("\n[bold]Receipt A: an intact shipment[/bold]")
     run_id = _start(settings, out, "COI-KT-2026-0117", "LOT-A7731")
     _wait(settings, run_id, step="arrival")
@@ -212,8 +207,6 @@ def _receipt_accepted(settings: Settings, out: Console) -> bool:
 
 
 def _receipt_excursion(settings: Settings, out: Console) -> bool:
-    from flows.cli.render import print_record
-
     out.print("\n[bold]Receipt B: the transit logger shows -120 °C, above Tecartus's -150 °C limit[/bold]")
     run_id = _start(settings, out, "COI-KT-2026-0118", "LOT-A7790")
     _sign(settings, out, run_id, "arrival", "li.wei", {**ARRIVAL, "logger_max_c": "-120"})

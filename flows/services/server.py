@@ -1,4 +1,4 @@
-"""Stage 2: start, stop and report the local Prefect server and sopflow's executor.
+"""The service floor: start, stop and report the local Prefect server and sopflow's worker.
 
 The embedded default keeps everything under ``SOPFLOW_HOME``: the Prefect server's SQLite
 database in ``prefect/``, its log and pid file in ``run/``. With ``SOPFLOW_PREFECT_API_URL`` set,
@@ -134,7 +134,7 @@ def start(settings: Settings, *, executor: bool = True, timeout: float = 90.0) -
     wait_healthy(settings, timeout)
     if executor and not _alive(_read_pid(settings, "executor")):
         ready_file(settings).unlink(missing_ok=True)
-        pid = _spawn(settings, "executor", [sys.executable, "-m", "flows.engine.executor"])
+        pid = _spawn(settings, "executor", [sys.executable, "-m", "flows.services.worker"])
         deadline = time.monotonic() + timeout
         while not _ready(settings, pid):
             if not _alive(pid):

@@ -1,0 +1,167 @@
+"""Edge of the data path: the run commands, thin over ``flows.services``.
+
+    sopflow start SOP_ID --institution I --set k=v --as USER      start a run
+    sopflow submit RUN STEP --as USER --set k=v [--json FILE]     enter data and sign a step
+    sopflow runs                          open and finished runs, with what each waits on
+    sopflow inbox --as USER               steps waiting on that user's roles
+    sopflow record RUN [--json]           the quality record of a run
+    sopflow audit verify                  walk the audit chain; name the first broken row
+
+``flows.cli`` mounts ``runs_app``'s commands at the top and ``audit_app`` as ``sopflow audit``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from flows.cli import common as cli
+
+__all__ = ["audit_app", "runs_app"]
+
+runs_app = typer.Typer()
+audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
+
+
+@runs_app.command("start")
+def start(
+    sop_id: str,
+    institution: Annotated[str, typer.Option(help="Institution id (folder under sops/).")],
+    username: cli.AsOpt,
+    set_: cli.SetOpt = None,
+    password_env: cli.PasswordEnv = "SOPFLOW_PASSWORD",
+) -> None:
+    """Start a run of an SOP; the parameters are checked before anything runs."""
+    from flows.services import runs
+
+    values = cli.pairs(set_)
+    res = cli.run(
+        runs.start_run, cli.settings(), institution, sop_id, values, username, cli.password(username, password_env)
+    )
+    cli.out.print(
+        f"started run {res.run_id} ({res.sop_id} v{res.sop_version}, sha256 {res.sop_sha256[:12]}; flow run {res.flow_run_id})"
+    )
+
+
+@runs_app.command("submit")
+def submit(
+    run_id: str,
+    step_id: str,
+    username: cli.AsOpt,
+    set_: cli.SetOpt = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="A JSON file of field values.")] = None,
+    password_env: cli.PasswordEnv = "SOPFLOW_PASSWORD",
+    preview: Annotated[bool, typer.Option("--preview", help="Show the computed values; sign nothing.")] = False,
+) -> None:
+    """Enter a step's data and sign it (re-authenticates with your password)."""
+    from flows.services import signing
+
+    values: dict[str, Any] = {}
+    if json_file is not None:
+        try:
+            loaded = json.loads(json_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"{json_file}: {exc}", param_hint="--json") from None
+        if not isinstance(loaded, dict):
+            raise typer.BadParameter(f"{json_file}: expected a JSON object of field values", param_hint="--json")
+        values.update(loaded)
+    values.update(cli.pairs(set_))
+    if preview:
+        shown = cli.run(signing.preview_step, cli.settings(), run_id, step_id, values)
+        for name, value in shown["computed"].items():
+            cli.out.print(f"{name} = {escape(str(value))}  (computed)")
+        cli.out.print("nothing signed: run it again without --preview to sign these values")
+        return
+    res = cli.run(
+        signing.submit_step, cli.settings(), run_id, step_id, username, cli.password(username, password_env), values
+    )
+    for name, value in res.computed.items():
+        cli.out.print(f"{name} = {escape(str(value))}  (computed, signed)")
+    tail = "the run goes on" if res.resumed else "the executor will resume the run"
+    cli.out.print(
+        f"signed {res.step_id} of run {res.run_id[:8]}: signature {res.signature_id} (sha256 {res.signed_sha256[:12]}); {tail}"
+    )
+
+
+@runs_app.command("runs")
+def list_runs() -> None:
+    """List runs, newest first, with their status and what each waits on."""
+    from flows.services import runs
+
+    rows = cli.run(runs.list_runs, cli.settings())
+    if not rows:
+        cli.out.print("no runs yet: `sopflow start` starts one, `sopflow demo` shows one")
+    for r in rows:
+        waits = f" waiting on {', '.join(r['waiting_on'])}" if r["waiting_on"] else ""
+        for o in r.get("overdue", []):
+            waits += f" [yellow]({o['step_id']} overdue since {o['since']:%Y-%m-%d %H:%M} UTC)[/yellow]"
+        detail = f" ({r['detail']})" if r["detail"] and r["status"] != "waiting" else ""
+        cli.out.print(
+            f"{r['id']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  {r['status']}{escape(detail)}{waits}  "
+            f"started {r['started_at']:%Y-%m-%d %H:%M} UTC"
+        )
+
+
+@runs_app.command("inbox")
+def inbox_cmd(username: cli.AsOpt) -> None:
+    """Steps waiting on your roles, oldest first."""
+    from flows.cli.render import deadline_text
+    from flows.services import inbox
+
+    items = cli.run(inbox.inbox, cli.settings(), username)
+    if not items:
+        cli.out.print(f"nothing waits on {username}")
+    for it in items:
+        note = (
+            f"  [yellow](you may not sign this one: {escape(it['cannot_sign'])})[/yellow]" if it["cannot_sign"] else ""
+        )
+        if it.get("overdue_since"):
+            note += f"  [yellow]overdue since {it['overdue_since']:%Y-%m-%d %H:%M} UTC[/yellow]"
+        if it.get("due_at"):
+            note += f"  due {it['due_at'][:16].replace('T', ' ')} UTC"
+        cli.out.print(
+            f"{it['run_id']}  {it['sop_id']}/{it['step_id']}  role {it['role']}  since {it['since']:%Y-%m-%d %H:%M} UTC  "
+            f"{escape(it['title'])}{note}"
+        )
+        for d in it.get("deadlines", []):
+            cli.out.print(f"    [yellow]deadline {escape(d['title'])}: {deadline_text(d)}[/yellow]")
+        for name, f in it["fields"].items():
+            if f.get("compute"):
+                cli.out.print(f"    {name} is computed: {escape(f['compute'])}")
+                continue
+            limits = " ".join(f"{k}={v}" for k, v in f.items() if k in ("unit", "min", "max", "choices", "pattern"))
+            cli.out.print(f"    --set {name}=…  ({f['type']}{', ' + escape(limits) if limits else ''})")
+
+
+@runs_app.command("record")
+def record(
+    run_id: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable export.")] = False
+) -> None:
+    """Print the quality record of a run: every step, value, signer, check, deviation, document."""
+    from flows.cli.render import print_record
+    from flows.services import runs
+
+    rec = cli.run(runs.quality_record, cli.settings(), run_id)
+    if as_json:
+        sys.stdout.write(json.dumps(rec, indent=2, ensure_ascii=False, default=str) + "\n")
+    else:
+        print_record(cli.out, rec)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit chain and every record row; exit 1 and name the first break."""
+    from flows.services.audit import verify_audit
+
+    report = cli.run(verify_audit, cli.settings())
+    if report.ok:
+        cli.out.print(f"audit verify: OK ({report.events} events, {report.rows} record rows)")
+        return
+    for p in report.problems:
+        cli.err.print(f"[red]audit verify: {escape(p)}[/red]")
+    raise typer.Exit(1)

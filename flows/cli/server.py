@@ -1,0 +1,86 @@
+"""Edge of the data path: ``sopflow server …``, ``sopflow web`` and ``sopflow demo``.
+
+    sopflow server start|stop|status     the local Prefect server and sopflow's worker
+    sopflow web [--host H --port P]       the web app (flows.web)
+    sopflow demo                          the whole dose receipt, end to end (flows.cli.demo)
+
+``flows.cli`` mounts ``server_app`` as ``sopflow server`` and ``web`` and ``demo`` at the top.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from flows.cli import common as cli
+
+__all__ = ["demo", "server_app", "web"]
+
+server_app = typer.Typer(help="Start, stop and inspect the local Prefect server and the worker.", no_args_is_help=True)
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local Prefect server (embedded default) and the executor, if not running."""
+    from flows.services import server
+
+    settings = cli.settings()
+    cli.out.print(f"Starting under {settings.home} (first start migrates the database: ~15 s)…")
+    for st in cli.run(server.start, settings):
+        _print_status(st)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the executor and the local Prefect server."""
+    from flows.services import server
+
+    stopped = cli.run(server.stop, cli.settings())
+    cli.out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Show whether the server and the executor run; exit 1 when either does not."""
+    from flows.services import server
+
+    statuses = cli.run(server.status, cli.settings())
+    for st in statuses:
+        _print_status(st)
+    if not all(st.alive for st in statuses):
+        raise typer.Exit(1)
+
+
+def _print_status(st: Any) -> None:
+    mark = "[green]running[/green]" if st.alive else "[red]stopped[/red]"
+    pid = f" pid {st.pid}" if st.pid else ""
+    cli.out.print(f"{st.name:15} {mark}{pid} {escape(st.detail)}  log: {st.log}")
+
+
+def web(
+    host: Annotated[str, typer.Option(help="Address to listen on (behind a TLS proxy in production).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the web app: inbox, step forms and signing, runs, documents, SOPs (English and 中文)."""
+    import uvicorn
+
+    from flows.web import create_app
+
+    settings = cli.settings()
+    app_ = cli.run(create_app, settings)
+    cli.out.print(f"sopflow web on http://{host}:{port} (data under {settings.home}); Ctrl-C stops it")
+    # One process: sessions live in its memory (flows.web.sessions). proxy_headers: a TLS proxy's
+    # X-Forwarded-Proto makes the session cookie Secure.
+    uvicorn.run(app_, host=host, port=port, proxy_headers=True, log_level="warning")
+
+
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the server and executor running afterwards.")] = False,
+) -> None:
+    """Run the dose-receipt demo end to end: one accepted dose, one with a failed temperature check."""
+    from flows.cli.demo import run_demo
+
+    code = cli.run(run_demo, cli.settings(), cli.out, keep=keep)
+    raise typer.Exit(code)

@@ -1,0 +1,56 @@
+"""The service floor: controlled documents. ``document_file`` hands a rendered document to a
+reader with a role at its run's institution (``guard.reader_problem``), its bytes re-checked
+against the sha256 the record holds (``intact``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flows.config import Settings
+from flows.errors import NotAuthorizedError, NotFoundError, RecordError
+from flows.record import ledger
+from flows.record.db import init_db, read_session
+from flows.record.tables import Document, SopRun
+from flows.services import guard
+
+__all__ = ["document_file"]
+
+MEDIA_TYPES = {".pdf": "application/pdf", ".html": "text/html", ".htm": "text/html"}
+
+
+def document_file(settings: Settings, document_id: str, username: str) -> dict[str, Any]:
+    """A rendered document: its record, its bytes, their media type, and whether the bytes still
+    have the sha256 the record holds (``intact``).
+
+    Raises:
+        NotFoundError: no such document. RecordError: its file is gone.
+        NotAuthorizedError: no role at the run's institution.
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        doc = s.get(Document, document_id)
+        if doc is None:
+            raise NotFoundError(f"no document {document_id!r}")
+        run = s.get(SopRun, doc.run_id)
+        if problem := guard.reader_problem(s, username, run.institution if run else ""):
+            raise NotAuthorizedError(problem)
+        s.expunge(doc)
+    path = Path(doc.path)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise RecordError(f"document {document_id!r}: its file {path.name} cannot be read ({exc.strerror})") from None
+    return {
+        "id": doc.id,
+        "run_id": doc.run_id,
+        "step_id": doc.step_id,
+        "template": doc.template,
+        "name": path.name,
+        "sha256": doc.sha256,
+        "rendered_at": doc.rendered_at,
+        "content": content,
+        "media_type": MEDIA_TYPES.get(path.suffix.lower(), "text/plain"),
+        "intact": ledger.sha256_hex(content) == doc.sha256,
+    }

@@ -1,0 +1,317 @@
+"""The service floor's guard: sign-in, every "who may" rule, and the one refuse-and-audit helper.
+
+Every service that acts for a person asks here; no other module of the floor (and nothing in the
+CLI or the web) decides who may do what. The rules, each a function that returns the problem in
+words (or None) so a caller can show it before anyone signs:
+
+    start_problem       start a run: a role at the institution, one the SOP's ``start_roles`` admits
+    signer_problem      sign a step: role, training on the run's version, separation of duties.
+                        The rule itself lives in ``flows.record.state`` because the flow re-checks
+                        every signature before it goes on; the guard asks that same function.
+    corrector_problem   correct a signed entry: may sign it, and did not verify it
+    reader_problem      read an institution's runs, documents and SOPs: any role there
+    role_problem        act in change control: hold the named role at the institution
+    officer_problem     add users or record training at institutions: role ``qa`` at each
+    over_problem        disable, enable, unlock or reset another account: ``qa`` where they hold a role
+    first_account       only the very first account is created without a QA officer (bootstrap)
+
+``sign_in`` authenticates (argon2), audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused``,
+and the threshold-th consecutive failure locks the account (``flows.record.accounts``).
+``refuse`` writes the ``<action>.refused`` audit event, under the actor's id (``unauthenticated``
+when nobody signed in), and returns the ``NotAuthorizedError`` to raise. The ``require_*``
+helpers sign in, ask a rule and refuse in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel import Session, col, select
+
+from flows.config import Settings
+from flows.errors import AuthenticationError, NotAuthorizedError, NotFoundError, did_you_mean
+from flows.record import accounts, ledger
+from flows.record.db import init_db, read_session, write_session
+from flows.record.state import signer_problem
+from flows.record.tables import RoleGrant, Signature, SopRun, User
+from flows.record.users import find_user, roles_of
+from flows.record.versions import ADMIN_ROLE
+from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
+
+__all__ = [
+    "ADMIN_ROLE",
+    "OFFICER_ROLE",
+    "UNAUTHENTICATED",
+    "Officer",
+    "corrector_problem",
+    "first_account",
+    "institutions_of",
+    "officer_problem",
+    "over_problem",
+    "reader_problem",
+    "refuse",
+    "require_officer",
+    "require_officer_over",
+    "require_role",
+    "require_sop_admin",
+    "role_problem",
+    "sign_in",
+    "signer_problem",
+    "start_problem",
+    "target_user",
+]
+
+OFFICER_ROLE = "qa"
+"""The role that adds users, records training and unlocks, disables, enables and resets accounts."""
+UNAUTHENTICATED = "unauthenticated"
+"""The actor of a refusal when nobody signed in (the audit event still says what was tried)."""
+
+
+@dataclass(frozen=True)
+class Officer:
+    """Who acts: a user name and the password they re-authenticate with."""
+
+    username: str
+    password: str
+
+
+# -- sign-in and refusal --------------------------------------------------------------------------
+def sign_in(settings: Settings, username: str, password: str, purpose: str, *, allow_temporary: bool = False) -> User:
+    """Authenticate, audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused`` and perhaps a lock.
+
+    The password is checked outside the write lock (argon2 is slow on purpose); the account's
+    state is checked again inside it. A lock is written in its own transaction, so it stays
+    although the sign-in fails. Returns the user detached from any session.
+
+    Raises:
+        AuthenticationError: unknown user, wrong password, disabled or locked account.
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        result = accounts.check_credentials(s, username, password)
+        if isinstance(result, User):
+            s.expunge(result)
+    with write_session(settings.database_url) as s:
+        if isinstance(result, User):
+            if not accounts.is_active(s, result.id):
+                result = accounts.Refusal(
+                    "disabled", f"user {username!r}: the account is disabled; a QA officer must enable it"
+                )
+            elif accounts.is_locked(s, result.id):
+                result = accounts.Refusal("locked", accounts.lock_message(s, result))
+            elif not allow_temporary and accounts.must_change_password(s, result.id):
+                result = accounts.Refusal(
+                    "temporary",
+                    f"user {username!r}: the password was reset by a QA officer; "
+                    f"set your own first (sopflow user passwd {username})",
+                )
+            else:
+                accounts.record_success(s, result, purpose)
+                return result
+        message = accounts.record_failure(s, username, result, purpose, threshold=settings.lockout_threshold)
+    raise AuthenticationError(message)
+
+
+def refuse(
+    settings: Settings, actor: str, action: str, object_type: str, object_id: str, problem: str
+) -> NotAuthorizedError:
+    """Audit a refusal (``<action>.refused``, the problem as payload and reason) and return the
+    ``NotAuthorizedError`` the caller raises. ``actor`` is the signed-in user's id, or
+    ``UNAUTHENTICATED``."""
+    with write_session(settings.database_url) as s:
+        ledger.audit(
+            s,
+            actor=actor,
+            action=f"{action}.refused",
+            object_type=object_type,
+            object_id=object_id,
+            payload={"problem": problem},
+            reason=problem,
+        )
+    return NotAuthorizedError(problem)
+
+
+# -- who holds what ---------------------------------------------------------------------------------
+def institutions_of(session: Session, user_id: str, role: str | None = None) -> set[str]:
+    """The institutions where the user holds a role (``role``, when given)."""
+    query = select(RoleGrant.institution).where(RoleGrant.user_id == user_id)
+    if role is not None:
+        query = query.where(RoleGrant.role == role)
+    return set(session.exec(query))
+
+
+def target_user(session: Session, username: str) -> User:
+    """The account another action is about, detached. Raises NotFoundError (with "did you mean")."""
+    user = find_user(session, username)
+    if user is None:
+        names = list(session.exec(select(User.username)))
+        hint = did_you_mean(username, names) or "`sopflow user list` lists them."
+        raise NotFoundError(f"no user {username!r}. {hint}")
+    session.expunge(user)
+    return user
+
+
+# -- the rules ----------------------------------------------------------------------------------------
+def start_problem(session: Session, user: User, institution: str, sop: SopDefinition) -> str | None:
+    """Why ``user`` may not start a run of ``sop`` at ``institution``, or None."""
+    held = roles_of(session, user.id, institution)
+    if not held:
+        return f"user {user.username!r} holds no role at {institution!r} and may not start its runs"
+    if sop.start_roles and not set(sop.start_roles) & held:
+        return (
+            f"{sop.id} may only be started by role {' or '.join(map(repr, sop.start_roles))} of "
+            f"{institution!r}; user {user.username!r} holds {', '.join(map(repr, sorted(held)))}"
+        )
+    return None
+
+
+def corrector_problem(
+    session: Session, run: SopRun, sop: SopDefinition, step: HumanStepSpec, user_id: str
+) -> str | None:
+    """Why ``user_id`` may not correct ``step``: they may not sign it, or they verified it."""
+    problem = signer_problem(session, run, sop, step, user_id)
+    if problem is not None:
+        return problem
+    verifiers = [st.id for st in sop.steps if isinstance(st, VerifyStepSpec) and st.of == step.id]
+    signed = session.exec(
+        select(Signature.id).where(
+            Signature.run_id == run.id, col(Signature.step_id).in_(verifiers), Signature.user_id == user_id
+        )
+    ).first()
+    if verifiers and signed is not None:
+        return f"you verified step {step.id!r}: its verifier may not correct it"
+    return None
+
+
+def reader_problem(session: Session, username: str, institution: str) -> str | None:
+    """Why ``username`` may not read ``institution``'s runs, documents and SOPs (no role there)."""
+    user = find_user(session, username)
+    if user is not None and institution in institutions_of(session, user.id):
+        return None
+    return f"user {username!r} holds no role at {institution!r} and may not read its runs or documents"
+
+
+def role_problem(session: Session, user: User, institution: str, role: str, purpose: str) -> str | None:
+    """Why ``user`` may not ``purpose`` at ``institution``: it takes ``role`` there."""
+    held = roles_of(session, user.id, institution)
+    if role in held:
+        return None
+    return (
+        f"user {user.username!r} may not {purpose} at {institution!r}: that takes role {role!r} there "
+        f"(they hold {', '.join(sorted(held)) or 'no role'})"
+    )
+
+
+def officer_problem(session: Session, user: User, institutions: set[str], purpose: str) -> str | None:
+    """Why ``user`` may not ``purpose`` at ``institutions``: it takes role ``qa`` at each of them."""
+    outside = sorted(institutions - institutions_of(session, user.id, OFFICER_ROLE))
+    if institutions and not outside:
+        return None
+    where = ", ".join(repr(i) for i in outside) if outside else "no institution"
+    return f"user {user.username!r} may not {purpose} at {where}: that takes role {OFFICER_ROLE!r} there"
+
+
+def over_problem(session: Session, officer: User, target: User, verb: str, *, own: bool = False) -> str | None:
+    """Why ``officer`` may not ``verb`` ``target``: it takes ``qa`` where the target holds a role, and
+    never on one's own account (unless ``own``: a password change of one's own)."""
+    where = institutions_of(session, target.id)
+    if not where & institutions_of(session, officer.id, OFFICER_ROLE):
+        return (
+            f"user {officer.username!r} may not {verb} {target.username!r}: that takes role {OFFICER_ROLE!r} at an "
+            f"institution where {target.username!r} holds a role ({', '.join(sorted(where)) or 'none'})"
+        )
+    if officer.id == target.id and not own:
+        return f"user {officer.username!r} may not {verb} their own account; another QA officer must"
+    return None
+
+
+def first_account(session: Session) -> bool:
+    """True while no account exists: the first one is created without a QA officer (bootstrap)."""
+    return session.exec(select(User.id).limit(1)).first() is None
+
+
+# -- sign in, ask, refuse ---------------------------------------------------------------------------
+def require_role(
+    settings: Settings,
+    who: Officer,
+    institution: str,
+    role: str,
+    *,
+    action: str,
+    object_type: str,
+    object_id: str,
+    purpose: str,
+) -> User:
+    """Sign ``who`` in and check they hold ``role`` at ``institution``; refused and audited otherwise.
+
+    Raises:
+        AuthenticationError, NotAuthorizedError
+    """
+    user = sign_in(settings, who.username, who.password, purpose)
+    with read_session(settings.database_url) as s:
+        problem = role_problem(s, user, institution, role, purpose)
+    if problem:
+        raise refuse(settings, user.id, action, object_type, object_id, problem)
+    return user
+
+
+def require_officer(
+    settings: Settings,
+    who: Officer | None,
+    institutions: set[str],
+    *,
+    action: str,
+    target: str,
+    purpose: str,
+    nobody: str,
+) -> User:
+    """Sign ``who`` in and check they are a QA officer of every one of ``institutions``; nobody
+    (``who`` None) is refused too, with the message ``nobody``. Refusals are audited against
+    ``target`` (a user name).
+
+    Raises:
+        AuthenticationError, NotAuthorizedError
+    """
+    if who is None:
+        raise refuse(settings, UNAUTHENTICATED, action, "sf_user", target, nobody)
+    user = sign_in(settings, who.username, who.password, f"{action} {target}")
+    with read_session(settings.database_url) as s:
+        problem = officer_problem(s, user, institutions, purpose)
+    if problem:
+        raise refuse(settings, user.id, action, "sf_user", target, problem)
+    return user
+
+
+def require_officer_over(
+    settings: Settings, who: Officer, target_name: str, *, action: str, verb: str, own: bool = False
+) -> tuple[User, User]:
+    """Sign ``who`` in and check ``over_problem``; returns (officer, target).
+
+    Raises:
+        AuthenticationError, NotAuthorizedError, NotFoundError
+    """
+    officer = sign_in(settings, who.username, who.password, f"{action} {target_name}")
+    with read_session(settings.database_url) as s:
+        target = target_user(s, target_name)
+        problem = over_problem(s, officer, target, verb, own=own)
+    if problem:
+        raise refuse(settings, officer.id, action, "sf_user", target.username, problem)
+    return officer, target
+
+
+def require_sop_admin(settings: Settings, username: str, institution: str) -> None:
+    """For pages that only show (the SOP editor): the user holds ``sop_admin`` at the institution.
+    Saving asks again with the password (``require_role``).
+
+    Raises:
+        NotFoundError (no such user), NotAuthorizedError
+    """
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        user = target_user(s, username)
+        held = roles_of(s, user.id, institution)
+    if ADMIN_ROLE not in held:
+        raise NotAuthorizedError(
+            f"user {username!r} may not edit SOPs at {institution!r}: only its SOP administrators may create "
+            f"drafts, and that takes role {ADMIN_ROLE!r} there (they hold {', '.join(sorted(held)) or 'no role'})"
+        )

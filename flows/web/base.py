@@ -1,0 +1,240 @@
+"""Edge of the data path: what every page of the web app shares. ``Web`` (settings, sessions, one
+Jinja environment per language, rendering, security headers), the page filters, the exceptions
+routes raise (``Redirect``, ``Forbidden``) and ``status_of``, which maps error classes (never
+their words) to HTTP status codes. Routes: ``flows.web.app`` (sign-in, language, inbox),
+``flows.web.pages`` (runs, steps, documents, SOPs) and ``flows.web.editor`` (the SOP editor).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+
+from flows.config import Settings
+from flows.errors import AuthenticationError, FlowsError, NotAuthorizedError, NotFoundError
+from flows.services import accounts
+from flows.web.i18n import N_, TEMPLATES, catalogue, pick_language
+from flows.web.sessions import COOKIE, SessionStore, WebSession
+
+__all__ = ["CSRF_MESSAGE", "Forbidden", "Redirect", "Web", "message_of", "safe_next", "status_of"]
+
+log = logging.getLogger("sopflow.web")
+
+STATUS_WORDS = [
+    N_("waiting"),
+    N_("signed"),
+    N_("done"),
+    N_("failed"),
+    N_("refused"),
+    N_("not reached"),
+    N_("scheduled"),
+    N_("running"),
+    N_("completed"),
+    N_("rejected"),
+    N_("stopped"),
+    N_("unknown"),
+    N_("skipped"),
+    N_("open"),
+    N_("performed"),
+    N_("verified"),
+    N_("approved"),
+    N_("corrected"),
+    N_("approve"),
+    N_("reject"),
+    N_("Decision"),
+    N_("Reason (required to reject)"),
+    N_("record"),
+    N_("verify"),
+    N_("check"),
+    N_("document"),
+    N_("notify"),
+    N_("disposition"),
+    N_("in_force"),
+    N_("superseded"),
+    N_("minor"),
+    N_("major"),
+    N_("critical"),
+    N_("draft"),
+    N_("in_review"),
+    N_("issued"),
+    N_("effective"),
+    N_("retired"),
+    N_("computed"),
+]
+"""Words the record holds that pages show translated (``{{ _(word) }}``)."""
+
+CSRF_MESSAGE = N_(
+    "This form has expired or did not come from this site (missing or wrong security token). Nothing was saved. Reload the page and try again."
+)
+
+
+def _local(value: Any, tz: str = "UTC") -> str:
+    if value is None or value == "":
+        return "—"
+    dt = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _dtlocal(value: Any, tz: str = "UTC") -> str:
+    """A stored or entered date-time as a ``datetime-local`` input's value, in the zone ``tz``."""
+    try:
+        dt = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value or "")
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(ZoneInfo(tz))
+    return dt.strftime("%Y-%m-%dT%H:%M")
+
+
+def _num(value: Any) -> Any:
+    """A float as people write it, every digit kept: -200.0 → -200, 18.5 → 18.5."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else value
+
+
+def _environment(language: str) -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html"]),
+        extensions=["jinja2.ext.i18n"],
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    cat = catalogue(language)
+    env.install_gettext_callables(cat.gettext, cat.ngettext, newstyle=True)  # type: ignore[attr-defined]
+    env.filters["local"] = _local
+    env.filters["dtlocal"] = _dtlocal
+    env.filters["num"] = _num
+    # A word the record or the SOP holds, translated when the catalogue has it. Unlike ``_``, whose
+    # result is trusted markup, this returns plain text: autoescape escapes it like any value.
+    env.filters["t"] = lambda word: cat.gettext(str(word)) if word is not None else ""
+    env.globals["lang"] = language
+    return env
+
+
+class Web:
+    """What every route needs: settings, sessions, the page environments, rendering."""
+
+    def __init__(self, settings: Settings, store: SessionStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or SessionStore(settings.web_idle_minutes * 60)
+        self.envs = {lang: _environment(lang) for lang in accounts.LANGUAGES}
+        self.prefect_ui = settings.api_url.removesuffix("/").removesuffix("/api")
+
+    # -- sessions ----------------------------------------------------------------------------------
+    async def session(self, request: Request) -> WebSession:
+        """The request's session; a new anonymous one when there is none (an idle one is audited)."""
+        live, expired = self.store.get(request.cookies.get(COOKIE))
+        if expired is not None and expired.username:
+            await run_in_threadpool(accounts.sign_out, self.settings, expired.username, "idle")
+            live = self.store.new(expired.language)
+            live.flash.append(
+                (
+                    "error",
+                    catalogue(live.language).gettext(
+                        N_("Your session ended after %(minutes)s minutes without activity. Sign in again.")
+                    )
+                    % {"minutes": f"{self.settings.web_idle_minutes:g}"},
+                )
+            )
+        if live is None:
+            for gone in self.store.sweep():  # sessions nobody came back to: end them, audited
+                if gone.username:
+                    await run_in_threadpool(accounts.sign_out, self.settings, gone.username, "idle")
+            live = self.store.new(pick_language(request.headers.get("accept-language")))
+        if request.method == "GET":
+            live.here = safe_next(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+        return live
+
+    async def user(self, request: Request) -> WebSession:
+        """The signed-in session, or a redirect to the sign-in page (``Redirect`` is raised)."""
+        ws = await self.session(request)
+        if not ws.username:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise Redirect(f"/login?next={quote(target)}", ws)
+        return ws
+
+    async def form(self, request: Request, ws: WebSession) -> dict[str, str]:
+        """The posted form, after its CSRF token was checked (``Forbidden`` is raised when it fails)."""
+        data = await request.form()
+        if not ws.csrf_ok(str(data.get("csrf") or "")):
+            raise Forbidden(ws)
+        return {k: str(v) for k, v in data.items() if isinstance(v, str)}
+
+    # -- responses ---------------------------------------------------------------------------------
+    def render(self, ws: WebSession, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        env = self.envs.get(ws.language, self.envs["en"])
+        flash, ws.flash = ws.flash, []
+        html = env.get_template(name).render(
+            ws=ws, csrf=ws.csrf, flash=flash, now=datetime.now(UTC), prefect_ui=self.prefect_ui, **ctx
+        )
+        response = HTMLResponse(html, status_code=status)
+        self.secure(response, ws)
+        return response
+
+    def redirect(self, ws: WebSession, to: str) -> Response:
+        return self.secure(RedirectResponse(to, status_code=303), ws)
+
+    def secure(self, response: Response, ws: WebSession | None) -> Response:
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        )
+        if ws is not None:  # Secure is added by the middleware when the request came over HTTPS
+            response.set_cookie(COOKIE, ws.token, httponly=True, samesite="strict", path="/")
+        return response
+
+    def gettext(self, ws: WebSession, message: str) -> str:
+        return catalogue(ws.language).gettext(message)
+
+    def error(self, ws: WebSession, exc: Exception, status: int = 400) -> HTMLResponse:
+        return self.render(ws, "error.html", status=status, message=message_of(exc))
+
+
+class Redirect(Exception):
+    def __init__(self, to: str, ws: WebSession) -> None:
+        self.to, self.ws = to, ws
+
+
+class Forbidden(Exception):
+    def __init__(self, ws: WebSession) -> None:
+        self.ws = ws
+
+
+def message_of(exc: Exception) -> str:
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return "\n".join(str(p) for p in problems)
+    return str(exc) or type(exc).__name__
+
+
+def status_of(exc: FlowsError) -> int:
+    """The HTTP status of a refusal, by its class: 401 sign-in, 403 not allowed, 404 no such thing, else 400."""
+    if isinstance(exc, AuthenticationError):
+        return 401
+    if isinstance(exc, NotAuthorizedError):
+        return 403
+    if isinstance(exc, NotFoundError):
+        return 404
+    return 400
+
+
+def safe_next(target: str | None) -> str:
+    return (
+        target if target and target.startswith("/") and not target.startswith("//") and "\\" not in target else "/inbox"
+    )
