@@ -48,7 +48,7 @@ log = logging.getLogger("sopflow.gates")
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
 _DECISION = FieldSpec(type="choice", choices=("approve", "reject"), label="Decision")
-_REASON = FieldSpec(type="text", required=False, max_length=2000, label="Reason (required to reject)")
+_REASON = FieldSpec(type="text", required=False, max_length=2000, multiline=True, label="Reason (required to reject)")
 
 
 def human_fields(step: HumanStepSpec) -> dict[str, FieldSpec]:

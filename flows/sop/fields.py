@@ -133,6 +133,9 @@ class FieldSpec(FrozenSpec):
     # datetime
     before_start: Literal["refused", "allowed"] = "refused"
     """A recorded time before the run started is refused, unless allowed (a collection time entered later)."""
+    future: Literal["refused", "allowed"] = "refused"
+    """A recorded time more than the clock skew ahead is refused, unless allowed: a time that is planned
+    or due (a planned collection, a CAPA's due date, an effective date), not one that happened."""
     # identifiers (type text)
     format: Literal["isbt128_din", "coi"] | None = None
     """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
@@ -161,8 +164,9 @@ class FieldSpec(FrozenSpec):
             problems.append("type 'choice' needs a non-empty 'choices' list")
         if self.type != "choice" and self.choices is not None:
             problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
-        if self.type != "datetime" and "before_start" in self.model_fields_set:
-            problems.append(f"'before_start' applies to type 'datetime', not {self.type!r}")
+        for key in ("before_start", "future"):
+            if self.type != "datetime" and key in self.model_fields_set:
+                problems.append(f"{key!r} applies to type 'datetime', not {self.type!r}")
         if self.format is not None and self.type != "text":
             problems.append(f"'format' applies to type 'text', not {self.type!r}")
         if self.compute is not None and self.type not in ("number", "text", "choice"):

@@ -138,7 +138,7 @@ def _coerce(spec: FieldSpec, value: Any, products: Mapping[str, ProductSpec], cl
         return normalize_datetime(
             value,
             show,
-            now=clock.now,
+            now=clock.now if spec.future != "allowed" else None,
             not_before=clock.not_before,
             before_start_allowed=spec.before_start == "allowed",
             future_skew=clock.future_skew,
