@@ -29,6 +29,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
     model_validator,
 )
 
@@ -36,6 +39,7 @@ __all__ = [
     "DEVIATION_EVENTS",
     "HUMAN_KINDS",
     "ID_PATTERN",
+    "LANGUAGES",
     "STEP_KINDS",
     "STEP_REF_PATTERN",
     "ApproveStepSpec",
@@ -47,6 +51,7 @@ __all__ = [
     "FieldSpec",
     "HumanStepSpec",
     "InstitutionSpec",
+    "Localized",
     "NotifyStepSpec",
     "ProductCatalogSpec",
     "ProductSpec",
@@ -61,6 +66,7 @@ __all__ = [
     "VerifyStepSpec",
     "format_duration",
     "parse_duration",
+    "text_in",
 ]
 
 ID_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -107,6 +113,68 @@ Regex = Annotated[str, AfterValidator(_regex_compiles)]
 loader points at that key's line."""
 
 
+LANGUAGES = ("en", "zh")
+"""The languages SOP text may be given in (``title: {en: …, zh: …}``) and pages are shown in."""
+
+
+class Localized(str):
+    """SOP text given in several languages. As a ``str`` it is the first one written (what the CLI,
+    the record and the tests show); ``translations`` holds each language's text (``text_in``)."""
+
+    translations: dict[str, str]
+
+    def __new__(cls, translations: dict[str, str]) -> Localized:
+        obj = super().__new__(cls, next(iter(translations.values())))
+        obj.translations = dict(translations)
+        return obj
+
+    def __reduce__(self) -> Any:  # copies and pickles keep the translations
+        return (Localized, (self.translations,))
+
+
+def _localized(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    if not isinstance(value, dict):
+        return handler(value)
+    unknown = [k for k in value if k not in LANGUAGES]
+    if unknown:
+        raise ValueError(
+            f"translations are keyed by language; {', '.join(map(repr, unknown))} is not one of {', '.join(LANGUAGES)}"
+        )
+    if not value or not all(isinstance(v, str) and v.strip() for v in value.values()):
+        raise ValueError("translations need a non-empty text for each language given")
+    return Localized(value)
+
+
+Text = Annotated[
+    str,
+    WrapValidator(_localized),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "object",
+                    "properties": {lang: {"type": "string"} for lang in LANGUAGES},
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                },
+            ]
+        }
+    ),
+]
+"""Text people read (titles, labels, meanings): a string, or one per language (``{en: …, zh: …}``)."""
+
+
+def text_in(value: str | None, language: str | None) -> str:
+    """``value`` in ``language`` when the SOP gives it in that language, else as written ("" for None)."""
+    if value is None:
+        return ""
+    translations = getattr(value, "translations", None)
+    if translations and language in translations:
+        return str(translations[language])
+    return str(value)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -122,8 +190,8 @@ class FieldSpec(_Frozen):
     """
 
     type: FieldType
-    label: str | None = None
-    help: str | None = None
+    label: Text | None = None
+    help: Text | None = None
     required: bool = True
     phi: bool = False
     """Protected health information: never echoed back in an error message."""
@@ -165,8 +233,8 @@ class FieldSpec(_Frozen):
 
 
 class RoleSpec(_Frozen):
-    label: str
-    description: str | None = None
+    label: Text
+    description: Text | None = None
 
 
 class InstitutionSpec(_Frozen):
@@ -174,7 +242,7 @@ class InstitutionSpec(_Frozen):
 
     schema_version: Literal[1]
     id: Id
-    name: str
+    name: Text
     timezone: str = "Asia/Shanghai"
     language: Literal["en", "zh"] = "en"
     """Language of its controlled documents: ``<name>.<language>.html.j2`` is used when present."""
@@ -265,8 +333,8 @@ class _StepBase(_Frozen):
     if TYPE_CHECKING:  # each kind's spec declares its own Literal; readers of any step may read it
         kind: str
     id: Id
-    title: str | None = None
-    description: str | None = None
+    title: Text | None = None
+    description: Text | None = None
     when: str | None = None
     """Expression read when the walk reaches the step; false: the step is recorded ``skipped`` and never runs."""
 
@@ -275,7 +343,7 @@ class HumanStepSpec(_StepBase):
     """A step that waits for a person's signed input."""
 
     role: Id
-    meaning: str | None = None
+    meaning: Text | None = None
     """What the signature means, as shown beside it ('Verified dose identity against order')."""
     fields: dict[Id, FieldSpec] = Field(default_factory=dict)
     timeout: Duration | None = None
@@ -314,14 +382,14 @@ class VerifyStepSpec(HumanStepSpec):
 
 class ApproveStepSpec(HumanStepSpec):
     kind: Literal["approve"]
-    meaning: str
+    meaning: Text
     signs_as: Literal["approved", "reviewed"] = "approved"
     """The signature's meaning when the decision is approve (``reviewed`` for a review)."""
 
 
 class DeviationSpec(_Frozen):
     classification: Literal["minor", "major", "critical"] = "major"
-    description: str | None = None
+    description: Text | None = None
     quarantine: bool = True
     """The dose is quarantined until QA signs a disposition."""
     disposition_role: Id = "qa"
@@ -435,7 +503,7 @@ class DeadlineSpec(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     id: Id
-    title: str | None = None
+    title: Text | None = None
     from_: str = Field(alias="from", pattern=STEP_REF_PATTERN)
     to: str = Field(pattern=STEP_REF_PATTERN)
     within: Duration | None = None
@@ -457,9 +525,9 @@ class SopDefinition(_Frozen):
 
     schema_version: Literal[1]
     id: Id
-    title: str
+    title: Text
     version: int = Field(ge=1)
-    description: str | None = None
+    description: Text | None = None
     params: dict[Id, FieldSpec] = Field(default_factory=dict)
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     distinct_signers: tuple[tuple[Id, ...], ...] = ()
