@@ -30,7 +30,7 @@ from flows.services.versions import signing_roles
 from flows.services.wording import role_labels
 from flows.sop.model import text_in
 
-__all__ = ["people", "training_status"]
+__all__ = ["change_control_people", "people", "training_status"]
 
 _LIVE = ("effective", "issued")
 
@@ -181,3 +181,27 @@ def people(settings: Settings, username: str, language: str | None = None) -> di
                 "versions": sorted(live, key=lambda v: (v["sop_id"], v["version"])),
             }
     return {"officer_of": officer_of, "institutions": institutions}
+
+
+def change_control_people(settings: Settings, institution: str, username: str) -> dict[str, Any]:
+    """For an SOP's page: who may be named reviewer (role ``sop_reviewer`` there, not the reader),
+    and whether the reader may act as SOP administrator or QA there."""
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        me = guard.target_user(s, username)
+        held = {
+            g.role
+            for g in s.exec(select(RoleGrant).where(RoleGrant.user_id == me.id, RoleGrant.institution == institution))
+        }
+        reviewers = []
+        for g in s.exec(
+            select(RoleGrant).where(RoleGrant.institution == institution, RoleGrant.role == "sop_reviewer")
+        ):
+            user = s.get(User, g.user_id)
+            if user is not None and user.id != me.id and account_rows.is_active(s, user.id):
+                reviewers.append({"username": user.username, "printed_name": user.printed_name})
+    return {
+        "reviewers": sorted(reviewers, key=lambda r: r["username"]),
+        "admin": guard.ADMIN_ROLE in held,
+        "qa": guard.OFFICER_ROLE in held,
+    }

@@ -24,7 +24,7 @@ from flows.errors import (
     SopInputError,
     StepNotWaitingError,
 )
-from flows.services import documents, library, runs, signing, views
+from flows.services import documents, library, runs, signing, team, views
 from flows.services import editor as sop_editor
 from flows.services.versions import CHANGE_CONTROL_ID
 from flows.web import changes, editor
@@ -285,6 +285,7 @@ def register(app: FastAPI, web: Web) -> None:
                 return web.error(ws, exc, 404)
             sop = None  # a new SOP's drafts, or one whose file is gone: its versions still show
         admin = await run_in_threadpool(sop_editor.is_sop_admin, settings, ws.who, institution)
+        cc = await run_in_threadpool(team.change_control_people, settings, institution, ws.who)
         tz = await run_in_threadpool(library.institution_timezone, settings, institution) if versions else "UTC"
         return web.render(
             ws,
@@ -294,5 +295,6 @@ def register(app: FastAPI, web: Web) -> None:
             institution=institution,
             sop_id=sop_id,
             admin=admin and sop_id != CHANGE_CONTROL_ID,
+            cc=cc,
             tz=tz,
         )

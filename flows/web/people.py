@@ -19,6 +19,9 @@ from flows.web.i18n import N_
 
 __all__ = ["register"]
 
+WORDS = [N_("trained"), N_("due"), N_("not_trained"), N_("overdue")]
+"""Training states as the training page shows them (``{{ status|t }}``)."""
+
 
 def register(app: FastAPI, web: Web) -> None:
     settings = web.settings

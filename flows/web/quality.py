@@ -24,6 +24,21 @@ from flows.web.pages import PREFIX, _values, field_errors
 
 __all__ = ["register"]
 
+WORDS = [
+    N_("dispositioned"),
+    N_("closed"),
+    N_("contained"),
+    N_("mah_notified"),
+    N_("investigated"),
+    N_("capa"),
+    N_("effectiveness"),
+    N_("subrun"),
+    N_("use"),
+    N_("use_with_risk_acceptance"),
+    N_("not_product_related"),
+]
+"""Deviation states and lifecycle words the pages show translated (``{{ word|t }}``)."""
+
 
 def register(app: FastAPI, web: Web) -> None:
     settings = web.settings
