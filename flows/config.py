@@ -49,6 +49,8 @@ class Settings:
     """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
     web_idle_minutes: float = 15.0
     """A web session ends after this many minutes without a request (signing always asks the password)."""
+    web_url: str | None = None
+    """The web app's address as people reach it (``SOPFLOW_WEB_URL``): notifications link to the step there."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -113,4 +115,12 @@ def get_settings() -> Settings:
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
         lockout_threshold=int(lockout),
         web_idle_minutes=idle,
+        web_url=_web_url(),
     )
+
+
+def _web_url() -> str | None:
+    value = (os.environ.get("SOPFLOW_WEB_URL") or "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"SOPFLOW_WEB_URL: expected an http:// or https:// address, got {value!r}")
+    return value.rstrip("/") or None

@@ -16,7 +16,6 @@ the reader's language; the English SOP text and every id stay as they are for th
 
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -27,8 +26,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from flows.config import Settings
 from flows.errors import SopDefinitionError
-from flows.record.deviations import coi_param
-from flows.record.tables import SopRun
+from flows.record.dose import dose_facts
 from flows.sop.catalog import INSTITUTION_FILE
 from flows.sop.load import load_institution_file
 from flows.sop.model import CheckStepSpec, FieldSpec, HumanStepSpec, SopDefinition, SubrunStepSpec, text_in
@@ -43,9 +41,6 @@ __all__ = [
     "reads_of",
     "role_labels",
 ]
-
-LOT_NAMES = ("lot", "lot_number", "batch", "batch_number")
-PATIENT_NAMES = ("patient_id", "patient", "mrn", "hospital_number")
 
 
 @lru_cache(maxsize=64)
@@ -71,26 +66,6 @@ def institution_language(settings: Settings, institution: str) -> str:
         return str(_roles(path, path.stat().st_mtime)["language"])
     except (OSError, SopDefinitionError):
         return "en"
-
-
-def dose_facts(run: SopRun, sop: SopDefinition | None) -> dict[str, Any]:
-    """Product name (and its Chinese name), COI, lot and patient id of the dose a run is about; each
-    None when the run's SOP has no such parameter."""
-    params = json.loads(run.params_json)
-    product = json.loads(run.product_json) if run.product_json else {}
-    specs = sop.params if sop is not None else {}
-    coi_name = coi_param(sop, params)
-    lot = next((n for n in LOT_NAMES if n in params), None)
-    patient = next((n for n in PATIENT_NAMES if n in params), None)
-    if patient is None:
-        patient = next((n for n, f in specs.items() if f.phi and n in params), None)
-    return {
-        "product": product.get("name"),
-        "product_zh": product.get("name_zh"),
-        "coi": params.get(coi_name) if coi_name else None,
-        "lot": params.get(lot) if lot else None,
-        "patient": params.get(patient) if patient else None,
-    }
 
 
 _SIMPLE = re.compile(r"^\^\[([^\]\\]+)\](\{(\d+)(,(\d*))?\}|\+|\*)\$$")
