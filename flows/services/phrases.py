@@ -76,12 +76,46 @@ MESSAGES: dict[str, dict[str, str]] = {
         "describe the deviation: what happened, where and when": "请描述偏差：发生了什么、在哪里、何时",
         "classification {value}: expected minor, major or critical": "分级 {value}：应为 minor、major 或 critical",
         "no deviation {deviation}": "没有偏差 {deviation}",
+        # the chain of identity (flows.record.chain)
+        "run {run} ({sop}) ended {status}: {detail}": "运行 {run}（{sop}）以“{status}”结束：{detail}",
+        "run {run} ({sop}) ended {status}": "运行 {run}（{sop}）以“{status}”结束",
+        "run {run} ({sop}) has not ended (it is {status})": "运行 {run}（{sop}）尚未结束（当前为{status}）",
+        "deviation {deviation} on run {run} ({sop}) is {status} and quarantines the dose": "运行 {run}（{sop}）的偏差 {deviation} 为{status}，产品被隔离",
+        "deviation {deviation} on run {run} ({sop}) is {status}": "运行 {run}（{sop}）的偏差 {deviation} 为{status}",
+        "no completed {stage} run for {coi}": "{coi} 没有已完成的{stage}运行",
+        "the {stage} run started before the {previous} run": "{stage}运行早于{previous}运行开始",
+        "no run carries COI {coi}": "没有运行带有身份链编号 {coi}",
         # accounts and training
         "user {user} may not {purpose} at {where}: that takes role {role} there": "用户 {user} 不能在 {where} {purpose}：需要该机构的角色 {role}",
-        "user {user} may not {verb} their own account; another QA officer must": "用户 {user} 不能对自己的账户执行此操作；须由另一位质量管理员执行",
+        "user {user} may not {verb} their own account; another QA officer must": "用户 {user} 不能对自己的账户执行此操作（{verb}）；须由另一位质量管理员执行",
     }
 }
 """Language → English message (with ``{name}`` for values) → the message in that language."""
+
+STATES: dict[str, dict[str, str]] = {
+    "zh": {
+        "waiting": "等待中",
+        "running": "进行中",
+        "scheduled": "已排程",
+        "completed": "已完成",
+        "rejected": "已拒收",
+        "stopped": "已停止",
+        "failed": "失败",
+        "held": "暂停",
+        "open": "未处置",
+        "dispositioned": "已处置",
+        "closed": "已关闭",
+        "done": "已完成",
+        "signed": "已签署",
+        "collection": "采集",
+        "receipt": "接收",
+        "storage": "储存",
+        "infusion": "输注",
+        "not reached yet": "尚未到达",
+    }
+}
+"""Words a value placeholder named ``status``, ``state``, ``stage`` or ``previous`` holds, by language."""
+_STATE_KEYS = frozenset({"status", "state", "stage", "previous"})
 
 _PLACE = re.compile(r"\{(\+?)([a-z_0-9]+)\}")
 
@@ -108,8 +142,16 @@ def _one(text: str, language: str, depth: int) -> str:
         m = pattern.fullmatch(text)
         if m is None:
             continue
+        states = STATES.get(language, {})
         values = {
-            k: (_one(v, language, depth + 1) if k in recursive and depth < 4 else v) for k, v in m.groupdict().items()
+            k: (
+                _one(v, language, depth + 1)
+                if k in recursive and depth < 4
+                else states.get(v, v)
+                if k in _STATE_KEYS
+                else v
+            )
+            for k, v in m.groupdict().items()
         }
         return other.format(**values)
     return text
