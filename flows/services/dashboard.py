@@ -44,6 +44,15 @@ def _months_back(now: datetime, n: int) -> list[str]:
     return list(reversed(out))
 
 
+def _step_title(sop: SopDefinition | None, step_id: str | None) -> str | None:
+    """The title of the step a run waits on (its id when the SOP does not name it)."""
+    if sop is None or not step_id:
+        return step_id
+    base = step_id.partition("#")[0]
+    step = next((st for st in sop.steps if st.id == base), None)
+    return (step.title or step_id) if step is not None else step_id
+
+
 def quality_dashboard(settings: Settings, username: str, now: datetime | None = None) -> dict[str, Any]:
     """Everything the dashboard shows, for the institutions where ``username`` holds a role.
 
@@ -84,7 +93,7 @@ def quality_dashboard(settings: Settings, username: str, now: datetime | None = 
                     "sop_id": r.sop_id,
                     "sop_title": sop.title if sop else r.sop_id,
                     "status": st.status if st else "unknown",
-                    "waiting_on": st.detail if st and st.status == "waiting" else None,
+                    "waiting_on": _step_title(sop, st.detail) if st and st.status == "waiting" else None,
                     "dose": dose_facts(r, sop),
                     "started_at": r.started_at,
                 }

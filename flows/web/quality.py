@@ -130,7 +130,7 @@ def register(app: FastAPI, web: Web) -> None:
         board = await run_in_threadpool(dashboard.quality_dashboard, settings, ws.who)
         charts = {
             "stages": bars([(k, len(v)) for k, v in board["open_by_stage"].items()]),
-            "months": bars([(m["month"][2:], m["count"]) for m in board["deviations_by_month"]]),
+            "months": bars([(m["month"][5:], m["count"]) for m in board["deviations_by_month"]]),
             "receipt": bars([(r["coi"][-6:], r["days"]) for r in board["receipt_to_infusion"]]),
         }
         return web.render(ws, "dashboard.html", board=board, charts=charts, tz="Asia/Shanghai")
