@@ -18,7 +18,8 @@ from sqlmodel import col, select
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent, Deviation, SopRun, User
 from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
-from tests.test_web import audit_since, csrf_of, login, state
+from tests.test_web import audit_since, csrf_of, state
+from tests.test_web import login as _login
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,13 @@ def receipt_fixture(engine: Any) -> str:
     sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
     wait_for(engine, run_id, step="qa_acceptance")
     return run_id
+
+
+def login(app: Any, username: str, password: str = PASSWORD) -> Any:
+    """Signed in, pages in English (another test may have left the user's language at Chinese)."""
+    client = _login(app, username, password)
+    client.post("/language", data={"csrf": csrf_of(client.get("/inbox").text), "language": "en", "back": "/inbox"})
+    return client
 
 
 def text_of(html: str) -> str:

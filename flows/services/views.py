@@ -13,8 +13,8 @@ from typing import Any
 from flows.config import Settings
 from flows.engine.gates import find_human_step, human_fields
 from flows.record.db import read_session
-from flows.record.versions import stored_sop
-from flows.services import inbox, signing
+from flows.record.versions import effective_sop, stored_sop
+from flows.services import inbox, library, signing
 from flows.services import runs as runs_service
 from flows.services.runs import find_run
 from flows.services.wording import (
@@ -29,7 +29,7 @@ from flows.services.wording import (
 )
 from flows.sop.model import FieldSpec, HumanStepSpec, SopDefinition, text_in
 
-__all__ = ["correction_view", "field_words", "inbox_view", "run_view", "step_view"]
+__all__ = ["correction_view", "field_words", "inbox_view", "run_view", "start_view", "step_view"]
 
 
 def _dose(settings: Settings, run_id: str) -> tuple[dict[str, Any], SopDefinition, str]:
@@ -181,3 +181,16 @@ def correction_view(settings: Settings, run_id: str, step_id: str, username: str
     form["corrections"] = entry.get("corrections", [])
     form["signature"] = entry.get("signature")
     return form
+
+
+def start_view(settings: Settings, username: str, language: str) -> list[dict[str, Any]]:
+    """``library.startable_sops`` with each SOP's title and parameters in the reader's words
+    (labels in ``language``, formats as words with an example)."""
+    out = library.startable_sops(settings, username)
+    for item in out:
+        if not item.get("sop_id"):
+            continue
+        sop = effective_sop(settings, item["institution"], item["sop_id"]).definition
+        item["title"] = text_in(sop.title, language)
+        item["params"] = [field_words(n, f, sop, None, language, None) for n, f in sop.params.items()]
+    return out

@@ -90,11 +90,11 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/new")
     async def start_choose(request: Request) -> Response:
         ws = await web.user(request)
-        sops = await run_in_threadpool(library.startable_sops, settings, ws.who)
+        sops = await run_in_threadpool(views.start_view, settings, ws.who, ws.language)
         return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[], tz="UTC")
 
     async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
-        sops = await run_in_threadpool(library.startable_sops, settings, ws.who)
+        sops = await run_in_threadpool(views.start_view, settings, ws.who, ws.language)
         chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
         if chosen is None:
             raise StepNotWaitingError(
