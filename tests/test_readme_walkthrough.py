@@ -123,7 +123,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
             ).stdout
         )
         states = {v["version"]: v["state"] for v in sop_versions(settings, "demo_hospital", "dose_receipt")}
-        assert states[1] == "effective", states
+        assert states[1] in ("effective", "superseded"), states  # superseded once the sweep made v2 effective
         assert states[2] in ("in_review", "approved", "issued", "effective"), states
         change = runs.quality_record(settings, env["CHANGE"])
         approval = next(s for s in change["steps"] if s["id"] == "qa_approval")
