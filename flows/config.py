@@ -49,9 +49,11 @@ class Settings:
     lockout_threshold: int = 5
     """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
     web_idle_minutes: float = 15.0
+    """A web session ends after this many minutes without a request (signing always asks the password)."""
     future_skew_minutes: float = 5.0
     """How far ahead of the clock a recorded time may be (clocks differ); a later one is refused."""
-    """A web session ends after this many minutes without a request (signing always asks the password)."""
+    web_url: str | None = None
+    """The web app's address as people reach it (``SOPFLOW_WEB_URL``): notifications link to the step there."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -120,4 +122,12 @@ def get_settings() -> Settings:
         lockout_threshold=int(lockout),
         web_idle_minutes=idle,
         future_skew_minutes=skew,
+        web_url=_web_url(),
     )
+
+
+def _web_url() -> str | None:
+    value = (os.environ.get("SOPFLOW_WEB_URL") or "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"SOPFLOW_WEB_URL: expected an http:// or https:// address, got {value!r}")
+    return value.rstrip("/") or None

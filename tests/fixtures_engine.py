@@ -38,6 +38,8 @@ ARRIVAL = {
     "logger_max_c": "-171.5",
     "transit_hours": "18.5",
 }
+WEB_URL = "https://sopflow.hospital.example"
+"""The web app's address the engine's notifications link to (``SOPFLOW_WEB_URL``)."""
 PARAMS = {"product": "tecartus", "coi": "COI-TEST-0001", "lot": "LOT-1", "patient_id": "H0001"}
 
 
@@ -58,6 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("SOPFLOW_DATABASE_URL", None)
     os.environ.pop("SOPFLOW_PREFECT_API_URL", None)
     os.environ.pop("SOPFLOW_NOTIFY_CONFIG", None)
+    os.environ["SOPFLOW_WEB_URL"] = WEB_URL  # notifications link to the step's page there
     # The repository's institutions and the engine tests' own (tests/sops/engine/): the executor
     # loads a sub-run's SOP from the same folder.
     repo = Path(__file__).resolve().parent.parent

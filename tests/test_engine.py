@@ -80,9 +80,19 @@ def test_run_sop_accepted_receipt_completes_with_document_and_notification(engin
     msg = receiver.wait_for(lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""))
     assert msg is not None
     assert "accepted and in stock" in msg["message"]
-    assert (
-        receiver.wait_for(lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", "")) is not None
+    waiting = receiver.wait_for(
+        lambda m: m["path"] == "/pharmacist" and "Waiting on you" in m.get("title", "") and run_id in m["message"]
     )
+    assert waiting is not None  # what waits, for which dose, due when, and the link to the step's page
+    assert waiting["title"].endswith("· COI-TEST-0001")
+    for shown in (
+        "Tecartus",
+        "LOT-1",
+        "Pharmacist",
+        "Due: no time limit",
+        f"/runs/{run_id}/steps/identity_verification",
+    ):
+        assert shown in waiting["message"]
     # Prefect's history holds one task run per automated step, named sop/step.
     # Wait for all four: under load the last task run's state reaches the server after the run's end.
     expected = {

@@ -205,7 +205,7 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
     assert _export_problems(lang, run_id) == []
     msg = receiver.wait_for(lambda m: m["path"] == "/qa" and run_id in m.get("message", ""))
     assert msg is not None
-    assert "deadline breached" in msg["title"]
+    assert "Deadline breached" in msg["title"]
 
 
 def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):

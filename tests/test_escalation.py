@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -209,12 +210,14 @@ def test_escalation_overdue_approval_is_delivered_by_apprise_once(engine, receiv
     escalate_overdue(engine, now=later + timedelta(minutes=30))
 
     def for_this_run(m):
-        return m["path"] == "/quality_manager" and run_id in m.get("message", "") and "overdue" in m.get("title", "")
+        return m["path"] == "/quality_manager" and run_id in m.get("message", "") and "Overdue" in m.get("title", "")
 
     msg = receiver.wait_for(for_this_run)
     assert msg is not None
-    assert "step 'qa_acceptance'" in msg["message"]
-    assert "has waited 4h" in msg["message"]
+    assert re.search(
+        r"QA acceptance into stock has waited 4 h \d+ min for QA officer to sign; its time limit is 4 h", msg["message"]
+    )
+    assert f"/runs/{run_id}/steps/qa_acceptance" in msg["message"]
     [esc] = _escalations(engine.database_url, run_id)
     assert [d["ok"] for d in json.loads(esc.deliveries_json)] == [True]
     assert len([m for m in receiver.messages if for_this_run(m)]) == 1

@@ -20,13 +20,15 @@ from sqlmodel import col, select
 from flows.config import Settings
 from flows.engine.escalation import format_duration
 from flows.engine.steps import SYSTEM, RunContext, send
+from flows.outputs.messages import message
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deadlines import deadline_states
+from flows.record.dose import run_facts
 from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, SopRun, utcnow
 from flows.record.versions import stored_sop
-from flows.sop.model import SopDefinition
+from flows.sop.model import SopDefinition, text_in
 
 __all__ = ["settle_deadlines", "sweep_deadlines"]
 
@@ -77,13 +79,17 @@ def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now
             ledger.append(s, dev, actor=SYSTEM, action="deviation.open", reason=f"deadline {spec.id} {entry['state']}")
             dev_id = dev.id
         n += 1
-        title = f"[{run.sop_id}] deadline {entry['state']}: {entry['title']}"
-        body = (
-            f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
-            f"deviation has been opened ({dev_id}); the run goes on. `sopflow record {run.id}` shows it."
-        )
         try:
-            send(RunContext(settings, run, sop), list(spec.deviation.notify), title, body)
+            facts = run_facts(settings, run, sop)
+            body = message(
+                "deadline",
+                facts,
+                step=text_in(spec.title, facts.language) or entry["title"],
+                limit=limit,
+                state=entry["state"],
+                classification=spec.deviation.classification,
+            )
+            send(RunContext(settings, run, sop), list(spec.deviation.notify), body.title, body)
         except Exception:  # a broken notify.yaml must not undo a recorded deviation
             log.exception("deviation %s of run %s recorded, but its roles could not be told", dev_id, run.id)
     return n

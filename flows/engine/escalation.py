@@ -29,12 +29,14 @@ from flows.config import Settings
 from flows.engine.gates import find_human_step
 from flows.engine.steps import SYSTEM, RunContext, send
 from flows.errors import RecordError
+from flows.outputs.messages import Message, message
 from flows.record import ledger
 from flows.record.db import read_session, write_session
+from flows.record.dose import run_facts
 from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import Deviation, Escalation, SopRun, StepRecord, utcnow
 from flows.record.versions import stored_sop
-from flows.sop.model import HumanStepSpec, SopDefinition
+from flows.sop.model import HumanStepSpec, SopDefinition, text_in
 
 __all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps"]
 
@@ -112,17 +114,19 @@ def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue
     return out
 
 
-def _message(o: Overdue, now: datetime) -> tuple[str, str]:
-    title = o.step.title or o.step.id
-    waited = format_duration(now - o.since)
-    body = (
-        f"Run {o.run.id} of {o.sop.title} (v{o.run.sop_version}) has waited {waited} for {o.step.role!r} to sign "
-        f"step {o.step.id!r}: {title}. Waiting since {o.since:%Y-%m-%d %H:%M} UTC; its time-out is "
-        f"{format_duration(o.step.timeout or timedelta())}."
+def _message(o: Overdue, now: datetime, settings: Settings) -> tuple[str, Message]:
+    facts = run_facts(settings, o.run, o.sop)
+    msg = message(
+        "overdue",
+        facts,
+        step=text_in(o.step.title, facts.language) or o.step.id,
+        step_id=o.step.id,
+        role=o.step.role,
+        due_at=o.due,
+        waited=now - o.since,
+        limit=o.step.timeout or timedelta(),
     )
-    if o.step.on_timeout == "deviation":
-        body += f" A {o.step.timeout_deviation.classification} deviation has been opened."
-    return f"[{o.run.sop_id}] overdue for {waited}: {title}", body + " `sopflow inbox` lists it."
+    return msg.title, msg
 
 
 def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
@@ -141,7 +145,7 @@ def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
     n = 0
     for o in pending:
         roles = [o.step.escalate_to] if o.step.escalate_to else []
-        title, body = _message(o, now)
+        title, body = _message(o, now, settings)
         deliveries = send(RunContext(settings, o.run, o.sop), roles, title, body) if roles else []
         try:
             with write_session(settings.database_url) as s:

@@ -43,13 +43,17 @@ from flows.engine.steps import (
     write_step,
 )
 from flows.errors import FlowsError
+from flows.outputs.messages import message
 from flows.record.db import read_session, write_session
+from flows.record.dose import run_facts
 from flows.record.state import refused_count, step_data, step_states
+from flows.record.tables import utcnow
 from flows.sop.expressions import ExpressionError, evaluate_check
 from flows.sop.model import (
     CheckStepSpec,
     HumanStepSpec,
     RecordStepSpec,
+    text_in,
 )
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
@@ -87,13 +91,11 @@ def gate_task(ctx: RunContext, step: HumanStepSpec) -> None:
 
 
 def _notify_waiting(ctx: RunContext, step: HumanStepSpec, title: str) -> None:
-    send(
-        ctx,
-        [step.role],
-        f"[{ctx.run.sop_id}] waiting on you: {title}",
-        f"Run {ctx.run.id} of {ctx.sop.title} (v{ctx.run.sop_version}) waits for {step.role!r} "
-        f"to sign step {step.id!r}: {title}. `sopflow inbox` lists it.",
-    )
+    facts = run_facts(ctx.settings, ctx.run, ctx.sop)
+    due = utcnow() + step.timeout if step.timeout else None
+    shown = text_in(step.title, facts.language) or title
+    msg = message("waiting", facts, step=shown, step_id=step.id, role=step.role, due_at=due)
+    send(ctx, [step.role], msg.title, msg)
 
 
 async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:

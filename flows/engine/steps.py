@@ -21,9 +21,12 @@ from sqlmodel import Session, col, select
 from flows.config import Settings
 from flows.errors import FlowsError
 from flows.outputs.documents import render_document, render_pdf
+from flows.outputs.messages import Message
+from flows.outputs.messages import message as written
 from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
 from flows.record.db import read_session, write_session
+from flows.record.dose import run_facts
 from flows.record.query import run_record
 from flows.record.state import next_n, run_status, step_data, step_states
 from flows.record.tables import (
@@ -46,6 +49,7 @@ from flows.sop.model import (
     HumanStepSpec,
     NotifyStepSpec,
     SopDefinition,
+    text_in,
 )
 
 __all__ = ["AUTOMATED", "SYSTEM", "RunContext", "load_context", "send", "set_run_status", "write_step"]
@@ -306,7 +310,7 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
 
 
 def send(
-    ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str, attempts: int = 3
+    ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str | Message, attempts: int = 3
 ) -> list[dict[str, Any]]:
     """Deliver to every channel of the roles, retrying failures; never raises for a failed delivery."""
     channels = load_channels(ctx.settings.notify_config)
@@ -325,7 +329,9 @@ def run_notify(ctx: RunContext, step: NotifyStepSpec, task_run_id: str | None) -
         message = render_message(step.message, ctx.expression_context())
     except ExpressionError as exc:
         message = f"(message could not be rendered: {exc})"
-    deliveries = send(ctx, step.to, f"[{ctx.run.sop_id}] {step.title or step.id}", message)
+    facts = run_facts(ctx.settings, ctx.run, ctx.sop)
+    said = written("notify", facts, step=text_in(step.title, facts.language) or step.id, text=message)
+    deliveries = send(ctx, step.to, said.title, said)
     with write_session(ctx.url) as s:
         write_step(
             s,

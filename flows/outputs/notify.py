@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from flows.errors import ConfigError
+from flows.outputs.messages import Message, channel_of
 
 __all__ = ["Delivery", "channels_for", "load_channels", "notify"]
 
@@ -82,10 +83,15 @@ def notify(
     institution: str,
     roles: tuple[str, ...] | list[str],
     title: str,
-    body: str,
+    body: str | Message,
 ) -> list[Delivery]:
-    """Send one message to every channel of each role, once per channel; returns one Delivery per channel."""
+    """Send one message to every channel of each role, once per channel; returns one Delivery per channel.
+    A ``Message`` is written for each channel its URL names (``flows.outputs.messages``)."""
     import apprise  # imported here: it loads its plugins on import
+
+    from flows.outputs.robots import register_robots
+
+    register_robots()
 
     out: list[Delivery] = []
     sent: set[str] = set()  # a channel of several roles (or of "*") gets the message once
@@ -96,6 +102,12 @@ def notify(
             sent.add(url)
             ap = apprise.Apprise()
             added = ap.add(url)
-            ok = bool(added) and bool(ap.notify(body=body, title=title))
+            text, head, form = (body, title, None) if isinstance(body, str) else _written(body, url)
+            ok = bool(added) and bool(ap.notify(body=text, title=head, body_format=form))
             out.append(Delivery(role=role, channel=_redact(url), ok=ok))
     return out
+
+
+def _written(message: Message, url: str) -> tuple[str, str, str]:
+    r = message.render(channel_of(url))
+    return r.body, r.title, r.body_format

@@ -10,16 +10,20 @@ approves) is ``flows.record.versions.change_control_problem``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from sqlmodel import select
 
 from flows.config import Settings
-from flows.errors import ChangeControlError, SopNotEffectiveError
+from flows.engine.client import release_flow_run
+from flows.engine.gates import find_human_step
+from flows.engine.steps import set_run_status
+from flows.errors import ChangeControlError, FlowsError, SopNotEffectiveError
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
-from flows.record.tables import SopVersion, User, iso_utc, utcnow
+from flows.record.tables import SopRun, SopVersion, User, iso_utc, new_id, utcnow
 from flows.record.users import roles_of
 from flows.record.versions import (
     ADMIN_ROLE,
@@ -210,20 +214,49 @@ def submit_change(
             )
         sha = version.sha256
     pinned = _pinned_change_control(settings, institution)
-    started = start_run(
-        settings,
-        institution,
-        CHANGE_CONTROL_ID,
-        {"sop_id": sop_id, "version": str(number), "sha256": sha, "reviewer": reviewer},
-        username,
-        password,
-        pinned=pinned,
-    )
+    params = {"sop_id": sop_id, "version": str(number), "sha256": sha, "reviewer": reviewer}
+    # The author may sign the submission (role, training on change_control) is asked before anything starts: a change
+    # that cannot be submitted leaves no run behind and the version a Draft.
+    with read_session(settings.database_url) as s:
+        planned = SopRun(
+            id=new_id(),
+            institution=institution,
+            sop_version_id=pinned.version_id,
+            sop_id=CHANGE_CONTROL_ID,
+            sop_version=pinned.definition.version,
+            sop_sha256=pinned.sha256,
+            schema_version=pinned.definition.schema_version,
+            params_json=json.dumps(params),
+            flow_run_id="",
+            started_by=user.id,
+        )
+        submit = find_human_step(pinned.definition, "submit")
+        problem = guard.signer_problem(s, planned, pinned.definition, submit, user.id) if submit else None
+    if problem:
+        raise guard.refuse(
+            settings,
+            user.id,
+            "sop.submit",
+            "sf_sop_version",
+            f"{institution}/{sop_id}",
+            f"{sop_id} v{number}: {problem}",
+        )
+    started = start_run(settings, institution, CHANGE_CONTROL_ID, params, username, password, pinned=pinned)
+    try:
+        wait_for_run(settings, started.run_id, step="submit", timeout=timeout)
+        submit_step(settings, started.run_id, "submit", username, password, {"reason": reason})
+    except FlowsError as exc:  # nothing half-done: the run is stopped, the version stays a Draft
+        detail = f"the submission of {sop_id} v{number} was not signed: {exc}"
+        with write_session(settings.database_url) as s:
+            set_run_status(s, started.run_id, "stopped", detail)
+        release_flow_run(settings, started.flow_run_id, cancel=True)
+        raise ChangeControlError(
+            f"{sop_id} v{number} is still a Draft: change-control run {started.run_id} was started and stopped, "
+            f"because its submission could not be signed ({exc})"
+        ) from exc
     with write_session(settings.database_url) as s:
         version = find_version(s, institution, sop_id, number)
         append_version_event(
             s, version, "in_review", actor=user.id, data={"run_id": started.run_id, "reviewer": reviewer}, reason=reason
         )
-    wait_for_run(settings, started.run_id, step="submit", timeout=timeout)
-    submit_step(settings, started.run_id, "submit", username, password, {"reason": reason})
     return started.run_id

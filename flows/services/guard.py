@@ -10,6 +10,8 @@ words (or None) so a caller can show it before anyone signs:
                         every signature before it goes on; the guard asks that same function.
     corrector_problem   correct a signed entry: may sign it, and did not verify it
     reader_problem      read an institution's runs, documents and SOPs: any role there
+    deviation_problem   raise a deviation by hand on a run of an institution: any role there; to
+                        quarantine the dose with it, role ``qa`` there
     role_problem        act in change control: hold the named role at the institution
     officer_problem     add users or record training at institutions: role ``qa`` at each
     over_problem        disable, enable, unlock or reset another account: ``qa`` where they hold a role
@@ -44,6 +46,7 @@ __all__ = [
     "UNAUTHENTICATED",
     "Officer",
     "corrector_problem",
+    "deviation_problem",
     "first_account",
     "institutions_of",
     "officer_problem",
@@ -189,6 +192,20 @@ def reader_problem(session: Session, username: str, institution: str) -> str | N
     if user is not None and institution in institutions_of(session, user.id):
         return None
     return f"user {username!r} holds no role at {institution!r} and may not read its runs or documents"
+
+
+def deviation_problem(session: Session, user: User, institution: str, *, quarantine: bool) -> str | None:
+    """Why ``user`` may not raise a deviation by hand at ``institution``: anyone who works there may
+    report what they saw; quarantining the dose with it takes role ``qa`` there."""
+    held = roles_of(session, user.id, institution)
+    if not held:
+        return f"user {user.username!r} may not raise a deviation at {institution!r}: that takes a role there"
+    if quarantine and OFFICER_ROLE not in held:
+        return (
+            f"user {user.username!r} may not quarantine a dose at {institution!r}: "
+            f"that takes role {OFFICER_ROLE!r} there"
+        )
+    return None
 
 
 def role_problem(session: Session, user: User, institution: str, role: str, purpose: str) -> str | None:

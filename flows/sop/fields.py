@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from flows.sop.text import Text
+
 __all__ = ["ID_PATTERN", "FieldSpec", "FieldType", "Finite", "FrozenSpec", "Id", "LookupRowSpec", "Regex"]
 
 
@@ -109,8 +111,8 @@ class FieldSpec(FrozenSpec):
     """
 
     type: FieldType
-    label: str | None = None
-    help: str | None = None
+    label: Text | None = None
+    help: Text | None = None
     required: bool = True
     required_when: str | None = None
     """An expression over earlier steps and this step's values: when true, the field must be given

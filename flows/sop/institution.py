@@ -17,13 +17,14 @@ from pydantic import model_validator
 
 from flows.sop.fields import FrozenSpec as _Frozen
 from flows.sop.fields import Id, Regex
+from flows.sop.text import Text
 
 __all__ = ["InstitutionSpec", "ProductCatalogSpec", "ProductSpec", "RoleSpec"]
 
 
 class RoleSpec(_Frozen):
-    label: str
-    description: str | None = None
+    label: Text
+    description: Text | None = None
 
 
 class InstitutionSpec(_Frozen):
@@ -31,7 +32,7 @@ class InstitutionSpec(_Frozen):
 
     schema_version: Literal[1]
     id: Id
-    name: str
+    name: Text
     timezone: str = "Asia/Shanghai"
     language: Literal["en", "zh"] = "en"
     """Language of its controlled documents: ``<name>.<language>.html.j2`` is used when present."""

@@ -33,11 +33,13 @@ from pydantic import (
 from flows.sop.fields import ID_PATTERN, FieldSpec, FieldType, Id, LookupRowSpec
 from flows.sop.fields import FrozenSpec as _Frozen
 from flows.sop.institution import InstitutionSpec, ProductCatalogSpec, ProductSpec, RoleSpec
+from flows.sop.text import LANGUAGES, Localized, Text, text_in
 
 __all__ = [
     "DEVIATION_EVENTS",
     "HUMAN_KINDS",
     "ID_PATTERN",
+    "LANGUAGES",
     "STEP_KINDS",
     "STEP_REF_PATTERN",
     "ApproveStepSpec",
@@ -50,6 +52,7 @@ __all__ = [
     "FieldType",
     "HumanStepSpec",
     "InstitutionSpec",
+    "Localized",
     "LookupRowSpec",
     "NotifyStepSpec",
     "ProductCatalogSpec",
@@ -65,6 +68,7 @@ __all__ = [
     "VerifyStepSpec",
     "format_duration",
     "parse_duration",
+    "text_in",
 ]
 
 
@@ -116,8 +120,8 @@ class _StepBase(_Frozen):
     if TYPE_CHECKING:  # each kind's spec declares its own Literal; readers of any step may read it
         kind: str
     id: Id
-    title: str | None = None
-    description: str | None = None
+    title: Text | None = None
+    description: Text | None = None
     when: str | None = None
     """Expression read when the walk reaches the step; false: the step is recorded ``skipped`` and never runs."""
 
@@ -126,7 +130,7 @@ class HumanStepSpec(_StepBase):
     """A step that waits for a person's signed input."""
 
     role: Id
-    meaning: str | None = None
+    meaning: Text | None = None
     """What the signature means, as shown beside it ('Verified dose identity against order')."""
     fields: dict[Id, FieldSpec] = Field(default_factory=dict)
     timeout: Duration | None = None
@@ -165,14 +169,14 @@ class VerifyStepSpec(HumanStepSpec):
 
 class ApproveStepSpec(HumanStepSpec):
     kind: Literal["approve"]
-    meaning: str
+    meaning: Text
     signs_as: Literal["approved", "reviewed"] = "approved"
     """The signature's meaning when the decision is approve (``reviewed`` for a review)."""
 
 
 class DeviationSpec(_Frozen):
     classification: Literal["minor", "major", "critical"] = "major"
-    description: str | None = None
+    description: Text | None = None
     quarantine: bool = True
     """The dose is quarantined until QA signs a disposition."""
     disposition_role: Id = "qa"
@@ -286,7 +290,7 @@ class DeadlineSpec(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     id: Id
-    title: str | None = None
+    title: Text | None = None
     from_: str = Field(alias="from", pattern=STEP_REF_PATTERN)
     to: str = Field(pattern=STEP_REF_PATTERN)
     within: Duration | None = None
@@ -308,9 +312,9 @@ class SopDefinition(_Frozen):
 
     schema_version: Literal[1]
     id: Id
-    title: str
+    title: Text
     version: int = Field(ge=1)
-    description: str | None = None
+    description: Text | None = None
     params: dict[Id, FieldSpec] = Field(default_factory=dict)
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     distinct_signers: tuple[tuple[Id, ...], ...] = ()

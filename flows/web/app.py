@@ -28,8 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.config import Settings
 from flows.errors import AuthenticationError, FlowsError
-from flows.services import accounts, inbox
-from flows.web import pages
+from flows.services import accounts, views
+from flows.services.phrases import translate
+from flows.web import pages, people, quality
 from flows.web.base import CSRF_MESSAGE, Forbidden, Redirect, Web, safe_next, status_of
 from flows.web.i18n import HERE, N_
 from flows.web.sessions import COOKIE, SessionStore
@@ -109,7 +110,9 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
             user = await run_in_threadpool(accounts.web_sign_in, settings, username, form.get("password", ""))
             chosen = await run_in_threadpool(accounts.language_of, settings, user.username)
         except AuthenticationError as exc:
-            return web.render(ws, "login.html", status=401, next=target, username=username, error=str(exc))
+            return web.render(
+                ws, "login.html", status=401, next=target, username=username, error=translate(str(exc), ws.language)
+            )
         fresh = web.store.sign_in(ws, user.username, user.printed_name, chosen or ws.language)
         return web.redirect(fresh, target)
 
@@ -139,7 +142,7 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     @app.get("/inbox")
     async def inbox_page(request: Request) -> Response:
         ws = await web.user(request)
-        items = await run_in_threadpool(inbox.urgent_inbox, settings, ws.who)
+        items = await run_in_threadpool(views.inbox_view, settings, ws.who, ws.language)
         return web.render(ws, "inbox.html", items=items)
 
     @app.get("/inbox/items")
@@ -150,8 +153,10 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
             await run_in_threadpool(accounts.sign_out, settings, expired.username, "idle")
         if ws is None or not ws.username:
             return Response(status_code=401)
-        items = await run_in_threadpool(inbox.urgent_inbox, settings, ws.who)
+        items = await run_in_threadpool(views.inbox_view, settings, ws.who, ws.language)
         return web.render(ws, "_inbox_items.html", items=items)
 
     pages.register(app, web)
+    quality.register(app, web)  # deviations, chain of identity, dashboard, corrections
+    people.register(app, web)  # training status, users and roles
     return app

@@ -21,6 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from flows.config import Settings
 from flows.errors import AuthenticationError, FlowsError, NotAuthorizedError, NotFoundError
 from flows.services import accounts
+from flows.services.phrases import translate
+from flows.sop.model import text_in
 from flows.web.i18n import N_, TEMPLATES, catalogue, pick_language
 from flows.web.sessions import COOKIE, SessionStore, WebSession
 
@@ -118,7 +120,16 @@ def _environment(language: str) -> Environment:
     env.filters["num"] = _num
     # A word the record or the SOP holds, translated when the catalogue has it. Unlike ``_``, whose
     # result is trusted markup, this returns plain text: autoescape escapes it like any value.
-    env.filters["t"] = lambda word: cat.gettext(str(word)) if word is not None else ""
+    # SOP text given in several languages (``title: {en: …, zh: …}``) is shown in the page's language.
+    env.filters["t"] = lambda word: (
+        ""
+        if word is None
+        else text_in(word, language)
+        if getattr(word, "translations", None)
+        else cat.gettext(str(word))
+    )
+    # A service's message (a refusal, a problem) in the page's language; the English text stays the CLI's.
+    env.filters["msg"] = lambda text: translate(str(text), language) if text is not None else ""
     env.globals["lang"] = language
     return env
 
@@ -203,7 +214,7 @@ class Web:
         return catalogue(ws.language).gettext(message)
 
     def error(self, ws: WebSession, exc: Exception, status: int = 400) -> HTMLResponse:
-        return self.render(ws, "error.html", status=status, message=message_of(exc))
+        return self.render(ws, "error.html", status=status, message=translate(message_of(exc), ws.language))
 
 
 class Redirect(Exception):

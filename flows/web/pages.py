@@ -24,10 +24,10 @@ from flows.errors import (
     SopInputError,
     StepNotWaitingError,
 )
-from flows.services import documents, library, runs, signing
+from flows.services import documents, library, runs, signing, team, views
 from flows.services import editor as sop_editor
 from flows.services.versions import CHANGE_CONTROL_ID
-from flows.web import editor
+from flows.web import changes, editor
 from flows.web.base import Web
 from flows.web.i18n import N_
 
@@ -64,6 +64,19 @@ def _values(form: dict[str, str], fields: list[dict[str, Any]], tz: str) -> dict
     return out
 
 
+def _next_words(web: Web, ws: Any, following: list[dict[str, Any]]) -> str:
+    """What happens now that the step is signed, in one sentence of the reader's language."""
+    human = next((n for n in following if n.get("role_label")), None)
+    if human is not None:
+        return web.gettext(ws, N_("What happens next: %(title)s waits on %(role)s; they see it in their inbox.")) % {
+            "title": human["title"],
+            "role": human["role_label"],
+        }
+    if following:
+        return web.gettext(ws, N_("What happens next: the run does its remaining steps by itself."))
+    return web.gettext(ws, N_("What happens next: this was the last step; the run completes."))
+
+
 def register(app: FastAPI, web: Web) -> None:
     settings = web.settings
 
@@ -77,11 +90,11 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/new")
     async def start_choose(request: Request) -> Response:
         ws = await web.user(request)
-        sops = await run_in_threadpool(library.startable_sops, settings, ws.who)
+        sops = await run_in_threadpool(views.start_view, settings, ws.who, ws.language)
         return web.render(ws, "start.html", sops=sops, chosen=None, values={}, errors={}, general=[], tz="UTC")
 
     async def _startable(ws: Any, institution: str, sop_id: str) -> dict[str, Any]:
-        sops = await run_in_threadpool(library.startable_sops, settings, ws.who)
+        sops = await run_in_threadpool(views.start_view, settings, ws.who, ws.language)
         chosen = next((s for s in sops if s["institution"] == institution and s.get("sop_id") == sop_id), None)
         if chosen is None:
             raise StepNotWaitingError(
@@ -128,10 +141,8 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/{run_id}")
     async def run_page(request: Request, run_id: str) -> Response:
         ws = await web.user(request)
-        rec = await run_in_threadpool(runs.record_for, settings, ws.who, run_id)
+        rec = await run_in_threadpool(views.run_view, settings, ws.who, run_id, ws.language)
         tz = await run_in_threadpool(library.institution_timezone, settings, rec["run"]["institution"])
-        # Documents in the user's language first (templates named like record.zh.html.j2).
-        rec["documents"].sort(key=lambda d: f".{ws.language}." not in d["template"])
         seen: set[str] = set()
         for h in rec["history"]:  # the flow's "done" after a "signed" repeats it: shown once
             sig = (h.get("signature") or {}).get("id")
@@ -167,7 +178,7 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/runs/{run_id}/steps/{step_id}")
     async def step_page(request: Request, run_id: str, step_id: str) -> Response:
         ws = await web.user(request)
-        form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
+        form = await run_in_threadpool(views.step_view, settings, run_id, step_id, ws.who, ws.language)
         return _step_page(ws, form)
 
     @app.post("/runs/{run_id}/steps/{step_id}/review")
@@ -175,7 +186,7 @@ def register(app: FastAPI, web: Web) -> None:
         """Check the entered values and show what the signer would sign (the signature dialog)."""
         ws = await web.user(request)
         posted = await web.form(request, ws)
-        form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
+        form = await run_in_threadpool(views.step_view, settings, run_id, step_id, ws.who, ws.language)
         values = _values(posted, form["fields"], form["timezone"])
         try:
             preview = await run_in_threadpool(signing.review_step, settings, run_id, step_id, ws.who, values)
@@ -188,7 +199,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def step_sign(request: Request, run_id: str, step_id: str) -> Response:
         ws = await web.user(request)
         posted = await web.form(request, ws)
-        form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
+        form = await run_in_threadpool(views.step_view, settings, run_id, step_id, ws.who, ws.language)
         values = _values(posted, form["fields"], form["timezone"])
         if posted.get("action") == "edit":
             return _step_page(ws, form, values=values)
@@ -210,11 +221,12 @@ def register(app: FastAPI, web: Web) -> None:
             errors, general = field_errors(exc.problems, [f["name"] for f in form["fields"]])
             return _step_page(ws, form, 422, values=values, errors=errors, general=general)
         except (NotAuthorizedError, StepNotWaitingError) as exc:
-            form = await run_in_threadpool(signing.step_form, settings, run_id, step_id, ws.who)
+            form = await run_in_threadpool(views.step_view, settings, run_id, step_id, ws.who, ws.language)
             return _step_page(
                 ws, form, 403 if isinstance(exc, NotAuthorizedError) else 409, values=values, general=[str(exc)]
             )
         ws.flash.append(("ok", web.gettext(ws, N_("Signed. Signature sha256: %(sha)s")) % {"sha": res.signed_sha256}))
+        ws.flash.append(("ok", _next_words(web, ws, form.get("next") or [])))
         if not res.resumed:  # the signature is recorded; the executor's sweep hands it to the run
             ws.flash.append(
                 ("ok", web.gettext(ws, N_("The run goes on as soon as the engine picks the signature up.")))
@@ -252,6 +264,7 @@ def register(app: FastAPI, web: Web) -> None:
 
     # -- SOPs ------------------------------------------------------------------------------------------
     editor.register(app, web)  # before /sops/{institution}/{sop_id}: its paths are longer or not SOP ids
+    changes.register(app, web)
 
     @app.get("/sops")
     async def sops(request: Request) -> Response:
@@ -272,6 +285,7 @@ def register(app: FastAPI, web: Web) -> None:
                 return web.error(ws, exc, 404)
             sop = None  # a new SOP's drafts, or one whose file is gone: its versions still show
         admin = await run_in_threadpool(sop_editor.is_sop_admin, settings, ws.who, institution)
+        cc = await run_in_threadpool(team.change_control_people, settings, institution, ws.who)
         tz = await run_in_threadpool(library.institution_timezone, settings, institution) if versions else "UTC"
         return web.render(
             ws,
@@ -281,5 +295,6 @@ def register(app: FastAPI, web: Web) -> None:
             institution=institution,
             sop_id=sop_id,
             admin=admin and sop_id != CHANGE_CONTROL_ID,
+            cc=cc,
             tz=tz,
         )

@@ -261,3 +261,24 @@
   draw();
   offer();
 })();
+
+// Signing takes seconds under load (the password hash, the record, the run resumed): once the form
+// is sent, its buttons wait and a status line says what is happening. The form works without it.
+(function () {
+  var forms = document.querySelectorAll("form[data-busy]");
+  Array.prototype.forEach.call(forms, function (form) {
+    form.addEventListener("submit", function (event) {
+      var by = event.submitter;
+      if (by && by.value === "edit") return;
+      if (form.getAttribute("data-sent")) { event.preventDefault(); return; }
+      form.setAttribute("data-sent", "1");
+      var busy = document.getElementById(form.getAttribute("data-busy"));
+      if (busy) busy.hidden = false;
+      Array.prototype.forEach.call(form.querySelectorAll("button"), function (b) {
+        b.setAttribute("aria-busy", "true");
+        if (b !== by) b.disabled = true;
+      });
+      if (by) { var keep = document.createElement("input"); keep.type = "hidden"; keep.name = by.name; keep.value = by.value; form.appendChild(keep); by.disabled = true; }
+    });
+  });
+})();
