@@ -9,8 +9,8 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_PREFECT_API_URL   an external Prefect server's API URL   (unset: local server)
     SOPFLOW_PREFECT_PORT      port of the local Prefect server       4200
     SOPFLOW_PREFECT_DATABASE_URL  the local Prefect server's database  sqlite+aiosqlite:///$HOME/prefect/prefect.db
-    SOPFLOW_SOPS_DIR          SOP definitions                        <repo>/sops
-    SOPFLOW_TEMPLATES_DIR     document templates                     <repo>/templates
+    SOPFLOW_SOPS_DIR          SOP definitions                        the built-in library (<repo>/sops)
+    SOPFLOW_TEMPLATES_DIR     document templates                     the built-in templates (<repo>/templates)
     SOPFLOW_POLL_SECONDS      executor poll interval when busy       0.05
     SOPFLOW_POLL_MAX_SECONDS  executor poll interval when idle       1.0
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
@@ -28,9 +28,19 @@ from pathlib import Path
 
 from flows.errors import ConfigError
 
-__all__ = ["REPO_ROOT", "Settings", "get_settings"]
+__all__ = ["PACKAGE_LIBRARY", "REPO_ROOT", "Settings", "bundled_dir", "get_settings"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_LIBRARY = Path(__file__).resolve().parent / "library"
+"""Where an installed wheel keeps the built-in SOP library and document templates (``pyproject.toml``
+maps the repository's ``sops/`` and ``templates/`` to ``flows/library/sops`` and ``flows/library/templates``)."""
+
+
+def bundled_dir(name: str) -> Path:
+    """The built-in ``sops`` or ``templates`` folder: the installed package's copy when there is one
+    (a wheel), else the checkout's own folder (a clone, an editable install)."""
+    packaged = PACKAGE_LIBRARY / name
+    return packaged if packaged.is_dir() else REPO_ROOT / name
 
 
 @dataclass(frozen=True)
@@ -106,8 +116,8 @@ def get_settings() -> Settings:
         prefect_port=int(port),
         prefect_database_url=os.environ.get("SOPFLOW_PREFECT_DATABASE_URL")
         or f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}",
-        sops_dir=Path(os.environ.get("SOPFLOW_SOPS_DIR") or REPO_ROOT / "sops"),
-        templates_dir=Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or REPO_ROOT / "templates"),
+        sops_dir=Path(os.environ.get("SOPFLOW_SOPS_DIR") or bundled_dir("sops")),
+        templates_dir=Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or bundled_dir("templates")),
         poll_seconds=_float("SOPFLOW_POLL_SECONDS", 0.05),
         poll_max_seconds=_float("SOPFLOW_POLL_MAX_SECONDS", 1.0),
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
