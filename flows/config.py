@@ -16,6 +16,9 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
     SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins that lock an account  5
     SOPFLOW_WEB_IDLE_MINUTES  a web session ends after this long without a request  15
+    SOPFLOW_RESULTS_STORAGE   Prefect's result storage: a folder every worker reaches, or block:TYPE/NAME  $HOME/results
+    SOPFLOW_ADMIN_KEY_FILE    the installation administrator's key   $HOME/admin.key
+    SOPFLOW_API_RATE          API requests a token may make per minute, per web process  120
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -59,6 +62,12 @@ class Settings:
     """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
     web_idle_minutes: float = 15.0
     """A web session ends after this many minutes without a request (signing always asks the password)."""
+    results_storage: str | None = None
+    """Prefect's result storage: None (``$SOPFLOW_HOME/results``), a folder, or ``block:TYPE/NAME``."""
+    admin_key_file: Path | None = None
+    """The installation administrator's key file (None: ``$SOPFLOW_HOME/admin.key``)."""
+    api_rate_per_minute: int = 120
+    """Requests one API token may make per minute in one web process; more are refused (429)."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -75,7 +84,21 @@ class Settings:
 
     @property
     def results_dir(self) -> Path:
+        """Where task and flow results are kept when the storage is a folder (the default: under the home)."""
+        if self.results_storage and not self.results_storage.startswith("block:"):
+            return Path(self.results_storage)
         return self.home / "results"
+
+    @property
+    def results_block(self) -> str | None:
+        """The Prefect block (``TYPE/NAME``, e.g. ``local-file-system/sopflow-results``) results go to, if any."""
+        if self.results_storage and self.results_storage.startswith("block:"):
+            return self.results_storage.removeprefix("block:")
+        return None
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.admin_key_file or self.home / "admin.key"
 
     @property
     def documents_dir(self) -> Path:
@@ -109,6 +132,16 @@ def get_settings() -> Settings:
     idle = _float("SOPFLOW_WEB_IDLE_MINUTES", 15)
     if idle <= 0:
         raise ConfigError(f"SOPFLOW_WEB_IDLE_MINUTES: expected a positive number of minutes, got {idle!r}")
+    results = os.environ.get("SOPFLOW_RESULTS_STORAGE") or None
+    if results and results.startswith("block:") and "/" not in results.removeprefix("block:").strip("/"):
+        raise ConfigError(
+            f"SOPFLOW_RESULTS_STORAGE: expected a folder or block:TYPE/NAME "
+            f"(e.g. block:local-file-system/sopflow-results), got {results!r}"
+        )
+    rate = _float("SOPFLOW_API_RATE", 120)
+    if not rate.is_integer() or rate < 1:
+        raise ConfigError(f"SOPFLOW_API_RATE: expected a whole number of requests per minute, got {rate!r}")
+    key_file = os.environ.get("SOPFLOW_ADMIN_KEY_FILE")
     return Settings(
         home=home,
         database_url=os.environ.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{home / 'sopflow.db'}",
@@ -123,4 +156,7 @@ def get_settings() -> Settings:
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
         lockout_threshold=int(lockout),
         web_idle_minutes=idle,
+        results_storage=results,
+        admin_key_file=Path(key_file).expanduser() if key_file else None,
+        api_rate_per_minute=int(rate),
     )

@@ -18,6 +18,9 @@
     sopflow sop establish|draft|submit|versions|diff|review|retire|export|import   change control (flows.cli.changes)
     sopflow training overdue              training due on issued SOP versions and not recorded
     sopflow demo                          the whole dose receipt, end to end
+    sopflow init DIR / admin init / institution add|list / user grant|revoke   setting up (flows.cli.institutions)
+    sopflow token create|list|revoke      integration API tokens (flows.cli.tokens)
+    sopflow --version                     the installed version
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
 ``SOPFLOW_PASSWORD``) for scripts. Only this layer formats errors (``flows.cli.common``): one red
@@ -36,6 +39,7 @@ import typer
 from flows.cli import common
 from flows.cli.admin import training_app, user_app
 from flows.cli.changes import register as register_changes
+from flows.cli.institutions import register as register_institutions
 from flows.cli.quality import chain, deviations
 from flows.cli.records import correct, verify_export
 from flows.cli.runs import audit_app, runs_app
@@ -65,10 +69,24 @@ app.command("web")(web)
 app.command("demo")(demo)
 audit_app.command("verify-export")(verify_export)
 register_changes(sop_app, training_app)
+register_institutions(app, user_app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from flows import __version__
+
+        common.out.print(f"sopflow {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     common.state.debug = debug
 
 
