@@ -45,6 +45,7 @@ from flows.cli.records import correct, verify_export
 from flows.cli.runs import audit_app, runs_app
 from flows.cli.server import demo, server_app, web
 from flows.cli.sop import app as sop_app
+from flows.cli.tokens import token_app
 from flows.errors import FlowsError
 
 __all__ = ["app", "main"]
@@ -62,6 +63,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(audit_app, name="audit")
 app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
+app.add_typer(token_app, name="token")
 app.command("correct")(correct)
 app.command("deviations")(deviations)
 app.command("chain")(chain)

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flows.config import Settings
 from flows.errors import AuthenticationError, FlowsError
 from flows.services import accounts, inbox
-from flows.web import pages
+from flows.web import api, pages
 from flows.web.base import CSRF_MESSAGE, Forbidden, Redirect, Web, safe_next, status_of
 from flows.web.i18n import HERE, N_
 from flows.web.sessions import COOKIE, SessionStore
@@ -45,6 +45,7 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     app = FastAPI(title="sopflow", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.web = web
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount("/api/v1", api.create_api(settings))  # the integration API (JSON, its own OpenAPI)
 
     @app.middleware("http")
     async def https_cookies(request: Request, call_next: Any) -> Response:
