@@ -154,7 +154,7 @@ def revoke_token(settings: Settings, token_id: str, officer: Officer, reason: st
 
 
 def _find(session: Any, token_id: str) -> ApiToken:
-    token = session.get(ApiToken, token_id)
+    token: ApiToken | None = session.get(ApiToken, token_id)
     if token is None and len(token_id) >= 6:
         matches = list(session.exec(select(ApiToken).where(col(ApiToken.id).startswith(token_id)).limit(2)))
         token = matches[0] if len(matches) == 1 else None

@@ -78,14 +78,14 @@ def load(url: str, key: str) -> dict[str, Any] | None:
 
 def touch(url: str, key: str, now: float) -> None:
     with write_session(url) as s:
-        s.exec(update(WebSession).where(col(WebSession.token_sha256) == key).values(last_seen=now))  # type: ignore[call-overload]
+        s.exec(update(WebSession).where(col(WebSession.token_sha256) == key).values(last_seen=now))
 
 
 def save(url: str, key: str, language: str, here: str, flash: list[tuple[str, str]]) -> None:
     """What a page changed: the language, the page last shown, the messages for the next page."""
     with write_session(url) as s:
         s.exec(
-            update(WebSession)  # type: ignore[call-overload]
+            update(WebSession)
             .where(col(WebSession.token_sha256) == key)
             .values(language=language, here=here, flash_json=json.dumps(flash, ensure_ascii=False))
         )
@@ -95,7 +95,7 @@ def end(url: str, key: str, now: float, why: str) -> dict[str, Any] | None:
     """End a session that has not ended yet; the session when this call ended it, else None."""
     with write_session(url) as s:
         result = s.exec(
-            update(WebSession)  # type: ignore[call-overload]
+            update(WebSession)
             .where(col(WebSession.token_sha256) == key, col(WebSession.ended_at).is_(None))
             .values(ended_at=now, ended_why=why)
         )
@@ -118,9 +118,5 @@ def purge(url: str, now: float) -> None:
     """Delete sessions ended, or anonymous and unused, more than ``PURGE_AFTER`` ago."""
     cutoff = now - PURGE_AFTER
     with write_session(url) as s:
-        s.exec(delete(WebSession).where(col(WebSession.ended_at) < cutoff))  # type: ignore[call-overload]
-        s.exec(
-            delete(WebSession).where(  # type: ignore[call-overload]
-                col(WebSession.username).is_(None), col(WebSession.last_seen) < cutoff
-            )
-        )
+        s.exec(delete(WebSession).where(col(WebSession.ended_at) < cutoff))
+        s.exec(delete(WebSession).where(col(WebSession.username).is_(None), col(WebSession.last_seen) < cutoff))
