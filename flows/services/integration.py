@@ -14,7 +14,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from flows.config import Settings
-from flows.errors import NotFoundError, SopInputError
+from flows.errors import NotFoundError, SopInputError, did_you_mean
 from flows.record.db import read_session
 from flows.record.tables import SopRun
 from flows.services import guard, inbox, runs
@@ -155,28 +155,32 @@ def validate_identifier(
     """Check a scanned identifier the way a step's field is checked: ``din`` (ISBT 128, its check
     character) or ``coi`` (the product's ``coi_pattern`` in the institution's catalogue).
 
-    Returns ``{valid, value (normalised), error, field}``.
+    Returns ``{valid, value (normalised), error, field}``: a COI without a product, or of a product the
+    catalogue does not have, is not valid (``field`` ``product``), like a wrong value (``field`` ``value``).
 
     Raises:
-        SopInputError: an unknown kind, or a COI without a product. SopNotFoundError: unknown product.
+        SopInputError: an unknown kind.
     """
     if kind not in ("din", "coi"):
         raise SopInputError([f"kind: expected 'din' or 'coi', got {kind!r}"])
     spec = FieldSpec.model_validate({"type": "text", "format": "isbt128_din" if kind == "din" else "coi"})
-    entry = None
+    entry, problem = None, None
     if kind == "coi":
-        if not product:
-            raise SopInputError(["product: a COI is checked against a product's coi_pattern; name the product"])
         products = Catalog(settings.sops_dir, settings.templates_dir).institution(client.institution).products
-        if product not in products:
-            from flows.errors import SopNotFoundError, did_you_mean
-
+        if not product:
+            problem = "a COI is checked against a product's coi_pattern; name the product"
+        elif product not in products:
             hint = did_you_mean(product, sorted(products), "Products") or ""
-            raise SopNotFoundError(f"no product {product!r} at {client.institution!r}. {hint}".rstrip())
-        entry = (product, products[product])
+            problem = f"no product {product!r} at {client.institution!r}. {hint}".rstrip()
+        else:
+            entry = (product, products[product])
+    if problem is not None:
+        result: dict[str, Any] = {"valid": False, "value": value, "error": problem, "field": "product"}
+        audit_use(settings, client, "identifiers.validate", "sf_api_token", client.token_id, kind=kind, valid=False)
+        return result
     try:
         checked = coerce_values({"value": spec}, {"value": value}, where="identifier", product=entry)
-        result: dict[str, Any] = {"valid": True, "value": checked["value"], "error": None, "field": None}
+        result = {"valid": True, "value": checked["value"], "error": None, "field": None}
     except SopInputError as exc:
         message = str(exc.problems[0]).removeprefix("identifier: value: ")
         result = {"valid": False, "value": value, "error": message, "field": "value"}
