@@ -206,9 +206,7 @@ def create_api(settings: Settings) -> FastAPI:
         import logging
 
         logging.getLogger("sopflow.api").exception("API request %s %s failed", request.method, request.url.path)
-        return _error(
-            500, "something went wrong on the server; nothing was done twice. The error is in the server log."
-        )
+        return _error(500, "something went wrong on the server; the error is in the server log")
 
     def ok(value: Any, status: int = 200) -> JSONResponse:
         return JSONResponse(jsonable_encoder(value), status)
