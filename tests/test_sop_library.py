@@ -358,19 +358,27 @@ def _toxicity(inst: str, *, severe: bool = False) -> list[tuple[str, str, dict[s
     assessment = {
         "assessed_at": T.format("14:00"),
         "temperature_c": "38.6" if severe else "37.2",
-        "after_treatment": "no",
-        "hypotension": "one_pressor" if severe else "none",
-        "oxygen": "high_flow" if severe else "none",
+        "fever_masked": "no",
+        "hypotension": "yes" if severe else "no",
+        "vasopressors": "1" if severe else "0",  # one vasopressor: CRS grade 3
+        "vasopressin": "no",
+        "oxygen_device": "nasal_cannula" if severe else "none",
+        "oxygen_flow_l_min": "8" if severe else "0",
         "ice_score": "8" if severe else "10",
-        "seizure": "no",
-        "unarousable": "no",
+        "consciousness": "alert",
+        "seizure": "none",
+        "deep_focal_motor_weakness": "no",
+        "cerebral_oedema_on_imaging": "not_imaged",
+        "posturing": "no",
+        "cranial_nerve_vi_palsy": "no",
+        "papilloedema": "no",
+        "cushings_triad": "no",
         "monitoring_complete": "yes",
     }
     steps = [("assessment#1", "a.nurse" if inst == A else "b.nurse", assessment)]
-    if severe:
+    steps.append(("review", doc, {"agreement": "agree", "tocilizumab_mg": "496" if severe else "0"}))
+    if severe:  # the confirmed grade 3 opens the deviation and requires the AE report
         steps.append(_dispose("severe_toxicity", doc, "approve"))
-    steps.append(("review", doc, {"grades_confirmed": "yes", "tocilizumab_mg": "496" if severe else "0"}))
-    if severe:
         steps.append(
             (
                 "ae_report",
