@@ -9,14 +9,17 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_PREFECT_API_URL   an external Prefect server's API URL   (unset: local server)
     SOPFLOW_PREFECT_PORT      port of the local Prefect server       4200
     SOPFLOW_PREFECT_DATABASE_URL  the local Prefect server's database  sqlite+aiosqlite:///$HOME/prefect/prefect.db
-    SOPFLOW_SOPS_DIR          SOP definitions                        <repo>/sops
-    SOPFLOW_TEMPLATES_DIR     document templates                     <repo>/templates
+    SOPFLOW_SOPS_DIR          SOP definitions                        the built-in library (<repo>/sops)
+    SOPFLOW_TEMPLATES_DIR     document templates                     the built-in templates (<repo>/templates)
     SOPFLOW_POLL_SECONDS      executor poll interval when busy       0.05
     SOPFLOW_POLL_MAX_SECONDS  executor poll interval when idle       1.0
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
     SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins that lock an account  5
     SOPFLOW_WEB_IDLE_MINUTES  a web session ends after this long without a request  15
     SOPFLOW_FUTURE_SKEW_MINUTES  how far ahead of the clock a recorded time may be   5
+    SOPFLOW_RESULTS_STORAGE   Prefect's result storage: a folder every worker reaches, or block:TYPE/NAME  $HOME/results
+    SOPFLOW_ADMIN_KEY_FILE    the installation administrator's key   $HOME/admin.key
+    SOPFLOW_API_RATE          API requests a token may make per minute, per web process  120
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -29,9 +32,19 @@ from pathlib import Path
 
 from flows.errors import ConfigError
 
-__all__ = ["REPO_ROOT", "Settings", "get_settings"]
+__all__ = ["PACKAGE_LIBRARY", "REPO_ROOT", "Settings", "bundled_dir", "get_settings"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_LIBRARY = Path(__file__).resolve().parent / "library"
+"""Where an installed wheel keeps the built-in SOP library and document templates (``pyproject.toml``
+maps the repository's ``sops/`` and ``templates/`` to ``flows/library/sops`` and ``flows/library/templates``)."""
+
+
+def bundled_dir(name: str) -> Path:
+    """The built-in ``sops`` or ``templates`` folder: the installed package's copy when there is one
+    (a wheel), else the checkout's own folder (a clone, an editable install)."""
+    packaged = PACKAGE_LIBRARY / name
+    return packaged if packaged.is_dir() else REPO_ROOT / name
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,12 @@ class Settings:
     """How far ahead of the clock a recorded time may be (clocks differ); a later one is refused."""
     web_url: str | None = None
     """The web app's address as people reach it (``SOPFLOW_WEB_URL``): notifications link to the step there."""
+    results_storage: str | None = None
+    """Prefect's result storage: None (``$SOPFLOW_HOME/results``), a folder, or ``block:TYPE/NAME``."""
+    admin_key_file: Path | None = None
+    """The installation administrator's key file (None: ``$SOPFLOW_HOME/admin.key``)."""
+    api_rate_per_minute: int = 120
+    """Requests one API token may make per minute in one web process; more are refused (429)."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -70,7 +89,21 @@ class Settings:
 
     @property
     def results_dir(self) -> Path:
+        """Where task and flow results are kept when the storage is a folder (the default: under the home)."""
+        if self.results_storage and not self.results_storage.startswith("block:"):
+            return Path(self.results_storage)
         return self.home / "results"
+
+    @property
+    def results_block(self) -> str | None:
+        """The Prefect block (``TYPE/NAME``, e.g. ``local-file-system/sopflow-results``) results go to, if any."""
+        if self.results_storage and self.results_storage.startswith("block:"):
+            return self.results_storage.removeprefix("block:")
+        return None
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.admin_key_file or self.home / "admin.key"
 
     @property
     def documents_dir(self) -> Path:
@@ -107,6 +140,16 @@ def get_settings() -> Settings:
         raise ConfigError(f"SOPFLOW_FUTURE_SKEW_MINUTES: expected minutes, 0 or more, got {skew!r}")
     if idle <= 0:
         raise ConfigError(f"SOPFLOW_WEB_IDLE_MINUTES: expected a positive number of minutes, got {idle!r}")
+    results = os.environ.get("SOPFLOW_RESULTS_STORAGE") or None
+    if results and results.startswith("block:") and "/" not in results.removeprefix("block:").strip("/"):
+        raise ConfigError(
+            f"SOPFLOW_RESULTS_STORAGE: expected a folder or block:TYPE/NAME "
+            f"(e.g. block:local-file-system/sopflow-results), got {results!r}"
+        )
+    rate = _float("SOPFLOW_API_RATE", 120)
+    if not rate.is_integer() or rate < 1:
+        raise ConfigError(f"SOPFLOW_API_RATE: expected a whole number of requests per minute, got {rate!r}")
+    key_file = os.environ.get("SOPFLOW_ADMIN_KEY_FILE")
     return Settings(
         home=home,
         database_url=os.environ.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{home / 'sopflow.db'}",
@@ -114,8 +157,8 @@ def get_settings() -> Settings:
         prefect_port=int(port),
         prefect_database_url=os.environ.get("SOPFLOW_PREFECT_DATABASE_URL")
         or f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}",
-        sops_dir=Path(os.environ.get("SOPFLOW_SOPS_DIR") or REPO_ROOT / "sops"),
-        templates_dir=Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or REPO_ROOT / "templates"),
+        sops_dir=Path(os.environ.get("SOPFLOW_SOPS_DIR") or bundled_dir("sops")),
+        templates_dir=Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or bundled_dir("templates")),
         poll_seconds=_float("SOPFLOW_POLL_SECONDS", 0.05),
         poll_max_seconds=_float("SOPFLOW_POLL_MAX_SECONDS", 1.0),
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
@@ -123,6 +166,9 @@ def get_settings() -> Settings:
         web_idle_minutes=idle,
         future_skew_minutes=skew,
         web_url=_web_url(),
+        results_storage=results,
+        admin_key_file=Path(key_file).expanduser() if key_file else None,
+        api_rate_per_minute=int(rate),
     )
 
 

@@ -68,12 +68,72 @@ def test_cli_runs_inbox_and_record_json(engine):
     run_id = start_receipt(engine, coi="COI-CLI-0002")
     wait_for(engine, run_id, step="arrival")
     assert run_id in ok(cli(dict(os.environ), "runs"))
+    runs = json.loads(ok(cli(dict(os.environ), "runs", "--json")))
+    assert {"id": run_id, "status": "waiting", "waiting_on": ["arrival"]}.items() <= next(
+        r for r in runs if r["id"] == run_id
+    ).items()
     inbox = ok(cli(dict(os.environ), "inbox", "--as", "tech"))
     assert f"{run_id}  dose_receipt/arrival  role cell_lab" in inbox
     assert "--set logger_max_c=…  (number, unit=°C min=-200.0 max=40.0)" in inbox
-    rec = json.loads(ok(cli(dict(os.environ), "record", run_id, "--json")))
+    items = json.loads(ok(cli(dict(os.environ), "inbox", "--as", "tech", "--json")))
+    assert any(i["run_id"] == run_id and i["step_id"] == "arrival" for i in items)
+    rec = json.loads(ok(cli(dict(os.environ), "record", run_id, "--as", "qa", "--json")))
     assert rec["run"]["id"] == run_id
     assert rec["audit_head"]["hash"]
+
+
+def test_cli_reads_that_show_patient_data_sign_the_reader_in(engine):
+    """`inbox --as X` with a wrong password shows nothing (it used to print X's inbox); `record` needs
+    a user of the run's institution; both audited."""
+    from sqlmodel import col, select
+
+    from flows.record.db import read_session
+    from flows.record.tables import AuditEvent
+
+    run_id = start_receipt(engine, coi="COI-CLI-0003")
+    wait_for(engine, run_id, step="arrival")
+    with read_session(engine.database_url) as s:
+        head = s.exec(select(AuditEvent.seq).order_by(col(AuditEvent.seq).desc())).first()
+    wrong = cli(dict(os.environ), "inbox", "--as", "tech", password="not the password")
+    assert wrong.returncode == 1
+    assert "wrong user name or password" in wrong.stderr
+    assert run_id not in wrong.stdout + wrong.stderr
+    wrong = cli(dict(os.environ), "record", run_id, "--as", "qa", password="not the password")
+    assert wrong.returncode == 1
+    assert "H0001" not in wrong.stdout + wrong.stderr
+    outsider = cli(dict(os.environ), "record", run_id, "--as", "est_shenjiang_hospital")
+    assert outsider.returncode == 1
+    assert "holds no role at 'demo_hospital'" in outsider.stderr
+    with read_session(engine.database_url) as s:
+        events = list(s.exec(select(AuditEvent).where(AuditEvent.seq > head, AuditEvent.actor != "system")))
+    assert [(e.action, e.object_id) for e in events if e.action.startswith(("auth.", "record."))] == [
+        ("auth.failed", "tech"),
+        ("auth.failed", "qa"),
+        ("auth.ok", "est_shenjiang_hospital"),
+        ("record.read.refused", run_id),
+    ]
+
+
+def test_cli_version_and_json_listings(engine):
+    import json
+
+    from flows import __version__
+
+    assert ok(cli(dict(os.environ), "--version")).strip() == f"sopflow {__version__}"
+    users = json.loads(ok(cli(dict(os.environ), "user", "list", "--json")))
+    assert {"username": "tech", "roles": ["demo_hospital:cell_lab"]}.items() <= next(
+        u for u in users if u["username"] == "tech"
+    ).items()
+    training = json.loads(ok(cli(dict(os.environ), "training", "list", "--user", "tech", "--json")))
+    assert [(t["sop_id"], t["sop_version"]) for t in training] == [("dose_receipt", 1)]
+    versions = json.loads(ok(cli(dict(os.environ), "sop", "versions", "dose_receipt", "--json")))
+    assert versions[0]["sop_id"] == "dose_receipt"
+    assert versions[0]["version"] == 1
+    sops = json.loads(ok(cli(dict(os.environ), "sop", "list", "--institution", "demo_hospital", "--json")))
+    assert "dose_receipt" in {s["id"] for s in sops}
+    assert isinstance(json.loads(ok(cli(dict(os.environ), "training", "overdue", "--json"))), list)
+    insts = json.loads(ok(cli(dict(os.environ), "institution", "list", "--json")))
+    assert "demo_hospital" in {i["id"] for i in insts}
 
 
 def _home_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -227,7 +287,7 @@ def test_run_survives_kill_of_server_and_executor_while_waiting(tmp_path):
     try:
         ok(cli(env, "server", "start"))
         run_id = _walk_receipt(env, kill_while_waiting=True, to_the_end=False)
-        record = ok(cli(env, "record", run_id))
+        record = ok(cli(env, "record", run_id, "--as", "qa"))
         assert "done        arrival (record)" in record
         assert "waiting     identity_verification" in record
     finally:

@@ -33,6 +33,7 @@ from flows.services import runs as runs_service
 from flows.services import signing as signing_service
 from flows.sop import Catalog
 from tests.fixtures_engine import PASSWORD
+from tests.stored import stored, stored_text
 from tests.waiting import LIMIT
 
 STALL = LIMIT
@@ -763,18 +764,18 @@ def test_library_scenario_ends_as_expected(played: dict[str, Scenario], library:
         docs = rec["documents"]
         assert [Path(d["path"]).suffix for d in docs] == [".html", ".pdf"]
         for d in docs:
-            assert hashlib.sha256(Path(d["path"]).read_bytes()).hexdigest() == d["sha256"]
+            assert hashlib.sha256(stored(d["path"])).hexdigest() == d["sha256"]
 
 
 def _pdf_text(path: str) -> str:
     """The PDF's text without any whitespace: table cells wrap lines anywhere."""
-    return _pdf_text_bytes(Path(path).read_bytes())
+    return _pdf_text_bytes(stored(path))
 
 
 def _pages(path: str) -> int:
     from pypdf import PdfReader
 
-    return len(PdfReader(path).pages)
+    return len(PdfReader(io.BytesIO(stored(path))).pages)
 
 
 def _has(text: str, *needles: str) -> bool:
@@ -787,7 +788,7 @@ def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(
     sc = played[f"{B}/infusion ok"]
     rec = runs_service.quality_record(library, sc.run_id)
     html_doc, pdf_doc = rec["documents"]
-    html = Path(html_doc["path"]).read_text(encoding="utf-8")
+    html = stored_text(html_doc["path"])
     text = _pdf_text(pdf_doc["path"])
     step = next(s for s in rec["steps"] if s["id"] == "infusion_record")
 
@@ -819,7 +820,7 @@ def test_chinese_record_pdf_has_chinese_text_names_times_and_footer(
 def test_english_record_escapes_entered_html_and_shows_units(played: dict[str, Scenario], library: Settings) -> None:
     sc = played[f"{A}/apheresis ok"]
     rec = runs_service.quality_record(library, sc.run_id)
-    html = Path(rec["documents"][0]["path"]).read_text(encoding="utf-8")
+    html = stored_text(rec["documents"][0]["path"])
     text = _pdf_text(rec["documents"][1]["path"])
 
     assert "mild hypocalcaemia &lt;b&gt;treated&lt;/b&gt;" in html

@@ -135,7 +135,7 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     assert (rec["deviations"][0]["decision"], rec["deviations"][0]["status"]) == ("reject", "dispositioned")
     assert [e["kind"] for e in rec["deviations"][0]["lifecycle"]] == ["subrun", "contained", "disposition"]
     assert verify_export(json.loads(json.dumps(rec, default=str))) == []
-    printed = CliRunner().invoke(app, ["record", receipt])
+    printed = CliRunner().invoke(app, ["record", receipt, "--as", "dv_qa"], env={"SOPFLOW_PASSWORD": PASSWORD})
     assert printed.exit_code == 0, printed.output
     # A rejecting disposition rejects the dose, not the deviation: its SOP goes on to the CAPA.
     assert f"{handler}  deviation_capa v1 from step cold_enough__deviation: waiting" in printed.output

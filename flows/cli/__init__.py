@@ -18,6 +18,9 @@
     sopflow sop establish|draft|submit|versions|diff|review|retire|export|import   change control (flows.cli.changes)
     sopflow training overdue              training due on issued SOP versions and not recorded
     sopflow demo                          the whole dose receipt, end to end
+    sopflow init DIR / admin init / institution add|list / user grant|revoke   setting up (flows.cli.institutions)
+    sopflow token create|list|revoke      integration API tokens (flows.cli.tokens)
+    sopflow --version                     the installed version
 
 Passwords are asked for, or read from the variable named by ``--password-env`` (default
 ``SOPFLOW_PASSWORD``) for scripts. Only this layer formats errors (``flows.cli.common``): one red
@@ -36,11 +39,13 @@ import typer
 from flows.cli import common
 from flows.cli.admin import training_app, user_app
 from flows.cli.changes import register as register_changes
+from flows.cli.institutions import register as register_institutions
 from flows.cli.quality import chain, deviations
 from flows.cli.records import correct, verify_export
 from flows.cli.runs import audit_app, runs_app
 from flows.cli.server import demo, server_app, web
 from flows.cli.sop import app as sop_app
+from flows.cli.tokens import token_app
 from flows.errors import FlowsError
 
 __all__ = ["app", "main"]
@@ -58,6 +63,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(audit_app, name="audit")
 app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
+app.add_typer(token_app, name="token")
 app.command("correct")(correct)
 app.command("deviations")(deviations)
 app.command("chain")(chain)
@@ -65,10 +71,24 @@ app.command("web")(web)
 app.command("demo")(demo)
 audit_app.command("verify-export")(verify_export)
 register_changes(sop_app, training_app)
+register_institutions(app, user_app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from flows import __version__
+
+        common.out.print(f"sopflow {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     common.state.debug = debug
 
 

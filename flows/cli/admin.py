@@ -4,9 +4,9 @@
     sopflow user add USER --name N --role INST:ROLE    create a user (installation administrator)
     sopflow user disable|enable|unlock USER --as QA    a QA officer where USER holds a role
     sopflow user passwd USER [--as QA]                 old password, or a QA officer's reset
-    sopflow user list                                  users, roles, state
+    sopflow user list [--json]                         users, roles, state
     sopflow training grant USER --institution I --sop ID --version V [--trainer N] [--date D] [--as QA]
-    sopflow training list [--user U]
+    sopflow training list [--user U] [--json]
 
 Passwords: the acting user's from ``SOPFLOW_PASSWORD`` (or ``--password-env``) or a prompt; a new
 password from ``SOPFLOW_NEW_PASSWORD`` or a prompt (asked twice). ``flows.cli`` mounts both apps.
@@ -118,13 +118,16 @@ def user_passwd(
 
 
 @user_app.command("list")
-def user_list() -> None:
+def user_list(as_json: cli.JsonOpt = False) -> None:
     """Every user with printed name, roles and state (disabled users too: their names stay taken)."""
     from rich.markup import escape
 
     from flows.services.accounts import list_users
 
     rows = cli.run(list_users, cli.settings())
+    if as_json:
+        cli.emit_json(rows)
+        return
     if not rows:
         cli.out.print("no users yet: `sopflow user add` creates one")
     for r in rows:
@@ -169,13 +172,19 @@ def training_grant(
 
 
 @training_app.command("list")
-def training_list(user: Annotated[str | None, typer.Option("--user", help="Only this user's records.")] = None) -> None:
+def training_list(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's records.")] = None,
+    as_json: cli.JsonOpt = False,
+) -> None:
     """Training records, oldest entry first."""
     from rich.markup import escape
 
     from flows.services.training import list_training
 
     rows = cli.run(list_training, cli.settings(), user)
+    if as_json:
+        cli.emit_json(rows)
+        return
     if not rows:
         cli.out.print(
             "no training records" + (f" for {user}" if user else "") + ": `sopflow training grant` records one"

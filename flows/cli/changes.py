@@ -112,11 +112,15 @@ def submit(
 def versions(
     sop_id: Annotated[str | None, typer.Argument(help="One SOP [default: all].")] = None,
     institution: InstOpt = "demo_hospital",
+    as_json: cli.JsonOpt = False,
 ) -> None:
     """List SOP versions with their state and their signed history."""
     from flows.services.versions import list_versions
 
     rows = cli.run(list_versions, cli.settings(), institution, sop_id)
+    if as_json:
+        cli.emit_json(rows)
+        return
     if not rows:
         cli.out.print(f"no SOP versions at {institution}: `sopflow sop establish {institution} --as <QA officer>`")
     for r in rows:
@@ -222,11 +226,15 @@ def import_(
 
 def training_overdue(
     institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None,
+    as_json: cli.JsonOpt = False,
 ) -> None:
     """Training assigned when a version was issued, past its due date and not yet recorded."""
     from flows.services.training import overdue_training
 
     rows = cli.run(overdue_training, cli.settings(), institution=institution)
+    if as_json:
+        cli.emit_json(rows)
+        return
     if not rows:
         cli.out.print("no overdue training")
     for r in rows:

@@ -21,8 +21,10 @@ from flows.errors import FlowsError, SopDefinitionError, SopInputError
 
 __all__ = [
     "AsOpt",
+    "JsonOpt",
     "PasswordEnv",
     "SetOpt",
+    "emit_json",
     "err",
     "fail",
     "new_password",
@@ -40,6 +42,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="A value as key=value (repeatable).")]
 AsOpt = Annotated[str, typer.Option("--as", help="Your sopflow user name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON on stdout).")]
 PasswordEnv = Annotated[
     str, typer.Option("--password-env", help="Read the password from this environment variable when it is set.")
 ]
@@ -94,6 +97,16 @@ def officer(username: str, env_name: str) -> Any:
     from flows.services.guard import Officer
 
     return Officer(username, password(username, env_name))
+
+
+def emit_json(value: Any) -> None:
+    """Write ``value`` as JSON on stdout (dates as ISO 8601): what every ``--json`` prints."""
+    import json
+
+    def default(v: Any) -> Any:
+        return v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=default) + "\n")
 
 
 def fail(exc: Exception) -> typer.Exit:

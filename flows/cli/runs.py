@@ -2,9 +2,9 @@
 
     sopflow start SOP_ID --institution I --set k=v --as USER      start a run
     sopflow submit RUN STEP --as USER --set k=v [--json FILE]     enter data and sign a step
-    sopflow runs                          open and finished runs, with what each waits on
-    sopflow inbox --as USER               steps waiting on that user's roles
-    sopflow record RUN [--json]           the quality record of a run
+    sopflow runs [--json]                 open and finished runs, with what each waits on
+    sopflow inbox --as USER [--json]      steps waiting on that user's roles (signs USER in)
+    sopflow record RUN --as USER [--json] the quality record of a run (a user of its institution)
     sopflow audit verify                  walk the audit chain; name the first broken row
 
 ``flows.cli`` mounts ``runs_app``'s commands at the top and ``audit_app`` as ``sopflow audit``.
@@ -89,11 +89,14 @@ def submit(
 
 
 @runs_app.command("runs")
-def list_runs() -> None:
-    """List runs, newest first, with their status and what each waits on."""
+def list_runs(as_json: cli.JsonOpt = False) -> None:
+    """List runs, newest first, with their status and what each waits on (no parameters: `record` shows them)."""
     from flows.services import runs
 
     rows = cli.run(runs.list_runs, cli.settings())
+    if as_json:
+        cli.emit_json(rows)
+        return
     if not rows:
         cli.out.print("no runs yet: `sopflow start` starts one, `sopflow demo` shows one")
     for r in rows:
@@ -108,12 +111,17 @@ def list_runs() -> None:
 
 
 @runs_app.command("inbox")
-def inbox_cmd(username: cli.AsOpt) -> None:
-    """Steps waiting on your roles, oldest first."""
+def inbox_cmd(
+    username: cli.AsOpt, as_json: cli.JsonOpt = False, password_env: cli.PasswordEnv = "SOPFLOW_PASSWORD"
+) -> None:
+    """Steps waiting on your roles, oldest first (you sign in: the items carry the runs' parameters)."""
     from flows.cli.render import deadline_text
-    from flows.services import inbox
+    from flows.services import reads
 
-    items = cli.run(inbox.inbox, cli.settings(), username)
+    items = cli.run(reads.inbox_for, cli.settings(), username, cli.password(username, password_env))
+    if as_json:
+        cli.emit_json(items)
+        return
     if not items:
         cli.out.print(f"nothing waits on {username}")
     for it in items:
@@ -140,13 +148,16 @@ def inbox_cmd(username: cli.AsOpt) -> None:
 
 @runs_app.command("record")
 def record(
-    run_id: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable export.")] = False
+    run_id: str,
+    username: cli.AsOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable export.")] = False,
+    password_env: cli.PasswordEnv = "SOPFLOW_PASSWORD",
 ) -> None:
-    """Print the quality record of a run: every step, value, signer, check, deviation, document."""
+    """Print the quality record of a run: every step, value, signer, check, deviation, document (--as a user of its institution)."""
     from flows.cli.render import print_record
-    from flows.services import runs
+    from flows.services import reads
 
-    rec = cli.run(runs.quality_record, cli.settings(), run_id)
+    rec = cli.run(reads.record_for, cli.settings(), username, cli.password(username, password_env), run_id)
     if as_json:
         sys.stdout.write(json.dumps(rec, indent=2, ensure_ascii=False, default=str) + "\n")
     else:

@@ -71,8 +71,8 @@ def web(
     settings = cli.settings()
     app_ = cli.run(create_app, settings)
     cli.out.print(f"sopflow web on http://{host}:{port} (data under {settings.home}); Ctrl-C stops it")
-    # One process: sessions live in its memory (flows.web.sessions). proxy_headers: a TLS proxy's
-    # X-Forwarded-Proto makes the session cookie Secure.
+    # Sessions live in the database (flows.web.sessions): run as many of these behind a proxy as
+    # needed, no sticky sessions. proxy_headers: a TLS proxy's X-Forwarded-Proto makes the cookie Secure.
     uvicorn.run(app_, host=host, port=port, proxy_headers=True, log_level="warning")
 
 

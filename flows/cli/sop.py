@@ -123,6 +123,7 @@ def list_sops(
     institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None,
     sops_dir: SopsDir = None,
     templates_dir: TemplatesDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON on stdout).")] = False,
 ) -> None:
     """List SOPs: institution, id, version, title and the start of the file's sha256."""
     from flows.errors import SopDefinitionError, SopNotFoundError
@@ -130,8 +131,12 @@ def list_sops(
     console = _console()
     catalog = _catalog(sops_dir, templates_dir)
     table = Table("institution", "id", "version", "title", "sha256")
+    rows: list[dict[str, object]] = []
     failed = False
-    for inst_id in [institution] if institution else catalog.institutions():
+    found = [institution] if institution else catalog.institutions()
+    if not found:
+        raise _fail(console, f"no institution folders under {catalog.sops_dir}: `sopflow init DIR` scaffolds one")
+    for inst_id in found:
         try:
             inst = catalog.institution(inst_id)
         except SopNotFoundError as exc:
@@ -143,7 +148,12 @@ def list_sops(
         for sop in inst.sops.values():
             d = sop.definition
             table.add_row(inst_id, d.id, str(d.version), d.title, sop.sha256[:12])
-    if table.row_count:
+            rows.append(
+                {"institution": inst_id, "id": d.id, "version": d.version, "title": d.title, "sha256": sop.sha256}
+            )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    elif table.row_count:
         console.print(table)
     if failed:
         raise _fail(console, "some institutions have invalid files; run `sopflow sop validate`")

@@ -21,6 +21,9 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "PREFECT_HOME": str(settings.prefect_home),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(settings.results_dir),
+        # Several workers on several hosts: results where every one of them reaches them, a shared
+        # folder (SOPFLOW_RESULTS_STORAGE=/mnt/…) or a storage block (block:TYPE/NAME).
+        **({"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": settings.results_block} if settings.results_block else {}),
         # Telemetry and analytics off: nothing leaves the hospital's machines.
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -42,5 +45,6 @@ def apply_prefect_env(settings: Settings | None = None) -> Settings:
             os.environ.setdefault(key, value)
         else:
             os.environ[key] = value
-    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    if settings.results_block is None:
+        settings.results_dir.mkdir(parents=True, exist_ok=True)
     return settings

@@ -13,7 +13,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -26,6 +25,7 @@ from flows.outputs.messages import message as written
 from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
 from flows.record.db import read_session, write_session
+from flows.record.documents import store_document_bytes
 from flows.record.dose import run_facts
 from flows.record.query import run_record
 from flows.record.state import next_n, run_status, step_data, step_states
@@ -273,39 +273,39 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
     language = context["document"]["language"]
     name = template_name(step.template, ctx.settings.templates_dir, ctx.run.institution, language) or step.template
     text, digest = render_document(ctx.settings.templates_dir, ctx.run.institution, ctx.timezone, name, context)
-    folder: Path = ctx.settings.documents_dir / ctx.run.id
-    folder.mkdir(parents=True, exist_ok=True)
+    # The bytes go to the database (flows.record.documents), which every web node and worker reaches;
+    # the path is the document's name within its run, the same on every machine.
     stem = name.removesuffix(".j2")
-    path = folder / f"{step.id}-{digest[:12]}-{stem}"
-    path.write_text(text, encoding="utf-8")
-    pdf_path, pdf_digest = None, None
+    path = f"{ctx.run.id}/{step.id}-{digest[:12]}-{stem}"
+    pdf_path, pdf_digest, pdf = None, None, b""
     if step.pdf:
         pdf = render_pdf(text, ctx.settings.templates_dir)
         pdf_digest = ledger.sha256_hex(pdf)
-        pdf_path = folder / f"{step.id}-{digest[:12]}-{stem.removesuffix('.html')}.pdf"
-        pdf_path.write_bytes(pdf)
+        pdf_path = f"{ctx.run.id}/{step.id}-{digest[:12]}-{stem.removesuffix('.html')}.pdf"
     with write_session(ctx.url) as s:
+        store_document_bytes(s, text.encode("utf-8"))
         doc = Document(
-            run_id=ctx.run.id, step_id=step.id, template=name, path=str(path), sha256=digest, rendered_at=utcnow()
+            run_id=ctx.run.id, step_id=step.id, template=name, path=path, sha256=digest, rendered_at=utcnow()
         )
         ledger.append(s, doc, actor=SYSTEM, action="document.render")
         data: dict[str, Any] = {
             "document_id": doc.id,
             "sha256": digest,
-            "path": str(path),
+            "path": path,
             "record_sha256": context["document"]["record_sha256"],
         }
         if pdf_path is not None and pdf_digest is not None:
+            store_document_bytes(s, pdf)
             pdf_doc = Document(
                 run_id=ctx.run.id,
                 step_id=step.id,
                 template=name,
-                path=str(pdf_path),
+                path=pdf_path,
                 sha256=pdf_digest,
                 rendered_at=utcnow(),
             )
             ledger.append(s, pdf_doc, actor=SYSTEM, action="document.render")
-            data.update({"pdf_document_id": pdf_doc.id, "pdf_sha256": pdf_digest, "pdf_path": str(pdf_path)})
+            data.update({"pdf_document_id": pdf_doc.id, "pdf_sha256": pdf_digest, "pdf_path": pdf_path})
         write_step(s, ctx.run.id, step.id, "document", "done", data, task_run_id=task_run_id)
 
 

@@ -15,19 +15,25 @@ from datetime import UTC, datetime
 from typing import Any, overload
 from uuid import uuid4
 
-from sqlalchemy import Column, DateTime, Dialect, Index, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, Dialect, Float, Index, LargeBinary, Text, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, func, select
 
 __all__ = [
     "RECORD_TABLES",
+    "AdminKey",
+    "ApiToken",
+    "ApiTokenRevocation",
     "AuditEvent",
     "Deviation",
     "DeviationEvent",
     "Document",
+    "DocumentContent",
     "Escalation",
+    "InstitutionSetup",
     "Reminder",
     "RoleGrant",
+    "RoleRevocation",
     "RunEvent",
     "Signature",
     "SopRun",
@@ -39,6 +45,7 @@ __all__ = [
     "UTCDateTime",
     "User",
     "UserEvent",
+    "WebSession",
     "iso_utc",
     "new_id",
     "next_position",
@@ -411,6 +418,107 @@ class AuditEvent(SQLModel, table=True):
     hash: str = Field(unique=True)
 
 
+# -- issue 13: installation administrator, institutions, role revocations, API tokens (record
+# tables, audit-chained like the rest), and two operational tables that are not records:
+# document bytes (content-addressed, checked by the sha256 their Document row holds) and web sessions.
+
+
+class AdminKey(SQLModel, table=True):
+    """The installation administrator's key (``flows.services.guard.require_admin``): only its sha256
+    is stored; the newest row is the key in force. The key itself lives in a file readable only by
+    the operating-system user that runs sopflow's administration (``SOPFLOW_ADMIN_KEY_FILE``)."""
+
+    __tablename__ = "sf_admin_key"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    key_sha256: str = Field(unique=True)
+    os_user: str
+    host: str
+    created_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class InstitutionSetup(SQLModel, table=True):
+    """An institution set up by the installation administrator, with its first QA officer."""
+
+    __tablename__ = "sf_institution"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    institution: str = Field(unique=True)
+    name: str
+    first_officer_id: str = Field(foreign_key="sf_user.id")
+    admin_key_id: str = Field(foreign_key="sf_admin_key.id")
+    os_user: str
+    host: str
+    added_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class RoleRevocation(SQLModel, table=True):
+    """A role grant withdrawn; the ``RoleGrant`` row stays. A later grant of the same role is a new row."""
+
+    __tablename__ = "sf_role_revocation"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    grant_id: str = Field(foreign_key="sf_role_grant.id", unique=True)
+    revoked_by: str
+    reason: str = _text()  # type: ignore[assignment]
+    revoked_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class ApiToken(SQLModel, table=True):
+    """An integration client's token: only its sha256 is stored. It acts as one service account at
+    one institution, for the actions in ``scopes_json`` (``flows.services.tokens``)."""
+
+    __tablename__ = "sf_api_token"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    name: str
+    institution: str
+    account_id: str = Field(foreign_key="sf_user.id")
+    scopes_json: str = _text()  # type: ignore[assignment]
+    token_sha256: str = Field(unique=True)
+    created_by: str
+    created_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class ApiTokenRevocation(SQLModel, table=True):
+    """A token withdrawn: from this row on every use of it is refused. The token row stays."""
+
+    __tablename__ = "sf_api_token_revocation"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    token_id: str = Field(foreign_key="sf_api_token.id", unique=True)
+    revoked_by: str
+    reason: str = _text()  # type: ignore[assignment]
+    revoked_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class DocumentContent(SQLModel, table=True):
+    """The bytes of rendered documents, by their sha256, so every web node and worker reads them
+    from the database. Inserted once, never changed; not audit-chained row by row: the ``Document``
+    rows that name the sha256 are, and a reader re-checks the bytes against it."""
+
+    __tablename__ = "sf_document_content"
+    sha256: str = Field(primary_key=True)
+    size: int
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    stored_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class WebSession(SQLModel, table=True):
+    """A web session, shared by every web process (``flows.services.web_sessions``). Not a quality
+    record (sign-ins and sign-outs are, in the audit chain): its ``last_seen``, language, page and
+    messages change as the visitor goes; it ends once (``ended_at``), and ended rows are purged
+    after a day. Only the sha256 of the browser's token is stored."""
+
+    __tablename__ = "sf_web_session"
+    token_sha256: str = Field(primary_key=True)
+    csrf: str
+    language: str
+    username: str | None = None
+    printed_name: str | None = None
+    here: str = "/inbox"
+    flash_json: str = _text()  # type: ignore[assignment]
+    created_at: float = Field(sa_column=Column(Float, nullable=False))
+    last_seen: float = Field(sa_column=Column(Float, nullable=False, index=True))
+    ended_at: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
+    ended_why: str | None = None
+
+
 RECORD_TABLES: dict[str, type[SQLModel]] = {
     t.__tablename__: t
     for t in (
@@ -430,6 +538,11 @@ RECORD_TABLES: dict[str, type[SQLModel]] = {
         SopVersionEvent,
         TrainingAssignment,
         Reminder,
+        AdminKey,
+        InstitutionSetup,
+        RoleRevocation,
+        ApiToken,
+        ApiTokenRevocation,
     )
 }
 """Every table whose rows the audit chain covers, by table name."""

@@ -10,18 +10,20 @@ from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from flows.errors import RecordError
 from flows.record import ledger
-from flows.record.tables import RoleGrant, User, utcnow
+from flows.record.tables import RoleGrant, RoleRevocation, User, utcnow
 
 __all__ = [
     "MIN_PASSWORD",
     "add_user",
+    "current_grants",
     "find_user",
     "grant_role",
     "hash_password",
+    "revoke_role",
     "roles_of",
     "spend_verification_time",
     "verify_password",
@@ -72,9 +74,35 @@ def grant_role(session: Session, user: User, institution: str, role: str, *, act
     return grant
 
 
+def current_grants(
+    session: Session, *, user_id: str | None = None, institution: str | None = None, role: str | None = None
+) -> list[RoleGrant]:
+    """The role grants in force: every ``RoleGrant`` row without a ``RoleRevocation`` (a revocation
+    is a row of its own; the grant stays), optionally of one user, institution or role."""
+    query = (
+        select(RoleGrant)
+        .outerjoin(RoleRevocation, col(RoleRevocation.grant_id) == col(RoleGrant.id))
+        .where(col(RoleRevocation.id).is_(None))
+    )
+    if user_id is not None:
+        query = query.where(RoleGrant.user_id == user_id)
+    if institution is not None:
+        query = query.where(RoleGrant.institution == institution)
+    if role is not None:
+        query = query.where(RoleGrant.role == role)
+    return list(session.exec(query.order_by(col(RoleGrant.granted_at))))
+
+
+def revoke_role(session: Session, grant: RoleGrant, *, actor: str, reason: str) -> RoleRevocation:
+    """Withdraw a grant (inside a write session): a ``RoleRevocation`` row, audited ``role.revoke``."""
+    row = RoleRevocation(grant_id=grant.id, revoked_by=actor, reason=reason, revoked_at=utcnow())
+    ledger.append(session, row, actor=actor, action="role.revoke", reason=reason)
+    return row
+
+
 def roles_of(session: Session, user_id: str, institution: str) -> set[str]:
-    grants = session.exec(select(RoleGrant).where(RoleGrant.user_id == user_id, RoleGrant.institution == institution))
-    return {g.role for g in grants}
+    """The roles the user holds at ``institution`` now (revoked grants left out)."""
+    return {g.role for g in current_grants(session, user_id=user_id, institution=institution)}
 
 
 def verify_password(password_hash: str, password: str) -> bool:

@@ -26,8 +26,8 @@ from flows.config import Settings
 from flows.errors import RecordError, SopInputError, did_you_mean
 from flows.record import accounts, ledger
 from flows.record.db import init_db, read_session, write_session
-from flows.record.tables import RoleGrant, User, UserEvent
-from flows.record.users import MIN_PASSWORD, find_user, grant_role, hash_password, verify_password
+from flows.record.tables import User, UserEvent
+from flows.record.users import MIN_PASSWORD, current_grants, find_user, grant_role, hash_password, verify_password
 from flows.record.users import add_user as _record_user
 from flows.services import guard
 from flows.services.guard import Officer
@@ -195,7 +195,7 @@ def list_users(settings: Settings) -> list[dict[str, Any]]:
     with read_session(settings.database_url) as s:
         out = []
         for u in s.exec(select(User).order_by(col(User.username))):
-            grants = s.exec(select(RoleGrant).where(RoleGrant.user_id == u.id))
+            grants = current_grants(s, user_id=u.id)
             out.append(
                 {
                     "username": u.username,
@@ -219,7 +219,7 @@ def user_summary(settings: Settings, username: str) -> dict[str, Any]:
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
         user = guard.target_user(s, username)
-        grants = sorted((g.institution, g.role) for g in s.exec(select(RoleGrant).where(RoleGrant.user_id == user.id)))
+        grants = sorted((g.institution, g.role) for g in current_grants(s, user_id=user.id))
     roles: dict[str, list[str]] = {}
     for inst, role in grants:
         roles.setdefault(inst, []).append(role)

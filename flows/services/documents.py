@@ -1,17 +1,19 @@
 """The service floor: controlled documents. ``document_file`` hands a rendered document to a
 reader with a role at its run's institution (``guard.reader_problem``), its bytes re-checked
-against the sha256 the record holds (``intact``).
+against the sha256 the record holds (``intact``). The bytes come from the database, so any web
+node serves any document; one rendered before they moved there comes from its file.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from flows.config import Settings
 from flows.errors import NotAuthorizedError, NotFoundError, RecordError
 from flows.record import ledger
 from flows.record.db import init_db, read_session
+from flows.record.documents import document_bytes
 from flows.record.tables import Document, SopRun
 from flows.services import guard
 
@@ -36,12 +38,13 @@ def document_file(settings: Settings, document_id: str, username: str) -> dict[s
         run = s.get(SopRun, doc.run_id)
         if problem := guard.reader_problem(s, username, run.institution if run else ""):
             raise NotAuthorizedError(problem)
-        s.expunge(doc)
-    path = Path(doc.path)
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(f"document {document_id!r}: its file {path.name} cannot be read ({exc.strerror})") from None
+        path = PurePosixPath(doc.path.replace("\\", "/"))
+        try:
+            content = document_bytes(s, doc)
+        except OSError as exc:
+            raise RecordError(
+                f"document {document_id!r}: {path.name} is neither in the database nor readable here ({exc.strerror})"
+            ) from None
     return {
         "id": doc.id,
         "run_id": doc.run_id,

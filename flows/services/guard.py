@@ -16,6 +16,8 @@ words (or None) so a caller can show it before anyone signs:
     officer_problem     add users or record training at institutions: role ``qa`` at each
     over_problem        disable, enable, unlock or reset another account: ``qa`` where they hold a role
     first_account       only the very first account is created without a QA officer (bootstrap)
+    require_admin       the installation administrator (sets up institutions): whoever holds the
+                        key file whose sha256 is the newest ``AdminKey`` row, readable by its owner only
 
 ``sign_in`` authenticates (argon2), audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused``,
 and the threshold-th consecutive failure locks the account (``flows.record.accounts``).
@@ -26,6 +28,9 @@ helpers sign in, ask a rule and refuse in one call.
 
 from __future__ import annotations
 
+import getpass
+import hmac
+import socket
 from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
@@ -35,15 +40,17 @@ from flows.errors import AuthenticationError, NotAuthorizedError, NotFoundError,
 from flows.record import accounts, ledger
 from flows.record.db import init_db, read_session, write_session
 from flows.record.state import signer_problem
-from flows.record.tables import RoleGrant, Signature, SopRun, User
-from flows.record.users import find_user, roles_of
+from flows.record.tables import AdminKey, Signature, SopRun, User
+from flows.record.users import current_grants, find_user, roles_of
 from flows.record.versions import ADMIN_ROLE
 from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
 
 __all__ = [
+    "ADMIN",
     "ADMIN_ROLE",
     "OFFICER_ROLE",
     "UNAUTHENTICATED",
+    "Admin",
     "Officer",
     "corrector_problem",
     "deviation_problem",
@@ -53,6 +60,7 @@ __all__ = [
     "over_problem",
     "reader_problem",
     "refuse",
+    "require_admin",
     "require_officer",
     "require_officer_over",
     "require_role",
@@ -66,6 +74,8 @@ __all__ = [
 
 OFFICER_ROLE = "qa"
 """The role that adds users, records training and unlocks, disables, enables and resets accounts."""
+ADMIN = "admin"
+"""The actor of what the installation administrator does (the OS user and host are in the payload)."""
 UNAUTHENTICATED = "unauthenticated"
 """The actor of a refusal when nobody signed in (the audit event still says what was tried)."""
 
@@ -76,6 +86,15 @@ class Officer:
 
     username: str
     password: str
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The installation administrator, authenticated by the key file: which key, and who ran the command."""
+
+    key_id: str
+    os_user: str
+    host: str
 
 
 # -- sign-in and refusal --------------------------------------------------------------------------
@@ -136,11 +155,8 @@ def refuse(
 
 # -- who holds what ---------------------------------------------------------------------------------
 def institutions_of(session: Session, user_id: str, role: str | None = None) -> set[str]:
-    """The institutions where the user holds a role (``role``, when given)."""
-    query = select(RoleGrant.institution).where(RoleGrant.user_id == user_id)
-    if role is not None:
-        query = query.where(RoleGrant.role == role)
-    return set(session.exec(query))
+    """The institutions where the user holds a role (``role``, when given) now."""
+    return {g.institution for g in current_grants(session, user_id=user_id, role=role)}
 
 
 def target_user(session: Session, username: str) -> User:
@@ -332,3 +348,37 @@ def require_sop_admin(settings: Settings, username: str, institution: str) -> No
             f"user {username!r} may not edit SOPs at {institution!r}: only its SOP administrators may create "
             f"drafts, and that takes role {ADMIN_ROLE!r} there (they hold {', '.join(sorted(held)) or 'no role'})"
         )
+
+
+def require_admin(settings: Settings, *, action: str, object_type: str, object_id: str) -> Admin:
+    """The installation administrator: the key in ``SOPFLOW_ADMIN_KEY_FILE`` (readable by its owner
+    only) matches the newest registered ``AdminKey``. Refused and audited otherwise.
+
+    Raises:
+        NotAuthorizedError
+    """
+    path = settings.admin_key_path
+    key, problem = "", None
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            problem = f"{path} may be read by other users (mode {mode & 0o777:o}); `chmod 600 {path}` first"
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        problem = (
+            f"no installation administrator's key at {path} (SOPFLOW_ADMIN_KEY_FILE); `sopflow admin init` creates it"
+        )
+    except OSError as exc:
+        problem = f"cannot read the installation administrator's key {path}: {exc.strerror}"
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        row = s.exec(select(AdminKey).order_by(col(AdminKey.created_at).desc()).limit(1)).first()
+    if problem is None and row is None:
+        problem = "no installation administrator's key is registered; `sopflow admin init` creates one"
+    elif (
+        problem is None and row is not None and not hmac.compare_digest(ledger.sha256_hex(key.encode()), row.key_sha256)
+    ):
+        problem = f"{path} is not the installation administrator's key in force"
+    if problem is not None or row is None:
+        raise refuse(settings, UNAUTHENTICATED, action, object_type, object_id, problem or "no key")
+    return Admin(row.id, getpass.getuser(), socket.gethostname())

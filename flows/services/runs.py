@@ -11,6 +11,7 @@ of a quarantined dose, each refusal audited. Reads of a user's runs and records 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from flows.record.db import init_db, read_session
 from flows.record.deviations import list_deviations
 from flows.record.query import run_record
 from flows.record.state import run_status, step_states
-from flows.record.tables import SopRun
+from flows.record.tables import SopRun, User
 from flows.record.versions import CHANGE_CONTROL_ID, PinnedSop, effective_sop
 from flows.services import guard
 from flows.services.accounts import user_summary
@@ -40,6 +41,7 @@ __all__ = [
     "record_for",
     "runs_for",
     "start_run",
+    "start_run_as",
     "wait_for_run",
 ]
 
@@ -72,6 +74,27 @@ def start_run(
         SopNotFoundError, SopNotEffectiveError, SopDefinitionError, SopInputError, AuthenticationError,
         NotAuthorizedError, EngineError
     """
+    return start_run_as(
+        settings,
+        institution,
+        sop_id,
+        raw_params,
+        lambda: guard.sign_in(settings, username, password, f"start {sop_id}"),
+        pinned=pinned,
+    )
+
+
+def start_run_as(
+    settings: Settings,
+    institution: str,
+    sop_id: str,
+    raw_params: dict[str, Any],
+    starter: Callable[[], User],
+    *,
+    pinned: PinnedSop | None = None,
+) -> StartResult:
+    """``start_run`` for whoever ``starter()`` returns: a person who signed in, or an integration
+    token's service account (``flows.services.integration``); the same rules (``guard.start_problem``)."""
     if pinned is None:
         try:
             if sop_id == CHANGE_CONTROL_ID:
@@ -81,11 +104,11 @@ def start_run(
                 )
             pinned = effective_sop(settings, institution, sop_id)
         except SopNotEffectiveError as exc:  # refused: audited under the user who asked
-            user = guard.sign_in(settings, username, password, f"start {sop_id}")
+            user = starter()
             guard.refuse(settings, user.id, "run.start", "sf_run", sop_id, str(exc))
             raise
     prepared = prepare_run(settings, institution, pinned, raw_params, where=f"{sop_id} params")
-    user = guard.sign_in(settings, username, password, f"start {sop_id}")
+    user = starter()
     with read_session(settings.database_url) as s:
         problem = guard.start_problem(s, user, institution, pinned.definition)
     if problem is None and prepared.held_by is not None:

@@ -25,7 +25,6 @@ from flows.record.db import init_db, read_session, write_session
 from flows.record.state import run_status
 from flows.record.tables import (
     Reminder,
-    RoleGrant,
     Signature,
     SopRun,
     SopVersion,
@@ -34,6 +33,7 @@ from flows.record.tables import (
     iso_utc,
     utcnow,
 )
+from flows.record.users import current_grants
 from flows.record.versions import (
     ADMIN_ROLE,
     activate_due,
@@ -70,9 +70,9 @@ def _signed(session: Session, run_id: str, step_id: str) -> tuple[dict[str, Any]
 def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, due: datetime, now: datetime) -> int:
     roles = signing_roles(sop)
     holders: dict[str, set[str]] = {}
-    for g in session.exec(
-        select(RoleGrant).where(RoleGrant.institution == version.institution, col(RoleGrant.role).in_(roles))
-    ):
+    for g in current_grants(session, institution=version.institution):
+        if g.role not in roles:
+            continue
         holders.setdefault(g.user_id, set()).add(g.role)
     n = 0
     for user_id, held in sorted(holders.items()):

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.config import bundled_dir
 from flows.errors import Problem, SopDefinitionError, SopNotFoundError, did_you_mean
 from flows.sop.load import (
     LoadedSop,
@@ -30,17 +31,16 @@ __all__ = ["Catalog", "Institution", "default_sops_dir", "default_templates_dir"
 
 INSTITUTION_FILE = "institution.yaml"
 PRODUCTS_FILE = "products.yaml"
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def default_sops_dir() -> Path:
-    """``$SOPFLOW_SOPS_DIR`` or the repository's ``sops/``."""
-    return Path(os.environ.get("SOPFLOW_SOPS_DIR") or _REPO / "sops")
+    """``$SOPFLOW_SOPS_DIR`` or the built-in library (the checkout's ``sops/``, or the wheel's copy)."""
+    return Path(os.environ.get("SOPFLOW_SOPS_DIR") or bundled_dir("sops"))
 
 
 def default_templates_dir() -> Path:
-    """``$SOPFLOW_TEMPLATES_DIR`` or the repository's ``templates/``."""
-    return Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or _REPO / "templates")
+    """``$SOPFLOW_TEMPLATES_DIR`` or the built-in templates (the checkout's ``templates/``, or the wheel's)."""
+    return Path(os.environ.get("SOPFLOW_TEMPLATES_DIR") or bundled_dir("templates"))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from flows.config import Settings
 from flows.errors import AuthenticationError, FlowsError
 from flows.services import accounts, views
 from flows.services.phrases import translate
-from flows.web import pages, people, quality
+from flows.web import api, pages, people, quality
 from flows.web.base import CSRF_MESSAGE, Forbidden, Redirect, Web, safe_next, status_of
 from flows.web.i18n import HERE, N_
 from flows.web.sessions import COOKIE, SessionStore
@@ -46,6 +46,7 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     app = FastAPI(title="sopflow", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.web = web
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount("/api/v1", api.create_api(settings))  # the integration API (JSON, its own OpenAPI)
 
     @app.middleware("http")
     async def https_cookies(request: Request, call_next: Any) -> Response:

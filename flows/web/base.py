@@ -140,6 +140,7 @@ class Web:
     def __init__(self, settings: Settings, store: SessionStore | None = None) -> None:
         self.settings = settings
         self.store = store or SessionStore(settings.web_idle_minutes * 60)
+        self.store.bind(settings.database_url)  # sessions live in the database every web process shares
         self.envs = {lang: _environment(lang) for lang in accounts.LANGUAGES}
         self.prefect_ui = settings.api_url.removesuffix("/").removesuffix("/api")
 
@@ -207,6 +208,7 @@ class Web:
             "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
         )
         if ws is not None:  # Secure is added by the middleware when the request came over HTTPS
+            self.store.save(ws)
             response.set_cookie(COOKIE, ws.token, httponly=True, samesite="strict", path="/")
         return response
 
