@@ -5,7 +5,9 @@ and the executor's sweep calls :func:`sweep_deadlines` every few seconds (a ``fr
 no ``to``, and now past due). Each opens one ``Deviation`` per deadline and run (its ``step_id``
 is the deadline's id), audited as ``deviation.open``, and tells the deadline's
 ``deviation.notify`` roles. Exactly once: the row is written under the record's write lock after
-looking for it; the message goes out after that transaction, only by whoever wrote the row.
+looking for it, and its message is recorded in the outbox in the same transaction
+(``deadline:<deviation id>``), then delivered (``flows.engine.outbox``): a crash after the row is
+no lost message, the outbox's sweep delivers it. The sweep runs under the job lease ``job:deadlines``.
 
 No Prefect here: reads and writes sopflow's record and delivers through apprise.
 """
@@ -19,7 +21,10 @@ from sqlmodel import col, select
 
 from flows.config import Settings
 from flows.engine.escalation import format_duration
-from flows.engine.steps import SYSTEM, RunContext, send
+from flows.engine.leases import job_key, run_key
+from flows.engine.operators import emit
+from flows.engine.outbox import deliver_message, queue
+from flows.engine.steps import SYSTEM
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deadlines import deadline_states
@@ -46,8 +51,12 @@ def _description(entry: dict[str, object], limit: timedelta) -> str:
     )
 
 
-def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now: datetime | None = None) -> int:
-    """Open a deviation for each breached or overdue deadline of the run that has none; returns how many."""
+def settle_deadlines(
+    settings: Settings, run: SopRun, sop: SopDefinition, *, now: datetime | None = None, lease: str | None = None
+) -> int:
+    """Open a deviation for each breached or overdue deadline of the run that has none; returns how many.
+
+    ``lease``: what its messages are delivered under (default: the run's, as the walk holds it)."""
     if not sop.deadlines:
         return 0
     now = now or utcnow()
@@ -76,14 +85,24 @@ def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now
             )
             ledger.append(s, dev, actor=SYSTEM, action="deviation.open", reason=f"deadline {spec.id} {entry['state']}")
             dev_id = dev.id
+            msg = queue(
+                s,
+                key=f"deadline:{dev_id}",
+                institution=run.institution,
+                roles=list(spec.deviation.notify),
+                title=f"[{run.sop_id}] deadline {entry['state']}: {entry['title']}",
+                body=(
+                    f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
+                    f"deviation has been opened ({dev_id}); the run goes on. `sopflow record {run.id}` shows it."
+                ),
+                lease=lease or run_key(run.flow_run_id),
+                run_id=run.id,
+            )
+            s.expunge(msg)
         n += 1
-        title = f"[{run.sop_id}] deadline {entry['state']}: {entry['title']}"
-        body = (
-            f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
-            f"deviation has been opened ({dev_id}); the run goes on. `sopflow record {run.id}` shows it."
-        )
+        emit("sopflow.deviation.opened", run, {"deviation_id": dev_id, "deadline_id": spec.id, "state": entry["state"]})
         try:
-            send(RunContext(settings, run, sop), list(spec.deviation.notify), title, body)
+            deliver_message(settings, msg)
         except Exception:  # a broken notify.yaml must not undo a recorded deviation
             log.exception("deviation %s of run %s recorded, but its roles could not be told", dev_id, run.id)
     return n
@@ -108,7 +127,7 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
     n = 0
     for run, sop in pending:
         try:
-            n += settle_deadlines(settings, run, sop, now=now)
+            n += settle_deadlines(settings, run, sop, now=now, lease=job_key("deadlines"))
         except Exception:  # one bad run must not stop the others
             log.exception("deadlines of run %s could not be settled; retrying at the next sweep", run.id)
     return n

@@ -9,11 +9,15 @@ receives every message of that institution::
       "*": ["dingtalk://token/"]
 
 A failed delivery never blocks a record: ``notify`` returns what was delivered and what failed,
-and the caller records both. Must not import prefect.
+and the caller records both. The engine's outbox (``flows.engine.outbox``) records each message
+before delivery and delivers it channel by channel: ``targets`` lists a message's channels (each
+once), ``deliver`` hands it to one, ``channel_id`` names a channel without its token. Must not
+import prefect.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,17 @@ import yaml
 
 from flows.errors import ConfigError
 
-__all__ = ["Delivery", "channels_for", "load_channels", "notify"]
+__all__ = [
+    "Delivery",
+    "Target",
+    "channel_id",
+    "channels_for",
+    "deliver",
+    "load_channels",
+    "notify",
+    "redact",
+    "targets",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,44 @@ _HOST_SCHEMES = frozenset({"json", "jsons", "xml", "xmls", "form", "forms", "htt
 tgram://, discord://...) put a token there, so only their scheme is shown."""
 
 
+def redact(url: str) -> str:
+    """The URL's scheme, and its host where the scheme has one: never a token."""
+    return _redact(url)
+
+
+def channel_id(url: str) -> str:
+    """A channel's identity in the record: the sha256 of its URL (the URL itself may hold a token)."""
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Target:
+    role: str
+    url: str
+
+
+def targets(
+    channels: dict[str, dict[str, list[str]]], institution: str, roles: tuple[str, ...] | list[str]
+) -> list[Target]:
+    """Every channel of the roles, each once (a channel of several roles, or of ``"*"``, gets a message once)."""
+    out: list[Target] = []
+    seen: set[str] = set()
+    for role in roles:
+        for url in channels_for(channels, institution, role):
+            if url not in seen:
+                seen.add(url)
+                out.append(Target(role, url))
+    return out
+
+
+def deliver(url: str, title: str, body: str) -> bool:
+    """Hand one message to one channel; True when apprise says it was accepted."""
+    import apprise  # imported here: it loads its plugins on import
+
+    ap = apprise.Apprise()
+    return bool(ap.add(url)) and bool(ap.notify(body=body, title=title))
+
+
 def _redact(url: str) -> str:
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in _HOST_SCHEMES:
@@ -85,17 +137,7 @@ def notify(
     body: str,
 ) -> list[Delivery]:
     """Send one message to every channel of each role, once per channel; returns one Delivery per channel."""
-    import apprise  # imported here: it loads its plugins on import
-
-    out: list[Delivery] = []
-    sent: set[str] = set()  # a channel of several roles (or of "*") gets the message once
-    for role in roles:
-        for url in channels_for(channels, institution, role):
-            if url in sent:
-                continue
-            sent.add(url)
-            ap = apprise.Apprise()
-            added = ap.add(url)
-            ok = bool(added) and bool(ap.notify(body=body, title=title))
-            out.append(Delivery(role=role, channel=_redact(url), ok=ok))
-    return out
+    return [
+        Delivery(role=t.role, channel=_redact(t.url), ok=deliver(t.url, title, body))
+        for t in targets(channels, institution, roles)
+    ]
