@@ -10,6 +10,7 @@ to pull.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 from uuid import UUID
@@ -19,6 +20,7 @@ __all__ = ["DEPLOYMENT_NAME", "ENTRYPOINT", "WORKER_TYPE", "ensure_deployment", 
 DEPLOYMENT_NAME = "sopflow"
 ENTRYPOINT = "flows.engine.run_sop:run_sop"
 WORKER_TYPE = "sopflow"
+log = logging.getLogger("sopflow.deployment")
 
 
 def pool_name() -> str:
@@ -27,10 +29,12 @@ def pool_name() -> str:
 
 
 def ensure_deployment(client: Any, pool: str) -> UUID:
-    """The id of ``run-sop/sopflow`` on ``pool``, created (or moved to the pool) when needed.
+    """The id of ``run-sop/sopflow``, created on ``pool`` when it does not exist.
 
-    A deployment that already names the pool is left as it is (e.g. made by ``prefect deploy``
-    from prefect.yaml). The pool must exist (a worker creates it when it starts).
+    An existing one is left as it is (e.g. made by ``prefect deploy`` from prefect.yaml), unless it
+    names no work pool at all (made by an older sopflow): then it moves to ``pool``. One on another
+    pool stays there: a worker of a second pool must not take the runs from the first. The pool
+    must exist (a worker creates it when it starts).
     """
     from prefect.exceptions import ObjectNotFound
     from prefect.utilities.callables import parameter_schema
@@ -39,7 +43,11 @@ def ensure_deployment(client: Any, pool: str) -> UUID:
 
     try:
         found = client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}")
-        if found.work_pool_name == pool:
+        if found.work_pool_name:
+            if found.work_pool_name != pool:
+                log.warning(
+                    "run-sop/sopflow is on work pool %r, not %r: this worker gets no runs", found.work_pool_name, pool
+                )
             return found.id  # type: ignore[no-any-return]
     except ObjectNotFound:
         pass

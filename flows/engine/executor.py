@@ -55,13 +55,18 @@ from flows.engine.steps import set_run_status
 from flows.engine.subruns import resume_ready
 from flows.record.db import init_db, write_session
 
-__all__ = ["SWEEP_SECONDS", "Executor", "Job"]
+__all__ = ["SWEEP_SECONDS", "Executor", "Job", "sweep_file"]
 
 SWEEP_SECONDS = 5.0
 Job = tuple[str, Callable[[Settings], object]]
 """A periodic job: its name (its lease is ``job:<name>``; the log names it too) and the function.
 The engine's own jobs come first; the floors above register theirs (``flows.services.worker``)."""
 log = logging.getLogger("sopflow.executor")
+
+
+def sweep_file(settings: Settings) -> Path:
+    """Where a worker writes how many sweeps it has made (``<count> <time of the last>``)."""
+    return settings.run_dir / "executor.sweeps"
 
 
 class Executor:
@@ -277,12 +282,16 @@ class Executor:
 
         with get_client(sync_client=True) as client:
             self._sweep_client = client
+            sweeps = 0
             while not self.stopping.wait(SWEEP_SECONDS):
                 if not self.leases.alive():
                     log.error("the lease connection is gone; this worker stops")
                     self.stopping.set()
                     break
                 self.sweep_once()
+                sweeps += 1
+                # How many sweeps this worker has made, and when the last ended (for status and tests).
+                sweep_file(self.settings).write_text(f"{sweeps} {datetime.now(UTC).isoformat()}\n")
 
     # -- loop --------------------------------------------------------------------------------
     def serve(self, ready: Path | None = None) -> None:

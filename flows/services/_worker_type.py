@@ -35,7 +35,28 @@ from flows.config import Settings, get_settings
 from flows.engine.deployment import WORKER_TYPE
 from flows.engine.env import apply_prefect_env
 
-__all__ = ["SopflowJobConfiguration", "SopflowVariables", "SopflowWorker", "SopflowWorkerResult", "worker_settings"]
+__all__ = [
+    "SopflowJobConfiguration",
+    "SopflowVariables",
+    "SopflowWorker",
+    "SopflowWorkerResult",
+    "change_control_sweep",
+    "floor_jobs",
+    "worker_settings",
+]
+
+
+def change_control_sweep(settings: Settings) -> int:
+    """Issue versions whose change control completed, make due ones Effective, send reminders."""
+    from flows.services.sweeps import sweep
+
+    return sum(sweep(settings).values())
+
+
+def floor_jobs() -> list[tuple[str, Any]]:
+    """The periodic jobs of the floors above the engine, registered with every worker's executor
+    (the engine never imports them)."""
+    return [("change_control", change_control_sweep)]
 
 
 class SopflowJobConfiguration(BaseJobConfiguration):
@@ -89,7 +110,6 @@ class SopflowWorker(BaseWorker[SopflowJobConfiguration, Any, SopflowWorkerResult
     async def setup(self) -> None:
         await super().setup()  # the pool (created with this type's template if missing), the first heartbeat
         from flows.engine.executor import Executor
-        from flows.services.worker import floor_jobs
 
         settings = worker_settings()
         self.executor = await anyio.to_thread.run_sync(

@@ -22,24 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from flows.config import Settings
 from flows.services.server import ready_file
-from flows.services.sweeps import sweep
 
 if TYPE_CHECKING:
     from flows.services._worker_type import SopflowWorker
 
-__all__ = ["SopflowWorker", "change_control_sweep", "deploy", "floor_jobs", "main"]
+# The periodic jobs of the floors above the engine: ``flows.services._worker_type.floor_jobs``.
+
+__all__ = ["SopflowWorker", "deploy", "main"]
 
 log = logging.getLogger("sopflow.worker")
-
-
-def change_control_sweep(settings: Settings) -> int:
-    """Issue versions whose change control completed, make due ones Effective, send reminders."""
-    return sum(sweep(settings).values())
-
-
-def floor_jobs() -> list[tuple[str, Any]]:
-    """The periodic jobs of the floors above the engine, registered with every worker's executor."""
-    return [("change_control", change_control_sweep)]
 
 
 def __getattr__(name: str) -> Any:
