@@ -1,6 +1,7 @@
 """Benchmark of sopflow's engine against plain Prefect, in one process, on one local Prefect server.
 
-    python bench/engine.py [--steps N] [--resumes K] [--repeats R]
+    python bench/engine.py [--steps N] [--resumes K] [--repeats R] [--receipts D]
+                           [--postgres postgresql+psycopg2://postgres@127.0.0.1:5432] [--workers W]
 
 1. Per-step overhead: an SOP of N automated ``check`` steps run through sopflow (``start_run``,
    then the run's status polled every 10 ms until ``completed``), against a plain Prefect flow of
@@ -10,7 +11,16 @@
    the bench waits, untimed, until the server has recorded its task runs (they arrive late).
 2. Signed submit -> next step: an SOP of K+1 ``record`` steps, signed one by one by one user;
    from the call to ``submit_step`` to the next step's newest record reading ``waiting`` (the DB
-   polled every 5 ms). argon2 authentication is timed on its own and also subtracted.
+   polled every 5 ms). argon2 authentication is timed on its own and also subtracted. Median, p95
+   and flatness (median of the last five resumes over the first five: a resume must cost the same
+   late in a run as early), each printed with the load average it was measured under.
+3. The demo dose receipt end to end, human time excluded, through sopflow, DBOS Transact (SQLite)
+   and SpiffWorkflow (saved after every step), interleaved (bench/receipt.py, bench/peers.py;
+   the peers install with ``pip install -e '.[bench]'``; without them part 3 is skipped).
+
+With ``--postgres`` sopflow's records and the Prefect server use two fresh databases on that
+server (dropped at the end) and ``--workers`` (default 2 then) sopflow workers run, each as its own
+process with its own home, like workers on separate machines.
 
 It prints figures and machine facts; it asserts nothing about speed. Everything lives under a
 temporary SOPFLOW_HOME and SOPS dir on a free port and is removed at the end, the server and the
@@ -46,6 +56,7 @@ BASE_SOP = "bench_base"
 SIGNED_SOP = "bench_signed"
 RUN_POLL = 0.010  # polling the run's status (part 1)
 STEP_POLL = 0.005  # polling the next step's record (part 2)
+PG_DBS = (f"sopflow_bench_{os.getpid()}", f"prefect_bench_{os.getpid()}")
 HEADER = "# Owner: sopflow bench · Approval: none (benchmark fixture) · Effective: n/a\n"
 
 
@@ -96,7 +107,7 @@ def write_sops(folder: Path, n_checks: int, k_resumes: int) -> None:
     )
 
 
-def configure(home: Path, sops: Path) -> Any:
+def configure(home: Path, sops: Path, postgres: str | None = None) -> Any:
     """Point sopflow and Prefect at the temporary home; must run before Prefect is imported."""
     if "prefect" in sys.modules:
         raise RuntimeError("Prefect was imported before the bench set its environment")
@@ -107,6 +118,10 @@ def configure(home: Path, sops: Path) -> Any:
         "SOPFLOW_NOTIFY_CONFIG",
     ):
         os.environ.pop(key, None)
+    if postgres:
+        os.environ["SOPFLOW_DATABASE_URL"] = f"{postgres}/{PG_DBS[0]}"
+        os.environ["SOPFLOW_PREFECT_DATABASE_URL"] = f"{postgres.replace('psycopg2', 'asyncpg')}/{PG_DBS[1]}"
+    os.environ["SOPFLOW_NOTIFY_CONFIG"] = str(home / "notify.yaml")  # every worker's, whatever its home
     os.environ["SOPFLOW_HOME"] = str(home)
     os.environ["SOPFLOW_PREFECT_PORT"] = str(free_port())
     os.environ["SOPFLOW_SOPS_DIR"] = str(sops)
@@ -318,8 +333,9 @@ def part2(settings: Any, k: int) -> dict[str, Any]:
     run_id = start_run(settings, INSTITUTION, SIGNED_SOP, {}, USER, PASSWORD).run_id
     wait_waiting(settings, run_id, steps[0])
     first_wait = time.perf_counter() - t_start
-    latency, call, resumed = [], [], []
+    latency, call, resumed, load = [], [], [], []
     for i in range(k):
+        load.append(os.getloadavg()[0])
         t0 = time.perf_counter()
         res = submit_step(settings, run_id, steps[i], USER, PASSWORD, {"v": str(i)})
         t1 = time.perf_counter()
@@ -335,6 +351,7 @@ def part2(settings: Any, k: int) -> dict[str, Any]:
         "latency": latency,
         "call": call,
         "resumed": resumed,
+        "load": load,
         "first_wait": first_wait,
         "last": last,
         "phases": resume_phases(settings, run_id, steps),
@@ -431,7 +448,7 @@ def machine_facts(settings: Any) -> list[str]:
         f"prefect    {prefect.__version__}; sqlalchemy {sqlalchemy.__version__}; sopflow commit {commit}",
         f"databases  sopflow {settings.database_url.split(':', 1)[0]}; Prefect server {settings.prefect_database_url.split(':', 1)[0]} "
         f"(local, port {settings.prefect_port})",
-        f"executor   poll {settings.poll_seconds * 1000:.0f} ms busy .. {settings.poll_max_seconds * 1000:.0f} ms idle, nudged over UDP; "
+        f"workers    poll {settings.poll_seconds * 1000:.0f} ms busy .. {settings.poll_max_seconds * 1000:.0f} ms idle, nudged over UDP; "
         f"bench polls run status every {RUN_POLL * 1000:.0f} ms, step records every {STEP_POLL * 1000:.0f} ms",
     ]
 
@@ -445,6 +462,7 @@ def report(
     rtt: list[float],
     setup: float,
     total: float,
+    workers: int = 1,
 ) -> None:
     n, k = args.steps, args.resumes
     print()
@@ -492,18 +510,25 @@ def report(
     lat, call = r2["latency"], r2["call"]
     a = median(auth)
     net = [x - a for x in lat]
-    print(f"2. signed submit -> next step waiting, {k} resumes of one run (target <= 1 s p95 now, <= 100 ms later)")
+    load = r2["load"]
+    print(
+        f"2. signed submit -> next step waiting, {k} resumes of one run (target: p95 <= 1 s, then <= 200 ms; flat <= 1.2x)"
+    )
+    print(f"   load average (1 min) while measured: {min(load):.2f}-{max(load):.2f}")
     print(f"   argon2 authenticate alone: median {ms(a)}, max {ms(max(auth))} ({len(auth)} calls)")
-    print(f"   submit -> next waiting     : median {ms(median(lat))}  p95 {ms(p95(lat))}  max {ms(max(lat))}")
+    print(
+        f"   submit -> next waiting     : median {ms(median(lat))}  p95 {ms(p95(lat))}  max {ms(max(lat))}  (load {load[len(load) // 2]:.2f})"
+    )
     print(f"   the same less authenticate : median {ms(median(net))}  p95 {ms(p95(net))}  max {ms(max(net))}")
     print(
         f"   submit_step call returns   : median {ms(median(call))}  p95 {ms(p95(call))}  max {ms(max(call))}"
         f"  (resumed by the call: {sum(r2['resumed'])}/{len(r2['resumed'])})"
     )
     if len(lat) >= 10:
+        first, last = median(lat[:5]), median(lat[-5:])
         print(
-            f"   first 5 / last 5 resumes   : median {ms(median(lat[:5]))} / {ms(median(lat[-5:]))}"
-            "  (a resume re-enters the flow from the top)"
+            f"   flatness, last 5 / first 5 : {last / first:.2f}x  (median {ms(first).strip()} -> {ms(last).strip()}; "
+            f"load {load[0]:.2f} -> {load[-1]:.2f})"
         )
     print("   where a resume goes (Prefect's state history + sopflow's records; before 'signed' it is submit_step):")
     for name, xs in r2["phases"].items():
@@ -511,6 +536,7 @@ def report(
             print(f"     {name:27s}: median {ms(median(xs))}  max {ms(max(xs))}")
     print(f"   start_run -> first step waiting {ms(r2['first_wait'])}; last submit -> run completed {ms(r2['last'])}")
     print()
+    print(f"   {workers} worker(s); load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"total bench time {total:.1f} s")
 
 
@@ -519,29 +545,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="automated steps in part 1 (default 50)")
     parser.add_argument("--resumes", type=int, default=20, help="signed resumes in part 2 (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each part-1 run (default 3)")
+    parser.add_argument(
+        "--receipts", type=int, default=3, help="dose receipts of part 3 per engine (default 3; 0 skips)"
+    )
+    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server for sopflow's records and Prefect's")
+    parser.add_argument("--workers", type=int, default=None, help="sopflow workers (default 1; 2 with --postgres)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary SOPFLOW_HOME (its logs) after the run")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.resumes < 1 or args.repeats < 1:
         parser.error("--steps must be >= 2, --resumes and --repeats >= 1")
+    workers = args.workers or (2 if args.postgres else 1)
 
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="sopflow-bench-"))
     home, sops = tmp / "home", tmp / "sops"
     write_sops(sops, args.steps, args.resumes)
-    settings = configure(home, sops)
+    from bench import hosts
 
+    if args.postgres:
+        hosts.create_databases(args.postgres, PG_DBS)
+    settings = configure(home, sops, args.postgres)
+
+    from flows.cli.receiver import LocalReceiver
     from flows.services import server
     from flows.services.accounts import add_user
     from flows.services.guard import Officer
     from flows.services.training import grant_training
     from flows.services.versions import establish
 
+    extra: list[Any] = []
     try:
         t0 = time.perf_counter()
-        server.start(settings)
+        server.start(settings)  # waits as long as a fresh server's migrations take (a few minutes at most)
+        extra = hosts.start_workers(settings, tmp, workers - 1)
         setup = time.perf_counter() - t0
         qa = Officer("bench_qa", PASSWORD)
-        add_user(settings, "bench_qa", "Bench QA", PASSWORD, [(INSTITUTION, "qa")])  # the first account
+        grants = [(INSTITUTION, "qa"), ("demo_hospital", "qa"), ("demo_hospital", "quality_manager")]
+        add_user(settings, "bench_qa", "Bench QA", PASSWORD, grants)  # the first account
         add_user(settings, USER, "Bench User", PASSWORD, [(INSTITUTION, ROLE)], officer=qa)
         for sop_id in (CHECKS_SOP, BASE_SOP, SIGNED_SOP):  # signers must be trained on the SOP revision
             grant_training(settings, USER, INSTITUTION, sop_id, 1, trainer="Bench trainer", officer=qa)
@@ -549,21 +589,57 @@ def main(argv: list[str] | None = None) -> int:
         establish(settings, INSTITUTION, qa)
         rtt = api_round_trip()
         print(
-            f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
+            f"server and {workers} worker(s) up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
             flush=True,
         )
         r1 = part1(settings, args.steps, args.repeats)
         print(f"part 2: {args.resumes} signed resumes ...", flush=True)
         auth = time_authenticate(settings)
         r2 = part2(settings, args.resumes)
-        report(settings, args, r1, r2, auth, rtt, setup, time.perf_counter() - t_all)
+        r3 = None
+        if args.receipts:
+            with LocalReceiver() as rx:
+                r3 = part3_or_none(settings, tmp, sops, qa, rx.url(""), args.receipts)
+        report(settings, args, r1, r2, auth, rtt, setup, time.perf_counter() - t_all, workers)
+        if r3 is not None:
+            from bench.receipt import report as report3
+
+            print()
+            for line in report3(r3):
+                print(line)
     finally:
+        hosts.stop_workers(extra)
         server.stop(settings)
+        if args.postgres:
+            from flows.record.db import get_engine
+
+            get_engine(settings.database_url).dispose()
+            hosts.drop_databases(args.postgres, PG_DBS)
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def part3_or_none(settings: Any, tmp: Path, sops: Path, qa: Any, receiver_url: str, receipts: int) -> Any:
+    try:
+        import dbos  # noqa: F401
+        import SpiffWorkflow  # noqa: F401
+    except ImportError:
+        print("part 3 skipped: the peers are not installed (pip install -e '.[bench]')", flush=True)
+        return None
+    from bench import receipt
+
+    print(f"part 3: {receipts} dose receipts each through sopflow, DBOS, SpiffWorkflow, interleaved ...", flush=True)
+    receipt.setup(settings, sops, REPO, qa, receiver_url)
+
+    def status(settings: Any, run_id: str, step: str | None) -> str | None:
+        return step_status(settings, run_id, step) if step else run_status(settings, run_id)
+
+    folder = tmp / "peers"
+    folder.mkdir()
+    return receipt.part3(settings, qa.username, receiver_url, receipts, folder, status)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ class Cluster:
     ) -> subprocess.Popen[bytes]:
         """A worker as host ``host``: its own hostname (``unshare -u``) and home; the same databases.
         ``prefect_cli``: started as operators start any Prefect worker,
-        ``prefect worker start --type sopflow --pool sopflow``, and ready once Prefect lists it online."""
+        ``prefect worker start --type sopflow --pool sopflow``."""
         home = self.root / host
         (home / "run").mkdir(parents=True, exist_ok=True)
         (home / "run" / "executor.ready").unlink(missing_ok=True)

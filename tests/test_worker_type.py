@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import REPO, Cluster
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -31,8 +32,7 @@ def test_prefect_worker_start_type_sopflow_runs_a_run(cluster):
     """`prefect worker start --type sopflow --pool sopflow` (the plugin entry point, nothing else)
     starts sopflow's worker: Prefect lists it online in the pool with its type, and it runs a run."""
     cluster.start_worker("host-c", prefect_cli=True)
-    listed = cluster.online("host-c")
-    assert listed is not None
+    eventually(lambda: cluster.online("host-c"), "Prefect never listed host-c's worker online in the pool")
     pool = cluster.api("GET", "/work_pools/sopflow")
     assert pool["type"] == "sopflow"
     run_id = cluster.start("fo_probe", "prefect-cli")

@@ -112,6 +112,10 @@ class SopflowWorker(BaseWorker[SopflowJobConfiguration, Any, SopflowWorkerResult
         from flows.engine.executor import Executor
 
         settings = worker_settings()
+        if self.ready is None:  # `prefect worker start`: say when it polls, where `sopflow server` would look
+            from flows.services.server import ready_file
+
+            self.ready = ready_file(settings)
         self.executor = await anyio.to_thread.run_sync(
             lambda: Executor(
                 settings=settings,
