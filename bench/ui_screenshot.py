@@ -64,7 +64,7 @@ def main() -> int:
             page.get_by_text(f"{name}-", exact=False).first.wait_for(timeout=60_000)
             time.sleep(1.5)  # let the timeline and tags finish drawing (a picture, not a test)
             page.screenshot(path=str(args.out / "prefect-ui-run.png"), full_page=True)
-            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("Artifacts", exact=True).first.click()
             page.get_by_text("dose-receipt-receipt-record", exact=False).first.wait_for(timeout=60_000)
             time.sleep(1.0)
             page.screenshot(path=str(args.out / "prefect-ui-artifacts.png"), full_page=True)

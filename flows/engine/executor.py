@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -97,7 +98,9 @@ class Executor:
         self.limit = limit
         self.lanes = Lanes(limit)
         self.running: dict[UUID, Future[Any]] = {}
-        self._guard = threading.Lock()
+        self.known: OrderedDict[str, Any] = OrderedDict()
+        """Flow runs this worker executed lately, by id: one that is nudged is claimed at once."""
+        self._guard = threading.RLock()  # a lane may finish (and call back) while a claim holds it
         self.stopping = threading.Event()
         self.jobs: list[Job] = [
             ("recover_orphans", lambda _: self.recover_orphans()),
@@ -128,6 +131,7 @@ class Executor:
             if result.status != SetStateStatus.ACCEPT:
                 self.leases.release(key)
                 return False
+            fr.state = result.state  # what the engine starts from, as after a poll and a claim
         except BaseException:
             self.leases.release(key)
             raise
@@ -142,6 +146,20 @@ class Executor:
             except Exception:
                 log.warning("could not label flow run %s", fr.id, exc_info=True)
         return True
+
+    def claim_named(self, ids: set[str]) -> int:
+        """Claim, without polling the pool, the nudged flow runs this worker executed last; the
+        server arbitrates as for any claim (it lets through one proposal of Pending)."""
+        claimed = 0
+        for fr_id in ids:
+            with self._guard:
+                fr = self.known.get(fr_id)
+                if fr is None or fr.id in self.running or self.lanes.free <= 0:
+                    continue
+            if self._claim(fr):
+                self._start(fr)
+                claimed += 1
+        return claimed
 
     def poll_once(self) -> int:
         if self.lanes.free <= 0:
@@ -160,10 +178,19 @@ class Executor:
         return claimed
 
     def _start(self, fr: Any) -> Future[Any]:
-        def done(_: Future[Any]) -> None:
+        def done(f: Future[Any]) -> None:
             with self._guard:
                 self.running.pop(fr.id, None)
             self.leases.release(run_key(fr.id))
+            state = None if f.cancelled() or f.exception() else f.result()
+            with self._guard:
+                if state is not None and state.is_paused():  # it will be resumed: keep it at hand
+                    self.known[str(fr.id)] = fr
+                    self.known.move_to_end(str(fr.id))
+                    while len(self.known) > 1000:
+                        self.known.popitem(last=False)
+                else:
+                    self.known.pop(str(fr.id), None)
 
         with self._guard:
             future = self.lanes.run(lambda: self._execute(fr), done)
@@ -199,7 +226,7 @@ class Executor:
 
                 ctx = SyncClientContext.get()
                 if ctx is not None and resume_if_signed(self.settings, ctx.client, str(fr.id), run_id):
-                    nudge(self.settings)
+                    nudge(self.settings, fr.id)
             if state is not None and (state.is_failed() or state.is_crashed()):
                 self._record_failure(run_id, f"Prefect flow run {state.name}: {state.message}")
             return state
@@ -304,15 +331,19 @@ class Executor:
             ready.write_text(f"{os.getpid()}\n")
         log.info("worker %s on pool %s polling every %.3f-%.3f s", self.name, self.pool, self.poll, self.poll_max)
         interval = self.poll
+        named: set[str] = set()
         while not self.stopping.is_set():
             try:
-                claimed = self.poll_once()
+                claimed = self.claim_named(named) if named else 0
+                claimed += self.poll_once()
             except Exception:  # the server may be restarting; keep trying
                 log.exception("poll failed; retrying")
                 claimed = 0
                 self.stopping.wait(1.0)
             interval = self.poll if claimed else min(interval * 2, self.poll_max)
-            if self.wakeup.wait(interval):
+            nudges = self.wakeup.wait(interval)
+            named = {n for n in nudges or () if n != "poll"}
+            if nudges:
                 interval = self.poll
         sweeper.join(timeout=60)
         self.lanes.stop(wait=True)

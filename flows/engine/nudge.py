@@ -6,7 +6,9 @@
 - on PostgreSQL, ``NOTIFY sopflow_wake`` on sopflow's database, which every worker, on any
   machine, ``LISTEN``s to (``Wakeup``): a worker elsewhere claims a resumed run as fast as a local one.
 
-Best effort: a missing worker is fine; every worker also polls (``SOPFLOW_POLL_MAX_SECONDS`` at most).
+A nudge may name the flow run it is about: a worker that ran it last (and still has it) claims it
+at once, without polling the pool first. Best effort: a missing worker is fine; every worker also
+polls (``SOPFLOW_POLL_MAX_SECONDS`` at most).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def nudge_file(settings: Settings) -> Path:
     return settings.run_dir / "executor.nudge"
 
 
-def nudge(settings: Settings) -> None:
-    """Tell the workers to poll now (best effort)."""
+def nudge(settings: Settings, flow_run_id: object = None) -> None:
+    """Tell the workers to poll now, about ``flow_run_id`` when given (best effort)."""
+    payload = str(flow_run_id) if flow_run_id else "poll"
     with contextlib.suppress(OSError, ValueError, IndexError):
         port = int(nudge_file(settings).read_text().split()[0])
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(b"poll", ("127.0.0.1", port))
+            s.sendto(payload.encode(), ("127.0.0.1", port))
     if settings.database_url.startswith("postgresql"):
         from sqlalchemy import text
 
@@ -44,7 +47,7 @@ def nudge(settings: Settings) -> None:
 
         try:
             with get_engine(settings.database_url).connect() as conn:
-                conn.execute(text(f"NOTIFY {CHANNEL}"))
+                conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload})
                 conn.commit()
         except Exception:  # the record is written; a worker finds the run by polling
             log.warning("could not notify the workers", exc_info=True)
@@ -66,30 +69,30 @@ class Wakeup:
             with contextlib.closing(self._pg.cursor()) as cur:
                 cur.execute(f"LISTEN {CHANNEL}")
 
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to ``timeout``; True when nudged (drains every waiting nudge)."""
+    def wait(self, timeout: float) -> set[str] | None:
+        """Sleep up to ``timeout``; the nudges that came (what they named: flow run ids, or
+        ``poll``), or None when none did."""
         sources: list[Any] = [self.udp] + ([self._pg] if self._pg is not None else [])
         try:
             ready, _, _ = select.select(sources, [], [], timeout)
         except (OSError, ValueError):  # the LISTEN connection broke: poll on
-            return False
-        nudged = False
+            return None
+        got: set[str] = set()
         if self.udp in ready:
             while True:
                 try:
-                    self.udp.recv(64)
-                    nudged = True
+                    got.add(self.udp.recv(64).decode(errors="replace"))
                 except BlockingIOError:
                     break
         if self._pg is not None and self._pg in ready:
             try:
                 self._pg.poll()
-                nudged = nudged or bool(self._pg.notifies)
+                got.update(n.payload or "poll" for n in self._pg.notifies)
                 self._pg.notifies.clear()
             except Exception:
                 log.warning("the LISTEN connection broke; polling only", exc_info=True)
                 self._pg = None
-        return nudged
+        return got or None
 
     def close(self) -> None:
         self.udp.close()
