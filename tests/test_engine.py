@@ -20,7 +20,7 @@ from flows.record.tables import AuditEvent, Signature, SopRun, StepRecord
 from flows.services import runs as runs_service
 from flows.services import signing as signing_service
 from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
-from tests.waiting import eventually
+from tests.waiting import LIMIT, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -77,11 +77,16 @@ def test_run_sop_accepted_receipt_completes_with_document_and_notification(engin
     assert hashlib.sha256(text.encode()).hexdigest() == doc["sha256"]
     assert "COI-TEST-0001" in text
     assert "Wang Fang" in text
-    msg = receiver.wait_for(lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""))
+    msg = receiver.wait_for(
+        lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""), timeout=LIMIT
+    )
     assert msg is not None
     assert "accepted and in stock" in msg["message"]
     assert (
-        receiver.wait_for(lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", "")) is not None
+        receiver.wait_for(
+            lambda m: m["path"] == "/pharmacist" and "waiting on you" in m.get("title", ""), timeout=LIMIT
+        )
+        is not None
     )
     # Prefect's history holds one task run per automated step, named sop/step.
     # Wait for all four: under load the last task run's state reaches the server after the run's end.

@@ -32,6 +32,7 @@ from flows.sop import load_sop
 from flows.sop.model import SopDefinition
 from tests.conftest import DEMO_SOP, FIXED_AT, MakeRun
 from tests.fixtures_engine import ARRIVAL, sign, start_receipt, wait_for
+from tests.waiting import LIMIT
 
 TIMEOUT = timedelta(hours=4)  # qa_acceptance in sops/demo_hospital/dose_receipt.yaml
 
@@ -211,7 +212,7 @@ def test_escalation_overdue_approval_is_delivered_by_apprise_once(engine, receiv
     def for_this_run(m):
         return m["path"] == "/quality_manager" and run_id in m.get("message", "") and "overdue" in m.get("title", "")
 
-    msg = receiver.wait_for(for_this_run)
+    msg = receiver.wait_for(for_this_run, timeout=LIMIT)
     assert msg is not None
     assert "step 'qa_acceptance'" in msg["message"]
     assert "has waited 4h" in msg["message"]

@@ -160,3 +160,21 @@ def test_outbox_sweep_delivers_what_a_dead_holder_recorded_once(channels):
     assert [m["message"] for m in rx.messages] == ["orphan"]
     assert sweep_outbox(settings, older_than=0) == 0  # delivered: never again
     assert json.dumps(_rows(settings, "test:orphan")) == json.dumps(["attempt", "delivered"])
+
+
+def test_outbox_message_to_roles_without_a_channel_is_unaddressed_once(channels):
+    """Nobody to tell: one row says so, and no later flush or sweep tries again."""
+    settings, rx = channels
+    out = notify_once(
+        settings,
+        key="test:nobody",
+        institution="demo_hospital",
+        roles=["pharmacist"],
+        title="t",
+        body="b",
+        lease="job:t",
+    )
+    assert out == []
+    assert _rows(settings, "test:nobody") == ["unaddressed"]
+    assert sweep_outbox(settings, older_than=0) == 0
+    assert rx.messages == []

@@ -45,8 +45,9 @@ __all__ = ["FINAL", "deliver_message", "flush_run", "notify_once", "queue", "swe
 
 log = logging.getLogger("sopflow.outbox")
 
-FINAL = ("delivered", "interrupted")
-"""A channel's states after which nothing more is sent to it."""
+FINAL = ("delivered", "interrupted", "unaddressed")
+"""A channel's states after which nothing more is sent to it (``unaddressed``: the message's roles
+had no channel at all when it was due; one row with no channel says so)."""
 ATTEMPTS = 3
 """Tries in one delivery (0.5 s, then 1 s apart), as before the outbox."""
 RETRY_FOR = timedelta(days=1)
@@ -108,6 +109,19 @@ def notify_once(
     return deliver_message(settings, msg)
 
 
+def _newest(session: Session, message_ids: list[str]) -> dict[str, dict[str, OutboxDelivery]]:
+    """The newest delivery row of each channel of each message, in one query."""
+    out: dict[str, dict[str, OutboxDelivery]] = {}
+    if not message_ids:
+        return out
+    rows = session.exec(
+        select(OutboxDelivery).where(col(OutboxDelivery.message_id).in_(message_ids)).order_by(col(OutboxDelivery.n))
+    )
+    for row in rows:
+        out.setdefault(row.message_id, {})[row.channel_sha256] = row
+    return out
+
+
 def _states(session: Session, message_id: str) -> dict[str, OutboxDelivery]:
     """The newest delivery row of each channel of a message."""
     newest: dict[str, OutboxDelivery] = {}
@@ -122,7 +136,7 @@ def _states(session: Session, message_id: str) -> dict[str, OutboxDelivery]:
 def _mark(settings: Settings, msg: OutboxMessage, target: Target, status: str, *, expect: int) -> int | None:
     """Append the channel's next row (``expect`` is the ``n`` it must still be at); its n, or None
     when someone else wrote one in between."""
-    cid = channel_id(target.url)
+    cid = channel_id(target.url) if target.url else ""
     with write_session(settings.database_url) as s:
         current = _states(s, msg.id).get(cid)
         n = current.n if current is not None else 0
@@ -131,7 +145,7 @@ def _mark(settings: Settings, msg: OutboxMessage, target: Target, status: str, *
         row = OutboxDelivery(
             message_id=msg.id,
             channel_sha256=cid,
-            channel=redact(target.url),
+            channel=redact(target.url) if target.url else "",
             role=target.role,
             n=n + 1,
             status=status,
@@ -179,6 +193,8 @@ def deliver_message(
         found = targets(load_channels(settings.notify_config), msg.institution, json.loads(msg.roles_json))
         with read_session(settings.database_url) as s:
             states = _states(s, msg.id)
+        if not found and not states:
+            _mark(settings, msg, Target(role="", url=""), "unaddressed", expect=0)
         for target in found:
             state = states.get(channel_id(target.url))
             status = state.status if state is not None else None
@@ -208,10 +224,16 @@ def deliver_message(
 
 
 def flush_run(settings: Settings, run_id: str) -> int:
-    """Deliver the messages of a run that a crash left undelivered (called when its flow re-enters)."""
+    """Deliver the messages of a run that a crash left undelivered (called when its flow re-enters).
+    Two queries whatever the run's length: a resume late in a run costs what an early one does."""
     with read_session(settings.database_url) as s:
-        msgs = list(s.exec(select(OutboxMessage).where(OutboxMessage.run_id == run_id)))
-        pending = [m for m in msgs if (st := _states(s, m.id)) == {} or any(d.status == "attempt" for d in st.values())]
+        msgs = {m.id: m for m in s.exec(select(OutboxMessage).where(OutboxMessage.run_id == run_id))}
+        newest = _newest(s, list(msgs))
+        pending = [
+            m
+            for mid, m in msgs.items()
+            if not newest.get(mid) or any(d.status == "attempt" for d in newest[mid].values())
+        ]
         for m in pending:
             s.expunge(m)
     for msg in pending:
@@ -238,9 +260,10 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
                 .order_by(col(OutboxMessage.at))
             )
         )
+        newest = _newest(s, [m.id for m in recent])
         todo = []
         for m in recent:
-            states = _states(s, m.id)
+            states = newest.get(m.id, {})
             waiting = [d for d in states.values() if d.status not in FINAL]
             if not states or any(d.status == "attempt" or _due(d, now) for d in waiting):
                 s.expunge(m)

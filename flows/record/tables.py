@@ -402,7 +402,8 @@ class OutboxDelivery(SQLModel, table=True):
     Statuses: ``attempt`` (about to hand the message to the channel: written before, so a crash
     after it is never followed by a second delivery), ``delivered``, ``failed`` (the channel refused
     or was down; retried later), ``interrupted`` (an ``attempt`` whose worker died before saying how
-    it went: it may or may not have arrived, and is not sent again: at most once).
+    it went: it may or may not have arrived, and is not sent again: at most once), ``unaddressed``
+    (the message's roles had no channel when it was due: one row, with no channel).
     """
 
     __tablename__ = "sf_outbox_delivery"

@@ -20,6 +20,7 @@ nothing in Prefect's API or UI shows them.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -57,6 +58,16 @@ def floor_jobs() -> list[tuple[str, Any]]:
     """The periodic jobs of the floors above the engine, registered with every worker's executor
     (the engine never imports them)."""
     return [("change_control", change_control_sweep)]
+
+
+class _SuspendedIsNotAnError(logging.Filter):
+    """Prefect logs every suspension at a human step as ERROR ("Finished in state Suspended"):
+    that is how every gate waits, so it is logged here at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and "Finished in state Suspended" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 class SopflowJobConfiguration(BaseJobConfiguration):
@@ -104,11 +115,15 @@ class SopflowWorker(BaseWorker[SopflowJobConfiguration, Any, SopflowWorkerResult
         if not kwargs.get("name"):  # Prefect's default is a UUID; operators want to know the machine
             kwargs["name"] = f"sopflow-{socket.gethostname()}-{os.getpid()}"
         super().__init__(*args, **kwargs)
+        # Kept here rather than read back from BaseWorker's private attributes.
+        self.pool_name: str = kwargs.get("work_pool_name") or args[0]
+        self.max_runs: int = kwargs.get("limit") or 16
         self.ready = ready
         self.executor: Any = None
 
     async def setup(self) -> None:
         await super().setup()  # the pool (created with this type's template if missing), the first heartbeat
+        logging.getLogger("prefect.flow_runs").addFilter(_SuspendedIsNotAnError())
         from flows.engine.executor import Executor
 
         settings = worker_settings()
@@ -119,8 +134,8 @@ class SopflowWorker(BaseWorker[SopflowJobConfiguration, Any, SopflowWorkerResult
         self.executor = await anyio.to_thread.run_sync(
             lambda: Executor(
                 settings=settings,
-                pool=self._work_pool_name,
-                limit=self._limit or 16,
+                pool=self.pool_name,
+                limit=self.max_runs,
                 jobs=floor_jobs(),
                 name=self.name,
             )
@@ -133,7 +148,7 @@ class SopflowWorker(BaseWorker[SopflowJobConfiguration, Any, SopflowWorkerResult
         async with self:
             serving = threading.Thread(target=self.executor.serve, args=(self.ready,), name="sopflow-claims")
             serving.start()
-            printer(f"Worker {self.name!r} started on pool {self._work_pool_name!r} (type {self.type!r})")
+            printer(f"Worker {self.name!r} started on pool {self.pool_name!r} (type {self.type!r})")
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(

@@ -79,16 +79,6 @@ def deploy(settings: Settings) -> dict[str, str]:
     return {"work_pool": pool, "deployment": "run-sop/sopflow", "deployment_id": str(deployment_id)}
 
 
-class _SuspendedIsNotAnError(logging.Filter):
-    """Prefect logs every suspension at a human step as ERROR ("Finished in state Suspended"):
-    that is how every gate waits, so it is logged here at INFO."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and "Finished in state Suspended" in record.getMessage():
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
 def main() -> None:
     """The local worker process (``sopflow server start``): pool ``SOPFLOW_WORK_POOL`` (``sopflow``)."""
     import asyncio
@@ -98,7 +88,6 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.INFO if os.environ.get("SOPFLOW_TRACE_HTTP") else logging.WARNING)
-    logging.getLogger("prefect.flow_runs").addFilter(_SuspendedIsNotAnError())
     settings = apply_prefect_env()
     # Prefect reads its settings when it is imported: the worker (which imports it) comes after them.
     from flows.engine.deployment import pool_name
