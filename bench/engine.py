@@ -560,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sopflow-bench-"))
     home, sops = tmp / "home", tmp / "sops"
     write_sops(sops, args.steps, args.resumes)
+    (sops / "demo_hospital").symlink_to(REPO / "sops" / "demo_hospital")  # part 3's dose receipt
     from bench import hosts
 
     if args.postgres:

@@ -22,12 +22,11 @@ PARAMS = {"product": "tecartus", "lot": "LOT-A7731", "patient_id": "H2026001"}
 
 
 def setup(settings: Any, sops: Path, repo: Path, qa: Any, receiver_url: str) -> None:
-    """demo_hospital in the bench's SOP folder, its staff trained, its SOPs established, the ward's channel."""
+    """demo_hospital's staff trained (bench/engine.py linked its folder), its SOPs established, the ward's channel."""
     from flows.services.accounts import add_user
     from flows.services.training import grant_training
     from flows.services.versions import establish
 
-    (sops / INSTITUTION).symlink_to(repo / "sops" / INSTITUTION)
     for user, role in STAFF.items():
         add_user(settings, user, f"Bench {role}", PASSWORD, [(INSTITUTION, role)], officer=qa)
     for user in (*STAFF, qa.username):

@@ -211,15 +211,19 @@ class Executor:
         return self._start(fr).result()
 
     async def _execute(self, fr: Any) -> Any:
+        from prefect.exceptions import Pause
         from prefect.flow_engine import run_flow
 
         from flows.engine.run_sop import run_sop
 
         run_id = fr.parameters.get("run_id")
         try:
-            state: Any = run_flow(run_sop, flow_run=fr, parameters=fr.parameters, return_type="state")
-            if hasattr(state, "__await__"):
-                state = await state
+            try:
+                state: Any = run_flow(run_sop, flow_run=fr, parameters=fr.parameters, return_type="state")
+                if hasattr(state, "__await__"):
+                    state = await state
+            except Pause as exc:  # a suspension leaves Prefect's engine as this signal, carrying the state
+                state = getattr(exc, "state", None)
             if state is not None and state.is_paused() and run_id:
                 # The signer may have signed while the run was on its way to suspending.
                 from prefect.context import SyncClientContext
