@@ -34,12 +34,10 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +45,25 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/engine.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-INSTITUTION = "bench_hospital"
-ROLE = "operator"
-USER = "bench.user"
-PASSWORD = "bench-password-1"  # noqa: S105 (a throw-away user in a temporary home)
-CHECKS_SOP = "bench_checks"
-BASE_SOP = "bench_base"
-SIGNED_SOP = "bench_signed"
-RUN_POLL = 0.010  # polling the run's status (part 1)
-STEP_POLL = 0.005  # polling the next step's record (part 2)
+from bench.common import (  # noqa: E402  (after the path is set)
+    BASE_SOP,
+    CHECKS_SOP,
+    INSTITUTION,
+    PASSWORD,
+    ROLE,
+    RUN_POLL,
+    SIGNED_SOP,
+    STEP_POLL,
+    USER,
+    median,
+    ms,
+    p95,
+    run_status,
+    step_status,
+)
+from bench.overhead import part1  # noqa: E402
+from bench.resumes import part2, time_authenticate  # noqa: E402
+
 PG_DBS = (f"sopflow_bench_{os.getpid()}", f"prefect_bench_{os.getpid()}")
 HEADER = "# Owner: sopflow bench · Approval: none (benchmark fixture) · Effective: n/a\n"
 
@@ -130,286 +138,6 @@ def configure(home: Path, sops: Path, postgres: str | None = None) -> Any:
     from flows.engine.env import apply_prefect_env
 
     return apply_prefect_env(get_settings())
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def p95(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
-
-
-def ms(x: float) -> str:
-    return f"{x * 1000:8.1f} ms"
-
-
-def run_status(settings: Any, run_id: str) -> str | None:
-    from sqlalchemy import text
-
-    from flows.record.db import read_session
-
-    with read_session(settings.database_url) as s:
-        row = (
-            s.connection()
-            .execute(
-                text("SELECT status, detail FROM sf_run_event WHERE run_id = :r ORDER BY n DESC LIMIT 1"), {"r": run_id}
-            )
-            .first()
-        )
-    if row is None:
-        return None
-    status, detail = row
-    if status == "failed":
-        raise RuntimeError(f"run {run_id} failed: {detail}")
-    return str(status)
-
-
-def step_status(settings: Any, run_id: str, step_id: str) -> str | None:
-    from sqlalchemy import text
-
-    from flows.record.db import read_session
-
-    with read_session(settings.database_url) as s:
-        row = (
-            s.connection()
-            .execute(
-                text("SELECT status FROM sf_step_record WHERE run_id = :r AND step_id = :s ORDER BY n DESC LIMIT 1"),
-                {"r": run_id, "s": step_id},
-            )
-            .first()
-        )
-    return None if row is None else str(row[0])
-
-
-def wait_until(pred: Callable[[], bool], every: float, timeout: float, what: str) -> None:
-    deadline = time.perf_counter() + timeout
-    while not pred():
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"{what} after {timeout:.0f} s")
-        time.sleep(every)
-
-
-# -- part 1: per-step overhead -------------------------------------------------------------------
-def time_sopflow(settings: Any, sop_id: str, n_steps: int) -> float:
-    from flows.services.runs import start_run
-
-    t0 = time.perf_counter()
-    started = start_run(settings, INSTITUTION, sop_id, {"n": "1"}, USER, PASSWORD)
-    run_id = started.run_id
-    wait_until(
-        lambda: run_status(settings, run_id) == "completed", RUN_POLL, 120, f"sopflow run {run_id} not completed"
-    )
-    elapsed = time.perf_counter() - t0
-    wait_task_runs(started.flow_run_id, n_steps)  # untimed: let the server catch up before the next run
-    return elapsed
-
-
-def make_plain_flows() -> tuple[Any, Any]:
-    """Two async flows of N trivial tasks: sync tasks called directly (run-sop's pattern), and the
-    same inside one ``SyncClientContext`` (otherwise Prefect builds a new sync API client, SSL
-    context included, for every sync task called from an async flow)."""
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
-    from prefect.context import SyncClientContext
-    from prefect.runtime import flow_run
-
-    # The same task options as run-sop's step task: no cache, no persisted result.
-    @task(name="plain-step", cache_policy=NO_CACHE, persist_result=False)
-    def plain_step(i: int) -> int:
-        return i
-
-    # Async flows, like run-sop: Prefect joins the heartbeat thread of sync flows only (~1 s late).
-    @flow(name="bench-plain", persist_result=False)
-    async def plain_flow(n: int) -> str:
-        for i in range(n):
-            plain_step.with_options(task_run_name=f"plain/{i}")(i)
-        return str(flow_run.id)
-
-    @flow(name="bench-plain-client", persist_result=False)
-    async def plain_flow_client(n: int) -> str:
-        with SyncClientContext.get_or_create():
-            for i in range(n):
-                plain_step.with_options(task_run_name=f"plain/{i}")(i)
-        return str(flow_run.id)
-
-    return plain_flow, plain_flow_client
-
-
-def wait_task_runs(flow_run_id: str, n: int) -> None:
-    """Wait until the server has recorded N completed task runs of a flow run (states arrive asynchronously)."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        TaskRunFilter,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    with get_client(sync_client=True) as client:
-
-        def recorded() -> bool:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
-                task_run_filter=TaskRunFilter(
-                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]))
-                ),
-                limit=n + 1,
-            )
-            return len(runs) >= n
-
-        wait_until(recorded, 0.05, 120, f"task runs of {flow_run_id} not recorded")
-
-
-def time_prefect(plain_flow: Any, n: int, settle: list[float] | None = None) -> float:
-    """Time one plain flow; then wait (untimed) until the server has recorded its N completed task
-    runs: task-run states reach the server asynchronously, and a backlog would slow the next run."""
-    import asyncio
-
-    t0 = time.perf_counter()
-    fr_id = asyncio.run(plain_flow(n))
-    elapsed = time.perf_counter() - t0
-    wait_task_runs(fr_id, n)
-    if settle is not None:
-        settle.append(time.perf_counter() - t0 - elapsed)
-    return elapsed
-
-
-def part1(settings: Any, n: int, repeats: int) -> dict[str, Any]:
-    plain, plain_ctx = make_plain_flows()
-    # Warm-up (not counted): first imports, client connections, the SOP version row, Prefect's flow rows.
-    time_sopflow(settings, BASE_SOP, 1)
-    time_sopflow(settings, CHECKS_SOP, n)
-    for f in (plain, plain_ctx):
-        time_prefect(f, 0)
-        time_prefect(f, n)
-    r: dict[str, list[float]] = {k: [] for k in ("sf_base", "sf_n", "pf_base", "pf_n", "pc_base", "pc_n", "settle")}
-    for _ in range(repeats):  # interleaved, so drift hits all alike
-        r["sf_base"].append(time_sopflow(settings, BASE_SOP, 1))
-        r["sf_n"].append(time_sopflow(settings, CHECKS_SOP, n))
-        r["pf_base"].append(time_prefect(plain, 0))
-        r["pf_n"].append(time_prefect(plain, n, r["settle"]))
-        r["pc_base"].append(time_prefect(plain_ctx, 0))
-        r["pc_n"].append(time_prefect(plain_ctx, n, r["settle"]))
-    out: dict[str, Any] = dict(r)
-    out["sf_step"] = (median(r["sf_n"]) - median(r["sf_base"])) / max(1, n - 1)  # the baseline SOP has one step
-    out["pf_step"] = (median(r["pf_n"]) - median(r["pf_base"])) / n
-    out["pc_step"] = (median(r["pc_n"]) - median(r["pc_base"])) / n
-    return out
-
-
-# -- part 2: signed submit -> next step ------------------------------------------------------------
-def time_authenticate(settings: Any, times: int = 7) -> list[float]:
-    from flows.record.accounts import authenticate
-    from flows.record.db import read_session
-
-    out = []
-    for _ in range(times):
-        with read_session(settings.database_url) as s:
-            t0 = time.perf_counter()
-            authenticate(s, USER, PASSWORD)
-            out.append(time.perf_counter() - t0)
-    return out
-
-
-def wait_waiting(settings: Any, run_id: str, step_id: str) -> None:
-    wait_until(
-        lambda: step_status(settings, run_id, step_id) == "waiting", STEP_POLL, 60, f"step {step_id} not waiting"
-    )
-
-
-def part2(settings: Any, k: int) -> dict[str, Any]:
-    from flows.services.runs import start_run
-    from flows.services.signing import submit_step
-
-    steps = [f"r{i:03d}" for i in range(k + 1)]
-    t_start = time.perf_counter()
-    run_id = start_run(settings, INSTITUTION, SIGNED_SOP, {}, USER, PASSWORD).run_id
-    wait_waiting(settings, run_id, steps[0])
-    first_wait = time.perf_counter() - t_start
-    latency, call, resumed, load = [], [], [], []
-    for i in range(k):
-        load.append(os.getloadavg()[0])
-        t0 = time.perf_counter()
-        res = submit_step(settings, run_id, steps[i], USER, PASSWORD, {"v": str(i)})
-        t1 = time.perf_counter()
-        wait_waiting(settings, run_id, steps[i + 1])
-        latency.append(time.perf_counter() - t0)
-        call.append(t1 - t0)
-        resumed.append(res.resumed)
-    t0 = time.perf_counter()
-    submit_step(settings, run_id, steps[k], USER, PASSWORD, {"v": str(k)})
-    wait_until(lambda: run_status(settings, run_id) == "completed", STEP_POLL, 60, "signed run not completed")
-    last = time.perf_counter() - t0
-    return {
-        "latency": latency,
-        "call": call,
-        "resumed": resumed,
-        "load": load,
-        "first_wait": first_wait,
-        "last": last,
-        "phases": resume_phases(settings, run_id, steps),
-    }
-
-
-def resume_phases(settings: Any, run_id: str, steps: list[str]) -> dict[str, list[float]]:
-    """Where each resume's time went, from Prefect's state history and sopflow's step records."""
-    from datetime import UTC, datetime
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from sqlalchemy import text
-
-    from flows.record.db import read_session
-
-    def utc(t: Any) -> datetime:
-        t = datetime.fromisoformat(t) if isinstance(t, str) else t
-        return t.replace(tzinfo=UTC) if t.tzinfo is None else t
-
-    with read_session(settings.database_url) as s:
-        conn = s.connection()
-        fr_id = conn.execute(text("SELECT flow_run_id FROM sf_run WHERE id = :r"), {"r": run_id}).scalar_one()
-        recs = [
-            (st, status, utc(at))
-            for st, status, at in conn.execute(
-                text("SELECT step_id, status, at FROM sf_step_record WHERE run_id = :r ORDER BY n"), {"r": run_id}
-            )
-        ]
-    with get_client(sync_client=True) as client:
-        states = sorted((utc(st.timestamp), st.name) for st in client.read_flow_run_states(UUID(fr_id)))
-
-    def first(after: Any, pred: Callable[[tuple[Any, str]], bool], seq: list[Any]) -> Any:
-        return next((x for x in seq if x[0] >= after and pred(x)), None)
-
-    names = (
-        "signed->Resuming",
-        "Resuming->Pending (claim)",
-        "Pending->Running",
-        "Running->step done",
-        "step done->next waiting",
-    )
-    out: dict[str, list[float]] = {k: [] for k in names}
-    for i in range(len(steps) - 1):
-        signed = next((at for st, status, at in recs if st == steps[i] and status == "signed"), None)
-        done = next((at for st, status, at in recs if st == steps[i] and status == "done"), None)
-        waiting = next((at for st, status, at in recs if st == steps[i + 1] and status == "waiting"), None)
-        if None in (signed, done, waiting):
-            continue
-        resuming = first(signed, lambda x: x[1] == "Resuming", states)
-        pending = resuming and first(resuming[0], lambda x: x[1] == "Pending", states)
-        running = pending and first(pending[0], lambda x: x[1] == "Running", states)
-        if not running:
-            continue
-        marks = [signed, resuming[0], pending[0], running[0], done, waiting]
-        for name, a, b in zip(names, marks, marks[1:], strict=False):
-            out[name].append((b - a).total_seconds())
-    return out
 
 
 def api_round_trip(times: int = 20) -> list[float]:
