@@ -16,6 +16,7 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
     SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins that lock an account  5
     SOPFLOW_WEB_IDLE_MINUTES  a web session ends after this long without a request  15
+    SOPFLOW_FUTURE_SKEW_MINUTES  how far ahead of the clock a recorded time may be   5
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -48,6 +49,8 @@ class Settings:
     lockout_threshold: int = 5
     """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
     web_idle_minutes: float = 15.0
+    future_skew_minutes: float = 5.0
+    """How far ahead of the clock a recorded time may be (clocks differ); a later one is refused."""
     """A web session ends after this many minutes without a request (signing always asks the password)."""
 
     @property
@@ -97,6 +100,9 @@ def get_settings() -> Settings:
     if not lockout.is_integer() or lockout < 1:
         raise ConfigError(f"SOPFLOW_LOCKOUT_THRESHOLD: expected a whole number of at least 1, got {lockout!r}")
     idle = _float("SOPFLOW_WEB_IDLE_MINUTES", 15)
+    skew = _float("SOPFLOW_FUTURE_SKEW_MINUTES", 5)
+    if skew < 0:
+        raise ConfigError(f"SOPFLOW_FUTURE_SKEW_MINUTES: expected minutes, 0 or more, got {skew!r}")
     if idle <= 0:
         raise ConfigError(f"SOPFLOW_WEB_IDLE_MINUTES: expected a positive number of minutes, got {idle!r}")
     return Settings(
@@ -113,4 +119,5 @@ def get_settings() -> Settings:
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
         lockout_threshold=int(lockout),
         web_idle_minutes=idle,
+        future_skew_minutes=skew,
     )

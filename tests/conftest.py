@@ -38,7 +38,7 @@ from flows.record.tables import (
     utcnow,
 )
 from flows.record.training import record_training
-from flows.record.versions import append_event
+from flows.record.versions import append_version_event
 from flows.sop.model import HumanStepSpec, SopDefinition
 
 pytest_plugins = ["tests.fixtures_engine", "tests.cluster"]
@@ -259,7 +259,7 @@ def make_run() -> MakeRun:
             stored_at=FIXED_AT,
         )
         ledger.append(session, version, actor="system", action="sop_version.store")
-        append_event(
+        append_version_event(
             session, version, "effective", actor="system", data={"effective_at": FIXED_AT.isoformat()}, at=FIXED_AT
         )  # runs start on an Effective version (flows.record.versions)
         if trained:  # signers must be trained on the SOP version (state.signer_problem)

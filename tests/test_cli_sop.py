@@ -163,3 +163,19 @@ def test_cli_show_unknown_id_suggests(runner: CliRunner) -> None:
 
     assert result.exit_code == 1
     assert result.output.strip() == "no SOP 'every_knd' in test_hospital. Did you mean 'every_kind'?"
+
+
+def test_cli_validate_institution_file_inside_its_folder(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: inside the folder, the id was compared with the folder name '' of the relative path."""
+    folder = tmp_path / "test_hospital"
+    shutil.copytree(VALID_SOPS / "test_hospital", folder)
+    monkeypatch.chdir(folder)
+
+    result = runner.invoke(
+        app, ["validate", "institution.yaml", "every_kind.yaml", "--templates-dir", str(VALID_TEMPLATES)]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "2 files OK"

@@ -62,3 +62,13 @@ def test_cli_startup_imports_neither_prefect_nor_weasyprint():
     code = f"import sys, flows.cli, {floor}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'prefect', 'weasyprint', 'apprise'}}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_readme_documents_every_field_key():
+    """Issue 15: the SOP language grew (multiline, integer, before_start, required_when, lookup)."""
+    from flows.sop.model import FieldSpec, LookupRowSpec
+
+    keys = [f.alias or n for n, f in FieldSpec.model_fields.items()]
+    keys += [f.alias or n for n, f in LookupRowSpec.model_fields.items()]
+    missing = sorted(k for k in keys if f"`{k}`" not in README and f"`{k}:" not in README)
+    assert not missing, f"field keys missing from README.md: {missing}"

@@ -7,6 +7,7 @@ each test trains its signers on the SOP it runs.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -136,6 +137,12 @@ def _at(moment) -> str:
     return moment.isoformat()
 
 
+def ahead(settings: Settings) -> Settings:
+    """These tests record an infusion end up to 50 minutes ahead of the real clock (the deadline's
+    arithmetic needs it): a skew of an hour is configured for that one signature."""
+    return dataclasses.replace(settings, future_skew_minutes=60)
+
+
 def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     from flows.record.tables import utcnow
 
@@ -162,7 +169,7 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     assert 19 * 60 < clocks[clock["title"]] <= 20 * 60
     assert item["seconds_left"] == min(clocks.values())
 
-    sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=25))})
+    sign(ahead(lang), run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=25))})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
     states = {d["id"]: d for d in rec["deadlines"]}
@@ -178,7 +185,7 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
     thaw_end = utcnow() - timedelta(minutes=5)
     run_id = _start(lang, "lang_deadline", {"product": "tecartus"})
     sign(lang, run_id, "thaw", "l_tech", {"thaw_end": _at(thaw_end)})
-    sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=41))})
+    sign(ahead(lang), run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=41))})
 
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
@@ -221,7 +228,7 @@ def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
         "not recorded within 30m of thaw.thaw_end"
     )
 
-    sign(lang, run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
+    sign(ahead(lang), run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
     rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
 
     assert [d["id"] for d in rec["deviations"]] == [dev["id"]]  # the breach at 'to' opens no second one

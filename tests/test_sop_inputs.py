@@ -112,7 +112,8 @@ def test_coerce_values_collects_every_problem() -> None:
         "every_kind step 'arrival': arrived_at: '2026-11-03T09:30' has no time zone; "
         "add an offset like +08:00 (e.g. 2026-11-03T09:30+08:00)",
         "every_kind step 'arrival': seal_intact: 'maybe' is not a yes/no value; use true/false, yes/no or 1/0",
-        "every_kind step 'arrival': logger_max_c: 'cold' is not a number",
+        "every_kind step 'arrival': logger_max_c: 'cold' is not a number: use ASCII digits with an optional "
+        "sign, one decimal point and an optional exponent (e.g. -160, 37.5, 1.2e3)",
         "every_kind step 'arrival': items: a value is required",
     ]
 

@@ -44,11 +44,16 @@ def test_din_check_character_satisfies_iso_7064_definition(din: str) -> None:
     assert sum(_mod37_2_valid(din + c) for c in MOD37_2_CHARSET) == 1  # exactly one character fits
 
 
-def test_din_wrong_check_character_names_the_expected_one() -> None:
+def test_din_wrong_check_character_is_refused_without_giving_the_right_one() -> None:
+    """Issue 15: the message used to name the expected character, so a misread DIN could be completed."""
     din, problem = normalize_din("g1234 98 654321 x")
 
     assert din == "G123498654321X"
-    assert problem == "check character 'X' is wrong for DIN G123498654321: ISO 7064 Mod 37-2 gives 'H'"
+    assert problem == (
+        "check character 'X' does not match DIN G123498654321 (ISO 7064 Mod 37-2): "
+        "a character was misread or mistyped; read the label again"
+    )
+    assert "'H'" not in problem
 
 
 @pytest.mark.parametrize("value", ["G1234 98 65432 H", "G1234 9A 654321 H", "G12-4 98 654321 H", ""])
@@ -66,8 +71,8 @@ def test_coerce_din_field_stores_it_without_spaces_and_names_field_on_error() ->
     with pytest.raises(SopInputError) as info:
         coerce_values({"din": DIN}, {"din": "G1234 98 654321 X"}, where="s step 'x'")
     assert info.value.problems == [
-        "s step 'x': din: 'G123498654321X' check character 'X' is wrong for DIN "
-        "G123498654321: ISO 7064 Mod 37-2 gives 'H'"
+        "s step 'x': din: 'G123498654321X' check character 'X' does not match DIN G123498654321 "
+        "(ISO 7064 Mod 37-2): a character was misread or mistyped; read the label again"
     ]
 
 

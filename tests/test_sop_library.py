@@ -80,18 +80,26 @@ RELMA_CONFIRMED = {
     "unconfirmed": [],
 }
 
-# Entered times are relative to now: "08:00" is two hours ago. Deadlines compare them with the clock
-# (the executor's sweep opens a deviation once a started deadline is past due).
+# Entered times lay out a scenario day: "00:00" is the day's start, a minute after every run has
+# started (a recorded time may not be before its run's start), and the day runs ahead of the clock,
+# which the library's settings allow (SOPFLOW_FUTURE_SKEW_MINUTES of a day). Deadlines compare the
+# entered times with each other; none can come due by the clock while the scenarios play.
 ZONE = ZoneInfo("Asia/Shanghai")
-BASE = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
+DAY = timedelta(hours=24)
 
 
 class _Clock:
-    """``T.format("09:40")``: BASE + 1 h 40 min, ISO 8601 with the +08:00 offset."""
+    """``T.format("09:40")``: the day's start + 9 h 40 min, ISO 8601 with the +08:00 offset."""
+
+    def __init__(self) -> None:
+        self.base = datetime.now(UTC).replace(second=0, microsecond=0)
+
+    def start_day(self, at: datetime) -> None:
+        self.base = at.replace(second=0, microsecond=0) + timedelta(minutes=1)
 
     def at(self, hhmm: str) -> datetime:
         h, m = (int(x) for x in hhmm.split(":"))
-        return BASE + timedelta(minutes=h * 60 + m - 8 * 60)
+        return self.base + timedelta(minutes=h * 60 + m)
 
     def format(self, hhmm: str) -> str:
         return self.at(hhmm).astimezone(ZONE).isoformat()
@@ -357,19 +365,27 @@ def _toxicity(inst: str, *, severe: bool = False) -> list[tuple[str, str, dict[s
     assessment = {
         "assessed_at": T.format("14:00"),
         "temperature_c": "38.6" if severe else "37.2",
-        "after_treatment": "no",
-        "hypotension": "one_pressor" if severe else "none",
-        "oxygen": "high_flow" if severe else "none",
+        "fever_masked": "no",
+        "hypotension": "yes" if severe else "no",
+        "vasopressors": "1" if severe else "0",  # one vasopressor: CRS grade 3
+        "vasopressin": "no",
+        "oxygen_device": "nasal_cannula" if severe else "none",
+        "oxygen_flow_l_min": "8" if severe else "0",
         "ice_score": "8" if severe else "10",
-        "seizure": "no",
-        "unarousable": "no",
+        "consciousness": "alert",
+        "seizure": "none",
+        "deep_focal_motor_weakness": "no",
+        "cerebral_oedema_on_imaging": "not_imaged",
+        "posturing": "no",
+        "cranial_nerve_vi_palsy": "no",
+        "papilloedema": "no",
+        "cushings_triad": "no",
         "monitoring_complete": "yes",
     }
     steps = [("assessment#1", "a.nurse" if inst == A else "b.nurse", assessment)]
-    if severe:
+    steps.append(("review", doc, {"agreement": "agree", "tocilizumab_mg": "496" if severe else "0"}))
+    if severe:  # the confirmed grade 3 opens the deviation and requires the AE report
         steps.append(_dispose("severe_toxicity", doc, "approve"))
-    steps.append(("review", doc, {"grades_confirmed": "yes", "tocilizumab_mg": "496" if severe else "0"}))
-    if severe:
         steps.append(
             (
                 "ae_report",
@@ -643,7 +659,7 @@ def library_fixture(engine: Settings, tmp_path_factory: pytest.TempPathFactory) 
             for sop_id in ids[inst][1:]:
                 record_training(s, user, inst, sop_id, 1, trained_at=utcnow(), trainer="Test Trainer", actor="test")
     print(f"\nTIMING staff and training {time.monotonic() - t0:.1f}s")
-    return replace(engine, sops_dir=sops)
+    return replace(engine, sops_dir=sops, future_skew_minutes=DAY.total_seconds() / 60)
 
 
 @pytest.fixture(name="played", scope="module")
@@ -660,6 +676,11 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
                 sc.run_id = runs_service.start_run(
                     library, sc.institution, sc.sop, sc.params, sc.starter, PASSWORD
                 ).run_id
+        # The scenario day starts after the last run started; the entered values are laid out on it.
+        T.start_day(utcnow())
+        fresh = {sc.name: sc for sc in scenarios()}
+        for sc in plays:
+            sc.steps = fresh[sc.name].steps
         by_name = {sc.name: sc for sc in plays}
         t_started = time.monotonic()
         # Waits while the scenarios progress: it fails only when none has moved for STALL seconds

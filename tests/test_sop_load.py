@@ -209,3 +209,37 @@ def test_import_flows_sop_loads_neither_prefect_nor_sqlmodel() -> None:
     )
 
     assert result.stdout.strip() == ""
+
+
+def test_load_sop_text_reports_schema_and_cross_reference_problems_in_one_pass() -> None:
+    """Issue 15: a broken step used to hide the duplicate id and the broken expression of the others."""
+    from flows.sop.editing import validate_sop_text
+
+    case = INVALID / "five_problems.yaml"
+    institution = load_institution_file(INVALID / "institution.yaml")
+
+    found = validate_sop_text(case.read_text(encoding="utf-8"), name="five.yaml", institution=institution)
+
+    assert [(p["line"], p["path"]) for p in found] == [
+        (16, "steps[1].meaning"),
+        (21, "steps[2].titel"),
+        (27, "steps[3].role"),
+        (28, "steps[4].id"),
+        (34, "steps[5].expect"),
+    ]
+
+
+def test_load_sop_reads_a_broken_step_as_anything_not_as_a_second_problem(tmp_path: Path) -> None:
+    path = tmp_path / "reads_broken.yaml"
+    path.write_text(
+        "schema_version: 1\nid: reads_broken\ntitle: t\nversion: 1\nsteps:\n"
+        "  - {id: arrival, kind: record, role: qa, fields: {temp: {type: numbr}}}\n"
+        "  - {id: cold, kind: check, expect: 'arrival.temp < -150 and arival.temp < 0'}\n",
+        encoding="utf-8",
+    )
+
+    with pytest.raises(SopDefinitionError) as info:
+        load_sop(path)
+
+    assert [(p.line, p.path) for p in info.value.problems] == [(6, "steps[0].fields.temp.type"), (7, "steps[1].expect")]
+    assert "unknown name 'arival'" in info.value.problems[1].message

@@ -67,14 +67,14 @@ def test_state_signer_problem_missing_role(db_url: str, make_run: MakeRun) -> No
 
 def test_state_signer_problem_disabled_account(db_url: str, make_run: MakeRun) -> None:
     """A signature by an account disabled before the flow accepted it is refused when the flow re-checks it."""
-    from flows.record.accounts import append_event
+    from flows.record.accounts import append_account_event
 
     with write_session(db_url) as s:
         made = make_run(s)
         made.record(s, "arrival", "waiting")
         ana = made.users["ana"]
         assert state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id) is None
-        append_event(s, ana, "disabled", actor="test", reason="left the unit")
+        append_account_event(s, ana, "disabled", actor="test", reason="left the unit")
         problem = state.signer_problem(s, made.run, made.sop, made.human("arrival"), ana.id)
 
     assert problem == "the account 'ana' is disabled"

@@ -22,7 +22,7 @@ from sqlmodel import select
 from flows.config import Settings
 from flows.errors import SopInputError
 from flows.record.db import read_session
-from flows.record.tables import AuditEvent, SopRun
+from flows.record.tables import AuditEvent, SopRun, utcnow
 from flows.services import runs as runs_service
 from flows.services import signing as signing_service
 from flows.services.guard import Officer
@@ -99,8 +99,6 @@ FILES = {
     },
 }
 SOPS = ["thaw_record", *(f"hand_over_{p}" for p in PRODUCTS)]
-THAW = {"thaw_end": "2026-11-25T09:40:00+08:00"}
-INFUSED = {"infusion_end": "2026-11-25T09:55:00+08:00"}
 
 
 def _write_products(folder: Path, products: dict[str, dict[str, object]]) -> None:
@@ -147,9 +145,9 @@ def _finish(engine: Settings, parent: str) -> None:
     """The sub-run starts once its check passes; signing it lets the parent complete."""
     child = eventually(lambda: _children(engine, parent), f"run {parent} started no sub-run")[0].id
     wait_for(engine, child, step="thaw")
-    signing_service.submit_step(engine, child, "thaw", "sr_tech", PASSWORD, THAW)
+    signing_service.submit_step(engine, child, "thaw", "sr_tech", PASSWORD, {"thaw_end": utcnow().isoformat()})
     wait_for(engine, child, step="infused")
-    signing_service.submit_step(engine, child, "infused", "sr_tech", PASSWORD, INFUSED)
+    signing_service.submit_step(engine, child, "infused", "sr_tech", PASSWORD, {"infusion_end": utcnow().isoformat()})
     rec = wait_for(engine, parent, statuses=("completed", "rejected", "stopped", "failed"))
     assert rec["run"]["status"] == "completed"
 

@@ -22,7 +22,7 @@ from flows.errors import (
 )
 from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import AuditEvent, Reminder, SopVersion, utcnow
-from flows.record.versions import append_event, effective_sop, versions_of
+from flows.record.versions import append_version_event, effective_sop, versions_of
 from flows.services.drafts import create_draft
 from flows.services.guard import Officer
 from flows.services.sweeps import sweep
@@ -299,7 +299,9 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
     now = utcnow()
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
-        append_event(s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()})
+        append_version_event(
+            s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()}
+        )
         assert activate_due(s, now) == []
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
         assert effective_version(s, INST, "dose_receipt").version == 2

@@ -190,7 +190,7 @@ def test_check_gives_the_cli_messages_at_their_line_and_the_schema_names(setting
 
 
 def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_lines(settings, app):
-    from flows.record.versions import append_event
+    from flows.record.versions import append_version_event
     from flows.services.transfer import diff_versions
 
     adm = login(app, "adm")
@@ -209,7 +209,9 @@ def test_sop_page_shows_versions_states_and_links_and_the_diff_page_the_cli_line
     assert probe_versions(settings) == {1: "draft", 2: "draft"}
     with write_session(settings.database_url) as s:  # v1 under change control, as submit_change records it
         v1 = s.exec(select(SopVersion).where(SopVersion.sop_id == "editor_probe", SopVersion.version == 1)).one()
-        append_event(s, v1, "in_review", actor="test", data={"run_id": "cc-run-1", "reviewer": "rev"}, reason="why")
+        append_version_event(
+            s, v1, "in_review", actor="test", data={"run_id": "cc-run-1", "reviewer": "rev"}, reason="why"
+        )
         sha1 = v1.sha256
     sop = adm.get(f"/sops/{INST}/editor_probe")
     assert sop.status_code == 200  # no file in sops/: the page shows the versions

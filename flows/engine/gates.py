@@ -19,7 +19,7 @@ from flows.engine.leases import run_key
 from flows.engine.outbox import queue
 from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
 from flows.record.db import write_session
-from flows.record.deviations import append_event
+from flows.record.deviations import append_deviation_event
 from flows.record.ledger import audit, verify_signature
 from flows.record.query import disposition_id
 from flows.record.state import STALE_RESUME, signer_problem, step_data, step_states
@@ -50,7 +50,7 @@ log = logging.getLogger("sopflow.gates")
 MEANINGS = {"record": "performed", "verify": "verified", "approve": "approved"}
 
 _DECISION = FieldSpec(type="choice", choices=("approve", "reject"), label="Decision")
-_REASON = FieldSpec(type="text", required=False, max_length=2000, label="Reason (required to reject)")
+_REASON = FieldSpec(type="text", required=False, max_length=2000, multiline=True, label="Reason (required to reject)")
 
 
 def human_fields(step: HumanStepSpec) -> dict[str, FieldSpec]:
@@ -228,7 +228,7 @@ def record_lifecycle(
     if not deviation_id or session.get(Deviation, deviation_id) is None:
         log.error("run %s step %s updates_deviation %s: no deviation %r", ctx.run.id, step.id, kind, deviation_id)
         return
-    append_event(
+    append_deviation_event(
         session,
         deviation_id,
         kind,

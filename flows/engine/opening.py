@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlmodel import Session
@@ -85,7 +86,14 @@ def prepare_run(
     """
     sop = pinned.definition
     products = Catalog(settings.sops_dir, settings.templates_dir).products(institution)
-    params = coerce_values(sop.params, raw_params, where=where, products=products)
+    params = coerce_values(
+        sop.params,
+        raw_params,
+        where=where,
+        products=products,
+        now=utcnow(),
+        future_skew=timedelta(minutes=settings.future_skew_minutes),
+    )
     product = None
     if (pname := sop.product_param()) is not None and params.get(pname) is not None:
         spec = products[params[pname]]

@@ -41,7 +41,7 @@ from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
 from flows.errors import EngineError, FlowsError, NotAuthorizedError
 from flows.record.db import read_session, write_session
 from flows.record.deviations import (
-    append_event,
+    append_deviation_event,
     disposition,
     quarantine_problem,
     run_coi,
@@ -128,7 +128,7 @@ def start_subrun(
 
     def deviation_event(session: Session, run_id: str) -> None:
         if deviation_id is not None:
-            append_event(
+            append_deviation_event(
                 session,
                 deviation_id,
                 "subrun",

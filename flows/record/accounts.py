@@ -22,13 +22,13 @@ from sqlmodel import Session, col, func, select
 
 from flows.errors import AuthenticationError
 from flows.record import ledger
-from flows.record.tables import AuditEvent, User, UserEvent, utcnow
+from flows.record.tables import AuditEvent, User, UserEvent, next_position, utcnow
 from flows.record.users import find_user, spend_verification_time, verify_password
 
 __all__ = [
     "EVENT_KINDS",
     "Refusal",
-    "append_event",
+    "append_account_event",
     "authenticate",
     "check_credentials",
     "failures_since_reset",
@@ -94,7 +94,7 @@ def lock_message(session: Session, user: User) -> str:
     )
 
 
-def append_event(
+def append_account_event(
     session: Session,
     user: User,
     kind: str,
@@ -106,10 +106,10 @@ def append_event(
     """Append an account event (inside a write session, which holds the lock ``n`` relies on)."""
     if kind not in EVENT_KINDS:
         raise ValueError(f"unknown account event {kind!r}")
-    last = session.exec(select(func.max(UserEvent.n)).where(UserEvent.user_id == user.id)).one()
+
     ev = UserEvent(
         user_id=user.id,
-        n=(last or 0) + 1,
+        n=next_position(session, UserEvent.n, UserEvent.user_id, user.id),
         kind=kind,
         data_json=ledger.canonical(data or {}).decode(),
         at=utcnow(),
@@ -234,7 +234,7 @@ def record_failure(session: Session, username: str, refusal: Refusal, purpose: s
     failures = failures_since_reset(session, username)
     if failures < threshold:
         return refusal.message
-    append_event(
+    append_account_event(
         session,
         user,
         "locked",

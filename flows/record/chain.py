@@ -12,14 +12,13 @@ open. Every reason it is not is listed in ``problems``. Must not import prefect.
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from flows.record.deviations import deviation_state, run_coi
 from flows.record.state import FINAL_STATUSES, run_status
-from flows.record.tables import Deviation, RunEvent, SopRun
+from flows.record.tables import Deviation, RunEvent, SopRun, iso_utc
 from flows.record.versions import stored_sop
 from flows.sop.model import SopDefinition
 
@@ -42,12 +41,6 @@ def stage_of(sop_id: str, declared: str | None) -> tuple[str | None, bool]:
         if any(w in sop_id for w in words):
             return stage, True
     return None, False
-
-
-def _iso(value: Any) -> str | None:
-    if value is None:
-        return None
-    return str(value.astimezone(UTC).isoformat())
 
 
 def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
@@ -99,8 +92,8 @@ def chain_of_identity(session: Session, coi: str) -> dict[str, Any]:
                 "stage_guessed": guessed,
                 "status": status.status if status else "unknown",
                 "status_detail": status.detail if status else None,
-                "started_at": _iso(run.started_at),
-                "ended_at": _iso(last.at) if last and last.status in FINAL_STATUSES else None,
+                "started_at": iso_utc(run.started_at),
+                "ended_at": iso_utc(last.at) if last and last.status in FINAL_STATUSES else None,
                 "deviations": devs,
             }
         )

@@ -19,21 +19,17 @@ Must not import prefect.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from flows.record.state import FINAL_STATUSES, run_status, step_data, step_states
-from flows.record.tables import Deviation, Signature, SopRun, StepRecord, utcnow
+from flows.record.tables import Deviation, Signature, SopRun, StepRecord, iso_utc, utcnow
 from flows.sop.expressions import ExpressionError, evaluate_value
 from flows.sop.model import DeadlineSpec, RecordStepSpec, SopDefinition
 
 __all__ = ["deadline_states", "limit_of", "repetitions", "signed_at"]
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def limit_of(spec: DeadlineSpec, run: SopRun | dict[str, Any]) -> timedelta:
@@ -126,7 +122,7 @@ def deadline_states(
         }
         out.append(entry)
         (from_state, start), (to_state, end) = _end(session, spec.from_, states), _end(session, spec.to, states)
-        entry["from_at"], entry["to_at"] = _iso(start), _iso(end)
+        entry["from_at"], entry["to_at"] = iso_utc(start), iso_utc(end)
         if "skipped" in (from_state, to_state):
             entry["state"] = "not_applicable"
             continue
@@ -140,7 +136,7 @@ def deadline_states(
             entry["state"] = "not_applicable" if ended else "pending"
             continue
         due = start + limit
-        entry["due_at"] = _iso(due)
+        entry["due_at"] = iso_utc(due)
         if end is not None:
             entry["elapsed_seconds"] = (end - start).total_seconds()
             entry["state"] = "met" if end - start <= limit else "breached"
@@ -177,6 +173,6 @@ def repetitions(
         "until": repeat.until,
         "done": len(done),
         "next": f"{step.id}#{nxt}" if nxt else None,
-        "next_due_at": _iso(due),
+        "next_due_at": iso_utc(due),
         "ended_by": step_data(summary).get("ended_by") if finished and summary else None,
     }

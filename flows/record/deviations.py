@@ -20,20 +20,20 @@ Must not import prefect.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from flows.errors import SopInputError
 from flows.record import ledger
-from flows.record.tables import Deviation, DeviationEvent, SopRun, utcnow
+from flows.record.tables import Deviation, DeviationEvent, SopRun, iso_utc, next_position, utcnow
 from flows.record.versions import stored_sop
 from flows.sop.model import SopDefinition
 
 __all__ = [
     "active_quarantines",
-    "append_event",
+    "append_deviation_event",
     "check_deviation_param",
     "coi_param",
     "deviation_events",
@@ -63,7 +63,7 @@ def run_coi(run: SopRun, sop: SopDefinition | None = None) -> str | None:
     return str(value).strip() if value not in (None, "") else None
 
 
-def append_event(
+def append_deviation_event(
     session: Session,
     deviation_id: str,
     kind: str,
@@ -75,15 +75,9 @@ def append_event(
     signature_id: str | None = None,
 ) -> DeviationEvent:
     """Append one lifecycle event (inside the caller's write session)."""
-    last = session.exec(
-        select(DeviationEvent.n)
-        .where(DeviationEvent.deviation_id == deviation_id)
-        .order_by(col(DeviationEvent.n).desc())
-        .limit(1)
-    ).first()
     ev = DeviationEvent(
         deviation_id=deviation_id,
-        n=(last or 0) + 1,
+        n=next_position(session, DeviationEvent.n, DeviationEvent.deviation_id, deviation_id),
         kind=kind,
         data_json=ledger.canonical(data).decode(),
         run_id=run_id,
@@ -189,7 +183,7 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
         "classification": dev.classification,
         "description": dev.description,
         "quarantine": dev.quarantine,
-        "opened_at": _iso(dev.opened_at),
+        "opened_at": iso_utc(dev.opened_at),
         "status": "closed" if closed else ("dispositioned" if decided else "open"),
         "decision": decision,
         "disposition": decided,
@@ -200,7 +194,7 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
             {
                 "n": e.n,
                 "kind": e.kind,
-                "at": _iso(e.at),
+                "at": iso_utc(e.at),
                 "run_id": e.run_id,
                 "step_id": e.step_id,
                 "actor_id": e.actor_id,
@@ -210,10 +204,6 @@ def deviation_state(session: Session, dev: Deviation, now: datetime | None = Non
             for e in events
         ],
     }
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat()
 
 
 def _parse(value: Any) -> datetime | None:

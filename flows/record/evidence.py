@@ -30,16 +30,16 @@ from flows.record.tables import (
 __all__ = ["run_evidence"]
 
 
-def _iso(value: Any) -> Any:
+def _json_ready(value: Any) -> Any:
     return json.loads(canonical(value))
 
 
 def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
     """``{"rows": {table: [row, …]}, "audit_events": [event, …]}`` for one run, events in chain order."""
-    rows: dict[str, list[dict[str, Any]]] = {"sf_run": [_iso(row_payload(run))]}
+    rows: dict[str, list[dict[str, Any]]] = {"sf_run": [_json_ready(row_payload(run))]}
     version = session.get(SopVersion, run.sop_version_id)
     if version is not None:
-        rows["sf_sop_version"] = [_iso(row_payload(version))]
+        rows["sf_sop_version"] = [_json_ready(row_payload(version))]
     order = {
         RunEvent: RunEvent.n,
         StepRecord: StepRecord.n,
@@ -53,7 +53,7 @@ def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
         found: Any = session.exec(
             select(model).where(model.run_id == run.id).order_by(col(key), col(model.id))  # type: ignore[arg-type, attr-defined]
         )
-        rows[model.__tablename__] = [_iso(row_payload(r)) for r in found]  # type: ignore[attr-defined]
+        rows[model.__tablename__] = [_json_ready(row_payload(r)) for r in found]  # type: ignore[attr-defined]
     ids = {str(r["id"]) for table_rows in rows.values() for r in table_rows}
     events = []
     for ev in session.exec(select(AuditEvent).where(col(AuditEvent.object_id).in_(ids)).order_by(col(AuditEvent.seq))):
@@ -61,7 +61,7 @@ def run_evidence(session: Session, run: SopRun) -> dict[str, Any]:
             events.append(
                 {
                     "seq": ev.seq,
-                    "at": _iso(ev.at),
+                    "at": _json_ready(ev.at),
                     "actor": ev.actor,
                     "action": ev.action,
                     "object_type": ev.object_type,

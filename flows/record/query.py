@@ -17,7 +17,7 @@ from flows.record.corrections import corrections_by_step
 from flows.record.deadlines import deadline_states, repetitions
 from flows.record.deviations import deviation_state
 from flows.record.evidence import run_evidence
-from flows.record.ledger import canonical, verify_signature
+from flows.record.ledger import verify_signature
 from flows.record.state import run_status
 from flows.record.tables import (
     AuditEvent,
@@ -29,6 +29,7 @@ from flows.record.tables import (
     SopRun,
     StepRecord,
     User,
+    iso_utc,
 )
 from flows.record.versions import stored_sop
 from flows.sop.model import HUMAN_KINDS
@@ -47,10 +48,6 @@ def _names(session: Session) -> dict[str, str]:
 
 def _usernames(session: Session) -> dict[str, str]:
     return {u.id: u.username for u in session.exec(select(User))}
-
-
-def _iso(value: Any) -> str | None:
-    return None if value is None else json.loads(canonical(value))
 
 
 def run_record(session: Session, run_id: str, *, with_history: bool = True) -> dict[str, Any]:
@@ -79,7 +76,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "printed_name": sig.printed_name,
             "meaning": sig.meaning,
             "statement": sig.statement,
-            "signed_at": _iso(sig.signed_at),
+            "signed_at": iso_utc(sig.signed_at),
             "sha256": sig.signed_sha256,
             "valid": verify_signature(session, sig) is None,
         }
@@ -96,7 +93,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "kind": kind,
             "title": title or step_id,
             "status": rec.status if rec else "not reached",
-            "at": _iso(rec.at) if rec else None,
+            "at": iso_utc(rec.at) if rec else None,
             "data": json.loads(rec.data_json) if rec else {},
             "fields": {k: {"label": f.label or k, "unit": f.unit} for k, f in fields.items()},
             "signature": signature(signed[-1].signature_id) if signed else None,
@@ -104,7 +101,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 {
                     "record_id": c["record_id"],
                     "supersedes": c["supersedes"],
-                    "at": _iso(c["at"]),
+                    "at": iso_utc(c["at"]),
                     "by": names.get(c["actor_id"], c["actor_id"]),
                     "reason": c["reason"],
                     "changes": c["changes"],
@@ -114,7 +111,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 for c in corrections.get(step_id, [])
             ],
             # When a waiting step passes its time-out (``on_timeout`` applies then).
-            "due_at": _iso(waits[0].at + timeout) if rec and rec.status == "waiting" and waits and timeout else None,
+            "due_at": iso_utc(waits[0].at + timeout) if rec and rec.status == "waiting" and waits and timeout else None,
         }
 
     steps = []
@@ -147,7 +144,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "classification": d.classification,
             "description": d.description,
             "quarantine": d.quarantine,
-            "opened_at": _iso(d.opened_at),
+            "opened_at": iso_utc(d.opened_at),
             "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
             "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
             if disposition_id(d.step_id) in latest
@@ -174,7 +171,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "sop_id": r.sop_id,
             "sop_version": r.sop_version,
             "parent_step_id": r.parent_step_id,
-            "started_at": _iso(r.started_at),
+            "started_at": iso_utc(r.started_at),
             "status": (st.status if (st := run_status(session, r.id)) else "unknown"),
         }
         for r in session.exec(select(SopRun).where(SopRun.parent_run_id == run.id).order_by(col(SopRun.started_at)))
@@ -186,7 +183,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "template": d.template,
             "path": d.path,
             "sha256": d.sha256,
-            "rendered_at": _iso(d.rendered_at),
+            "rendered_at": iso_utc(d.rendered_at),
         }
         for d in session.exec(select(Document).where(Document.run_id == run.id).order_by(col(Document.rendered_at)))
     ]
@@ -196,8 +193,8 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "step_id": e.step_id,
             "kind": e.kind,
             "to_role": e.to_role,
-            "at": _iso(e.at),
-            "waiting_since": _iso(e.waiting_since),
+            "at": iso_utc(e.at),
+            "waiting_since": iso_utc(e.waiting_since),
             "deviation_id": e.deviation_id,
             "deliveries": json.loads(e.deliveries_json),
         }
@@ -216,7 +213,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "product": json.loads(run.product_json) if run.product_json else None,
             "status": status.status if status else "unknown",
             "status_detail": status.detail if status else None,
-            "started_at": _iso(run.started_at),
+            "started_at": iso_utc(run.started_at),
             "started_by": names.get(run.started_by, run.started_by),
             "flow_run_id": run.flow_run_id,
             "parent_run_id": run.parent_run_id,
@@ -236,7 +233,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 "n": r.n,
                 "step_id": r.step_id,
                 "status": r.status,
-                "at": _iso(r.at),
+                "at": iso_utc(r.at),
                 "actor": names.get(r.actor_id, r.actor_id) if r.actor_id else "system",
                 "data": json.loads(r.data_json),
                 "reason": r.reason,
@@ -247,7 +244,7 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             for r in records
         ]
         out["run_events"] = [
-            {"id": e.id, "n": e.n, "status": e.status, "detail": e.detail, "at": _iso(e.at)}
+            {"id": e.id, "n": e.n, "status": e.status, "detail": e.detail, "at": iso_utc(e.at)}
             for e in session.exec(select(RunEvent).where(RunEvent.run_id == run.id).order_by(col(RunEvent.n)))
         ]
         head = session.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()

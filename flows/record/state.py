@@ -14,7 +14,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from flows.record.accounts import is_active
-from flows.record.tables import AuditEvent, RunEvent, Signature, SopRun, StepRecord, User, utcnow
+from flows.record.tables import AuditEvent, RunEvent, Signature, SopRun, StepRecord, User, next_position, utcnow
 from flows.record.training import grant_hint, is_trained
 from flows.record.users import roles_of
 from flows.record.versions import CHANGE_CONTROL_ID, change_control_problem
@@ -43,8 +43,7 @@ def step_states(session: Session, run_id: str) -> dict[str, StepRecord]:
 
 def next_n(session: Session, table: type[StepRecord] | type[RunEvent], run_id: str) -> int:
     """The next position in a run's sequence (call inside a write session: it holds the lock)."""
-    last = session.exec(select(table.n).where(table.run_id == run_id).order_by(col(table.n).desc()).limit(1)).first()
-    return (last or 0) + 1
+    return next_position(session, table.n, table.run_id, run_id)
 
 
 def step_data(rec: StepRecord) -> dict[str, Any]:

@@ -12,11 +12,12 @@ Only ``flows.record.ledger`` writes these tables. Must not import prefect.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any, overload
 from uuid import uuid4
 
 from sqlalchemy import Column, DateTime, Dialect, Index, Text, UniqueConstraint
 from sqlalchemy.types import TypeDecorator
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, func, select
 
 __all__ = [
     "RECORD_TABLES",
@@ -40,13 +41,24 @@ __all__ = [
     "UTCDateTime",
     "User",
     "UserEvent",
+    "iso_utc",
     "new_id",
+    "next_position",
     "utcnow",
 ]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def iso_utc(value: datetime) -> str: ...
+@overload
+def iso_utc(value: None) -> None: ...
+def iso_utc(value: datetime | None) -> str | None:
+    """A moment as the record writes it in JSON: ISO 8601 in UTC (``+00:00``); None stays None."""
+    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def new_id() -> str:
@@ -75,6 +87,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def next_position(session: Any, n: Any, owner: Any, owner_id: str) -> int:
+    """The next position ``n`` in one owner's sequence of rows (a run's step records, a user's or a
+    version's or a deviation's events): one more than the highest so far. Call it inside a write
+    session: it holds the record's write lock, so no other writer takes the same position."""
+    last = session.exec(select(func.max(n)).where(owner == owner_id)).one()
+    return int(last or 0) + 1
 
 
 def _ts(**kw: object) -> object:
@@ -166,7 +186,7 @@ class SopVersionEvent(SQLModel, table=True):
     (training window), ``effective``, ``superseded``, ``retired``, ``rejected`` (change control
     rejected it; its number is never reused). A periodic review that finds no change appends
     ``effective`` again, signed, with the next ``review_due``. A signed event carries the signer's
-    printed name, the meaning and the sha256 of what was signed (``versions.append_event``; for
+    printed name, the meaning and the sha256 of what was signed (``versions.append_version_event``; for
     approval and rejection, the change-control signature's own hash).
     """
 

@@ -39,6 +39,7 @@ from flows.record.tables import (
     SopVersionEvent,
     StepRecord,
     User,
+    next_position,
     utcnow,
 )
 from flows.sop.catalog import INSTITUTION_FILE, PRODUCTS_FILE, Catalog
@@ -52,7 +53,7 @@ __all__ = [
     "PinnedSop",
     "VersionInfo",
     "activate_due",
-    "append_event",
+    "append_version_event",
     "change_control_problem",
     "effective_sop",
     "effective_version",
@@ -90,7 +91,7 @@ def state_of(session: Session, version_id: str) -> SopVersionEvent | None:
     ).first()
 
 
-def append_event(
+def append_version_event(
     session: Session,
     version: SopVersion,
     state: str,
@@ -107,12 +108,6 @@ def append_event(
     it is signed here: the hash covers the version's text hash, the state, the data and the signer."""
     if state not in STATES:
         raise ValueError(f"unknown SOP version state {state!r}")
-    last = session.exec(
-        select(SopVersionEvent.n)
-        .where(SopVersionEvent.version_id == version.id)
-        .order_by(col(SopVersionEvent.n).desc())
-        .limit(1)
-    ).first()
     at = at or utcnow()
     data = data or {}
     if meaning is not None and signed_sha256 is None:
@@ -132,7 +127,7 @@ def append_event(
         )
     ev = SopVersionEvent(
         version_id=version.id,
-        n=(last or 0) + 1,
+        n=next_position(session, SopVersionEvent.n, SopVersionEvent.version_id, version.id),
         state=state,
         data_json=ledger.canonical(data).decode(),
         actor=actor,
@@ -208,7 +203,7 @@ def activate_due(
             continue
         for other in versions_of(session, v.institution, v.sop_id):
             if other.state == "effective" and other.version.id != v.id:
-                append_event(
+                append_version_event(
                     session,
                     other.version,
                     "superseded",
@@ -217,7 +212,7 @@ def activate_due(
                     reason=f"v{v.version} became effective",
                     at=now,
                 )
-        append_event(
+        append_version_event(
             session,
             v,
             "effective",

@@ -126,7 +126,7 @@ def _change(settings: Settings, username: str, officer: Officer, kind: str, verb
         }[kind]
         if already:
             raise RecordError(f"user {username!r} {already}")
-        accounts.append_event(s, target, kind, actor=actor.id, reason=reason)
+        accounts.append_account_event(s, target, kind, actor=actor.id, reason=reason)
 
 
 def disable_user(settings: Settings, username: str, officer: Officer, *, reason: str | None = None) -> None:
@@ -179,7 +179,7 @@ def change_password(
     new_hash = hash_password(new_password)
     with write_session(settings.database_url) as s:
         # A reset is temporary: the officer knows it, so it may only be used to set the user's own.
-        accounts.append_event(
+        accounts.append_account_event(
             s,
             target,
             "password_set",
@@ -272,7 +272,7 @@ def set_language(settings: Settings, username: str, language: str) -> None:
         user = guard.target_user(s, username)
         if _language_of_user(s, user.id) == language:
             return
-        accounts.append_event(s, user, "language", actor=user.id, data={"language": language})
+        accounts.append_account_event(s, user, "language", actor=user.id, data={"language": language})
 
 
 def language_of(settings: Settings, username: str) -> str | None:

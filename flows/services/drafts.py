@@ -19,14 +19,14 @@ from flows.config import Settings
 from flows.errors import ChangeControlError, SopNotEffectiveError
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
-from flows.record.tables import SopVersion, User, utcnow
+from flows.record.tables import SopVersion, User, iso_utc, utcnow
 from flows.record.users import roles_of
 from flows.record.versions import (
     ADMIN_ROLE,
     CHANGE_CONTROL_ID,
     REVIEWER_ROLE,
     PinnedSop,
-    append_event,
+    append_version_event,
     effective_version,
     state_of,
     version_definition,
@@ -36,7 +36,7 @@ from flows.services import guard
 from flows.services.guard import Officer
 from flows.services.runs import start_run, wait_for_run
 from flows.services.signing import submit_step
-from flows.services.versions import builtin_sop, find_version, iso_utc, store_version
+from flows.services.versions import builtin_sop, find_version, store_version
 from flows.sop.catalog import INSTITUTION_FILE, Catalog
 from flows.sop.editing import load_sop_text, schema_field_names, validate_sop_text
 from flows.sop.load import load_institution_file
@@ -124,7 +124,7 @@ def create_draft(
                 f"numbers are never reused and v{highest} exists; set version: {highest + 1}"
             )
         version = store_version(s, institution, sop, text, sha, utcnow())
-        append_event(s, version, "draft", actor=user.id, data={"source": name}, reason=reason)
+        append_version_event(s, version, "draft", actor=user.id, data={"source": name}, reason=reason)
         return {"version_id": version.id, "sop_id": sop.id, "version": sop.version, "sha256": sha}
 
 
@@ -144,10 +144,10 @@ def _pinned_change_control(settings: Settings, institution: str) -> PinnedSop:
                 )
             version = store_version(s, institution, sop, text, sha, utcnow())
             if current is not None:
-                append_event(
+                append_version_event(
                     s, current, "superseded", actor="system", reason="sopflow's built-in change-control SOP changed"
                 )
-            append_event(
+            append_version_event(
                 s,
                 version,
                 "effective",
@@ -221,7 +221,7 @@ def submit_change(
     )
     with write_session(settings.database_url) as s:
         version = find_version(s, institution, sop_id, number)
-        append_event(
+        append_version_event(
             s, version, "in_review", actor=user.id, data={"run_id": started.run_id, "reviewer": reviewer}, reason=reason
         )
     wait_for_run(settings, started.run_id, step="submit", timeout=timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlmodel import Session
@@ -111,8 +112,16 @@ def _step_values(
     """A signer's entered values checked against the step's fields, plus its computed fields."""
     fields = human_fields(step)
     where = where or f"{sop.id} step {step.id!r}"
-    data = coerce_values(fields, raw_values, where=where, product=_run_product(run, sop))
-    if any(f.compute is not None for f in fields.values()):
+    data = coerce_values(
+        fields,
+        raw_values,
+        where=where,
+        product=_run_product(run, sop),
+        now=utcnow(),
+        not_before=run.started_at,
+        future_skew=timedelta(minutes=settings.future_skew_minutes),
+    )
+    if any(f.compute is not None or f.required_when is not None for f in fields.values()):
         with read_session(settings.database_url) as s:
             context = RunContext(settings, run, sop, step_states(s, run.id)).expression_context()
         # A repetition <step>#<n> reads its own entries as <step>.<field>, like the step itself.

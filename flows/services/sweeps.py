@@ -32,12 +32,13 @@ from flows.record.tables import (
     SopVersion,
     StepRecord,
     TrainingAssignment,
+    iso_utc,
     utcnow,
 )
 from flows.record.versions import (
     ADMIN_ROLE,
     activate_due,
-    append_event,
+    append_version_event,
     event_data,
     state_of,
     version_definition,
@@ -49,7 +50,6 @@ from flows.services.versions import (
     DEFAULT_TRAINING_DAYS,
     REVIEW_NOTICE,
     add_months,
-    iso_utc,
     signing_roles,
 )
 from flows.sop.model import SopDefinition
@@ -101,7 +101,7 @@ def _assign_training(session: Session, version: SopVersion, sop: SopDefinition, 
 def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, now: datetime) -> str | None:
     """Apply a finished change-control run to its version; returns the new state."""
     if status == "failed":  # the engine failed, nobody decided: the draft may be submitted again
-        append_event(
+        append_version_event(
             session,
             version,
             "draft",
@@ -116,7 +116,7 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
         data, sig = _signed(session, run.id, "qa_approval")
         if sig is None:
             data, sig = _signed(session, run.id, "review")
-        append_event(
+        append_version_event(
             session,
             version,
             "rejected",
@@ -140,7 +140,7 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
     months = int(data.get("review_months") or DEFAULT_REVIEW_MONTHS)
     training_due = now + timedelta(days=days)
     effective_at = datetime.fromisoformat(data["effective_at"]) if data.get("effective_at") else training_due
-    append_event(
+    append_version_event(
         session,
         version,
         "approved",
@@ -157,7 +157,7 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
         at=now,
     )
     sop = version_definition(version)
-    append_event(
+    append_version_event(
         session,
         version,
         "issued",

@@ -30,7 +30,7 @@ The CLI (``flows.cli.changes``) and the web app call these; they raise, the edge
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,12 @@ from flows.config import Settings
 from flows.errors import ChangeControlError, RecordError, SopNotFoundError
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
-from flows.record.tables import SopVersion, SopVersionEvent, User, utcnow
+from flows.record.tables import SopVersion, SopVersionEvent, User, iso_utc, utcnow
 from flows.record.versions import (
     ADMIN_ROLE,
     CHANGE_CONTROL_ID,
     REVIEWER_ROLE,
-    append_event,
+    append_version_event,
     effective_sop,
     event_data,
     state_of,
@@ -69,7 +69,6 @@ __all__ = [
     "builtin_sop",
     "establish",
     "find_version",
-    "iso_utc",
     "list_versions",
     "record_review",
     "retire",
@@ -98,11 +97,6 @@ def signing_roles(sop: SopDefinition) -> set[str]:
         s.deviation.disposition_role for s in sop.steps if isinstance(s, CheckStepSpec) and s.on_fail == "deviation"
     }
     return roles
-
-
-def iso_utc(value: datetime) -> str:
-    """A moment as stored in version events' data: ISO 8601 in UTC."""
-    return value.astimezone(UTC).isoformat()
 
 
 def builtin_sop(settings: Settings, institution: str) -> tuple[str, str, SopDefinition]:
@@ -187,7 +181,7 @@ def establish(
                 )
             version = legacy.get((sop.id, sha)) or store_version(s, institution, sop, text, sha, now)
             months = DEFAULT_REVIEW_MONTHS
-            append_event(
+            append_version_event(
                 s,
                 version,
                 "effective",
@@ -261,7 +255,7 @@ def record_review(
             "review_due": iso_utc(add_months(now, months or DEFAULT_REVIEW_MONTHS)),
         }
         data.pop("initial_issue", None)
-        append_event(
+        append_version_event(
             s,
             version,
             "effective",
@@ -297,7 +291,9 @@ def retire(settings: Settings, institution: str, sop_id: str, officer: Officer, 
     )
     with write_session(settings.database_url) as s:
         version = _get(s, pinned.version_id)
-        append_event(s, version, "retired", actor=qa.id, printed_name=qa.printed_name, meaning="retired", reason=reason)
+        append_version_event(
+            s, version, "retired", actor=qa.id, printed_name=qa.printed_name, meaning="retired", reason=reason
+        )
         return {"sop_id": sop_id, "version": version.version}
 
 

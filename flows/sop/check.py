@@ -10,11 +10,12 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from flows.errors import Problem, did_you_mean
-from flows.sop.expressions import Scope, check_expression, check_message
+from flows.sop.check_expressions import RESERVED_NAMES, ExpressionChecks
+from flows.sop.expressions import Scope, check_expression
 from flows.sop.model import (
     HUMAN_KINDS,
     ApproveStepSpec,
@@ -24,75 +25,20 @@ from flows.sop.model import (
     HumanStepSpec,
     InstitutionSpec,
     NotifyStepSpec,
-    ProductSpec,
-    RecordStepSpec,
     SubrunStepSpec,
     VerifyStepSpec,
 )
-from flows.sop.source import LoadedSop, display_path, dotted
+from flows.sop.source import LoadedSop, UnparsedDeadline, UnparsedStep, display_path, dotted
+from flows.sop.templates import find_template, localized_name, template_name, template_names
 
 __all__ = ["RESERVED_NAMES", "check_sop", "find_template", "localized_name", "template_name"]
 
-RESERVED_NAMES = frozenset({"params", "product", "run"})
-"""Top-level names in expressions; no step may take one as its id."""
 _IMPLICIT_FIELDS = frozenset({"signed_by", "decision"})
 """Values every human step (``decision``: approve steps) has besides its declared fields."""
-
-
-class _AnyName(frozenset[str]):
-    """Every attribute: a sub-run step's data are its SOP's steps, checked in that SOP's file."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
-_ANY_NAME = _AnyName()
 _CAPA_FIELDS = {"action": ("text",), "owner": ("text",), "due": ("datetime",)}
 
 
-def localized_name(name: str, language: str | None) -> str | None:
-    """``record.html.j2`` -> ``record.<language>.html.j2`` (None without a language or a dot)."""
-    if not language or "." not in PurePosixPath(name).name:
-        return None
-    head, _, rest = name.rpartition("/")
-    stem, _, ext = rest.partition(".")
-    return f"{head + '/' if head else ''}{stem}.{language}.{ext}"
-
-
-def template_name(
-    name: str, templates_dir: Path, institution: str | None = None, language: str | None = None
-) -> str | None:
-    """The template name a document step loads: its ``<language>`` variant when one exists
-    (``templates/<institution>/`` first, then ``templates/``), else the name itself; None when
-    neither exists."""
-    localized = localized_name(name, language)
-    for candidate in ([localized] if localized else []) + [name]:
-        if find_template(candidate, templates_dir, institution) is not None:
-            return candidate
-    return None
-
-
-def find_template(name: str, templates_dir: Path, institution: str | None = None) -> Path | None:
-    """The file a document step's template resolves to: ``templates/<institution>/`` first."""
-    parts = PurePosixPath(name).parts
-    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
-        return None
-    folders = ([templates_dir / institution] if institution else []) + [templates_dir]
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _template_names(templates_dir: Path, institution: str | None) -> list[str]:
-    names: set[str] = set()
-    for folder in ([templates_dir / institution] if institution else []) + [templates_dir]:
-        if folder.is_dir():
-            names.update(p.name for p in folder.iterdir() if p.is_file())
-    return sorted(names)
-
-
-class _Checker:
+class _Checker(ExpressionChecks):
     def __init__(
         self,
         loaded: LoadedSop,
@@ -130,7 +76,7 @@ class _Checker:
                     ("steps", i, "id"),
                     f"step id {step.id!r} is reserved (expressions use it for run data)",
                 )
-            if step.id in first:
+            if step.id in first and step.id:
                 line = self.loaded.lines.line("steps", first[step.id], "id")
                 self.add(
                     ("steps", i, "id"),
@@ -200,6 +146,9 @@ class _Checker:
         steps = {s.id: s for s in self.defn.steps}
         seen: set[str] = set()
         for d, spec in enumerate(self.defn.deadlines):
+            if isinstance(spec, UnparsedDeadline):
+                seen.add(spec.id)
+                continue
             if spec.id in seen or spec.id in steps:
                 what = "another deadline" if spec.id in seen else "a step"
                 self.add(("deadlines", d, "id"), f"deadline id {spec.id!r} is already used by {what}")
@@ -227,6 +176,8 @@ class _Checker:
     def _deadline_end(self, ref: str, steps: dict[str, Any]) -> str | None:
         step_id, _, field = ref.partition(".")
         step = steps.get(step_id)
+        if isinstance(step, UnparsedStep):
+            return None
         if step is None:
             return f"unknown step {step_id!r}. {did_you_mean(step_id, sorted(steps), 'Steps')}".rstrip()
         if not isinstance(step, HumanStepSpec):
@@ -282,6 +233,8 @@ class _Checker:
                     loc,
                     f"{step.of!r} comes after {step.id!r}; verify can only check an earlier step",
                 )
+            elif isinstance(self.defn.steps[target], UnparsedStep):
+                continue
             elif self.defn.steps[target].kind not in ("record", "approve"):
                 kind = self.defn.steps[target].kind
                 self.add(
@@ -291,6 +244,7 @@ class _Checker:
 
     def distinct_signers(self) -> None:
         kinds = {s.id: s.kind for s in self.defn.steps}
+        unparsed = {s.id for s in self.defn.steps if isinstance(s, UnparsedStep)}
         human = [s.id for s in self.defn.steps if s.kind in HUMAN_KINDS]
         for g, group in enumerate(self.defn.distinct_signers):
             if len(set(group)) < 2:
@@ -305,7 +259,7 @@ class _Checker:
                         loc,
                         f"unknown step {step_id!r}. {did_you_mean(step_id, sorted(human), 'Signed steps')}".rstrip(),
                     )
-                elif kinds[step_id] not in HUMAN_KINDS:
+                elif kinds[step_id] not in HUMAN_KINDS and step_id not in unparsed:
                     self.add(
                         loc,
                         f"{step_id!r} is a {kinds[step_id]} step; only record, verify and approve steps are signed",
@@ -323,97 +277,11 @@ class _Checker:
                 continue
             base = display_path(self.templates_dir)
             where = f"{base}/{inst}/ or {base}/" if inst else f"{base}/"
-            hint = did_you_mean(step.template, sorted(_template_names(self.templates_dir, inst)), "Templates")
+            hint = did_you_mean(step.template, sorted(template_names(self.templates_dir, inst)), "Templates")
             self.add(
                 ("steps", i, "template"),
                 f"template {step.template!r} not found in {where}. {hint}".rstrip(),
             )
-
-    def _scope(self, position: int, *, message: bool, reader: str | None = None) -> Scope:
-        names: dict[str, frozenset[str]] = {"params": frozenset(self.defn.params)}
-        unavailable: dict[str, str] = {}
-        if self.defn.product_param() is not None:
-            names["product"] = frozenset(ProductSpec.model_fields)
-        else:
-            unavailable["product"] = "is only available when the SOP declares a param of type 'product'"
-        if message or reader is not None:
-            names["run"] = frozenset({"id", "sop_id", "institution"})
-        else:
-            unavailable["run"] = "is only available in notify messages"
-        reader = reader or ("a notify message" if message else "a check")
-        for i, step in enumerate(self.defn.steps):
-            if step.id in names or step.id in RESERVED_NAMES:
-                continue
-            if isinstance(step, SubrunStepSpec) and i < position and step.wait:
-                names[step.id] = _ANY_NAME  # status, run_id and the sub-run's steps: another file's
-            elif not isinstance(step, HumanStepSpec):
-                unavailable[step.id] = f"is a {step.kind} step and has no data to read"
-            elif i >= position:
-                unavailable[step.id] = f"is a later step; {reader} can only read steps before it"
-            else:
-                extra = {"signed_by", "decision"} if isinstance(step, ApproveStepSpec) else {"signed_by"}
-                names[step.id] = frozenset(step.fields) | extra
-            if getattr(step, "repeat", None) is not None:
-                if step.id in names:
-                    names[f"{step.id}_all"] = frozenset()  # a list: read by index or filters
-                else:
-                    unavailable[f"{step.id}_all"] = unavailable[step.id]
-        return Scope(names, unavailable)
-
-    def expressions(self) -> None:
-        for i, step in enumerate(self.defn.steps):
-            if isinstance(step, CheckStepSpec):
-                for msg in check_expression(step.expect, self._scope(i, message=False)):
-                    self.add(("steps", i, "expect"), f"step {step.id!r}: {msg}")
-            elif isinstance(step, NotifyStepSpec):
-                for msg in check_message(step.message, self._scope(i, message=True)):
-                    self.add(("steps", i, "message"), f"step {step.id!r}: {msg}")
-            if isinstance(step, HumanStepSpec):
-                self.computed(i, step)
-            if isinstance(step, RecordStepSpec) and step.repeat is not None:
-                self.repeated(i, step)
-            if step.when is not None:
-                scope = self._scope(i, message=False, reader="a 'when' condition")
-                for msg in check_expression(step.when, scope):
-                    self.add(("steps", i, "when"), f"step {step.id!r}: {msg}")
-
-    def repeated(self, i: int, step: RecordStepSpec) -> None:
-        """``repeat.until`` reads this step's latest repetition and ``<step>_all``; nothing may
-        verify a repeated step, group it in ``distinct_signers`` or take the name ``<step>_all``."""
-        until = step.repeat.until if step.repeat is not None else None
-        if until is not None:
-            scope = self._scope(i + 1, message=False, reader="an 'until' condition")
-            for msg in check_expression(until, scope):
-                self.add(("steps", i, "repeat", "until"), f"step {step.id!r}: {msg}")
-        for j, other in enumerate(self.defn.steps):
-            if other.id == f"{step.id}_all":
-                self.add(
-                    ("steps", j, "id"),
-                    f"step id {other.id!r} is taken: expressions read the repetitions of {step.id!r} under that name",
-                )
-            if isinstance(other, VerifyStepSpec) and other.of == step.id:
-                self.add(("steps", j, "of"), f"{step.id!r} is repeated; verify cannot check a repeated step")
-        for g, group in enumerate(self.defn.distinct_signers):
-            if step.id in group:
-                self.add(
-                    ("distinct_signers", g, group.index(step.id)),
-                    f"{step.id!r} is repeated; distinct_signers cannot name a repeated step",
-                )
-
-    def computed(self, i: int, step: HumanStepSpec) -> None:
-        """``compute:`` reads earlier steps and this step's entered fields and earlier computed ones."""
-        scope = self._scope(i, message=False, reader="a computed field")
-        readable = {n for n, f in step.fields.items() if f.compute is None}
-        for name, spec in step.fields.items():
-            if spec.compute is None:
-                continue
-            here = Scope(
-                {**scope.names, step.id: frozenset(readable)},
-                {k: v for k, v in scope.unavailable.items() if k != step.id},
-            )
-            for msg in check_expression(spec.compute, here):
-                self.add(("steps", i, "fields", name, "compute"), f"step {step.id!r}: {msg}")
-            readable.add(name)
 
     def subruns(self) -> None:
         """``subrun`` steps and deviation SOPs name a sibling SOP; ``updates_deviation`` needs ``deviation_id``."""

@@ -15,13 +15,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from flows.errors import Problem, SopDefinitionError
-from flows.sop.check import check_sop
-from flows.sop.model import InstitutionSpec, SopDefinition
+from flows.sop.definition import check_definition
+from flows.sop.model import InstitutionSpec
 from flows.sop.schema import sop_json_schema
-from flows.sop.source import LoadedSop, parse_yaml, problems_from
+from flows.sop.source import LoadedSop, parse_yaml
 
 __all__ = ["load_sop_text", "schema_field_names", "validate_sop_text"]
 
@@ -46,18 +44,17 @@ def load_sop_text(
         raise SopDefinitionError(problems)
     if sop_id is not None and "id" in data and data["id"] != sop_id:
         problems.append(Problem(name, lines.line("id"), "id", f"id {data['id']!r} must equal {sop_id!r}"))
-    definition: SopDefinition | None = None
-    try:
-        definition = SopDefinition.model_validate(data)
-    except ValidationError as exc:
-        problems.extend(problems_from(exc, SopDefinition, name, lines))
-    if problems or definition is None:
-        raise SopDefinitionError(sorted(problems, key=lambda p: (p.line or 0, p.path)))
-    loaded = LoadedSop(definition, Path(name), text, hashlib.sha256(text.encode()).hexdigest(), lines)
-    found = check_sop(loaded, institution=institution, templates_dir=templates_dir)
-    if found:
-        raise SopDefinitionError(found)
-    return loaded
+    return check_definition(
+        data,
+        file=name,
+        path=Path(name),
+        text=text,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        lines=lines,
+        problems=problems,
+        institution=institution,
+        templates_dir=templates_dir,
+    )
 
 
 def validate_sop_text(

@@ -11,19 +11,20 @@ Pure: must not import ``prefect``, ``sqlmodel``, ``flows.engine`` or ``flows.rec
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefined, nodes
+from jinja2.environment import TemplateExpression
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flows.errors import did_you_mean
+from flows.sop.sandbox import ExpressionError, Sandbox, budget, guard_tree
 
 __all__ = [
+    "MAX_SOURCE",
     "ExpressionError",
     "Scope",
     "check_expression",
@@ -33,28 +34,8 @@ __all__ = [
     "render_message",
 ]
 
-_MAX_SIZE = 10_000
-"""Largest string or list a `*` may build, and largest exponent a `**` may use."""
-
-
-class ExpressionError(ValueError):
-    """A check expression or message template failed at run time (the engine fails the check)."""
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, plus limits on `*` and `**` so an SOP cannot exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
-        if operator_ == "**":
-            if isinstance(right, int | float) and abs(right) > 100:
-                raise ExpressionError(f"exponent {right!r} is too large (the limit is 100)")
-            return operator.pow(left, right)
-        for seq, times in ((left, right), (right, left)):
-            if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > _MAX_SIZE:
-                raise ExpressionError(f"repeating a sequence {times} times is not allowed here")
-        return operator.mul(left, right)
+MAX_SOURCE = 4000
+"""Longest expression or message template, in characters (the library's longest is under 1,000)."""
 
 
 class _Values(SimpleNamespace):
@@ -83,7 +64,7 @@ class _Undefined(StrictUndefined):
 
 
 # Messages are plain text for apprise, not HTML, so autoescape stays off here.
-_ENV = _Sandbox(undefined=_Undefined, autoescape=False)
+_ENV = Sandbox(undefined=_Undefined, autoescape=False)
 
 
 @dataclass(frozen=True)
@@ -105,6 +86,23 @@ def _parse_expression(source: str) -> nodes.Expr:
         token = parser.stream.current
         raise TemplateSyntaxError(f"unexpected {token.value!r} after the expression", token.lineno)
     return expr
+
+
+def _compile_expression(source: str) -> Callable[..., Any]:
+    """Like ``Environment.compile_expression``, with the tree bounded (``flows.sop.sandbox``)."""
+    body = [nodes.Assign(nodes.Name("result", "store"), _parse_expression(source), lineno=1)]
+    tree = guard_tree(nodes.Template(body, lineno=1), _ENV)
+    return TemplateExpression(_ENV.from_string(tree), undefined_to_none=False)
+
+
+def _compile_template(source: str) -> Any:
+    return _ENV.from_string(guard_tree(_ENV.parse(source), _ENV))
+
+
+def _too_long(source: str, what: str) -> list[str]:
+    if len(source) <= MAX_SOURCE:
+        return []
+    return [f"the {what} is {len(source)} characters long; the limit is {MAX_SOURCE}"]
 
 
 def _chains(node: nodes.Node) -> Iterator[tuple[str, str | None]]:
@@ -159,21 +157,29 @@ def _error_text(exc: Exception) -> str:
 
 def check_expression(source: str, scope: Scope) -> list[str]:
     """Compile a check expression and check the names it reads; returns problem messages."""
+    if _too_long(source, "expression"):
+        return _too_long(source, "expression")
     try:
         tree = _parse_expression(source)
-        _ENV.compile_expression(source, undefined_to_none=False)
+        _compiled_expression(source)  # cached: the editor re-checks the same text as people type
     except TemplateError as exc:
         return [f"invalid expression {source!r}: {_error_text(exc)}"]
+    except (RecursionError, SyntaxError, MemoryError):
+        return [f"invalid expression {source!r}: nested too deeply"]
     return _check_names(source, tree, scope, set())
 
 
 def check_message(source: str, scope: Scope) -> list[str]:
     """Compile a message template and check the names it reads; returns problem messages."""
+    if _too_long(source, "message template"):
+        return _too_long(source, "message template")
     try:
         tree = _ENV.parse(source)
-        _ENV.from_string(source)
+        _compiled_template(source)
     except TemplateError as exc:
         return [f"invalid template {source!r}: {_error_text(exc)}"]
+    except (RecursionError, SyntaxError, MemoryError):
+        return [f"invalid template {source!r}: nested too deeply"]
     local_names = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
     return _check_names(source, tree, scope, local_names)
 
@@ -182,14 +188,17 @@ def _context(context: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): _as_values(str(k), v) for k, v in context.items()}
 
 
-@functools.lru_cache(maxsize=512)
-def _compiled_expression(source: str) -> Callable[..., Any]:
-    return _ENV.compile_expression(source, undefined_to_none=False)
+_compiled_expression = functools.lru_cache(maxsize=512)(_compile_expression)
+_compiled_template = functools.lru_cache(maxsize=512)(_compile_template)
+_RUNTIME = (TypeError, ValueError, ArithmeticError, LookupError, AttributeError)
 
 
-@functools.lru_cache(maxsize=512)
-def _compiled_template(source: str) -> Any:
-    return _ENV.from_string(source)
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "it nests too deeply (a macro or loop() calling itself?)"
+    if isinstance(exc, ExpressionError | TemplateError):
+        return _error_text(exc)
+    return str(exc)
 
 
 def evaluate_check(expr: str, context: Mapping[str, Any]) -> bool:
@@ -201,11 +210,10 @@ def evaluate_check(expr: str, context: Mapping[str, Any]) -> bool:
         ExpressionError: the expression cannot be compiled or evaluated, or is not true/false.
     """
     try:
-        return bool(_compiled_expression(expr)(**_context(context)))
-    except (ExpressionError, TemplateError) as exc:
-        raise ExpressionError(f"check {expr!r} failed: {_error_text(exc)}") from exc
-    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
-        raise ExpressionError(f"check {expr!r} failed: {exc}") from exc
+        with budget():
+            return bool(_compiled_expression(expr)(**_context(context)))
+    except (TemplateError, RecursionError, *_RUNTIME) as exc:
+        raise ExpressionError(f"check {expr!r} failed: {_failure(exc)}") from exc
 
 
 def evaluate_value(expr: str, context: Mapping[str, Any], what: str = "expression") -> Any:
@@ -216,13 +224,12 @@ def evaluate_value(expr: str, context: Mapping[str, Any], what: str = "expressio
         (a whole step's values), not a number, text, yes/no or none.
     """
     try:
-        value = _compiled_expression(expr)(**_context(context))
+        with budget():
+            value = _compiled_expression(expr)(**_context(context))
         if isinstance(value, Undefined):
             str(value)  # raises the UndefinedError that says which value is missing
-    except (ExpressionError, TemplateError) as exc:
-        raise ExpressionError(f"{what} {expr!r} failed: {_error_text(exc)}") from exc
-    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
-        raise ExpressionError(f"{what} {expr!r} failed: {exc}") from exc
+    except (TemplateError, RecursionError, *_RUNTIME) as exc:
+        raise ExpressionError(f"{what} {expr!r} failed: {_failure(exc)}") from exc
     if value is not None and not isinstance(value, str | int | float | bool):
         raise ExpressionError(f"{what} {expr!r} gives {type(value).__name__}, not a number, text or yes/no")
     return value
@@ -235,8 +242,7 @@ def render_message(template: str, context: Mapping[str, Any]) -> str:
         ExpressionError: the template cannot be compiled or reads a value that is not there.
     """
     try:
-        return str(_compiled_template(template).render(**_context(context)))
-    except (ExpressionError, TemplateError) as exc:
-        raise ExpressionError(f"message {template!r} failed: {_error_text(exc)}") from exc
-    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
-        raise ExpressionError(f"message {template!r} failed: {exc}") from exc
+        with budget():
+            return str(_compiled_template(template).render(**_context(context)))
+    except (TemplateError, RecursionError, *_RUNTIME) as exc:
+        raise ExpressionError(f"message {template!r} failed: {_failure(exc)}") from exc

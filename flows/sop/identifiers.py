@@ -39,8 +39,9 @@ def din_check_character(din: str) -> str:
 
 
 def normalize_din(value: str) -> tuple[str, str | None]:
-    """``(the DIN without spaces, problem or None)``: the problem states the rule, and for a wrong
-    check character the expected one."""
+    """``(the DIN without spaces, problem or None)``: the problem states the rule. A wrong check
+    character is refused without naming the right one: a message that gave it away would let
+    anyone complete a misread DIN instead of reading the label again."""
     din = "".join(value.split()).upper()
     if len(din) != 14 or not _DIN.match(din[:13]):
         return din, (
@@ -50,5 +51,8 @@ def normalize_din(value: str) -> tuple[str, str | None]:
         )
     expected = din_check_character(din[:13])
     if din[13] != expected:
-        return din, (f"check character {din[13]!r} is wrong for DIN {din[:13]}: ISO 7064 Mod 37-2 gives {expected!r}")
+        return din, (
+            f"check character {din[13]!r} does not match DIN {din[:13]} (ISO 7064 Mod 37-2): "
+            "a character was misread or mistyped; read the label again"
+        )
     return din, None

@@ -17,8 +17,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from flows.errors import Problem, SopDefinitionError
-from flows.sop.check import check_sop
-from flows.sop.model import InstitutionSpec, ProductCatalogSpec, SopDefinition
+from flows.sop.definition import check_definition
+from flows.sop.model import InstitutionSpec, ProductCatalogSpec
 from flows.sop.source import LineMap, LoadedSop, display_path, dotted, parse_yaml, problems_from
 
 __all__ = [
@@ -54,15 +54,6 @@ def _load(path: Path, model: type[M]) -> tuple[M, str, str, LineMap]:
     data, lines, problems = parse_yaml(text, file)
     if data is None:
         raise SopDefinitionError(problems)
-    if model is SopDefinition and "id" in data and data["id"] != path.stem:
-        problems.append(
-            Problem(
-                file,
-                lines.line("id"),
-                "id",
-                f"id {data['id']!r} must equal the file name {path.stem!r}",
-            )
-        )
     try:
         result = model.model_validate(data)
     except ValidationError as exc:
@@ -80,19 +71,38 @@ def load_sop(
 ) -> LoadedSop:
     """Load, validate and cross-check one SOP file.
 
-    Checks that need nothing else (step ids, ``verify.of``, expressions...) always run; roles
-    are checked when ``institution`` is given, templates when ``templates_dir`` is given.
+    Checks that need nothing else (step ids, ``verify.of``, expressions...) always run, also for
+    the parts of a file that validate when others do not; roles are checked when ``institution``
+    is given, templates when ``templates_dir`` is given.
 
     Raises:
         SopDefinitionError: every problem in the file, at once.
     """
     path = Path(path)
-    definition, text, sha256, lines = _load(path, SopDefinition)
-    loaded = LoadedSop(definition, path, text, sha256, lines)
-    problems = check_sop(loaded, institution=institution, templates_dir=templates_dir)
-    if problems:
+    file, text, raw = _read(path)
+    data, lines, problems = parse_yaml(text, file)
+    if data is None:
         raise SopDefinitionError(problems)
-    return loaded
+    if "id" in data and data["id"] != path.stem:
+        problems.append(
+            Problem(
+                file,
+                lines.line("id"),
+                "id",
+                f"id {data['id']!r} must equal the file name {path.stem!r}",
+            )
+        )
+    return check_definition(
+        data,
+        file=file,
+        path=path,
+        text=text,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        lines=lines,
+        problems=problems,
+        institution=institution,
+        templates_dir=templates_dir,
+    )
 
 
 def load_institution_file(path: Path | str) -> InstitutionSpec:
@@ -103,8 +113,9 @@ def load_institution_file(path: Path | str) -> InstitutionSpec:
     """
     path = Path(path)
     spec, _, _, lines = _load(path, InstitutionSpec)
-    if spec.id != path.parent.name:
-        problem = f"id {spec.id!r} must equal the institution's folder name {path.parent.name!r}"
+    folder = path.absolute().parent.name  # 'institution.yaml' alone is in the working directory
+    if spec.id != folder:
+        problem = f"id {spec.id!r} must equal the institution's folder name {folder!r}"
         raise SopDefinitionError([Problem(display_path(path), lines.line("id"), "id", problem)])
     return spec
 

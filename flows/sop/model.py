@@ -24,13 +24,15 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     model_validator,
 )
+
+from flows.sop.fields import ID_PATTERN, FieldSpec, FieldType, Id, LookupRowSpec
+from flows.sop.fields import FrozenSpec as _Frozen
+from flows.sop.institution import InstitutionSpec, ProductCatalogSpec, ProductSpec, RoleSpec
 
 __all__ = [
     "DEVIATION_EVENTS",
@@ -45,8 +47,10 @@ __all__ = [
     "DeviationSpec",
     "DocumentStepSpec",
     "FieldSpec",
+    "FieldType",
     "HumanStepSpec",
     "InstitutionSpec",
+    "LookupRowSpec",
     "NotifyStepSpec",
     "ProductCatalogSpec",
     "ProductSpec",
@@ -63,13 +67,11 @@ __all__ = [
     "parse_duration",
 ]
 
-ID_PATTERN = r"^[a-z][a-z0-9_]*$"
-"""Every id (SOP, step, field, param, role, product, institution) matches this."""
 
-Id = Annotated[str, Field(pattern=ID_PATTERN)]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*$")
+_DURATION = re.compile(r"^ *([0-9]{1,9}(?:\.[0-9]{1,6})?) *(s|m|min|h|d) *$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_MAX_DURATION = timedelta(days=3660)
+"""Ten years: longer than any time limit an SOP sets, and far from timedelta's overflow."""
 
 
 def parse_duration(value: Any) -> Any:
@@ -78,6 +80,8 @@ def parse_duration(value: Any) -> Any:
         m = _DURATION.match(value)
         if not m:
             raise ValueError(f"expected a duration like '30m', '4h' or '2d', got {value!r}")
+        if float(m.group(1)) * _UNIT_SECONDS[m.group(2)] > _MAX_DURATION.total_seconds():
+            raise ValueError(f"{value!r} is longer than the longest duration allowed, {_MAX_DURATION.days} days")
         return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
     return value
 
@@ -92,159 +96,6 @@ def format_duration(value: timedelta) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
-
-
-def _regex_compiles(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
-    return value
-
-
-Regex = Annotated[str, AfterValidator(_regex_compiles)]
-"""A regular expression, checked when the file loads; the error's path ends at its own key, so the
-loader points at that key's line."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-FieldType = Literal["text", "number", "bool", "choice", "datetime", "product"]
-
-
-class FieldSpec(_Frozen):
-    """A typed value a person enters in a step, or a run parameter.
-
-    ``product`` is allowed only as a run parameter: its value is a product id from the
-    institution's catalogue, and checks read the product's limits through it.
-    """
-
-    type: FieldType
-    label: str | None = None
-    help: str | None = None
-    required: bool = True
-    phi: bool = False
-    """Protected health information: never echoed back in an error message."""
-    # text
-    pattern: Regex | None = None
-    max_length: int | None = Field(default=None, gt=0)
-    # number
-    unit: str | None = None
-    min: float | None = None
-    max: float | None = None
-    # choice
-    choices: tuple[str, ...] | None = None
-    # identifiers (type text)
-    format: Literal["isbt128_din", "coi"] | None = None
-    """isbt128_din: ISBT 128 DIN with its Mod 37-2 check character; coi: the run's product's ``coi_pattern``."""
-    compute: str | None = None
-    """A step field nobody enters: this expression's value at submit time (number, text or choice fields)."""
-
-    @model_validator(mode="after")
-    def _type_specific(self) -> FieldSpec:
-        problems = []
-        if self.type != "text" and (self.pattern is not None or self.max_length is not None):
-            problems.append(f"'pattern' and 'max_length' apply to type 'text', not {self.type!r}")
-        if self.type != "number" and (self.min is not None or self.max is not None or self.unit is not None):
-            problems.append(f"'unit', 'min' and 'max' apply to type 'number', not {self.type!r}")
-        if self.type == "choice" and not self.choices:
-            problems.append("type 'choice' needs a non-empty 'choices' list")
-        if self.type != "choice" and self.choices is not None:
-            problems.append(f"'choices' applies to type 'choice', not {self.type!r}")
-        if self.format is not None and self.type != "text":
-            problems.append(f"'format' applies to type 'text', not {self.type!r}")
-        if self.compute is not None and self.type not in ("number", "text", "choice"):
-            problems.append(f"'compute' applies to types 'number', 'text' and 'choice', not {self.type!r}")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            problems.append(f"'min' ({self.min}) is greater than 'max' ({self.max})")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-class RoleSpec(_Frozen):
-    label: str
-    description: str | None = None
-
-
-class InstitutionSpec(_Frozen):
-    """``sops/<institution>/institution.yaml``."""
-
-    schema_version: Literal[1]
-    id: Id
-    name: str
-    timezone: str = "Asia/Shanghai"
-    language: Literal["en", "zh"] = "en"
-    """Language of its controlled documents: ``<name>.<language>.html.j2`` is used when present."""
-    roles: dict[Id, RoleSpec]
-
-
-class ProductSpec(_Frozen):
-    """One product in the catalogue; checks read it as ``product.<key>``."""
-
-    name: str
-    mah: str
-    storage_max_c: float | None = None
-    """Warmest storage/transit temperature allowed, in °C (e.g. -150)."""
-    thaw_to_infusion_max_min: float | None = None
-    """Minutes allowed from end of thaw to end of infusion."""
-    shipper_hold_days: float | None = None
-    documents: tuple[str, ...] = ()
-    """Documents expected with each dose (e.g. 'CoA', 'RFI')."""
-    unconfirmed: tuple[str, ...] = ()
-    """Keys whose value the research could not confirm; the institution must set them."""
-    source: str | None = None
-    coi_pattern: Regex | None = None
-    """Regular expression the whole value of a ``format: coi`` field must match for this product (the manufacturer's chain-of-identity id)."""
-    coi_example: str | None = None
-    """A chain-of-identity id that matches ``coi_pattern``, shown to people entering one."""
-
-    @model_validator(mode="after")
-    def _coi_example_matches(self) -> ProductSpec:
-        if self.coi_example is not None and self.coi_pattern is None:
-            raise ValueError("'coi_example' needs a 'coi_pattern' it matches")
-        if (
-            self.coi_example is not None
-            and self.coi_pattern is not None
-            and not re.fullmatch(self.coi_pattern, self.coi_example)
-        ):
-            raise ValueError(f"'coi_example' {self.coi_example!r} does not match 'coi_pattern' {self.coi_pattern!r}")
-        return self
-
-    # Catalogue keys added with the SOP library (all optional; ``unconfirmed`` may name any of them).
-    name_zh: str | None = None
-    approvals: tuple[str, ...] = ()
-    """Where and when approved ('NMPA 2021-06-22', 'FDA 2017-10-18')."""
-    thaw_clock_from: Literal["thaw_start", "thaw_end"] = "thaw_end"
-    """Where the thaw-to-infusion limit starts (Abecma: start of thaw)."""
-    infusion_start_max_min: float | None = None
-    """Minutes allowed from end of thaw to the start of infusion."""
-    shelf_life_months: float | None = None
-    ld_to_infusion_min_days: float | None = None
-    """Infusion window after the end of lymphodepletion, in days (e.g. Carvykti 2-4)."""
-    ld_to_infusion_max_days: float | None = None
-    tocilizumab_doses_min: int | None = None
-    """Tocilizumab doses that must be on site for the patient before infusion."""
-
-    @model_validator(mode="after")
-    def _unconfirmed_names_keys(self) -> ProductSpec:
-        settable = set(type(self).model_fields) - {"name", "mah", "unconfirmed", "source"}
-        unknown = [k for k in self.unconfirmed if k not in settable]
-        if unknown:
-            raise ValueError(
-                f"'unconfirmed' names {', '.join(map(repr, unknown))}, which "
-                f"{'is' if len(unknown) == 1 else 'are'} not a product key; keys: {', '.join(sorted(settable))}"
-            )
-        return self
-
-
-class ProductCatalogSpec(_Frozen):
-    """``sops/<institution>/products.yaml``."""
-
-    schema_version: Literal[1]
-    products: dict[Id, ProductSpec]
 
 
 class TimeoutDeviationSpec(_Frozen):

@@ -22,8 +22,19 @@ from pydantic import BaseModel, ValidationError
 
 from flows.errors import Problem, did_you_mean
 from flows.sop.model import ID_PATTERN, STEP_KINDS, SopDefinition
+from flows.sop.safe_yaml import FAST, MAX_DEPTH, BoundedLoader, YamlRefused, check_expansion, precheck
 
-__all__ = ["LineMap", "LoadedSop", "Loc", "display_path", "dotted", "parse_yaml", "problems_from"]
+__all__ = [
+    "LineMap",
+    "LoadedSop",
+    "Loc",
+    "UnparsedDeadline",
+    "UnparsedStep",
+    "display_path",
+    "dotted",
+    "parse_yaml",
+    "problems_from",
+]
 
 Loc = tuple[str | int, ...]
 
@@ -75,6 +86,25 @@ class LoadedSop:
     """Where each key sits in ``text``; lets later checks report ``file:line``."""
 
 
+@dataclass(frozen=True)
+class UnparsedStep:
+    """Stands in for a step that failed validation (its own problems are reported already):
+    cross-checks skip it, and expressions may read any value of it (``flows.sop.definition``)."""
+
+    id: str
+    kind: str
+    repeated: bool = False
+    when: None = None
+    title: None = None
+
+
+@dataclass(frozen=True)
+class UnparsedDeadline:
+    """Stands in for a deadline that failed validation."""
+
+    id: str
+
+
 # --- YAML with line marks ---------------------------------------------------------------
 
 
@@ -108,8 +138,18 @@ def _walk(
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, LineMap, list[Problem]]:
-    """YAML text -> (data, line map, problems). Data is None when the YAML cannot be read."""
-    loader = yaml.SafeLoader(text)
+    """YAML text -> (data, line map, problems). Data is None when the YAML cannot be read.
+
+    Reads within the bounds of :mod:`flows.sop.safe_yaml` (size, characters, tags, aliases, depth,
+    numbers), so any text ends in data or problems with a line, in well under a second.
+    """
+    refused = precheck(text)
+    if refused is not None:
+        return None, LineMap(), [Problem(file, refused[0], "", refused[1])]
+    try:
+        loader = BoundedLoader(text)
+    except yaml.reader.ReaderError as exc:  # an unprintable character, found when the reader opens
+        return None, LineMap(), [Problem(file, _reader_line(text, exc), "", f"invalid YAML: {_reader_problem(exc)}")]
     try:
         node = loader.get_single_node()
         if node is None:
@@ -118,13 +158,21 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap, list[Problem]]:
                 LineMap(),
                 [Problem(file, 1, "", "the file is empty; expected a YAML mapping")],
             )
+        check_expansion(node)
         lines: dict[Loc, int] = {(): node.start_mark.line + 1}
         dupes: list[tuple[Loc, int, str]] = []
         _walk(node, (), lines, dupes)
         data = loader.construct_document(node)
+    except YamlRefused as exc:
+        mark = exc.problem_mark
+        return None, LineMap(), [Problem(file, mark.line + 1 if mark else None, "", str(exc.problem))]
+    except yaml.reader.ReaderError as exc:
+        return None, LineMap(), [Problem(file, _reader_line(text, exc), "", f"invalid YAML: {_reader_problem(exc)}")]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
+        if "maximum nesting depth" in str(exc.problem):  # libyaml's own limit, met while scanning ahead
+            return None, LineMap(), [Problem(file, line, "", f"nested more than {MAX_DEPTH} levels deep")]
         what = " ".join(str(s) for s in (exc.context, exc.problem) if s)
         return None, LineMap(), [Problem(file, line, "", f"invalid YAML: {what}")]
     except yaml.YAMLError as exc:
@@ -143,6 +191,19 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap, list[Problem]]:
         )
         return None, LineMap(lines), problems
     return data, LineMap(lines), problems
+
+
+def _reader_line(text: str, exc: yaml.reader.ReaderError) -> int:
+    position = max(exc.position, 0)
+    if FAST:  # libyaml counts bytes of the UTF-8 text
+        return text.encode("utf-8")[:position].count(b"\n") + 1
+    return text.count("\n", 0, position) + 1
+
+
+def _reader_problem(exc: yaml.reader.ReaderError) -> str:
+    char = exc.character
+    code = f"U+{ord(char) if isinstance(char, str) else char:04X}"
+    return f"the character {code} is not allowed in YAML (control characters other than tab and newline)"
 
 
 # --- pydantic errors -> Problems --------------------------------------------------------
