@@ -17,8 +17,8 @@ So a crash at any point delivers a message at most once, and at least once while
     after delivery, before it is marked      the ``attempt`` row says it was handed over: not resent; ``interrupted``
 
 The one window where a crash loses a message is between the ``attempt`` row and the channel's
-answer (milliseconds on a local relay, the network call itself elsewhere): at most once wins, and
-``sopflow record`` shows such a delivery as interrupted. A channel that is down gets the message
+answer (milliseconds on a local relay, the network call itself elsewhere): at most once wins; the
+delivery is recorded ``interrupted`` (and a notify step's record lists it so). A channel that is down gets the message
 when it comes back: ``sweep_outbox`` (a periodic job of the worker) retries failed deliveries with
 back-off for a day.
 """
