@@ -1,6 +1,7 @@
 """Benchmark of sopflow's engine against plain Prefect, in one process, on one local Prefect server.
 
-    python bench/engine.py [--steps N] [--resumes K] [--repeats R]
+    python bench/engine.py [--steps N] [--resumes K] [--repeats R] [--receipts D]
+                           [--postgres postgresql+psycopg2://postgres@127.0.0.1:5432] [--workers W]
 
 1. Per-step overhead: an SOP of N automated ``check`` steps run through sopflow (``start_run``,
    then the run's status polled every 10 ms until ``completed``), against a plain Prefect flow of
@@ -10,7 +11,16 @@
    the bench waits, untimed, until the server has recorded its task runs (they arrive late).
 2. Signed submit -> next step: an SOP of K+1 ``record`` steps, signed one by one by one user;
    from the call to ``submit_step`` to the next step's newest record reading ``waiting`` (the DB
-   polled every 5 ms). argon2 authentication is timed on its own and also subtracted.
+   polled every 5 ms). argon2 authentication is timed on its own and also subtracted. Median, p95
+   and flatness (median of the last five resumes over the first five: a resume must cost the same
+   late in a run as early), each printed with the load average it was measured under.
+3. The demo dose receipt end to end, human time excluded, through sopflow, DBOS Transact (SQLite)
+   and SpiffWorkflow (saved after every step), interleaved (bench/receipt.py, bench/peers.py;
+   the peers install with ``pip install -e '.[bench]'``; without them part 3 is skipped).
+
+With ``--postgres`` sopflow's records and the Prefect server use two fresh databases on that
+server (dropped at the end) and ``--workers`` (default 2 then) sopflow workers run, each as its own
+process with its own home, like workers on separate machines.
 
 It prints figures and machine facts; it asserts nothing about speed. Everything lives under a
 temporary SOPFLOW_HOME and SOPS dir on a free port and is removed at the end, the server and the
@@ -24,12 +34,10 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +45,26 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/engine.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-INSTITUTION = "bench_hospital"
-ROLE = "operator"
-USER = "bench.user"
-PASSWORD = "bench-password-1"  # noqa: S105 (a throw-away user in a temporary home)
-CHECKS_SOP = "bench_checks"
-BASE_SOP = "bench_base"
-SIGNED_SOP = "bench_signed"
-RUN_POLL = 0.010  # polling the run's status (part 1)
-STEP_POLL = 0.005  # polling the next step's record (part 2)
+from bench.common import (  # noqa: E402  (after the path is set)
+    BASE_SOP,
+    CHECKS_SOP,
+    INSTITUTION,
+    PASSWORD,
+    ROLE,
+    RUN_POLL,
+    SIGNED_SOP,
+    STEP_POLL,
+    USER,
+    median,
+    ms,
+    p95,
+    run_status,
+    step_status,
+)
+from bench.overhead import part1  # noqa: E402
+from bench.resumes import part2, time_authenticate  # noqa: E402
+
+PG_DBS = (f"sopflow_bench_{os.getpid()}", f"prefect_bench_{os.getpid()}")
 HEADER = "# Owner: sopflow bench · Approval: none (benchmark fixture) · Effective: n/a\n"
 
 
@@ -96,7 +115,7 @@ def write_sops(folder: Path, n_checks: int, k_resumes: int) -> None:
     )
 
 
-def configure(home: Path, sops: Path) -> Any:
+def configure(home: Path, sops: Path, postgres: str | None = None) -> Any:
     """Point sopflow and Prefect at the temporary home; must run before Prefect is imported."""
     if "prefect" in sys.modules:
         raise RuntimeError("Prefect was imported before the bench set its environment")
@@ -107,6 +126,10 @@ def configure(home: Path, sops: Path) -> Any:
         "SOPFLOW_NOTIFY_CONFIG",
     ):
         os.environ.pop(key, None)
+    if postgres:
+        os.environ["SOPFLOW_DATABASE_URL"] = f"{postgres}/{PG_DBS[0]}"
+        os.environ["SOPFLOW_PREFECT_DATABASE_URL"] = f"{postgres.replace('psycopg2', 'asyncpg')}/{PG_DBS[1]}"
+    os.environ["SOPFLOW_NOTIFY_CONFIG"] = str(home / "notify.yaml")  # every worker's, whatever its home
     os.environ["SOPFLOW_HOME"] = str(home)
     os.environ["SOPFLOW_PREFECT_PORT"] = str(free_port())
     os.environ["SOPFLOW_SOPS_DIR"] = str(sops)
@@ -115,284 +138,6 @@ def configure(home: Path, sops: Path) -> Any:
     from flows.engine.env import apply_prefect_env
 
     return apply_prefect_env(get_settings())
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def p95(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
-
-
-def ms(x: float) -> str:
-    return f"{x * 1000:8.1f} ms"
-
-
-def run_status(settings: Any, run_id: str) -> str | None:
-    from sqlalchemy import text
-
-    from flows.record.db import read_session
-
-    with read_session(settings.database_url) as s:
-        row = (
-            s.connection()
-            .execute(
-                text("SELECT status, detail FROM sf_run_event WHERE run_id = :r ORDER BY n DESC LIMIT 1"), {"r": run_id}
-            )
-            .first()
-        )
-    if row is None:
-        return None
-    status, detail = row
-    if status == "failed":
-        raise RuntimeError(f"run {run_id} failed: {detail}")
-    return str(status)
-
-
-def step_status(settings: Any, run_id: str, step_id: str) -> str | None:
-    from sqlalchemy import text
-
-    from flows.record.db import read_session
-
-    with read_session(settings.database_url) as s:
-        row = (
-            s.connection()
-            .execute(
-                text("SELECT status FROM sf_step_record WHERE run_id = :r AND step_id = :s ORDER BY n DESC LIMIT 1"),
-                {"r": run_id, "s": step_id},
-            )
-            .first()
-        )
-    return None if row is None else str(row[0])
-
-
-def wait_until(pred: Callable[[], bool], every: float, timeout: float, what: str) -> None:
-    deadline = time.perf_counter() + timeout
-    while not pred():
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"{what} after {timeout:.0f} s")
-        time.sleep(every)
-
-
-# -- part 1: per-step overhead -------------------------------------------------------------------
-def time_sopflow(settings: Any, sop_id: str, n_steps: int) -> float:
-    from flows.services.runs import start_run
-
-    t0 = time.perf_counter()
-    started = start_run(settings, INSTITUTION, sop_id, {"n": "1"}, USER, PASSWORD)
-    run_id = started.run_id
-    wait_until(
-        lambda: run_status(settings, run_id) == "completed", RUN_POLL, 120, f"sopflow run {run_id} not completed"
-    )
-    elapsed = time.perf_counter() - t0
-    wait_task_runs(started.flow_run_id, n_steps)  # untimed: let the server catch up before the next run
-    return elapsed
-
-
-def make_plain_flows() -> tuple[Any, Any]:
-    """Two async flows of N trivial tasks: sync tasks called directly (run-sop's pattern), and the
-    same inside one ``SyncClientContext`` (otherwise Prefect builds a new sync API client, SSL
-    context included, for every sync task called from an async flow)."""
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
-    from prefect.context import SyncClientContext
-    from prefect.runtime import flow_run
-
-    # The same task options as run-sop's step task: no cache, no persisted result.
-    @task(name="plain-step", cache_policy=NO_CACHE, persist_result=False)
-    def plain_step(i: int) -> int:
-        return i
-
-    # Async flows, like run-sop: Prefect joins the heartbeat thread of sync flows only (~1 s late).
-    @flow(name="bench-plain", persist_result=False)
-    async def plain_flow(n: int) -> str:
-        for i in range(n):
-            plain_step.with_options(task_run_name=f"plain/{i}")(i)
-        return str(flow_run.id)
-
-    @flow(name="bench-plain-client", persist_result=False)
-    async def plain_flow_client(n: int) -> str:
-        with SyncClientContext.get_or_create():
-            for i in range(n):
-                plain_step.with_options(task_run_name=f"plain/{i}")(i)
-        return str(flow_run.id)
-
-    return plain_flow, plain_flow_client
-
-
-def wait_task_runs(flow_run_id: str, n: int) -> None:
-    """Wait until the server has recorded N completed task runs of a flow run (states arrive asynchronously)."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
-        TaskRunFilter,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-
-    with get_client(sync_client=True) as client:
-
-        def recorded() -> bool:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
-                task_run_filter=TaskRunFilter(
-                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]))
-                ),
-                limit=n + 1,
-            )
-            return len(runs) >= n
-
-        wait_until(recorded, 0.05, 120, f"task runs of {flow_run_id} not recorded")
-
-
-def time_prefect(plain_flow: Any, n: int, settle: list[float] | None = None) -> float:
-    """Time one plain flow; then wait (untimed) until the server has recorded its N completed task
-    runs: task-run states reach the server asynchronously, and a backlog would slow the next run."""
-    import asyncio
-
-    t0 = time.perf_counter()
-    fr_id = asyncio.run(plain_flow(n))
-    elapsed = time.perf_counter() - t0
-    wait_task_runs(fr_id, n)
-    if settle is not None:
-        settle.append(time.perf_counter() - t0 - elapsed)
-    return elapsed
-
-
-def part1(settings: Any, n: int, repeats: int) -> dict[str, Any]:
-    plain, plain_ctx = make_plain_flows()
-    # Warm-up (not counted): first imports, client connections, the SOP version row, Prefect's flow rows.
-    time_sopflow(settings, BASE_SOP, 1)
-    time_sopflow(settings, CHECKS_SOP, n)
-    for f in (plain, plain_ctx):
-        time_prefect(f, 0)
-        time_prefect(f, n)
-    r: dict[str, list[float]] = {k: [] for k in ("sf_base", "sf_n", "pf_base", "pf_n", "pc_base", "pc_n", "settle")}
-    for _ in range(repeats):  # interleaved, so drift hits all alike
-        r["sf_base"].append(time_sopflow(settings, BASE_SOP, 1))
-        r["sf_n"].append(time_sopflow(settings, CHECKS_SOP, n))
-        r["pf_base"].append(time_prefect(plain, 0))
-        r["pf_n"].append(time_prefect(plain, n, r["settle"]))
-        r["pc_base"].append(time_prefect(plain_ctx, 0))
-        r["pc_n"].append(time_prefect(plain_ctx, n, r["settle"]))
-    out: dict[str, Any] = dict(r)
-    out["sf_step"] = (median(r["sf_n"]) - median(r["sf_base"])) / max(1, n - 1)  # the baseline SOP has one step
-    out["pf_step"] = (median(r["pf_n"]) - median(r["pf_base"])) / n
-    out["pc_step"] = (median(r["pc_n"]) - median(r["pc_base"])) / n
-    return out
-
-
-# -- part 2: signed submit -> next step ------------------------------------------------------------
-def time_authenticate(settings: Any, times: int = 7) -> list[float]:
-    from flows.record.accounts import authenticate
-    from flows.record.db import read_session
-
-    out = []
-    for _ in range(times):
-        with read_session(settings.database_url) as s:
-            t0 = time.perf_counter()
-            authenticate(s, USER, PASSWORD)
-            out.append(time.perf_counter() - t0)
-    return out
-
-
-def wait_waiting(settings: Any, run_id: str, step_id: str) -> None:
-    wait_until(
-        lambda: step_status(settings, run_id, step_id) == "waiting", STEP_POLL, 60, f"step {step_id} not waiting"
-    )
-
-
-def part2(settings: Any, k: int) -> dict[str, Any]:
-    from flows.services.runs import start_run
-    from flows.services.signing import submit_step
-
-    steps = [f"r{i:03d}" for i in range(k + 1)]
-    t_start = time.perf_counter()
-    run_id = start_run(settings, INSTITUTION, SIGNED_SOP, {}, USER, PASSWORD).run_id
-    wait_waiting(settings, run_id, steps[0])
-    first_wait = time.perf_counter() - t_start
-    latency, call, resumed = [], [], []
-    for i in range(k):
-        t0 = time.perf_counter()
-        res = submit_step(settings, run_id, steps[i], USER, PASSWORD, {"v": str(i)})
-        t1 = time.perf_counter()
-        wait_waiting(settings, run_id, steps[i + 1])
-        latency.append(time.perf_counter() - t0)
-        call.append(t1 - t0)
-        resumed.append(res.resumed)
-    t0 = time.perf_counter()
-    submit_step(settings, run_id, steps[k], USER, PASSWORD, {"v": str(k)})
-    wait_until(lambda: run_status(settings, run_id) == "completed", STEP_POLL, 60, "signed run not completed")
-    last = time.perf_counter() - t0
-    return {
-        "latency": latency,
-        "call": call,
-        "resumed": resumed,
-        "first_wait": first_wait,
-        "last": last,
-        "phases": resume_phases(settings, run_id, steps),
-    }
-
-
-def resume_phases(settings: Any, run_id: str, steps: list[str]) -> dict[str, list[float]]:
-    """Where each resume's time went, from Prefect's state history and sopflow's step records."""
-    from datetime import UTC, datetime
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from sqlalchemy import text
-
-    from flows.record.db import read_session
-
-    def utc(t: Any) -> datetime:
-        t = datetime.fromisoformat(t) if isinstance(t, str) else t
-        return t.replace(tzinfo=UTC) if t.tzinfo is None else t
-
-    with read_session(settings.database_url) as s:
-        conn = s.connection()
-        fr_id = conn.execute(text("SELECT flow_run_id FROM sf_run WHERE id = :r"), {"r": run_id}).scalar_one()
-        recs = [
-            (st, status, utc(at))
-            for st, status, at in conn.execute(
-                text("SELECT step_id, status, at FROM sf_step_record WHERE run_id = :r ORDER BY n"), {"r": run_id}
-            )
-        ]
-    with get_client(sync_client=True) as client:
-        states = sorted((utc(st.timestamp), st.name) for st in client.read_flow_run_states(UUID(fr_id)))
-
-    def first(after: Any, pred: Callable[[tuple[Any, str]], bool], seq: list[Any]) -> Any:
-        return next((x for x in seq if x[0] >= after and pred(x)), None)
-
-    names = (
-        "signed->Resuming",
-        "Resuming->Pending (claim)",
-        "Pending->Running",
-        "Running->step done",
-        "step done->next waiting",
-    )
-    out: dict[str, list[float]] = {k: [] for k in names}
-    for i in range(len(steps) - 1):
-        signed = next((at for st, status, at in recs if st == steps[i] and status == "signed"), None)
-        done = next((at for st, status, at in recs if st == steps[i] and status == "done"), None)
-        waiting = next((at for st, status, at in recs if st == steps[i + 1] and status == "waiting"), None)
-        if None in (signed, done, waiting):
-            continue
-        resuming = first(signed, lambda x: x[1] == "Resuming", states)
-        pending = resuming and first(resuming[0], lambda x: x[1] == "Pending", states)
-        running = pending and first(pending[0], lambda x: x[1] == "Running", states)
-        if not running:
-            continue
-        marks = [signed, resuming[0], pending[0], running[0], done, waiting]
-        for name, a, b in zip(names, marks, marks[1:], strict=False):
-            out[name].append((b - a).total_seconds())
-    return out
 
 
 def api_round_trip(times: int = 20) -> list[float]:
@@ -431,7 +176,7 @@ def machine_facts(settings: Any) -> list[str]:
         f"prefect    {prefect.__version__}; sqlalchemy {sqlalchemy.__version__}; sopflow commit {commit}",
         f"databases  sopflow {settings.database_url.split(':', 1)[0]}; Prefect server {settings.prefect_database_url.split(':', 1)[0]} "
         f"(local, port {settings.prefect_port})",
-        f"executor   poll {settings.poll_seconds * 1000:.0f} ms busy .. {settings.poll_max_seconds * 1000:.0f} ms idle, nudged over UDP; "
+        f"workers    poll {settings.poll_seconds * 1000:.0f} ms busy .. {settings.poll_max_seconds * 1000:.0f} ms idle, nudged over UDP; "
         f"bench polls run status every {RUN_POLL * 1000:.0f} ms, step records every {STEP_POLL * 1000:.0f} ms",
     ]
 
@@ -445,6 +190,7 @@ def report(
     rtt: list[float],
     setup: float,
     total: float,
+    workers: int = 1,
 ) -> None:
     n, k = args.steps, args.resumes
     print()
@@ -492,18 +238,25 @@ def report(
     lat, call = r2["latency"], r2["call"]
     a = median(auth)
     net = [x - a for x in lat]
-    print(f"2. signed submit -> next step waiting, {k} resumes of one run (target <= 1 s p95 now, <= 100 ms later)")
+    load = r2["load"]
+    print(
+        f"2. signed submit -> next step waiting, {k} resumes of one run (target: p95 <= 1 s, then <= 200 ms; flat <= 1.2x)"
+    )
+    print(f"   load average (1 min) while measured: {min(load):.2f}-{max(load):.2f}")
     print(f"   argon2 authenticate alone: median {ms(a)}, max {ms(max(auth))} ({len(auth)} calls)")
-    print(f"   submit -> next waiting     : median {ms(median(lat))}  p95 {ms(p95(lat))}  max {ms(max(lat))}")
+    print(
+        f"   submit -> next waiting     : median {ms(median(lat))}  p95 {ms(p95(lat))}  max {ms(max(lat))}  (load {load[len(load) // 2]:.2f})"
+    )
     print(f"   the same less authenticate : median {ms(median(net))}  p95 {ms(p95(net))}  max {ms(max(net))}")
     print(
         f"   submit_step call returns   : median {ms(median(call))}  p95 {ms(p95(call))}  max {ms(max(call))}"
         f"  (resumed by the call: {sum(r2['resumed'])}/{len(r2['resumed'])})"
     )
     if len(lat) >= 10:
+        first, last = median(lat[:5]), median(lat[-5:])
         print(
-            f"   first 5 / last 5 resumes   : median {ms(median(lat[:5]))} / {ms(median(lat[-5:]))}"
-            "  (a resume re-enters the flow from the top)"
+            f"   flatness, last 5 / first 5 : {last / first:.2f}x  (median {ms(first).strip()} -> {ms(last).strip()}; "
+            f"load {load[0]:.2f} -> {load[-1]:.2f})"
         )
     print("   where a resume goes (Prefect's state history + sopflow's records; before 'signed' it is submit_step):")
     for name, xs in r2["phases"].items():
@@ -511,6 +264,7 @@ def report(
             print(f"     {name:27s}: median {ms(median(xs))}  max {ms(max(xs))}")
     print(f"   start_run -> first step waiting {ms(r2['first_wait'])}; last submit -> run completed {ms(r2['last'])}")
     print()
+    print(f"   {workers} worker(s); load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"total bench time {total:.1f} s")
 
 
@@ -519,29 +273,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="automated steps in part 1 (default 50)")
     parser.add_argument("--resumes", type=int, default=20, help="signed resumes in part 2 (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each part-1 run (default 3)")
+    parser.add_argument(
+        "--receipts", type=int, default=3, help="dose receipts of part 3 per engine (default 3; 0 skips)"
+    )
+    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server for sopflow's records and Prefect's")
+    parser.add_argument("--workers", type=int, default=None, help="sopflow workers (default 1; 2 with --postgres)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary SOPFLOW_HOME (its logs) after the run")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.resumes < 1 or args.repeats < 1:
         parser.error("--steps must be >= 2, --resumes and --repeats >= 1")
+    workers = args.workers or (2 if args.postgres else 1)
 
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="sopflow-bench-"))
     home, sops = tmp / "home", tmp / "sops"
     write_sops(sops, args.steps, args.resumes)
-    settings = configure(home, sops)
+    (sops / "demo_hospital").symlink_to(REPO / "sops" / "demo_hospital")  # part 3's dose receipt
+    from bench import hosts
 
+    if args.postgres:
+        hosts.create_databases(args.postgres, PG_DBS)
+    settings = configure(home, sops, args.postgres)
+
+    from flows.cli.receiver import LocalReceiver
     from flows.services import server
     from flows.services.accounts import add_user
     from flows.services.guard import Officer
     from flows.services.training import grant_training
     from flows.services.versions import establish
 
+    extra: list[Any] = []
     try:
         t0 = time.perf_counter()
-        server.start(settings)
+        server.start(settings)  # waits as long as a fresh server's migrations take (a few minutes at most)
+        extra = hosts.start_workers(settings, tmp, workers - 1)
         setup = time.perf_counter() - t0
         qa = Officer("bench_qa", PASSWORD)
-        add_user(settings, "bench_qa", "Bench QA", PASSWORD, [(INSTITUTION, "qa")])  # the first account
+        grants = [(INSTITUTION, "qa"), ("demo_hospital", "qa"), ("demo_hospital", "quality_manager")]
+        add_user(settings, "bench_qa", "Bench QA", PASSWORD, grants)  # the first account
         add_user(settings, USER, "Bench User", PASSWORD, [(INSTITUTION, ROLE)], officer=qa)
         for sop_id in (CHECKS_SOP, BASE_SOP, SIGNED_SOP):  # signers must be trained on the SOP revision
             grant_training(settings, USER, INSTITUTION, sop_id, 1, trainer="Bench trainer", officer=qa)
@@ -549,21 +318,57 @@ def main(argv: list[str] | None = None) -> int:
         establish(settings, INSTITUTION, qa)
         rtt = api_round_trip()
         print(
-            f"server and executor up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
+            f"server and {workers} worker(s) up in {setup:.1f} s (home {home}); part 1: {args.steps} steps x {args.repeats} ...",
             flush=True,
         )
         r1 = part1(settings, args.steps, args.repeats)
         print(f"part 2: {args.resumes} signed resumes ...", flush=True)
         auth = time_authenticate(settings)
         r2 = part2(settings, args.resumes)
-        report(settings, args, r1, r2, auth, rtt, setup, time.perf_counter() - t_all)
+        r3 = None
+        if args.receipts:
+            with LocalReceiver() as rx:
+                r3 = part3_or_none(settings, tmp, sops, qa, rx.url(""), args.receipts)
+        report(settings, args, r1, r2, auth, rtt, setup, time.perf_counter() - t_all, workers)
+        if r3 is not None:
+            from bench.receipt import report as report3
+
+            print()
+            for line in report3(r3):
+                print(line)
     finally:
+        hosts.stop_workers(extra)
         server.stop(settings)
+        if args.postgres:
+            from flows.record.db import get_engine
+
+            get_engine(settings.database_url).dispose()
+            hosts.drop_databases(args.postgres, PG_DBS)
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def part3_or_none(settings: Any, tmp: Path, sops: Path, qa: Any, receiver_url: str, receipts: int) -> Any:
+    try:
+        import dbos  # noqa: F401
+        import SpiffWorkflow  # noqa: F401
+    except ImportError:
+        print("part 3 skipped: the peers are not installed (pip install -e '.[bench]')", flush=True)
+        return None
+    from bench import receipt
+
+    print(f"part 3: {receipts} dose receipts each through sopflow, DBOS, SpiffWorkflow, interleaved ...", flush=True)
+    receipt.setup(settings, sops, REPO, qa, receiver_url)
+
+    def status(settings: Any, run_id: str, step: str | None) -> str | None:
+        return step_status(settings, run_id, step) if step else run_status(settings, run_id)
+
+    folder = tmp / "peers"
+    folder.mkdir()
+    return receipt.part3(settings, qa.username, receiver_url, receipts, folder, status)
 
 
 if __name__ == "__main__":

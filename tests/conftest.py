@@ -41,7 +41,7 @@ from flows.record.training import record_training
 from flows.record.versions import append_version_event
 from flows.sop.model import HumanStepSpec, SopDefinition
 
-pytest_plugins = ["tests.fixtures_engine"]
+pytest_plugins = ["tests.fixtures_engine", "tests.cluster"]
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SOP = REPO / "sops" / "demo_hospital" / "dose_receipt.yaml"

@@ -21,7 +21,7 @@ from flows.services import runs as runs_service
 from flows.services import signing as signing_service
 from tests.fixtures_engine import ARRIVAL, PASSWORD, sign, start_receipt, wait_for
 from tests.stored import stored_text
-from tests.waiting import eventually
+from tests.waiting import LIMIT, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +79,14 @@ def test_run_sop_accepted_receipt_completes_with_document_and_notification(engin
     assert hashlib.sha256(text.encode()).hexdigest() == doc["sha256"]
     assert "COI-TEST-0001" in text
     assert "Wang Fang" in text
-    msg = receiver.wait_for(lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""))
+    msg = receiver.wait_for(
+        lambda m: m["path"] == "/physician" and "COI-TEST-0001" in m.get("message", ""), timeout=LIMIT
+    )
     assert msg is not None
     assert "accepted and in stock" in msg["message"]
     waiting = receiver.wait_for(
-        lambda m: m["path"] == "/pharmacist" and "Waiting on you" in m.get("title", "") and run_id in m["message"]
+        lambda m: m["path"] == "/pharmacist" and "Waiting on you" in m.get("title", "") and run_id in m["message"],
+        timeout=LIMIT,
     )
     assert waiting is not None  # what waits, for which dose, due when, and the link to the step's page
     assert waiting["title"].endswith("· COI-TEST-0001")

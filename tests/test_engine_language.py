@@ -18,6 +18,7 @@ from flows.services import inbox as inbox_service
 from flows.services import runs as runs_service
 from flows.services import signing as signing_service
 from tests.fixtures_engine import PASSWORD, sign, wait_for
+from tests.waiting import LIMIT
 
 pytestmark = pytest.mark.slow
 
@@ -203,7 +204,7 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
     assert {d["id"]: d["state"] for d in rec["deadlines"]}["thaw_to_infusion_end"] == "breached"
     assert any(e["action"] == "deviation.open" and e["object_id"] == dev["id"] for e in rec["audit_events"])
     assert _export_problems(lang, run_id) == []
-    msg = receiver.wait_for(lambda m: m["path"] == "/qa" and run_id in m.get("message", ""))
+    msg = receiver.wait_for(lambda m: m["path"] == "/qa" and run_id in m.get("message", ""), timeout=LIMIT)
     assert msg is not None
     assert "Deadline breached" in msg["title"]
 

@@ -33,6 +33,7 @@ from flows.sop import load_sop
 from flows.sop.model import SopDefinition
 from tests.conftest import DEMO_SOP, FIXED_AT, MakeRun
 from tests.fixtures_engine import ARRIVAL, sign, start_receipt, wait_for
+from tests.waiting import LIMIT
 
 TIMEOUT = timedelta(hours=4)  # qa_acceptance in sops/demo_hospital/dose_receipt.yaml
 
@@ -212,7 +213,7 @@ def test_escalation_overdue_approval_is_delivered_by_apprise_once(engine, receiv
     def for_this_run(m):
         return m["path"] == "/quality_manager" and run_id in m.get("message", "") and "Overdue" in m.get("title", "")
 
-    msg = receiver.wait_for(for_this_run)
+    msg = receiver.wait_for(for_this_run, timeout=LIMIT)
     assert msg is not None
     assert re.search(
         r"QA acceptance into stock has waited 4 h \d+ min for QA officer to sign; its time limit is 4 h", msg["message"]

@@ -12,6 +12,7 @@ import pytest
 from flows.cli.receiver import LocalReceiver
 from flows.errors import ConfigError
 from flows.outputs.notify import Delivery, channels_for, load_channels, notify
+from tests.waiting import LIMIT
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_notify_delivers_title_and_body_to_the_role(tmp_path: Path, rx: LocalRec
     )
 
     assert deliveries == [Delivery(role="physician", channel=f"json://127.0.0.1:{rx.port}", ok=True)]
-    message = rx.wait_for(lambda m: m["path"] == "/physician")
+    message = rx.wait_for(lambda m: m["path"] == "/physician", timeout=LIMIT)
     assert message is not None
     assert message["title"] == "Dose accepted"
     assert message["message"] == "Dose COI-2026-0001 (Yikaida, lot LOT-77) accepted <and> in stock. 已入库"
@@ -59,7 +60,7 @@ def test_notify_star_role_receives_every_message_once(tmp_path: Path, rx: LocalR
     deliveries = notify(channels, "demo_hospital", ["physician", "nurse"], "Dose accepted", "in stock")
 
     assert [(d.role, d.ok) for d in deliveries] == [("physician", True), ("physician", True)]
-    assert rx.wait_for(lambda m: m["path"] == "/all") is not None
+    assert rx.wait_for(lambda m: m["path"] == "/all", timeout=LIMIT) is not None
     assert sorted(m["path"] for m in rx.messages) == ["/all", "/physician"]
 
 
@@ -69,7 +70,7 @@ def test_notify_star_role_receives_for_a_role_without_channels(rx: LocalReceiver
     deliveries = notify(channels, "demo_hospital", ["nurse"], "Infusion due", "bed 12")
 
     assert deliveries == [Delivery(role="nurse", channel=f"json://127.0.0.1:{rx.port}", ok=True)]
-    message = rx.wait_for(lambda m: m["path"] == "/all")
+    message = rx.wait_for(lambda m: m["path"] == "/all", timeout=LIMIT)
     assert message is not None
     assert (message["title"], message["message"]) == ("Infusion due", "bed 12")
 
@@ -82,7 +83,7 @@ def test_notify_unreachable_channel_returns_not_ok_without_raising(rx: LocalRece
 
     assert [d.ok for d in deliveries] == [False, True]  # the failure does not stop the next channel
     assert deliveries[0].channel == f"json://{dead.split('://')[1].split('/')[0]}"
-    assert rx.wait_for(lambda m: m["path"] == "/physician") is not None
+    assert rx.wait_for(lambda m: m["path"] == "/physician", timeout=LIMIT) is not None
 
 
 def test_notify_url_apprise_cannot_use_returns_not_ok() -> None:

@@ -41,6 +41,18 @@ def server_stop() -> None:
     cli.out.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
+@server_app.command("deploy")
+def server_deploy() -> None:
+    """Create the `sopflow` work pool and the run-sop/sopflow deployment (no secret in either)."""
+    from flows.services import worker
+
+    made = cli.run(worker.deploy, cli.settings())
+    cli.out.print(
+        f"work pool {made['work_pool']!r} (type sopflow), deployment {made['deployment']} ({made['deployment_id']})"
+    )
+    cli.out.print(f"start workers with: prefect worker start --type sopflow --pool {made['work_pool']}")
+
+
 @server_app.command("status")
 def server_status() -> None:
     """Show whether the server and the executor run; exit 1 when either does not."""

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 from uuid import UUID
@@ -19,15 +18,23 @@ from flows.engine.env import apply_prefect_env
 from flows.engine.nudge import nudge
 from flows.errors import EngineError
 from flows.record.db import read_session
-from flows.record.state import signed_but_suspended
+from flows.record.state import signed_but_suspended, step_states
 
-__all__ = ["api_client", "create_flow_run", "pause_key_prefix", "release_flow_run", "resume", "resume_signed_runs"]
+__all__ = [
+    "api_client",
+    "create_flow_run",
+    "pause_key_prefix",
+    "release_flow_run",
+    "resume",
+    "resume_if_signed",
+    "resume_signed_runs",
+]
 
 log = logging.getLogger("sopflow.executor")
 
 DEPLOYMENT = "run-sop/sopflow"
 _HOLD = timedelta(seconds=60)
-"""A new flow run waits this long for its record: if ``start`` dies before releasing it, an executor
+"""A new flow run waits this long for its record: if ``start`` dies before releasing it, a worker
 picks it up then anyway (and the flow fails, saying so, when no record was written)."""
 
 
@@ -56,31 +63,40 @@ def _deployment_id(client: Any) -> UUID:
         return client.read_deployment_by_name(DEPLOYMENT).id  # type: ignore[no-any-return]
     except ObjectNotFound:
         raise EngineError(
-            f"the Prefect deployment {DEPLOYMENT!r} does not exist yet: start the executor (`sopflow server start`)"
+            f"the Prefect deployment {DEPLOYMENT!r} does not exist yet: start a worker (`sopflow server start`, or "
+            "`prefect worker start --type sopflow --pool sopflow`) or run `sopflow server deploy`"
         ) from None
 
 
-def create_flow_run(settings: Settings, run_id: str, name: str) -> str:
+def create_flow_run(
+    settings: Settings,
+    run_id: str,
+    name: str,
+    *,
+    tags: list[str] | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> str:
     """Create the flow run for a new sopflow run, held until ``release_flow_run``.
 
     The flow run exists before sopflow's record of the run (which must name it), and no
-    executor may start it before that record is committed: it is created scheduled far in the
-    future, and released once the record is written.
+    worker may start it before that record is committed: it is created scheduled far in the
+    future, and released once the record is written. ``name``, ``tags`` and ``parameters`` are
+    what operators see (``flows.engine.operators``); the flow reads only ``run_id``.
     """
     apply_prefect_env(settings)  # before the first Prefect import in this process
     import httpx
     from prefect.states import Scheduled
-    from prefect.types._datetime import now
 
     try:
         with api_client(settings) as client:
             dep = _deployment_id(client)
             fr = client.create_flow_run_from_deployment(
                 dep,
-                parameters={"run_id": run_id},
+                parameters=parameters or {"run_id": run_id},
                 name=name,
+                tags=tags,
                 idempotency_key=f"sopflow-run-{run_id}",
-                state=Scheduled(scheduled_time=now("UTC") + _HOLD, name="AwaitingRecord"),
+                state=Scheduled(scheduled_time=datetime.now(UTC) + _HOLD, name="AwaitingRecord"),
             )
             return str(fr.id)
     except httpx.HTTPError as exc:
@@ -122,33 +138,45 @@ def _paused_at(state: Any, step_id: str) -> bool:
     return bool(key) and str(key).startswith(prefix) and str(key)[len(prefix) :].isdigit()
 
 
-def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str, *, wait: float = 15.0) -> bool:
+def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str) -> bool:
     """Resume a suspended flow run with a signature reference; True when Prefect accepted it.
 
-    The gate records "waiting" just before it suspends, so a quick signer can arrive while the
-    run is still Running: wait (briefly) until it is Paused. False means the executor's sweep
-    will deliver it later; the signature is already in the record either way.
+    No waiting: the gate records "waiting" just before it suspends, so a quick signer can arrive
+    while the run is still Running. Then this returns False at once, and the worker resumes the
+    run itself as soon as it has suspended (it re-reads the record then: ``flows.engine.executor``);
+    the signature is in the record either way, and the worker's sweep repairs a lost resume.
     """
     apply_prefect_env(settings)  # before the first Prefect import in this process
     import httpx
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.exceptions import PrefectException
 
-    deadline = time.monotonic() + wait
     try:
         with api_client(settings) as client:
-            while True:
-                state = client.read_flow_run(UUID(flow_run_id)).state
-                if _paused_at(state, step_id):
-                    break
-                if (state is not None and state.is_final()) or time.monotonic() > deadline:
-                    return False
-                time.sleep(0.02)
+            # No read of the run's state first: the server refuses a resume of a run that is not
+            # paused, and the gate re-checks everything against the record anyway.
             response = client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
-        nudge(settings)
-        return bool(response.status == SetStateStatus.ACCEPT)
+        accepted = bool(response.status == SetStateStatus.ACCEPT)
+        if accepted:
+            nudge(settings, flow_run_id)
+        return accepted
     except (httpx.HTTPError, PrefectException):
         return False
+
+
+def resume_if_signed(settings: Settings, client: Any, flow_run_id: str, run_id: str) -> bool:
+    """Resume a run that just suspended at a step signed meanwhile (its signer found it still
+    Running, so their resume did not happen); True when it was resumed."""
+    with read_session(settings.database_url) as s:
+        signed = [(sid, rec.signature_id) for sid, rec in step_states(s, run_id).items() if rec.status == "signed"]
+    if not signed:
+        return False
+    state = client.read_flow_run(UUID(flow_run_id)).state
+    for step_id, signature_id in signed:
+        if _paused_at(state, step_id):
+            client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+            return True
+    return False
 
 
 def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> int:

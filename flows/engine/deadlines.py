@@ -5,7 +5,9 @@ and the executor's sweep calls :func:`sweep_deadlines` every few seconds (a ``fr
 no ``to``, and now past due). Each opens one ``Deviation`` per deadline and run (its ``step_id``
 is the deadline's id), audited as ``deviation.open``, and tells the deadline's
 ``deviation.notify`` roles. Exactly once: the row is written under the record's write lock after
-looking for it; the message goes out after that transaction, only by whoever wrote the row.
+looking for it, and its message is recorded in the outbox in the same transaction
+(``deadline:<deviation id>``), then delivered (``flows.engine.outbox``): a crash after the row is
+no lost message, the outbox's sweep delivers it. The sweep runs under the job lease ``job:deadlines``.
 
 No Prefect here: reads and writes sopflow's record and delivers through apprise.
 """
@@ -19,8 +21,11 @@ from sqlmodel import col, select
 
 from flows.config import Settings
 from flows.engine.escalation import format_duration
-from flows.engine.steps import SYSTEM, RunContext, send
-from flows.outputs.messages import message
+from flows.engine.leases import job_key, run_key
+from flows.engine.operators import emit
+from flows.engine.outbox import deliver_message, queue
+from flows.engine.steps import SYSTEM
+from flows.outputs.messages import Message, message
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deadlines import deadline_states
@@ -48,8 +53,12 @@ def _description(entry: dict[str, object], limit: timedelta) -> str:
     )
 
 
-def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now: datetime | None = None) -> int:
-    """Open a deviation for each breached or overdue deadline of the run that has none; returns how many."""
+def settle_deadlines(
+    settings: Settings, run: SopRun, sop: SopDefinition, *, now: datetime | None = None, lease: str | None = None
+) -> int:
+    """Open a deviation for each breached or overdue deadline of the run that has none; returns how many.
+
+    ``lease``: what its messages are delivered under (default: the run's, as the walk holds it)."""
     if not sop.deadlines:
         return 0
     now = now or utcnow()
@@ -65,6 +74,25 @@ def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now
         spec = specs[entry["id"]]
         limit = timedelta(seconds=entry["limit_seconds"])
         text = spec.deviation.description or _description(entry, limit)
+        body: str | Message
+        try:  # the message in the institution's language, for people to act on (flows.outputs.messages)
+            facts = run_facts(settings, run, sop)
+            body = message(
+                "deadline",
+                facts,
+                step=text_in(spec.title, facts.language) or entry["title"],
+                limit=limit,
+                state=entry["state"],
+                classification=spec.deviation.classification,
+            )
+            title = body.title
+        except Exception:  # the deviation is recorded whatever; its message then in plain words
+            log.exception("deadline %s of run %s: its message could not be written", spec.id, run.id)
+            title = f"[{run.sop_id}] deadline {entry['state']}: {entry['title']}"
+            body = (
+                f"Run {run.id} of {sop.title}: {_description(entry, limit)}. A {spec.deviation.classification} "
+                f"deviation has been opened; the run goes on."
+            )
         with write_session(settings.database_url) as s:
             if s.exec(select(Deviation.id).where(Deviation.run_id == run.id, Deviation.step_id == spec.id)).first():
                 continue  # the walk and a sweep raced: the other one opened it
@@ -78,18 +106,21 @@ def settle_deadlines(settings: Settings, run: SopRun, sop: SopDefinition, *, now
             )
             ledger.append(s, dev, actor=SYSTEM, action="deviation.open", reason=f"deadline {spec.id} {entry['state']}")
             dev_id = dev.id
-        n += 1
-        try:
-            facts = run_facts(settings, run, sop)
-            body = message(
-                "deadline",
-                facts,
-                step=text_in(spec.title, facts.language) or entry["title"],
-                limit=limit,
-                state=entry["state"],
-                classification=spec.deviation.classification,
+            msg = queue(
+                s,
+                key=f"deadline:{dev_id}",
+                institution=run.institution,
+                roles=list(spec.deviation.notify),
+                title=title,
+                body=body,
+                lease=lease or run_key(run.flow_run_id),
+                run_id=run.id,
             )
-            send(RunContext(settings, run, sop), list(spec.deviation.notify), body.title, body)
+            s.expunge(msg)
+        n += 1
+        emit("sopflow.deviation.opened", run, {"deviation_id": dev_id, "deadline_id": spec.id, "state": entry["state"]})
+        try:
+            deliver_message(settings, msg)
         except Exception:  # a broken notify.yaml must not undo a recorded deviation
             log.exception("deviation %s of run %s recorded, but its roles could not be told", dev_id, run.id)
     return n
@@ -114,7 +145,7 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
     n = 0
     for run, sop in pending:
         try:
-            n += settle_deadlines(settings, run, sop, now=now)
+            n += settle_deadlines(settings, run, sop, now=now, lease=job_key("deadlines"))
         except Exception:  # one bad run must not stop the others
             log.exception("deadlines of run %s could not be settled; retrying at the next sweep", run.id)
     return n

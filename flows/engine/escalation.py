@@ -8,10 +8,12 @@ waiting period, gets one apprise message to the ``escalate_to`` role with the ru
 how long it has waited, and one ``Escalation`` row (kind ``escalate`` or ``deviation``; with
 ``deviation`` a ``Deviation`` is opened in the same transaction). The step keeps waiting.
 
-Exactly once: the row's ``waiting_id`` (the period's first waiting record) is unique, and the
-row is written under the record's write lock after checking for it. The message goes out before
-that transaction (a slow channel must not hold the lock); two executors sweeping the same
-second could each send it, but only one escalation is recorded.
+Exactly once: the worker runs this sweep under the job lease ``job:escalate``
+(``flows.engine.leases``), so one worker at a time sweeps; the message is recorded in the outbox
+under ``escalation:<waiting id>`` before it is delivered (``flows.engine.outbox``), and the row's
+``waiting_id`` (the period's first waiting record) is unique, written under the record's write lock
+after checking for it. A sweep that dies between the message and the row re-runs, finds the
+message recorded (and delivered, or not), and records the row: one message, one row.
 
 No Prefect here: the sweep reads and writes sopflow's record and delivers through apprise.
 """
@@ -27,7 +29,10 @@ from sqlmodel import Session, col, func, select
 
 from flows.config import Settings
 from flows.engine.gates import find_human_step
-from flows.engine.steps import SYSTEM, RunContext, send
+from flows.engine.leases import job_key
+from flows.engine.operators import emit
+from flows.engine.outbox import notify_once
+from flows.engine.steps import SYSTEM
 from flows.errors import RecordError
 from flows.outputs.messages import Message, message
 from flows.record import ledger
@@ -129,10 +134,11 @@ def _message(o: Overdue, now: datetime, settings: Settings) -> tuple[str, Messag
     return msg.title, msg
 
 
-def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
+def escalate_overdue(settings: Settings, *, now: datetime | None = None, lease: str = job_key("escalate")) -> int:
     """Escalate every overdue human step not yet escalated in its waiting period; returns how many.
 
-    ``now`` is the clock (tests pass one; the executor passes none).
+    ``now`` is the clock (tests pass one; the executor passes none); ``lease`` the lease its
+    messages are delivered under (the worker holds it while the job runs).
 
     Raises:
         ConfigError: the notification channels file is broken.
@@ -146,7 +152,20 @@ def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
     for o in pending:
         roles = [o.step.escalate_to] if o.step.escalate_to else []
         title, body = _message(o, now, settings)
-        deliveries = send(RunContext(settings, o.run, o.sop), roles, title, body) if roles else []
+        deliveries = (
+            notify_once(
+                settings,
+                key=f"escalation:{o.waiting_id}",
+                institution=o.run.institution,
+                roles=roles,
+                title=title,
+                body=body,
+                lease=lease,
+                run_id=o.run.id,
+            )
+            if roles
+            else []
+        )
         try:
             with write_session(settings.database_url) as s:
                 if s.exec(select(Escalation.id).where(Escalation.waiting_id == o.waiting_id)).first() is not None:
@@ -180,6 +199,10 @@ def escalate_overdue(settings: Settings, *, now: datetime | None = None) -> int:
                     at=now,
                 )
                 ledger.append(s, esc, actor=SYSTEM, action=f"escalation.{o.step.on_timeout}")
+            escalated = {"step_id": o.step.id, "to_role": o.step.escalate_to, "kind": o.step.on_timeout}
+            emit("sopflow.step.escalated", o.run, {**escalated, "deviation_id": deviation_id})
+            if deviation_id is not None:
+                emit("sopflow.deviation.opened", o.run, {"deviation_id": deviation_id, "step_id": o.step.id})
         except RecordError:  # the unique waiting_id: another executor won the race
             log.warning("escalation of run %s step %s was recorded elsewhere", o.run.id, o.step.id)
             continue

@@ -15,13 +15,17 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from flows.engine.leases import run_key
+from flows.engine.outbox import queue
 from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
+from flows.outputs.messages import Message, message
 from flows.record.db import write_session
 from flows.record.deviations import append_deviation_event
+from flows.record.dose import run_facts
 from flows.record.ledger import audit, verify_signature
 from flows.record.query import disposition_id
 from flows.record.state import STALE_RESUME, signer_problem, step_data, step_states
-from flows.record.tables import Deviation, Signature, StepRecord
+from flows.record.tables import Deviation, OutboxMessage, Signature, StepRecord, utcnow
 from flows.sop.model import (
     ApproveStepSpec,
     CheckStepSpec,
@@ -76,17 +80,51 @@ def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
     )
 
 
-def open_gate(ctx: RunContext, step: HumanStepSpec) -> bool:
-    """Record that the step, and so the run, waits for signed input (one transaction, so nobody
-    sees one without the other); True when it is the first time (notify then)."""
+def open_gate(ctx: RunContext, step: HumanStepSpec) -> OutboxMessage | None:
+    """Record that the step, and so the run, waits for signed input, and queue the message that
+    tells its role (one transaction, so nobody sees one without the other, and the message is
+    recorded before anyone delivers it). Returns the message when the step begins to wait now (it
+    is to be delivered then); None when it already waited."""
     with write_session(ctx.url) as s:
         states = step_states(s, ctx.run.id)
         rec = states.get(step.id)
         set_run_status(s, ctx.run.id, "waiting", step.id)
         if rec is not None and rec.status in ("waiting", "signed", "done"):
-            return False
-        write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})
-        return rec is None or rec.status == "held"
+            return None
+        waiting = write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})
+        if rec is not None and rec.status != "held":
+            return None  # a refused resume: it waits again, and its role was told already
+        title, body = _waiting_message(ctx, step)
+        msg = queue(
+            s,
+            key=f"waiting:{waiting.id}",
+            institution=ctx.run.institution,
+            roles=[step.role],
+            title=title,
+            body=body,
+            lease=run_key(ctx.run.flow_run_id),
+            run_id=ctx.run.id,
+        )
+        s.flush()
+        s.expunge(msg)
+        return msg
+
+
+def _waiting_message(ctx: RunContext, step: HumanStepSpec) -> tuple[str, str | Message]:
+    """What tells the role a step waits: the dose, the step, due when, a link (``flows.outputs.messages``);
+    in plain words when the run's facts cannot be read (the step waits whatever)."""
+    try:
+        facts = run_facts(ctx.settings, ctx.run, ctx.sop)
+        due = utcnow() + step.timeout if step.timeout else None
+        shown = text_in(step.title, facts.language) or step.title or step.id
+        msg = message("waiting", facts, step=shown, step_id=step.id, role=step.role, due_at=due)
+        return msg.title, msg
+    except Exception:  # the message is a courtesy; the record is what matters
+        log.exception("run %s step %s: the waiting message could not be written", ctx.run.id, step.id)
+        title = str(step.title or step.id)
+        return f"[{ctx.run.sop_id}] waiting on you: {title}", (
+            f"Run {ctx.run.id} waits for {step.role!r} to sign step {step.id!r}: {title}. `sopflow inbox` lists it."
+        )
 
 
 def accept_signature(

@@ -32,6 +32,7 @@ from sqlmodel import Session
 
 from flows.config import Settings
 from flows.engine.client import create_flow_run, release_flow_run
+from flows.engine.operators import flow_run_name, flow_run_parameters, flow_run_tags
 from flows.engine.steps import set_run_status
 from flows.errors import SopInputError
 from flows.record import ledger
@@ -157,7 +158,13 @@ def open_run(
     """
     sop = prepared.pinned.definition
     run_id = new_id()
-    flow_run_id = create_flow_run(settings, run_id, f"{sop.id}-{run_id[:8]}")
+    flow_run_id = create_flow_run(
+        settings,
+        run_id,
+        flow_run_name(sop, run_id, prepared.params),
+        tags=flow_run_tags(institution, sop),
+        parameters=flow_run_parameters(institution, sop, run_id, prepared.params),
+    )
     try:
         with write_session(settings.database_url) as s:
             run = SopRun(

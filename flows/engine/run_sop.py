@@ -26,6 +26,7 @@ from flows.config import get_settings
 from flows.engine import subruns
 from flows.engine.client import pause_key_prefix
 from flows.engine.deadlines import settle_deadlines
+from flows.engine.faults import fault_point
 from flows.engine.gates import (
     accept_signature,
     disposition_step,
@@ -33,12 +34,13 @@ from flows.engine.gates import (
     repetition,
     stale_resume,
 )
+from flows.engine.operators import emit
+from flows.engine.outbox import deliver_message, flush_run
 from flows.engine.steps import (
     AUTOMATED,
     RunContext,
     load_context,
     run_when,
-    send,
     set_run_status,
     write_step,
 )
@@ -81,21 +83,27 @@ def step_task(ctx: RunContext, step_id: str) -> Any:
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
 def gate_task(ctx: RunContext, step: HumanStepSpec) -> None:
-    """Record that a human step waits and, the first time, tell its role."""
-    if open_gate(ctx, step):
-        title = step.title or step.id
-        try:
-            _notify_waiting(ctx, step, title)
-        except FlowsError as exc:  # e.g. a broken notify.yaml: the step still waits, the log says why
-            get_run_logger().error("step %s waits, but its role could not be notified: %s", step.id, exc)
+    """Record that a human step waits and, the first time, tell its role (through the outbox)."""
+    msg = open_gate(ctx, step)
+    if msg is None:
+        return
+    emit("sopflow.step.waiting", ctx.run, {"step_id": step.id, "kind": step.kind, "role": step.role})
+    try:
+        deliver_message(ctx.settings, msg)
+    except FlowsError as exc:  # e.g. a broken notify.yaml: the step still waits, the log says why
+        get_run_logger().error("step %s waits, but its role could not be notified: %s", step.id, exc)
 
 
-def _notify_waiting(ctx: RunContext, step: HumanStepSpec, title: str) -> None:
-    facts = run_facts(ctx.settings, ctx.run, ctx.sop)
-    due = utcnow() + step.timeout if step.timeout else None
-    shown = text_in(step.title, facts.language) or title
-    msg = message("waiting", facts, step=shown, step_id=step.id, role=step.role, due_at=due)
-    send(ctx, [step.role], msg.title, msg)
+def _accepted(
+    ctx: RunContext, step: HumanStepSpec, signature_id: str | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """``accept_signature``, and the event that says how it went."""
+    data, problem = accept_signature(ctx, step, signature_id)
+    if data is not None:
+        emit("sopflow.step.signed", ctx.run, {"step_id": step.id, "kind": step.kind, "role": step.role})
+    else:
+        emit("sopflow.step.refused", ctx.run, {"step_id": step.id, "kind": step.kind, "problem": problem})
+    return data, problem
 
 
 async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
@@ -107,7 +115,7 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
         if rec is not None and rec.status == "done":
             return step_data(rec)
         if rec is not None and rec.status == "signed":
-            data, problem = accept_signature(ctx, step, None)
+            data, problem = _accepted(ctx, step, None)
             if data is not None:
                 return data
             logger.warning("step %s: refused: %s", step.id, problem)
@@ -117,13 +125,15 @@ async def _human(ctx: RunContext, step: HumanStepSpec) -> dict[str, Any]:
         # quote(): see _walk_task; Prefect's task signature does not know it (hence the ignore).
         gate_task.with_options(task_run_name=f"{ctx.run.sop_id}/{step.id}")(quote(ctx), quote(step))  # type: ignore[call-overload]
         with read_session(ctx.url) as s:
+            if (now := step_states(s, ctx.run.id).get(step.id)) is not None and now.status == "signed":
+                continue  # signed while the gate opened: no need to suspend at all
             # A refused resume moves the gate to the next key: Prefect hands out each key's input once.
             key = f"{pause_key_prefix(step.id)}{refused_count(s, ctx.run.id, step.id)}"
         signed = await suspend_flow_run(wait_for_input=SignedInput, key=key)  # type: ignore[misc]  # sync_compatible
         if stale_resume(ctx, step, signed.signature_id):
             logger.info("step %s: ignored a late duplicate resume for another step; waiting again", step.id)
             continue
-        data, problem = accept_signature(ctx, step, signed.signature_id)
+        data, problem = _accepted(ctx, step, signed.signature_id)
         if data is not None:
             return data
         logger.warning("step %s: refused a resume: %s", step.id, problem)
@@ -157,21 +167,35 @@ async def _repeat(ctx: RunContext, step: RecordStepSpec) -> None:
         n += 1
 
 
-@flow(name=FLOW_NAME, flow_run_name="{run_id}", persist_result=True, validate_parameters=True)
-async def run_sop(run_id: str) -> dict[str, Any]:
-    """Walk the steps of sopflow run ``run_id`` to the end, suspending at each human step."""
-    # One sync API client for the whole run: without it every sync task called from this async
-    # flow builds its own client and loads the CA bundle (90 ms a task against 7 ms, bench/engine.py).
+@flow(name=FLOW_NAME, persist_result=False, validate_parameters=True)
+async def run_sop(
+    run_id: str,
+    institution: str | None = None,
+    sop_id: str | None = None,
+    sop_version: int | None = None,
+    coi: str | None = None,
+) -> dict[str, Any]:
+    """Walk the steps of sopflow run ``run_id`` to the end, suspending at each human step.
+
+    ``institution``, ``sop_id``, ``sop_version`` and ``coi`` are there for people reading the run in
+    Prefect (``flows.engine.operators``); the flow reads what it acts on from sopflow's record only.
+    Nothing persists its result: the record is the result, so workers need no shared result storage.
+    """
+    # One sync API client for the whole run (a worker's lane already holds one; ``get_or_create``
+    # reuses it): without it every sync task called from this async flow builds its own client and
+    # loads the CA bundle (90 ms a task against 7 ms, bench/engine.py).
     with SyncClientContext.get_or_create():
         return await _walk(get_settings(), run_id)
 
 
 async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
     ctx = load_context(settings, run_id)
+    flush_run(settings, run_id)  # a crash may have left a message recorded and not delivered
+    settle_deadlines(ctx.settings, ctx.run, ctx.sop)
     running = False
     for step in ctx.sop.steps:
-        settle_deadlines(ctx.settings, ctx.run, ctx.sop)  # a step just recorded may end (or breach) a deadline
-        ctx.refresh()
+        # Steps already done are skipped on what was read once: a resume costs the same at the
+        # first step as at the fiftieth, with no database or Prefect call for what is behind it.
         rec = ctx.states.get(step.id)
         if rec is not None and rec.status == "skipped":
             continue
@@ -189,8 +213,12 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
             if problem:
                 get_run_logger().warning("step %s runs: its 'when' could not be evaluated: %s", step.id, problem)
             if not go:
+                ctx.refresh()
                 continue
+        fault_point("step.start", f"{ctx.run.sop_id}/{step.id}")
         end = await WALKS[step.kind](ctx, step, rec)
+        settle_deadlines(ctx.settings, ctx.run, ctx.sop)  # a step just recorded may end (or breach) a deadline
+        ctx.refresh()
         if end is not None:
             return _finish(ctx, *end)
     return _finish(ctx, "completed", None)

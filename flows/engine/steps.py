@@ -18,11 +18,13 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
+from flows.engine.leases import run_key
+from flows.engine.operators import emit, publish_document
+from flows.engine.outbox import notify_once
 from flows.errors import FlowsError
 from flows.outputs.documents import render_document, render_pdf
 from flows.outputs.messages import Message
 from flows.outputs.messages import message as written
-from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.documents import store_document_bytes
@@ -229,6 +231,9 @@ def run_check(ctx: RunContext, step: CheckStepSpec, task_run_id: str | None) -> 
                 opened_at=utcnow(),
             )
             ledger.append(s, dev, actor=SYSTEM, action="deviation.open")
+            opened = {"deviation_id": dev.id, "step_id": step.id, "classification": dev.classification}
+    if not passed:
+        emit("sopflow.deviation.opened", ctx.run, {**opened, "quarantine": step.deviation.quarantine})
     return passed
 
 
@@ -288,6 +293,7 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
             run_id=ctx.run.id, step_id=step.id, template=name, path=path, sha256=digest, rendered_at=utcnow()
         )
         ledger.append(s, doc, actor=SYSTEM, action="document.render")
+        published = [(doc.id, str(path), digest)]
         data: dict[str, Any] = {
             "document_id": doc.id,
             "sha256": digest,
@@ -306,22 +312,31 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
             )
             ledger.append(s, pdf_doc, actor=SYSTEM, action="document.render")
             data.update({"pdf_document_id": pdf_doc.id, "pdf_sha256": pdf_digest, "pdf_path": pdf_path})
+            published.append((pdf_doc.id, pdf_path, pdf_digest))
         write_step(s, ctx.run.id, step.id, "document", "done", data, task_run_id=task_run_id)
+    for doc_id, doc_path, doc_sha in published:
+        publish_document(ctx.run, step.id, doc_id, doc_path, doc_sha)
 
 
 def send(
-    ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str | Message, attempts: int = 3
+    ctx: RunContext, roles: tuple[str, ...] | list[str], title: str, body: str | Message, *, key: str
 ) -> list[dict[str, Any]]:
-    """Deliver to every channel of the roles, retrying failures; never raises for a failed delivery."""
-    channels = load_channels(ctx.settings.notify_config)
-    results = notify(channels, ctx.run.institution, roles, title, body)
-    for i in range(1, attempts):
-        if all(d.ok for d in results):
-            break
-        time.sleep(0.5 * i)
-        retry = notify(channels, ctx.run.institution, [d.role for d in results if not d.ok], title, body)
-        results = [d for d in results if d.ok] + retry
-    return [d.as_dict() for d in results]
+    """Record the message under ``key`` (the outbox), then deliver it to every channel of the roles,
+    retrying failures; never raises for a failed delivery (``flows.engine.outbox``).
+
+    Raises:
+        ConfigError: the notification channels file is broken (the message stays queued).
+    """
+    return notify_once(
+        ctx.settings,
+        key=key,
+        institution=ctx.run.institution,
+        roles=roles,
+        title=title,
+        body=body,
+        lease=run_key(ctx.run.flow_run_id),
+        run_id=ctx.run.id,
+    )
 
 
 def run_notify(ctx: RunContext, step: NotifyStepSpec, task_run_id: str | None) -> None:
@@ -331,7 +346,7 @@ def run_notify(ctx: RunContext, step: NotifyStepSpec, task_run_id: str | None) -
         message = f"(message could not be rendered: {exc})"
     facts = run_facts(ctx.settings, ctx.run, ctx.sop)
     said = written("notify", facts, step=text_in(step.title, facts.language) or step.id, text=message)
-    deliveries = send(ctx, step.to, said.title, said)
+    deliveries = send(ctx, step.to, said.title, said, key=f"notify:{ctx.run.id}:{step.id}")
     with write_session(ctx.url) as s:
         write_step(
             s,

@@ -19,13 +19,14 @@ on WeCom and DingTalk). Must not import prefect.
 from __future__ import annotations
 
 import html
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-__all__ = ["CHANNELS", "TEXTS", "Message", "Rendered", "channel_of", "message"]
+__all__ = ["CHANNELS", "TEXTS", "Message", "Rendered", "channel_of", "message", "message_from_json"]
 
 Channel = Literal["mail", "wecom", "dingtalk", "webhook"]
 CHANNELS: dict[str, Channel] = {
@@ -119,6 +120,10 @@ class Message:
 
     def __str__(self) -> str:
         return self.render("webhook").body
+
+    def to_json(self) -> str:
+        """Its facts as JSON, for the outbox: what is delivered after a crash is what was recorded."""
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     def render(self, channel: str) -> Rendered:
         if channel == "mail":
@@ -247,3 +252,10 @@ def message(
         link_text=t["open"] if step_id else t["open_run"],
         footer=t["cli"],
     )
+
+
+def message_from_json(text: str) -> Message:
+    """A ``Message`` back from ``Message.to_json``."""
+    data = json.loads(text)
+    data["facts"] = [tuple(pair) for pair in data.get("facts", [])]
+    return Message(**data)

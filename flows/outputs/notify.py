@@ -9,11 +9,15 @@ receives every message of that institution::
       "*": ["dingtalk://token/"]
 
 A failed delivery never blocks a record: ``notify`` returns what was delivered and what failed,
-and the caller records both. Must not import prefect.
+and the caller records both. The engine's outbox (``flows.engine.outbox``) records each message
+before delivery and delivers it channel by channel: ``targets`` lists a message's channels (each
+once), ``deliver`` hands it to one, ``channel_id`` names a channel without its token. Must not
+import prefect.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,17 @@ import yaml
 from flows.errors import ConfigError
 from flows.outputs.messages import Message, channel_of
 
-__all__ = ["Delivery", "channels_for", "load_channels", "notify"]
+__all__ = [
+    "Delivery",
+    "Target",
+    "channel_id",
+    "channels_for",
+    "deliver",
+    "load_channels",
+    "notify",
+    "redact",
+    "targets",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,53 @@ _HOST_SCHEMES = frozenset({"json", "jsons", "xml", "xmls", "form", "forms", "htt
 tgram://, discord://...) put a token there, so only their scheme is shown."""
 
 
+def redact(url: str) -> str:
+    """The URL's scheme, and its host where the scheme has one: never a token."""
+    return _redact(url)
+
+
+def channel_id(url: str) -> str:
+    """A channel's identity in the record: the sha256 of its URL (the URL itself may hold a token)."""
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Target:
+    role: str
+    url: str
+
+
+def targets(
+    channels: dict[str, dict[str, list[str]]], institution: str, roles: tuple[str, ...] | list[str]
+) -> list[Target]:
+    """Every channel of the roles, each once (a channel of several roles, or of ``"*"``, gets a message once)."""
+    out: list[Target] = []
+    seen: set[str] = set()
+    for role in roles:
+        for url in channels_for(channels, institution, role):
+            if url not in seen:
+                seen.add(url)
+                out.append(Target(role, url))
+    return out
+
+
+def deliver(url: str, title: str, body: str | Message) -> bool:
+    """Hand one message to one channel; True when apprise says it was accepted. A ``Message`` is
+    written the way the channel reads it (mail: subject and HTML; WeCom, DingTalk: their markdown)."""
+    import apprise  # imported here: it loads its plugins on import
+
+    from flows.outputs.robots import register_robots
+
+    register_robots()
+    ap = apprise.Apprise()
+    if isinstance(body, str):
+        return bool(ap.add(url)) and bool(ap.notify(body=body, title=title))
+    written = body.render(channel_of(url))
+    return bool(ap.add(url)) and bool(
+        ap.notify(body=written.body, title=written.title, body_format=written.body_format)
+    )
+
+
 def _redact(url: str) -> str:
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in _HOST_SCHEMES:
@@ -87,27 +148,7 @@ def notify(
 ) -> list[Delivery]:
     """Send one message to every channel of each role, once per channel; returns one Delivery per channel.
     A ``Message`` is written for each channel its URL names (``flows.outputs.messages``)."""
-    import apprise  # imported here: it loads its plugins on import
-
-    from flows.outputs.robots import register_robots
-
-    register_robots()
-
-    out: list[Delivery] = []
-    sent: set[str] = set()  # a channel of several roles (or of "*") gets the message once
-    for role in roles:
-        for url in channels_for(channels, institution, role):
-            if url in sent:
-                continue
-            sent.add(url)
-            ap = apprise.Apprise()
-            added = ap.add(url)
-            text, head, form = (body, title, None) if isinstance(body, str) else _written(body, url)
-            ok = bool(added) and bool(ap.notify(body=text, title=head, body_format=form))
-            out.append(Delivery(role=role, channel=_redact(url), ok=ok))
-    return out
-
-
-def _written(message: Message, url: str) -> tuple[str, str, str]:
-    r = message.render(channel_of(url))
-    return r.body, r.title, r.body_format
+    return [
+        Delivery(role=t.role, channel=_redact(t.url), ok=deliver(t.url, title, body))
+        for t in targets(channels, institution, roles)
+    ]

@@ -31,6 +31,8 @@ __all__ = [
     "DocumentContent",
     "Escalation",
     "InstitutionSetup",
+    "OutboxDelivery",
+    "OutboxMessage",
     "Reminder",
     "RoleGrant",
     "RoleRevocation",
@@ -399,6 +401,58 @@ class Escalation(SQLModel, table=True):
     at: datetime = _ts()  # type: ignore[assignment]
 
 
+class OutboxMessage(SQLModel, table=True):
+    """A notification recorded before anyone tries to deliver it (``flows.engine.outbox``).
+
+    ``key`` is its idempotency key, unique: what caused it (``notify:<run>:<step>``,
+    ``waiting:<step record>``, ``escalation:<waiting record>``, ``deadline:<deviation>``,
+    ``reminder:<kind>:<object>``), so the same cause never queues a second message. Channels are
+    resolved at delivery from the notification configuration (their URLs hold tokens; none is stored).
+    ``lease`` names the lease held by whoever queued it (``flows.engine.leases``).
+    """
+
+    __tablename__ = "sf_outbox"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    key: str = Field(unique=True)
+    run_id: str | None = Field(default=None, index=True)
+    institution: str
+    roles_json: str
+    title: str = _text()  # type: ignore[assignment]
+    body: str = _text()  # type: ignore[assignment]
+    message_json: str | None = _text(nullable=True)  # type: ignore[assignment]
+    """The message's facts (``flows.outputs.messages.Message``) when it is written per channel; ``body``
+    is its plain text."""
+    lease: str
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
+class OutboxDelivery(SQLModel, table=True):
+    """One step of delivering an ``OutboxMessage`` to one channel; the newest row (by ``n``) is its state.
+
+    Statuses: ``attempt`` (about to hand the message to the channel: written before, so a crash
+    after it is never followed by a second delivery), ``delivered``, ``failed`` (the channel refused
+    or was down; retried later), ``interrupted`` (an ``attempt`` whose worker died before saying how
+    it went: it may or may not have arrived, and is not sent again: at most once), ``unaddressed``
+    (the message's roles had no channel when it was due: one row, with no channel).
+    """
+
+    __tablename__ = "sf_outbox_delivery"
+    __table_args__ = (UniqueConstraint("message_id", "channel_sha256", "n"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    message_id: str = Field(foreign_key="sf_outbox.id", index=True)
+    channel_sha256: str
+    """sha256 of the channel's URL: identifies it without storing its token."""
+    channel: str
+    """The URL's scheme and host only (``flows.outputs.notify``)."""
+    role: str
+    n: int
+    """Position among this message's rows for this channel (1, 2, …)."""
+    status: str
+    holder: str
+    """The lease held while this row was written (``run:<flow run>`` or ``job:<name>``)."""
+    at: datetime = _ts()  # type: ignore[assignment]
+
+
 class AuditEvent(SQLModel, table=True):
     """One link of the tamper-evident chain: ``hash = sha256(prev_hash + canonical(event))``."""
 
@@ -543,6 +597,8 @@ RECORD_TABLES: dict[str, type[SQLModel]] = {
         RoleRevocation,
         ApiToken,
         ApiTokenRevocation,
+        OutboxMessage,
+        OutboxDelivery,
     )
 }
 """Every table whose rows the audit chain covers, by table name."""

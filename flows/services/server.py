@@ -1,4 +1,6 @@
-"""The service floor: start, stop and report the local Prefect server and sopflow's worker.
+"""The service floor: start, stop and report the local Prefect server and sopflow's worker
+(``python -m flows.services.worker``: the worker type ``sopflow`` on the pool ``sopflow``; its
+process keeps the name ``executor`` in ``run/`` and in ``sopflow server status``).
 
 The embedded default keeps everything under ``SOPFLOW_HOME``: the Prefect server's SQLite
 database in ``prefect/``, its log and pid file in ``run/``. With ``SOPFLOW_PREFECT_API_URL`` set,
@@ -78,18 +80,34 @@ def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+MIGRATIONS_LIMIT = 900.0
+"""How long a local Prefect server that is alive and still starting is waited for: its first start
+migrates its database, which on a busy machine (or on PostgreSQL) takes minutes, not seconds."""
+
+
 def wait_healthy(settings: Settings, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
+    """Wait until the Prefect API answers: ``timeout`` for a server elsewhere; for the local one, as
+    long as its process is alive (its migrations may take minutes), up to ``MIGRATIONS_LIMIT``.
+
+    Raises:
+        EngineError: the local server exited, or the API did not answer in time.
+    """
+    start = time.monotonic()
     pid = _read_pid(settings, "prefect-server")
-    while time.monotonic() < deadline:
+    local = settings.embedded_prefect and pid is not None
+    limit = max(timeout, MIGRATIONS_LIMIT) if local else timeout
+    while time.monotonic() - start < limit:
         if api_healthy(settings.api_url):
             return
-        if settings.embedded_prefect and pid and not _alive(pid):
+        if local and not _alive(pid):
             raise EngineError(
                 f"the local Prefect server exited while starting; see {_log_file(settings, 'prefect-server')}"
             )
         time.sleep(0.2)
-    raise EngineError(f"the Prefect server at {settings.api_url} did not answer within {timeout:.0f} s")
+    raise EngineError(
+        f"the Prefect server at {settings.api_url} did not answer within {limit:.0f} s"
+        + (f"; see {_log_file(settings, 'prefect-server')}" if local else "")
+    )
 
 
 def _spawn(settings: Settings, name: str, argv: list[str]) -> int:
@@ -135,14 +153,12 @@ def start(settings: Settings, *, executor: bool = True, timeout: float = 90.0) -
     if executor and not _alive(_read_pid(settings, "executor")):
         ready_file(settings).unlink(missing_ok=True)
         pid = _spawn(settings, "executor", [sys.executable, "-m", "flows.services.worker"])
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + max(timeout, 300.0)  # imports and the first API calls, on a busy machine
         while not _ready(settings, pid):
             if not _alive(pid):
-                raise EngineError(f"the executor exited while starting; see {_log_file(settings, 'executor')}")
+                raise EngineError(f"the worker exited while starting; see {_log_file(settings, 'executor')}")
             if time.monotonic() > deadline:
-                raise EngineError(
-                    f"the executor did not get ready within {timeout:.0f} s; see {_log_file(settings, 'executor')}"
-                )
+                raise EngineError(f"the worker did not get ready in time; see {_log_file(settings, 'executor')}")
             time.sleep(0.1)
     return status(settings)
 

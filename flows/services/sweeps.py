@@ -17,8 +17,9 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
+from flows.engine.leases import job_key
+from flows.engine.outbox import notify_once
 from flows.errors import RecordError
-from flows.outputs.notify import load_channels, notify
 from flows.record import ledger
 from flows.record.accounts import is_active
 from flows.record.db import init_db, read_session, write_session
@@ -191,7 +192,16 @@ def _remind(
     with read_session(settings.database_url) as s:
         if s.exec(select(Reminder.id).where(Reminder.kind == kind, Reminder.object_id == object_id)).first():
             return False
-    deliveries = [d.as_dict() for d in notify(load_channels(settings.notify_config), institution, roles, title, body)]
+    # Recorded in the outbox before delivery (once per reminder, even if this sweep dies midway).
+    deliveries = notify_once(
+        settings,
+        key=f"reminder:{kind}:{object_id}",
+        institution=institution,
+        roles=roles,
+        title=title,
+        body=body,
+        lease=job_key("change_control"),
+    )
     try:
         with write_session(settings.database_url) as s:
             if s.exec(select(Reminder.id).where(Reminder.kind == kind, Reminder.object_id == object_id)).first():
