@@ -154,6 +154,7 @@ class Cluster:
             "SOPFLOW_SOPS_DIR": str(self.sops),
             "SOPFLOW_TEMPLATES_DIR": str(REPO / "templates"),
             "SOPFLOW_NOTIFY_CONFIG": str(self.notify),
+            "SOPFLOW_WEB_URL": "http://sopflow.test",  # messages link to the step's page: the run's id in the link
             "SOPFLOW_PASSWORD": PASSWORD,
             "DO_NOT_TRACK": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -32,6 +32,7 @@ from flows.sop.model import (
     FieldSpec,
     HumanStepSpec,
     RecordStepSpec,
+    text_in,
 )
 
 __all__ = [

@@ -45,17 +45,13 @@ from flows.engine.steps import (
     write_step,
 )
 from flows.errors import FlowsError
-from flows.outputs.messages import message
 from flows.record.db import read_session, write_session
-from flows.record.dose import run_facts
 from flows.record.state import refused_count, step_data, step_states
-from flows.record.tables import utcnow
 from flows.sop.expressions import ExpressionError, evaluate_check
 from flows.sop.model import (
     CheckStepSpec,
     HumanStepSpec,
     RecordStepSpec,
-    text_in,
 )
 
 __all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
