@@ -59,13 +59,15 @@ def test_load_sop_refuses_unbounded_text_fast_at_its_line(tmp_path: Path, name: 
     path = tmp_path / "case.yaml"
     path.write_text(text, encoding="utf-8")
 
-    started = time.perf_counter()
+    # The bound is on the work done (this thread's CPU seconds, as in test_sop_fuzz), not on how busy the
+    # shared machine is: the wall clock of a 1-second bound failed at a load average of 18 on 2 cores.
+    started = time.thread_time()
     with pytest.raises(SopDefinitionError) as info:
         load_sop(path)
-    from_file = time.perf_counter() - started
-    started = time.perf_counter()
+    from_file = time.thread_time() - started
+    started = time.thread_time()
     from_editor = validate_sop_text(text, name="case.yaml")
-    from_text = time.perf_counter() - started
+    from_text = time.thread_time() - started
 
     [problem] = info.value.problems
     assert (problem.line, message in problem.message) == (line, True), str(problem)

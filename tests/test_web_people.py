@@ -152,8 +152,13 @@ def test_web_chain_dashboard_and_training_pages(engine, app, receipt):
     assert "CAR-T dose receipt and acceptance" in chain
     assert "no completed collection run for COI-PEOPLE-0001" in chain
     board = qm.get("/dashboard").text
-    assert board.count("<svg") == 2  # open runs by stage, deviations per month; no dose was infused yet
-    assert "Nothing to show yet." in board
+    # Open runs by stage and deviations per month have bars; this dose was not infused, so it is not among
+    # the receipt-to-infusion bars, which hold only doses other modules infused in this session's engine.
+    before, section = board.split('id="receipt-to-infusion"')
+    assert before.count("<svg") == 2
+    assert 'aria-labelledby="stages-cap"' in before and 'aria-labelledby="months-cap"' in before
+    assert "PEOPLE-0001" not in section
+    assert ("Nothing to show yet." in section) == ("<svg" not in section)
     assert "<rect" in board
     assert "<script" not in board.split("</head>")[1]
     text = text_of(board)

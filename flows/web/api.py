@@ -39,7 +39,7 @@ from flows.errors import FlowsError, SopDefinitionError, SopInputError
 from flows.services import integration, tokens
 from flows.web.base import message_of, status_of
 
-__all__ = ["create_api"]
+__all__ = ["create_api", "http_error"]
 
 _bearer = HTTPBearer(auto_error=False, description="An integration token (`sopflow token create`).")
 
@@ -107,6 +107,12 @@ def _error(status: int, error: str, field: str | None = None, **extra: Any) -> J
     return JSONResponse(
         Error(error=error, field=field, **extra).model_dump(exclude_none=True) | {"field": field}, status
     )
+
+
+def http_error(exc: StarletteHTTPException) -> JSONResponse:
+    """An HTTP error under /api/ as JSON (the web app's handler calls it for paths its mount does not match)."""
+    text = "no such API path; see /api/v1/openapi.json" if exc.status_code == 404 else str(exc.detail)
+    return _error(exc.status_code, text)
 
 
 def _problems(exc: FlowsError) -> list[dict[str, str | None]]:
@@ -198,8 +204,7 @@ def create_api(settings: Settings) -> FastAPI:
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        text = "no such API path; see /api/v1/openapi.json" if exc.status_code == 404 else str(exc.detail)
-        return _error(exc.status_code, text)
+        return http_error(exc)
 
     @api.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -73,6 +73,10 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path.startswith(
+            "/api/"
+        ):  # a path the mount's pattern does not take (a newline in it): still JSON
+            return api.http_error(exc)
         ws = await web.session(request)
         text = web.gettext(ws, N_("Page not found.")) if exc.status_code == 404 else str(exc.detail)
         return web.render(ws, "error.html", status=exc.status_code, message=text)
