@@ -156,7 +156,8 @@ def test_web_chain_dashboard_and_training_pages(engine, app, receipt):
     # the receipt-to-infusion bars, which hold only doses other modules infused in this session's engine.
     before, section = board.split('id="receipt-to-infusion"')
     assert before.count("<svg") == 2
-    assert 'aria-labelledby="stages-cap"' in before and 'aria-labelledby="months-cap"' in before
+    assert 'aria-labelledby="stages-cap"' in before
+    assert 'aria-labelledby="months-cap"' in before
     assert "PEOPLE-0001" not in section
     assert ("Nothing to show yet." in section) == ("<svg" not in section)
     assert "<rect" in board
