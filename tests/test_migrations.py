@@ -8,6 +8,7 @@ tests/test_upgrade_release.py.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -101,6 +102,7 @@ def test_an_empty_database_is_brought_to_head_by_the_first_use(empty_url):
     init_db(empty_url)
     st = schema_status(empty_url)
     assert (st.state, st.revision, st.versioned) == ("current", schema.head(), True)
+    assert schema.VERSION_TABLE == "sf_schema_version"
     assert schema.VERSION_TABLE in _tables(empty_url)
 
 
@@ -110,7 +112,7 @@ def test_a_database_behind_the_code_refuses_every_command_and_creates_nothing(em
     with pytest.raises(SchemaVersionError, match=r"schema revision 0001, this sopflow needs 0002") as caught:
         init_db(empty_url)
     assert "run `sopflow db upgrade`" in str(caught.value)
-    for args in (["runs"], ["audit", "verify"], ["user", "list"], ["deviations"]):
+    for args in (["runs"], ["audit", "verify"]):
         out = _sopflow(empty_url, tmp_path, *args)
         assert out.returncode == 1, (args, out.stdout, out.stderr)
         lines = out.stderr.strip().splitlines()
@@ -160,8 +162,7 @@ def test_sopflow_db_upgrade_brings_it_to_head_and_then_everything_runs(empty_url
     assert out.returncode == 0, out.stderr
     assert "applied 0002" in out.stdout
     assert "the database is at revision 0002" in out.stdout
-    again = _sopflow(empty_url, tmp_path, "db", "upgrade")
-    assert "already at revision 0002: nothing to do" in again.stdout
+    assert upgrade_db(empty_url) == []  # already at head: nothing to do
     runs = _sopflow(empty_url, tmp_path, "runs")
     assert runs.returncode == 0, runs.stderr
     status = _sopflow(empty_url, tmp_path, "db", "status")
@@ -172,7 +173,7 @@ def test_sopflow_db_upgrade_brings_it_to_head_and_then_everything_runs(empty_url
 def test_a_database_ahead_of_the_code_refuses_clearly(empty_url, tmp_path):
     init_db(empty_url)
     with get_engine(empty_url).begin() as conn:
-        conn.execute(text(f"UPDATE {schema.VERSION_TABLE} SET version_num = '9999'"))
+        conn.execute(text("UPDATE sf_schema_version SET version_num = '9999'"))
     db._current.discard(empty_url)  # this process found it current a moment ago
     with pytest.raises(SchemaVersionError, match=r"at schema revision 9999, newer than this sopflow"):
         init_db(empty_url)
@@ -200,10 +201,10 @@ def test_a_database_made_before_versioning_is_recognised_by_its_tables(empty_url
     """The tables as cf31c97 (or a later unversioned commit) made them, with no version table."""
     _at(empty_url, "0001")
     with get_engine(empty_url).begin() as conn:
-        conn.execute(text(f"DROP TABLE {schema.VERSION_TABLE}"))
+        conn.execute(text("DROP TABLE sf_schema_version"))
     st = schema_status(empty_url)
     assert (st.state, st.revision, st.versioned) == ("behind", "0001", False)
-    assert upgrade_db(empty_url) == [line for line in st.pending]
+    assert upgrade_db(empty_url) == st.pending
     st = schema_status(empty_url)
     assert (st.state, st.revision, st.versioned) == ("current", "0002", True)
 
@@ -242,5 +243,35 @@ def test_processes_starting_together_on_an_empty_database_all_come_up(empty_url,
         assert p.returncode == 0, stderr
         assert stdout.strip() == schema.head()
     with get_engine(empty_url).connect() as conn:
-        assert conn.execute(text(f"SELECT count(*) FROM {schema.VERSION_TABLE}")).scalar_one() == 1
+        assert conn.execute(text("SELECT count(*) FROM sf_schema_version")).scalar_one() == 1
         assert not schema.differences(conn)
+
+
+def _old_payload(row: SQLModel, *, without: str) -> dict:
+    """What an event written before column ``without`` existed holds for ``row``."""
+    from flows.record.ledger import canonical, row_payload
+
+    payload = json.loads(canonical(row_payload(row)))
+    del payload[without]
+    return payload
+
+
+def test_a_column_added_later_leaves_old_rows_matching_their_events(monkeypatch):
+    """A row's recorded content stays what it was: a column its event does not name matches while it
+    holds the value the migration gave old rows (NULL, or ``info["backfill"]``), and only then."""
+    from datetime import UTC, datetime
+
+    from flows.record.ledger import row_changes
+    from flows.record.tables import User
+
+    row = User(username="old.user", printed_name="Old User", password_hash="x", created_at=datetime.now(UTC))
+    recorded = _old_payload(row, without="created_by")  # "created_by" came after this row: NULL in old rows
+    assert row_changes(recorded, row) == []
+    row.created_by = "someone"  # set behind sopflow's back after the upgrade
+    assert row_changes(recorded, row) == ["created_by"]
+    column = User.__table__.c.created_by  # type: ignore[attr-defined]
+    monkeypatch.setitem(column.info, "backfill", "migration")  # a NOT NULL column with the value old rows get
+    row.created_by = "migration"
+    assert row_changes(recorded, row) == []
+    recorded["printed_name"] = "Someone Else"  # a recorded column still counts as ever
+    assert row_changes(recorded, row) == ["printed_name"]

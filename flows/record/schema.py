@@ -23,17 +23,18 @@ migration leaves nothing behind (DDL is transactional on both). Must not import 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from alembic.autogenerate import compare_metadata
+from alembic.autogenerate import compare_metadata, produce_migrations, render_python_code
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, create_engine
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
@@ -46,6 +47,7 @@ __all__ = [
     "VERSION_TABLE",
     "SchemaStatus",
     "differences",
+    "draft",
     "head",
     "read_status",
     "upgrade",
@@ -224,3 +226,28 @@ def differences(conn: Connection, metadata: MetaData | None = None) -> list[Any]
 
 def _is_version_table(diff: Any) -> bool:
     return isinstance(diff, tuple) and diff[0] == "remove_table" and diff[1].name == VERSION_TABLE
+
+
+def draft() -> str:
+    """The body of the next revision's ``upgrade()``: what the models have beyond the migrations at
+    head, as Alembic renders it, with sopflow's column types written as plain SQLAlchemy ones (a
+    revision must not import the models). Read it, fix it, and save it as the next file
+    (flows/record/migrations/README.md): ``python -c "from flows.record.schema import draft; print(draft())"``."""
+    with tempfile.TemporaryDirectory() as folder:
+        engine = create_engine(f"sqlite:///{folder}/head.db")
+        try:
+            with engine.begin() as conn:
+                upgrade(conn)
+            with engine.connect() as conn:
+                ops = produce_migrations(_context(conn, compare_type=True), SQLModel.metadata)
+        finally:
+            engine.dispose()
+    if ops.upgrade_ops is None or ops.upgrade_ops.is_empty():
+        return "# the migrations at head already build the models: no revision needed"
+    code = render_python_code(ops.upgrade_ops, render_as_batch=True)
+    for model_type, plain in (
+        ("sqlmodel.sql.sqltypes.AutoString()", "sa.String()"),
+        ("flows.record.tables.UTCDateTime()", "sa.DateTime(timezone=True)"),
+    ):
+        code = code.replace(model_type, plain)
+    return code
