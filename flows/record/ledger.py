@@ -13,8 +13,8 @@ columns the event names, and a column the event does not name must still hold th
 migration gave old rows (``Column(info={"backfill": value})``, NULL when not declared). So an
 upgrade leaves every hash and every ``audit verify`` verdict as it was, and setting a new column on
 an old row behind sopflow's back is still caught. ``_event_hash`` names its fields one by one, so a
-column added to ``sf_audit`` later is outside old events' hashes too (a new field that must be
-covered is added to the body only when set, keeping old events' bodies unchanged).
+column added to ``sf_audit`` later is outside old events' hashes too; to cover such a column, put it
+in the hashed body only when it is set, so that old events' bodies, and hashes, stay as they were.
 """
 
 from __future__ import annotations
