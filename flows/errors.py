@@ -6,6 +6,7 @@ Third-party errors are translated into these at the boundary (``raise … from e
 
     FlowsError
     ├── ConfigError               a setting is missing or wrong (database URL, home folder, server)
+    │   └── SchemaVersionError    the database's tables are behind the code (`sopflow db upgrade`) or ahead
     ├── SopDefinitionError        bad YAML / schema / cross-reference; .problems: list[Problem]
     ├── NotFoundError             no such run, document, user, version … (the web answers 404)
     │   └── SopNotFoundError      no SOP, institution or product by that id (with "did you mean")
@@ -42,6 +43,7 @@ __all__ = [
     "NotificationError",
     "Problem",
     "RecordError",
+    "SchemaVersionError",
     "SignatureMismatchError",
     "SopDefinitionError",
     "SopInputError",
@@ -58,6 +60,10 @@ class FlowsError(Exception):
 
 class ConfigError(FlowsError):
     """A setting is missing or wrong."""
+
+
+class SchemaVersionError(ConfigError):
+    """The database's schema revision is not the code's: behind (``sopflow db upgrade``), ahead, or unknown."""
 
 
 @dataclass(frozen=True)

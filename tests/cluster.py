@@ -199,15 +199,22 @@ class Cluster:
 
     # -- workers ---------------------------------------------------------------------------
     def start_worker(
-        self, host: str, *, fault: str | None = None, prefect_cli: bool = False
+        self,
+        host: str,
+        *,
+        fault: str | None = None,
+        prefect_cli: bool = False,
+        extra_env: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> subprocess.Popen[bytes]:
         """A worker as host ``host``: its own hostname (``unshare -u``) and home; the same databases.
         ``prefect_cli``: started as operators start any Prefect worker,
-        ``prefect worker start --type sopflow --pool sopflow``."""
+        ``prefect worker start --type sopflow --pool sopflow``. ``extra_env`` overrides its
+        environment (another database, another pool); ``wait=False`` returns at once (``wait_ready``)."""
         home = self.root / host
         (home / "run").mkdir(parents=True, exist_ok=True)
         (home / "run" / "executor.ready").unlink(missing_ok=True)
-        env = self.env(home)
+        env = {**self.env(home), **(extra_env or {})}
         if fault:
             env["SOPFLOW_FAULT"] = fault
         command = ["-m", "prefect", "worker", "start", "--type", "sopflow", "--pool", "sopflow"] if prefect_cli else []
@@ -224,13 +231,19 @@ class Cluster:
         log = (home / "worker.log").open("ab")
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
         self.workers[host] = proc
+        if wait:
+            self.wait_ready(host)
+        return proc
+
+    def wait_ready(self, host: str) -> None:
+        """Until the worker of ``host`` polls (its ready file); fails when it exited instead."""
+        proc, home = self.workers[host], self.root / host
         ready = home / "run" / "executor.ready"
         eventually(
             lambda: proc.poll() is not None or ready.exists(),
             f"worker {host} never got ready; see {home / 'worker.log'}",
         )
-        assert proc.poll() is None, f"worker {host} exited; see {home / 'worker.log'}"
-        return proc
+        assert proc.poll() is None, f"worker {host} exited: {(home / 'worker.log').read_text()[-2000:]}"
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

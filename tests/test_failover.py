@@ -9,6 +9,7 @@ notification is counted where it arrives: a real apprise ``json://`` receiver.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +133,43 @@ def test_two_workers_escalate_an_overdue_step_once(cluster, cluster_receiver):
     cluster.wait_sweeps("host-a", "host-b")
     assert len(cluster.rows("SELECT id FROM sf_escalation WHERE run_id = :r", r=run_id)) == 1
     assert len(escalations()) == 1
+
+
+def test_two_workers_started_together_on_an_empty_database_both_come_up(cluster):
+    """Issue 11: on main, one of two executors started together on an empty PostgreSQL database died
+    with ``UniqueViolation`` in ``init_db`` (both ran ``create_all``). Now the first migrates under
+    the schema lock and the other finds the database current; both sweep. Their own pool, so they
+    take none of the cluster's runs."""
+    from sqlalchemy import create_engine, text
+
+    from flows.record import schema
+    from flows.record.db import get_engine, schema_status
+
+    token = secrets.token_hex(4)
+    name = f"sopflow_fo_empty_{token}"
+    admin = create_engine(f"{cluster.pg_server}/test", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"{cluster.pg_server}/{name}"
+    hosts = ("host-e1", "host-e2")
+    try:
+        for host in hosts:
+            cluster.start_worker(
+                host, extra_env={"SOPFLOW_DATABASE_URL": url, "SOPFLOW_WORK_POOL": f"empty-{token}"}, wait=False
+            )
+        for host in hosts:
+            cluster.wait_ready(host)
+        cluster.wait_sweeps(*hosts, more=1)
+        st = schema_status(url)
+        assert (st.state, st.revision) == ("current", schema.head())
+        for host in hosts:
+            log = (cluster.root / host / "worker.log").read_text()
+            assert "Traceback" not in log, log[-3000:]
+    finally:
+        for host in hosts:
+            if host in cluster.workers:
+                cluster.kill(host)
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -116,6 +116,13 @@ def test_packaging_the_wheel_carries_the_library_templates_and_pages(wheel: Path
     expected |= {"flows/builtin/change_control.yaml", "flows/web/static/app.css"} & {
         f"flows/{p.relative_to(FLOWS)}" for p in FLOWS.rglob("*") if p.is_file()
     }
+    migrations = {f"flows/{p.relative_to(FLOWS)}" for p in (FLOWS / "record" / "migrations").rglob("*") if p.is_file()}
+    migrations = {m for m in migrations if "__pycache__" not in m}
+    assert {
+        "flows/record/migrations/versions/0001_release_cf31c97.py",
+        "flows/record/migrations/README.md",
+    } <= migrations
+    expected |= migrations  # the schema's revisions: `sopflow db upgrade` on a host with only the wheel
     assert len(expected) > 30
     assert expected - names == set()
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

@@ -39,6 +39,7 @@ import typer
 from flows.cli import common
 from flows.cli.admin import training_app, user_app
 from flows.cli.changes import register as register_changes
+from flows.cli.database import db_app
 from flows.cli.institutions import register as register_institutions
 from flows.cli.quality import chain, deviations
 from flows.cli.records import correct, verify_export
@@ -64,6 +65,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
 app.add_typer(token_app, name="token")
+app.add_typer(db_app, name="db")
 app.command("correct")(correct)
 app.command("deviations")(deviations)
 app.command("chain")(chain)

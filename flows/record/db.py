@@ -3,7 +3,14 @@
 Writers serialise: the audit chain is a single sequence, so every write transaction takes the
 database's write lock first (SQLite ``BEGIN IMMEDIATE``, PostgreSQL an advisory transaction lock)
 and only then reads the chain's head. Readers never block writers on PostgreSQL and, with WAL,
-not on SQLite either. Must not import prefect.
+not on SQLite either.
+
+Schema: ``init_db`` is the gate every service passes before touching the record. An empty database
+is brought to the code's schema revision (``flows.record.schema``) there and then; a database behind
+or ahead of the code is refused with ``SchemaVersionError`` (one line naming ``sopflow db upgrade``)
+before anything is created. Migrations run in one transaction under the migration lock (PostgreSQL:
+``pg_advisory_xact_lock``; SQLite: ``BEGIN IMMEDIATE``), so processes that start together on an empty
+database migrate it once and all come up. Must not import prefect.
 """
 
 from __future__ import annotations
@@ -15,17 +22,31 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
-from flows.errors import ConfigError, RecordError
-from flows.record import tables  # noqa: F401  (registers the tables with SQLModel.metadata)
+from flows.errors import ConfigError, RecordError, SchemaVersionError
+from flows.record import (
+    schema,
+    tables,  # noqa: F401  (registers the tables with SQLModel.metadata)
+)
 
-__all__ = ["get_engine", "init_db", "read_session", "write_session"]
+__all__ = [
+    "get_engine",
+    "init_db",
+    "migration_lock",
+    "read_session",
+    "safe_url",
+    "schema_status",
+    "upgrade_db",
+    "write_session",
+]
 
 _WRITE = "sopflow_write"
 _PG_LOCK_KEY = 0x50F_F10E  # one advisory lock: "the audit chain"
+_PG_MIGRATE_KEY = 0x50F_F10F  # another: "the schema"
+_current: set[str] = set()  # URLs found at the code's schema revision by this process
 
 
 @cache
@@ -61,13 +82,78 @@ def _sqlite_locking(engine: Engine) -> None:
 
 
 def init_db(url: str) -> Engine:
-    """Create the tables that do not exist yet; returns the engine."""
+    """The engine of a database at the code's schema revision: an empty one is migrated to it first.
+
+    Raises:
+        SchemaVersionError: the database is behind the code (``sopflow db upgrade``), ahead of it, or
+            holds tables of no release; nothing was created.
+        ConfigError: the database cannot be reached.
+    """
     engine = get_engine(url)
+    if url in _current:
+        return engine
     try:
-        SQLModel.metadata.create_all(engine)
-    except OperationalError as exc:
-        raise ConfigError(f"cannot open the sopflow database {_safe(url)}: {exc.orig}") from exc
+        with engine.connect() as conn:
+            st = schema.read_status(conn)
+        if st.state == "empty":
+            with migration_lock(url) as conn:
+                st = schema.read_status(conn)  # another process may have migrated it meanwhile
+                if st.state == "empty":
+                    schema.upgrade(conn)
+                    st = schema.read_status(conn)
+    except (OperationalError, DBAPIError) as exc:
+        raise ConfigError(f"cannot open the sopflow database {safe_url(url)}: {exc.orig}") from exc
+    if st.state != "current":
+        raise SchemaVersionError(st.refusal(safe_url(url)))
+    _current.add(url)
     return engine
+
+
+def schema_status(url: str) -> schema.SchemaStatus:
+    """Where the database stands against the code's schema (reads only).
+
+    Raises:
+        ConfigError: the database cannot be reached.
+    """
+    try:
+        with get_engine(url).connect() as conn:
+            return schema.read_status(conn)
+    except (OperationalError, DBAPIError) as exc:
+        raise ConfigError(f"cannot open the sopflow database {safe_url(url)}: {exc.orig}") from exc
+
+
+def upgrade_db(url: str) -> list[str]:
+    """Bring the database to the code's schema revision, in one transaction under the migration lock;
+    returns the revisions applied (none when it was current).
+
+    Raises:
+        SchemaVersionError: the database is ahead of the code or holds tables of no release.
+        ConfigError: the database cannot be reached, or a migration failed (nothing of it stays).
+    """
+    try:
+        with migration_lock(url) as conn:
+            st = schema.read_status(conn)
+            if st.state in ("ahead", "unknown"):
+                raise SchemaVersionError(st.refusal(safe_url(url)))
+            applied = schema.upgrade(conn)
+    except (OperationalError, DBAPIError) as exc:
+        raise ConfigError(
+            f"the upgrade of the sopflow database {safe_url(url)} failed, nothing changed: {exc.orig}"
+        ) from exc
+    _current.add(url)
+    return applied
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[Connection]:
+    """A connection in a transaction that holds the schema lock; commits on success, else rolls back."""
+    engine = get_engine(url)
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{_WRITE: True})
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATE_KEY})
+            yield conn
 
 
 @contextmanager
@@ -95,7 +181,7 @@ def read_session(url: str) -> Iterator[Session]:
         yield session
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

@@ -4,6 +4,17 @@ Every row is inserted through :func:`append`, which writes it together with an `
 carrying the row's canonical content and the previous event's hash. Callers open the
 transaction with ``flows.record.db.write_session`` so the chain's head cannot move under them.
 Nothing here updates or deletes a row. Must not import prefect.
+
+Hashes survive schema upgrades. An event's hash covers its stored ``payload_json``, and a row's
+payload (``row_payload``) holds the row's columns *as they were when it was written*: the event
+itself records which columns it covered. When a migration adds a column later, old rows' events do
+not name it, and nothing is recomputed: ``row_changes`` compares a row with its event over the
+columns the event names, and a column the event does not name must still hold the value the
+migration gave old rows (``Column(info={"backfill": value})``, NULL when not declared). So an
+upgrade leaves every hash and every ``audit verify`` verdict as it was, and setting a new column on
+an old row behind sopflow's back is still caught. ``_event_hash`` names its fields one by one, so a
+column added to ``sf_audit`` later is outside old events' hashes too; to cover such a column, put it
+in the hashed body only when it is set, so that old events' bodies, and hashes, stay as they were.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ __all__ = [
     "append",
     "audit",
     "canonical",
+    "row_changes",
     "row_payload",
     "sha256_hex",
     "signed_content",
@@ -67,6 +79,20 @@ def row_payload(row: SQLModel) -> dict[str, Any]:
         value = getattr(row, column.key)
         out[column.key] = json.loads(canonical(value)) if isinstance(value, datetime) else value
     return out
+
+
+def row_changes(recorded: dict[str, Any], row: SQLModel) -> list[str]:
+    """The columns of ``row`` that differ from what its event recorded, sorted ([] when it matches).
+
+    Compared over the columns the event names; a column it does not name was added after the row was
+    written and matches only while it holds its backfill value (``column.info["backfill"]``, else NULL)."""
+    live = json.loads(canonical(row_payload(row)))
+    columns = {c.key: c for c in sa_inspect(type(row)).columns}
+    changed = {k for k, v in recorded.items() if k not in live or live[k] != v}
+    for key, value in live.items():
+        if key not in recorded and value != json.loads(canonical(columns[key].info.get("backfill"))):
+            changed.add(key)
+    return sorted(changed)
 
 
 def _event_hash(ev: AuditEvent) -> str:
@@ -217,8 +243,7 @@ def verify_chain(session: Session, *, limit_problems: int = 20) -> ChainReport:
             payload = covered.pop(key, None)
             if payload is None:
                 report.problems.append(f"{table} row {key[1]}: not in the audit chain: inserted outside sopflow")
-            elif payload != json.loads(canonical(row_payload(row))):
-                changed = sorted(k for k, v in row_payload(row).items() if json.loads(canonical(v)) != payload.get(k))
+            elif changed := row_changes(payload, row):
                 report.problems.append(f"{table} row {key[1]}: changed since it was recorded ({', '.join(changed)})")
             if len(report.problems) >= limit_problems:
                 return report

@@ -35,6 +35,8 @@ from pydantic import BaseModel, Field
 from flows.config import Settings, get_settings
 from flows.engine.deployment import WORKER_TYPE
 from flows.engine.env import apply_prefect_env
+from flows.errors import FlowsError
+from flows.record.db import init_db
 
 __all__ = [
     "SopflowJobConfiguration",
@@ -127,6 +129,11 @@ class SopflowWorker(BaseWorker[SopflowJobConfiguration, Any, SopflowWorkerResult
         from flows.engine.executor import Executor
 
         settings = worker_settings()
+        try:  # a database behind or ahead of the code: one line, exit 1, never a traceback
+            await anyio.to_thread.run_sync(init_db, settings.database_url)
+        except FlowsError as exc:
+            logging.getLogger("sopflow.worker").error("sopflow worker not started: %s", exc)
+            raise SystemExit(1) from None
         if self.ready is None:  # `prefect worker start`: say when it polls, where `sopflow server` would look
             from flows.services.server import ready_file
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from flows.config import Settings
 from flows.engine.env import prefect_env
 from flows.errors import EngineError
+from flows.record.db import init_db
 
 __all__ = ["ProcessStatus", "api_healthy", "ready_file", "start", "status", "stop", "wait_healthy"]
 
@@ -128,8 +129,13 @@ def _spawn(settings: Settings, name: str, argv: list[str]) -> int:
 
 
 def start(settings: Settings, *, executor: bool = True, timeout: float = 90.0) -> list[ProcessStatus]:
-    """Start what is not running yet (idempotent) and wait until the API answers."""
+    """Start what is not running yet (idempotent) and wait until the API answers.
+
+    Raises:
+        SchemaVersionError: the database is behind or ahead of this sopflow (nothing is started).
+    """
     settings.home.mkdir(parents=True, exist_ok=True)
+    init_db(settings.database_url)  # refuse before starting anything: the worker would refuse later
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
     if settings.embedded_prefect and not _alive(_read_pid(settings, "prefect-server")):
         if api_healthy(settings.api_url, timeout=0.5):

@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from flows.config import Settings
+from flows.errors import FlowsError
+from flows.record.db import init_db
 from flows.services.server import ready_file
 
 if TYPE_CHECKING:
@@ -89,6 +92,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.INFO if os.environ.get("SOPFLOW_TRACE_HTTP") else logging.WARNING)
     settings = apply_prefect_env()
+    try:  # a database behind or ahead of the code: one line in the log, exit 1, no traceback
+        init_db(settings.database_url)
+    except FlowsError as exc:
+        log.error("sopflow worker not started: %s", exc)
+        sys.exit(1)
     # Prefect reads its settings when it is imported: the worker (which imports it) comes after them.
     from flows.engine.deployment import pool_name
     from flows.services._worker_type import SopflowWorker

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.config import Settings
 from flows.errors import AuthenticationError, FlowsError
-from flows.services import accounts, views
+from flows.services import accounts, database, views
 from flows.services.phrases import translate
 from flows.web import api, pages, people, quality
 from flows.web.base import CSRF_MESSAGE, Forbidden, Redirect, Web, safe_next, status_of
@@ -41,7 +41,12 @@ log = logging.getLogger("sopflow.web")
 
 
 def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI:
-    """The web app over ``settings``' database, SOP folder and Prefect server."""
+    """The web app over ``settings``' database, SOP folder and Prefect server.
+
+    Raises:
+        SchemaVersionError: the database is behind or ahead of this sopflow (``sopflow db upgrade``).
+    """
+    database.require_current(settings)  # refuse before serving a page
     web = Web(settings, store)
     app = FastAPI(title="sopflow", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.web = web
