@@ -22,7 +22,7 @@ from sqlmodel import Session, SQLModel, create_engine
 from flows.errors import ConfigError, RecordError
 from flows.record import tables  # noqa: F401  (registers the tables with SQLModel.metadata)
 
-__all__ = ["get_engine", "init_db", "read_session", "write_session"]
+__all__ = ["get_engine", "init_db", "read_session", "safe_url", "write_session"]
 
 _WRITE = "sopflow_write"
 _PG_LOCK_KEY = 0x50F_F10E  # one advisory lock: "the audit chain"
@@ -103,3 +103,6 @@ def _safe(url: str) -> str:
         user = creds.split(":", 1)[0]
         return f"{scheme}://{user}:***@{host}"
     return url
+
+
+safe_url = _safe

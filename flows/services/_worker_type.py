@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from flows.config import Settings, get_settings
 from flows.engine.deployment import WORKER_TYPE
 from flows.engine.env import apply_prefect_env
+from flows.services.audit import checkpoint_job
 
 __all__ = [
     "SopflowJobConfiguration",
@@ -57,7 +58,7 @@ def change_control_sweep(settings: Settings) -> int:
 def floor_jobs() -> list[tuple[str, Any]]:
     """The periodic jobs of the floors above the engine, registered with every worker's executor
     (the engine never imports them)."""
-    return [("change_control", change_control_sweep)]
+    return [("change_control", change_control_sweep), ("audit_checkpoint", checkpoint_job)]
 
 
 class _SuspendedIsNotAnError(logging.Filter):
