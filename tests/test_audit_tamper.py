@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select as sa_select
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
@@ -24,7 +25,16 @@ from flows.errors import ConfigError
 from flows.record import ledger
 from flows.record.checkpoints import ensure_checkpoint, load_signing_key
 from flows.record.db import read_session, write_session
-from flows.record.tables import RECORD_TABLES, AuditCheckpoint, AuditEvent, Signature, SopRun, StepRecord, utcnow
+from flows.record.tables import (
+    RECORD_TABLES,
+    AuditCheckpoint,
+    AuditEvent,
+    Signature,
+    SopRun,
+    StepRecord,
+    UTCDateTime,
+    utcnow,
+)
 from flows.services import audit as audit_service
 from flows.services import runs as runs_service
 from tests.conftest import MakeRun
@@ -457,3 +467,30 @@ def test_tamper_fast_event_hash_is_the_event_hash(settings: Settings, make_run: 
             ev.seq, ev.at, ev.actor, ev.action, ev.object_type, ev.object_id, ev.payload_json, ev.reason, ev.prev_hash
         )
         assert fast == ledger._event_hash(ev) == ev.hash
+    # and from the columns as verify_chain reads them (on SQLite the stored text of the time)
+    ev_t = AuditEvent.__table__  # type: ignore[attr-defined]
+    with read_session(settings.database_url) as s:
+        cols = ledger._raw_times(s, [ev_t.c[k] for k in ("seq", "at", "actor", "action", "object_type", "object_id")])
+        rest = [ev_t.c[k] for k in ("payload_json", "reason", "prev_hash", "hash")]
+        raw = list(s.execute(sa_select(*cols, *rest)))
+    assert len(raw) == len(events)
+    for *fields, stored in raw:
+        assert ledger._event_hash_fast(*fields) == stored
+
+
+def test_tamper_fast_row_check_agrees_with_row_payload(settings: Settings, make_run: MakeRun) -> None:
+    """Every row of a clean record passes verify_chain's quick test (else the walk falls back to the
+    ORM row by row: correct, and many times slower)."""
+    _history(settings, make_run, steps=3)
+    with read_session(settings.database_url) as s:
+        for table, model in RECORD_TABLES.items():
+            tt = model.__table__  # type: ignore[attr-defined]
+            times = frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime))
+            for row in s.execute(sa_select(*ledger._raw_times(s, tt.columns))):
+                values = dict(zip([c.key for c in tt.columns], row, strict=True))
+                quick = {k: ledger._at_iso(v) if k in times and v is not None else v for k, v in values.items()}
+                ev = s.exec(
+                    select(AuditEvent).where(AuditEvent.object_type == table, AuditEvent.object_id == row.id)
+                ).first()
+                assert ev is not None
+                assert ev.payload_json == f'{{"row":{ledger._CANONICAL(quick)}}}', table

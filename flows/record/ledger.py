@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import String, type_coerce
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, SQLModel, col, select
@@ -26,6 +27,7 @@ from flows.record.tables import (
     Signature,
     SopRun,
     StepRecord,
+    UTCDateTime,
     utcnow,
 )
 
@@ -231,13 +233,34 @@ class ChainReport:
             self.problems.append(text)
 
 
-_STR = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _PROGRESS_EVERY = 20_000
+
+
+_js = json.encoder.encode_basestring
+"""A str as ``canonical`` writes it (JSON's own C function: no encoder built per call)."""
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_default).encode
+"""``canonical`` as str, with one encoder made once (``json.dumps`` makes one per call)."""
+
+
+def _at_iso(at: datetime | str) -> str:
+    """An event or row time as ``canonical`` writes it. ``at`` is a datetime, or on SQLite the
+    stored text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), read raw because parsing it costs more
+    than the rest of an event's check; anything else is parsed."""
+    if isinstance(at, str):
+        if len(at) == 26 and at[10] == " " and at[19] == ".":
+            return f"{at[:10]}T{at[11:19]}{'' if at[20:] == '000000' else at[19:]}+00:00"
+        at = datetime.fromisoformat(at)
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+
+
+def _at_datetime(at: datetime | str) -> datetime:
+    value = datetime.fromisoformat(at) if isinstance(at, str) else at
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _event_hash_fast(
     seq: int,
-    at: datetime,
+    at: datetime | str,
     actor: str,
     action: str,
     object_type: str,
@@ -247,23 +270,51 @@ def _event_hash_fast(
     prev_hash: str,
 ) -> str:
     """``_event_hash`` without parsing and re-serialising the payload: the same bytes whenever
-    ``payload_json`` is canonical, as ``audit`` writes it. A mismatch is re-checked by
-    ``_event_hash`` itself, so this only ever speeds up a verdict (tests/test_audit_stream.py pins it)."""
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
+    ``payload_json`` is canonical, as ``audit`` writes it (the keys in sorted order, each string
+    JSON-escaped by the C function ``canonical`` uses). A mismatch is re-checked by ``_event_hash`` itself, so this only ever speeds up a verdict
+    (tests/test_audit_tamper.py pins it)."""
     body = (
-        f'{{"action":{_STR(action)},"actor":{_STR(actor)},"at":"{at.astimezone(UTC).isoformat()}",'
-        f'"object_id":{_STR(object_id)},"object_type":{_STR(object_type)},"payload":{payload_json},'
-        f'"prev_hash":{_STR(prev_hash)},"reason":{_STR(reason)},"seq":{int(seq)}}}'
+        f'{{"action":{_js(action)},"actor":{_js(actor)},"at":"{_at_iso(at)}","object_id":{_js(object_id)},'
+        f'"object_type":{_js(object_type)},"payload":{payload_json},"prev_hash":{_js(prev_hash)},'
+        f'"reason":{"null" if reason is None else _js(reason)},"seq":{int(seq)}}}'
     )
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _flat_canonical(keys: list[str], values: dict[str, Any]) -> str:
+    """``canonical`` of a row's columns (str, int, float, bool, None), keys in sorted order."""
+    parts = []
+    for k in keys:
+        v = values[k]
+        if v is None:
+            text = "null"
+        elif v is True:
+            text = "true"
+        elif v is False:
+            text = "false"
+        elif type(v) is str:
+            text = _js(v)
+        elif type(v) is int:
+            text = int.__repr__(v)
+        else:
+            text = _CANONICAL(v)
+        parts.append(f"{_js(k)}:{text}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _raw_times(session: Session, columns: Any) -> list[Any]:
+    """The columns to select, the record's times as their stored text on SQLite (``_at_iso``)."""
+    if session.get_bind().dialect.name != "sqlite":
+        return list(columns)
+    return [type_coerce(c, String()).label(c.key) if isinstance(c.type, UTCDateTime) else c for c in columns]
 
 
 def _stream(session: Session, statement: Any) -> Iterator[Any]:
     """Rows of a Core statement, fetched in batches (a server-side cursor on PostgreSQL)."""
     conn = session.connection()
     result = conn.execution_options(stream_results=True, yield_per=5000).execute(statement)
-    yield from result
+    for partition in result.partitions():
+        yield from partition
 
 
 def _ordered(column: Any, session: Session) -> Any:
@@ -323,16 +374,21 @@ def _walk_events(session: Session, report: ChainReport, start: int, prev: str, p
     total = report.head[0] - start if report.head else 0
     expected = start + 1
     q = sa_select(
-        ev_t.c.seq,
-        ev_t.c.at,
-        ev_t.c.actor,
-        ev_t.c.action,
-        ev_t.c.object_type,
-        ev_t.c.object_id,
-        ev_t.c.payload_json,
-        ev_t.c.reason,
-        ev_t.c.prev_hash,
-        ev_t.c.hash,
+        *_raw_times(
+            session,
+            (
+                ev_t.c.seq,
+                ev_t.c.at,
+                ev_t.c.actor,
+                ev_t.c.action,
+                ev_t.c.object_type,
+                ev_t.c.object_id,
+                ev_t.c.payload_json,
+                ev_t.c.reason,
+                ev_t.c.prev_hash,
+                ev_t.c.hash,
+            ),
+        )
     ).where(ev_t.c.seq > start)
     for seq, at, actor, action, otype, oid, payload_json, reason, prev_hash, stored in _stream(
         session, q.order_by(ev_t.c.seq)
@@ -348,7 +404,7 @@ def _walk_events(session: Session, report: ChainReport, start: int, prev: str, p
         if _event_hash_fast(seq, at, actor, action, otype, oid, payload_json, reason, prev_hash) != stored:
             ev = AuditEvent(
                 seq=seq,
-                at=at,
+                at=_at_datetime(at),
                 actor=actor,
                 action=action,
                 object_type=otype,
@@ -377,13 +433,18 @@ def _recorded_row(payload_json: str) -> dict[str, Any] | None:
 
 
 def _row_problem(
-    session: Session, table: str, row_id: str, recorded: dict[str, Any], values: dict[str, Any]
+    session: Session, table: str, row_id: str, payload_json: str, values: dict[str, Any], times: frozenset[str]
 ) -> str | None:
-    """None when a row still equals what its event recorded, else what changed. The quick test is
-    the row's columns as ``row_payload`` renders them; anything else is judged by ``row_payload``."""
-    quick = {k: json.loads(canonical(v)) if isinstance(v, datetime) else v for k, v in values.items()}
-    if quick == recorded:
-        return None
+    """None when a row still equals what its event recorded (``payload_json``), else what changed.
+    The quick test: the event's payload is exactly ``{"row": <the row's columns, canonical>}``, as
+    ``append`` writes it; anything else is judged by ``row_payload`` against the parsed payload."""
+    quick = {k: _at_iso(v) if k in times and v is not None else v for k, v in values.items()}
+    try:
+        if payload_json == f'{{"row":{_flat_canonical(sorted(quick), quick)}}}':
+            return None
+    except TypeError:  # a column type canonical() does not know: the slow path says what it is
+        pass
+    recorded = _recorded_row(payload_json) or {}
     row = session.get(RECORD_TABLES[table], row_id)
     if row is None:  # pragma: no cover - it was just read in the same snapshot
         return f"{table} row {row_id}: recorded in the audit chain but missing: deleted"
@@ -401,7 +462,8 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
     for table, model in RECORD_TABLES.items():
         tt = model.__table__  # type: ignore[attr-defined]
         keys = [c.key for c in tt.columns]
-        rows = _stream(session, sa_select(tt).order_by(_ordered(tt.c.id, session)))
+        times = frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime))
+        rows = _stream(session, sa_select(*_raw_times(session, tt.columns)).order_by(_ordered(tt.c.id, session)))
         events = _stream(
             session,
             sa_select(ev_t.c.object_id, ev_t.c.payload_json)
@@ -409,7 +471,7 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
             .order_by(_ordered(ev_t.c.object_id, session), ev_t.c.seq),
         )
         row = next(rows, None)
-        pending: tuple[str, dict[str, Any]] | None = None  # (object id, the last row it recorded)
+        pending: tuple[str, str] | None = None  # (object id, the payload of the last event that recorded its row)
         for oid, payload_json in itertools.chain(events, [(None, None)]):
             if pending is not None and oid != pending[0]:
                 # pending's events are all seen: match it with the rows up to its id
@@ -420,7 +482,7 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
                 if row is not None and str(row.id) == pending[0]:
                     report.rows += 1
                     if problem := _row_problem(
-                        session, table, pending[0], pending[1], dict(zip(keys, row, strict=True))
+                        session, table, pending[0], pending[1], dict(zip(keys, row, strict=True)), times
                     ):
                         report.problem(problem)
                     row = next(rows, None)
@@ -431,9 +493,8 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
                     return
             if oid is None:
                 break
-            recorded = _recorded_row(payload_json)
-            if recorded is not None:
-                pending = (str(oid), recorded)
+            if payload_json.startswith('{"row":{') or _recorded_row(payload_json) is not None:
+                pending = (str(oid), payload_json)
         while row is not None:
             report.rows += 1
             report.problem(f"{table} row {row.id}: not in the audit chain: inserted outside sopflow")
@@ -453,8 +514,7 @@ def _rows_since(session: Session, report: ChainReport, start: int) -> None:
         .order_by(ev_t.c.seq)
     )
     for table, oid, payload_json in list(session.execute(q)):
-        recorded = _recorded_row(payload_json)
-        if recorded is None:
+        if _recorded_row(payload_json) is None:
             continue
         tt = RECORD_TABLES[table].__table__  # type: ignore[attr-defined]
         found = session.execute(sa_select(tt).where(tt.c.id == oid)).first()
@@ -462,7 +522,12 @@ def _rows_since(session: Session, report: ChainReport, start: int) -> None:
         if found is None:
             report.problem(f"{table} row {oid}: recorded in the audit chain but missing: deleted")
         elif problem := _row_problem(
-            session, table, oid, recorded, dict(zip([c.key for c in tt.columns], found, strict=True))
+            session,
+            table,
+            oid,
+            payload_json,
+            dict(zip([c.key for c in tt.columns], found, strict=True)),
+            frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime)),
         ):
             report.problem(problem)
         if report.full:
