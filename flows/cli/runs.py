@@ -213,7 +213,7 @@ def audit_verify(
         held = f"; holds {escape(str(against))}'s checkpoint" if against is not None else ""
         cli.out.print(
             f"audit verify: OK ({walked}, {report.rows} record rows, {report.signatures} signatures, "
-            f"{report.checkpoints} signed checkpoints{held})"
+            f"{report.checkpoints} signed checkpoint{'' if report.checkpoints == 1 else 's'}{held})"
         )
         return
     for p in report.problems:
