@@ -494,3 +494,31 @@ def test_tamper_fast_row_check_agrees_with_row_payload(settings: Settings, make_
                 ).first()
                 assert ev is not None
                 assert ev.payload_json == f'{{"row":{ledger._CANONICAL(quick)}}}', table
+
+
+def test_tamper_worker_job_checkpoints_every_n_events_or_m_minutes(settings: Settings, make_run: MakeRun) -> None:
+    from datetime import timedelta
+
+    from flows.record.checkpoints import checkpoint_due
+    from flows.services._worker_type import floor_jobs
+
+    settings = dataclasses.replace(settings, checkpoint_events=10, checkpoint_minutes=30)
+    assert ("audit_checkpoint", audit_service.checkpoint_job) in floor_jobs()
+    _history(settings, make_run, steps=3)
+
+    first = audit_service.checkpoint_job(settings)  # none yet: due at once
+    again = audit_service.checkpoint_job(settings)  # the newest covers the head
+    with write_session(settings.database_url) as s:
+        for i in range(3):
+            ledger.audit(s, actor="system", action="test.event", object_type="test", object_id=str(i), payload={})
+    with read_session(settings.database_url) as s:
+        few = checkpoint_due(s, settings)
+        later = checkpoint_due(s, settings, now=utcnow() + timedelta(minutes=31))
+    with write_session(settings.database_url) as s:
+        for i in range(7):
+            ledger.audit(s, actor="system", action="test.event", object_type="test", object_id=str(i), payload={})
+    ten = audit_service.checkpoint_job(settings)
+
+    assert (first, again, few, later, ten) == (1, 0, False, True, 1)
+    with read_session(settings.database_url) as s:
+        assert [cp.n for cp in s.exec(select(AuditCheckpoint))] == [1, 2]
