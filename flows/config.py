@@ -20,6 +20,10 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_RESULTS_STORAGE   Prefect's result storage: a folder every worker reaches, or block:TYPE/NAME  $HOME/results
     SOPFLOW_ADMIN_KEY_FILE    the installation administrator's key   $HOME/admin.key
     SOPFLOW_API_RATE          API requests a token may make per minute, per web process  120
+    SOPFLOW_AUDIT_KEY_FILE    the private key that signs audit checkpoints (mode 600)   $HOME/audit.key
+    SOPFLOW_AUDIT_PUBLIC_KEYS every public key that ever signed checkpoints here    $HOME/audit-keys.pub
+    SOPFLOW_CHECKPOINT_EVENTS a signed checkpoint after this many audit events   1000
+    SOPFLOW_CHECKPOINT_MINUTES  ... or after this many minutes with new events  60
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -73,6 +77,14 @@ class Settings:
     """The installation administrator's key file (None: ``$SOPFLOW_HOME/admin.key``)."""
     api_rate_per_minute: int = 120
     """Requests one API token may make per minute in one web process; more are refused (429)."""
+    audit_key_file: Path | None = None
+    """The Ed25519 private key that signs checkpoints of the audit chain (None: ``$SOPFLOW_HOME/audit.key``)."""
+    audit_public_keys_file: Path | None = None
+    """Every public key that signed checkpoints here, one a line (None: ``$SOPFLOW_HOME/audit-keys.pub``)."""
+    checkpoint_events: int = 1000
+    """The worker writes a signed checkpoint once this many events follow the newest one."""
+    checkpoint_minutes: float = 60.0
+    """... or once the newest one is this many minutes old and events follow it."""
 
     @property
     def embedded_prefect(self) -> bool:
@@ -104,6 +116,19 @@ class Settings:
     @property
     def admin_key_path(self) -> Path:
         return self.admin_key_file or self.home / "admin.key"
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.audit_key_file or self.home / "audit.key"
+
+    @property
+    def audit_public_keys_path(self) -> Path:
+        return self.audit_public_keys_file or self.home / "audit-keys.pub"
+
+    @property
+    def audit_verified_path(self) -> Path:
+        """The newest checkpoint ``audit verify`` found good here: where ``--incremental`` starts."""
+        return self.home / "audit-verified.json"
 
     @property
     def documents_dir(self) -> Path:
@@ -150,6 +175,14 @@ def get_settings() -> Settings:
     if not rate.is_integer() or rate < 1:
         raise ConfigError(f"SOPFLOW_API_RATE: expected a whole number of requests per minute, got {rate!r}")
     key_file = os.environ.get("SOPFLOW_ADMIN_KEY_FILE")
+    audit_key = os.environ.get("SOPFLOW_AUDIT_KEY_FILE")
+    audit_pub = os.environ.get("SOPFLOW_AUDIT_PUBLIC_KEYS")
+    cp_events = _float("SOPFLOW_CHECKPOINT_EVENTS", 1000)
+    if not cp_events.is_integer() or cp_events < 1:
+        raise ConfigError(f"SOPFLOW_CHECKPOINT_EVENTS: expected a whole number of events, 1 or more, got {cp_events!r}")
+    cp_minutes = _float("SOPFLOW_CHECKPOINT_MINUTES", 60)
+    if cp_minutes <= 0:
+        raise ConfigError(f"SOPFLOW_CHECKPOINT_MINUTES: expected a positive number of minutes, got {cp_minutes!r}")
     return Settings(
         home=home,
         database_url=os.environ.get("SOPFLOW_DATABASE_URL") or f"sqlite:///{home / 'sopflow.db'}",
@@ -169,6 +202,10 @@ def get_settings() -> Settings:
         results_storage=results,
         admin_key_file=Path(key_file).expanduser() if key_file else None,
         api_rate_per_minute=int(rate),
+        audit_key_file=Path(audit_key).expanduser() if audit_key else None,
+        audit_public_keys_file=Path(audit_pub).expanduser() if audit_pub else None,
+        checkpoint_events=int(cp_events),
+        checkpoint_minutes=cp_minutes,
     )
 
 

@@ -20,6 +20,7 @@ class Clean:
     waiting_id: str
     signed_id: str
     done_id: str
+    signature_id: str
     seq: dict[str, int]
     """The audit event's seq of each row, by row id."""
 
@@ -38,7 +39,7 @@ def _clean_record(db_url: str, make_run: MakeRun) -> Clean:
             signature_id=signed.signature_id,
         )
         made.record(s, "transit_temperature", "done", {"passed": True})
-        clean = Clean(made.run.id, waiting.id, signed.id, done.id, {})
+        clean = Clean(made.run.id, waiting.id, signed.id, done.id, str(signed.signature_id), {})
         for ev in s.exec(select(AuditEvent)):
             clean.seq[ev.object_id] = ev.seq
     with read_session(db_url) as s:
@@ -62,7 +63,12 @@ def test_audit_verify_reports_edited_record_row(db_url: str, make_run: MakeRun, 
 
     problems = _verify(db_url)
 
-    assert problems == [f"sf_step_record row {clean.done_id}: changed since it was recorded (data_json)"]
+    assert problems[0] == f"sf_step_record row {clean.done_id}: changed since it was recorded (data_json)"
+    # the signature no longer covers the edited data either (issue 11: verify checks Signature hashes)
+    assert problems[1:] == [
+        f"signature {clean.signature_id}: the signed data no longer matches its hash "
+        f"(step record {clean.done_id}, {clean.run_id}/arrival)"
+    ]
 
 
 def test_audit_verify_reports_rows_reordered_by_their_position(db_url: str, make_run: MakeRun, sql) -> None:
@@ -141,7 +147,11 @@ def test_audit_verify_reports_edited_audit_event_payload_with_its_row(db_url: st
 
     problems = _verify(db_url)
 
-    assert problems == [f"audit event {seq}: its content does not match its hash: the event was edited"]
+    assert problems == [
+        f"audit event {seq}: its content does not match its hash: the event was edited",
+        f"signature {clean.signature_id}: the signed data no longer matches its hash "
+        f"(step record {clean.done_id}, {clean.run_id}/arrival)",
+    ]
 
 
 def test_audit_verify_reports_rehashed_audit_event_at_the_next_link(db_url: str, make_run: MakeRun, sql) -> None:

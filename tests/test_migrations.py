@@ -206,7 +206,7 @@ def test_a_database_made_before_versioning_is_recognised_by_its_tables(empty_url
     assert (st.state, st.revision, st.versioned) == ("behind", "0001", False)
     assert upgrade_db(empty_url) == st.pending
     st = schema_status(empty_url)
-    assert (st.state, st.revision, st.versioned) == ("current", "0002", True)
+    assert (st.state, st.revision, st.versioned) == ("current", schema.head(), True)
 
 
 _STARTER = """

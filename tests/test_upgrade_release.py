@@ -161,7 +161,7 @@ def test_a_release_database_is_refused_then_upgraded_and_reads_and_verifies_as_b
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
         f"error: the sopflow database {_where(inst.url)} "
-        "is at schema revision 0001, this sopflow needs 0002: back it up, then run `sopflow db upgrade`"
+        f"is at schema revision 0001, this sopflow needs {schema.head()}: back it up, then run `sopflow db upgrade`"
     ]
     assert "Traceback" not in refused.stdout + refused.stderr
     assert inst.tables() == tables_before
@@ -172,6 +172,7 @@ def test_a_release_database_is_refused_then_upgraded_and_reads_and_verifies_as_b
     upgraded = inst.new("db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
     assert "applied 0002" in upgraded.stdout
+    assert f"applied {schema.head()}" in upgraded.stdout
     with get_engine(inst.url).connect() as conn:
         assert not schema.differences(conn)  # 0001 recognised + 0002 = exactly this code's models
 

@@ -6,7 +6,8 @@
     sopflow runs                          open and finished runs, with what each waits on
     sopflow inbox --as USER               steps waiting on that user's roles
     sopflow record RUN [--json]           the quality record of a run
-    sopflow audit verify                  walk the audit chain; name the first broken row
+    sopflow audit verify [--against FILE] walk the chain, rows, signatures and signed checkpoints; name each break
+    sopflow audit key|checkpoint         the checkpoints' public key; sign a checkpoint now
     sopflow correct RUN STEP --as USER --set k=v --reason R   correct a signed entry (flows.cli.records)
     sopflow audit verify-export FILE      check an exported record offline
     sopflow user add|disable|enable|passwd|unlock|list   accounts (see flows.cli.admin)

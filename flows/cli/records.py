@@ -1,7 +1,7 @@
 """Edge of the data path: ``sopflow correct`` and ``sopflow audit verify-export``, thin over ``flows.services.signing`` and ``flows.record.export``.
 
     sopflow correct RUN STEP --as USER --set k=v … --reason "…"   correct a signed entry (re-signs)
-    sopflow audit verify-export FILE                               check an exported record offline
+    sopflow audit verify-export FILE [--key KEY]                   check an exported record offline
 
 ``flows.cli`` mounts both. ``verify-export`` runs ``flows.record.export`` (through ``flows.services.audit``), the stdlib-only checker
 an inspector can copy and run alone (``python export.py FILE``).
@@ -57,8 +57,14 @@ def correct(
 
 def verify_export(
     file: Annotated[Path, typer.Argument(help="A record exported with `sopflow record RUN --json`.")],
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key", help="The installation's public key (as `sopflow audit key` prints it) or a file of keys."
+        ),
+    ] = None,
 ) -> None:
-    """Check an exported record offline: event hashes, rows against their events, signature hashes."""
+    """Check an exported record offline: event hashes, rows against their events, signature hashes, its signed checkpoint."""
     from flows.services.audit import verify_export as check
 
     try:
@@ -66,11 +72,25 @@ def verify_export(
     except (OSError, ValueError) as exc:
         cli.err.print(f"[red]error:[/red] {escape(f'{file}: {exc}')}")
         raise typer.Exit(1) from None
-    problems = check(doc)
+    keys_text = None
+    if key is not None:
+        try:
+            keys_text = Path(key).read_text(encoding="utf-8") if Path(key).is_file() else key
+        except OSError as exc:
+            cli.err.print(f"[red]error:[/red] {escape(f'--key {key}: {exc.strerror}')}")
+            raise typer.Exit(1) from None
+    problems = cli.run(check, doc, keys_text)
     if not problems:
+        cp = doc.get("checkpoint")
+        signed = (
+            f"; checkpoint {cp['n']} (event {cp['seq']}) signed by key {cp['key_id']}"
+            + ("" if key is not None else " (unconfirmed: pass --key with the installation's public key)")
+            if isinstance(cp, dict)
+            else "; no signed checkpoint"
+        )
         cli.out.print(
             f"verify-export: OK ({len(doc['audit_events'])} audit events, "
-            f"{sum(len(v) for v in doc['rows'].values())} rows, run {doc['run']['id']})"
+            f"{sum(len(v) for v in doc['rows'].values())} rows, run {doc['run']['id']}{signed})"
         )
         return
     cli.err.print(f"[red]verify-export: {escape(problems[0])}[/red]")

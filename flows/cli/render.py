@@ -135,3 +135,8 @@ def print_record(out: Console, rec: dict[str, Any]) -> None:
             out.print(f"  {h['at']} {h['step_id']}: {escape(h['reason'] or '')}")
     if rec.get("audit_head"):
         out.print(f"audit chain head: event {rec['audit_head']['seq']} {rec['audit_head']['hash']}")
+    if cp := rec.get("checkpoint"):
+        out.print(
+            f"signed checkpoint {cp['n']}: event {cp['seq']}, key {cp['key_id']} "
+            "(`sopflow record RUN --json` carries it for `sopflow audit verify --against`)"
+        )

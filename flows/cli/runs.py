@@ -5,7 +5,9 @@
     sopflow runs [--json]                 open and finished runs, with what each waits on
     sopflow inbox --as USER [--json]      steps waiting on that user's roles (signs USER in)
     sopflow record RUN --as USER [--json] the quality record of a run (a user of its institution)
-    sopflow audit verify                  walk the audit chain; name the first broken row
+    sopflow audit verify [--against FILE] [--incremental]  the chain, rows, signatures, signed checkpoints
+    sopflow audit key [--create]          the public key that verifies the signed checkpoints
+    sopflow audit checkpoint [--out FILE] sign a checkpoint of the head now
 
 ``flows.cli`` mounts ``runs_app``'s commands at the top and ``audit_app`` as ``sopflow audit``.
 """
@@ -165,14 +167,95 @@ def record(
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Walk the audit chain and every record row; exit 1 and name the first break."""
-    from flows.services.audit import verify_audit
+def audit_verify(
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against", help="A document (HTML), an export (JSON) or a saved checkpoint the chain must still hold."
+        ),
+    ] = None,
+    incremental: Annotated[
+        bool, typer.Option("--incremental", help="Start from the newest checkpoint verified here before.")
+    ] = False,
+) -> None:
+    """Walk the audit chain, every record row and signature, and every signed checkpoint; exit 1 and name each break."""
+    from flows.services.audit import read_kept, verify_audit
 
-    report = cli.run(verify_audit, cli.settings())
+    settings = cli.settings()
+    kept = cli.run(read_kept, against) if against is not None else None
+    if cli.err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("audit verify: {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=cli.err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("events", total=None)
+
+            def progress(phase: str, done: int, total: int) -> None:
+                bar.update(task, description=phase, completed=done, total=total or None)
+
+            report = cli.run(verify_audit, settings, incremental=incremental, against=kept, progress=progress)
+    else:
+        report = cli.run(verify_audit, settings, incremental=incremental, against=kept)
+    for note in report.notes:
+        cli.out.print(f"audit verify: note: {escape(note)}")
     if report.ok:
-        cli.out.print(f"audit verify: OK ({report.events} events, {report.rows} record rows)")
+        walked = (
+            f"events {report.start + 1} to {report.head[0]}"
+            if report.start and report.head
+            else f"{report.events} events"
+        )
+        held = f"; holds {escape(str(against))}'s checkpoint" if against is not None else ""
+        cli.out.print(
+            f"audit verify: OK ({walked}, {report.rows} record rows, {report.signatures} signatures, "
+            f"{report.checkpoints} signed checkpoint{'' if report.checkpoints == 1 else 's'}{held})"
+        )
         return
     for p in report.problems:
         cli.err.print(f"[red]audit verify: {escape(p)}[/red]")
+    if report.full:
+        cli.err.print(f"[red]audit verify: stopped after {report.limit} problems[/red]")
     raise typer.Exit(1)
+
+
+@audit_app.command("key")
+def audit_key(
+    create: Annotated[bool, typer.Option("--create", help="Make the key file (mode 600) if there is none.")] = False,
+) -> None:
+    """Print the public key that verifies the audit chain's signed checkpoints (give it to inspectors)."""
+    from flows.services.audit import audit_key as key_of
+
+    res = cli.run(key_of, cli.settings(), create=create)
+    sys.stdout.write(res["public_key"] + "\n")
+    cli.err.print(
+        f"key {res['key_id']} ({escape(res['key_file'])}); every key known here, old ones included: "
+        f"{escape(res['public_keys_file'])} ({len(res['known'])})"
+    )
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    out_file: Annotated[Path | None, typer.Option("--out", help="Save the checkpoint (JSON) to this file.")] = None,
+) -> None:
+    """Sign a checkpoint of the chain's head now (unless one covers it) and print or save it."""
+    from flows.services.audit import make_checkpoint
+
+    cp = cli.run(make_checkpoint, cli.settings())
+    if cp is None:
+        cli.err.print("[red]audit checkpoint: the audit chain is empty; nothing to sign[/red]")
+        raise typer.Exit(1)
+    text = json.dumps(cp, indent=2) + "\n"
+    if out_file is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out_file.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        cli.err.print(f"[red]error:[/red] {escape(f'{out_file}: {exc.strerror}')}")
+        raise typer.Exit(1) from None
+    cli.out.print(f"checkpoint {cp['n']} (event {cp['seq']}) saved to {escape(str(out_file))}")

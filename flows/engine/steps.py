@@ -26,6 +26,7 @@ from flows.outputs.documents import render_document, render_pdf
 from flows.outputs.messages import Message
 from flows.outputs.messages import message as written
 from flows.record import ledger
+from flows.record.checkpoints import checkpoint_public, ensure_checkpoint, load_signing_key
 from flows.record.db import read_session, write_session
 from flows.record.documents import store_document_bytes
 from flows.record.dose import run_facts
@@ -241,7 +242,8 @@ def document_context(
     ctx: RunContext, step: DocumentStepSpec, record: dict[str, Any], audit_head: dict[str, Any] | None
 ) -> dict[str, Any]:
     """What a document template sees: the record, the step, the institution, the SOP's field
-    types/labels/units, and ``document`` (the record's sha256 and the audit chain head)."""
+    types/labels/units, and ``document`` (the record's sha256, the audit chain head and, set by
+    ``run_document``, the signed checkpoint that covers it)."""
     language = step.language or ctx.institution["language"]
     fields: dict[str, dict[str, Any]] = {}
     for st in ctx.sop.steps:
@@ -259,8 +261,29 @@ def document_context(
             "language": language,
             "record_sha256": ledger.sha256_hex(ledger.canonical(record)),
             "audit_head": audit_head,
+            "checkpoint": None,
         },
     }
+
+
+def document_now(ctx: RunContext, step: DocumentStepSpec) -> dict[str, Any]:
+    """``document_context`` of the record as it stands, with the signed checkpoint of the chain's
+    head (made now unless one covers it), read under the write lock so the checkpoint covers exactly
+    the head the document prints.
+
+    Raises:
+        ConfigError: the checkpoint key file cannot be used.
+    """
+    key = load_signing_key(ctx.settings)
+    with write_session(ctx.url) as s:
+        cp = ensure_checkpoint(s, key)
+        record = run_record(s, ctx.run.id, with_history=False)
+        head = s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+        audit_head = {"seq": head.seq, "hash": head.hash} if head else None
+        checkpoint = checkpoint_public(cp, key.public) if cp else None
+    context = document_context(ctx, step, record, audit_head)
+    context["document"]["checkpoint"] = checkpoint
+    return context
 
 
 def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | None) -> None:
@@ -270,11 +293,7 @@ def run_document(ctx: RunContext, step: DocumentStepSpec, task_run_id: str | Non
     was rendered from (canonical JSON) and the audit chain head at rendering. The stored rows carry
     the sha256 of each file.
     """
-    with read_session(ctx.url) as s:
-        record = run_record(s, ctx.run.id, with_history=False)
-        head = s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
-        audit_head = {"seq": head.seq, "hash": head.hash} if head else None
-    context = document_context(ctx, step, record, audit_head)
+    context = document_now(ctx, step)
     language = context["document"]["language"]
     name = template_name(step.template, ctx.settings.templates_dir, ctx.run.institution, language) or step.template
     text, digest = render_document(ctx.settings.templates_dir, ctx.run.institution, ctx.timezone, name, context)

@@ -14,22 +14,43 @@ recorded them (``audit_events``). This checks, and names the first thing that do
 3. each signature's hash recomputes from exactly what it signed (run, SOP sha256, step, the
    data of every step record carrying it, signer, printed name, meaning, statement, time);
 4. the readable parts (run, steps, history, corrections, run events, deviations, documents,
-   escalations) say what the rows say.
+   escalations) say what the rows say;
+5. the export's signed ``checkpoint`` (written when the export was made) covers its
+   ``audit_head`` and its Ed25519 signature verifies with the installation's public key
+   (``python export.py record.json --key KEY``, the key as ``sopflow audit key`` prints it, or a
+   file of such keys). Without ``--key`` the signature is checked against the key the export
+   names, which proves nothing about who signed: say so.
 
 What it cannot show offline: that no later event of this run exists beyond the export's head;
-compare ``audit_head`` with the live system (``sopflow audit verify`` prints the chain's state).
+``sopflow audit verify --against record.json`` checks that against the live chain.
+
+Ed25519 verification uses ``cryptography`` when it is installed, else the pure-Python
+verification of RFC 8032 below (slow, a few milliseconds a signature, and enough for one).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import sys
 from typing import Any
 
-__all__ = ["event_hash", "main", "verify_export"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "check_checkpoint",
+    "checkpoint_message",
+    "ed25519_verify",
+    "event_hash",
+    "key_id_of",
+    "main",
+    "parse_public_keys",
+    "verify_export",
+]
 
 GENESIS = "0" * 64
+CHECKPOINT_FORMAT = "sopflow-checkpoint/1"
 
 
 def _canonical(obj: Any) -> bytes:
@@ -49,6 +70,178 @@ def event_hash(ev: dict[str, Any]) -> str:
             for k in ("seq", "at", "actor", "action", "object_type", "object_id", "payload", "reason", "prev_hash")
         }
     )
+
+
+# -- signed checkpoints ------------------------------------------------------------------------
+
+
+def checkpoint_message(cp: dict[str, Any]) -> bytes:
+    """The bytes a checkpoint's signature covers: its format, number, event, head hash, time and key id."""
+    return _canonical(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "n": cp.get("n"),
+            "seq": cp.get("seq"),
+            "head_hash": cp.get("head_hash"),
+            "created_at": cp.get("created_at"),
+            "key_id": cp.get("key_id"),
+        }
+    )
+
+
+def key_id_of(public_key: bytes) -> str:
+    """A public key's id: the first 16 hex digits of the sha256 of its 32 raw bytes."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def parse_public_keys(text: str) -> dict[str, bytes]:
+    """Public keys by id, from text holding one or more keys as ``sopflow audit key`` prints them
+    (``ed25519 BASE64 [key id] [comment]``) or bare base64; ``#`` starts a comment. Raises ValueError."""
+    keys: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        b64 = words[1] if words[0] == "ed25519" and len(words) > 1 else words[0]
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"line {number}: not an Ed25519 public key (expected 32 bytes of base64): {b64[:60]!r}")
+        keys[key_id_of(raw)] = raw
+    return keys
+
+
+_P = 2**255 - 19
+_Q = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_Point = tuple[int, int, int, int]
+
+
+def _add(a: _Point, b: _Point) -> _Point:
+    x = (a[1] - a[0]) * (b[1] - b[0]) % _P
+    y = (a[1] + a[0]) * (b[1] + b[0]) % _P
+    c = 2 * a[3] * b[3] * _D % _P
+    d = 2 * a[2] * b[2] % _P
+    e, f, g, h = y - x, d - c, d + c, y + x
+    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
+
+
+def _mul(s: int, p: _Point) -> _Point:
+    q: _Point = (0, 1, 1, 0)
+    while s > 0:
+        if s & 1:
+            q = _add(q, p)
+        p = _add(p, p)
+        s >>= 1
+    return q
+
+
+def _x_of(y: int, sign: int) -> int | None:
+    if y >= _P:
+        return None
+    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    if x2 == 0:
+        return None if sign else 0
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return None
+    return _P - x if (x & 1) != sign else x
+
+
+def _point(data: bytes) -> _Point | None:
+    y = int.from_bytes(data, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    x = _x_of(y, sign)
+    return None if x is None else (x, y, 1, x * y % _P)
+
+
+_GY = 4 * pow(5, _P - 2, _P) % _P
+_GX = _x_of(_GY, 0) or 0
+_G: _Point = (_GX, _GY, 1, _GX * _GY % _P)
+
+
+def _ed25519_pure(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """RFC 8032 section 6 (the reference verification), for machines without ``cryptography``."""
+    a, r = _point(public_key), _point(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if a is None or r is None or s >= _Q:
+        return False
+    h = int.from_bytes(hashlib.sha512(signature[:32] + public_key + message).digest(), "little") % _Q
+    left, right = _mul(s, _G), _add(r, _mul(h, a))
+    return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (left[1] * right[2] - right[1] * left[2]) % _P == 0
+
+
+def ed25519_verify(public_key: bytes, message: bytes, signature: bytes, *, pure: bool = False) -> bool:
+    """True when ``signature`` is ``public_key``'s Ed25519 signature of ``message``."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    if not pure:
+        try:
+            from cryptography.exceptions import InvalidSignature
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        except ImportError:  # an inspector's machine without it
+            pure = True
+        else:
+            try:
+                Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+            except InvalidSignature:
+                return False
+            return True
+    return _ed25519_pure(public_key, message, signature)
+
+
+def check_checkpoint(cp: Any, keys: dict[str, bytes] | None, where: str = "checkpoint") -> str | None:
+    """None when ``cp`` is a checkpoint whose signature verifies with one of ``keys`` (None: the key
+    the checkpoint itself names), else what is wrong."""
+    if not isinstance(cp, dict) or cp.get("format") != CHECKPOINT_FORMAT:
+        return f"{where}: not a sopflow checkpoint (expected format {CHECKPOINT_FORMAT!r})"
+    for name, kind in (("n", int), ("seq", int), ("head_hash", str), ("created_at", str), ("key_id", str)):
+        if not isinstance(cp.get(name), kind):
+            return f"{where}: {name} is missing or not a{'n integer' if kind is int else ' string'}"
+    label = f"{where} {cp['n']} (event {cp['seq']})"
+    if keys is None:
+        try:
+            raw = base64.b64decode(str(cp.get("public_key") or ""), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if key_id_of(raw) != cp["key_id"]:
+            return f"{label}: the public key it carries is not key {cp['key_id']}"
+    elif cp["key_id"] not in keys:
+        return (
+            f"{label}: signed by key {cp['key_id']}, which is not among the public keys it was checked with: "
+            "forged, or signed with a key this installation never published"
+        )
+    else:
+        raw = keys[cp["key_id"]]
+    try:
+        signature = base64.b64decode(str(cp.get("signature") or ""), validate=True)
+    except (binascii.Error, ValueError):
+        signature = b""
+    if not ed25519_verify(raw, checkpoint_message(cp), signature):
+        return f"{label}: its signature does not verify with key {cp['key_id']}: the checkpoint was altered or forged"
+    return None
+
+
+def _check_export_checkpoint(doc: dict[str, Any], keys: dict[str, bytes] | None, problems: list[str]) -> None:
+    cp = doc.get("checkpoint")
+    if cp is None:
+        if keys is not None:
+            problems.append("checkpoint: the export carries no signed checkpoint (made before sopflow signed them?)")
+        return
+    if problem := check_checkpoint(cp, keys):
+        problems.append(problem)
+        return
+    head = doc.get("audit_head") or {}
+    if head.get("seq") != cp["seq"] or head.get("hash") != cp["head_hash"]:
+        problems.append(
+            f"checkpoint {cp['n']} covers event {cp['seq']} ({cp['head_hash'][:12]}…), but the export's audit_head is "
+            f"event {head.get('seq')} ({str(head.get('hash'))[:12]}…): the head was altered"
+        )
 
 
 def _check_events(doc: dict[str, Any], problems: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -288,8 +481,9 @@ def _check_readable(doc: dict[str, Any], problems: list[str]) -> None:
             _same(problems, f"{section}[{i}]", entry, by_id.get(table, {}).get(entry.get("id")), pairs)
 
 
-def verify_export(doc: dict[str, Any]) -> list[str]:
-    """Every problem found in an exported record, the first mismatch first; empty when it verifies."""
+def verify_export(doc: dict[str, Any], keys: dict[str, bytes] | None = None) -> list[str]:
+    """Every problem found in an exported record, the first mismatch first; empty when it verifies.
+    ``keys``: the installation's public keys by id (None: check the checkpoint against the key it names)."""
     problems: list[str] = []
     if (
         not isinstance(doc, dict)
@@ -303,14 +497,23 @@ def verify_export(doc: dict[str, Any]) -> list[str]:
     _check_rows(doc, covered, problems)
     _check_signatures(doc, problems)
     _check_readable(doc, problems)
+    _check_export_checkpoint(doc, keys, problems)
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python export.py FILE``: print OK or every problem; exit 1 when the export does not verify."""
-    args = sys.argv[1:] if argv is None else argv
+    """``python export.py FILE [--key KEY|KEYFILE]``: print OK or every problem; exit 1 when the export does not verify."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keys: dict[str, bytes] | None = None
+    if len(args) == 3 and args[1] == "--key":
+        try:
+            keys = parse_public_keys(_read_key_arg(args[2]))
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"error: --key {args[2]}: {exc}\n")
+            return 1
+        args = args[:1]
     if len(args) != 1:
-        sys.stderr.write("usage: python export.py RECORD.json\n")
+        sys.stderr.write("usage: python export.py RECORD.json [--key PUBLIC_KEY_OR_FILE]\n")
         return 2
     try:
         with open(args[0], encoding="utf-8") as f:
@@ -318,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"error: {args[0]}: {exc}\n")
         return 1
-    problems = verify_export(doc)
+    problems = verify_export(doc, keys)
     for p in problems:
         sys.stderr.write(f"verify-export: {p}\n")
     if problems:
@@ -328,6 +531,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(len(v) for v in doc['rows'].values())} rows)\n"
     )
     return 0
+
+
+def _read_key_arg(arg: str) -> str:
+    """``--key``: a key itself (base64, as ``sopflow audit key`` prints it) or a file of keys."""
+    import os
+
+    if os.path.exists(arg):
+        with open(arg, encoding="utf-8") as f:
+            return f.read()
+    return arg
 
 
 if __name__ == "__main__":

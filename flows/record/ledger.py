@@ -20,12 +20,16 @@ in the hashed body only when it is set, so that old events' bodies, and hashes, 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import String, type_coerce
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, SQLModel, col, select
 
 from flows.record.tables import (
@@ -34,12 +38,14 @@ from flows.record.tables import (
     Signature,
     SopRun,
     StepRecord,
+    UTCDateTime,
     utcnow,
 )
 
 __all__ = [
     "GENESIS",
     "ChainReport",
+    "Progress",
     "append",
     "audit",
     "canonical",
@@ -170,16 +176,32 @@ def append(
 
 def signed_content(run: SopRun, step_id: str, data: dict[str, Any], sig: Signature) -> dict[str, Any]:
     """Exactly what a signature's hash covers: this run, this SOP text, this step, this data, this signer."""
+    return _signed_dict(
+        run.id, run.sop_sha256, step_id, data, sig.user_id, sig.printed_name, sig.meaning, sig.statement, sig.signed_at
+    )
+
+
+def _signed_dict(
+    run_id: str,
+    sop_sha256: str,
+    step_id: str,
+    data: Any,
+    signer_id: str,
+    printed_name: str,
+    meaning: str,
+    statement: str | None,
+    signed_at: Any,
+) -> dict[str, Any]:
     return {
-        "run_id": run.id,
-        "sop_sha256": run.sop_sha256,
+        "run_id": run_id,
+        "sop_sha256": sop_sha256,
         "step_id": step_id,
         "data": data,
-        "signer_id": sig.user_id,
-        "printed_name": sig.printed_name,
-        "meaning": sig.meaning,
-        "statement": sig.statement,
-        "signed_at": sig.signed_at,
+        "signer_id": signer_id,
+        "printed_name": printed_name,
+        "meaning": meaning,
+        "statement": statement,
+        "signed_at": signed_at,
     }
 
 
@@ -201,52 +223,413 @@ def verify_signature(session: Session, sig: Signature) -> str | None:
     return None
 
 
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: how far a verification is (``audit verify`` draws a bar)."""
+
+
 @dataclass
 class ChainReport:
+    """What ``verify_chain`` (and ``flows.record.checkpoints.verify_checkpoints``) found.
+
+    ``head`` is the live chain's last event ``(seq, hash)``; ``start`` the event an incremental
+    walk began after (0 for a full one); ``notes`` say what holds but is worth knowing (events the
+    newest checkpoint does not cover yet); ``problems`` what does not hold, each naming the event,
+    row, signature or checkpoint."""
+
     events: int = 0
     rows: int = 0
+    signatures: int = 0
+    checkpoints: int = 0
+    head: tuple[int, str] | None = None
+    start: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    limit: int = 20
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def full(self) -> bool:
+        return len(self.problems) >= self.limit
 
-def verify_chain(session: Session, *, limit_problems: int = 20) -> ChainReport:
-    """Walk the chain from the first event; name the first break and every row it no longer covers."""
-    report = ChainReport()
-    prev = GENESIS
-    covered: dict[tuple[str, str], dict[str, Any]] = {}
-    expected_seq = 1
-    for ev in session.exec(select(AuditEvent).order_by(col(AuditEvent.seq))):
-        report.events += 1
-        if ev.seq != expected_seq:
-            report.problems.append(f"audit event {expected_seq} is missing (next is {ev.seq}): an event was deleted")
-            expected_seq = ev.seq
-        if ev.prev_hash != prev:
-            report.problems.append(
-                f"audit event {ev.seq}: does not follow event {ev.seq - 1} (prev_hash differs): the chain was edited or reordered here"
-            )
-        if _event_hash(ev) != ev.hash:
-            report.problems.append(f"audit event {ev.seq}: its content does not match its hash: the event was edited")
-        payload = json.loads(ev.payload_json)
-        if ev.object_type in RECORD_TABLES and isinstance(payload, dict) and "row" in payload:
-            covered[(ev.object_type, ev.object_id)] = payload["row"]
-        prev = ev.hash
-        expected_seq += 1
-        if len(report.problems) >= limit_problems:
+    def problem(self, text: str) -> None:
+        if not self.full:
+            self.problems.append(text)
+
+
+_PROGRESS_EVERY = 20_000
+
+
+_js = json.encoder.encode_basestring
+"""A str as ``canonical`` writes it (JSON's own C function: no encoder built per call)."""
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_default).encode
+"""``canonical`` as str, with one encoder made once (``json.dumps`` makes one per call)."""
+
+
+def _at_iso(at: datetime | str) -> str:
+    """An event or row time as ``canonical`` writes it. ``at`` is a datetime, or on SQLite the
+    stored text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), read raw because parsing it costs more
+    than the rest of an event's check; anything else is parsed."""
+    if isinstance(at, str):
+        if len(at) == 26 and at[10] == " " and at[19] == ".":
+            return f"{at[:10]}T{at[11:19]}{'' if at[20:] == '000000' else at[19:]}+00:00"
+        at = datetime.fromisoformat(at)
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+
+
+def _at_datetime(at: datetime | str) -> datetime:
+    value = datetime.fromisoformat(at) if isinstance(at, str) else at
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _event_hash_fast(
+    seq: int,
+    at: datetime | str,
+    actor: str,
+    action: str,
+    object_type: str,
+    object_id: str,
+    payload_json: str,
+    reason: str | None,
+    prev_hash: str,
+) -> str:
+    """``_event_hash`` without parsing and re-serialising the payload: the same bytes whenever
+    ``payload_json`` is canonical, as ``audit`` writes it (the keys in sorted order, each string
+    JSON-escaped by the C function ``canonical`` uses). A mismatch is re-checked by ``_event_hash`` itself, so this only ever speeds up a verdict
+    (tests/test_audit_tamper.py pins it)."""
+    body = (
+        f'{{"action":{_js(action)},"actor":{_js(actor)},"at":"{_at_iso(at)}","object_id":{_js(object_id)},'
+        f'"object_type":{_js(object_type)},"payload":{payload_json},"prev_hash":{_js(prev_hash)},'
+        f'"reason":{"null" if reason is None else _js(reason)},"seq":{int(seq)}}}'
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _flat_canonical(keys: list[str], values: dict[str, Any]) -> str:
+    """``canonical`` of a row's columns (str, int, float, bool, None), keys in sorted order."""
+    parts = []
+    for k in keys:
+        v = values[k]
+        if v is None:
+            text = "null"
+        elif v is True:
+            text = "true"
+        elif v is False:
+            text = "false"
+        elif type(v) is str:
+            text = _js(v)
+        elif type(v) is int:
+            text = int.__repr__(v)
+        else:
+            text = _CANONICAL(v)
+        parts.append(f"{_js(k)}:{text}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _raw_times(session: Session, columns: Any) -> list[Any]:
+    """The columns to select, the record's times as their stored text on SQLite (``_at_iso``)."""
+    if session.get_bind().dialect.name != "sqlite":
+        return list(columns)
+    return [type_coerce(c, String()).label(c.key) if isinstance(c.type, UTCDateTime) else c for c in columns]
+
+
+def _stream(session: Session, statement: Any) -> Iterator[Any]:
+    """Rows of a Core statement, fetched in batches (a server-side cursor on PostgreSQL)."""
+    conn = session.connection()
+    result = conn.execution_options(stream_results=True, yield_per=5000).execute(statement)
+    for partition in result.partitions():
+        yield from partition
+
+
+def _ordered(column: Any, session: Session) -> Any:
+    """``column`` ordered as Python orders str (code points): ``COLLATE "C"`` on PostgreSQL."""
+    return column.collate("C") if session.get_bind().dialect.name == "postgresql" else column
+
+
+def verify_chain(
+    session: Session,
+    *,
+    limit_problems: int = 20,
+    after: tuple[int, str] | None = None,
+    progress: Progress | None = None,
+) -> ChainReport:
+    """Walk the chain, then every record row and every signature against it, streaming: memory
+    stays flat however long the history. Names the first break, every row the chain no longer
+    covers, and every signature whose hash no longer matches what it signed.
+
+    ``after=(seq, hash)`` walks only what follows a verified checkpoint: the event ``seq`` must
+    still carry ``hash``, the events after it must chain on from it, and the rows, signatures
+    those events recorded must match them (rows recorded before are left to a full walk).
+    Read in one snapshot (PostgreSQL: REPEATABLE READ), so concurrent writers never look like tampering.
+    """
+    report = ChainReport(limit=limit_problems)
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    ev_t = AuditEvent.__table__  # type: ignore[attr-defined]
+    head = session.execute(sa_select(ev_t.c.seq, ev_t.c.hash).order_by(ev_t.c.seq.desc()).limit(1)).first()
+    report.head = (int(head[0]), str(head[1])) if head else None
+    start, prev = 0, GENESIS
+    if after is not None:
+        start, prev = after
+        report.start = start
+        anchor = session.get(AuditEvent, start)
+        if anchor is None:
+            report.problem(f"audit event {start}, which the verified checkpoint covers, is gone: events were removed")
             return report
-    for table, model in RECORD_TABLES.items():
-        for row in session.exec(select(model)):
-            report.rows += 1
-            key = (table, str(row.id))  # type: ignore[attr-defined]
-            payload = covered.pop(key, None)
-            if payload is None:
-                report.problems.append(f"{table} row {key[1]}: not in the audit chain: inserted outside sopflow")
-            elif changed := row_changes(payload, row):
-                report.problems.append(f"{table} row {key[1]}: changed since it was recorded ({', '.join(changed)})")
-            if len(report.problems) >= limit_problems:
-                return report
-    for table, row_id in covered:
-        report.problems.append(f"{table} row {row_id}: recorded in the audit chain but missing: deleted")
+        if anchor.hash != prev or _event_hash(anchor) != anchor.hash:
+            report.problem(
+                f"audit event {start} no longer has the hash the verified checkpoint signed: the chain was rewritten"
+            )
+            return report
+    _walk_events(session, report, start, prev, progress)
+    if report.full:
+        return report
+    if after is None:
+        _walk_rows(session, report, progress)
+    else:
+        _rows_since(session, report, start)
+    if not report.full:
+        _walk_signatures(session, report, start, progress)
     return report
+
+
+def _walk_events(session: Session, report: ChainReport, start: int, prev: str, progress: Progress | None) -> None:
+    ev_t = AuditEvent.__table__  # type: ignore[attr-defined]
+    total = report.head[0] - start if report.head else 0
+    expected = start + 1
+    q = sa_select(
+        *_raw_times(
+            session,
+            (
+                ev_t.c.seq,
+                ev_t.c.at,
+                ev_t.c.actor,
+                ev_t.c.action,
+                ev_t.c.object_type,
+                ev_t.c.object_id,
+                ev_t.c.payload_json,
+                ev_t.c.reason,
+                ev_t.c.prev_hash,
+                ev_t.c.hash,
+            ),
+        )
+    ).where(ev_t.c.seq > start)
+    for seq, at, actor, action, otype, oid, payload_json, reason, prev_hash, stored in _stream(
+        session, q.order_by(ev_t.c.seq)
+    ):
+        report.events += 1
+        if seq != expected:
+            report.problem(f"audit event {expected} is missing (next is {seq}): an event was deleted")
+            expected = seq
+        if prev_hash != prev:
+            report.problem(
+                f"audit event {seq}: does not follow event {seq - 1} (prev_hash differs): the chain was edited or reordered here"
+            )
+        if _event_hash_fast(seq, at, actor, action, otype, oid, payload_json, reason, prev_hash) != stored:
+            ev = AuditEvent(
+                seq=seq,
+                at=_at_datetime(at),
+                actor=actor,
+                action=action,
+                object_type=otype,
+                object_id=oid,
+                payload_json=payload_json,
+                reason=reason,
+                prev_hash=prev_hash,
+                hash=stored,
+            )
+            if _event_hash(ev) != stored:
+                report.problem(f"audit event {seq}: its content does not match its hash: the event was edited")
+        prev = stored
+        expected += 1
+        if report.full:
+            return
+        if progress is not None and report.events % _PROGRESS_EVERY == 0:
+            progress("events", report.events, total)
+    if progress is not None:
+        progress("events", report.events, total)
+
+
+def _recorded_row(payload_json: str) -> dict[str, Any] | None:
+    payload = json.loads(payload_json)
+    row = payload.get("row") if isinstance(payload, dict) else None
+    return row if isinstance(row, dict) else None
+
+
+def _row_problem(
+    session: Session, table: str, row_id: str, payload_json: str, values: dict[str, Any], times: frozenset[str]
+) -> str | None:
+    """None when a row still equals what its event recorded (``payload_json``), else what changed.
+    The quick test: the event's payload is exactly ``{"row": <the row's columns, canonical>}``, as
+    ``append`` writes it; anything else is judged by ``row_payload`` against the parsed payload."""
+    quick = {k: _at_iso(v) if k in times and v is not None else v for k, v in values.items()}
+    try:
+        if payload_json == f'{{"row":{_flat_canonical(sorted(quick), quick)}}}':
+            return None
+    except TypeError:  # a column type canonical() does not know: the slow path says what it is
+        pass
+    recorded = _recorded_row(payload_json) or {}
+    row = session.get(RECORD_TABLES[table], row_id)
+    if row is None:  # pragma: no cover - it was just read in the same snapshot
+        return f"{table} row {row_id}: recorded in the audit chain but missing: deleted"
+    # Over the columns the event names; a column added since must hold its backfill value (row_changes).
+    changed = row_changes(recorded, row)
+    if not changed:
+        return None
+    return f"{table} row {row_id}: changed since it was recorded ({', '.join(changed)})"
+
+
+def _walk_rows(session: Session, report: ChainReport, progress: Progress | None) -> None:
+    """Every row of every record table against the last event that recorded it: a merge of two
+    streams ordered by id, so nothing but the current row and event is held."""
+    ev_t = AuditEvent.__table__  # type: ignore[attr-defined]
+    for table, model in RECORD_TABLES.items():
+        tt = model.__table__  # type: ignore[attr-defined]
+        keys = [c.key for c in tt.columns]
+        times = frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime))
+        rows = _stream(session, sa_select(*_raw_times(session, tt.columns)).order_by(_ordered(tt.c.id, session)))
+        events = _stream(
+            session,
+            sa_select(ev_t.c.object_id, ev_t.c.payload_json)
+            .where(ev_t.c.object_type == table)
+            .order_by(_ordered(ev_t.c.object_id, session), ev_t.c.seq),
+        )
+        row = next(rows, None)
+        pending: tuple[str, str] | None = None  # (object id, the payload of the last event that recorded its row)
+        for oid, payload_json in itertools.chain(events, [(None, None)]):
+            if pending is not None and oid != pending[0]:
+                # pending's events are all seen: match it with the rows up to its id
+                while row is not None and str(row.id) < pending[0]:
+                    report.rows += 1
+                    report.problem(f"{table} row {row.id}: not in the audit chain: inserted outside sopflow")
+                    row = next(rows, None)
+                if row is not None and str(row.id) == pending[0]:
+                    report.rows += 1
+                    if problem := _row_problem(
+                        session, table, pending[0], pending[1], dict(zip(keys, row, strict=True)), times
+                    ):
+                        report.problem(problem)
+                    row = next(rows, None)
+                else:
+                    report.problem(f"{table} row {pending[0]}: recorded in the audit chain but missing: deleted")
+                pending = None
+                if report.full:
+                    return
+            if oid is None:
+                break
+            if payload_json.startswith('{"row":{') or _recorded_row(payload_json) is not None:
+                pending = (str(oid), payload_json)
+        while row is not None:
+            report.rows += 1
+            report.problem(f"{table} row {row.id}: not in the audit chain: inserted outside sopflow")
+            row = next(rows, None)
+            if report.full:
+                return
+        if progress is not None:
+            progress("rows", report.rows, 0)
+
+
+def _rows_since(session: Session, report: ChainReport, start: int) -> None:
+    """The rows the events after ``start`` recorded, each against its event."""
+    ev_t = AuditEvent.__table__  # type: ignore[attr-defined]
+    q = (
+        sa_select(ev_t.c.object_type, ev_t.c.object_id, ev_t.c.payload_json)
+        .where(ev_t.c.seq > start, ev_t.c.object_type.in_(list(RECORD_TABLES)))
+        .order_by(ev_t.c.seq)
+    )
+    for table, oid, payload_json in list(session.execute(q)):
+        if _recorded_row(payload_json) is None:
+            continue
+        tt = RECORD_TABLES[table].__table__  # type: ignore[attr-defined]
+        found = session.execute(sa_select(tt).where(tt.c.id == oid)).first()
+        report.rows += 1
+        if found is None:
+            report.problem(f"{table} row {oid}: recorded in the audit chain but missing: deleted")
+        elif problem := _row_problem(
+            session,
+            table,
+            oid,
+            payload_json,
+            dict(zip([c.key for c in tt.columns], found, strict=True)),
+            frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime)),
+        ):
+            report.problem(problem)
+        if report.full:
+            return
+
+
+def _walk_signatures(session: Session, report: ChainReport, start: int, progress: Progress | None) -> None:
+    """Every signature's hash against what it signed: its run, that run's SOP text, its step, the
+    data of every step record carrying it, the signer, printed name, meaning, statement and time.
+    An incremental walk checks the signatures the events after ``start`` recorded."""
+    sig, run, rec = Signature.__table__, SopRun.__table__, StepRecord.__table__  # type: ignore[attr-defined]
+    q = (
+        sa_select(
+            sig.c.id,
+            sig.c.run_id,
+            sig.c.step_id,
+            sig.c.user_id,
+            sig.c.printed_name,
+            sig.c.meaning,
+            sig.c.statement,
+            sig.c.signed_at,
+            sig.c.signed_sha256,
+            run.c.id,
+            run.c.sop_sha256,
+            rec.c.id,
+            rec.c.run_id,
+            rec.c.step_id,
+            rec.c.data_json,
+        )
+        .select_from(sig.outerjoin(run, run.c.id == sig.c.run_id).outerjoin(rec, rec.c.signature_id == sig.c.id))
+        .order_by(sig.c.id, rec.c.n)
+    )
+    if start:
+        ev_t = AuditEvent.__table__  # type: ignore[attr-defined]
+        new = sa_select(ev_t.c.object_id).where(
+            ev_t.c.seq > start, ev_t.c.object_type.in_(["sf_signature", "sf_step_record"])
+        )
+        q = q.where(sig.c.id.in_(new) | rec.c.id.in_(new))
+    last: str | None = None
+    for (
+        sid,
+        run_id,
+        step_id,
+        user_id,
+        name,
+        meaning,
+        statement,
+        signed_at,
+        sha,
+        found_run,
+        sop_sha,
+        rec_id,
+        rec_run,
+        rec_step,
+        data_json,
+    ) in _stream(session, q):
+        if sid != last:
+            report.signatures += 1
+            last = sid
+        elif report.problems and report.problems[-1].startswith(f"signature {sid}"):
+            continue  # one problem per signature
+        if found_run is None:
+            report.problem(f"signature {sid} names run {run_id}, which does not exist")
+        elif rec_id is None:
+            report.problem(f"signature {sid} is attached to no step record")
+        elif rec_run != run_id or rec_step != step_id:
+            report.problem(f"signature {sid} is for {run_id}/{step_id}, attached to {rec_run}/{rec_step}")
+        else:
+            signed = _signed_dict(
+                run_id, sop_sha, step_id, json.loads(data_json), user_id, name, meaning, statement, signed_at
+            )
+            if sha256_hex(canonical(signed)) != sha:
+                report.problem(
+                    f"signature {sid}: the signed data no longer matches its hash (step record {rec_id}, {run_id}/{step_id})"
+                )
+        if report.full:
+            return
+    if progress is not None:
+        progress("signatures", report.signatures, 0)

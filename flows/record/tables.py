@@ -24,6 +24,7 @@ __all__ = [
     "AdminKey",
     "ApiToken",
     "ApiTokenRevocation",
+    "AuditCheckpoint",
     "AuditEvent",
     "Deviation",
     "DeviationEvent",
@@ -571,6 +572,22 @@ class WebSession(SQLModel, table=True):
     last_seen: float = Field(sa_column=Column(Float, nullable=False, index=True))
     ended_at: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
     ended_why: str | None = None
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed checkpoint of the audit chain's head (``flows.record.checkpoints``): event ``seq`` had
+    hash ``head_hash``, signed with the Ed25519 key ``key_id`` whose private half lives in a file outside
+    the database. Not audit-chained (writing one would move the head it covers): its signature protects
+    it, and checkpoints are numbered 1, 2, … so a removed one shows."""
+
+    __tablename__ = "sf_audit_checkpoint"
+    n: int = Field(primary_key=True)
+    seq: int = Field(index=True)
+    head_hash: str
+    created_at: datetime = _ts()  # type: ignore[assignment]
+    key_id: str
+    signature: str
+    """Base64 of the Ed25519 signature over ``flows.record.checkpoints.signed_bytes``."""
 
 
 RECORD_TABLES: dict[str, type[SQLModel]] = {

@@ -37,6 +37,7 @@ from flows.engine.deployment import WORKER_TYPE
 from flows.engine.env import apply_prefect_env
 from flows.errors import FlowsError
 from flows.record.db import init_db
+from flows.services.audit import checkpoint_job
 
 __all__ = [
     "SopflowJobConfiguration",
@@ -59,7 +60,7 @@ def change_control_sweep(settings: Settings) -> int:
 def floor_jobs() -> list[tuple[str, Any]]:
     """The periodic jobs of the floors above the engine, registered with every worker's executor
     (the engine never imports them)."""
-    return [("change_control", change_control_sweep)]
+    return [("change_control", change_control_sweep), ("audit_checkpoint", checkpoint_job)]
 
 
 class _SuspendedIsNotAnError(logging.Filter):

@@ -81,7 +81,7 @@ def record(settings: Settings, client: ApiClient, run_id: str) -> dict[str, Any]
         NotFoundError, NotAuthorizedError
     """
     run = _own_run(settings, client, run_id, "records.read")
-    rec = runs.quality_record(settings, run.id)
+    rec = runs.quality_record(settings, run.id, export=True)
     audit_use(settings, client, "records.read", "sf_run", run.id)
     return rec
 

@@ -38,7 +38,7 @@ def record_for(settings: Settings, username: str, password: str, run_id: str) ->
         AuthenticationError, NotFoundError, NotAuthorizedError
     """
     user = guard.sign_in(settings, username, password, f"read record {run_id}")
-    rec = runs.quality_record(settings, run_id)
+    rec = runs.quality_record(settings, run_id, export=True)
     with read_session(settings.database_url) as s:
         problem = guard.reader_problem(s, username, rec["run"]["institution"])
     if problem:

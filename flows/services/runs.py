@@ -22,7 +22,8 @@ from flows.engine.escalation import overdue_steps
 from flows.engine.opening import open_run, prepare_run
 from flows.errors import NotAuthorizedError, NotFoundError, RecordError, SopNotEffectiveError
 from flows.record.chain import chain_of_identity as _chain
-from flows.record.db import init_db, read_session
+from flows.record.checkpoints import checkpoint_public, ensure_checkpoint, load_signing_key
+from flows.record.db import init_db, read_session, write_session
 from flows.record.deviations import list_deviations
 from flows.record.query import run_record
 from flows.record.state import run_status, step_states
@@ -210,11 +211,24 @@ def runs_for(settings: Settings, username: str) -> list[dict[str, Any]]:
     return [r for r in list_runs(settings) if r["institution"] in mine]
 
 
-def quality_record(settings: Settings, run_id: str) -> dict[str, Any]:
-    """A run's quality record (``flows.record.query.run_record``). Raises NotFoundError."""
+def quality_record(settings: Settings, run_id: str, *, export: bool = False) -> dict[str, Any]:
+    """A run's quality record (``flows.record.query.run_record``). An ``export`` (``sopflow record
+    --json``, the API) carries the newest signed checkpoint of the audit chain, made now when none
+    covers the head, read under the write lock so it covers exactly the export's ``audit_head``.
+
+    Raises:
+        NotFoundError. ConfigError: the checkpoint key file cannot be used.
+    """
     init_db(settings.database_url)
-    with read_session(settings.database_url) as s:
-        return run_record(s, find_run(s, run_id).id)
+    if not export:
+        with read_session(settings.database_url) as s:
+            return run_record(s, find_run(s, run_id).id)
+    key = load_signing_key(settings)
+    with write_session(settings.database_url) as s:
+        cp = ensure_checkpoint(s, key)
+        rec = run_record(s, find_run(s, run_id).id)
+        rec["checkpoint"] = checkpoint_public(cp, key.public) if cp else None
+        return rec
 
 
 def record_for(settings: Settings, username: str, run_id: str) -> dict[str, Any]:
