@@ -14,13 +14,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel, create_engine, select
 
 from flows.errors import ConfigError, RecordError
-from flows.record import tables  # noqa: F401  (registers the tables with SQLModel.metadata)
+from flows.record import current, tables  # tables registers them with SQLModel.metadata
 
 __all__ = ["get_engine", "init_db", "read_session", "write_session"]
 
@@ -61,12 +61,18 @@ def _sqlite_locking(engine: Engine) -> None:
 
 
 def init_db(url: str) -> Engine:
-    """Create the tables that do not exist yet; returns the engine."""
+    """Create the tables that do not exist yet; returns the engine. A database made before the
+    current-state tables existed gets them filled from its record (``flows.record.current.rebuild``)."""
     engine = get_engine(url)
     try:
+        fresh = not inspect(engine).has_table(tables.CurrentRun.__tablename__)
         SQLModel.metadata.create_all(engine)
     except OperationalError as exc:
         raise ConfigError(f"cannot open the sopflow database {_safe(url)}: {exc.orig}") from exc
+    if fresh:
+        with write_session(url) as session:
+            if session.exec(select(tables.SopRun.id).limit(1)).first() is not None:
+                current.rebuild(session)
     return engine
 
 

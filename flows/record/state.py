@@ -14,7 +14,18 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from flows.record.accounts import is_active
-from flows.record.tables import AuditEvent, RunEvent, Signature, SopRun, StepRecord, User, next_position, utcnow
+from flows.record.current import FINAL_STATUSES
+from flows.record.tables import (
+    AuditEvent,
+    CurrentStep,
+    RunEvent,
+    Signature,
+    SopRun,
+    StepRecord,
+    User,
+    next_position,
+    utcnow,
+)
 from flows.record.training import grant_hint, is_trained
 from flows.record.users import roles_of
 from flows.record.versions import CHANGE_CONTROL_ID, change_control_problem
@@ -50,9 +61,6 @@ def step_data(rec: StepRecord) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(rec.data_json)
     return data
 
-
-FINAL_STATUSES = ("completed", "rejected", "stopped", "failed")
-"""Run statuses after which nothing more happens in the run."""
 
 STALE_RESUME = "resume.stale"
 """Audit action: a resume carried the signature of another, already accepted step of the run."""
@@ -132,17 +140,12 @@ def signed_but_suspended(session: Session, older_than: float = 0.0) -> list[tupl
     """(flow_run_id, step_id, signature_id) of every step whose newest record is ``signed`` and
     older than ``older_than`` seconds: the flow has not accepted it (its resume may be lost)."""
     cutoff = utcnow() - timedelta(seconds=older_than)
-    out = []
-    for rec in session.exec(select(StepRecord).where(StepRecord.status == "signed")):
-        if rec.at > cutoff:
-            continue
-        newest = session.exec(
-            select(StepRecord)
-            .where(StepRecord.run_id == rec.run_id, StepRecord.step_id == rec.step_id)
-            .order_by(col(StepRecord.n).desc())
-            .limit(1)
-        ).first()
-        run = session.get(SopRun, rec.run_id)
-        if newest is not None and newest.id == rec.id and run is not None and rec.signature_id:
-            out.append((run.flow_run_id, rec.step_id, rec.signature_id))
-    return out
+    # The steps whose newest record is ``signed`` now (the current-state index), never every record.
+    rows = session.exec(
+        select(StepRecord, SopRun)
+        .join(CurrentStep, col(CurrentStep.record_id) == col(StepRecord.id))
+        .join(SopRun, col(SopRun.id) == col(StepRecord.run_id))
+        .where(CurrentStep.status == "signed", col(CurrentStep.at) <= cutoff)
+        .order_by(col(StepRecord.run_id), col(StepRecord.n))
+    )
+    return [(run.flow_run_id, rec.step_id, rec.signature_id) for rec, run in rows if rec.signature_id]

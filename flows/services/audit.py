@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config import Settings
-from flows.record import ledger
+from flows.record import current, ledger
 from flows.record.db import init_db, read_session
 from flows.record.export import verify_export as _check_export
 
@@ -17,10 +17,13 @@ __all__ = ["verify_audit", "verify_export"]
 
 
 def verify_audit(settings: Settings) -> ledger.ChainReport:
-    """Walk the audit chain and every record row against it; the report names the first break."""
+    """Walk the audit chain and every record row against it, then the current-state tables against the
+    record rows (``flows.record.current.compare``); the report names the first break."""
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        return ledger.verify_chain(s)
+        report = ledger.verify_chain(s)
+        report.problems += current.compare(s)  # the current-state tables against the record (issue 11)
+        return report
 
 
 def verify_export(document: dict[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from flows.errors import AuthenticationError
 from flows.record.db import init_db, read_session
 from flows.record.deadlines import deadline_states, repetitions
 from flows.record.state import step_states
-from flows.record.tables import SopRun, StepRecord, utcnow
+from flows.record.tables import CurrentStep, SopRun, StepRecord, utcnow
 from flows.record.users import find_user, roles_of
 from flows.record.versions import stored_sop
 from flows.services import guard
@@ -42,13 +42,22 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
         if user is None:
             raise AuthenticationError(f"no user {username!r}")
         overdue = {(o.run.id, o.step.id): o.due for o in overdue_steps(s)}
-        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
-            roles = roles_of(s, user.id, run.institution)
+        # Only the runs with a step waiting now (the current-state index), never the whole history.
+        waiting = (
+            select(SopRun)
+            .where(col(SopRun.id).in_(select(CurrentStep.run_id).where(CurrentStep.status == "waiting")))
+            .order_by(col(SopRun.started_at))
+        )
+        held: dict[str, set[str]] = {}
+        for run in s.exec(waiting):
+            if run.institution not in held:
+                held[run.institution] = roles_of(s, user.id, run.institution)
+            roles = held[run.institution]
             if not roles:
                 continue
             states = step_states(s, run.id)
             if not any(rec.status == "waiting" for rec in states.values()):
-                continue  # finished runs, and runs between steps: nothing to show, nothing to parse
+                continue  # runs between steps: nothing to show, nothing to parse
             sop = stored_sop(s, run)
             clocks: list[dict[str, Any]] | None = None
             for step_id, rec in states.items():
