@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, create_engine, select
 
+from flows.config import db_pool
 from flows.errors import ConfigError, RecordError
 from flows.record import current, tables  # tables registers them with SQLModel.metadata
 
@@ -30,16 +31,28 @@ _PG_LOCK_KEY = 0x50F_F10E  # one advisory lock: "the audit chain"
 
 @cache
 def get_engine(url: str) -> Engine:
-    """One engine per database URL, shared by the threads of a process."""
+    """One engine per database URL, shared by the threads of a process; its connection pool is sized
+    by ``SOPFLOW_DB_POOL_SIZE`` / ``SOPFLOW_DB_MAX_OVERFLOW`` / ``SOPFLOW_DB_POOL_TIMEOUT`` (``flows.config.db_pool``).
+
+    Raises:
+        ConfigError: the URL cannot be used, or a pool setting is wrong.
+    """
+    sizes = db_pool()
+    in_memory = url.startswith("sqlite") and (url.split("///", 1)[1] if "///" in url else "") in ("", ":memory:")
+    pool: dict[str, Any] = (
+        {}
+        if in_memory  # one shared connection (SQLAlchemy's SingletonThreadPool / StaticPool): no sizes
+        else {"pool_size": sizes.size, "max_overflow": sizes.overflow, "pool_timeout": sizes.timeout}
+    )
     try:
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **pool)
             _sqlite_locking(engine)
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True, **pool)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError, missing driver (ImportError)
         raise ConfigError(f"database URL {url!r} cannot be used: {exc}") from exc
     return engine

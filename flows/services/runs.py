@@ -53,6 +53,8 @@ __all__ = [
     "record_for",
     "run_filter",
     "runs_for",
+    "runs_page",
+    "runs_page_for",
     "start_run",
     "start_run_as",
     "wait_for_run",
@@ -221,7 +223,7 @@ def _day(value: str | datetime | None, name: str, problems: list[str], *, end: b
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
-            problems.append(f"runs {name}: {value!r} is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM)")
+            problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM)")
             return None
         if end and len(value.strip()) == 10:  # a day: up to its end
             moment += timedelta(days=1)
@@ -247,21 +249,17 @@ def run_filter(
     """
     problems: list[str] = []
     if status not in (None, "") and status not in (*RUN_STATUSES, "open"):
-        problems.append(
-            f"runs status: {status!r} is not a run status. {did_you_mean(str(status), (*RUN_STATUSES, 'open'))}"
-        )
+        problems.append(f"status: {status!r} is not a run status. {did_you_mean(str(status), (*RUN_STATUSES, 'open'))}")
     numbers: dict[str, int] = {}
     for name, value, default in (("page", page, 1), ("per_page", per_page, PER_PAGE)):
         try:
             numbers[name] = default if value in (None, "") else int(value)
         except ValueError:
-            problems.append(f"runs {name}: {value!r} is not a whole number")
+            problems.append(f"{name}: {value!r} is not a whole number")
             numbers[name] = default
             continue
         if not 1 <= numbers[name] <= (MAX_PER_PAGE if name == "per_page" else 10**9):
-            problems.append(
-                f"runs {name}: {value!r} is out of range (1 to {MAX_PER_PAGE if name == 'per_page' else 'any'})"
-            )
+            problems.append(f"{name}: {value!r} is out of range (1 to {MAX_PER_PAGE if name == 'per_page' else 'any'})")
     start, end = _day(since, "since", problems), _day(until, "until", problems, end=True)
     if problems:
         raise SopInputError(problems)
@@ -300,7 +298,7 @@ def _runs_query(filters: RunFilter, institutions: set[str] | None, run_id: str |
     return (
         query.order_by(col(CurrentRun.started_at).desc(), col(CurrentRun.run_id).desc())
         .offset((filters.page - 1) * filters.per_page)
-        .limit(filters.per_page)
+        .limit(filters.per_page + 1)  # one more than shown: whether a next page exists
     )
 
 
@@ -314,6 +312,19 @@ def list_runs(
     """One page of runs (``filters``; default the newest ``PER_PAGE``), newest first, with status and
     what each waits on; ``institutions``: only theirs. Reads the current-state tables
     (``flows.record.current``): the cost is the page's, whatever the history holds."""
+    rows: list[dict[str, Any]] = runs_page(settings, filters, institutions=institutions, run_id=run_id)["runs"]
+    return rows
+
+
+def runs_page(
+    settings: Settings,
+    filters: RunFilter | None = None,
+    *,
+    institutions: set[str] | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """``list_runs`` with where the page stands: ``{"runs", "page", "per_page", "more"}`` (``more``:
+    a next page exists)."""
     filters = filters or RunFilter()
     init_db(settings.database_url)
     out = []
@@ -324,6 +335,8 @@ def list_runs(
                 {"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at}
             )
         rows = list(s.exec(_runs_query(filters, institutions, run_id)))
+        more = len(rows) > filters.per_page
+        rows = rows[: filters.per_page]
         waiting: dict[str, list[str]] = {}
         if rows:
             steps = s.exec(
@@ -353,13 +366,19 @@ def list_runs(
                     "coi": cur.coi,
                 }
             )
-    return out
+    return {"runs": out, "page": filters.page, "per_page": filters.per_page, "more": more}
 
 
 def runs_for(settings: Settings, username: str, filters: RunFilter | None = None) -> list[dict[str, Any]]:
     """``list_runs``, only the runs of institutions where the user holds a role."""
+    rows: list[dict[str, Any]] = runs_page_for(settings, username, filters)["runs"]
+    return rows
+
+
+def runs_page_for(settings: Settings, username: str, filters: RunFilter | None = None) -> dict[str, Any]:
+    """``runs_page``, only the runs of institutions where the user holds a role (the web's runs page)."""
     mine = user_summary(settings, username)["roles"]
-    return list_runs(settings, filters, institutions=set(mine))
+    return runs_page(settings, filters, institutions=set(mine))
 
 
 def quality_record(settings: Settings, run_id: str) -> dict[str, Any]:
