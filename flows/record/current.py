@@ -241,7 +241,7 @@ def _brief(row: SQLModel | None) -> str:
     if row is None:
         return ""
     values = _fields(row)
-    shown = {k: values[k] for k in ("status", "coi", "run_id") if k in values}
+    shown = {k: values[k] for k in ("status", "coi") if k in values}
     return ", ".join(f"{k} {v!r}" for k, v in shown.items())
 
 

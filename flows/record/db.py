@@ -77,6 +77,8 @@ def init_db(url: str) -> Engine:
     """Create the tables that do not exist yet; returns the engine. A database made before the
     current-state tables existed gets them filled from its record (``flows.record.current.rebuild``)."""
     engine = get_engine(url)
+    if url in _INITIALISED:
+        return engine
     try:
         fresh = not inspect(engine).has_table(tables.CurrentRun.__tablename__)
         SQLModel.metadata.create_all(engine)
@@ -86,7 +88,13 @@ def init_db(url: str) -> Engine:
         with write_session(url) as session:
             if session.exec(select(tables.SopRun.id).limit(1)).first() is not None:
                 current.rebuild(session)
+    _INITIALISED.add(url)
     return engine
+
+
+_INITIALISED: set[str] = set()
+"""Databases whose tables this process has made sure of: every service call asks ``init_db`` first,
+and checking some thirty tables each time cost more than the read itself (issue 11)."""
 
 
 @contextmanager
