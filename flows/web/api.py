@@ -3,7 +3,7 @@
 ``/api/v1/openapi.json``.
 
     GET  /api/v1/health                       no token: for the proxy's health check
-    GET  /api/v1/runs                         runs:read       the institution's runs (no parameters)
+    GET  /api/v1/runs                         runs:read       the institution's runs, paged and filtered (no parameters)
     GET  /api/v1/runs/{run_id}                runs:read       one run's status and its steps' states
     GET  /api/v1/runs/{run_id}/record         records:read    the quality record (patient data)
     POST /api/v1/runs                         runs:start      start a run as the token's service account
