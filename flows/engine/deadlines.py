@@ -137,7 +137,7 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
         going = (
             select(SopRun)
             .join(CurrentRun, col(CurrentRun.run_id) == col(SopRun.id))
-            .where(col(CurrentRun.open).is_(True))
+            .where(col(CurrentRun.open) == True)  # noqa: E712  (an index on open: not IS TRUE)
             .order_by(col(SopRun.started_at))
         )
         for run in s.exec(going):

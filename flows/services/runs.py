@@ -282,7 +282,7 @@ def _runs_query(filters: RunFilter, institutions: set[str] | None, run_id: str |
     if institutions is not None:
         query = query.where(col(CurrentRun.institution).in_(sorted(institutions)))
     if filters.status == "open":
-        query = query.where(col(CurrentRun.open).is_(True))
+        query = query.where(col(CurrentRun.open) == True)  # noqa: E712  (an index on open: not IS TRUE)
     elif filters.status is not None:
         query = query.where(CurrentRun.status == filters.status)
     if filters.sop_id is not None:
