@@ -359,3 +359,30 @@ def test_reads_issue_the_same_queries_with_10_and_200_finished_runs(
     after = {name: count_queries(fn) for name, fn in reads.items()}
     assert after == before
     assert inbox(settings, "ana") == items
+
+
+@pytest.mark.slow
+def test_current_state_agrees_with_the_record_through_a_real_run(engine: Settings) -> None:
+    """A dose receipt run by the real executor: at each stop the current-state tables are what
+    rebuilding them from the record gives (``compare`` works that out), and they say where it is."""
+    from tests.fixtures_engine import ARRIVAL, sign, start_receipt, wait_for
+
+    def agreed(run_id: str) -> tuple[str | None, dict[str, str]]:
+        with read_session(engine.database_url) as s:
+            assert current.compare(s, limit_problems=1000) == []
+            run = s.get(CurrentRun, run_id)
+            assert run is not None
+            steps = {c.step_id: c.status for c in s.exec(select(CurrentStep).where(CurrentStep.run_id == run_id))}
+            return run.status, steps
+
+    run_id = start_receipt(engine, coi="COI-CURRENT-0001")
+    wait_for(engine, run_id, step="arrival")
+    status, steps = agreed(run_id)
+    assert (status, steps.get("arrival")) == ("waiting", "waiting")
+    sign(engine, run_id, "arrival", "tech", ARRIVAL)
+    sign(engine, run_id, "identity_verification", "pharm", {"coi_matches": "yes", "documents": "complete"})
+    sign(engine, run_id, "qa_acceptance", "qa", {"decision": "approve"})
+    wait_for(engine, run_id, statuses=("completed",))
+    status, steps = agreed(run_id)
+    assert status == "completed"
+    assert {steps[k] for k in ("arrival", "identity_verification", "qa_acceptance")} == {"done"}
