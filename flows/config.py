@@ -24,6 +24,9 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_AUDIT_PUBLIC_KEYS every public key that ever signed checkpoints here    $HOME/audit-keys.pub
     SOPFLOW_CHECKPOINT_EVENTS a signed checkpoint after this many audit events   1000
     SOPFLOW_CHECKPOINT_MINUTES  ... or after this many minutes with new events  60
+    SOPFLOW_DB_POOL_SIZE      database connections a process keeps open (per database)   10
+    SOPFLOW_DB_MAX_OVERFLOW   connections it may open beyond those at busy moments        30
+    SOPFLOW_DB_POOL_TIMEOUT   seconds a request waits for a free connection before failing  30
 
 Stdlib only: the CLI imports this on start-up.
 """
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from flows.errors import ConfigError
 
-__all__ = ["PACKAGE_LIBRARY", "REPO_ROOT", "Settings", "bundled_dir", "get_settings"]
+__all__ = ["PACKAGE_LIBRARY", "REPO_ROOT", "DbPool", "Settings", "bundled_dir", "db_pool", "get_settings"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_LIBRARY = Path(__file__).resolve().parent / "library"
@@ -148,6 +151,38 @@ def _float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class DbPool:
+    """How many database connections one process holds (SQLAlchemy's ``QueuePool``): ``size`` kept
+    open, up to ``overflow`` more when busy, and a request waits ``timeout`` seconds for one. The
+    default (10 + 30) covers the web app's 40 request threads (anyio's default), each holding at most
+    one connection at a time: 20 signed-in users refreshing at once never wait for a connection."""
+
+    size: int = 10
+    overflow: int = 30
+    timeout: float = 30.0
+
+
+def db_pool() -> DbPool:
+    """The connection pool from ``SOPFLOW_DB_POOL_SIZE``, ``SOPFLOW_DB_MAX_OVERFLOW`` and ``SOPFLOW_DB_POOL_TIMEOUT``.
+
+    Raises:
+        ConfigError: a value is not a whole number of at least 1 (0 or more for the overflow), or not positive seconds.
+    """
+    size = _float("SOPFLOW_DB_POOL_SIZE", DbPool.size)
+    overflow = _float("SOPFLOW_DB_MAX_OVERFLOW", DbPool.overflow)
+    timeout = _float("SOPFLOW_DB_POOL_TIMEOUT", DbPool.timeout)
+    if size < 1 or size != int(size):
+        raise ConfigError(f"SOPFLOW_DB_POOL_SIZE: expected a whole number of connections, at least 1, got {size!r}")
+    if overflow < 0 or overflow != int(overflow):
+        raise ConfigError(
+            f"SOPFLOW_DB_MAX_OVERFLOW: expected a whole number of connections, 0 or more, got {overflow!r}"
+        )
+    if timeout <= 0:
+        raise ConfigError(f"SOPFLOW_DB_POOL_TIMEOUT: expected seconds, more than 0, got {timeout!r}")
+    return DbPool(int(size), int(overflow), timeout)
 
 
 def get_settings() -> Settings:

@@ -2,7 +2,8 @@
 
     sopflow start SOP_ID --institution I --set k=v --as USER      start a run
     sopflow submit RUN STEP --as USER --set k=v [--json FILE]     enter data and sign a step
-    sopflow runs [--json]                 open and finished runs, with what each waits on
+    sopflow runs [--status S --sop ID --product P --coi C --since DAY --until DAY --page N] [--json]
+                                          runs, newest first, a page at a time, with what each waits on
     sopflow inbox --as USER [--json]      steps waiting on that user's roles (signs USER in)
     sopflow record RUN --as USER [--json] the quality record of a run (a user of its institution)
     sopflow audit verify [--against FILE] [--incremental]  the chain, rows, signatures, signed checkpoints
@@ -91,16 +92,44 @@ def submit(
 
 
 @runs_app.command("runs")
-def list_runs(as_json: cli.JsonOpt = False) -> None:
-    """List runs, newest first, with their status and what each waits on (no parameters: `record` shows them)."""
+def list_runs(
+    as_json: cli.JsonOpt = False,
+    status: Annotated[
+        str | None, typer.Option(help="Only runs with this status (waiting, completed, …) or 'open' (not yet ended).")
+    ] = None,
+    sop: Annotated[str | None, typer.Option(help="Only runs of this SOP id.")] = None,
+    product: Annotated[str | None, typer.Option(help="Only runs of this product (its catalogue id).")] = None,
+    coi: Annotated[str | None, typer.Option(help="Only runs of this dose (chain-of-identity id).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only runs started on or after this UTC day (YYYY-MM-DD).")] = None,
+    until: Annotated[str | None, typer.Option(help="Only runs started on or before this UTC day (YYYY-MM-DD).")] = None,
+    page: Annotated[int, typer.Option(help="Which page (newest first).")] = 1,
+    per_page: Annotated[int, typer.Option(help="Runs per page (at most 500).")] = 50,
+) -> None:
+    """List runs, newest first, a page at a time, with their status and what each waits on (no parameters:
+    `record` shows them)."""
     from flows.services import runs
 
-    rows = cli.run(runs.list_runs, cli.settings())
+    filters = cli.run(
+        runs.run_filter,
+        status=status,
+        sop_id=sop,
+        product=product,
+        coi=coi,
+        since=since,
+        until=until,
+        page=page,
+        per_page=per_page,
+    )
+    shown = cli.run(runs.runs_page, cli.settings(), filters)
+    rows = shown["runs"]
     if as_json:
         cli.emit_json(rows)
         return
     if not rows:
-        cli.out.print("no runs yet: `sopflow start` starts one, `sopflow demo` shows one")
+        filtered = any(v is not None for v in (status, sop, product, coi, since, until)) or page > 1
+        cli.out.print(
+            "no runs match" if filtered else "no runs yet: `sopflow start` starts one, `sopflow demo` shows one"
+        )
     for r in rows:
         waits = f" waiting on {', '.join(r['waiting_on'])}" if r["waiting_on"] else ""
         for o in r.get("overdue", []):
@@ -110,6 +139,8 @@ def list_runs(as_json: cli.JsonOpt = False) -> None:
             f"{r['id']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  {r['status']}{escape(detail)}{waits}  "
             f"started {r['started_at']:%Y-%m-%d %H:%M} UTC"
         )
+    if shown["more"]:
+        cli.out.print(f"more: `sopflow runs --page {page + 1}` (with the same filters) shows the next {per_page}")
 
 
 @runs_app.command("inbox")

@@ -30,8 +30,7 @@ from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deadlines import deadline_states
 from flows.record.dose import run_facts
-from flows.record.state import FINAL_STATUSES, run_status
-from flows.record.tables import Deviation, SopRun, utcnow
+from flows.record.tables import CurrentRun, Deviation, SopRun, utcnow
 from flows.record.versions import stored_sop
 from flows.sop.model import SopDefinition, text_in
 
@@ -134,14 +133,19 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
     now = now or utcnow()
     pending: list[tuple[SopRun, SopDefinition]] = []
     with read_session(settings.database_url) as s:
-        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
+        # Only the runs still going (the current-state index), never the whole history.
+        going = (
+            select(SopRun)
+            .join(CurrentRun, col(CurrentRun.run_id) == col(SopRun.id))
+            .where(col(CurrentRun.open) == True)  # noqa: E712  (an index on open: not IS TRUE)
+            .order_by(col(SopRun.started_at))
+        )
+        for run in s.exec(going):
             sop = stored_sop(s, run)  # parsed once per version (flows.record.query)
             if not sop.deadlines:
                 continue
-            status = run_status(s, run.id)
-            if status is None or status.status not in FINAL_STATUSES:
-                s.expunge(run)
-                pending.append((run, sop))
+            s.expunge(run)
+            pending.append((run, sop))
     n = 0
     for run, sop in pending:
         try:

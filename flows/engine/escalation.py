@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from flows.config import Settings
 from flows.engine.gates import find_human_step
@@ -38,8 +38,8 @@ from flows.outputs.messages import Message, message
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.dose import run_facts
-from flows.record.state import FINAL_STATUSES, run_status
-from flows.record.tables import Deviation, Escalation, SopRun, StepRecord, utcnow
+from flows.record.state import FINAL_STATUSES
+from flows.record.tables import CurrentRun, CurrentStep, Deviation, Escalation, SopRun, utcnow
 from flows.record.versions import stored_sop
 from flows.sop.model import HumanStepSpec, SopDefinition, text_in
 
@@ -78,44 +78,32 @@ def format_duration(delta: timedelta) -> str:
 def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue]:
     """Every human step of a run still going whose newest record is ``waiting`` past its time-out."""
     now = now or utcnow()
-    newest = (
-        select(StepRecord.run_id, StepRecord.step_id, func.max(StepRecord.n).label("n"))
-        .group_by(col(StepRecord.run_id), col(StepRecord.step_id))
-        .subquery()
-    )
+    # The steps waiting now, from the current-state index (flows.record.current): what is open, not
+    # every record ever written; each carries its waiting period's first record.
     waiting = session.exec(
-        select(StepRecord)
-        .join(newest, (col(StepRecord.run_id) == newest.c.run_id) & (col(StepRecord.n) == newest.c.n))
-        .where(StepRecord.status == "waiting")
-        .order_by(col(StepRecord.at))
+        select(CurrentStep, SopRun, CurrentRun)
+        .join(SopRun, col(SopRun.id) == col(CurrentStep.run_id))
+        .join(CurrentRun, col(CurrentRun.run_id) == col(CurrentStep.run_id))
+        .where(CurrentStep.status == "waiting")
+        .order_by(col(CurrentStep.at))
     )
     sops: dict[str, SopDefinition] = {}
     out: list[Overdue] = []
-    for rec in list(waiting):
-        run = session.get(SopRun, rec.run_id)
-        if run is None:
-            continue
+    for cur, run, now_run in list(waiting):
         if run.sop_version_id not in sops:
             sops[run.sop_version_id] = stored_sop(session, run)
         sop = sops[run.sop_version_id]
-        step = find_human_step(sop, rec.step_id)
-        if step is None or step.timeout is None:
+        step = find_human_step(sop, cur.step_id)
+        if step is None or step.timeout is None or cur.first_waiting_id is None or cur.first_waiting_at is None:
             continue
-        first = session.exec(
-            select(StepRecord)
-            .where(StepRecord.run_id == run.id, StepRecord.step_id == step.id, StepRecord.status == "waiting")
-            .order_by(col(StepRecord.n))
-            .limit(1)
-        ).one()
-        since = first.at
+        since = cur.first_waiting_at
         due = since + step.timeout
         if due > now:
             continue
-        status = run_status(session, run.id)
-        if status is not None and status.status in FINAL_STATUSES:
+        if now_run.status is not None and now_run.status in FINAL_STATUSES:
             continue
-        esc = session.exec(select(Escalation).where(Escalation.waiting_id == first.id)).first()
-        out.append(Overdue(run, sop, step, first.id, since, due, esc.at if esc else None))
+        esc = session.exec(select(Escalation).where(Escalation.waiting_id == cur.first_waiting_id)).first()
+        out.append(Overdue(run, sop, step, cur.first_waiting_id, since, due, esc.at if esc else None))
     return out
 
 

@@ -48,7 +48,7 @@ from flows.record.deviations import (
 )
 from flows.record.ledger import audit
 from flows.record.state import FINAL_STATUSES, run_status, step_data, step_states
-from flows.record.tables import Deviation, SopRun, StepRecord
+from flows.record.tables import CurrentStep, Deviation, SopRun, StepRecord
 from flows.record.versions import effective_sop, stored_sop
 from flows.sop.expressions import evaluate_value
 from flows.sop.model import HUMAN_KINDS, CheckStepSpec, SubrunStepSpec
@@ -339,17 +339,17 @@ def resume_ready(settings: Settings, client: Any = None) -> int:
     Best effort: returns how many it resumed."""
     ready: list[tuple[str, str]] = []
     with read_session(settings.database_url) as s:
-        candidates: dict[str, list[StepRecord]] = {}
-        for rec in s.exec(select(StepRecord).where(col(StepRecord.status).in_(("waiting", "held")))):
+        # The steps whose newest record waits or is held now (the current-state index), never every record.
+        newest = s.exec(
+            select(StepRecord, SopRun)
+            .join(CurrentStep, col(CurrentStep.record_id) == col(StepRecord.id))
+            .join(SopRun, col(SopRun.id) == col(StepRecord.run_id))
+            .where(col(CurrentStep.status).in_(("waiting", "held")))
+            .order_by(col(StepRecord.run_id), col(StepRecord.n))
+        )
+        for rec, run in list(newest):
             if rec.status == "held" or "subrun_id" in rec.data_json:
-                candidates.setdefault(rec.run_id, []).append(rec)
-        for run_id, recs in candidates.items():  # each run's newest records read once, not once per row
-            states = step_states(s, run_id)
-            run = s.get(SopRun, run_id)
-            for rec in recs:
-                newest = states.get(rec.step_id)
-                if newest is not None and newest.id == rec.id and run is not None:
-                    _ready(settings, s, run, rec, ready)
+                _ready(settings, s, run, rec, ready)
     return _resume_each(settings, client, ready)
 
 

@@ -26,8 +26,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, create_engine
 
+from flows.config import db_pool
 from flows.errors import ConfigError, RecordError, SchemaVersionError
 from flows.record import (
+    current,
     schema,
     tables,  # noqa: F401  (registers the tables with SQLModel.metadata)
 )
@@ -51,16 +53,28 @@ _current: set[str] = set()  # URLs found at the code's schema revision by this p
 
 @cache
 def get_engine(url: str) -> Engine:
-    """One engine per database URL, shared by the threads of a process."""
+    """One engine per database URL, shared by the threads of a process; its connection pool is sized
+    by ``SOPFLOW_DB_POOL_SIZE`` / ``SOPFLOW_DB_MAX_OVERFLOW`` / ``SOPFLOW_DB_POOL_TIMEOUT`` (``flows.config.db_pool``).
+
+    Raises:
+        ConfigError: the URL cannot be used, or a pool setting is wrong.
+    """
+    sizes = db_pool()
+    in_memory = url.startswith("sqlite") and (url.split("///", 1)[1] if "///" in url else "") in ("", ":memory:")
+    pool: dict[str, Any] = (
+        {}
+        if in_memory  # one shared connection (SQLAlchemy's SingletonThreadPool / StaticPool): no sizes
+        else {"pool_size": sizes.size, "max_overflow": sizes.overflow, "pool_timeout": sizes.timeout}
+    )
     try:
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **pool)
             _sqlite_locking(engine)
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True, **pool)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError, missing driver (ImportError)
         raise ConfigError(f"database URL {url!r} cannot be used: {exc}") from exc
     return engine
@@ -136,12 +150,22 @@ def upgrade_db(url: str) -> list[str]:
             if st.state in ("ahead", "unknown"):
                 raise SchemaVersionError(st.refusal(safe_url(url)))
             applied = schema.upgrade(conn)
+            if any(
+                line.split()[0] == CURRENT_STATE_REVISION for line in applied
+            ):  # the current-state tables, filled from the record rows
+                with Session(bind=conn) as session:
+                    current.rebuild(session)
+                    session.flush()
     except (OperationalError, DBAPIError) as exc:
         raise ConfigError(
             f"the upgrade of the sopflow database {safe_url(url)} failed, nothing changed: {exc.orig}"
         ) from exc
     _current.add(url)
     return applied
+
+
+CURRENT_STATE_REVISION = "0004"
+"""The revision that adds the current-state tables: an upgrade through it fills them from the record."""
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, SQLModel, col, select
 
+from flows.record import current
 from flows.record.tables import (
     RECORD_TABLES,
     AuditEvent,
@@ -149,7 +150,8 @@ def audit(
 def append(
     session: Session, row: SQLModel, *, actor: str, action: str | None = None, reason: str | None = None
 ) -> SQLModel:
-    """Insert a record row and the audit event that carries its content (as ``payload["row"]``)."""
+    """Insert a record row and the audit event that carries its content (as ``payload["row"]``), and
+    bring the current-state tables up to date with it (``flows.record.current``)."""
     table = str(row.__tablename__)
     if table not in RECORD_TABLES:
         raise TypeError(f"{type(row).__name__} is not a record table")
@@ -171,6 +173,7 @@ def append(
         payload={"row": row_payload(row)},
         reason=reason,
     )
+    current.apply(session, row)  # the current state moves in the same transaction (flows.record.current)
     return row
 
 

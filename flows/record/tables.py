@@ -20,12 +20,16 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel, func, select
 
 __all__ = [
+    "CURRENT_TABLES",
     "RECORD_TABLES",
     "AdminKey",
     "ApiToken",
     "ApiTokenRevocation",
     "AuditCheckpoint",
     "AuditEvent",
+    "CurrentQuarantine",
+    "CurrentRun",
+    "CurrentStep",
     "Deviation",
     "DeviationEvent",
     "Document",
@@ -413,6 +417,8 @@ class OutboxMessage(SQLModel, table=True):
     """
 
     __tablename__ = "sf_outbox"
+    # The outbox sweep reads only the messages of the last ``RETRY_FOR``: by time, not every message ever.
+    __table_args__ = (Index("ix_sf_outbox_at", "at"),)
     id: str = Field(default_factory=new_id, primary_key=True)
     key: str = Field(unique=True)
     run_id: str | None = Field(default=None, index=True)
@@ -588,6 +594,74 @@ class AuditCheckpoint(SQLModel, table=True):
     key_id: str
     signature: str
     """Base64 of the Ed25519 signature over ``flows.record.checkpoints.signed_bytes``."""
+
+
+# -- issue 11: the current state, for reads that cost what is open, not what is past. Not records:
+# ``flows.record.current`` keeps them, in the transaction of every ledger append, updating and
+# deleting rows as the record moves on; ``audit verify`` checks them against the record rows.
+
+
+class CurrentRun(SQLModel, table=True):
+    """Every run with its status now (its newest ``RunEvent``) and what the runs list filters on."""
+
+    __tablename__ = "sf_current_run"
+    __table_args__ = (
+        Index("ix_sf_current_run_started", "started_at"),
+        Index("ix_sf_current_run_open", "open", "started_at"),
+        Index("ix_sf_current_run_institution", "institution", "started_at"),
+        Index("ix_sf_current_run_status", "status", "started_at"),
+        Index("ix_sf_current_run_sop", "sop_id", "started_at"),
+        Index("ix_sf_current_run_product", "product", "started_at"),
+        Index("ix_sf_current_run_coi", "coi", "started_at"),
+    )
+    run_id: str = Field(primary_key=True, foreign_key="sf_run.id")
+    institution: str
+    sop_id: str
+    sop_version: int
+    product: str | None = None
+    """The product's catalogue id (the run's ``type: product`` parameter), when the SOP has one."""
+    coi: str | None = None
+    status: str | None = None
+    """None until the run's first ``RunEvent``."""
+    detail: str | None = _text(nullable=True)  # type: ignore[assignment]
+    status_n: int = 0
+    """The ``n`` of the ``RunEvent`` that set ``status`` (0: none yet)."""
+    open: bool
+    """Not yet in a final status (``flows.record.state.FINAL_STATUSES``)."""
+    started_at: datetime = _ts()  # type: ignore[assignment]
+
+
+class CurrentStep(SQLModel, table=True):
+    """Each step of each run with its newest ``StepRecord``: what waits (``status``), since when, and
+    its waiting period's first ``waiting`` record (escalations count from it)."""
+
+    __tablename__ = "sf_current_step"
+    __table_args__ = (Index("ix_sf_current_step_status", "status", "at"),)
+    run_id: str = Field(primary_key=True, foreign_key="sf_run.id")
+    step_id: str = Field(primary_key=True)
+    record_id: str
+    n: int
+    """The newest record's position in the run."""
+    first_n: int
+    """The position of the step's first record (the order steps appear in a run)."""
+    status: str
+    at: datetime = _ts()  # type: ignore[assignment]
+    first_waiting_id: str | None = None
+    first_waiting_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class CurrentQuarantine(SQLModel, table=True):
+    """A deviation with ``quarantine: true`` and no disposition yet: its dose (``coi``) is held."""
+
+    __tablename__ = "sf_current_quarantine"
+    deviation_id: str = Field(primary_key=True, foreign_key="sf_deviation.id")
+    coi: str | None = Field(default=None, index=True)
+    run_id: str
+    opened_at: datetime = _ts()  # type: ignore[assignment]
+
+
+CURRENT_TABLES: tuple[type[SQLModel], ...] = (CurrentRun, CurrentStep, CurrentQuarantine)
+"""The current-state tables (``flows.record.current``)."""
 
 
 RECORD_TABLES: dict[str, type[SQLModel]] = {

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import yaml
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
-from flows.errors import RecordError, SopNotEffectiveError, SopNotFoundError, did_you_mean
+from flows.errors import SopNotEffectiveError, SopNotFoundError, did_you_mean
 from flows.record import ledger
 from flows.record.db import init_db, read_session, write_session
+from flows.record.pinned import stored_sop, version_definition
 from flows.record.tables import (
     SopRun,
     SopVersion,
@@ -281,29 +281,6 @@ class PinnedSop:
     version_id: str
     definition: SopDefinition
     sha256: str
-
-
-def version_definition(version: SopVersion) -> SopDefinition:
-    return SopDefinition.model_validate(yaml.safe_load(version.text))
-
-
-_PARSED: dict[tuple[str, str], SopDefinition] = {}
-"""Parsed SOP versions by (version row id, sha256): a version's text never changes and a
-definition is frozen, so each is parsed once per process (sweeps, the inbox and every gate read them)."""
-
-
-def stored_sop(session: Session, run: SopRun) -> SopDefinition:
-    """The SOP revision a run is pinned to, from the text stored when it started."""
-    cached = _PARSED.get((run.sop_version_id, run.sop_sha256))
-    if cached is not None:
-        return cached
-    version = session.get(SopVersion, run.sop_version_id)
-    if version is None:
-        raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
-    sop = version_definition(version)
-    if version.sha256 == run.sop_sha256:  # only a text the run's own hash vouches for is kept
-        _PARSED[(run.sop_version_id, run.sop_sha256)] = sop
-    return sop
 
 
 def known_sop_ids(settings: Settings, session: Session, institution: str) -> set[str]:

@@ -18,8 +18,8 @@ from flows.engine.gates import find_human_step, human_fields
 from flows.errors import AuthenticationError
 from flows.record.db import init_db, read_session
 from flows.record.deadlines import deadline_states, repetitions
-from flows.record.state import step_states
-from flows.record.tables import SopRun, StepRecord, utcnow
+from flows.record.state import signers_by_run
+from flows.record.tables import CurrentStep, SopRun, StepRecord, utcnow
 from flows.record.users import find_user, roles_of
 from flows.record.versions import stored_sop
 from flows.services import guard
@@ -42,13 +42,36 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
         if user is None:
             raise AuthenticationError(f"no user {username!r}")
         overdue = {(o.run.id, o.step.id): o.due for o in overdue_steps(s)}
-        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at))):
-            roles = roles_of(s, user.id, run.institution)
+        # Only the runs with a step waiting now (the current-state index), never the whole history.
+        waiting = (
+            select(SopRun)
+            .where(col(SopRun.id).in_(select(CurrentStep.run_id).where(CurrentStep.status == "waiting")))
+            .order_by(col(SopRun.started_at))
+        )
+        runs = list(s.exec(waiting))
+        # Every step's newest record of those runs in one read, in the order the steps appeared
+        # (as ``step_states`` gives them).
+        newest: dict[str, dict[str, StepRecord]] = {}
+        if runs:
+            for cur, rec in s.exec(
+                select(CurrentStep, StepRecord)
+                .join(StepRecord, col(StepRecord.id) == col(CurrentStep.record_id))
+                .where(col(CurrentStep.run_id).in_([r.id for r in runs]))
+                .order_by(col(CurrentStep.run_id), col(CurrentStep.first_n))
+            ):
+                newest.setdefault(cur.run_id, {})[cur.step_id] = rec
+        held: dict[str, set[str]] = {}
+        facts: dict[tuple[str, ...], Any] = {}  # the user's account, roles and training, read once
+        signers_by_run(s, [r.id for r in runs], facts)  # and every run's signers, in one read
+        for run in runs:
+            if run.institution not in held:
+                held[run.institution] = roles_of(s, user.id, run.institution)
+            roles = held[run.institution]
             if not roles:
                 continue
-            states = step_states(s, run.id)
+            states = newest.get(run.id, {})
             if not any(rec.status == "waiting" for rec in states.values()):
-                continue  # finished runs, and runs between steps: nothing to show, nothing to parse
+                continue  # runs between steps: nothing to show, nothing to parse
             sop = stored_sop(s, run)
             clocks: list[dict[str, Any]] | None = None
             for step_id, rec in states.items():
@@ -68,7 +91,7 @@ def inbox(settings: Settings, username: str) -> list[dict[str, Any]]:
                             "timeout": step.timeout,
                             "params": json.loads(run.params_json),
                             "fields": {k: f.model_dump(exclude_none=True) for k, f in human_fields(step).items()},
-                            "cannot_sign": guard.signer_problem(s, run, sop, step, user.id),
+                            "cannot_sign": guard.signer_problem(s, run, sop, step, user.id, facts=facts),
                             "overdue_since": overdue.get((run.id, step_id)),
                             "deadlines": clocks,
                             "due_at": _repetition_due(s, run.id, sop, step_id, states),

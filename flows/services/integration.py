@@ -37,9 +37,10 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in keep} | {"overdue": [o["step_id"] for o in row.get("overdue", [])]}
 
 
-def list_runs(settings: Settings, client: ApiClient) -> list[dict[str, Any]]:
-    """The institution's runs, newest first: status and what each waits on (no parameters)."""
-    rows = [_summary(r) for r in runs.list_runs(settings) if r["institution"] == client.institution]
+def list_runs(settings: Settings, client: ApiClient, filters: runs.RunFilter | None = None) -> list[dict[str, Any]]:
+    """One page of the institution's runs (``filters``, as ``sopflow runs``), newest first: status and
+    what each waits on (no parameters)."""
+    rows = [_summary(r) for r in runs.list_runs(settings, filters, institutions={client.institution})]
     audit_use(settings, client, "runs.list", "sf_api_token", client.token_id, count=len(rows))
     return rows
 
@@ -68,7 +69,7 @@ def run_summary(settings: Settings, client: ApiClient, run_id: str) -> dict[str,
     """
     run = _own_run(settings, client, run_id, "runs.read")
     rec = runs.quality_record(settings, run.id)
-    row = next(r for r in runs.list_runs(settings) if r["id"] == run.id)
+    row = runs.list_runs(settings, run_id=run.id)[0]
     steps = [{"id": s["id"], "kind": s["kind"], "status": s["status"]} for s in rec["steps"]]
     audit_use(settings, client, "runs.read", "sf_run", run.id)
     return _summary(row) | {"steps": steps, "flow_run_id": row["flow_run_id"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -20,19 +21,30 @@ from sqlmodel import Session, col, select
 from flows.config import Settings
 from flows.engine.escalation import overdue_steps
 from flows.engine.opening import open_run, prepare_run
-from flows.errors import NotAuthorizedError, NotFoundError, RecordError, SopNotEffectiveError
+from flows.errors import (
+    NotAuthorizedError,
+    NotFoundError,
+    RecordError,
+    SopInputError,
+    SopNotEffectiveError,
+    did_you_mean,
+)
 from flows.record.chain import chain_of_identity as _chain
 from flows.record.checkpoints import checkpoint_public, ensure_checkpoint, load_signing_key
 from flows.record.db import init_db, read_session, write_session
 from flows.record.deviations import list_deviations
 from flows.record.query import run_record
 from flows.record.state import run_status, step_states
-from flows.record.tables import SopRun, User
+from flows.record.tables import CurrentRun, CurrentStep, SopRun, User
 from flows.record.versions import CHANGE_CONTROL_ID, PinnedSop, effective_sop
 from flows.services import guard
 from flows.services.accounts import user_summary
 
 __all__ = [
+    "MAX_PER_PAGE",
+    "PER_PAGE",
+    "RUN_STATUSES",
+    "RunFilter",
     "StartResult",
     "chain_of_identity",
     "deviations",
@@ -40,7 +52,10 @@ __all__ = [
     "list_runs",
     "quality_record",
     "record_for",
+    "run_filter",
     "runs_for",
+    "runs_page",
+    "runs_page_for",
     "start_run",
     "start_run_as",
     "wait_for_run",
@@ -175,8 +190,143 @@ def wait_for_run(
         time.sleep(poll)
 
 
-def list_runs(settings: Settings) -> list[dict[str, Any]]:
-    """Every run, newest first, with its status and what it waits on."""
+RUN_STATUSES = ("scheduled", "running", "waiting", "completed", "rejected", "stopped", "failed")
+"""The statuses a run can have (``flows.record.tables.RunEvent``); the runs list also filters by ``open``."""
+PER_PAGE = 50
+"""Runs per page of the runs list, unless asked otherwise (at most ``MAX_PER_PAGE``)."""
+MAX_PER_PAGE = 500
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """What the runs list shows: one page, newest first, of the runs matching every filter given."""
+
+    status: str | None = None
+    """A run status (``RUN_STATUSES``) or ``open`` (any not yet final)."""
+    sop_id: str | None = None
+    product: str | None = None
+    """The product's catalogue id."""
+    coi: str | None = None
+    since: datetime | None = None
+    """Started at or after (aware)."""
+    until: datetime | None = None
+    """Started before (aware)."""
+    page: int = 1
+    per_page: int = PER_PAGE
+
+
+def _day(value: str | datetime | None, name: str, problems: list[str], *, end: bool = False) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM)")
+            return None
+        if end and len(value.strip()) == 10:  # a day: up to its end
+            moment += timedelta(days=1)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def run_filter(
+    *,
+    status: str | None = None,
+    sop_id: str | None = None,
+    product: str | None = None,
+    coi: str | None = None,
+    since: str | datetime | None = None,
+    until: str | datetime | None = None,
+    page: int | str | None = None,
+    per_page: int | str | None = None,
+) -> RunFilter:
+    """A ``RunFilter`` from what a person typed (CLI options, query parameters); dates are UTC days
+    or ISO times, ``until`` a day includes that day.
+
+    Raises:
+        SopInputError: every filter that cannot be used, each named.
+    """
+    problems: list[str] = []
+    if status not in (None, "") and status not in (*RUN_STATUSES, "open"):
+        problems.append(f"status: {status!r} is not a run status. {did_you_mean(str(status), (*RUN_STATUSES, 'open'))}")
+    numbers: dict[str, int] = {}
+    for name, value, default in (("page", page, 1), ("per_page", per_page, PER_PAGE)):
+        try:
+            numbers[name] = default if value in (None, "") else int(value)
+        except ValueError:
+            problems.append(f"{name}: {value!r} is not a whole number")
+            numbers[name] = default
+            continue
+        if not 1 <= numbers[name] <= (MAX_PER_PAGE if name == "per_page" else 10**9):
+            problems.append(f"{name}: {value!r} is out of range (1 to {MAX_PER_PAGE if name == 'per_page' else 'any'})")
+    start, end = _day(since, "since", problems), _day(until, "until", problems, end=True)
+    if problems:
+        raise SopInputError(problems)
+    return RunFilter(
+        status=status or None,
+        sop_id=sop_id or None,
+        product=product or None,
+        coi=(coi or "").strip() or None,
+        since=start,
+        until=end,
+        page=numbers["page"],
+        per_page=numbers["per_page"],
+    )
+
+
+def _runs_query(filters: RunFilter, institutions: set[str] | None, run_id: str | None) -> Any:
+    query = select(CurrentRun, SopRun).join(SopRun, col(SopRun.id) == col(CurrentRun.run_id))
+    if run_id is not None:
+        query = query.where(CurrentRun.run_id == run_id)
+    if institutions is not None:
+        query = query.where(col(CurrentRun.institution).in_(sorted(institutions)))
+    if filters.status == "open":
+        query = query.where(col(CurrentRun.open) == True)  # noqa: E712  (an index on open: not IS TRUE)
+    elif filters.status is not None:
+        query = query.where(CurrentRun.status == filters.status)
+    if filters.sop_id is not None:
+        query = query.where(CurrentRun.sop_id == filters.sop_id)
+    if filters.product is not None:
+        query = query.where(CurrentRun.product == filters.product)
+    if filters.coi is not None:
+        query = query.where(CurrentRun.coi == filters.coi)
+    if filters.since is not None:
+        query = query.where(col(CurrentRun.started_at) >= filters.since)
+    if filters.until is not None:
+        query = query.where(col(CurrentRun.started_at) < filters.until)
+    return (
+        query.order_by(col(CurrentRun.started_at).desc(), col(CurrentRun.run_id).desc())
+        .offset((filters.page - 1) * filters.per_page)
+        .limit(filters.per_page + 1)  # one more than shown: whether a next page exists
+    )
+
+
+def list_runs(
+    settings: Settings,
+    filters: RunFilter | None = None,
+    *,
+    institutions: set[str] | None = None,
+    run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """One page of runs (``filters``; default the newest ``PER_PAGE``), newest first, with status and
+    what each waits on; ``institutions``: only theirs. Reads the current-state tables
+    (``flows.record.current``): the cost is the page's, whatever the history holds."""
+    rows: list[dict[str, Any]] = runs_page(settings, filters, institutions=institutions, run_id=run_id)["runs"]
+    return rows
+
+
+def runs_page(
+    settings: Settings,
+    filters: RunFilter | None = None,
+    *,
+    institutions: set[str] | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """``list_runs`` with where the page stands: ``{"runs", "page", "per_page", "more"}`` (``more``:
+    a next page exists)."""
+    filters = filters or RunFilter()
     init_db(settings.database_url)
     out = []
     with read_session(settings.database_url) as s:
@@ -185,30 +335,51 @@ def list_runs(settings: Settings) -> list[dict[str, Any]]:
             overdue.setdefault(o.run.id, []).append(
                 {"step_id": o.step.id, "since": o.due, "escalated_at": o.escalated_at}
             )
-        for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
-            st = run_status(s, run.id)
-            waiting = [k for k, r in step_states(s, run.id).items() if r.status in ("waiting", "signed", "held")]
+        rows = list(s.exec(_runs_query(filters, institutions, run_id)))
+        more = len(rows) > filters.per_page
+        rows = rows[: filters.per_page]
+        waiting: dict[str, list[str]] = {}
+        if rows:
+            steps = s.exec(
+                select(CurrentStep.run_id, CurrentStep.step_id)
+                .where(
+                    col(CurrentStep.run_id).in_([cur.run_id for cur, _ in rows]),
+                    col(CurrentStep.status).in_(("waiting", "signed", "held")),
+                )
+                .order_by(col(CurrentStep.run_id), col(CurrentStep.first_n))
+            )
+            for rid, step_id in steps:
+                waiting.setdefault(rid, []).append(step_id)
+        for cur, run in rows:
             out.append(
                 {
                     "id": run.id,
                     "institution": run.institution,
                     "sop_id": run.sop_id,
                     "sop_version": run.sop_version,
-                    "status": st.status if st else "unknown",
-                    "detail": st.detail if st else None,
-                    "waiting_on": waiting,
+                    "status": cur.status or "unknown",
+                    "detail": cur.detail if cur.status else None,
+                    "waiting_on": waiting.get(run.id, []),
                     "overdue": overdue.get(run.id, []),
                     "started_at": run.started_at,
                     "flow_run_id": run.flow_run_id,
+                    "product": cur.product,
+                    "coi": cur.coi,
                 }
             )
-    return out
+    return {"runs": out, "page": filters.page, "per_page": filters.per_page, "more": more}
 
 
-def runs_for(settings: Settings, username: str) -> list[dict[str, Any]]:
+def runs_for(settings: Settings, username: str, filters: RunFilter | None = None) -> list[dict[str, Any]]:
     """``list_runs``, only the runs of institutions where the user holds a role."""
+    rows: list[dict[str, Any]] = runs_page_for(settings, username, filters)["runs"]
+    return rows
+
+
+def runs_page_for(settings: Settings, username: str, filters: RunFilter | None = None) -> dict[str, Any]:
+    """``runs_page``, only the runs of institutions where the user holds a role (the web's runs page)."""
     mine = user_summary(settings, username)["roles"]
-    return [r for r in list_runs(settings) if r["institution"] in mine]
+    return runs_page(settings, filters, institutions=set(mine))
 
 
 def quality_record(settings: Settings, run_id: str, *, export: bool = False) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 ``/api/v1/openapi.json``.
 
     GET  /api/v1/health                       no token: for the proxy's health check
-    GET  /api/v1/runs                         runs:read       the institution's runs (no parameters)
+    GET  /api/v1/runs                         runs:read       the institution's runs, paged and filtered (no parameters)
     GET  /api/v1/runs/{run_id}                runs:read       one run's status and its steps' states
     GET  /api/v1/runs/{run_id}/record         records:read    the quality record (patient data)
     POST /api/v1/runs                         runs:start      start a run as the token's service account
@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.config import Settings
 from flows.errors import FlowsError, SopDefinitionError, SopInputError
-from flows.services import integration, tokens
+from flows.services import integration, runs, tokens
 from flows.web.base import message_of, status_of
 
 __all__ = ["create_api", "http_error"]
@@ -220,9 +220,29 @@ def create_api(settings: Settings) -> FastAPI:
     def health() -> dict[str, bool]:
         return {"ok": True}
 
-    @api.get("/runs", response_model=list[RunSummary], summary="The institution's runs, newest first")
-    def list_runs(client: Annotated[tokens.ApiClient, client_for("runs.list", "runs:read")]) -> JSONResponse:
-        return ok(integration.list_runs(settings, client))
+    @api.get("/runs", response_model=list[RunSummary], summary="The institution's runs, newest first, a page at a time")
+    def list_runs(
+        client: Annotated[tokens.ApiClient, client_for("runs.list", "runs:read")],
+        status: Annotated[str | None, Query(description="A run status, or 'open' (not yet ended)")] = None,
+        sop_id: Annotated[str | None, Query(description="Only runs of this SOP id")] = None,
+        product: Annotated[str | None, Query(description="Only runs of this product (catalogue id)")] = None,
+        coi: Annotated[str | None, Query(description="Only runs of this dose (chain-of-identity id)")] = None,
+        since: Annotated[str | None, Query(description="Started on or after (UTC day YYYY-MM-DD or ISO time)")] = None,
+        until: Annotated[str | None, Query(description="Started on or before (UTC day) / before (ISO time)")] = None,
+        page: Annotated[int, Query(ge=1, description="Which page, newest first")] = 1,
+        per_page: Annotated[int, Query(ge=1, le=500, description="Runs per page")] = 50,
+    ) -> JSONResponse:
+        filters = runs.run_filter(
+            status=status,
+            sop_id=sop_id,
+            product=product,
+            coi=coi,
+            since=since,
+            until=until,
+            page=page,
+            per_page=per_page,
+        )
+        return ok(integration.list_runs(settings, client, filters))
 
     @api.get("/runs/{run_id}", response_model=RunSummary, summary="One run: its status and its steps' states")
     def run(run_id: str, client: Annotated[tokens.ApiClient, client_for("runs.read", "runs:read")]) -> JSONResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI, Request
@@ -77,15 +78,40 @@ def _next_words(web: Web, ws: Any, following: list[dict[str, Any]]) -> str:
     return web.gettext(ws, N_("What happens next: this was the last step; the run completes."))
 
 
+_RUN_FILTERS = ("status", "sop_id", "product", "coi", "since", "until", "page", "per_page")
+"""The runs page's query parameters (``runs.run_filter``)."""
+_STATUSES = ("open", *runs.RUN_STATUSES)
+
+
 def register(app: FastAPI, web: Web) -> None:
     settings = web.settings
 
     # -- runs ------------------------------------------------------------------------------------------
     @app.get("/runs")
     async def runs_page(request: Request) -> Response:
+        """One page of runs, newest first; query parameters filter it (status, sop_id, product, coi,
+        since, until) and page it (page, per_page), as ``sopflow runs`` does."""
         ws = await web.user(request)
-        rows = await run_in_threadpool(runs.runs_for, settings, ws.who)
-        return web.render(ws, "runs.html", runs=rows)
+        asked = {k: request.query_params.get(k) or None for k in _RUN_FILTERS}
+        try:
+            filters = runs.run_filter(**asked)
+        except SopInputError as exc:
+            return web.render(
+                ws, "runs.html", status=422, runs=[], asked=asked, problems=exc.problems, page=None, statuses=_STATUSES
+            )
+        shown = await run_in_threadpool(runs.runs_page_for, settings, ws.who, filters)
+        kept = {k: v for k, v in asked.items() if v is not None and k != "page"}
+        return web.render(
+            ws,
+            "runs.html",
+            runs=shown["runs"],
+            asked=asked,
+            problems=[],
+            page=shown,
+            statuses=_STATUSES,
+            newer=urlencode({**kept, "page": shown["page"] - 1}) if shown["page"] > 1 else None,
+            older=urlencode({**kept, "page": shown["page"] + 1}) if shown["more"] else None,
+        )
 
     @app.get("/runs/new")
     async def start_choose(request: Request) -> Response:
