@@ -109,7 +109,9 @@ def test_an_empty_database_is_brought_to_head_by_the_first_use(empty_url):
 def test_a_database_behind_the_code_refuses_every_command_and_creates_nothing(empty_url, tmp_path):
     _at(empty_url, "0001")
     before = _tables(empty_url)
-    with pytest.raises(SchemaVersionError, match=rf"schema revision 0001, this sopflow needs {schema.head()}") as caught:
+    with pytest.raises(
+        SchemaVersionError, match=rf"schema revision 0001, this sopflow needs {schema.head()}"
+    ) as caught:
         init_db(empty_url)
     assert "run `sopflow db upgrade`" in str(caught.value)
     for args in (["runs"], ["audit", "verify"]):
