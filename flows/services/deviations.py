@@ -122,11 +122,13 @@ def chain_for(settings: Settings, username: str, coi: str) -> dict[str, Any]:
     return chain
 
 
-def _dose_run(settings: Settings, coi: str) -> str:
-    """The newest top-level run carrying ``coi`` (a deviation on a dose is recorded on it)."""
+def _dose_run(settings: Settings, coi: str, username: str) -> str:
+    """The newest top-level run carrying ``coi`` (a deviation on a dose is recorded on it) at an
+    institution where ``username`` holds a role: of a dose elsewhere they learn nothing."""
+    mine = _institutions(settings, username)
     with read_session(settings.database_url) as s:
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
-            if run.parent_run_id is None and run_coi(run, stored_sop(s, run)) == coi:
+            if run.institution in mine and run.parent_run_id is None and run_coi(run, stored_sop(s, run)) == coi:
                 return run.id
     raise NotFoundError(f"no run carries COI {coi!r}; `sopflow chain {coi}` shows what sopflow knows of it")
 
@@ -164,7 +166,7 @@ def raise_deviation(
     if run_id is None:
         if not coi:
             raise SopInputError(["name the run or the dose (COI) the deviation is about"])
-        run_id = _dose_run(settings, coi.strip())
+        run_id = _dose_run(settings, coi.strip(), username)
     with read_session(settings.database_url) as s:
         run = guard.readable_run(s, username, run_id)  # a run of an institution where they hold no role: "no such run"
         s.expunge(run)
