@@ -246,6 +246,13 @@ def test_websafe_a_run_of_another_institution_answers_like_no_run(site):
     assert "COI-SAFE-0001" not in body
     assert "demo_hospital" not in body
 
+    mine = reader.request(a, "GET", "/chain?coi=COI-SAFE-0001").text  # the control: the reader sees the dose's run
+    assert run_id[:8] in mine
+    theirs = outsider.request(a, "GET", "/chain?coi=COI-SAFE-0001").text
+    nobodys = outsider.request(a, "GET", "/chain?coi=COI-SAFE-9999").text
+    assert run_id[:8] not in theirs
+    assert theirs.replace("COI-SAFE-0001", "COI") == nobodys.replace("COI-SAFE-9999", "COI")
+
     _, token = create_token(
         s.settings,
         "probe",

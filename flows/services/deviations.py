@@ -118,7 +118,12 @@ def chain_for(settings: Settings, username: str, coi: str) -> dict[str, Any]:
     with read_session(settings.database_url) as s:
         chain = _chain(s, coi)
         where = {r["run_id"]: (run.institution if (run := s.get(SopRun, r["run_id"])) else None) for r in chain["runs"]}
+    hidden = [r["run_id"][:8] for r in chain["runs"] if where.get(r["run_id"]) not in mine]
     chain["runs"] = [r for r in chain["runs"] if where.get(r["run_id"]) in mine]
+    if not chain["runs"]:  # a dose only elsewhere reads like one nobody knows
+        chain["unbroken"], chain["problems"] = False, [f"no run carries COI {chain['coi']!r}"]
+    elif hidden:  # nor do the problems name runs of other institutions
+        chain["problems"] = [p for p in chain["problems"] if not any(h in p for h in hidden)]
     return chain
 
 
