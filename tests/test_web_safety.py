@@ -131,6 +131,22 @@ def _store(site: Site) -> None:
         )
         ledger.append(s, run, actor=reader.id, action="run.start")
         site.run_id = run.id
+        outsider = find_user(s, "outsider")
+        assert outsider is not None
+        twin = SopRun(  # a run elsewhere whose id starts like this one's: a prefix must not notice it
+            id=run.id[:10] + new_id()[10:],
+            institution="shenjiang_hospital",
+            sop_version_id=version.id,
+            sop_id=sop.id,
+            sop_version=sop.version,
+            sop_sha256=version.sha256,
+            schema_version=sop.schema_version,
+            params_json=run.params_json.replace("COI-SAFE-0001", "COI-TWIN-0001"),
+            flow_run_id=new_id(),
+            started_by=outsider.id,
+            started_at=FIXED_AT,
+        )
+        ledger.append(s, twin, actor=outsider.id, action="run.start")
         locked, disabled = find_user(s, "locked.one"), find_user(s, "disabled.one")
         assert locked is not None
         assert disabled is not None
@@ -227,15 +243,15 @@ def test_websafe_a_run_of_another_institution_answers_like_no_run(site):
     s, a, b = site
     run_id = s.run_id
     reader = signed_in(a, "reader", "198.51.100.3")
-    for path in (f"/runs/{run_id}", f"/runs/{run_id[:6]}"):
+    for path in (f"/runs/{run_id}", f"/runs/{run_id[:6]}", f"/runs/{run_id[:10]}"):
         page = reader.request(a, "GET", path)
-        assert page.status_code == 200, path  # the control: whole id and prefix name the run
+        assert page.status_code == 200, path  # whole id and prefix name the run: the twin elsewhere is not counted
         assert "COI-SAFE-0001" in page.text
 
     outsider = signed_in(a, "outsider", "198.51.100.4")
     missing = "0" * len(run_id)
     answers = {}
-    for name, rid in (("theirs", run_id), ("prefix", run_id[:6]), ("none", missing), ("short", missing[:6])):
+    for name, rid in (("theirs", run_id), ("prefix", run_id[:12]), ("none", missing), ("short", missing[:6])):
         for suffix in ("", "/steps/arrival", "/steps/arrival/correct"):
             r = outsider.request(b, "GET", f"/runs/{rid}{suffix}")
             answers[(name, suffix)] = (r.status_code, r.text)
@@ -262,7 +278,7 @@ def test_websafe_a_run_of_another_institution_answers_like_no_run(site):
         Officer("sj.qa", PASSWORD),
     )
     api = {}
-    for rid in (run_id, run_id[:6], missing, missing[:6]):
+    for rid in (run_id, run_id[:12], missing, missing[:6]):
         for suffix in ("", "/record"):
             r = httpx.get(f"{a.url}/api/v1/runs/{rid}{suffix}", headers={"Authorization": f"Bearer {token}"})
             api[(rid, suffix)] = (r.status_code, r.content)

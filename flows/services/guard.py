@@ -324,12 +324,19 @@ NO_SUCH_DOCUMENT = "no such document among the documents you may read"
 NO_SUCH_DEVIATION = "no such deviation among the deviations you may read"
 
 
-def lookup_run(session: Session, run_id: str) -> SopRun | None:
-    """A run by id, or by a unique prefix of at least six characters (as ``sopflow runs`` prints them)."""
+def lookup_run(session: Session, run_id: str, among: set[str] | None = None) -> SopRun | None:
+    """A run by id, or by a unique prefix of at least six characters (as ``sopflow runs`` prints them).
+    ``among``: only runs of these institutions count (a prefix is unique among them), so whether a
+    prefix also matches a run elsewhere makes no difference to the answer."""
     run = session.get(SopRun, run_id)
     if run is None and len(run_id) >= 6:
-        matches = list(session.exec(select(SopRun).where(col(SopRun.id).startswith(run_id)).limit(2)))
+        query = select(SopRun).where(col(SopRun.id).startswith(run_id))
+        if among is not None:
+            query = query.where(col(SopRun.institution).in_(sorted(among)))
+        matches = list(session.exec(query.limit(2)))
         run = matches[0] if len(matches) == 1 else None
+    if run is not None and among is not None and run.institution not in among:
+        return None
     return run
 
 
@@ -339,8 +346,9 @@ def readable_run(session: Session, username: str, run_id: str) -> SopRun:
     Raises:
         NotFoundError: ``NO_SUCH_RUN``, the same whether no run has that id or the run is not theirs.
     """
-    run = lookup_run(session, run_id)
-    if run is None or reader_problem(session, username, run.institution) is not None:
+    user = find_user(session, username)
+    run = lookup_run(session, run_id, among=institutions_of(session, user.id) if user is not None else set())
+    if run is None:
         raise NotFoundError(NO_SUCH_RUN)
     return run
 

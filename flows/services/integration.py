@@ -53,7 +53,9 @@ def _own_run(settings: Settings, client: ApiClient, run_id: str, action: str) ->
     """The run, if it is of the token's institution; else ``guard.NO_SUCH_RUN`` (404), alike for a
     run that does not exist and one of another institution (that refusal is audited)."""
     with read_session(settings.database_url) as s:
-        run = guard.lookup_run(s, run_id)
+        # A whole id of another institution's run is a refusal, audited; a prefix counts only the
+        # token's institution's runs, so a match elsewhere changes nothing.
+        run = s.get(SopRun, run_id) or guard.lookup_run(s, run_id, among={client.institution})
         if run is not None:
             s.expunge(run)
     if run is not None and run.institution != client.institution:

@@ -17,6 +17,7 @@ from typing import Any
 from flows.config import Settings
 from flows.errors import NotFoundError
 from flows.record.db import read_session
+from flows.record.tables import SopRun
 from flows.services import guard, inbox, runs
 
 __all__ = ["inbox_for", "record_for"]
@@ -41,7 +42,8 @@ def record_for(settings: Settings, username: str, password: str, run_id: str) ->
     """
     user = guard.sign_in(settings, username, password, f"read record {run_id}")
     with read_session(settings.database_url) as s:
-        run = guard.lookup_run(s, run_id)
+        # A whole id of a run elsewhere is a refusal, audited; a prefix counts only the reader's runs.
+        run = s.get(SopRun, run_id) or guard.lookup_run(s, run_id, among=guard.institutions_of(s, user.id))
         problem = guard.reader_problem(s, username, run.institution) if run is not None else None
     if run is not None and problem:
         guard.refuse(settings, user.id, "record.read", "sf_run", run.id, problem)  # audited, then answered as
