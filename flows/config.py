@@ -14,7 +14,11 @@ the local Prefect server's database, persisted task results, rendered documents 
     SOPFLOW_POLL_SECONDS      executor poll interval when busy       0.05
     SOPFLOW_POLL_MAX_SECONDS  executor poll interval when idle       1.0
     SOPFLOW_NOTIFY_CONFIG     apprise URLs per institution and role  $HOME/notify.yaml
-    SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins that lock an account  5
+    SOPFLOW_LOCKOUT_THRESHOLD consecutive failed sign-ins of an account from one client before it
+                              locks (or, from an anonymous client, before that client waits)  5
+    SOPFLOW_SIGN_IN_BACKOFF_SECONDS  the first wait, doubling per further failure (at most 1 h)  60
+    SOPFLOW_CLIENT_FAILURE_LIMIT  failed sign-ins from one client, any accounts, before it waits  20
+    SOPFLOW_TRUSTED_PROXIES   addresses whose X-Forwarded-For/-Proto the web believes  127.0.0.1
     SOPFLOW_WEB_IDLE_MINUTES  a web session ends after this long without a request  15
     SOPFLOW_FUTURE_SKEW_MINUTES  how far ahead of the clock a recorded time may be   5
     SOPFLOW_RESULTS_STORAGE   Prefect's result storage: a folder every worker reaches, or block:TYPE/NAME  $HOME/results
@@ -67,7 +71,16 @@ class Settings:
     poll_max_seconds: float
     notify_config: Path
     lockout_threshold: int = 5
-    """Consecutive failed sign-ins that lock an account until a QA officer unlocks it."""
+    """Consecutive failed sign-ins of an account from one client: from a channel that already knows
+    the account (its own web session, the command line) they lock it until a QA officer unlocks it;
+    from an anonymous client (the sign-in page) that client waits (``flows.services.guard.sign_in``)."""
+    sign_in_backoff_seconds: float = 60.0
+    """The first wait of a client after too many failed sign-ins; it doubles with each further one."""
+    client_failure_limit: int = 20
+    """Failed sign-ins from one anonymous client, whatever the accounts, before it waits."""
+    trusted_proxies: str = "127.0.0.1"
+    """Comma-separated addresses (or ``*``) of the TLS proxies whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` ``sopflow web`` believes (uvicorn's ``forwarded_allow_ips``)."""
     web_idle_minutes: float = 15.0
     """A web session ends after this many minutes without a request (signing always asks the password)."""
     future_skew_minutes: float = 5.0
@@ -194,6 +207,14 @@ def get_settings() -> Settings:
     lockout = _float("SOPFLOW_LOCKOUT_THRESHOLD", 5)
     if not lockout.is_integer() or lockout < 1:
         raise ConfigError(f"SOPFLOW_LOCKOUT_THRESHOLD: expected a whole number of at least 1, got {lockout!r}")
+    backoff = _float("SOPFLOW_SIGN_IN_BACKOFF_SECONDS", 60)
+    if not 0 < backoff <= 3600:
+        raise ConfigError(
+            f"SOPFLOW_SIGN_IN_BACKOFF_SECONDS: expected seconds, more than 0 and at most 3600, got {backoff!r}"
+        )
+    client_limit = _float("SOPFLOW_CLIENT_FAILURE_LIMIT", 20)
+    if not client_limit.is_integer() or client_limit < 1:
+        raise ConfigError(f"SOPFLOW_CLIENT_FAILURE_LIMIT: expected a whole number of at least 1, got {client_limit!r}")
     idle = _float("SOPFLOW_WEB_IDLE_MINUTES", 15)
     skew = _float("SOPFLOW_FUTURE_SKEW_MINUTES", 5)
     if skew < 0:
@@ -231,6 +252,9 @@ def get_settings() -> Settings:
         poll_max_seconds=_float("SOPFLOW_POLL_MAX_SECONDS", 1.0),
         notify_config=Path(os.environ.get("SOPFLOW_NOTIFY_CONFIG") or home / "notify.yaml"),
         lockout_threshold=int(lockout),
+        sign_in_backoff_seconds=backoff,
+        client_failure_limit=int(client_limit),
+        trusted_proxies=(os.environ.get("SOPFLOW_TRUSTED_PROXIES") or "127.0.0.1").strip(),
         web_idle_minutes=idle,
         future_skew_minutes=skew,
         web_url=_web_url(),

@@ -15,6 +15,7 @@ Third-party errors are translated into these at the boundary (``raise … from e
     ├── ChangeControlError        an SOP version cannot move as asked (state, number, import hashes)
     ├── ApprovalError             a signature or submission is refused
     │   ├── AuthenticationError   unknown user, wrong password, inactive account
+    │   │   └── ThrottledError    too many failed sign-ins from this client: wait (the web answers 429)
     │   ├── NotAuthorizedError    who may do what says no (the web answers 403); audited by the guard
     │   ├── StepNotWaitingError   the step is not waiting for input (done, not reached, unknown)
     │   └── SignatureMismatchError a signature does not match what it claims to sign
@@ -50,6 +51,7 @@ __all__ = [
     "SopNotEffectiveError",
     "SopNotFoundError",
     "StepNotWaitingError",
+    "ThrottledError",
     "did_you_mean",
 ]
 
@@ -128,6 +130,15 @@ class ApprovalError(FlowsError):
 
 class AuthenticationError(ApprovalError):
     """Unknown user, wrong password or inactive account (the message never says which)."""
+
+
+class ThrottledError(AuthenticationError):
+    """Too many failed sign-ins from this client: it waits ``seconds`` before it may try again (the
+    web answers 429 with ``Retry-After``)."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 class NotAuthorizedError(ApprovalError):

@@ -97,7 +97,7 @@ def test_accounts_wrong_password_threshold_times_locks_the_account(staff: Settin
     assert (lock["kind"], lock["actor"], json.loads(lock["data_json"])) == (
         "locked",
         "system",
-        {"failures": 3, "threshold": 3},
+        {"failures": 3, "threshold": 3, "client": guard.local_channel().client},  # the command line, here
     )
     assert events[3].reason == "3 consecutive failed sign-ins (threshold 3)"
     _chain_ok(staff)
@@ -119,7 +119,11 @@ def test_accounts_locked_account_refuses_the_right_password(staff: Settings) -> 
     assert str(read_only.value) == str(info.value)
     [event] = _events(staff, start)
     assert (event.action, event.object_id, event.reason) == ("auth.refused", "ana", str(info.value))
-    assert json.loads(event.payload_json) == {"purpose": "sign run/arrival", "problem": "locked"}
+    assert json.loads(event.payload_json) == {
+        "purpose": "sign run/arrival",
+        "problem": "locked",
+        "client": guard.local_channel().client,
+    }
 
 
 def test_accounts_failures_count_only_since_the_last_successful_sign_in(staff: Settings) -> None:

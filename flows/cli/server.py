@@ -84,8 +84,17 @@ def web(
     app_ = cli.run(create_app, settings)
     cli.out.print(f"sopflow web on http://{host}:{port} (data under {settings.home}); Ctrl-C stops it")
     # Sessions live in the database (flows.web.sessions): run as many of these behind a proxy as
-    # needed, no sticky sessions. proxy_headers: a TLS proxy's X-Forwarded-Proto makes the cookie Secure.
-    uvicorn.run(app_, host=host, port=port, proxy_headers=True, log_level="warning")
+    # needed, no sticky sessions. proxy_headers: a TLS proxy's X-Forwarded-Proto makes the cookie Secure
+    # and turns HSTS on, and its X-Forwarded-For is the client sign-ins are counted for; both believed
+    # only from SOPFLOW_TRUSTED_PROXIES.
+    uvicorn.run(
+        app_,
+        host=host,
+        port=port,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
+        log_level="warning",
+    )
 
 
 def demo(

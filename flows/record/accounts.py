@@ -6,10 +6,10 @@ A ``User`` row never changes. Its current password hash is the newest ``password
 by the user's event position ``n``, never by clock.
 
 Lockout: every failed authentication is an ``auth.failed`` audit event (object ``sf_user`` /
-user name) and every successful one an ``auth.ok`` event. The failures that count are those
-after the newest reset point: a successful sign-in, the account's creation, an unlock or a
-password change, all found by their place in the audit chain (``seq``). When they reach the
-threshold, a ``locked`` event is written (by ``system``). Must not import prefect.
+user name, the client in its payload) and every successful one an ``auth.ok`` event. Which
+failures count, per account and client, and when they lock the account (a ``locked`` event, by
+``system``) is ``flows.services.guard.sign_in``'s (with ``flows.services.throttle``). Must not
+import prefect.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from flows.errors import AuthenticationError
 from flows.record import ledger
-from flows.record.tables import AuditEvent, User, UserEvent, next_position, utcnow
+from flows.record.tables import User, UserEvent, next_position, utcnow
 from flows.record.users import find_user, spend_verification_time, verify_password
 
 __all__ = [
@@ -31,9 +31,9 @@ __all__ = [
     "append_account_event",
     "authenticate",
     "check_credentials",
-    "failures_since_reset",
     "is_active",
     "is_locked",
+    "lock",
     "lock_message",
     "password_hash",
     "record_failure",
@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 EVENT_KINDS = ("password_set", "disabled", "enabled", "locked", "unlocked", "language")
-_RESETS = ("unlocked", "password_set")
-"""Account events after which earlier failed sign-ins no longer count."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +129,10 @@ def check_credentials(session: Session, username: str, password: str) -> User | 
         spend_verification_time(password)  # a probe cannot tell which names exist
         return Refusal("unknown", wrong.message)
     if not is_active(session, user.id):
+        spend_verification_time(password)  # as long as a wrong password takes: timing tells nothing
         return Refusal("disabled", f"user {username!r}: the account is disabled; a QA officer must enable it")
     if is_locked(session, user.id):
+        spend_verification_time(password)
         return Refusal("locked", lock_message(session, user))
     if not verify_password(password_hash(session, user), password):
         return wrong
@@ -155,60 +155,11 @@ def authenticate(session: Session, username: str, password: str) -> User:
     return result
 
 
-def _reset_seq(session: Session, username: str) -> int:
-    """The audit position after which failed sign-ins of ``username`` count."""
-    seqs = [
-        session.exec(
-            select(func.max(AuditEvent.seq)).where(
-                AuditEvent.object_type == "sf_user", AuditEvent.object_id == username, AuditEvent.action == "auth.ok"
-            )
-        ).one()
-    ]
-    user = find_user(session, username)
-    if user is not None:
-        seqs.append(
-            session.exec(
-                select(func.max(AuditEvent.seq)).where(
-                    AuditEvent.object_type == User.__tablename__, AuditEvent.object_id == user.id
-                )
-            ).one()
-        )
-        resets = list(
-            session.exec(select(UserEvent.id).where(UserEvent.user_id == user.id, col(UserEvent.kind).in_(_RESETS)))
-        )
-        if resets:
-            seqs.append(
-                session.exec(
-                    select(func.max(AuditEvent.seq)).where(
-                        AuditEvent.object_type == UserEvent.__tablename__, col(AuditEvent.object_id).in_(resets)
-                    )
-                ).one()
-            )
-    return max((s for s in seqs if s is not None), default=0)
-
-
-def failures_since_reset(session: Session, username: str) -> int:
-    """Consecutive failed sign-ins of ``username``: ``auth.failed`` events after the newest reset point."""
-    return int(
-        session.exec(
-            select(func.count())
-            .select_from(AuditEvent)
-            .where(
-                AuditEvent.object_type == "sf_user",
-                AuditEvent.object_id == username,
-                AuditEvent.action == "auth.failed",
-                AuditEvent.seq > _reset_seq(session, username),
-            )
-        ).one()
-    )
-
-
-def record_failure(session: Session, username: str, refusal: Refusal, purpose: str, *, threshold: int) -> str:
-    """Audit a refused sign-in (inside a write session); lock the account at the threshold.
-
-    A wrong password (or unknown name) is ``auth.failed`` and counts; a sign-in refused because
-    the account is disabled or locked is ``auth.refused`` and does not. Returns the message.
-    """
+def record_failure(session: Session, username: str, refusal: Refusal, purpose: str, client: str | None) -> None:
+    """Audit a refused sign-in (inside a write session): ``auth.failed`` for a wrong password or an
+    unknown name, ``auth.refused`` (with the reason) for a disabled or locked account or a temporary
+    password. ``client``: where the attempt came from (``flows.services.guard.Channel``)."""
+    where = {"client": client} if client else {}
     if refusal.kind in ("disabled", "locked", "temporary"):
         ledger.audit(
             session,
@@ -216,33 +167,32 @@ def record_failure(session: Session, username: str, refusal: Refusal, purpose: s
             action="auth.refused",
             object_type="sf_user",
             object_id=username,
-            payload={"purpose": purpose, "problem": refusal.kind},
+            payload={"purpose": purpose, "problem": refusal.kind, **where},
             reason=refusal.message,
         )
-        return refusal.message
+        return
     ledger.audit(
         session,
         actor=username,
         action="auth.failed",
         object_type="sf_user",
         object_id=username,
-        payload={"purpose": purpose},
+        payload={"purpose": purpose, **where},
     )
-    user = find_user(session, username)
-    if user is None or is_locked(session, user.id):
-        return refusal.message
-    failures = failures_since_reset(session, username)
-    if failures < threshold:
-        return refusal.message
+
+
+def lock(session: Session, user: User, failures: int, threshold: int, client: str | None) -> str:
+    """Lock the account after ``failures`` consecutive failed sign-ins (inside a write session);
+    returns the lock's words for the message."""
     append_account_event(
         session,
         user,
         "locked",
         actor="system",
-        data={"failures": failures, "threshold": threshold},
+        data={"failures": failures, "threshold": threshold, **({"client": client} if client else {})},
         reason=f"{failures} consecutive failed sign-ins (threshold {threshold})",
     )
-    return f"{refusal.message}; {lock_message(session, user).split(': ', 1)[1]}"
+    return lock_message(session, user).split(": ", 1)[1]
 
 
 def record_success(session: Session, user: User, purpose: str) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "RoleGrant",
     "RoleRevocation",
     "RunEvent",
+    "SignInThrottle",
     "Signature",
     "SopRun",
     "SopVersion",
@@ -662,6 +663,21 @@ class CurrentQuarantine(SQLModel, table=True):
 
 CURRENT_TABLES: tuple[type[SQLModel], ...] = (CurrentRun, CurrentStep, CurrentQuarantine)
 """The current-state tables (``flows.record.current``)."""
+
+
+class SignInThrottle(SQLModel, table=True):
+    """Failed sign-ins counted per key, shared by every process (``flows.services.throttle``): a key
+    is ``pair:<user name> <client>`` (one account from one client) or ``client:<client>`` (one client,
+    all accounts). Not a quality record (every failed sign-in is one, ``auth.failed`` in the audit
+    chain): a row's count grows with failures and restarts with a success (pairs) or after a quiet
+    window (clients); ``blocked_until`` (wall-clock seconds) refuses the key's sign-ins unchecked."""
+
+    __tablename__ = "sf_sign_in_throttle"
+    key: str = Field(primary_key=True)
+    failures: int = 0
+    first_at: float = Field(sa_column=Column(Float, nullable=False))
+    last_at: float = Field(sa_column=Column(Float, nullable=False, index=True))
+    blocked_until: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
 
 
 RECORD_TABLES: dict[str, type[SQLModel]] = {

@@ -29,7 +29,7 @@ from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import User, UserEvent
 from flows.record.users import MIN_PASSWORD, current_grants, find_user, grant_role, hash_password, verify_password
 from flows.record.users import add_user as _record_user
-from flows.services import guard
+from flows.services import guard, throttle
 from flows.services.guard import Officer
 from flows.sop.catalog import Catalog
 
@@ -127,6 +127,8 @@ def _change(settings: Settings, username: str, officer: Officer, kind: str, verb
         if already:
             raise RecordError(f"user {username!r} {already}")
         accounts.append_account_event(s, target, kind, actor=actor.id, reason=reason)
+        if kind == "unlocked":  # every client's count of the account starts again
+            throttle.forget_account(s, target.username)
 
 
 def disable_user(settings: Settings, username: str, officer: Officer, *, reason: str | None = None) -> None:
@@ -187,6 +189,7 @@ def change_password(
             data={"hash": new_hash, "temporary": officer is not None},
             reason=reason or ("reset by a QA officer" if officer else "changed by the user"),
         )
+        throttle.forget_account(s, target.username)
 
 
 def list_users(settings: Settings) -> list[dict[str, Any]]:
@@ -228,10 +231,11 @@ def user_summary(settings: Settings, username: str) -> dict[str, Any]:
 
 # -- web sessions and language ----------------------------------------------------------------------
 def web_sign_in(settings: Settings, username: str, password: str) -> User:
-    """Sign in for a web session (``guard.sign_in``: audited; failures count towards the lock).
+    """Sign in for a web session (``guard.sign_in``: audited; from the sign-in page, an anonymous
+    client, failures make that client wait and every refusal reads ``guard.SIGN_IN_REFUSED``).
 
     Raises:
-        AuthenticationError
+        ThrottledError, AuthenticationError
     """
     return guard.sign_in(settings, username, password, "web session")
 

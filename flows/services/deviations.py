@@ -20,7 +20,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from flows.config import Settings
-from flows.errors import FlowsError, NotAuthorizedError, NotFoundError, SopInputError
+from flows.errors import FlowsError, NotFoundError, SopInputError
 from flows.record import ledger
 from flows.record.chain import chain_of_identity as _chain
 from flows.record.db import init_db, read_session, write_session
@@ -29,7 +29,7 @@ from flows.record.tables import Deviation, SopRun, utcnow
 from flows.record.users import find_user
 from flows.record.versions import effective_version, known_sop_ids, stored_sop, version_definition
 from flows.services import guard
-from flows.services.runs import find_run, start_run
+from flows.services.runs import start_run
 
 __all__ = [
     "CLASSIFICATIONS",
@@ -84,16 +84,14 @@ def deviation_detail(settings: Settings, username: str, deviation_id: str) -> di
     """One deviation with its lifecycle, for a reader with a role at its institution.
 
     Raises:
-        NotFoundError, NotAuthorizedError
+        NotFoundError: no such deviation, or one of an institution where the user holds no role (alike).
     """
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
         dev = s.get(Deviation, deviation_id)
-        if dev is None:
-            raise NotFoundError(f"no deviation {deviation_id!r}")
-        state = deviation_state(s, dev)
-        if problem := guard.reader_problem(s, username, state["institution"] or ""):
-            raise NotAuthorizedError(problem)
+        state = deviation_state(s, dev) if dev is not None else None
+        if state is None or guard.reader_problem(s, username, state["institution"] or "") is not None:
+            raise NotFoundError(guard.NO_SUCH_DEVIATION)  # alike: a reader cannot tell which
     state["by_hand"] = state["step_id"] == MANUAL_STEP
     return state
 
@@ -120,15 +118,22 @@ def chain_for(settings: Settings, username: str, coi: str) -> dict[str, Any]:
     with read_session(settings.database_url) as s:
         chain = _chain(s, coi)
         where = {r["run_id"]: (run.institution if (run := s.get(SopRun, r["run_id"])) else None) for r in chain["runs"]}
+    hidden = [r["run_id"][:8] for r in chain["runs"] if where.get(r["run_id"]) not in mine]
     chain["runs"] = [r for r in chain["runs"] if where.get(r["run_id"]) in mine]
+    if not chain["runs"]:  # a dose only elsewhere reads like one nobody knows
+        chain["unbroken"], chain["problems"] = False, [f"no run carries COI {chain['coi']!r}"]
+    elif hidden:  # nor do the problems name runs of other institutions
+        chain["problems"] = [p for p in chain["problems"] if not any(h in p for h in hidden)]
     return chain
 
 
-def _dose_run(settings: Settings, coi: str) -> str:
-    """The newest top-level run carrying ``coi`` (a deviation on a dose is recorded on it)."""
+def _dose_run(settings: Settings, coi: str, username: str) -> str:
+    """The newest top-level run carrying ``coi`` (a deviation on a dose is recorded on it) at an
+    institution where ``username`` holds a role: of a dose elsewhere they learn nothing."""
+    mine = _institutions(settings, username)
     with read_session(settings.database_url) as s:
         for run in s.exec(select(SopRun).order_by(col(SopRun.started_at).desc())):
-            if run.parent_run_id is None and run_coi(run, stored_sop(s, run)) == coi:
+            if run.institution in mine and run.parent_run_id is None and run_coi(run, stored_sop(s, run)) == coi:
                 return run.id
     raise NotFoundError(f"no run carries COI {coi!r}; `sopflow chain {coi}` shows what sopflow knows of it")
 
@@ -166,9 +171,9 @@ def raise_deviation(
     if run_id is None:
         if not coi:
             raise SopInputError(["name the run or the dose (COI) the deviation is about"])
-        run_id = _dose_run(settings, coi.strip())
+        run_id = _dose_run(settings, coi.strip(), username)
     with read_session(settings.database_url) as s:
-        run = find_run(s, run_id)
+        run = guard.readable_run(s, username, run_id)  # a run of an institution where they hold no role: "no such run"
         s.expunge(run)
     user = guard.sign_in(settings, username, password, f"raise a deviation on {run.id}")
     with read_session(settings.database_url) as s:

@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from flows.config import Settings
-from flows.errors import NotAuthorizedError, NotFoundError, RecordError
+from flows.errors import NotFoundError, RecordError
 from flows.record import ledger
 from flows.record.db import init_db, read_session
 from flows.record.documents import document_bytes
@@ -27,17 +27,15 @@ def document_file(settings: Settings, document_id: str, username: str) -> dict[s
     have the sha256 the record holds (``intact``).
 
     Raises:
-        NotFoundError: no such document. RecordError: its file is gone.
-        NotAuthorizedError: no role at the run's institution.
+        NotFoundError: no such document, or one of an institution where the user holds no role (alike).
+        RecordError: its file is gone.
     """
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
         doc = s.get(Document, document_id)
-        if doc is None:
-            raise NotFoundError(f"no document {document_id!r}")
-        run = s.get(SopRun, doc.run_id)
-        if problem := guard.reader_problem(s, username, run.institution if run else ""):
-            raise NotAuthorizedError(problem)
+        run = s.get(SopRun, doc.run_id) if doc is not None else None
+        if doc is None or guard.reader_problem(s, username, run.institution if run else "") is not None:
+            raise NotFoundError(guard.NO_SUCH_DOCUMENT)  # alike: a reader cannot tell which
         path = PurePosixPath(doc.path.replace("\\", "/"))
         try:
             content = document_bytes(s, doc)

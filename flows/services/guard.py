@@ -9,7 +9,9 @@ words (or None) so a caller can show it before anyone signs:
                         The rule itself lives in ``flows.record.state`` because the flow re-checks
                         every signature before it goes on; the guard asks that same function.
     corrector_problem   correct a signed entry: may sign it, and did not verify it
-    reader_problem      read an institution's runs, documents and SOPs: any role there
+    reader_problem      read an institution's runs, documents and SOPs: any role there.
+                        ``readable_run`` / ``may_read``: whoever may not is told the thing does not
+                        exist (``NO_SUCH_RUN``, the web's 404), never that it exists and is not theirs
     deviation_problem   raise a deviation by hand on a run of an institution: any role there; to
                         quarantine the dose with it, role ``qa`` there
     role_problem        act in change control: hold the named role at the institution
@@ -19,8 +21,11 @@ words (or None) so a caller can show it before anyone signs:
     require_admin       the installation administrator (sets up institutions): whoever holds the
                         key file whose sha256 is the newest ``AdminKey`` row, readable by its owner only
 
-``sign_in`` authenticates (argon2), audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused``,
-and the threshold-th consecutive failure locks the account (``flows.record.accounts``).
+``sign_in`` authenticates (argon2), audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused``.
+Failures count per account and client (``Channel``, ``flows.services.throttle``): from a channel
+that already knows the account (its own web session, the command line) the threshold-th locks the
+account; from an anonymous client (the sign-in page) it makes that client wait, and every refusal
+there reads the same (``SIGN_IN_REFUSED``). The design: docs/security.md.
 ``refuse`` writes the ``<action>.refused`` audit event, under the actor's id (``unauthenticated``
 when nobody signed in), and returns the ``NotAuthorizedError`` to raise. The ``require_*``
 helpers sign in, ask a rule and refuse in one call.
@@ -30,34 +35,49 @@ from __future__ import annotations
 
 import getpass
 import hmac
+import math
 import socket
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
-from flows.errors import AuthenticationError, NotAuthorizedError, NotFoundError, did_you_mean
+from flows.errors import AuthenticationError, NotAuthorizedError, NotFoundError, ThrottledError, did_you_mean
 from flows.record import accounts, ledger
 from flows.record.db import init_db, read_session, write_session
 from flows.record.state import signer_problem
 from flows.record.tables import AdminKey, Signature, SopRun, User
 from flows.record.users import current_grants, find_user, roles_of
 from flows.record.versions import ADMIN_ROLE
+from flows.services import throttle
 from flows.sop.model import HumanStepSpec, SopDefinition, VerifyStepSpec
 
 __all__ = [
     "ADMIN",
     "ADMIN_ROLE",
+    "NO_SUCH_DEVIATION",
+    "NO_SUCH_DOCUMENT",
+    "NO_SUCH_RUN",
     "OFFICER_ROLE",
+    "SIGN_IN_REFUSED",
+    "THROTTLED",
     "UNAUTHENTICATED",
     "Admin",
+    "Channel",
     "Officer",
     "corrector_problem",
+    "current_channel",
     "deviation_problem",
     "first_account",
     "institutions_of",
+    "local_channel",
+    "lookup_run",
+    "may_read",
     "officer_problem",
     "over_problem",
+    "readable_run",
     "reader_problem",
     "refuse",
     "require_admin",
@@ -66,6 +86,7 @@ __all__ = [
     "require_role",
     "require_sop_admin",
     "role_problem",
+    "set_channel",
     "sign_in",
     "signer_problem",
     "start_problem",
@@ -98,17 +119,75 @@ class Admin:
 
 
 # -- sign-in and refusal --------------------------------------------------------------------------
+SIGN_IN_REFUSED = (
+    "wrong user name or password, or the account may not sign in now; "
+    "if you are sure of your password, ask a QA officer (they see the account's state)"
+)
+"""What an anonymous client (the sign-in page) is told of every refused sign-in: unknown name,
+wrong password, locked or disabled account alike, so it learns nothing of which accounts exist.
+The owner learns why from a QA officer (the People page and ``sopflow user list`` show locked
+and disabled accounts) or the audit log (``auth.failed``, ``auth.refused`` with the reason)."""
+THROTTLED = "too many failed sign-ins from this address; wait {seconds} seconds, then try again"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where a sign-in comes from: ``client`` (``ip:ADDRESS`` for the web, ``local:USER@HOST`` for the
+    command line), and whether the channel already knows who is there: ``local`` (the server's
+    command line, inside the installation) or ``session_of`` (a web session that user signed in).
+
+    Failures are counted per account and client (``flows.services.throttle``). From a channel that
+    knows the account, ``lockout_threshold`` of them lock it, and the messages say why; from an
+    anonymous one (the sign-in page, or a session of someone else) they make that client wait, never
+    lock the account, and every refusal reads ``SIGN_IN_REFUSED``."""
+
+    client: str
+    local: bool = False
+    session_of: str | None = None
+
+    def knows(self, username: str) -> bool:
+        return self.local or self.session_of == username
+
+
+_channel: ContextVar[Channel | None] = ContextVar("sopflow_sign_in_channel", default=None)
+
+
+def local_channel() -> Channel:
+    return Channel(client=f"local:{getpass.getuser()}@{socket.gethostname()}", local=True)
+
+
+def set_channel(channel: Channel) -> None:
+    """The channel of the sign-ins that follow in this context (the web sets one per request)."""
+    _channel.set(channel)
+
+
+def current_channel() -> Channel:
+    """The context's channel; without one (the CLI, scripts), the local command line."""
+    return _channel.get() or local_channel()
+
+
 def sign_in(settings: Settings, username: str, password: str, purpose: str, *, allow_temporary: bool = False) -> User:
-    """Authenticate, audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused`` and perhaps a lock.
+    """Authenticate, audited: ``auth.ok``, or ``auth.failed`` / ``auth.refused`` and perhaps a lock
+    or a wait (``Channel``: per account and client; ``flows.services.throttle``).
 
     The password is checked outside the write lock (argon2 is slow on purpose); the account's
-    state is checked again inside it. A lock is written in its own transaction, so it stays
-    although the sign-in fails. Returns the user detached from any session.
+    state is checked again inside it. A lock or a wait is written in its own transaction, so it
+    stays although the sign-in fails. A client that must wait is refused before the password is
+    checked. Returns the user detached from any session.
 
     Raises:
+        ThrottledError: the client must wait.
         AuthenticationError: unknown user, wrong password, disabled or locked account.
     """
     init_db(settings.database_url)
+    channel = current_channel()
+    known = channel.knows(username)
+    pair, client = throttle.pair_key(username, channel.client), throttle.client_key(channel.client)
+    if not known:
+        with read_session(settings.database_url) as s:
+            wait = throttle.wait_for(s, [pair, client], time.time())
+        if wait > 0:
+            raise ThrottledError(THROTTLED.format(seconds=math.ceil(wait)), wait)
     with read_session(settings.database_url) as s:
         result = accounts.check_credentials(s, username, password)
         if isinstance(result, User):
@@ -129,8 +208,36 @@ def sign_in(settings: Settings, username: str, password: str, purpose: str, *, a
                 )
             else:
                 accounts.record_success(s, result, purpose)
+                throttle.forget(s, pair)
                 return result
-        message = accounts.record_failure(s, username, result, purpose, threshold=settings.lockout_threshold)
+        accounts.record_failure(s, username, result, purpose, channel.client)
+        message = result.message
+        now = time.time()
+        if result.kind == "temporary":
+            pass  # the password was right: its owner is told to set their own
+        elif known:
+            if result.kind in ("password", "unknown"):
+                failures = throttle.count_failure(
+                    s, pair, now, limit=settings.lockout_threshold, backoff=settings.sign_in_backoff_seconds
+                )
+                user = find_user(s, username)
+                if failures >= settings.lockout_threshold and user is not None and not accounts.is_locked(s, user.id):
+                    lock = accounts.lock(s, user, failures, settings.lockout_threshold, channel.client)
+                    throttle.forget_account(s, username)
+                    message = f"{message}; {lock}"
+        else:  # an anonymous client: one message, whatever the reason; the client waits, the account does not lock
+            throttle.count_failure(
+                s, pair, now, limit=settings.lockout_threshold, backoff=settings.sign_in_backoff_seconds
+            )
+            throttle.count_failure(
+                s,
+                client,
+                now,
+                limit=settings.client_failure_limit,
+                backoff=settings.sign_in_backoff_seconds,
+                window=throttle.WINDOW,
+            )
+            message = SIGN_IN_REFUSED
     raise AuthenticationError(message)
 
 
@@ -208,6 +315,48 @@ def reader_problem(session: Session, username: str, institution: str) -> str | N
     if user is not None and institution in institutions_of(session, user.id):
         return None
     return f"user {username!r} holds no role at {institution!r} and may not read its runs or documents"
+
+
+NO_SUCH_RUN = "no such run among the runs you may read; the runs list shows them"
+"""The one answer for a run id (or prefix) that names no run, more than one, or a run of an
+institution where the reader holds no role: a reader cannot tell them apart (the web answers 404)."""
+NO_SUCH_DOCUMENT = "no such document among the documents you may read"
+NO_SUCH_DEVIATION = "no such deviation among the deviations you may read"
+
+
+def lookup_run(session: Session, run_id: str, among: set[str] | None = None) -> SopRun | None:
+    """A run by id, or by a unique prefix of at least six characters (as ``sopflow runs`` prints them).
+    ``among``: only runs of these institutions count (a prefix is unique among them), so whether a
+    prefix also matches a run elsewhere makes no difference to the answer."""
+    run = session.get(SopRun, run_id)
+    if run is None and len(run_id) >= 6:
+        query = select(SopRun).where(col(SopRun.id).startswith(run_id))
+        if among is not None:
+            query = query.where(col(SopRun.institution).in_(sorted(among)))
+        matches = list(session.exec(query.limit(2)))
+        run = matches[0] if len(matches) == 1 else None
+    if run is not None and among is not None and run.institution not in among:
+        return None
+    return run
+
+
+def readable_run(session: Session, username: str, run_id: str) -> SopRun:
+    """The run ``run_id`` names, if ``username`` may read it (``reader_problem``).
+
+    Raises:
+        NotFoundError: ``NO_SUCH_RUN``, the same whether no run has that id or the run is not theirs.
+    """
+    user = find_user(session, username)
+    run = lookup_run(session, run_id, among=institutions_of(session, user.id) if user is not None else set())
+    if run is None:
+        raise NotFoundError(NO_SUCH_RUN)
+    return run
+
+
+def may_read(session: Session, username: str, institution: str) -> bool:
+    """Whether ``username`` may see anything of ``institution`` (its SOPs, versions, runs): a role there.
+    Whoever may not is answered as if the page did not exist."""
+    return reader_problem(session, username, institution) is None
 
 
 def deviation_problem(session: Session, user: User, institution: str, *, quarantine: bool) -> str | None:

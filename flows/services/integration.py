@@ -17,6 +17,7 @@ from flows.config import Settings
 from flows.errors import NotFoundError, SopInputError, did_you_mean
 from flows.record.db import read_session
 from flows.record.tables import SopRun
+from flows.record.users import find_user
 from flows.services import guard, inbox, runs
 from flows.services.tokens import ApiClient, audit_use, find_account
 from flows.sop.catalog import Catalog
@@ -45,12 +46,21 @@ def list_runs(settings: Settings, client: ApiClient, filters: runs.RunFilter | N
     return rows
 
 
+NO_SUCH_USER = "no such user at the token's institution"
+NO_SUCH_COI = "no such dose (COI) among the runs of the token's institution"
+
+
 def _own_run(settings: Settings, client: ApiClient, run_id: str, action: str) -> SopRun:
+    """The run, if it is of the token's institution; else ``guard.NO_SUCH_RUN`` (404), alike for a
+    run that does not exist and one of another institution (that refusal is audited)."""
     with read_session(settings.database_url) as s:
-        run = runs.find_run(s, run_id)
-        s.expunge(run)
-    if run.institution != client.institution:
-        raise _refuse(
+        # A whole id of another institution's run is a refusal, audited; a prefix counts only the
+        # token's institution's runs, so a match elsewhere changes nothing.
+        run = s.get(SopRun, run_id) or guard.lookup_run(s, run_id, among={client.institution})
+        if run is not None:
+            s.expunge(run)
+    if run is not None and run.institution != client.institution:
+        _refuse(
             settings,
             client,
             action,
@@ -58,6 +68,8 @@ def _own_run(settings: Settings, client: ApiClient, run_id: str, action: str) ->
             run.id,
             f"token {client.name!r} belongs to {client.institution!r}; run {run.id} is of {run.institution!r}",
         )
+    if run is None or run.institution != client.institution:
+        raise NotFoundError(guard.NO_SUCH_RUN)
     return run
 
 
@@ -65,7 +77,7 @@ def run_summary(settings: Settings, client: ApiClient, run_id: str) -> dict[str,
     """One run's status and its steps' states (no values).
 
     Raises:
-        NotFoundError, NotAuthorizedError
+        NotFoundError (``guard.NO_SUCH_RUN``)
     """
     run = _own_run(settings, client, run_id, "runs.read")
     rec = runs.quality_record(settings, run.id)
@@ -79,7 +91,7 @@ def record(settings: Settings, client: ApiClient, run_id: str) -> dict[str, Any]
     """A run's whole quality record (``sopflow record RUN --json``).
 
     Raises:
-        NotFoundError, NotAuthorizedError
+        NotFoundError (``guard.NO_SUCH_RUN``)
     """
     run = _own_run(settings, client, run_id, "records.read")
     rec = runs.quality_record(settings, run.id, export=True)
@@ -91,13 +103,13 @@ def user_inbox(settings: Settings, client: ApiClient, username: str) -> list[dic
     """What waits on ``username`` at the token's institution (a ward display, a pager gateway).
 
     Raises:
-        NotFoundError (no such user), NotAuthorizedError (no role at the institution)
+        NotFoundError (``NO_SUCH_USER``: no such user, or none with a role at the institution: alike)
     """
     with read_session(settings.database_url) as s:
-        user = guard.target_user(s, username)
-        held = guard.institutions_of(s, user.id)
-    if client.institution not in held:
-        raise _refuse(
+        user = find_user(s, username)
+        held = guard.institutions_of(s, user.id) if user is not None else set()
+    if user is not None and client.institution not in held:
+        _refuse(
             settings,
             client,
             "inbox.read",
@@ -105,6 +117,8 @@ def user_inbox(settings: Settings, client: ApiClient, username: str) -> list[dic
             username,
             f"token {client.name!r} belongs to {client.institution!r}, where user {username!r} holds no role",
         )
+    if client.institution not in held:  # alike for no such user and a user of another institution
+        raise NotFoundError(NO_SUCH_USER)
     items = [i for i in inbox.inbox(settings, username) if i["institution"] == client.institution]
     audit_use(settings, client, "inbox.read", "sf_user", username, count=len(items))
     return items
@@ -114,18 +128,16 @@ def chain(settings: Settings, client: ApiClient, coi: str) -> dict[str, Any]:
     """The chain of identity of a dose whose runs are all at the token's institution.
 
     Raises:
-        NotFoundError (no run carries the COI), NotAuthorizedError (a run of another institution)
+        NotFoundError (``NO_SUCH_COI``: no run carries the COI, or one of another institution does: alike)
     """
     res = runs.chain_of_identity(settings, coi)
     ids = [r["run_id"] for r in res["runs"]]
-    if not ids:
-        raise NotFoundError(f"no run carries COI {coi!r}")
     with read_session(settings.database_url) as s:
         elsewhere = sorted(
             set(s.exec(select(SopRun.institution).where(col(SopRun.id).in_(ids)))) - {client.institution}
         )
     if elsewhere:
-        raise _refuse(
+        _refuse(
             settings,
             client,
             "chain.read",
@@ -134,6 +146,8 @@ def chain(settings: Settings, client: ApiClient, coi: str) -> dict[str, Any]:
             f"token {client.name!r} belongs to {client.institution!r}; the chain of {coi!r} has runs of "
             f"{', '.join(map(repr, elsewhere))}",
         )
+    if not ids or elsewhere:  # alike for an unknown COI and one with runs of another institution
+        raise NotFoundError(NO_SUCH_COI)
     audit_use(settings, client, "chain.read", "coi", coi)
     return res
 

@@ -23,7 +23,15 @@ from flows.sop.catalog import INSTITUTION_FILE, Catalog
 from flows.sop.load import load_institution_file
 from flows.sop.model import FieldSpec
 
-__all__ = ["describe_sop", "field_view", "institution_timezone", "sop_library", "startable_sops"]
+__all__ = [
+    "describe_sop",
+    "field_view",
+    "institution_timezone",
+    "may_read",
+    "sop_library",
+    "sop_library_for",
+    "startable_sops",
+]
 
 
 def institution_timezone(settings: Settings, institution: str) -> str:
@@ -133,6 +141,20 @@ def sop_library(settings: Settings) -> list[dict[str, Any]]:
             ]
         out.append(entry)
     return out
+
+
+def may_read(settings: Settings, username: str, institution: str) -> bool:
+    """Whether ``username`` may see ``institution``'s SOPs, versions and diffs (``guard.may_read``)."""
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        return guard.may_read(s, username, institution)
+
+
+def sop_library_for(settings: Settings, username: str) -> list[dict[str, Any]]:
+    """``sop_library``, only the institutions where ``username`` holds a role (``guard.may_read``)."""
+    rows = sop_library(settings)
+    with read_session(settings.database_url) as s:
+        return [r for r in rows if guard.may_read(s, username, r["id"])]
 
 
 def describe_sop(settings: Settings, institution: str, sop_id: str) -> dict[str, Any]:

@@ -25,6 +25,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "user {user}: account locked after {n} failed sign-ins; a QA officer must unlock it (sopflow user unlock {again} --as QA_USER)": "用户 {user}：连续 {n} 次登录失败，账户已锁定；须由质量管理员解锁（sopflow user unlock {again} --as QA_USER）",
         "user {user}: the password was reset by a QA officer; set your own first (sopflow user passwd {again})": "用户 {user}：密码已由质量管理员重置，请先设置您自己的密码（sopflow user passwd {again}）",
         "user {user}: {+rest}": "用户 {user}：{rest}",
+        "wrong user name or password, or the account may not sign in now; if you are sure of your password, ask a QA officer (they see the account's state)": "用户名或密码错误，或该账户目前不能登录；如确定密码无误，请联系质量管理员（其可查看账户状态）",
+        "too many failed sign-ins from this address; wait {seconds} seconds, then try again": "此地址登录失败次数过多；请等待 {seconds} 秒后再试",
         # who may sign
         "step {step} may only be signed by role {role} of {institution}": "步骤 {step} 只能由 {institution} 的角色 {role} 签署",
         "only staff trained on {sop} v{version} at {institution} may sign step {step}; user {user} is not trained on {sop2} v{version2} ({hint})": "只有接受过 {sop} 第 {version} 版培训的 {institution} 人员可以签署步骤 {step}；用户 {user} 未接受 {sop2} 第 {version2} 版培训（{hint}）",
@@ -70,6 +72,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "{sop}: cannot start: {+rest}": "{sop}：不能启动：{rest}",
         "dose {coi} is quarantined by deviation {deviation} ({classification}: {description}) until QA signs its disposition": "产品 {coi} 因偏差 {deviation}（{classification}：{description}）被隔离，直至质量管理员签署处置",
         "no run {run}; `sopflow runs` lists them": "没有运行 {run}",
+        "no such run among the runs you may read; the runs list shows them": "在您可查看的运行中没有此运行；运行列表列出了它们",
+        "no such document among the documents you may read": "在您可查看的文件中没有此文件",
+        "no such deviation among the deviations you may read": "在您可查看的偏差中没有此偏差",
         # deviations raised by hand (flows.services.deviations)
         "user {user} may not raise a deviation at {institution}: that takes a role there": "用户 {user} 不能在 {institution} 提出偏差：需要在该机构担任角色",
         "user {user} may not quarantine a dose at {institution}: that takes role {role} there": "用户 {user} 不能在 {institution} 隔离产品：需要该机构的角色 {role}",

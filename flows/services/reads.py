@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config import Settings
+from flows.errors import NotFoundError
 from flows.record.db import read_session
+from flows.record.tables import SopRun
 from flows.services import guard, inbox, runs
 
 __all__ = ["inbox_for", "record_for"]
@@ -35,12 +37,16 @@ def record_for(settings: Settings, username: str, password: str, run_id: str) ->
     """A run's quality record for a signed-in user with a role at its institution.
 
     Raises:
-        AuthenticationError, NotFoundError, NotAuthorizedError
+        AuthenticationError, NotFoundError (``guard.NO_SUCH_RUN``: no such run, or not one they may read; a
+        refusal is audited, ``record.read.refused``)
     """
     user = guard.sign_in(settings, username, password, f"read record {run_id}")
-    rec = runs.quality_record(settings, run_id, export=True)
     with read_session(settings.database_url) as s:
-        problem = guard.reader_problem(s, username, rec["run"]["institution"])
-    if problem:
-        raise guard.refuse(settings, user.id, "record.read", "sf_run", rec["run"]["id"], problem)
-    return rec
+        # A whole id of a run elsewhere is a refusal, audited; a prefix counts only the reader's runs.
+        run = s.get(SopRun, run_id) or guard.lookup_run(s, run_id, among=guard.institutions_of(s, user.id))
+        problem = guard.reader_problem(s, username, run.institution) if run is not None else None
+    if run is not None and problem:
+        guard.refuse(settings, user.id, "record.read", "sf_run", run.id, problem)  # audited, then answered as
+    if run is None or problem:  # if there were no such run
+        raise NotFoundError(guard.NO_SUCH_RUN)
+    return runs.quality_record(settings, run.id, export=True)  # an export: it carries a signed checkpoint

@@ -22,7 +22,6 @@ from flows.config import Settings
 from flows.engine.escalation import overdue_steps
 from flows.engine.opening import open_run, prepare_run
 from flows.errors import (
-    NotAuthorizedError,
     NotFoundError,
     RecordError,
     SopInputError,
@@ -142,16 +141,9 @@ def find_run(session: Session, run_id: str) -> SopRun:
     Raises:
         NotFoundError
     """
-    run = session.get(SopRun, run_id)
+    run = guard.lookup_run(session, run_id)
     if run is None:
-        matches = (
-            list(session.exec(select(SopRun).where(col(SopRun.id).startswith(run_id)).limit(2)))
-            if len(run_id) >= 6
-            else []
-        )
-        if len(matches) != 1:
-            raise NotFoundError(f"no run {run_id!r}; `sopflow runs` lists them")
-        run = matches[0]
+        raise NotFoundError(f"no run {run_id!r}; `sopflow runs` lists them")
     return run
 
 
@@ -406,14 +398,11 @@ def record_for(settings: Settings, username: str, run_id: str) -> dict[str, Any]
     """``quality_record`` for a user with a role at the run's institution.
 
     Raises:
-        NotFoundError (no such run), NotAuthorizedError
+        NotFoundError: ``guard.NO_SUCH_RUN``, alike for no such run and a run the user may not read.
     """
-    rec = quality_record(settings, run_id)
+    init_db(settings.database_url)
     with read_session(settings.database_url) as s:
-        problem = guard.reader_problem(s, username, rec["run"]["institution"])
-    if problem:
-        raise NotAuthorizedError(problem)
-    return rec
+        return run_record(s, guard.readable_run(s, username, run_id).id)
 
 
 def deviations(settings: Settings, *, now: Any = None, include_closed: bool = False) -> dict[str, Any]:

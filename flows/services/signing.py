@@ -23,7 +23,7 @@ from flows.config import Settings
 from flows.engine import client as engine
 from flows.engine.gates import find_human_step, human_fields, meaning_of
 from flows.engine.steps import RunContext, write_step
-from flows.errors import NotAuthorizedError, SopInputError, StepNotWaitingError
+from flows.errors import SopInputError, StepNotWaitingError
 from flows.record import ledger
 from flows.record.corrections import changed_fields, newest_record, write_correction
 from flows.record.db import init_db, read_session, write_session
@@ -296,14 +296,13 @@ def step_form(settings: Settings, run_id: str, step_id: str, username: str) -> d
     may sign it (and why not), and for a verify step the data it verifies.
 
     Raises:
-        NotFoundError, StepNotWaitingError: no such run or human step.
-        NotAuthorizedError: no role at the run's institution.
+        NotFoundError: ``guard.NO_SUCH_RUN``, no such run or one of an institution where the user holds no role.
+        StepNotWaitingError: no such human step.
     """
     init_db(settings.database_url)
     with read_session(settings.database_url) as s:
+        guard.readable_run(s, username, run_id)  # before the step: a non-reader learns nothing of the run
         run, sop, step = human_step(s, run_id, step_id)
-        if problem := guard.reader_problem(s, username, run.institution):
-            raise NotAuthorizedError(problem)
         user = find_user(s, username)
         rec = step_states(s, run.id).get(step.id)
         status = run_status(s, run.id)

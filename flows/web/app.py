@@ -8,7 +8,10 @@ Every page is rendered by a Jinja environment with autoescape on and the ``i18n`
 one environment per language. Every POST checks the session's CSRF token before it reads
 anything else (403, nothing written, when it is missing or wrong). Service calls run in a
 worker thread (they hash passwords and talk to Prefect). Errors become a page that names the
-problem; a traceback never reaches the browser.
+problem; a traceback never reaches the browser. Every response carries ``EVERY_RESPONSE``'s headers
+(Permissions-Policy among them), and one that came over HTTPS (directly, or from a proxy in
+``SOPFLOW_TRUSTED_PROXIES`` saying ``X-Forwarded-Proto: https``) HSTS too. Whatever is not there,
+or not the reader's (a run of an institution where they hold no role), is one 404 page.
 
 Page templates live in ``flows/web/templates`` (package data), not in ``templates/``: that
 folder is ``SOPFLOW_TEMPLATES_DIR``, where institutions keep controlled *document* templates
@@ -18,6 +21,7 @@ that document steps may name; pages are part of the program and ship with it.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,11 +31,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.config import Settings
-from flows.errors import AuthenticationError, FlowsError
-from flows.services import accounts, database, views
+from flows.errors import AuthenticationError, FlowsError, ThrottledError
+from flows.services import accounts, database, guard, views
 from flows.services.phrases import translate
 from flows.web import api, pages, people, quality
-from flows.web.base import CSRF_MESSAGE, Forbidden, Redirect, Web, safe_next, status_of
+from flows.web.base import CSRF_MESSAGE, EVERY_RESPONSE, HSTS, Forbidden, Redirect, Web, client_of, safe_next, status_of
 from flows.web.i18n import HERE, N_
 from flows.web.sessions import COOKIE, SessionStore
 
@@ -54,13 +58,21 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     app.mount("/api/v1", api.create_api(settings))  # the integration API (JSON, its own OpenAPI)
 
     @app.middleware("http")
-    async def https_cookies(request: Request, call_next: Any) -> Response:
+    async def https_and_headers(request: Request, call_next: Any) -> Response:
+        # Sign-ins in this request come from an anonymous client until ``Web.user`` knows the session's user.
+        guard.set_channel(guard.Channel(client=client_of(request)))
         response: Response = await call_next(request)
-        if request.url.scheme == "https" and "set-cookie" in response.headers:
+        https = request.url.scheme == "https"  # uvicorn sets it from a trusted proxy's X-Forwarded-Proto
+        if https and "set-cookie" in response.headers:
             cookies = [v for k, v in response.raw_headers if k == b"set-cookie"]
             response.raw_headers[:] = [(k, v) for k, v in response.raw_headers if k != b"set-cookie"]
             for c in cookies:
                 response.raw_headers.append((b"set-cookie", c if b"secure" in c.lower() else c + b"; Secure"))
+        for name, value in EVERY_RESPONSE.items():  # pages, the API, static files, errors
+            if name not in response.headers:
+                response.headers[name] = value
+        if https:
+            response.headers["Strict-Transport-Security"] = HSTS
         return response
 
     @app.exception_handler(Redirect)
@@ -74,7 +86,10 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     @app.exception_handler(FlowsError)
     async def _flows_error(request: Request, exc: FlowsError) -> Response:
         ws = await web.session(request)
-        return web.error(ws, exc, status_of(exc))
+        status = status_of(exc)
+        if status == 404:  # one page for whatever is not there (or not theirs): nothing of the path in it
+            ws.here = "/inbox"
+        return web.error(ws, exc, status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -83,6 +98,8 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
         ):  # a path the mount's pattern does not take (a newline in it): still JSON
             return api.http_error(exc)
         ws = await web.session(request)
+        if exc.status_code == 404:
+            ws.here = "/inbox"
         text = web.gettext(ws, N_("Page not found.")) if exc.status_code == 404 else str(exc.detail)
         return web.render(ws, "error.html", status=exc.status_code, message=text)
 
@@ -120,9 +137,17 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
             user = await run_in_threadpool(accounts.web_sign_in, settings, username, form.get("password", ""))
             chosen = await run_in_threadpool(accounts.language_of, settings, user.username)
         except AuthenticationError as exc:
-            return web.render(
-                ws, "login.html", status=401, next=target, username=username, error=translate(str(exc), ws.language)
+            response = web.render(
+                ws,
+                "login.html",
+                status=429 if isinstance(exc, ThrottledError) else 401,
+                next=target,
+                username=username,
+                error=translate(str(exc), ws.language),
             )
+            if isinstance(exc, ThrottledError):
+                response.headers["Retry-After"] = str(max(1, math.ceil(exc.seconds)))
+            return response
         fresh = web.store.sign_in(ws, user.username, user.printed_name, chosen or ws.language)
         return web.redirect(fresh, target)
 

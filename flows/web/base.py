@@ -17,16 +17,28 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.config import Settings
 from flows.errors import AuthenticationError, FlowsError, NotAuthorizedError, NotFoundError
-from flows.services import accounts
+from flows.services import accounts, guard, library
 from flows.services.phrases import translate
 from flows.sop.model import text_in
 from flows.web.i18n import N_, TEMPLATES, catalogue, pick_language
 from flows.web.sessions import COOKIE, SessionStore, WebSession
 
-__all__ = ["CSRF_MESSAGE", "Forbidden", "Redirect", "Web", "message_of", "safe_next", "status_of"]
+__all__ = [
+    "CSRF_MESSAGE",
+    "EVERY_RESPONSE",
+    "HSTS",
+    "Forbidden",
+    "Redirect",
+    "Web",
+    "client_of",
+    "message_of",
+    "safe_next",
+    "status_of",
+]
 
 log = logging.getLogger("sopflow.web")
 
@@ -76,6 +88,26 @@ STATUS_WORDS = [
 CSRF_MESSAGE = N_(
     "This form has expired or did not come from this site (missing or wrong security token). Nothing was saved. Reload the page and try again."
 )
+
+
+EVERY_RESPONSE = {
+    "Permissions-Policy": (
+        "camera=(), microphone=(), geolocation=(), payment=(), usb=(), serial=(), bluetooth=(), "
+        "hid=(), midi=(), display-capture=(), interest-cohort=()"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+"""Headers on every response (pages, the API, static files); pages add theirs in ``Web.secure``.
+The pages use no device (a barcode scanner types like a keyboard): every powerful feature is off."""
+HSTS = "max-age=31536000; includeSubDomains"
+"""Strict-Transport-Security, sent only on a response to a request that came over HTTPS."""
+
+
+def client_of(request: Request) -> str:
+    """The client a sign-in comes from: its address (uvicorn takes it from ``X-Forwarded-For`` only
+    when the proxy is in ``SOPFLOW_TRUSTED_PROXIES``)."""
+    return f"ip:{request.client.host if request.client else 'unknown'}"
 
 
 def _local(value: Any, tz: str = "UTC") -> str:
@@ -170,12 +202,26 @@ class Web:
         return live
 
     async def user(self, request: Request) -> WebSession:
-        """The signed-in session, or a redirect to the sign-in page (``Redirect`` is raised)."""
+        """The signed-in session, or a redirect to the sign-in page (``Redirect`` is raised). From
+        here on a password asked again (a signature, a form) is the session's user's own channel."""
         ws = await self.session(request)
         if not ws.username:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             raise Redirect(f"/login?next={quote(target)}", ws)
+        guard.set_channel(guard.Channel(client=client_of(request), session_of=ws.username))
         return ws
+
+    async def reader(self, request: Request, institution: str) -> WebSession:
+        """``user``, who holds a role at ``institution``; anyone else gets the 404 of a page that
+        does not exist (``guard.may_read``), so a page tells nobody outside what the institution has."""
+        ws = await self.user(request)
+        await self.require_reader(ws, institution)
+        return ws
+
+    async def require_reader(self, ws: WebSession, institution: str) -> None:
+        """As ``reader``, for a POST whose CSRF token was checked first (``form``)."""
+        if not await run_in_threadpool(library.may_read, self.settings, ws.who, institution):
+            raise StarletteHTTPException(404)
 
     async def form(self, request: Request, ws: WebSession) -> dict[str, str]:
         """The posted form, after its CSRF token was checked (``Forbidden`` is raised when it fails)."""

@@ -3,6 +3,7 @@ change-control run starts and the author's submission is signed), record a perio
 retire the SOP (``versions.record_review`` / ``versions.retire``, QA). The review and QA approval
 of a change are steps of its change-control run, signed on their step pages like any other.
 Each form asks for the password; a refusal comes back as a message in the reader's language.
+Someone with no role at the institution gets the 404 of no such page (``Web.reader``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def submit(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         form = await web.form(request, ws)
+        await web.require_reader(ws, institution)
         number = form.get("version", "")
         try:
             run_id = await run_in_threadpool(
@@ -62,6 +64,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def review(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         form = await web.form(request, ws)
+        await web.require_reader(ws, institution)
         months = form.get("months", "")
         try:
             res = await run_in_threadpool(
@@ -90,6 +93,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def retire(request: Request, institution: str, sop_id: str) -> Response:
         ws = await web.user(request)
         form = await web.form(request, ws)
+        await web.require_reader(ws, institution)
         try:
             await run_in_threadpool(
                 lambda: versions.retire(

@@ -15,6 +15,9 @@ checks the role and audits a refusal). Routes are registered before ``/sops/{ins
     POST /sops/{institution}/{sop_id}/edit      save as a Draft
     POST /sops/{institution}/{sop_id}/edit/check
     GET  /sops/{institution}/{sop_id}/diff?old=V1&new=V2   what changed (``sopflow sop diff``)
+
+Every route is for a reader with a role at the institution (``Web.reader``); anyone else gets the
+404 of a page that does not exist.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def register(app: FastAPI, web: Web) -> None:
         reason: str = "",
         save_error: str | None = None,
     ) -> Response:
-        ws = await web.user(request)
+        ws = await web.reader(request, institution)
         await run_in_threadpool(guard.require_sop_admin, settings, ws.who, institution)
         start = await run_in_threadpool(sop_editor.editor_start, settings, institution, sop_id)
         checked = await run_in_threadpool(
@@ -92,6 +95,7 @@ def register(app: FastAPI, web: Web) -> None:
     async def _save(request: Request, institution: str, sop_id: str | None) -> Response:
         ws = await web.user(request)
         form = await web.form(request, ws)
+        await web.require_reader(ws, institution)
         text, reason = form.get("text", "").replace("\r\n", "\n"), form.get("reason", "")
         try:  # NotAuthorizedError goes to the error page (403): refused and audited by the service
             saved = await run_in_threadpool(
@@ -139,6 +143,7 @@ def register(app: FastAPI, web: Web) -> None:
             form = await web.form(request, ws)
         except Forbidden:
             return refused(403, web.gettext(ws, CSRF_MESSAGE))
+        await web.require_reader(ws, institution)
         try:
             checked = await run_in_threadpool(
                 sop_editor.check_text,
@@ -180,6 +185,6 @@ def register(app: FastAPI, web: Web) -> None:
     async def diff(
         request: Request, institution: str, sop_id: str, old: str | None = None, new: str | None = None
     ) -> Response:
-        ws = await web.user(request)
+        ws = await web.reader(request, institution)
         changes = await run_in_threadpool(sop_editor.version_diff, settings, institution, sop_id, old, new)
         return web.render(ws, "diff.html", diff=changes)

@@ -295,14 +295,15 @@ def register(app: FastAPI, web: Web) -> None:
     @app.get("/sops")
     async def sops(request: Request) -> Response:
         ws = await web.user(request)
-        rows = await run_in_threadpool(library.sop_library, settings)
+        rows = await run_in_threadpool(library.sop_library_for, settings, ws.who)
         admin = await run_in_threadpool(sop_editor.admin_institutions, settings, ws.who)
         return web.render(ws, "sops.html", library=rows, admin=admin, new=editor.NEW)
 
     @app.get("/sops/{institution}/{sop_id}")
     async def sop_page(request: Request, institution: str, sop_id: str) -> Response:
-        """The SOP file in force, readably, and its versions with their states (change control)."""
-        ws = await web.user(request)
+        """The SOP file in force, readably, and its versions with their states (change control).
+        Only for a reader with a role at the institution: anyone else gets the 404 of no such page."""
+        ws = await web.reader(request, institution)
         versions = await run_in_threadpool(sop_editor.sop_versions, settings, institution, sop_id)
         try:
             sop = await run_in_threadpool(library.describe_sop, settings, institution, sop_id)
