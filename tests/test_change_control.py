@@ -156,6 +156,13 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     ] == (0, 1)
     with pytest.raises(SopNotEffectiveError, match="v1 is issued"):
         runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
+    from flows.web import create_app
+    from tests.test_web import login
+
+    page = login(create_app(settings), "qa").get(f"/sops/{INST}/cc_probe").text
+    assert 'id="waiting-v1"' in page
+    assert "cc_probe v1 waits to become effective" in page
+    assert "cell_lab: 0/1" in page
     # Once someone is trained, the next sweep makes it Effective.
     grant_training(settings, "cc_tech", INST, "cc_probe", 1, trainer="Test Trainer", officer=qa)
     assert sweep(settings, now=late)["effective"] == 1
