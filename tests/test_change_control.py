@@ -154,7 +154,7 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     assert {(c["sop_id"], c["sop_version"], c["role"]): (c["trained"], c["needed"]) for c in cov}[
         ("cc_probe", 1, "cell_lab")
     ] == (0, 1)
-    with pytest.raises(SopNotEffectiveError, match="v1 is issued"):
+    with pytest.raises(SopNotEffectiveError, match=r"v1 is issued .*; it waits: cc_probe v1 waits to become effective"):
         runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
     from flows.web import create_app
     from tests.test_web import login

@@ -180,3 +180,49 @@ def test_deviation_raise_on_an_unknown_dose_says_so(held: Settings) -> None:
     assert proc.returncode == 1
     assert "no run carries COI 'NO-SUCH-COI'" in proc.stderr
     assert re.search(r"Traceback", proc.stdout + proc.stderr) is None
+
+
+def test_hold_waits_for_the_handling_runs_disposition_and_a_reject_ends_the_run_rejected(engine: Settings) -> None:
+    """A deviation raised by hand at an institution with a deviation SOP is handled by a run of it:
+    the run it was raised on waits at its last step for that run's disposition (no second,
+    inline one), and a disposition that rejects the dose ends the run rejected, never completed."""
+    from flows.services import deviations as deviation_service
+    from flows.services import signing as signing_service
+    from tests.seed import seed_training, seed_user
+
+    inst = "dev_hospital"
+    for username, role in (("hd_tech", "cell_lab"), ("hd_qa", "qa")):
+        seed_user(engine, username, username.replace("_", " ").title(), PASSWORD, [(inst, role)])
+        for sop in ("receipt", "deviation_capa"):
+            seed_training(engine, username, inst, sop, 1)
+    run_id = runs_service.start_run(engine, inst, "receipt", {"coi": "COI-HOLD-0001"}, "hd_tech", PASSWORD).run_id
+    wait_for(engine, run_id, step="arrival")
+    res = deviation_service.raise_deviation(
+        engine,
+        username="hd_tech",
+        password=PASSWORD,
+        classification="critical",
+        description="Cassette label torn: identity cannot be read in full",
+        coi="COI-HOLD-0001",
+    )
+    assert res["run_id"] == run_id
+    handler = res["handling_run_id"]
+    assert handler, res["handling_problem"]
+
+    signing_service.submit_step(engine, run_id, "arrival", "hd_tech", PASSWORD, {"logger_max_c": "-180"})
+    wait_for(engine, run_id, step="put_away")
+    signing_service.submit_step(engine, run_id, "put_away", "hd_tech", PASSWORD, {"position": "T1-A3"})
+    link = f"{hold_step_id(res['deviation_id'])}__handling"
+    rec = wait_for(engine, run_id, step=link)
+    assert rec["run"]["status"] == "waiting"
+    assert hold_step_id(res["deviation_id"]) not in {s["id"] for s in rec["steps"]}  # no inline disposition
+
+    wait_for(engine, handler, step="containment")
+    signing_service.submit_step(engine, handler, "containment", "hd_qa", PASSWORD, {"action": "dose set aside"})
+    wait_for(engine, handler, step="disposition")
+    signing_service.submit_step(
+        engine, handler, "disposition", "hd_qa", PASSWORD, {"outcome": "destroy", "rationale": "identity unproven"}
+    )
+    rec = wait_for(engine, run_id, statuses=("completed", "rejected", "stopped"))
+    assert rec["run"]["status"] == "rejected"
+    assert "disposition: reject" in rec["run"]["status_detail"]

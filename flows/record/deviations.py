@@ -331,11 +331,19 @@ def hold_deviation(session: Session, run_id: str, step_id: str) -> Deviation | N
 
 
 def handling_run_id(session: Session, deviation_id: str) -> str | None:
-    """The run of the deviation SOP started on it (its newest ``subrun`` event), if any."""
+    """The run of the deviation SOP started on it (its newest ``subrun`` event, else the newest run
+    whose ``deviation_id`` param names it), if any."""
     runs = [
         json.loads(e.data_json).get("run_id") for e in deviation_events(session, deviation_id) if e.kind == "subrun"
     ]
-    return runs[-1] if runs and runs[-1] else None
+    if runs and runs[-1]:
+        return str(runs[-1])
+    # A deviation raised by hand before its handling run was recorded as an event: a run naming it.
+    named = select(SopRun).where(col(SopRun.params_json).contains(deviation_id))
+    for run in session.exec(named.order_by(col(SopRun.started_at).desc())):
+        if json.loads(run.params_json).get("deviation_id") == deviation_id:
+            return run.id
+    return None
 
 
 def holding_deviations(session: Session, run_id: str) -> list[tuple[Deviation, dict[str, Any] | None]]:

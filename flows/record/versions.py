@@ -378,6 +378,7 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
         if (version := newest_effective(infos)) is not None:
             return PinnedSop(version.id, version_definition(version), version.sha256)
         known = known_sop_ids(settings, s, institution)
+        waits = {i.version.id: coverage_of(s, i.version)[1] for i in infos if i.state == "issued"}
         institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | set(
             s.exec(select(SopVersion.institution))
         )
@@ -399,6 +400,7 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
     states = "; ".join(
         f"v{i.version.version} is {i.state.replace('_', ' ')}"
         + (f" (effective from {i.data['effective_at'][:16]} UTC)" if i.state == "issued" else "")
+        + (f"; it waits: {waits[i.version.id]}" if waits.get(i.version.id) else "")
         for i in infos
     )
     raise SopNotEffectiveError(f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. {states}")
