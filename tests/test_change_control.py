@@ -3,6 +3,7 @@ by the real engine (Prefect server + executor); runs stay pinned to the version 
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from sqlmodel import col, select
 
 from flows.errors import NotAuthorizedError, SopNotEffectiveError
 from flows.record.db import read_session
-from flows.record.tables import AuditEvent, Signature, TrainingAssignment, User, utcnow
+from flows.record.tables import AuditEvent, OutboxMessage, Signature, TrainingAssignment, User, utcnow
 from flows.record.versions import versions_of
 from flows.services import audit as audit_service
 from flows.services import runs as runs_service
@@ -20,7 +21,8 @@ from flows.services.accounts import add_user
 from flows.services.drafts import create_draft, submit_change
 from flows.services.guard import Officer
 from flows.services.sweeps import sweep
-from flows.services.training import grant_training
+from flows.services.training import coverage_rows, grant_training
+from flows.services.versions import list_versions
 from tests.fixtures_engine import PASSWORD, wait_for
 from tests.waiting import eventually
 
@@ -105,6 +107,7 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     add_user(settings, "cc_adm", "Zhou Admin", PASSWORD, [(INST, "sop_admin"), (INST, "qa")], officer=qa)
     add_user(settings, "cc_rev", "Xu Reviewer", PASSWORD, [(INST, "sop_reviewer")], officer=qa)
     add_user(settings, "cc_tech", "He Tech", PASSWORD, [(INST, "cell_lab")], officer=qa)
+    add_user(settings, "cc_tech2", "Lu Tech", PASSWORD, [(INST, "cell_lab")], officer=qa)
     for user in ("cc_adm", "cc_rev", "qa"):
         grant_training(settings, user, INST, "change_control", 1, trainer="Test Trainer", officer=qa)
 
@@ -129,23 +132,55 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     with pytest.raises(SopNotEffectiveError, match=r"cc_probe has no Effective version.*v1 is issued \(effective from"):
         runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
     assert [e.action for e in _refusals(settings, mark)] == ["run.start.refused"]
-    assert sweep(settings, now=utcnow() + timedelta(days=2))["effective"] == 1
-    assert _states(settings) == {1: "effective"}
     overdue = service_overdue(settings)
     assert ("cc_tech", 1) in overdue  # assigned with a zero-day window, not yet trained
 
-    # Run A starts on v1; the signer must be trained on v1.
+    # Issue 15: its date has come, but nobody holding cell_lab is trained on v1: it waits, Issued,
+    # the reason is listed, and QA and the administrators are told once (not at every sweep).
+    late = utcnow() + timedelta(days=2)
+    first = sweep(settings, now=late)
+    assert (first["effective"], first["coverage_waits"]) == (0, 1)
+    assert sweep(settings, now=late)["coverage_waits"] == 0
+    assert _states(settings) == {1: "issued"}
+    (listed,) = list_versions(settings, INST, "cc_probe")
+    assert "cc_probe v1 waits to become effective" in listed["waiting"]
+    assert "cell_lab: 0/1" in listed["waiting"]
+    assert {r["role"]: (r["trained"], r["needed"]) for r in listed["coverage"]}["cell_lab"] == (0, 1)
+    told = _outbox(settings, "reminder:coverage_wait:")
+    assert len(told) == 1
+    assert set(json.loads(told[0].roles_json)) == {"qa", "sop_admin"}
+    assert "cell_lab: 0/1" in told[0].body
+    cov = coverage_rows(settings, INST)
+    assert {(c["sop_id"], c["sop_version"], c["role"]): (c["trained"], c["needed"]) for c in cov}[
+        ("cc_probe", 1, "cell_lab")
+    ] == (0, 1)
+    with pytest.raises(SopNotEffectiveError, match=r"v1 is issued .*; it waits: cc_probe v1 waits to become effective"):
+        runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-1"}, "qm", PASSWORD)
+    from flows.web import create_app
+    from tests.test_web import login
+
+    page = login(create_app(settings), "qa").get(f"/sops/{INST}/cc_probe").text
+    assert 'id="waiting-v1"' in page
+    assert "cc_probe v1 waits to become effective" in page
+    assert "cell_lab: 0/1" in page
+    # Once someone is trained, the next sweep makes it Effective.
+    grant_training(settings, "cc_tech", INST, "cc_probe", 1, trainer="Test Trainer", officer=qa)
+    assert sweep(settings, now=late)["effective"] == 1
+    assert _states(settings) == {1: "effective"}
+    assert len(_outbox(settings, "reminder:coverage_wait:")) == 1
+
+    # Run A starts on v1; the signer must be trained on v1 (cc_tech2 holds the role, untrained).
     run_a = runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-A"}, "qm", PASSWORD)
     assert run_a.sop_version == 1
     wait_for(settings, run_a.run_id, step="measure")
     mark = _head(settings)
     with pytest.raises(NotAuthorizedError, match="not trained on cc_probe v1"):
-        signing_service.submit_step(settings, run_a.run_id, "measure", "cc_tech", PASSWORD, {"value": "50"})
+        signing_service.submit_step(settings, run_a.run_id, "measure", "cc_tech2", PASSWORD, {"value": "50"})
     assert [e.action for e in _refusals(settings, mark)] == ["sign.refused"]
-    grant_training(settings, "cc_tech", INST, "cc_probe", 1, trainer="Test Trainer", officer=qa)
 
-    # v2 (limit 80) becomes effective while run A waits.
+    # v2 (limit 80) becomes effective while run A waits (cc_tech2 is trained on it; cc_tech is not).
     _change(settings, tmp_path, 2, 80, timedelta(days=3))
+    grant_training(settings, "cc_tech2", INST, "cc_probe", 2, trainer="Test Trainer", officer=qa)
     assert sweep(settings, now=utcnow() + timedelta(days=4))["effective"] == 1
     assert _states(settings) == {1: "superseded", 2: "effective"}
     run_b = runs_service.start_run(settings, INST, "cc_probe", {"lot": "LOT-B"}, "qm", PASSWORD)
@@ -183,6 +218,11 @@ def test_change_control_walks_a_version_to_effective_and_runs_stay_pinned(engine
     sweep(settings)
     assert _states(settings) == {1: "superseded", 2: "effective", 3: "rejected"}
     assert audit_service.verify_audit(settings).ok
+
+
+def _outbox(settings, prefix: str) -> list[OutboxMessage]:
+    with read_session(settings.database_url) as s:
+        return list(s.exec(select(OutboxMessage).where(col(OutboxMessage.key).startswith(prefix))))
 
 
 def service_overdue(settings) -> set[tuple[str, int]]:

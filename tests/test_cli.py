@@ -131,7 +131,15 @@ def test_cli_version_and_json_listings(engine):
     assert versions[0]["version"] == 1
     sops = json.loads(ok(cli(dict(os.environ), "sop", "list", "--institution", "demo_hospital", "--json")))
     assert "dose_receipt" in {s["id"] for s in sops}
-    assert isinstance(json.loads(ok(cli(dict(os.environ), "training", "overdue", "--json"))), list)
+    overdue = json.loads(ok(cli(dict(os.environ), "training", "overdue", "--json")))
+    assert isinstance(overdue["overdue"], list)
+    # Issue 15: and the coverage of each role that signs an Effective version (trained/needed).
+    cover = {(c["sop_id"], c["role"]): (c["trained"], c["needed"]) for c in overdue["coverage"]}
+    assert cover[("dose_receipt", "cell_lab")][1] == 1
+    assert cover[("dose_receipt", "cell_lab")][0] >= 1  # tech is trained on v1 (above)
+    text = ok(cli(dict(os.environ), "training", "overdue", "--institution", "demo_hospital"))
+    assert "coverage (role: trained/needed):" in text
+    assert "demo_hospital/dose_receipt v1 (effective)  cell_lab: " in text
     insts = json.loads(ok(cli(dict(os.environ), "institution", "list", "--json")))
     assert "demo_hospital" in {i["id"] for i in insts}
 

@@ -13,12 +13,13 @@ from datetime import timedelta
 import pytest
 
 from flows.config import Settings
-from flows.errors import SopInputError
+from flows.errors import NotAuthorizedError, SopInputError
+from flows.record.deviations import hold_step_id
 from flows.services import inbox as inbox_service
 from flows.services import runs as runs_service
 from flows.services import signing as signing_service
 from tests.fixtures_engine import PASSWORD, sign, wait_for
-from tests.waiting import LIMIT
+from tests.waiting import LIMIT, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def _start(settings: Settings, sop_id: str, params: dict[str, str] | None = None
     from tests.seed import seed_training
 
     if sop_id not in _TRAINED:
-        for username in ("l_tech", "l_doc"):  # the only signers of these SOPs
+        for username in ("l_tech", "l_doc", "l_qa"):  # the signers of these SOPs (QA: a held run's disposition)
             seed_training(settings, username, INST, sop_id, 1)
         _TRAINED.add(sop_id)
     return runs_service.start_run(settings, INST, sop_id, params or {}, "l_qm", PASSWORD).run_id
@@ -187,9 +188,8 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
     sign(lang, run_id, "thaw", "l_tech", {"thaw_end": _at(thaw_end)})
     sign(ahead(lang), run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=41))})
 
-    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
-
-    assert rec["run"]["status"] == "completed"
+    # Issue 15: the major deviation holds the run's completion until QA signs its disposition.
+    rec = _held(lang, run_id)
     [dev] = rec["deviations"]
     assert (dev["kind"], dev["step_id"], dev["classification"], dev["quarantine"]) == (
         "deadline",
@@ -197,6 +197,21 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
         "major",
         False,
     )
+    hold = hold_step_id(dev["id"])
+    assert rec["run"]["status"] == "waiting"
+    assert f"{hold}: held: major deviation {dev['id'][:8]}" in rec["run"]["status_detail"]
+    assert "completes only once role 'qa' signs its disposition" in rec["run"]["status_detail"]
+    asked = receiver.wait_for(lambda m: m["path"] == "/qa" and hold in m.get("message", ""), timeout=LIMIT)
+    assert asked is not None, "QA was not asked for the disposition"
+    with pytest.raises(NotAuthorizedError, match="may only be signed by role 'qa'"):
+        signing_service.submit_step(lang, run_id, hold, "l_doc", PASSWORD, {"decision": "approve"})
+    assert runs_service.quality_record(lang, run_id)["run"]["status"] == "waiting"  # still held
+    sign(lang, run_id, hold, "l_qa", {"decision": "approve", "reason": "infused within the label's total time"})
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+    assert rec["run"]["status"] == "completed"
+    [dev] = rec["deviations"]
+    assert dev["status"] == "dispositioned"
+    assert {s["id"]: s["status"] for s in rec["steps"]}[hold] == "done"
     assert dev["description"] == (
         "deadline 'End of thaw to end of infusion' breached: 41m from thaw.thaw_end to "
         "infusion.infusion_end, more than its limit of 30m"
@@ -207,6 +222,18 @@ def test_deadline_breached_opens_a_deviation_tells_qa_and_the_run_goes_on(lang, 
     msg = receiver.wait_for(lambda m: m["path"] == "/qa" and run_id in m.get("message", ""), timeout=LIMIT)
     assert msg is not None
     assert "Deadline breached" in msg["title"]
+
+
+def _held(settings: Settings, run_id: str) -> dict:
+    """Wait until the run is held at a deviation's hold step; returns its record."""
+
+    def at_hold() -> dict | None:
+        rec = runs_service.quality_record(settings, run_id)
+        devs = rec["deviations"]
+        waiting = {s["id"] for s in rec["steps"] if s["status"] == "waiting"}
+        return rec if devs and hold_step_id(devs[0]["id"]) in waiting else None
+
+    return eventually(at_hold, f"run {run_id} was not held at its deviation's hold step")
 
 
 def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
@@ -229,9 +256,13 @@ def test_deadline_sweep_opens_the_deviation_once_when_past_due(lang):
     )
 
     sign(ahead(lang), run_id, "infusion", "l_doc", {"infusion_end": _at(thaw_end + timedelta(minutes=50))})
-    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
-
+    rec = _held(lang, run_id)
     assert [d["id"] for d in rec["deviations"]] == [dev["id"]]  # the breach at 'to' opens no second one
+    # QA rejects the dose: the held run ends rejected, never completed.
+    sign(lang, run_id, hold_step_id(dev["id"]), "l_qa", {"decision": "reject", "reason": "infusion ran too late"})
+    rec = wait_for(lang, run_id, statuses=("completed", "stopped", "rejected"))
+    assert rec["run"]["status"] == "rejected"
+    assert "disposition: reject" in rec["run"]["status_detail"]
     assert {d["id"]: d["state"] for d in rec["deadlines"]}["thaw_to_infusion_end"] == "breached"
 
 

@@ -303,6 +303,16 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
             s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()}
         )
         assert activate_due(s, now) == []
+        waiting: dict[str, str] = {}
+        assert activate_due(s, now + timedelta(days=1), waiting=waiting) == []  # nobody is trained on v2 (issue 15)
+        assert "(trained/needed: cell_lab: 0/1, qa: 0/1)" in waiting[v2.id]
+    from tests.seed import seed_training, seed_user
+
+    seed_user(settings, "pharm", "Sun Pharm", PASSWORD, [(INST, "pharmacist")])
+    for user in ("tech", "pharm", "qa"):
+        seed_training(settings, user, INST, "dose_receipt", 2)
+    with write_session(settings.database_url) as s:
+        v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
         assert effective_version(s, INST, "dose_receipt").version == 2
         assert {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")} == {

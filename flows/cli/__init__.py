@@ -15,6 +15,7 @@
     sopflow sop validate|schema|list|show SOP definitions
     sopflow web [--host H --port P]       the web app (flows.web)
     sopflow deviations [--all]            open deviations and overdue CAPAs (see flows.cli.quality)
+    sopflow deviation raise --run ID|--coi COI --class C --reason R --as U   raise one by hand
     sopflow chain COI                     every run that touched one dose; is its chain unbroken?
     sopflow sop establish|draft|submit|versions|diff|review|retire|export|import   change control (flows.cli.changes)
     sopflow training overdue              training due on issued SOP versions and not recorded
@@ -42,7 +43,7 @@ from flows.cli.admin import training_app, user_app
 from flows.cli.changes import register as register_changes
 from flows.cli.database import db_app
 from flows.cli.institutions import register as register_institutions
-from flows.cli.quality import chain, deviations
+from flows.cli.quality import chain, deviation_app, deviations
 from flows.cli.records import correct, verify_export
 from flows.cli.runs import audit_app, runs_app
 from flows.cli.server import demo, server_app, web
@@ -67,6 +68,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(training_app, name="training")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(deviation_app, name="deviation")
 app.command("correct")(correct)
 app.command("deviations")(deviations)
 app.command("chain")(chain)

@@ -17,7 +17,7 @@ and ``flows.services.transfer``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -130,6 +130,11 @@ def versions(
             if r["data"].get(k)
         )
         cli.out.print(f"[bold]{r['sop_id']} v{r['version']}[/bold]  {r['state']}{extra}  sha256 {r['sha256'][:12]}")
+        if r["coverage"]:
+            roles = ", ".join(f"{c['role']}: {c['trained']}/{c['needed']}" for c in r["coverage"])
+            cli.out.print(f"    trained (role: trained/needed): {roles}")
+        if r["waiting"]:
+            cli.out.print(f"    [yellow]{escape(r['waiting'])}[/yellow]")
         for h in r["history"]:
             signed = f" signed by {h['printed_name']} ({h['meaning']})" if h["meaning"] else f" by {h['by']}"
             why = f": {escape(h['reason'])}" if h["reason"] else ""
@@ -228,12 +233,14 @@ def training_overdue(
     institution: Annotated[str | None, typer.Option("--institution", "-i", help="Only this institution.")] = None,
     as_json: cli.JsonOpt = False,
 ) -> None:
-    """Training assigned when a version was issued, past its due date and not yet recorded."""
-    from flows.services.training import overdue_training
+    """Training assigned when a version was issued, past its due date and not yet recorded; and, per
+    Issued or Effective version, how many trained people each role that signs in it has (trained/needed)."""
+    from flows.services.training import coverage_rows, overdue_training
 
     rows = cli.run(overdue_training, cli.settings(), institution=institution)
+    cover = cli.run(coverage_rows, cli.settings(), institution)
     if as_json:
-        cli.emit_json(rows)
+        cli.emit_json({"overdue": rows, "coverage": cover})
         return
     if not rows:
         cli.out.print("no overdue training")
@@ -242,6 +249,21 @@ def training_overdue(
             f"{r['username']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  due {r['due_at']:%Y-%m-%d %H:%M} UTC "
             f"({r['overdue_days']} days overdue; roles {', '.join(r['roles'])})"
         )
+    versions: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+    for c in cover:
+        versions.setdefault((c["institution"], c["sop_id"], c["sop_version"], c["state"]), []).append(c)
+    if versions:
+        cli.out.print("coverage (role: trained/needed):")
+    for (inst, sop_id, number, state), roles in versions.items():
+        line = ", ".join(
+            f"[red]{c['role']}: {c['trained']}/{c['needed']}[/red]"
+            if c["short"]
+            else f"{c['role']}: {c['trained']}/{c['needed']}"
+            for c in roles
+        )
+        cli.out.print(f"  {inst}/{sop_id} v{number} ({state})  {line}")
+        if roles[0]["waiting"]:
+            cli.out.print(f"    [yellow]{escape(roles[0]['waiting'])}[/yellow]")
 
 
 def register(sop_app: typer.Typer, training_app: typer.Typer) -> None:

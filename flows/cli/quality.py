@@ -1,9 +1,11 @@
 """Edge of the data path: ``sopflow deviations`` and ``sopflow chain``, thin over ``flows.services.runs``.
 
     sopflow deviations [--all] [--json]     open deviations with their lifecycle, and overdue CAPAs
+    sopflow deviation raise (--run ID | --coi COI) --class C --reason TEXT [--quarantine] --as USER
+                                            raise a deviation by hand on a run or a dose (signed in, audited)
     sopflow chain COI [--json]              every run that touched one dose, in order; is the chain unbroken?
 
-``flows.cli`` mounts both.
+``flows.cli`` mounts them (``deviation_app`` as ``sopflow deviation``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from rich.markup import escape
 
 from flows.cli import common as cli
 
-__all__ = ["chain", "deviations"]
+__all__ = ["chain", "deviation_app", "deviations", "raise_deviation"]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -62,6 +64,56 @@ def deviations(
             f"[yellow]overdue CAPA[/yellow]  deviation {c['deviation_id']}  owner {c['owner']}  due {c['due']}  "
             f"{escape(str(c['action']))}"
         )
+
+
+deviation_app = typer.Typer(help="Deviations raised by hand (`sopflow deviations` lists them).", no_args_is_help=True)
+
+
+@deviation_app.command("raise")
+def raise_deviation(
+    username: cli.AsOpt,
+    classification: Annotated[str, typer.Option("--class", help="minor, major or critical.")],
+    reason: Annotated[str, typer.Option("--reason", help="What happened, where and when.")],
+    run_id: Annotated[str | None, typer.Option("--run", help="The run it is about (an id or a unique prefix).")] = None,
+    coi: Annotated[
+        str | None, typer.Option("--coi", help="Or the dose it is about: its newest run carries it.")
+    ] = None,
+    quarantine: Annotated[bool, typer.Option("--quarantine", help="Quarantine the dose (role qa).")] = False,
+    password_env: cli.PasswordEnv = "SOPFLOW_PASSWORD",
+    as_json: JsonOpt = False,
+) -> None:
+    """Raise a deviation by hand on a run or a dose (re-authenticates with your password; audited).
+
+    A major or critical one holds the run's completion until QA signs its disposition."""
+    from flows.services import deviations as deviation_service
+
+    if (run_id is None) == (coi is None):
+        raise typer.BadParameter("name the run (--run ID) or the dose (--coi COI), one of them", param_hint="--run")
+    res = cli.run(
+        deviation_service.raise_deviation,
+        cli.settings(),
+        username=username,
+        password=cli.password(username, password_env),
+        classification=classification.strip().lower(),
+        description=reason,
+        run_id=run_id,
+        coi=coi,
+        quarantine=quarantine,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n")
+        return
+    cli.out.print(
+        f"deviation {res['deviation_id']} raised on run {res['run_id'][:8]} ({classification}); recorded and audited"
+    )
+    if res["handling_run_id"]:
+        cli.out.print(
+            f"its handling run {res['handling_run_id']} has started: containment, investigation, disposition, CAPA"
+        )
+    elif res["handling_problem"]:
+        cli.out.print(f"[yellow]{escape(res['handling_problem'])}[/yellow]")
+    if classification.strip().lower() in ("major", "critical"):
+        cli.out.print("the run cannot complete, nor release its dose, until the deviation's disposition is signed")
 
 
 def chain(coi: str, as_json: JsonOpt = False) -> None:

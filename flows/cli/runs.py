@@ -134,7 +134,9 @@ def list_runs(
         waits = f" waiting on {', '.join(r['waiting_on'])}" if r["waiting_on"] else ""
         for o in r.get("overdue", []):
             waits += f" [yellow]({o['step_id']} overdue since {o['since']:%Y-%m-%d %H:%M} UTC)[/yellow]"
-        detail = f" ({r['detail']})" if r["detail"] and r["status"] != "waiting" else ""
+        # A waiting run's detail is the step it waits on, unless it is held (a quarantine, an open deviation): then why.
+        held = r["detail"] and ": held: " in r["detail"]
+        detail = f" ({r['detail']})" if r["detail"] and (r["status"] != "waiting" or held) else ""
         cli.out.print(
             f"{r['id']}  {r['institution']}/{r['sop_id']} v{r['sop_version']}  {r['status']}{escape(detail)}{waits}  "
             f"started {r['started_at']:%Y-%m-%d %H:%M} UTC"

@@ -1,4 +1,5 @@
-"""Stage 2: breached deadlines open deviations; the run goes on.
+"""Stage 2: breached deadlines open deviations; the run goes on (a major or critical one then holds
+its completion until QA signs the disposition: ``run_sop._hold``).
 
 The walk calls :func:`settle_deadlines` after every step (a ``to`` just recorded over its limit),
 and the executor's sweep calls :func:`sweep_deadlines` every few seconds (a ``from`` recorded,

@@ -20,7 +20,7 @@ from flows.engine.outbox import queue
 from flows.engine.steps import SYSTEM, RunContext, set_run_status, write_step
 from flows.outputs.messages import Message, message
 from flows.record.db import write_session
-from flows.record.deviations import append_deviation_event
+from flows.record.deviations import HOLD_ROLE, append_deviation_event, hold_deviation
 from flows.record.dose import run_facts
 from flows.record.ledger import audit, verify_signature
 from flows.record.query import disposition_id
@@ -40,6 +40,7 @@ __all__ = [
     "accept_signature",
     "disposition_step",
     "find_human_step",
+    "hold_step",
     "human_fields",
     "meaning_of",
     "open_gate",
@@ -81,15 +82,38 @@ def disposition_step(check: CheckStepSpec) -> ApproveStepSpec:
     )
 
 
+_HOLD_PREFIX, _HOLD_SUFFIX = "deviation_", "__disposition"
+
+
+def hold_step(step_id: str) -> ApproveStepSpec | None:
+    """The signed disposition a run's hold waits for (``flows.record.deviations.hold_step_id``), or
+    None when ``step_id`` is no hold step: QA approves (use with documented risk acceptance: the run
+    goes on to complete) or rejects the dose (the run ends rejected)."""
+    inner = step_id.removeprefix(_HOLD_PREFIX).removesuffix(_HOLD_SUFFIX)
+    if not (step_id.startswith(_HOLD_PREFIX) and step_id.endswith(_HOLD_SUFFIX)) or len(inner) != 12:
+        return None
+    if any(c not in "0123456789abcdef" for c in inner):
+        return None
+    return ApproveStepSpec(
+        kind="approve",
+        id=step_id,
+        role=HOLD_ROLE,
+        title=f"Disposition of deviation {inner[:8]}: the run is held until it is signed",
+        meaning="Disposition of a deviation: approve = use with documented risk acceptance; reject = reject the dose",
+        updates_deviation="disposition",
+    )
+
+
 def open_gate(ctx: RunContext, step: HumanStepSpec) -> OutboxMessage | None:
     """Record that the step, and so the run, waits for signed input, and queue the message that
     tells its role (one transaction, so nobody sees one without the other, and the message is
     recorded before anyone delivers it). Returns the message when the step begins to wait now (it
-    is to be delivered then); None when it already waited."""
+    is to be delivered then); None when it already waited. The run's status detail is the step id;
+    at a hold step it also says why the run is held."""
     with write_session(ctx.url) as s:
         states = step_states(s, ctx.run.id)
         rec = states.get(step.id)
-        set_run_status(s, ctx.run.id, "waiting", step.id)
+        set_run_status(s, ctx.run.id, "waiting", _detail(s, ctx, step))
         if rec is not None and rec.status in ("waiting", "signed", "done"):
             return None
         waiting = write_step(s, ctx.run.id, step.id, step.kind, "waiting", {"role": step.role})
@@ -109,6 +133,16 @@ def open_gate(ctx: RunContext, step: HumanStepSpec) -> OutboxMessage | None:
         s.flush()
         s.expunge(msg)
         return msg
+
+
+def _detail(session: Session, ctx: RunContext, step: HumanStepSpec) -> str:
+    dev = hold_deviation(session, ctx.run.id, step.id)
+    if dev is None:
+        return step.id
+    return (
+        f"{step.id}: held: {dev.classification} deviation {dev.id[:8]} ({dev.description}) is open; the run "
+        f"completes only once role {HOLD_ROLE!r} signs its disposition"
+    )
 
 
 def _waiting_message(ctx: RunContext, step: HumanStepSpec) -> tuple[str, str | Message]:
@@ -225,7 +259,7 @@ def find_human_step(sop: Any, step_id: str) -> HumanStepSpec | None:
             return step
         if isinstance(step, CheckStepSpec) and disposition_id(step.id) == step_id:
             return disposition_step(step)
-    return None
+    return hold_step(step_id)
 
 
 # -- deviation lifecycle -----------------------------------------------------------------------------
@@ -237,7 +271,10 @@ def record_lifecycle(
     if kind is None:
         return
     deviation_id = json.loads(ctx.run.params_json).get("deviation_id")
-    if step.id.endswith("__disposition"):  # the inline disposition of this run's failed check
+    held = hold_deviation(session, ctx.run.id, step.id)
+    if held is not None:  # the disposition of a deviation that held this run's completion
+        deviation_id = held.id
+    elif step.id.endswith("__disposition"):  # the inline disposition of this run's failed check
         dev = session.exec(
             select(Deviation)
             .where(Deviation.run_id == ctx.run.id, Deviation.step_id == step.id.removesuffix("__disposition"))

@@ -30,6 +30,7 @@ from flows.engine.faults import fault_point
 from flows.engine.gates import (
     accept_signature,
     disposition_step,
+    hold_step,
     open_gate,
     repetition,
     stale_resume,
@@ -46,6 +47,7 @@ from flows.engine.steps import (
 )
 from flows.errors import FlowsError
 from flows.record.db import read_session, write_session
+from flows.record.deviations import handling_run_id, hold_step_id, holding_deviations
 from flows.record.state import refused_count, step_data, step_states
 from flows.sop.expressions import ExpressionError, evaluate_check
 from flows.sop.model import (
@@ -217,7 +219,40 @@ async def _walk(settings: Any, run_id: str) -> dict[str, Any]:
         ctx.refresh()
         if end is not None:
             return _finish(ctx, *end)
-    return _finish(ctx, "completed", None)
+    held = await _hold(ctx)
+    return _finish(ctx, *(held or ("completed", None)))
+
+
+async def _hold(ctx: RunContext) -> End:
+    """A run with an open major or critical deviation neither completes nor releases its dose until
+    the disposition is signed (issue 15): by its handling run when one was started on it, else by QA
+    at the run's hold step. A disposition that rejects the dose ends the run rejected."""
+    while True:
+        with read_session(ctx.url) as s:
+            holding = holding_deviations(s, ctx.run.id)
+            if not holding:
+                return None
+            dev, decided = holding[0]
+            handling = handling_run_id(s, dev.id) if decided is None else None
+            s.expunge(dev)
+        if decided is not None:  # decided already, against the dose
+            return (
+                "rejected",
+                f"deviation {dev.id[:8]} ({dev.classification}): disposition: reject ({decided.get('reason')})",
+            )
+        get_run_logger().info("run held by %s deviation %s until its disposition is signed", dev.classification, dev.id)
+        link = f"{hold_step_id(dev.id)}__handling"
+        ctx.refresh()
+        if handling is not None and (ctx.states.get(link) is None or ctx.states[link].status != "done"):
+            # Its handling run decides; the run waits for it like for a sub-run (then, if that run
+            # ended without a disposition, QA signs one at the hold step).
+            await subruns.await_disposition(ctx, link, handling, dev.id)
+            continue
+        step = hold_step(hold_step_id(dev.id))
+        if step is None:  # cannot happen: hold_step_id makes a hold step's id
+            raise ValueError(f"deviation {dev.id}: no hold step")
+        await _human(ctx, step)
+        subruns.resume_ready(ctx.settings)  # a disposition lifts a quarantine: held runs go on
 
 
 End = tuple[str, str | None] | None

@@ -54,6 +54,7 @@ from flows.sop.expressions import evaluate_value
 from flows.sop.model import HUMAN_KINDS, CheckStepSpec, SubrunStepSpec
 
 __all__ = [
+    "await_disposition",
     "deviation_link_id",
     "deviation_subrun",
     "hold_if_quarantined",
@@ -305,6 +306,12 @@ async def deviation_subrun(ctx: RunContext, check: CheckStepSpec, *, wait: bool)
         return None
     outcome = await _await_child(ctx, link, "subrun", child_id, dev.id)
     return outcome if outcome.get("decision") else None
+
+
+async def await_disposition(ctx: RunContext, link_id: str, child_id: str, deviation_id: str) -> dict[str, Any]:
+    """Hold the run at ``link_id`` until deviation ``deviation_id``'s handling run ``child_id``
+    decides its disposition (or ends); a hold at completion (``run_sop._hold``) waits so."""
+    return await _await_child(ctx, link_id, "subrun", child_id, deviation_id)
 
 
 # --------------------------------------------------------------------------- quarantine

@@ -26,6 +26,8 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+from flows.sop.model import HOLDING_CLASSES
+
 __all__ = ["CHANNELS", "TEXTS", "Message", "Rendered", "channel_of", "message", "message_from_json"]
 
 Channel = Literal["mail", "wecom", "dingtalk", "webhook"]
@@ -52,6 +54,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "lead.deadline": "{step}: the time limit of {limit} is {state}. A {classification} deviation has been opened; the run goes on.",
         "lead.notify": "{text}",
         "deviation_opened": "A {classification} deviation has been opened.",
+        "holds": "The run cannot complete until QA signs the deviation's disposition.",
         "product": "Product",
         "coi": "COI",
         "lot": "Lot",
@@ -76,6 +79,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "lead.deadline": "“{step}”{state}时限（{limit}）。已提出{classification}偏差，运行继续进行。",
         "lead.notify": "{text}",
         "deviation_opened": "已提出{classification}偏差。",
+        "holds": "质量保证人员签署偏差处置之前，运行不能完成。",
         "product": "产品",
         "coi": "身份链编号",
         "lot": "批号",
@@ -221,6 +225,7 @@ def message(
     for key in ("waited", "limit"):
         if key in words:
             words[key] = _span(words[key], lang)
+    holds = kind == "deadline" and words.get("classification") in HOLDING_CLASSES  # issue 15: it holds the run
     if "classification" in words:
         words["classification"] = CLASSIFICATIONS.get(lang, {}).get(words["classification"], words["classification"])
     if "state" in words:
@@ -246,7 +251,7 @@ def message(
         kind=kind,
         language=lang,
         title=f"{title} · {coi}" if coi else title,
-        lead=t[f"lead.{kind}"].format(**said),
+        lead=t[f"lead.{kind}"].format(**said) + (f" {t['holds']}" if holds else ""),
         facts=rows,
         link=facts.link(path),
         link_text=t["open"] if step_id else t["open_run"],

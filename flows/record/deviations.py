@@ -14,12 +14,19 @@ with ``updates_deviation: <kind>`` is accepted (the inline ``<check>__dispositio
     CAPA          each ``capa`` event (``action``, ``owner``, ``due``) is an action; it is done once an
                   ``effectiveness`` or ``closed`` event follows it, overdue when not done after ``due``
 
+Holding a run (issue 15): a run with an open ``major`` or ``critical`` deviation (``HOLDING_CLASSES``)
+opened on it, by a check, a deadline, a time-out or a person, neither completes nor releases its
+dose until the deviation's disposition is signed (``holding_deviations``). Without a handling run,
+QA signs it at the run's hold step ``deviation_<12 hex of the id>__disposition`` (``hold_step_id``),
+an inline disposition like a failed check's.
+
 Must not import prefect.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -36,8 +43,11 @@ from flows.record.disposition import (
     sop_of_run,
 )
 from flows.record.tables import CurrentQuarantine, Deviation, DeviationEvent, SopRun, iso_utc, next_position, utcnow
+from flows.sop.model import HOLD_ROLE, HOLDING_CLASSES
 
 __all__ = [
+    "HOLDING_CLASSES",
+    "HOLD_ROLE",
     "active_quarantines",
     "append_deviation_event",
     "check_deviation_param",
@@ -46,6 +56,10 @@ __all__ = [
     "deviation_state",
     "disposition",
     "disposition_value",
+    "handling_run_id",
+    "hold_deviation",
+    "hold_step_id",
+    "holding_deviations",
     "list_deviations",
     "quarantine_problem",
     "run_coi",
@@ -217,3 +231,56 @@ def check_deviation_param(session: Session, sop: Any, params: dict[str, Any]) ->
                 "`sopflow deviations` lists the open ones"
             ]
         )
+
+
+# -- holding a run -----------------------------------------------------------------------------------
+_HOLD_STEP = re.compile(r"^deviation_([0-9a-f]{12})__disposition$")
+
+
+def hold_step_id(deviation_id: str) -> str:
+    """The run's step at which QA signs the disposition of deviation ``deviation_id``."""
+    return f"deviation_{deviation_id.replace('-', '')[:12]}__disposition"
+
+
+def hold_deviation(session: Session, run_id: str, step_id: str) -> Deviation | None:
+    """The deviation of run ``run_id`` whose hold step is ``step_id``, or None (not a hold step)."""
+    if _HOLD_STEP.match(step_id) is None:
+        return None
+    for dev in session.exec(select(Deviation).where(Deviation.run_id == run_id)):
+        if hold_step_id(dev.id) == step_id:
+            return dev
+    return None
+
+
+def handling_run_id(session: Session, deviation_id: str) -> str | None:
+    """The run of the deviation SOP started on it (its newest ``subrun`` event, else the newest run
+    whose ``deviation_id`` param names it), if any."""
+    runs = [
+        json.loads(e.data_json).get("run_id") for e in deviation_events(session, deviation_id) if e.kind == "subrun"
+    ]
+    if runs and runs[-1]:
+        return str(runs[-1])
+    # A deviation raised by hand before its handling run was recorded as an event: a run naming it.
+    named = select(SopRun).where(col(SopRun.params_json).contains(deviation_id))
+    for run in session.exec(named.order_by(col(SopRun.started_at).desc())):
+        if json.loads(run.params_json).get("deviation_id") == deviation_id:
+            return run.id
+    return None
+
+
+def holding_deviations(session: Session, run_id: str) -> list[tuple[Deviation, dict[str, Any] | None]]:
+    """The deviations opened on the run that hold it: major or critical, not closed, and either
+    without a disposition (None) or with one that rejects the dose (the run may not complete)."""
+    out: list[tuple[Deviation, dict[str, Any] | None]] = []
+    query = select(Deviation).where(Deviation.run_id == run_id).order_by(col(Deviation.opened_at), col(Deviation.id))
+    for dev in session.exec(query):
+        if dev.classification not in HOLDING_CLASSES:
+            continue
+        events = deviation_events(session, dev.id)
+        decided = disposition(session, dev.id, events)
+        if decided is not None and decided["decision"] == "approve":
+            continue
+        if decided is None and any(e.kind == "closed" for e in events):
+            continue
+        out.append((dev, decided))
+    return out

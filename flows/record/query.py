@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from flows.errors import NotFoundError
 from flows.record.corrections import corrections_by_step
 from flows.record.deadlines import deadline_states, repetitions
-from flows.record.deviations import deviation_state
+from flows.record.deviations import deviation_state, hold_step_id
 from flows.record.evidence import run_evidence
 from flows.record.ledger import verify_signature
 from flows.record.state import run_status
@@ -32,7 +32,7 @@ from flows.record.tables import (
     iso_utc,
 )
 from flows.record.versions import stored_sop
-from flows.sop.model import HUMAN_KINDS
+from flows.sop.model import HOLDING_CLASSES, HUMAN_KINDS
 
 __all__ = ["disposition_id", "run_record"]
 
@@ -135,6 +135,17 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
                 step_entry(disposition_id(step.id), "disposition", f"Disposition of deviation at {step.id}", {})
             )
 
+    run_devs = list(
+        session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
+    )
+    for dev in run_devs:  # a deviation that held the run's completion: its disposition step (issue 15)
+        hold = hold_step_id(dev.id)
+        if f"{hold}__handling" in latest:
+            steps.append(step_entry(f"{hold}__handling", "subrun", f"Deviation {dev.id[:8]}: handling run", {}))
+        if hold in latest:
+            title = f"Disposition of {dev.classification} deviation {dev.id[:8]} (it held the run's completion)"
+            steps.append(step_entry(hold, "disposition", title, {}))
+
     deadline_ids = {d.id for d in sop.deadlines}
     deviations = [
         {
@@ -145,12 +156,13 @@ def run_record(session: Session, run_id: str, *, with_history: bool = True) -> d
             "description": d.description,
             "quarantine": d.quarantine,
             "opened_at": iso_utc(d.opened_at),
+            "hold_step": hold_step_id(d.id) if d.classification in HOLDING_CLASSES else None,
             "disposition": latest[disposition_id(d.step_id)].status if disposition_id(d.step_id) in latest else "open",
             "decision": json.loads(latest[disposition_id(d.step_id)].data_json).get("decision")
             if disposition_id(d.step_id) in latest
             else None,
         }
-        for d in session.exec(select(Deviation).where(Deviation.run_id == run.id).order_by(col(Deviation.opened_at)))
+        for d in run_devs
     ]
     for d in deviations:  # the lifecycle (events appended by the deviation SOP's steps, or the inline disposition)
         state = deviation_state(session, session.get(Deviation, d["id"]))  # type: ignore[arg-type]

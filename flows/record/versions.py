@@ -42,8 +42,9 @@ from flows.record.tables import (
     next_position,
     utcnow,
 )
+from flows.record.training import coverage, coverage_problem
 from flows.sop.catalog import INSTITUTION_FILE, PRODUCTS_FILE, Catalog
-from flows.sop.model import SopDefinition
+from flows.sop.model import HOLD_ROLE, HOLDING_CLASSES, CheckStepSpec, HumanStepSpec, SopDefinition
 
 __all__ = [
     "ADMIN_ROLE",
@@ -55,11 +56,13 @@ __all__ = [
     "activate_due",
     "append_version_event",
     "change_control_problem",
+    "coverage_of",
     "effective_sop",
     "effective_version",
     "event_data",
     "known_sop_ids",
     "newest_effective",
+    "signing_roles",
     "state_of",
     "stored_sop",
     "version_definition",
@@ -181,11 +184,44 @@ def effective_version(session: Session, institution: str, sop_id: str) -> SopVer
     return newest_effective(versions_of(session, institution, sop_id))
 
 
+def signing_roles(sop: SopDefinition) -> set[str]:
+    """Every role that signs a step of the SOP (a failed check's disposition role too, and QA when a
+    deadline or a time-out may open a deviation that holds the run until QA signs its disposition)."""
+    roles = {s.role for s in sop.steps if isinstance(s, HumanStepSpec)}
+    roles |= {
+        s.deviation.disposition_role for s in sop.steps if isinstance(s, CheckStepSpec) and s.on_fail == "deviation"
+    }
+    holds = any(d.deviation.classification in HOLDING_CLASSES for d in sop.deadlines) or any(
+        isinstance(s, HumanStepSpec)
+        and s.on_timeout == "deviation"
+        and s.timeout_deviation.classification in HOLDING_CLASSES
+        for s in sop.steps
+    )
+    return roles | {HOLD_ROLE} if holds else roles
+
+
+def coverage_of(session: Session, version: SopVersion) -> tuple[list[dict[str, Any]], str | None]:
+    """Who may sign the version, per role that signs in it (``flows.record.training.coverage``
+    against the SOP's ``min_trained``), and why it may not turn Effective yet (None: it may)."""
+    sop = version_definition(version)
+    rows = coverage(session, version.institution, version.sop_id, version.version, signing_roles(sop), sop.min_trained)
+    return rows, coverage_problem(rows, version.sop_id, version.version)
+
+
 def activate_due(
-    session: Session, now: datetime | None = None, *, institution: str | None = None, sop_id: str | None = None
+    session: Session,
+    now: datetime | None = None,
+    *,
+    institution: str | None = None,
+    sop_id: str | None = None,
+    waiting: dict[str, str] | None = None,
 ) -> list[SopVersion]:
     """Turn every issued version whose effective date has come effective, superseding the one
-    before it (inside a write session). Returns the versions that turned effective."""
+    before it (inside a write session). Returns the versions that turned effective.
+
+    A version turns Effective only when every role that signs in it has at least the SOP's
+    ``min_trained`` active people trained on it (``coverage_of``); until then it stays Issued, the
+    version before it stays in force, and ``waiting`` (when given) gets its id -> the reason."""
     now = now or utcnow()
     query = select(SopVersion)
     if institution is not None:
@@ -200,6 +236,11 @@ def activate_due(
         data = event_data(ev)
         effective_at = datetime.fromisoformat(data["effective_at"])
         if effective_at > now:
+            continue
+        _, problem = coverage_of(session, v)
+        if problem is not None:
+            if waiting is not None:
+                waiting[v.id] = problem
             continue
         for other in versions_of(session, v.institution, v.sop_id):
             if other.state == "effective" and other.version.id != v.id:
@@ -314,6 +355,7 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
         if (version := newest_effective(infos)) is not None:
             return PinnedSop(version.id, version_definition(version), version.sha256)
         known = known_sop_ids(settings, s, institution)
+        waits = {i.version.id: coverage_of(s, i.version)[1] for i in infos if i.state == "issued"}
         institutions = set(Catalog(settings.sops_dir, settings.templates_dir).institutions()) | set(
             s.exec(select(SopVersion.institution))
         )
@@ -335,6 +377,7 @@ def effective_sop(settings: Settings, institution: str, sop_id: str, *, now: dat
     states = "; ".join(
         f"v{i.version.version} is {i.state.replace('_', ' ')}"
         + (f" (effective from {i.data['effective_at'][:16]} UTC)" if i.state == "issued" else "")
+        + (f"; it waits: {waits[i.version.id]}" if waits.get(i.version.id) else "")
         for i in infos
     )
     raise SopNotEffectiveError(f"{institution}/{sop_id} has no Effective version, so no run may start: {why}. {states}")

@@ -7,7 +7,8 @@ lifecycle, and raising one by hand on a run or a dose (issue 14).
 refusal is audited (``deviation.raise.refused``), the ``Deviation`` row is written through the
 ledger (``deviation.open``, the actor named) and, when the institution has an SOP that handles
 deviations (one with ``updates_deviation`` steps, such as ``deviation_capa``), a run of it is started
-on the deviation, so its disposition and CAPA follow the same signed path as a failed check's.
+on the deviation (recorded as its ``subrun`` event), so its disposition and CAPA follow the same
+signed path as a failed check's.
 Other services may call it (a rule such as "a run with an open major deviation cannot complete"
 reads the same rows through ``flows.record.deviations``).
 """
@@ -24,7 +25,7 @@ from flows.errors import FlowsError, NotFoundError, SopInputError
 from flows.record import ledger
 from flows.record.chain import chain_of_identity as _chain
 from flows.record.db import init_db, read_session, write_session
-from flows.record.deviations import deviation_state, list_deviations, run_coi
+from flows.record.deviations import append_deviation_event, deviation_state, list_deviations, run_coi
 from flows.record.tables import Deviation, SopRun, utcnow
 from flows.record.users import find_user
 from flows.record.versions import effective_version, known_sop_ids, stored_sop, version_definition
@@ -204,4 +205,15 @@ def raise_deviation(
             out["handling_run_id"] = start_run(settings, run.institution, sop_id, params, username, password).run_id
         except FlowsError as exc:  # the deviation stands; its handling is started by hand
             out["handling_problem"] = f"{sop_id} was not started: {exc}"
+        else:  # as for a failed check's: the handling run is the deviation's, and its dispositions decide it
+            with write_session(settings.database_url) as s:
+                append_deviation_event(
+                    s,
+                    dev_id,
+                    "subrun",
+                    {"run_id": out["handling_run_id"], "sop_id": sop_id},
+                    run_id=run.id,
+                    step_id=MANUAL_STEP,
+                    actor_id=user.id,
+                )
     return out

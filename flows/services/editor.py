@@ -176,7 +176,9 @@ def sop_versions(settings: Settings, institution: str, sop_id: str) -> list[dict
     """The SOP's versions, newest first, each with ``state``, ``sha256``, ``effective_at`` (when it
     turned or turns Effective), ``review_due`` (while Effective), ``run_id`` (its change-control
     run, whose record is its approval history), ``previous`` (the number before it, to compare)
-    and ``history`` (the signed state changes, as ``sopflow sop versions`` lists them)."""
+    ``coverage`` (Issued and Effective: per role that signs in it, trained/needed), ``waiting`` (why an
+    Issued version may not turn Effective yet) and ``history`` (the signed state
+    changes, as ``sopflow sop versions`` lists them)."""
     rows = list_versions(settings, institution, sop_id)
     out = []
     previous = None
@@ -195,6 +197,8 @@ def sop_versions(settings: Settings, institution: str, sop_id: str) -> list[dict
                 "review_due": v["data"].get("review_due") if v["state"] == "effective" else None,
                 "training_due": v["data"].get("training_due") if v["state"] == "issued" else None,
                 "run_id": run_id,
+                "coverage": v["coverage"],
+                "waiting": v["waiting"],
                 "previous": previous,
                 "history": v["history"],
             }

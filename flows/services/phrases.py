@@ -93,6 +93,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         # accounts and training
         "user {user} may not {purpose} at {where}: that takes role {role} there": "用户 {user} 不能在 {where} {purpose}：需要该机构的角色 {role}",
         "user {user} may not {verb} their own account; another QA officer must": "用户 {user} 不能对自己的账户执行此操作（{verb}）；须由另一位质量管理员执行",
+        # a version that cannot be signed yet; a run held by a deviation (issue 15)
+        "{sop} v{version} waits to become effective: too few active people trained on it to sign its steps (trained/needed: {what}); record their training with {hint}": "{sop} 第 {version} 版等待生效：接受过该版培训、可签署其步骤的在职人员不足（已培训/所需：{what}）；请记录其培训：{hint}",
+        "{cls} deviation {dev} ({description}) is open; the run completes only once role {role} signs its disposition": "{cls} 偏差 {dev}（{description}）未关闭；须由角色 {role} 签署处置后运行才能完成",
     }
 }
 """Language → English message (with ``{name}`` for values) → the message in that language."""

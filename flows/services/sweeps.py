@@ -4,7 +4,9 @@
 turns its version Approved (the event carries QA's signature) and Issued, and assigns training to
 every active user holding a role that signs in it, due at the end of the training window; a
 rejected one turns it Rejected. An Issued version turns Effective at its effective date and
-supersedes the one before. Overdue training and periodic reviews coming due (``REVIEW_NOTICE``
+supersedes the one before, but only once every role that signs in it has the SOP's ``min_trained``
+active, trained people (``flows.record.versions.coverage_of``); until then it waits, and QA and the
+administrators are told once (``Reminder`` kind ``coverage_wait``). Overdue training and periodic reviews coming due (``REVIEW_NOTICE``
 ahead) are notified once each (``Reminder`` rows). Only ``write_session`` writers, via the ledger.
 """
 
@@ -230,6 +232,7 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
     init_db(settings.database_url)
     issued: list[tuple[str, str, str, int, list[str], dict[str, Any]]] = []
     counts = {"issued": 0, "rejected": 0, "returned": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
+    counts["coverage_waits"] = 0  # versions that wait for enough trained people (each told once)
     with write_session(settings.database_url) as s:
         for v in s.exec(select(SopVersion)).all():
             ev = state_of(s, v.id)
@@ -252,7 +255,24 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
                             event_data(state_of(s, v.id) or ev),
                         )
                     )
-        counts["effective"] = len(activate_due(s, now))
+        waiting: dict[str, str] = {}
+        counts["effective"] = len(activate_due(s, now, waiting=waiting))
+        rows = [s.get(SopVersion, vid) for vid in waiting]
+        held = [(r.id, r.institution, r.sop_id, r.version) for r in rows if r is not None]
+    for vid, inst, sop_id, number in held:  # it cannot be signed yet: QA and the administrators are told once
+        if _remind(
+            settings,
+            "coverage_wait",
+            vid,
+            inst,
+            [ADMIN_ROLE, QA_ROLE],
+            f"[{sop_id}] v{number} waits to become effective: too few people trained",
+            f"{waiting[vid]}. Until then the version before it stays in force. It becomes effective at the first "
+            f"sweep after enough people are trained; `sopflow sop versions {sop_id} --institution {inst}` shows "
+            "who is trained per role.",
+            now,
+        ):
+            counts["coverage_waits"] += 1
     for vid, inst, sop_id, number, roles, data in issued:  # tell the staff who must train, once
         _remind(
             settings,

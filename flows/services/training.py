@@ -4,7 +4,9 @@ Who may (``flows.services.guard``): only a QA officer of the institution records
 (``officer``, re-authenticated, role ``qa`` there); anyone else, or nobody, is refused and the
 refusal audited. Only people trained on a run's exact SOP version may sign its steps
 (``flows.record.state.signer_problem``). ``overdue_training`` lists training assigned when a
-version was issued (change control) and not recorded by its due date.
+version was issued (change control) and not recorded by its due date; ``coverage_rows`` how many
+active, trained people each role that signs in an Issued or Effective version has against the SOP's
+``min_trained`` (an Issued version waits for it before it turns Effective).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from flows.errors import FlowsError, RecordError, SopDefinitionError, SopNotFoun
 from flows.record.db import init_db, read_session, write_session
 from flows.record.tables import SopVersion, TrainingAssignment, User, utcnow
 from flows.record.training import is_trained, record_training, training_records
-from flows.record.versions import known_sop_ids, state_of
+from flows.record.versions import coverage_of, known_sop_ids, state_of
 from flows.services import guard
 from flows.services.guard import Officer
 from flows.sop.catalog import INSTITUTION_FILE, Catalog
 from flows.sop.load import load_institution_file
 
-__all__ = ["grant_training", "list_training", "overdue_training"]
+__all__ = ["coverage_rows", "grant_training", "list_training", "overdue_training"]
 
 
 def _check_sop_version(settings: Settings, session: Session, institution: str, sop_id: str, version: int) -> None:
@@ -171,4 +173,38 @@ def overdue_training(
                     "overdue_days": (now - a.due_at).days,
                 }
             )
+    return out
+
+
+def coverage_rows(settings: Settings, institution: str | None = None) -> list[dict[str, Any]]:
+    """Per Issued or Effective version and role that signs in it: ``trained`` (active people holding
+    the role there, trained on that version) against ``needed`` (the SOP's ``min_trained``);
+    ``waiting`` is the reason an Issued version may not turn Effective (at its date or after) yet."""
+    init_db(settings.database_url)
+    out = []
+    with read_session(settings.database_url) as s:
+        query = select(SopVersion).order_by(
+            col(SopVersion.institution), col(SopVersion.sop_id), col(SopVersion.version)
+        )
+        if institution is not None:
+            query = query.where(SopVersion.institution == institution)
+        for v in s.exec(query):
+            ev = state_of(s, v.id)
+            if ev is None or ev.state not in ("issued", "effective"):
+                continue
+            rows, problem = coverage_of(s, v)
+            for r in rows:
+                out.append(
+                    {
+                        "institution": v.institution,
+                        "sop_id": v.sop_id,
+                        "sop_version": v.version,
+                        "state": ev.state,
+                        "role": r["role"],
+                        "trained": r["trained"],
+                        "needed": r["needed"],
+                        "short": r["short"],
+                        "waiting": problem if ev.state == "issued" else None,
+                    }
+                )
     return out

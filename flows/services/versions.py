@@ -46,8 +46,10 @@ from flows.record.versions import (
     CHANGE_CONTROL_ID,
     REVIEWER_ROLE,
     append_version_event,
+    coverage_of,
     effective_sop,
     event_data,
+    signing_roles,
     state_of,
     versions_of,
 )
@@ -57,7 +59,7 @@ from flows.services.guard import Officer
 from flows.sop.catalog import INSTITUTION_FILE, Catalog
 from flows.sop.editing import load_sop_text
 from flows.sop.load import load_institution_file
-from flows.sop.model import CheckStepSpec, HumanStepSpec, SopDefinition
+from flows.sop.model import SopDefinition
 
 __all__ = [
     "BUILTIN_SOP",
@@ -88,15 +90,6 @@ def add_months(when: datetime, months: int) -> datetime:
     month0 = when.month - 1 + months
     year, month = when.year + month0 // 12, month0 % 12 + 1
     return when.replace(year=year, month=month, day=min(when.day, calendar.monthrange(year, month)[1]))
-
-
-def signing_roles(sop: SopDefinition) -> set[str]:
-    """Every role that signs a step of the SOP (a failed check's disposition role too)."""
-    roles = {s.role for s in sop.steps if isinstance(s, HumanStepSpec)}
-    roles |= {
-        s.deviation.disposition_role for s in sop.steps if isinstance(s, CheckStepSpec) and s.on_fail == "deviation"
-    }
-    return roles
 
 
 def builtin_sop(settings: Settings, institution: str) -> tuple[str, str, SopDefinition]:
@@ -316,9 +309,12 @@ def list_versions(settings: Settings, institution: str, sop_id: str | None = Non
                 .where(SopVersionEvent.version_id == i.version.id)
                 .order_by(col(SopVersionEvent.n))
             )
+            rows, waits = coverage_of(s, i.version) if i.state in ("issued", "effective") else ([], None)
             out.append(
                 {
                     "sop_id": i.version.sop_id,
+                    "coverage": rows,
+                    "waiting": waits if i.state == "issued" else None,
                     "version": i.version.version,
                     "state": i.state,
                     "sha256": i.version.sha256,

@@ -37,6 +37,8 @@ from flows.sop.text import LANGUAGES, Localized, Text, text_in
 
 __all__ = [
     "DEVIATION_EVENTS",
+    "HOLDING_CLASSES",
+    "HOLD_ROLE",
     "HUMAN_KINDS",
     "ID_PATTERN",
     "LANGUAGES",
@@ -174,6 +176,13 @@ class ApproveStepSpec(HumanStepSpec):
     """The signature's meaning when the decision is approve (``reviewed`` for a review)."""
 
 
+HOLDING_CLASSES = frozenset({"major", "critical"})
+"""The classifications whose open deviation holds its run's completion (and so its dose's release)."""
+HOLD_ROLE = "qa"
+"""Who signs the disposition of a deviation that holds a run's completion (a deadline's, a time-out's,
+one raised by hand): ``flows.record.deviations.holding_deviations``."""
+
+
 class DeviationSpec(_Frozen):
     classification: Literal["minor", "major", "critical"] = "major"
     description: Text | None = None
@@ -275,7 +284,8 @@ STEP_REF_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$"
 
 
 class DeadlineDeviationSpec(_Frozen):
-    """The deviation a breached deadline opens; the run goes on."""
+    """The deviation a breached deadline opens; the run goes on, and a ``major`` or ``critical`` one
+    (the default class is ``major``) holds its completion until QA signs the disposition."""
 
     classification: Literal["minor", "major", "critical"] = "major"
     description: str | None = None
@@ -323,7 +333,11 @@ class SopDefinition(_Frozen):
     """Roles that may start a run of this SOP (e.g. the quality manager starts a dose receipt);
     empty: anyone holding a role at the institution. Sub-runs are started by the system."""
     deadlines: tuple[DeadlineSpec, ...] = ()
-    """Time limits between recorded times; a breach opens a deviation and the run goes on."""
+    """Time limits between recorded times; a breach opens a deviation and the run goes on (a major or
+    critical one holds its completion until the disposition is signed)."""
+    min_trained: int = Field(default=1, ge=1, le=1000)
+    """How many active people trained on a version each role that signs in it needs before the
+    version may turn Effective (change control); until then it waits, Issued."""
     chain_stage: Literal["collection", "receipt", "storage", "infusion"] | None = None
     """Which link of a dose's chain of identity a completed run of this SOP is (``sopflow chain``)."""
 
