@@ -14,11 +14,12 @@ import pytest
 from sqlmodel import col, select
 
 from flows.errors import RecordError
-from flows.record import ledger
+from flows.record import current, ledger
 from flows.record.db import read_session, write_session
 from flows.record.state import next_n
 from flows.record.tables import (
     AuditEvent,
+    CurrentStep,
     RunEvent,
     Signature,
     User,
@@ -376,3 +377,59 @@ def test_ledger_canonical_refuses_values_outside_json() -> None:
         ledger.canonical({"x": {1, 2}})
 
     assert "set" in str(info.value)
+
+
+def test_ledger_append_many_writes_the_rows_and_chain_append_would(db_url: str, make_run: MakeRun) -> None:
+    """``append_many`` (bulk writes: bench/history.py builds its histories with it) continues the chain
+    from its head, in the entries' order, rows and row-less events alike, and a new run's rows may
+    follow it in the same call (referenced tables are inserted first)."""
+    from flows.record.tables import SopRun, StepRecord, new_id
+
+    with write_session(db_url) as s:
+        made = make_run(s, users=("ana",))
+        run = SopRun(**{k: getattr(made.run, k) for k in SopRun.model_fields if k != "id"}, id=new_id())
+        head_seq = s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).one().seq
+    rec = StepRecord(
+        run_id=run.id, n=1, step_id="arrival", kind="record", status="waiting", data_json="{}", at=utcnow()
+    )
+    ev = RunEvent(
+        run_id=run.id, n=1, status="waiting", at=datetime(2026, 11, 2, 9, 30, tzinfo=ZoneInfo("Asia/Shanghai"))
+    )
+    entries = [
+        ledger.Entry("someone", "run.start", run),
+        ledger.Entry("system", "run.waiting", ev),
+        ledger.Entry("someone", None, None, "a reason", "sf_user", "ana", {"purpose": "sign"}),
+        ledger.Entry("system", "step.waiting", rec),
+    ]
+    with write_session(db_url) as s:
+        assert ledger.append_many(s, entries) == 4
+
+    events = _events(db_url)[head_seq:]
+    assert [e.seq for e in events] == [head_seq + 1, head_seq + 2, head_seq + 3, head_seq + 4]
+    assert [(e.actor, e.action, e.object_type, e.object_id, e.reason) for e in events] == [
+        ("someone", "run.start", "sf_run", run.id, None),
+        ("system", "run.waiting", "sf_run_event", ev.id, None),
+        ("someone", "", "sf_user", "ana", "a reason"),
+        ("system", "step.waiting", "sf_step_record", rec.id, None),
+    ]
+    assert json.loads(events[2].payload_json) == {"purpose": "sign"}
+    # The aware non-UTC time went in as the same instant in UTC, as append stores it.
+    assert json.loads(events[1].payload_json)["row"]["at"] == "2026-11-02T01:30:00+00:00"
+    with read_session(db_url) as s:
+        report = ledger.verify_chain(s)
+        # The current-state tables moved with the bulk write as append moves them.
+        assert current.compare(s) == []
+        assert s.get(CurrentStep, {"run_id": run.id, "step_id": rec.step_id}) is not None
+    assert report.ok, report.problems
+
+
+def test_ledger_append_many_refuses_a_naive_datetime_and_writes_nothing(db_url: str, make_run: MakeRun) -> None:
+    with write_session(db_url) as s:
+        made = make_run(s, users=("ana",))
+        run_id = made.run.id
+    before = len(_events(db_url))
+    good = RunEvent(run_id=run_id, n=1, status="running", at=utcnow())
+    naive = RunEvent(run_id=run_id, n=2, status="waiting", at=datetime(2026, 11, 2, 9, 30))  # noqa: DTZ001
+    with pytest.raises(ValueError, match="naive datetime"), write_session(db_url) as s:
+        ledger.append_many(s, [ledger.Entry("system", "run.running", good), ledger.Entry("system", None, naive)])
+    assert len(_events(db_url)) == before

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,8 +46,10 @@ from flows.record.tables import (
 __all__ = [
     "GENESIS",
     "ChainReport",
+    "Entry",
     "Progress",
     "append",
+    "append_many",
     "audit",
     "canonical",
     "row_changes",
@@ -152,16 +154,7 @@ def append(
 ) -> SQLModel:
     """Insert a record row and the audit event that carries its content (as ``payload["row"]``), and
     bring the current-state tables up to date with it (``flows.record.current``)."""
-    table = str(row.__tablename__)
-    if table not in RECORD_TABLES:
-        raise TypeError(f"{type(row).__name__} is not a record table")
-    for name in sa_inspect(type(row)).columns.keys():  # noqa: SIM118  (iterating the collection yields Column objects)
-        value = getattr(row, name)
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise ValueError(f"{table}.{name}: naive datetime; the record stores aware UTC times")
-            # SQLite keeps the wall-clock digits and drops the zone: store the UTC instant.
-            setattr(row, name, value.astimezone(UTC))
+    table = _record_table(row)
     session.add(row)
     session.flush()
     audit(
@@ -175,6 +168,86 @@ def append(
     )
     current.apply(session, row)  # the current state moves in the same transaction (flows.record.current)
     return row
+
+
+def _record_table(row: SQLModel) -> str:
+    """The row's table, once the row is fit for the record (a record table; aware times, stored as UTC)."""
+    table = str(row.__tablename__)
+    if table not in RECORD_TABLES:
+        raise TypeError(f"{type(row).__name__} is not a record table")
+    for name in sa_inspect(type(row)).columns.keys():  # noqa: SIM118  (iterating the collection yields Column objects)
+        value = getattr(row, name)
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise ValueError(f"{table}.{name}: naive datetime; the record stores aware UTC times")
+            # SQLite keeps the wall-clock digits and drops the zone: store the UTC instant.
+            setattr(row, name, value.astimezone(UTC))
+    return table
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One write of :func:`append_many`: a record row as :func:`append` writes it, or (``row`` None)
+    a row-less event as :func:`audit` writes it (``object_type``, ``object_id``, ``payload``)."""
+
+    actor: str
+    action: str | None = None
+    row: SQLModel | None = None
+    reason: str | None = None
+    object_type: str = ""
+    object_id: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+def append_many(session: Session, entries: Iterable[Entry]) -> int:
+    """Many :func:`append` and :func:`audit` calls at once, in order, inside the caller's write
+    transaction: the same rows, the same chain and the same current state, with one read of the head (bulk
+    writes: a history imported, bench/history.py). Returns the number of events written."""
+    head = session.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+    seq, prev = (head.seq, head.hash) if head else (0, GENESIS)
+    rows: dict[str, list[SQLModel]] = {}
+    in_order: list[SQLModel] = []
+    events: list[AuditEvent] = []
+    for e in entries:
+        if e.row is not None:
+            table = _record_table(e.row)
+            rows.setdefault(table, []).append(e.row)
+            in_order.append(e.row)
+            object_type, object_id = table, str(e.row.id)  # type: ignore[attr-defined]
+            action, payload = e.action or f"{table}.insert", {"row": row_payload(e.row)}
+        else:
+            object_type, object_id, action, payload = e.object_type, e.object_id, e.action or "", e.payload
+        seq += 1
+        ev = AuditEvent(
+            seq=seq,
+            at=utcnow(),
+            actor=e.actor,
+            action=action,
+            object_type=object_type,
+            object_id=object_id,
+            payload_json=canonical(payload).decode(),
+            reason=e.reason,
+            prev_hash=prev,
+            hash="",
+        )
+        ev.hash = _event_hash(ev)
+        prev = ev.hash
+        events.append(ev)
+    # One multi-row INSERT a table, referenced tables first. The rows are written, not attached to
+    # the session (unlike ``append``'s): at this scale the ORM's unit of work would cost most of the time.
+    session.flush()
+    conn = session.connection()
+    for t in SQLModel.metadata.sorted_tables:
+        if t.name in rows:
+            keys = [c.key for c in sa_inspect(RECORD_TABLES[t.name]).columns]
+            conn.execute(t.insert(), [{k: getattr(r, k) for k in keys} for r in rows.pop(t.name)])
+    if events:
+        keys = [c.key for c in sa_inspect(AuditEvent).columns]
+        conn.execute(AuditEvent.__table__.insert(), [{k: getattr(ev, k) for k in keys} for ev in events])  # type: ignore[attr-defined]
+    for row in in_order:  # the current state moves with the record, as append moves it
+        current.apply(session, row)
+    session.flush()
+    return len(events)
 
 
 def signed_content(run: SopRun, step_id: str, data: dict[str, Any], sig: Signature) -> dict[str, Any]:
