@@ -199,6 +199,11 @@ def test_tables_of_no_release_without_a_version_refuse(empty_url, tmp_path):
     assert _tables(empty_url) == {"sf_user"}
 
 
+def test_migrations_the_head_a_command_checks_without_alembic_is_the_scripts_head():
+    """``schema.HEAD`` spares every command Alembic's import: a new revision must move it too."""
+    assert schema.head() == schema.HEAD
+
+
 def test_a_database_made_before_versioning_is_recognised_by_its_tables(empty_url):
     """The tables as cf31c97 (or a later unversioned commit) made them, with no version table."""
     _at(empty_url, "0001")

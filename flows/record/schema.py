@@ -27,19 +27,18 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from alembic.autogenerate import compare_metadata, produce_migrations, render_python_code
-from alembic.config import Config
-from alembic.migration import MigrationContext
-from alembic.runtime.environment import EnvironmentContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, create_engine
+from sqlalchemy import MetaData, create_engine, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
 from flows.record import tables  # noqa: F401  (registers the tables with SQLModel.metadata)
+
+if TYPE_CHECKING:  # Alembic is imported where it is used: a command on a current database never needs it
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
 __all__ = [
     "MIGRATIONS",
@@ -131,8 +130,15 @@ class SchemaStatus:
         return ""
 
 
+HEAD = "0005"
+"""The newest revision, so that a command on a current database reads one row and never loads Alembic
+(half a second of every command's start-up); ``tests/test_migrations.py`` pins it to the scripts' head."""
+
+
 @cache
 def _script() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory(str(MIGRATIONS))
 
 
@@ -154,11 +160,19 @@ def _titles(revisions: list[str]) -> list[str]:
 
 
 def _context(conn: Connection, **opts: Any) -> MigrationContext:
+    from alembic.migration import MigrationContext
+
     return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, **opts})
 
 
 def read_status(conn: Connection) -> SchemaStatus:
     """Where the database behind ``conn`` stands. Reads only; creates nothing."""
+    found = sa_inspect(conn).get_table_names()
+    if VERSION_TABLE in found:  # the common case, without Alembic: at the head this code knows
+        revs = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()  # noqa: S608
+        if revs == [HEAD]:
+            names = frozenset(n for n in found if n.startswith("sf_") and n != VERSION_TABLE)
+            return SchemaStatus("current", HEAD, HEAD, versioned=True, tables=names)
     script = _script()
     top = head()
     names = frozenset(n for n in sa_inspect(conn).get_table_names() if n.startswith("sf_") and n != VERSION_TABLE)
@@ -206,6 +220,9 @@ def upgrade(conn: Connection, target: str | None = None) -> list[str]:
     def steps(rev: Any, _context: Any) -> Any:
         return script._upgrade_revs(target, rev)
 
+    from alembic.config import Config
+    from alembic.runtime.environment import EnvironmentContext
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with EnvironmentContext(cfg, script, fn=steps, destination_rev=target) as env:
@@ -219,6 +236,8 @@ def upgrade(conn: Connection, target: str | None = None) -> list[str]:
 def differences(conn: Connection, metadata: MetaData | None = None) -> list[Any]:
     """What the database's tables lack or have beyond the models (Alembic's ``compare_metadata``);
     empty when the migrations at head build exactly ``metadata`` (``SQLModel.metadata``)."""
+    from alembic.autogenerate import compare_metadata
+
     ctx = _context(conn, compare_type=True, compare_server_default=False)
     diffs = compare_metadata(ctx, SQLModel.metadata if metadata is None else metadata)
     return [d for d in diffs if not _is_version_table(d)]
@@ -233,6 +252,8 @@ def draft() -> str:
     head, as Alembic renders it, with sopflow's column types written as plain SQLAlchemy ones (a
     revision must not import the models). Read it, fix it, and save it as the next file
     (flows/record/migrations/README.md): ``python -c "from flows.record.schema import draft; print(draft())"``."""
+    from alembic.autogenerate import produce_migrations, render_python_code
+
     with tempfile.TemporaryDirectory() as folder:
         engine = create_engine(f"sqlite:///{folder}/head.db")
         try:
