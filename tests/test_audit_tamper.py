@@ -78,12 +78,22 @@ def _verify(settings: Settings, **kw: Any) -> ledger.ChainReport:
     return audit_service.verify_audit(settings, **kw)
 
 
+_CURRENT_REFS = {
+    "sf_run": (("sf_current_step", "run_id"), ("sf_current_run", "run_id")),
+    "sf_deviation": (("sf_current_quarantine", "deviation_id"),),
+}
+
+
 def _truncate(sql: Any, settings: Settings, k: int) -> int:
     """Delete the newest ``k`` audit events and the rows they recorded; returns the new head's seq."""
     with read_session(settings.database_url) as s:
         events = list(s.exec(select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(k)))
     for ev in events:  # newest first: a row is deleted before the rows it points at
         if ev.object_type in RECORD_TABLES:
+            # The current-state rows that point at the row go first (foreign keys), as whoever holds the
+            # database would delete them: they are not records, so no hash covers them.
+            for table, column in _CURRENT_REFS.get(ev.object_type, ()):
+                sql(f"DELETE FROM {table} WHERE {column} = :id", id=ev.object_id)  # noqa: S608  (names of ours)
             sql(f"DELETE FROM {ev.object_type} WHERE id = :id", id=ev.object_id)  # noqa: S608  (a table name of ours)
         sql("DELETE FROM sf_audit WHERE seq = :seq", seq=ev.seq)
     return events[-1].seq - 1

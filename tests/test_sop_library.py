@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,8 @@ from flows.sop import Catalog
 from tests.fixtures_engine import PASSWORD
 from tests.stored import stored, stored_text
 from tests.waiting import LIMIT
+
+HOLD = re.compile(r"^deviation_[0-9a-f]{12}__disposition$")  # flows.record.deviations.hold_step_id
 
 STALL = LIMIT
 """Seconds without any scenario moving (a signature landing, a run ending) before the set-up fails."""
@@ -717,6 +720,12 @@ def played_fixture(library: Settings) -> dict[str, Scenario]:
                         assert st not in FINAL_STATUSES, f"{sc.name}: ended {st} before {step}"
                 elif st in FINAL_STATUSES:
                     pending.remove(sc)
+                else:  # an open major deviation holds the run: the institution's QA signs its disposition
+                    held = sorted(sid for sid, r in states.items() if r.status == "waiting" and HOLD.match(sid))
+                    if held:
+                        qa = next(u for u, (_, inst, role) in STAFF.items() if inst == sc.institution and role == "qa")
+                        sc.steps.append((held[0], qa, {"decision": "approve", "reason": "dose assessed, released"}))
+                        ready.append(sc)
             signing = [
                 (
                     sc,

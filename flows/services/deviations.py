@@ -173,14 +173,20 @@ def raise_deviation(
         if not coi:
             raise SopInputError(["name the run or the dose (COI) the deviation is about"])
         run_id = _dose_run(settings, coi.strip(), username)
+    user = guard.sign_in(settings, username, password, f"raise a deviation on {run_id}")
     with read_session(settings.database_url) as s:
-        run = guard.readable_run(s, username, run_id)  # a run of an institution where they hold no role: "no such run"
+        # A whole id of a run elsewhere is a refusal, audited; a prefix counts only the reporter's runs.
+        run = s.get(SopRun, run_id) or guard.lookup_run(s, run_id, among=guard.institutions_of(s, user.id))
+        if run is None:
+            raise NotFoundError(guard.NO_SUCH_RUN)
         s.expunge(run)
-    user = guard.sign_in(settings, username, password, f"raise a deviation on {run.id}")
-    with read_session(settings.database_url) as s:
+        stranger = not guard.may_read(s, username, run.institution)
         problem = guard.deviation_problem(s, user, run.institution, quarantine=quarantine)
     if problem:
-        raise guard.refuse(settings, user.id, "deviation.raise", "sf_run", run.id, problem)
+        refusal = guard.refuse(settings, user.id, "deviation.raise", "sf_run", run.id, problem)  # audited
+        if stranger:  # no role at the run's institution: answered as if there were no such run
+            raise NotFoundError(guard.NO_SUCH_RUN)
+        raise refusal
     with write_session(settings.database_url) as s:
         dev = Deviation(
             run_id=run.id,

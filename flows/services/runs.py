@@ -219,6 +219,8 @@ def _day(value: str | datetime | None, name: str, problems: list[str], *, end: b
             problems.append(f"{name}: {value!r} is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM)")
             return None
         if end and len(value.strip()) == 10:  # a day: up to its end
+            if moment.date() == moment.max.date():
+                return None  # up to the end of time: no bound
             moment += timedelta(days=1)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 

@@ -223,13 +223,31 @@ def create_api(settings: Settings) -> FastAPI:
     @api.get("/runs", response_model=list[RunSummary], summary="The institution's runs, newest first, a page at a time")
     def list_runs(
         client: Annotated[tokens.ApiClient, client_for("runs.list", "runs:read")],
-        status: Annotated[str | None, Query(description="A run status, or 'open' (not yet ended)")] = None,
+        status: Annotated[
+            str | None,
+            Query(
+                description="A run status, or 'open' (not yet ended)",
+                json_schema_extra={"enum": [*runs.RUN_STATUSES, "open"]},  # another value: 400, naming the field
+            ),
+        ] = None,
         sop_id: Annotated[str | None, Query(description="Only runs of this SOP id")] = None,
         product: Annotated[str | None, Query(description="Only runs of this product (catalogue id)")] = None,
         coi: Annotated[str | None, Query(description="Only runs of this dose (chain-of-identity id)")] = None,
-        since: Annotated[str | None, Query(description="Started on or after (UTC day YYYY-MM-DD or ISO time)")] = None,
-        until: Annotated[str | None, Query(description="Started on or before (UTC day) / before (ISO time)")] = None,
-        page: Annotated[int, Query(ge=1, description="Which page, newest first")] = 1,
+        since: Annotated[
+            str | None,
+            Query(
+                description="Started on or after this UTC day (YYYY-MM-DD; an ISO time is taken too)",
+                json_schema_extra={"format": "date"},
+            ),
+        ] = None,
+        until: Annotated[
+            str | None,
+            Query(
+                description="Started on or before this UTC day (YYYY-MM-DD), or before an ISO time",
+                json_schema_extra={"format": "date"},
+            ),
+        ] = None,
+        page: Annotated[int, Query(ge=1, le=10**9, description="Which page, newest first")] = 1,
         per_page: Annotated[int, Query(ge=1, le=500, description="Runs per page")] = 50,
     ) -> JSONResponse:
         filters = runs.run_filter(
