@@ -80,6 +80,10 @@ class Smoke:
             "SOPFLOW_PREFECT_API_URL": self.api_url,
             "SOPFLOW_RESULTS_STORAGE": "block:local-file-system/sopflow-results",
             "SOPFLOW_POLL_MAX_SECONDS": "0.5",
+            # One audit key for the installation, copied to every host (docs/deploy.md): a host that made
+            # its own would sign checkpoints the others cannot verify.
+            "SOPFLOW_AUDIT_KEY_FILE": str(work / "keys" / "audit.key"),
+            "SOPFLOW_AUDIT_PUBLIC_KEYS": str(work / "keys" / "audit-keys.pub"),
             "COLUMNS": "200",
         }
 
@@ -232,6 +236,9 @@ class Visitor:
 def run(smoke: Smoke) -> None:
     smoke.databases(create=True)
     smoke.stage(f"PostgreSQL: databases {', '.join(smoke.dbs)}")
+    (smoke.work / "keys").mkdir(exist_ok=True)
+    smoke.sopflow("keys", "audit", "key", "--create")  # the installation's key, before any host needs it
+    smoke.stage("the installation's audit key made, to be shared by every host")
     smoke.prefect_server()
     smoke.stage(f"Prefect server on PostgreSQL at {smoke.api_url}")
     smoke.results_block()
