@@ -144,33 +144,35 @@ def build(url: str, events: int) -> None:
                 made += EVENTS_PER_RUN
 
 
-def measure(url: str, home: str, incremental: bool) -> None:
-    """In a fresh process: one verify; prints a JSON line."""
+def measure(url: str, home: str, incremental: bool, traced: bool) -> None:
+    """In a fresh process: one verify; prints a JSON line. ``traced`` adds tracemalloc's peak (it slows
+    Python down several times, so the CPU figure comes from an untraced run)."""
     import tracemalloc
 
     from flows.services.audit import verify_audit
 
     settings = _settings(Path(home), url)
-    tracemalloc.start()
-    t0 = time.perf_counter()
+    if traced:
+        tracemalloc.start()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = verify_audit(settings, incremental=incremental)
-    took = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = tracemalloc.get_traced_memory()[1] if traced else 0
+    if traced:
+        tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(
-        json.dumps(
-            {
-                "ok": report.ok,
-                "problems": report.problems[:3],
-                "events": report.events,
-                "head": report.head[0] if report.head else 0,
-                "seconds": took,
-                "rss_mb": rss,
-                "py_peak_mb": peak / 1e6,
-            }
-        )
-    )
+    figures: dict[str, Any] = {
+        "ok": report.ok,
+        "problems": report.problems[:3],
+        "events": report.events,
+        "head": report.head[0] if report.head else 0,
+        "seconds": took,
+        "rss_mb": rss,
+        "py_peak_mb": peak / 1e6,
+    }
+    if not traced:
+        figures["cpu"] = cpu
+    print(json.dumps(figures))
 
 
 def _child(url: str, home: Path, incremental: bool, traced: bool) -> dict[str, Any]:
@@ -244,10 +246,7 @@ def build_more(url: str, events: int) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--measure":
         url, home = sys.argv[2], sys.argv[3]
-        if os.environ.get("BENCH_TRACE"):
-            measure(url, home, "--incremental" in sys.argv)
-        else:
-            _measure_plain(url, home, "--incremental" in sys.argv)
+        measure(url, home, "--incremental" in sys.argv, traced=bool(os.environ.get("BENCH_TRACE")))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
@@ -257,31 +256,6 @@ def main() -> None:
     print(f"bench/audit.py: sizes {sizes}, {os.cpu_count()} cores  [{load()}]")
     for kind in ("sqlite", "postgres") if args.db == "both" else (args.db,):
         bench(kind, sizes)
-
-
-def _measure_plain(url: str, home: str, incremental: bool) -> None:
-    """As ``measure`` without tracemalloc (it slows Python down several times)."""
-    from flows.services.audit import verify_audit
-
-    settings = _settings(Path(home), url)
-    t0, c0 = time.perf_counter(), time.process_time()
-    report = verify_audit(settings, incremental=incremental)
-    took, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        json.dumps(
-            {
-                "ok": report.ok,
-                "problems": report.problems[:3],
-                "events": report.events,
-                "head": report.head[0] if report.head else 0,
-                "seconds": took,
-                "cpu": cpu,
-                "rss_mb": rss,
-                "py_peak_mb": 0,
-            }
-        )
-    )
 
 
 if __name__ == "__main__":
