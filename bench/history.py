@@ -89,10 +89,14 @@ def free_port() -> int:
 
 
 def code_key(users: int) -> str:
-    """What a cached database depends on: the code that wrote it, the SOPs, the templates, the users."""
+    """What a cached database depends on: what shapes its rows and chain (the schema's migrations, the
+    table definitions, the bench's builder and template), the SOPs, the templates, the users. Reads,
+    verification and the web may change without a rebuild: a database built before a change to them is
+    the same history, and ``audit verify`` checks every database before it is measured."""
     h = hashlib.sha256(f"users={users}".encode())
     for folder, pattern in (
-        ("flows", "**/*.py"),
+        ("flows/record/migrations", "**/*.py"),
+        ("flows/record", "tables.py"),
         ("flows/builtin", "*"),
         ("sops/demo_hospital", "*"),
         ("templates", "**/*"),
@@ -375,6 +379,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the worker is ready before watching")
     p.add_argument("--postgres", default=PG_DEFAULT, help="PostgreSQL server (trust auth)")
     p.add_argument("--incremental-flag", default=None, help="the option of `audit verify` that verifies incrementally")
+    p.add_argument("--build-only", action="store_true", help="build (or find) the databases and stop")
     p.add_argument("--no-keep", action="store_true", help="drop the PostgreSQL databases built by this run at the end")
     p.add_argument("--quick", action="store_true", help="a smoke run: sizes 200,1000, few users, short waits")
     args = p.parse_args(argv)
@@ -409,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     key = code_key(20)
     builder = Builder(args.cache, key, 20, args.open, args.postgres)
     builder.template()
+    if args.build_only:
+        for db in args.db_list:
+            for n in args.size_list:
+                url, note = builder.database(db, n)
+                say(f"{db}, N = {n:,}: {url.rsplit('/', 1)[-1]} ({note})")
+        return 0
     results: dict[tuple[str, int], dict[str, Fig]] = {}
     with tempfile.TemporaryDirectory(prefix="histbench-prefect-") as tmp:
         # One Prefect server (SQLite, its own home) for the sweeps and the workers; sopflow's own start path.
