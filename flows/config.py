@@ -170,8 +170,9 @@ def _float(name: str, default: float) -> float:
 class DbPool:
     """How many database connections one process holds (SQLAlchemy's ``QueuePool``): ``size`` kept
     open, up to ``overflow`` more when busy, and a request waits ``timeout`` seconds for one. The
-    default (10 + 30) covers the web app's 40 request threads (anyio's default), each holding at most
-    one connection at a time: 20 signed-in users refreshing at once never wait for a connection."""
+    web app runs its requests in ``size`` threads (flows.web.app), each holding at most one
+    connection at a time, so 20 signed-in users refreshing at once never wait for a connection;
+    the overflow covers a process's other threads."""
 
     size: int = 10
     overflow: int = 30

@@ -165,7 +165,7 @@ def test_deadline_met_counts_down_while_running_and_shows_in_the_inbox(lang):
     # The web inbox shows each clock as time left and ranks the step by the nearest one.
     from flows.services.inbox import urgent_inbox
 
-    [item] = [i for i in urgent_inbox(lang, "l_doc") if i["run_id"] == run_id]
+    [item] = [i for i in urgent_inbox(lang, "l_doc")[0] if i["run_id"] == run_id]
     clocks = {c["title"]: c["seconds_left"] for c in item["clocks"]}
     assert 19 * 60 < clocks[clock["title"]] <= 20 * 60
     assert item["seconds_left"] == min(clocks.values())

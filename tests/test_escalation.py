@@ -228,3 +228,19 @@ def test_escalation_overdue_approval_is_delivered_by_apprise_once(engine, receiv
     rec = wait_for(engine, run_id, statuses=("completed", "rejected", "stopped"))
     assert rec["run"]["status"] == "completed"
     assert rec["escalations"][0]["to_role"] == "quality_manager"
+
+
+def test_the_inbox_reads_a_time_out_against_the_clock_of_each_call(settings, db_url, make_run):
+    """The inbox keeps what waits between writes (flows.services.inbox): whether a step is overdue
+    and the time left are worked out at every call, from the clock, not when the board was read."""
+    from flows.services.inbox import urgent_inbox
+
+    run_id = _waiting_qa(db_url, make_run)
+    due = FIXED_AT + TIMEOUT
+    early, _ = urgent_inbox(settings, "ana", now=due - timedelta(minutes=1))
+    late, _ = urgent_inbox(settings, "ana", now=due + timedelta(minutes=1))  # no write between: the same board
+
+    [before] = [i for i in early if i["run_id"] == run_id and i["step_id"] == "qa_acceptance"]
+    [after] = [i for i in late if i["run_id"] == run_id and i["step_id"] == "qa_acceptance"]
+    assert (before["overdue_since"], before["seconds_left"]) == (None, 60.0)
+    assert (after["overdue_since"], after["seconds_left"]) == (due, -60.0)

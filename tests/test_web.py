@@ -188,7 +188,8 @@ def test_web_sessions_end_at_logout_and_after_the_idle_timeout(engine, app, cloc
     assert r.status_code == 303
     assert r.headers["location"].startswith("/login")
     assert "without activity" in client.get(r.headers["location"]).text
-    assert audit_since(engine, head) == ["auth.idle"]
+    # The shared engine's runs of other tests may write meanwhile (a step done): the sign-in events only.
+    assert [a for a in audit_since(engine, head) if a.startswith("auth.")] == ["auth.idle"]
 
     client = login(app, "doc")
     csrf = csrf_of(client.get("/inbox").text)

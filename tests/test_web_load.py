@@ -65,3 +65,51 @@ def seed_user_env(env: dict[str, str], username: str) -> None:
     settings = replace(get_settings(), database_url=env["SOPFLOW_DATABASE_URL"])
     seed_user(settings, username, f"Tech {username}", PASSWORD, [("demo_hospital", "cell_lab")])
     seed_training(settings, username, "demo_hospital", "dose_receipt", 1)
+
+
+def test_the_inbox_pages_most_urgent_first_and_sees_what_another_process_wrote(
+    db_url: str, make_run: MakeRun, tmp_path: Path
+) -> None:
+    """60 steps waiting on one technician: 50 on the first page, 10 on the second, none twice; a
+    page that is not a whole number from 1 is refused; a run this process writes (another host,
+    as far as the web process can tell) is on its next inbox: it keeps what waits only while the
+    chain's head stays."""
+    import re
+
+    with write_session(db_url) as s:
+        made = make_run(s, users=("ana",))
+        for i in range(60):
+            _run_like(s, made, statuses=("scheduled", "waiting"), steps=(("arrival", "waiting"),), coi=f"COI-P-{i:04d}")
+    env = {**os.environ, "SOPFLOW_HOME": str(tmp_path / "home"), "SOPFLOW_DATABASE_URL": db_url}
+    seed_user_env(env, "tech00")
+    node = Node(env).start()
+    try:
+        v = Visitor()
+        v.sign_in(node, "tech00")
+
+        def cois(html: str) -> list[str]:
+            return re.findall(r"COI-P-[0-9A-Z]{4,}", html)
+
+        first = v.request(node, "GET", "/inbox").text
+        second = v.request(node, "GET", "/inbox?page=2").text
+        assert first.count('<li class="card') == 50
+        assert second.count('<li class="card') == 10
+        assert "1–50 of 60 waiting" in first
+        assert "51–60 of 60 waiting" in second
+        assert 'href="/inbox?page=2"' in first
+        assert 'href="/inbox?page=1"' in second
+        assert 'data-refresh="/inbox/items?page=2"' in second  # the refresh keeps the page
+        assert len(set(cois(first) + cois(second))) == 60 == len(cois(first) + cois(second))
+        assert cois(v.request(node, "GET", "/inbox/items?page=2").text) == cois(second)
+        for bad in ("0", "-1", "x", "1.5"):
+            r = v.request(node, "GET", f"/inbox?page={bad}")
+            assert r.status_code == 400
+            assert "page: expected a whole number from 1" in r.text
+
+        with write_session(db_url) as s:
+            _run_like(s, made, statuses=("scheduled", "waiting"), steps=(("arrival", "waiting"),), coi="COI-P-NEW1")
+        both = v.request(node, "GET", "/inbox").text + v.request(node, "GET", "/inbox?page=2").text
+        assert "COI-P-NEW1" in both
+        assert "of 61 waiting" in both
+    finally:
+        node.stop()

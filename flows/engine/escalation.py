@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
@@ -43,7 +44,7 @@ from flows.record.tables import CurrentRun, CurrentStep, Deviation, Escalation, 
 from flows.record.versions import stored_sop
 from flows.sop.model import HumanStepSpec, SopDefinition, text_in
 
-__all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps"]
+__all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps", "timed_waits"]
 
 log = logging.getLogger("sopflow.escalation")
 
@@ -75,35 +76,63 @@ def format_duration(delta: timedelta) -> str:
     return f"{minutes}m" if minutes else f"{secs}s"
 
 
+def timed_waits(session: Session) -> list[Overdue]:
+    """Every human step with a time-out waiting now in a run still going, with when it falls due
+    (``escalated_at`` not read: None). What does not depend on the clock; ``overdue_steps`` keeps
+    those past due."""
+    # The steps waiting now, from the current-state index (flows.record.current): what is open, not
+    # every record ever written; each carries its waiting period's first record. Plain columns: the
+    # runs themselves are read only for the steps that have a time-out.
+    waiting = session.execute(
+        sa_select(
+            col(CurrentStep.run_id),
+            col(CurrentStep.step_id),
+            col(CurrentStep.first_waiting_id),
+            col(CurrentStep.first_waiting_at),
+            col(SopRun.sop_version_id),
+            col(SopRun.sop_sha256),
+            col(CurrentRun.status),
+        )
+        .join(SopRun, col(SopRun.id) == col(CurrentStep.run_id))
+        .join(CurrentRun, col(CurrentRun.run_id) == col(CurrentStep.run_id))
+        .where(col(CurrentStep.status) == "waiting")
+        .order_by(col(CurrentStep.at))
+    ).all()
+    sops: dict[tuple[str, str], SopDefinition] = {}
+    timed: list[tuple[str, HumanStepSpec, str, datetime, SopDefinition]] = []
+    for run_id, step_id, first_id, first_at, version_id, sha, status in waiting:
+        if status is not None and status in FINAL_STATUSES:
+            continue
+        if (version_id, sha) not in sops:
+            run = session.get(SopRun, run_id)
+            if run is None:  # joined above: gone only if deleted in between, which the record never does
+                raise RecordError(f"run {run_id} is missing from the record")
+            sops[(version_id, sha)] = stored_sop(session, run)
+        sop = sops[(version_id, sha)]
+        step = find_human_step(sop, step_id)
+        if step is None or step.timeout is None or first_id is None or first_at is None:
+            continue
+        timed.append((run_id, step, first_id, first_at, sop))
+    runs = (
+        {r.id: r for r in session.exec(select(SopRun).where(col(SopRun.id).in_({t[0] for t in timed})))}
+        if timed
+        else {}
+    )
+    return [
+        Overdue(runs[run_id], sop, step, first_id, since, since + (step.timeout or timedelta()), None)
+        for run_id, step, first_id, since, sop in timed
+    ]
+
+
 def overdue_steps(session: Session, now: datetime | None = None) -> list[Overdue]:
     """Every human step of a run still going whose newest record is ``waiting`` past its time-out."""
     now = now or utcnow()
-    # The steps waiting now, from the current-state index (flows.record.current): what is open, not
-    # every record ever written; each carries its waiting period's first record.
-    waiting = session.exec(
-        select(CurrentStep, SopRun, CurrentRun)
-        .join(SopRun, col(SopRun.id) == col(CurrentStep.run_id))
-        .join(CurrentRun, col(CurrentRun.run_id) == col(CurrentStep.run_id))
-        .where(CurrentStep.status == "waiting")
-        .order_by(col(CurrentStep.at))
-    )
-    sops: dict[str, SopDefinition] = {}
     out: list[Overdue] = []
-    for cur, run, now_run in list(waiting):
-        if run.sop_version_id not in sops:
-            sops[run.sop_version_id] = stored_sop(session, run)
-        sop = sops[run.sop_version_id]
-        step = find_human_step(sop, cur.step_id)
-        if step is None or step.timeout is None or cur.first_waiting_id is None or cur.first_waiting_at is None:
+    for o in timed_waits(session):
+        if o.due > now:
             continue
-        since = cur.first_waiting_at
-        due = since + step.timeout
-        if due > now:
-            continue
-        if now_run.status is not None and now_run.status in FINAL_STATUSES:
-            continue
-        esc = session.exec(select(Escalation).where(Escalation.waiting_id == cur.first_waiting_id)).first()
-        out.append(Overdue(run, sop, step, cur.first_waiting_id, since, due, esc.at if esc else None))
+        esc = session.exec(select(Escalation).where(Escalation.waiting_id == o.waiting_id)).first()
+        out.append(replace(o, escalated_at=esc.at if esc else None))
     return out
 
 

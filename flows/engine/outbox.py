@@ -31,6 +31,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
@@ -254,7 +255,7 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
     with read_session(settings.database_url) as s:
         recent = list(
             s.exec(
-                select(OutboxMessage)
+                select(OutboxMessage.id)
                 .where(
                     col(OutboxMessage.at) >= now - RETRY_FOR,
                     col(OutboxMessage.at) <= now - timedelta(seconds=older_than),
@@ -262,14 +263,34 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
                 .order_by(col(OutboxMessage.at))
             )
         )
-        newest = _newest(s, [m.id for m in recent])
-        todo = []
-        for m in recent:
-            states = newest.get(m.id, {})
+        # The newest delivery of each channel of each, as plain columns: the messages themselves
+        # are read only for those left to deliver.
+        newest: dict[str, dict[str, Any]] = {}
+        if recent:
+            for row in s.execute(
+                sa_select(
+                    col(OutboxDelivery.message_id),
+                    col(OutboxDelivery.channel_sha256),
+                    col(OutboxDelivery.status),
+                    col(OutboxDelivery.n),
+                    col(OutboxDelivery.at),
+                )
+                .where(col(OutboxDelivery.message_id).in_(recent))
+                .order_by(col(OutboxDelivery.n))
+            ):
+                newest.setdefault(row.message_id, {})[row.channel_sha256] = row
+        left = []
+        for mid in recent:
+            states = newest.get(mid, {})
             waiting = [d for d in states.values() if d.status not in FINAL]
             if not states or any(d.status == "attempt" or _due(d, now) for d in waiting):
-                s.expunge(m)
-                todo.append(m)
+                left.append(mid)
+        todo = []
+        if left:
+            found = {m.id: m for m in s.exec(select(OutboxMessage).where(col(OutboxMessage.id).in_(left)))}
+            for mid in left:
+                s.expunge(found[mid])
+                todo.append(found[mid])
     n = 0
     for msg in todo:
         if not leases.is_free(msg.lease):
@@ -282,6 +303,8 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
     return n
 
 
-def _due(row: OutboxDelivery, now: Any) -> bool:
+def _due(row: Any, now: Any) -> bool:
     """A failed channel is retried 30 s after its n-th row, doubling up to an hour."""
-    return row.status == "failed" and now - row.at >= timedelta(seconds=min(3600, 30 * 2 ** max(0, row.n // 2 - 1)))
+    return bool(
+        row.status == "failed" and now - row.at >= timedelta(seconds=min(3600, 30 * 2 ** max(0, row.n // 2 - 1)))
+    )

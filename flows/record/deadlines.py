@@ -29,7 +29,7 @@ from flows.record.tables import Deviation, Signature, SopRun, StepRecord, iso_ut
 from flows.sop.expressions import ExpressionError, evaluate_value
 from flows.sop.model import DeadlineSpec, RecordStepSpec, SopDefinition
 
-__all__ = ["deadline_states", "limit_of", "repetitions", "signed_at"]
+__all__ = ["count_down", "deadline_states", "limit_of", "repetitions", "signed_at"]
 
 
 def limit_of(spec: DeadlineSpec, run: SopRun | dict[str, Any]) -> timedelta:
@@ -143,9 +143,16 @@ def deadline_states(
         elif ended:
             entry["state"] = "not_applicable"
         else:
-            entry["seconds_left"] = round((due - now).total_seconds(), 3)
-            entry["state"] = "running" if now <= due else "overdue"
+            count_down(entry, now)
     return out
+
+
+def count_down(entry: dict[str, Any], now: datetime) -> None:
+    """A deadline of ``deadline_states`` still counting (``running`` or ``overdue``) as it stands at
+    ``now``: its seconds left and whether it is past due (a kept entry read again later)."""
+    due = datetime.fromisoformat(entry["due_at"])
+    entry["seconds_left"] = round((due - now).total_seconds(), 3)
+    entry["state"] = "running" if now <= due else "overdue"
 
 
 def repetitions(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import and_, func
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
@@ -66,6 +67,7 @@ __all__ = [
     "state_of",
     "stored_sop",
     "version_definition",
+    "versions_in_state",
     "versions_of",
 ]
 
@@ -92,6 +94,24 @@ def state_of(session: Session, version_id: str) -> SopVersionEvent | None:
         .order_by(col(SopVersionEvent.n).desc())
         .limit(1)
     ).first()
+
+
+def versions_in_state(session: Session, state: str) -> list[tuple[SopVersion, SopVersionEvent]]:
+    """Every version whose newest event is ``state``, with that event, oldest version number first:
+    one query, however many versions and events the record holds (the sweeps ask every few seconds)."""
+    newest = (
+        select(col(SopVersionEvent.version_id).label("vid"), func.max(SopVersionEvent.n).label("n"))
+        .group_by(col(SopVersionEvent.version_id))
+        .subquery()
+    )
+    rows = session.exec(
+        select(SopVersion, SopVersionEvent)
+        .join(SopVersionEvent, col(SopVersionEvent.version_id) == col(SopVersion.id))
+        .join(newest, and_(newest.c.vid == col(SopVersionEvent.version_id), newest.c.n == col(SopVersionEvent.n)))
+        .where(col(SopVersionEvent.state) == state)
+        .order_by(col(SopVersion.version), col(SopVersion.id))
+    )
+    return [(v, ev) for v, ev in rows]
 
 
 def append_version_event(
@@ -223,15 +243,9 @@ def activate_due(
     ``min_trained`` active people trained on it (``coverage_of``); until then it stays Issued, the
     version before it stays in force, and ``waiting`` (when given) gets its id -> the reason."""
     now = now or utcnow()
-    query = select(SopVersion)
-    if institution is not None:
-        query = query.where(SopVersion.institution == institution)
-    if sop_id is not None:
-        query = query.where(SopVersion.sop_id == sop_id)
     done = []
-    for v in session.exec(query.order_by(col(SopVersion.version))).all():
-        ev = state_of(session, v.id)
-        if ev is None or ev.state != "issued":
+    for v, ev in versions_in_state(session, "issued"):
+        if (institution is not None and v.institution != institution) or (sop_id is not None and v.sop_id != sop_id):
             continue
         data = event_data(ev)
         effective_at = datetime.fromisoformat(data["effective_at"])

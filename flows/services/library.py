@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import col, select
@@ -36,10 +38,17 @@ __all__ = [
 
 def institution_timezone(settings: Settings, institution: str) -> str:
     """The institution's time zone (UTC when its file cannot be read: pages say which zone they show)."""
+    path = settings.sops_dir / institution / INSTITUTION_FILE
     try:
-        return load_institution_file(settings.sops_dir / institution / INSTITUTION_FILE).timezone
+        return _timezone(path, path.stat().st_mtime)
     except (OSError, SopDefinitionError):
         return "UTC"
+
+
+@lru_cache(maxsize=64)
+def _timezone(path: Path, mtime: float) -> str:
+    """The file read once per version of it (its modification time): every inbox asks."""
+    return load_institution_file(path).timezone
 
 
 def field_view(name: str, spec: FieldSpec) -> dict[str, Any]:

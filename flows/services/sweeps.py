@@ -44,6 +44,7 @@ from flows.record.versions import (
     event_data,
     state_of,
     version_definition,
+    versions_in_state,
 )
 from flows.services.guard import OFFICER_ROLE as QA_ROLE
 from flows.services.training import overdue_training
@@ -234,10 +235,7 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
     counts = {"issued": 0, "rejected": 0, "returned": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
     counts["coverage_waits"] = 0  # versions that wait for enough trained people (each told once)
     with write_session(settings.database_url) as s:
-        for v in s.exec(select(SopVersion)).all():
-            ev = state_of(s, v.id)
-            if ev is None or ev.state != "in_review":
-                continue
+        for v, ev in versions_in_state(s, "in_review"):
             run = s.get(SopRun, event_data(ev).get("run_id"))
             status = run_status(s, run.id) if run is not None else None
             if run is not None and status is not None:
@@ -303,9 +301,8 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
             counts["training_reminders"] += 1
     with read_session(settings.database_url) as s:
         due_reviews = []
-        for v in s.exec(select(SopVersion)).all():
-            ev = state_of(s, v.id)
-            review_due = event_data(ev).get("review_due") if ev is not None and ev.state == "effective" else None
+        for v, ev in versions_in_state(s, "effective"):
+            review_due = event_data(ev).get("review_due")
             if review_due and datetime.fromisoformat(review_due) - REVIEW_NOTICE <= now:
                 due_reviews.append((v.id, v.institution, v.sop_id, v.version, review_due))
     for vid, inst, sop_id, number, review_due in due_reviews:

@@ -10,12 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlmodel import col, select
-
 from flows.config import Settings
 from flows.engine.gates import find_human_step, human_fields
 from flows.record.db import read_session
-from flows.record.tables import SopRun
 from flows.record.versions import effective_sop, stored_sop
 from flows.services import inbox, library, signing
 from flows.services import runs as runs_service
@@ -61,34 +58,34 @@ def field_words(
     return view
 
 
-def inbox_view(settings: Settings, username: str, language: str, now: datetime | None = None) -> list[dict[str, Any]]:
-    """``inbox.urgent_inbox`` with each item's dose, role label and step title in ``language``.
+def inbox_view(
+    settings: Settings,
+    username: str,
+    language: str,
+    now: datetime | None = None,
+    *,
+    first: int = 0,
+    limit: int | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """``inbox.urgent_inbox`` (``limit`` items from the ``first``, and how many wait in all) with each
+    item's dose, role label and step title in ``language``.
 
     Raises:
         AuthenticationError: no such user.
     """
-    items = inbox.urgent_inbox(settings, username, now)
-    cache: dict[str, tuple[dict[str, Any], SopDefinition, str]] = {}
-    if items:  # every item's run in one read, not one session per run
-        with read_session(settings.database_url) as s:
-            ids = sorted({it["run_id"] for it in items})
-            for run in s.exec(select(SopRun).where(col(SopRun.id).in_(ids))):
-                sop = stored_sop(s, run)
-                cache[run.id] = (dose_facts(run, sop), sop, run.institution)
+    items, total = inbox.urgent_inbox(settings, username, now, first=first, limit=limit)
     labels: dict[str, dict[str, str]] = {}
     for it in items:
-        if it["run_id"] not in cache:
-            cache[it["run_id"]] = _dose(settings, it["run_id"])
-        dose, sop, institution = cache[it["run_id"]]
+        sop: SopDefinition = it.pop("sop")
         step = find_human_step(sop, it["step_id"])
-        it["dose"] = {**dose, "product_shown": _product_name(dose, language)}
-        if institution not in labels:
-            labels[institution] = role_labels(settings, institution, language)
-        it["role_label"] = labels[institution].get(it["role"], it["role"])
+        it["dose"]["product_shown"] = _product_name(it["dose"], language)
+        if it["institution"] not in labels:
+            labels[it["institution"]] = role_labels(settings, it["institution"], language)
+        it["role_label"] = labels[it["institution"]].get(it["role"], it["role"])
         it["title"] = text_in(step.title, language) if step is not None and step.title else it["title"]
         it["sop_title"] = text_in(sop.title, language)
         it["timeout_seconds"] = it["timeout"].total_seconds() if it.get("timeout") else None
-    return items
+    return items, total
 
 
 def step_view(settings: Settings, run_id: str, step_id: str, username: str, language: str) -> dict[str, Any]:

@@ -22,15 +22,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flows.config import Settings
+from flows.config import Settings, db_pool
 from flows.errors import AuthenticationError, FlowsError, ThrottledError
 from flows.services import accounts, database, guard, views
 from flows.services.phrases import translate
@@ -43,6 +48,9 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("sopflow.web")
 
+INBOX_PAGE = 50
+"""Inbox items on a page, the most urgent first; the rest on the next pages."""
+
 
 def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI:
     """The web app over ``settings``' database, SOP folder and Prefect server.
@@ -52,28 +60,12 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
     """
     database.require_current(settings)  # refuse before serving a page
     web = Web(settings, store)
-    app = FastAPI(title="sopflow", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="sopflow", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_threads_as_connections)
     app.state.web = web
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.mount("/api/v1", api.create_api(settings))  # the integration API (JSON, its own OpenAPI)
 
-    @app.middleware("http")
-    async def https_and_headers(request: Request, call_next: Any) -> Response:
-        # Sign-ins in this request come from an anonymous client until ``Web.user`` knows the session's user.
-        guard.set_channel(guard.Channel(client=client_of(request)))
-        response: Response = await call_next(request)
-        https = request.url.scheme == "https"  # uvicorn sets it from a trusted proxy's X-Forwarded-Proto
-        if https and "set-cookie" in response.headers:
-            cookies = [v for k, v in response.raw_headers if k == b"set-cookie"]
-            response.raw_headers[:] = [(k, v) for k, v in response.raw_headers if k != b"set-cookie"]
-            for c in cookies:
-                response.raw_headers.append((b"set-cookie", c if b"secure" in c.lower() else c + b"; Secure"))
-        for name, value in EVERY_RESPONSE.items():  # pages, the API, static files, errors
-            if name not in response.headers:
-                response.headers[name] = value
-        if https:
-            response.headers["Strict-Transport-Security"] = HSTS
-        return response
+    app.add_middleware(_EveryResponse)  # outermost: pages, the API, static files and errors alike
 
     @app.exception_handler(Redirect)
     async def _redirect(request: Request, exc: Redirect) -> Response:
@@ -174,11 +166,32 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
         ws.language = lang
         return web.redirect(ws, safe_next(form.get("back")))
 
+    def inbox_page_of(request: Request) -> int | None:
+        """The inbox page asked for (1 when none; None when it is not a whole number from 1)."""
+        raw = request.query_params.get("page", "1")
+        return int(raw) if raw.isdigit() and 0 < int(raw) < 10**6 else None
+
+    async def inbox_list(ws: Any, page: int) -> dict[str, Any]:
+        first = (page - 1) * INBOX_PAGE
+        items, total = await run_in_threadpool(
+            lambda: views.inbox_view(settings, ws.who, ws.language, first=first, limit=INBOX_PAGE)
+        )
+        return {
+            "items": items,
+            "total": total,
+            "page": page,
+            "first": first + 1,
+            "last": first + len(items),
+            "pages": max(1, math.ceil(total / INBOX_PAGE)),
+        }
+
     @app.get("/inbox")
     async def inbox_page(request: Request) -> Response:
         ws = await web.user(request)
-        items = await run_in_threadpool(views.inbox_view, settings, ws.who, ws.language)
-        return web.render(ws, "inbox.html", items=items)
+        page = inbox_page_of(request)
+        if page is None:
+            return web.render(ws, "error.html", status=400, message="page: expected a whole number from 1")
+        return web.render(ws, "inbox.html", **await inbox_list(ws, page))
 
     @app.get("/inbox/items")
     async def inbox_items(request: Request) -> Response:
@@ -188,10 +201,58 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
             await run_in_threadpool(accounts.sign_out, settings, expired.username, "idle")
         if ws is None or not ws.username:
             return Response(status_code=401)
-        items = await run_in_threadpool(views.inbox_view, settings, ws.who, ws.language)
-        return web.render(ws, "_inbox_items.html", items=items)
+        page = inbox_page_of(request)
+        if page is None:
+            return Response(status_code=400)
+        return web.render(ws, "_inbox_items.html", **await inbox_list(ws, page))
 
     pages.register(app, web)
     quality.register(app, web)  # deviations, chain of identity, dashboard, corrections
     people.register(app, web)  # training status, users and roles
     return app
+
+
+@asynccontextmanager
+async def _threads_as_connections(app: FastAPI) -> AsyncIterator[None]:
+    """Request work runs in at most as many threads as the database pool keeps connections
+    (``SOPFLOW_DB_POOL_SIZE``; anyio's default is 40): more threads only take turns at the
+    interpreter lock and open overflow connections; a request past them waits its turn on the event
+    loop instead."""
+    anyio.to_thread.current_default_thread_limiter().total_tokens = db_pool().size
+    yield
+
+
+class _EveryResponse:
+    """Pure ASGI middleware (no task per request, unlike ``@app.middleware``): sign-ins in the
+    request come from its client until ``Web.user`` knows the session's user; every response gets
+    ``EVERY_RESPONSE``'s headers, and one that came over HTTPS (uvicorn sets the scheme from a
+    trusted proxy's X-Forwarded-Proto) HSTS and ``Secure`` on every cookie."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        guard.set_channel(guard.Channel(client=client_of(Request(scope))))
+        https = scope.get("scheme") == "https"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                raw = list(message.get("headers", []))
+                if https:
+                    raw = [
+                        (k, v + b"; Secure" if k.lower() == b"set-cookie" and b"secure" not in v.lower() else v)
+                        for k, v in raw
+                    ]
+                headers = MutableHeaders(raw=raw)
+                for name, value in EVERY_RESPONSE.items():
+                    if name not in headers:
+                        headers[name] = value
+                if https:
+                    headers["Strict-Transport-Security"] = HSTS
+                message = {**message, "headers": headers.raw}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
