@@ -14,6 +14,7 @@ import pytest
 
 from flows.config import get_settings
 from flows.record.db import write_session
+from flows.web.app import INBOX_PAGE
 from tests.conftest import MakeRun
 from tests.fixtures_engine import PASSWORD
 from tests.seed import seed_training, seed_user
@@ -70,15 +71,15 @@ def seed_user_env(env: dict[str, str], username: str) -> None:
 def test_the_inbox_pages_most_urgent_first_and_sees_what_another_process_wrote(
     db_url: str, make_run: MakeRun, tmp_path: Path
 ) -> None:
-    """60 steps waiting on one technician: 50 on the first page, 10 on the second, none twice; a
-    page that is not a whole number from 1 is refused; a run this process writes (another host,
-    as far as the web process can tell) is on its next inbox: it keeps what waits only while the
-    chain's head stays."""
+    """45 steps waiting on one technician: 20 on the first page, 20 on the second, 5 on the third,
+    none twice; a page that is not a whole number from 1 is refused; a run this process writes
+    (another host, as far as the web process can tell) is on its next inbox: it keeps what waits
+    only while the chain's head stays."""
     import re
 
     with write_session(db_url) as s:
         made = make_run(s, users=("ana",))
-        for i in range(60):
+        for i in range(45):
             _run_like(s, made, statuses=("scheduled", "waiting"), steps=(("arrival", "waiting"),), coi=f"COI-P-{i:04d}")
     env = {**os.environ, "SOPFLOW_HOME": str(tmp_path / "home"), "SOPFLOW_DATABASE_URL": db_url}
     seed_user_env(env, "tech00")
@@ -92,14 +93,17 @@ def test_the_inbox_pages_most_urgent_first_and_sees_what_another_process_wrote(
 
         first = v.request(node, "GET", "/inbox").text
         second = v.request(node, "GET", "/inbox?page=2").text
-        assert first.count('<li class="card') == 50
-        assert second.count('<li class="card') == 10
-        assert "1–50 of 60 waiting" in first
-        assert "51–60 of 60 waiting" in second
+        third = v.request(node, "GET", "/inbox?page=3").text
+        assert INBOX_PAGE == 20
+        assert [p.count('<li class="card') for p in (first, second, third)] == [20, 20, 5]
+        assert "1–20 of 45 waiting" in first
+        assert "41–45 of 45 waiting" in third
         assert 'href="/inbox?page=2"' in first
         assert 'href="/inbox?page=1"' in second
+        assert 'href="/inbox?page=3"' in second
         assert 'data-refresh="/inbox/items?page=2"' in second  # the refresh keeps the page
-        assert len(set(cois(first) + cois(second))) == 60 == len(cois(first) + cois(second))
+        shown = cois(first) + cois(second) + cois(third)
+        assert len(set(shown)) == 45 == len(shown)
         assert cois(v.request(node, "GET", "/inbox/items?page=2").text) == cois(second)
         for bad in ("0", "-1", "x", "1.5"):
             r = v.request(node, "GET", f"/inbox?page={bad}")
@@ -108,8 +112,8 @@ def test_the_inbox_pages_most_urgent_first_and_sees_what_another_process_wrote(
 
         with write_session(db_url) as s:
             _run_like(s, made, statuses=("scheduled", "waiting"), steps=(("arrival", "waiting"),), coi="COI-P-NEW1")
-        both = v.request(node, "GET", "/inbox").text + v.request(node, "GET", "/inbox?page=2").text
-        assert "COI-P-NEW1" in both
-        assert "of 61 waiting" in both
+        pages = "".join(v.request(node, "GET", f"/inbox?page={n}").text for n in (1, 2, 3))
+        assert "COI-P-NEW1" in pages
+        assert "of 46 waiting" in pages
     finally:
         node.stop()

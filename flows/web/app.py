@@ -48,7 +48,7 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("sopflow.web")
 
-INBOX_PAGE = 50
+INBOX_PAGE = 20
 """Inbox items on a page, the most urgent first; the rest on the next pages."""
 
 
