@@ -99,7 +99,7 @@ def timed_waits(session: Session) -> list[Overdue]:
         .order_by(col(CurrentStep.at))
     ).all()
     sops: dict[tuple[str, str], SopDefinition] = {}
-    timed: list[tuple[str, HumanStepSpec, str, datetime, SopDefinition]] = []
+    timed: list[tuple[str, HumanStepSpec, str, datetime, datetime, SopDefinition]] = []
     for run_id, step_id, first_id, first_at, version_id, sha, status in waiting:
         if status is not None and status in FINAL_STATUSES:
             continue
@@ -112,15 +112,15 @@ def timed_waits(session: Session) -> list[Overdue]:
         step = find_human_step(sop, step_id)
         if step is None or step.timeout is None or first_id is None or first_at is None:
             continue
-        timed.append((run_id, step, first_id, first_at, sop))
+        timed.append((run_id, step, first_id, first_at, first_at + step.timeout, sop))
     runs = (
         {r.id: r for r in session.exec(select(SopRun).where(col(SopRun.id).in_({t[0] for t in timed})))}
         if timed
         else {}
     )
     return [
-        Overdue(runs[run_id], sop, step, first_id, since, since + (step.timeout or timedelta()), None)
-        for run_id, step, first_id, since, sop in timed
+        Overdue(runs[run_id], sop, step, first_id, since, due, None)
+        for run_id, step, first_id, since, due, sop in timed
     ]
 
 

@@ -112,13 +112,22 @@ def notify_once(
     return deliver_message(settings, msg)
 
 
-def _newest(session: Session, message_ids: list[str]) -> dict[str, dict[str, OutboxDelivery]]:
-    """The newest delivery row of each channel of each message, in one query."""
-    out: dict[str, dict[str, OutboxDelivery]] = {}
+def _newest(session: Session, message_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The newest delivery of each channel of each message, in one query, as plain columns
+    (``message_id``, ``channel_sha256``, ``status``, ``n``, ``at``): no ORM rows for what is only read."""
+    out: dict[str, dict[str, Any]] = {}
     if not message_ids:
         return out
-    rows = session.exec(
-        select(OutboxDelivery).where(col(OutboxDelivery.message_id).in_(message_ids)).order_by(col(OutboxDelivery.n))
+    rows = session.execute(
+        sa_select(
+            col(OutboxDelivery.message_id),
+            col(OutboxDelivery.channel_sha256),
+            col(OutboxDelivery.status),
+            col(OutboxDelivery.n),
+            col(OutboxDelivery.at),
+        )
+        .where(col(OutboxDelivery.message_id).in_(message_ids))
+        .order_by(col(OutboxDelivery.n))
     )
     for row in rows:
         out.setdefault(row.message_id, {})[row.channel_sha256] = row
@@ -263,22 +272,7 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
                 .order_by(col(OutboxMessage.at))
             )
         )
-        # The newest delivery of each channel of each, as plain columns: the messages themselves
-        # are read only for those left to deliver.
-        newest: dict[str, dict[str, Any]] = {}
-        if recent:
-            for row in s.execute(
-                sa_select(
-                    col(OutboxDelivery.message_id),
-                    col(OutboxDelivery.channel_sha256),
-                    col(OutboxDelivery.status),
-                    col(OutboxDelivery.n),
-                    col(OutboxDelivery.at),
-                )
-                .where(col(OutboxDelivery.message_id).in_(recent))
-                .order_by(col(OutboxDelivery.n))
-            ):
-                newest.setdefault(row.message_id, {})[row.channel_sha256] = row
+        newest = _newest(s, recent)  # the messages themselves are read only for those left to deliver
         left = []
         for mid in recent:
             states = newest.get(mid, {})

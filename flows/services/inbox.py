@@ -7,10 +7,12 @@ What waits is the same for every reader: the *board* (every human step waiting n
 run, SOP, deadlines and time-out) is read from the current-state tables once per state of the
 record and kept in the process, keyed by the audit chain's head (seq and hash: every write to the
 record appends an event under the write lock, so a new head is the only way what waits can
-change; one indexed read tells). A reader's own part is computed on every call: which roles they
-hold, whether they may sign (account, training in force now, separation of duties), and what is
-overdue by the clock. Twenty people with the inbox open cost one board read per change, not
-twenty per refresh; every process (and host) checks the head in the shared database itself.
+change; one indexed read tells). A reader's own part (which roles they hold, whether they may
+sign: account, training, separation of duties) is worked out at their first read of a board and
+kept with it, since those are record rows too; what depends on the clock (overdue, time left, a
+deadline running or past due) is worked out at every call. Twenty people with the inbox open cost
+one board read per change, not twenty per refresh; every process (and host) checks the head in
+the shared database itself.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from flows.services.phrases import translate
 from flows.web import api, pages, people, quality
 from flows.web.base import CSRF_MESSAGE, EVERY_RESPONSE, HSTS, Forbidden, Redirect, Web, client_of, safe_next, status_of
 from flows.web.i18n import HERE, N_
-from flows.web.sessions import COOKIE, SessionStore
+from flows.web.sessions import COOKIE, SessionStore, WebSession
 
 __all__ = ["create_app"]
 
@@ -171,7 +171,7 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
         raw = request.query_params.get("page", "1")
         return int(raw) if raw.isdigit() and 0 < int(raw) < 10**6 else None
 
-    async def inbox_list(ws: Any, page: int) -> dict[str, Any]:
+    async def inbox_list(ws: WebSession, page: int) -> dict[str, Any]:
         first = (page - 1) * INBOX_PAGE
         items, total = await run_in_threadpool(
             lambda: views.inbox_view(settings, ws.who, ws.language, first=first, limit=INBOX_PAGE)
