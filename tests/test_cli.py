@@ -276,7 +276,17 @@ def _wait_cli(env: dict[str, str], run_id: str, text: str) -> None:
         )  # type: ignore[arg-type]
         return text in shown
 
-    eventually(shows, lambda: f"run {run_id} never showed {text!r}: {row}")
+    eventually(shows, lambda: f"run {run_id} never showed {text!r}: {row}\n{_logs(settings.home)}")
+
+
+def _logs(home: Path, lines: int = 60) -> str:
+    """The tails of the executor's and the Prefect server's logs (what a failed wait needs to be explained)."""
+    out = []
+    for name in ("executor", "prefect-server"):
+        log = home / "run" / f"{name}.log"
+        tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(none)"]
+        out.append(f"--- {log} (last {lines} lines) ---\n" + "\n".join(tail))
+    return "\n".join(out)
 
 
 def _wait_dead(home: Path, timeout: float = 60) -> None:

@@ -19,7 +19,6 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import SyncClientContext, TaskRunContext
 from prefect.flow_runs import suspend_flow_run
-from prefect.input import RunInput
 from prefect.utilities.annotations import quote
 
 from flows.config import get_settings
@@ -35,6 +34,7 @@ from flows.engine.gates import (
     repetition,
     stale_resume,
 )
+from flows.engine.inputs import SignedInput
 from flows.engine.operators import emit
 from flows.engine.outbox import deliver_message, flush_run
 from flows.engine.steps import (
@@ -56,15 +56,9 @@ from flows.sop.model import (
     RecordStepSpec,
 )
 
-__all__ = ["FLOW_NAME", "SignedInput", "run_sop"]
+__all__ = ["FLOW_NAME", "run_sop"]
 
 FLOW_NAME = "run-sop"
-
-
-class SignedInput(RunInput):
-    """What a resume carries: only the id of a Signature row sopflow wrote. Never user text."""
-
-    signature_id: str
 
 
 def _task_run_id() -> str | None:
