@@ -400,3 +400,64 @@ def test_current_state_agrees_with_the_record_through_a_real_run(engine: Setting
     status, steps = agreed(run_id)
     assert status == "completed"
     assert {steps[k] for k in ("arrival", "identity_verification", "qa_acceptance")} == {"done"}
+
+
+def test_a_web_process_compiles_its_pages_at_start_and_works_a_readers_inbox_out_at_their_sign_in(
+    settings: Settings, db_url: str, make_run: MakeRun
+) -> None:
+    """The slow part of a first inbox page is done before it is asked for: the page templates at the
+    process's start (every process compiles them once), the reader's part of what waits (their roles,
+    may-they-sign) at their sign-in."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from flows.services import inbox as inbox_service
+    from flows.web import create_app
+    from tests.conftest import PASSWORD
+
+    with write_session(db_url) as s:
+        made = make_run(s)
+        made.record(s, "arrival", "waiting", {"role": "cell_lab"})
+        run_id = made.run.id
+    app = create_app(settings)
+    envs = app.state.web.envs
+    assert all(len(env.cache) == 0 for env in envs.values())
+    with TestClient(app, follow_redirects=False) as client:  # the lifespan: the process starts
+        for env in envs.values():
+            assert len(env.cache) == len(env.list_templates(extensions=["html"])) > 20
+        inbox_service._boards.pop(db_url, None)  # no board kept from before the sign-in
+        page = client.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert token is not None
+        r = client.post("/login", data={"csrf": token.group(1), "username": "ana", "password": PASSWORD})
+        assert r.status_code == 303, r.text
+        board = inbox_service._boards[db_url]
+        assert [w.step.id for w, cannot in board.readers["ana"]] == ["arrival"]  # before any inbox page
+        assert f"/runs/{run_id}/steps/arrival" in client.get("/inbox").text
+        assert inbox_service._boards[db_url] is board
+
+
+def test_the_inbox_board_is_kept_across_sign_ins_and_read_again_after_an_account_change(
+    settings: Settings, db_url: str, make_run: MakeRun
+) -> None:
+    """Every sign-in writes an ``auth.*`` event; none changes what waits or who may sign, so the
+    board of what waits is kept across them. A lock is an account row and reads it again."""
+    from flows.record.accounts import append_account_event, record_success
+    from flows.record.tables import User
+    from flows.services import inbox as inbox_service
+
+    with write_session(db_url) as s:
+        made = make_run(s)
+        made.record(s, "arrival", "waiting", {"role": "cell_lab"})
+        ana_id = made.users["ana"].id
+    assert [i["step_id"] for i in inbox(settings, "ana")] == ["arrival"]
+    board = inbox_service._boards[db_url]
+    with write_session(db_url) as s:
+        record_success(s, s.get_one(User, ana_id), "web")
+    assert [i["step_id"] for i in inbox(settings, "ana")] == ["arrival"]
+    assert inbox_service._boards[db_url] is board
+    with write_session(db_url) as s:
+        append_account_event(s, s.get_one(User, ana_id), "locked", actor="system", data={"failures": 5})
+    inbox(settings, "ana")
+    assert inbox_service._boards[db_url] is not board

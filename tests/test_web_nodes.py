@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ from sqlmodel import col, select
 from flows.record.db import read_session
 from flows.record.tables import AuditEvent
 from tests.fixtures_engine import ARRIVAL, PASSWORD, free_port, start_receipt, wait_for
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +33,16 @@ COOKIE = "sopflow_session"
 class Node:
     """One ``sopflow web`` process."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], workers: int = 1) -> None:
         self.env = env
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Node:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flows", "web", "--port", str(self.port)],
+            [sys.executable, "-m", "flows", "web", "--port", str(self.port), "--workers", str(self.workers)],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -200,3 +203,88 @@ def test_web_idle_session_is_ended_and_audited_once_by_whichever_process_sees_it
     late.token = token
     assert late.request(a, "GET", "/inbox").status_code == 303
     assert _actions_since(engine, head, "doc") == ["auth.idle"]
+
+
+def _children(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid`` (from /proc/<pid>/stat's fourth field)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_web_workers_serve_one_port_from_several_processes_and_stop_together(engine):
+    node = Node({**os.environ}, workers=2).start()
+    try:
+        assert node.proc is not None
+        deadline = time.monotonic() + 60  # the second worker may still be starting
+        while len(_children(node.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _children(node.proc.pid)
+        assert len(workers) >= 2, workers
+        doc = Visitor()
+        doc.sign_in(node, "doc")
+        # Each request on a new connection, whichever worker takes it: the session is in the database.
+        pages = [doc.request(node, "GET", "/inbox") for _ in range(12)]
+        assert [p.status_code for p in pages] == [200] * 12
+        assert all("Sign out" in p.text for p in pages)
+    finally:
+        node.stop()
+    gone = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < gone:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "a worker outlived sopflow web"
+
+
+async def _tiny_page(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A page in two writes, as every response goes out: its head, then its body."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _nodelay_of_accepted_connection(http: str) -> int:
+    """Serve ``_tiny_page`` as ``sopflow web --workers N`` does (the listening socket bound by
+    uvicorn's ``Config.bind_socket``, the options of ``flows.web.serving``), with protocol ``http``;
+    make one kept-alive request and return the server side's TCP_NODELAY on that connection."""
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+
+    from flows.web.serving import uvicorn_options
+
+    options = uvicorn_options(host="127.0.0.1", port=free_port(), workers=2, trusted_proxies="127.0.0.1")
+    options = {k: v for k, v in options.items() if k not in ("workers", "factory")} | {"http": http}
+    config = uvicorn.Config(_tiny_page, **options)
+    sock = config.bind_socket()
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: server.started, "the server never started", limit=30)
+        with httpx.Client(base_url=f"http://127.0.0.1:{options['port']}") as c:
+            assert c.get("/").text == "ok"
+            (conn,) = server.server_state.connections
+            return conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_web_workers_send_each_response_at_once_not_after_the_clients_delayed_ack():
+    """With ``--workers`` uvicorn binds the socket itself and asyncio leaves Nagle on for what it
+    accepts (uvicorn issue #3149): every page after a connection's first waited ~40 ms for the
+    browser's delayed ACK (52 ms a sequential inbox page with 2 workers, 6-9 ms with 1). The
+    protocol ``sopflow web`` serves with turns Nagle off on each connection. The first assert shows
+    this test sees the flaw: when an upgraded uvicorn passes it, flows.web.serving's protocol may go."""
+    assert _nodelay_of_accepted_connection("h11") == 0
+    assert _nodelay_of_accepted_connection("flows.web.serving:NoDelayH11Protocol") != 0

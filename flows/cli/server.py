@@ -74,27 +74,28 @@ def _print_status(st: Any) -> None:
 def web(
     host: Annotated[str, typer.Option(help="Address to listen on (behind a TLS proxy in production).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Processes serving the pages on one port (one per core serves most users at once)."),
+    ] = 1,
 ) -> None:
     """Serve the web app: inbox, step forms and signing, runs, documents, SOPs (English and 中文)."""
     import uvicorn
 
     from flows.web import create_app
+    from flows.web.serving import uvicorn_options
 
     settings = cli.settings()
-    app_ = cli.run(create_app, settings)
-    cli.out.print(f"sopflow web on http://{host}:{port} (data under {settings.home}); Ctrl-C stops it")
-    # Sessions live in the database (flows.web.sessions): run as many of these behind a proxy as
-    # needed, no sticky sessions. proxy_headers: a TLS proxy's X-Forwarded-Proto makes the cookie Secure
-    # and turns HSTS on, and its X-Forwarded-For is the client sign-ins are counted for; both believed
-    # only from SOPFLOW_TRUSTED_PROXIES.
-    uvicorn.run(
-        app_,
-        host=host,
-        port=port,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.trusted_proxies,
-        log_level="warning",
+    app_ = cli.run(create_app, settings)  # a database behind the code etc. refused here, before any worker starts
+    cli.out.print(
+        f"sopflow web on http://{host}:{port} (data under {settings.home}"
+        f"{f', {workers} worker processes' if workers > 1 else ''}); Ctrl-C stops it"
     )
+    # Sessions live in the database (flows.web.sessions): run as many of these behind a proxy as
+    # needed, no sticky sessions; ``--workers`` does the same on one port (each worker process makes
+    # its app from the environment, as this one did).
+    options = uvicorn_options(host=host, port=port, workers=workers, trusted_proxies=settings.trusted_proxies)
+    uvicorn.run(app_ if workers == 1 else "flows.web.app:from_environment", **options)
 
 
 def demo(

@@ -8,8 +8,8 @@ run, SOP, deadlines and time-out) is read from the current-state tables once per
 record and kept in the process, keyed by the audit chain's head (seq and hash: every write to the
 record appends an event under the write lock, so a new head is the only way what waits can
 change; one indexed read tells). A reader's own part (which roles they hold, whether they may
-sign: account, training, separation of duties) is worked out at their first read of a board and
-kept with it, since those are record rows too; what depends on the clock (overdue, time left, a
+sign: account, training, separation of duties) is worked out at their sign-in on the web (``warm``)
+or at their first read of a board, and kept with it, since those are record rows too; what depends on the clock (overdue, time left, a
 deadline running or past due) is worked out at every call. Twenty people with the inbox open cost
 one board read per change, not twenty per refresh; every process (and host) checks the head in
 the shared database itself.
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
@@ -40,7 +41,7 @@ from flows.services import guard
 from flows.services.library import institution_timezone
 from flows.sop.model import HumanStepSpec, RecordStepSpec, SopDefinition
 
-__all__ = ["inbox", "urgent_inbox"]
+__all__ = ["inbox", "urgent_inbox", "warm"]
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,20 @@ _building = threading.Lock()
 
 
 def _head(session: Session) -> tuple[int, str] | None:
-    ev = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+    """The newest event that may change what waits or who may sign it: any but a sign-in's
+    (``auth.*``: row-less events on an account; a lock or a disable is a ``user.*`` row). Every
+    sign-in writes one, and a board read again for each would cost every reader a rebuild."""
+    ev = session.execute(_HEAD).first()  # every inbox read asks: a plain statement, a quarter of the ORM's cost
     return (int(ev[0]), str(ev[1])) if ev is not None else None
+
+
+_AUDIT = AuditEvent.__table__  # type: ignore[attr-defined]
+_HEAD = (
+    sa_select(_AUDIT.c.seq, _AUDIT.c.hash)
+    .where(_AUDIT.c.action.not_like("auth.%"))
+    .order_by(_AUDIT.c.seq.desc())
+    .limit(1)
+)
 
 
 def _board(session: Session, url: str) -> _Board:
@@ -152,6 +165,21 @@ def _read_board(session: Session, head: tuple[int, str] | None) -> _Board:
     session.expunge_all()  # the runs outlive this session: detached, their loaded values kept
     signers = {k[1]: v for k, v in facts.items() if k[0] == "signers"}
     return _Board(head, sorted(waiting, key=lambda w: w.since), signers)
+
+
+def warm(settings: Settings, reader: str | None = None) -> None:
+    """Read the board now (a web process at start), so the first readers do not wait for it; with
+    ``reader``, also that reader's part of it (at their sign-in).
+
+    Raises:
+        AuthenticationError: no user ``reader``.
+    """
+    if reader is not None:
+        _mine(settings, reader)
+        return
+    init_db(settings.database_url)
+    with read_session(settings.database_url) as s:
+        _board(s, settings.database_url)
 
 
 def _mine(settings: Settings, username: str) -> list[tuple[_Waiting, str | None]]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import RowMapping, bindparam, delete, update
+from sqlalchemy import select as sa_select
 from sqlmodel import col, select
 
 from flows.record.db import init_db, read_session, write_session
@@ -38,17 +39,18 @@ def token_key(token: str) -> str:
     return sha256_hex(token.encode())
 
 
-def _row(row: WebSession) -> dict[str, Any]:
+def _row(row: RowMapping) -> dict[str, Any]:
+    """A session as the web side takes it, from a row of ``_LOAD``."""
     return {
-        "key": row.token_sha256,
-        "csrf": row.csrf,
-        "language": row.language,
-        "username": row.username,
-        "printed_name": row.printed_name,
-        "here": row.here,
-        "flash": [tuple(f) for f in json.loads(row.flash_json or "[]")],
-        "last_seen": row.last_seen,
-        "ended_at": row.ended_at,
+        "key": row["token_sha256"],
+        "csrf": row["csrf"],
+        "language": row["language"],
+        "username": row["username"],
+        "printed_name": row["printed_name"],
+        "here": row["here"],
+        "flash": [tuple(f) for f in json.loads(row["flash_json"] or "[]")],
+        "last_seen": row["last_seen"],
+        "ended_at": row["ended_at"],
     }
 
 
@@ -69,11 +71,23 @@ def create(url: str, key: str, csrf: str, language: str, now: float, **signed_in
         )
 
 
+_TABLE = WebSession.__table__  # type: ignore[attr-defined]
+_LOAD = sa_select(
+    *(
+        _TABLE.c[k]
+        for k in ("token_sha256", "csrf", "language", "username", "printed_name", "here", "flash_json", "last_seen")
+    ),
+    _TABLE.c.ended_at,
+).where(_TABLE.c.token_sha256 == bindparam("key"))
+"""Every request reads its session: a plain statement of the table's columns, not an ORM load
+(measured: a quarter of the ORM's cost per read)."""
+
+
 def load(url: str, key: str) -> dict[str, Any] | None:
     """The session, ended or not, or None."""
     with read_session(url) as s:
-        row = s.get(WebSession, key)
-        return _row(row) if row is not None else None
+        row = s.execute(_LOAD, {"key": key}).first()
+        return _row(row._mapping) if row is not None else None
 
 
 def touch(url: str, key: str, now: float) -> None:
@@ -101,8 +115,8 @@ def end(url: str, key: str, now: float, why: str) -> dict[str, Any] | None:
         )
         if result.rowcount != 1:
             return None
-        row = s.get(WebSession, key)
-        return _row(row) if row is not None else None
+        row = s.execute(_LOAD, {"key": key}).first()
+        return _row(row._mapping) if row is not None else None
 
 
 def idle_since(url: str, before: float) -> list[str]:

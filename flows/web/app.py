@@ -1,6 +1,7 @@
 """Edge of the data path: the web app (FastAPI, server-rendered Jinja pages), thin over ``flows.services``.
 
     create_app(settings)  the ASGI app ``sopflow web`` serves (uvicorn)
+    from_environment()    the same over the environment's settings: each ``--workers`` process's app
 
 Routes here: sign-in and sessions, language, the inbox; the rest in ``flows.web.pages`` and
 ``flows.web.editor``; what they share in ``flows.web.base``.
@@ -35,9 +36,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flows.config import Settings, db_pool
+from flows.config import Settings, db_pool, get_settings
 from flows.errors import AuthenticationError, FlowsError, ThrottledError
-from flows.services import accounts, database, guard, views
+from flows.services import accounts, database, guard, inbox, views
 from flows.services.phrases import translate
 from flows.web import api, pages, people, quality
 from flows.web.base import CSRF_MESSAGE, EVERY_RESPONSE, HSTS, Forbidden, Redirect, Web, client_of, safe_next, status_of
@@ -50,6 +51,11 @@ log = logging.getLogger("sopflow.web")
 
 INBOX_PAGE = 20
 """Inbox items on a page, the most urgent first; the rest on the next pages."""
+
+
+def from_environment() -> FastAPI:
+    """The app over the settings in the environment: what each ``sopflow web --workers N`` process serves."""
+    return create_app(get_settings())
 
 
 def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI:
@@ -141,6 +147,10 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
                 response.headers["Retry-After"] = str(max(1, math.ceil(exc.seconds)))
             return response
         fresh = web.store.sign_in(ws, user.username, user.printed_name, chosen or ws.language)
+        try:  # their part of what waits, worked out now, so their first inbox page is not the slow one
+            await run_in_threadpool(inbox.warm, settings, user.username)
+        except FlowsError as exc:  # the inbox says it when asked; signing in does not depend on this
+            log.warning("the inbox of %s was not read ahead: %s", user.username, exc)
         return web.redirect(fresh, target)
 
     @app.post("/logout")
@@ -217,8 +227,13 @@ async def _threads_as_connections(app: FastAPI) -> AsyncIterator[None]:
     """Request work runs in at most as many threads as the database pool keeps connections
     (``SOPFLOW_DB_POOL_SIZE``; anyio's default is 40): more threads only take turns at the
     interpreter lock and open overflow connections; a request past them waits its turn on the event
-    loop instead."""
+    loop instead. The inbox's board of what waits is read before the first request."""
     anyio.to_thread.current_default_thread_limiter().total_tokens = db_pool().size
+    await anyio.to_thread.run_sync(app.state.web.compile_pages)
+    try:  # what waits, read once before the first reader asks (each reader's part at their sign-in)
+        await anyio.to_thread.run_sync(inbox.warm, app.state.web.settings)
+    except FlowsError as exc:  # the pages say it when asked; serving them does not depend on this
+        log.warning("the inbox was not read ahead: %s", exc)
     yield
 
 
