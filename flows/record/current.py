@@ -24,15 +24,15 @@ so the newest record is the one with the highest ``n``. Must not import prefect.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func
+from sqlalchemy import delete, func, insert
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, SQLModel, col, select
 
-from flows.record.disposition import disposition, run_coi, sop_of_run
+from flows.record.disposition import coi_in, disposition, run_coi, sop_of_run
 from flows.record.tables import (
     CURRENT_TABLES,
     CurrentQuarantine,
@@ -75,30 +75,36 @@ def apply(session: Session, row: SQLModel) -> None:
             _quarantine(session, dev)
 
 
-def _product(sop: SopDefinition | None, run: SopRun) -> str | None:
+def _run_values(sop: SopDefinition | None, run: Any, status: tuple[int, str | None, str | None]) -> dict[str, Any]:
+    """A ``CurrentRun``'s columns: ``run`` is a ``SopRun`` or a row of its columns, ``status`` the
+    ``(n, status, detail)`` of its newest ``RunEvent`` (``(0, None, None)`` before the first)."""
     params = json.loads(run.params_json)
     name = sop.product_param() if sop is not None else None
+    started_with = json.loads(run.product_json) if run.product_json else None  # the catalogue entry
+    product: str | None = None
     if name is not None and params.get(name) not in (None, ""):
-        return str(params[name])
-    product = json.loads(run.product_json) if run.product_json else None
-    return str(product["id"]) if isinstance(product, dict) and product.get("id") else None
+        product = str(params[name])
+    elif isinstance(started_with, dict) and started_with.get("id"):
+        product = str(started_with["id"])
+    n, state, detail = status
+    return {
+        "run_id": run.id,
+        "institution": run.institution,
+        "sop_id": run.sop_id,
+        "sop_version": run.sop_version,
+        "product": product,
+        "coi": coi_in(params, sop),
+        "status": state,
+        "detail": detail,
+        "status_n": n,
+        "open": state not in FINAL_STATUSES,
+        "started_at": run.started_at,
+    }
 
 
 def _run_row(session: Session, run: SopRun, event: RunEvent | None = None) -> CurrentRun:
-    sop = sop_of_run(session, run)
-    return CurrentRun(
-        run_id=run.id,
-        institution=run.institution,
-        sop_id=run.sop_id,
-        sop_version=run.sop_version,
-        product=_product(sop, run),
-        coi=run_coi(run, sop),
-        status=event.status if event else None,
-        detail=event.detail if event else None,
-        status_n=event.n if event else 0,
-        open=event is None or event.status not in FINAL_STATUSES,
-        started_at=run.started_at,
-    )
+    status = (event.n, event.status, event.detail) if event else (0, None, None)
+    return CurrentRun(**_run_values(sop_of_run(session, run), run, status))
 
 
 def _run_event(session: Session, ev: RunEvent) -> None:
@@ -158,59 +164,81 @@ def _quarantine(session: Session, dev: Deviation) -> None:
 
 # -- worked out from the record, compared, rebuilt ------------------------------------------------
 
+_RUN, _RUN_EVENT, _STEP_RECORD = SopRun.__table__, RunEvent.__table__, StepRecord.__table__  # type: ignore[attr-defined]
+_CURRENT_RUN, _CURRENT_STEP = CurrentRun.__table__, CurrentStep.__table__  # type: ignore[attr-defined]
+
 
 @dataclass
 class CurrentRows:
-    """Current-state rows by key: runs by run id, steps by (run id, step id), quarantines by deviation id."""
+    """The current state of the runs whose ids lie between ``lo`` and ``hi`` (by the database's own
+    order), as plain column values: runs by run id, steps by (run id, step id)."""
 
-    runs: dict[str, CurrentRun] = field(default_factory=dict)
-    steps: dict[tuple[str, str], CurrentStep] = field(default_factory=dict)
-    quarantines: dict[str, CurrentQuarantine] = field(default_factory=dict)
+    lo: str
+    hi: str
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
 
-def _run_chunks(session: Session) -> Iterator[list[SopRun]]:
-    last: datetime | None = None
-    last_id = ""
+def expected_rows(session: Session) -> Iterator[CurrentRows]:
+    """The current state of every run as the record rows alone say it, ``_CHUNK`` runs at a time in
+    id order: plain columns read by id range (no row objects), so memory stays flat and the cost is a
+    few index range scans per chunk (see :func:`expected_quarantines` for quarantines)."""
+    sops: dict[tuple[str, str], SopDefinition | None] = {}
+    last: str | None = None
     while True:
-        query = select(SopRun).order_by(col(SopRun.started_at), col(SopRun.id)).limit(_CHUNK)
+        query = sa_select(
+            _RUN.c.id,
+            _RUN.c.institution,
+            _RUN.c.sop_id,
+            _RUN.c.sop_version,
+            _RUN.c.sop_version_id,
+            _RUN.c.sop_sha256,
+            _RUN.c.params_json,
+            _RUN.c.product_json,
+            _RUN.c.started_at,
+        ).order_by(_RUN.c.id)
         if last is not None:
-            query = query.where(
-                (col(SopRun.started_at) > last) | ((col(SopRun.started_at) == last) & (col(SopRun.id) > last_id))
-            )
-        chunk = list(session.exec(query))
-        if not chunk:
+            query = query.where(_RUN.c.id > last)
+        runs = session.execute(query.limit(_CHUNK)).all()
+        if not runs:
             return
-        yield chunk
-        last, last_id = chunk[-1].started_at, chunk[-1].id
-
-
-def expected_rows(session: Session, runs: Iterable[SopRun]) -> CurrentRows:
-    """The current state of ``runs`` as the record rows alone say it (runs and steps; see :func:`expected_quarantines`)."""
-    out = CurrentRows()
-    by_id = {r.id: r for r in runs}
-    if not by_id:
-        return out
-    ids = list(by_id)
-    newest: dict[str, RunEvent] = {}
-    for ev in session.exec(select(RunEvent).where(col(RunEvent.run_id).in_(ids)).order_by(col(RunEvent.n))):
-        newest[ev.run_id] = ev
-    for run_id, run in by_id.items():
-        out.runs[run_id] = _run_row(session, run, newest.get(run_id))
-    records = session.exec(
-        select(StepRecord).where(col(StepRecord.run_id).in_(ids)).order_by(col(StepRecord.run_id), col(StepRecord.n))
-    )
-    for rec in records:
-        rec_id, run_id, step_id, n, status, at = rec.id, rec.run_id, rec.step_id, rec.n, rec.status, rec.at
-        key = (run_id, step_id)
-        cur = out.steps.get(key)
-        if cur is None:
-            cur = out.steps[key] = CurrentStep(
-                run_id=run_id, step_id=step_id, record_id=rec_id, n=n, first_n=n, status=status, at=at
-            )
-        cur.record_id, cur.n, cur.status, cur.at = rec_id, n, status, at
-        if status == "waiting" and cur.first_waiting_id is None:
-            cur.first_waiting_id, cur.first_waiting_at = rec_id, at
-    return out
+        out = CurrentRows(lo=runs[0].id, hi=runs[-1].id)
+        newest: dict[str, tuple[int, str, str | None]] = {}
+        events = sa_select(_RUN_EVENT.c.run_id, _RUN_EVENT.c.n, _RUN_EVENT.c.status, _RUN_EVENT.c.detail)
+        for run_id, n, status, detail in session.execute(
+            events.where(_RUN_EVENT.c.run_id.between(out.lo, out.hi)).order_by(_RUN_EVENT.c.n)
+        ):
+            newest[run_id] = (n, status, detail)
+        for r in runs:
+            key = (r.sop_version_id, r.sop_sha256)
+            if key not in sops:  # one parse per SOP revision, not per run
+                sops[key] = sop_of_run(session, session.get_one(SopRun, r.id))
+            out.runs[r.id] = _run_values(sops[key], r, newest.get(r.id, (0, None, None)))
+        records = sa_select(
+            _STEP_RECORD.c.id,
+            _STEP_RECORD.c.run_id,
+            _STEP_RECORD.c.step_id,
+            _STEP_RECORD.c.n,
+            _STEP_RECORD.c.status,
+            _STEP_RECORD.c.at,
+        ).where(_STEP_RECORD.c.run_id.between(out.lo, out.hi))
+        for rec_id, run_id, step_id, n, status, at in session.execute(
+            records.order_by(_STEP_RECORD.c.run_id, _STEP_RECORD.c.n)
+        ):
+            cur = out.steps.get((run_id, step_id))
+            if cur is None:
+                cur = out.steps[(run_id, step_id)] = {
+                    "run_id": run_id,
+                    "step_id": step_id,
+                    "first_n": n,
+                    "first_waiting_id": None,
+                    "first_waiting_at": None,
+                }
+            cur.update(record_id=rec_id, n=n, status=status, at=at)
+            if status == "waiting" and cur["first_waiting_id"] is None:
+                cur["first_waiting_id"], cur["first_waiting_at"] = rec_id, at
+        yield out
+        last = out.hi
 
 
 def expected_quarantines(session: Session) -> dict[str, CurrentQuarantine]:
@@ -223,25 +251,21 @@ def expected_quarantines(session: Session) -> dict[str, CurrentQuarantine]:
     return out
 
 
-def _fields(row: SQLModel) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in type(row).model_fields}
+def _fields(row: SQLModel | None) -> dict[str, Any] | None:
+    return {name: getattr(row, name) for name in type(row).model_fields} if row is not None else None
 
 
-def _differences(table: str, key: str, live: SQLModel | None, want: SQLModel | None) -> list[str]:
+def _differences(table: str, key: str, live: dict[str, Any] | None, want: dict[str, Any] | None) -> list[str]:
     if live is None:
         return [f"{table} row {key}: missing: the record says it should be there ({_brief(want)})"]
     if want is None:
         return [f"{table} row {key}: the record has nothing it stands for: added or left behind outside sopflow"]
-    have, should = _fields(live), _fields(want)
-    changed = [f"{k} is {have[k]!r}, the record says {should[k]!r}" for k in should if have.get(k) != should[k]]
+    changed = [f"{k} is {live.get(k)!r}, the record says {v!r}" for k, v in want.items() if live.get(k) != v]
     return [f"{table} row {key}: disagrees with the record: {'; '.join(changed)}"] if changed else []
 
 
-def _brief(row: SQLModel | None) -> str:
-    if row is None:
-        return ""
-    values = _fields(row)
-    shown = {k: values[k] for k in ("status", "coi") if k in values}
+def _brief(values: dict[str, Any] | None) -> str:
+    shown = {k: values[k] for k in ("status", "coi") if k in values} if values else {}
     return ", ".join(f"{k} {v!r}" for k, v in shown.items())
 
 
@@ -249,16 +273,18 @@ def compare(session: Session, *, limit_problems: int = 20) -> list[str]:
     """Every current-state row that disagrees with the record rows (empty when they agree)."""
     problems: list[str] = []
     seen_runs = seen_steps = 0
-    for chunk in _run_chunks(session):
-        want = expected_rows(session, chunk)
-        ids = [r.id for r in chunk]
-        live_runs = {r.run_id: r for r in session.exec(select(CurrentRun).where(col(CurrentRun.run_id).in_(ids)))}
+    for want in expected_rows(session):
+        live_runs = {
+            r.run_id: r._asdict()
+            for r in session.execute(sa_select(_CURRENT_RUN).where(_CURRENT_RUN.c.run_id.between(want.lo, want.hi)))
+        }
         live_steps = {
-            (r.run_id, r.step_id): r for r in session.exec(select(CurrentStep).where(col(CurrentStep.run_id).in_(ids)))
+            (r.run_id, r.step_id): r._asdict()
+            for r in session.execute(sa_select(_CURRENT_STEP).where(_CURRENT_STEP.c.run_id.between(want.lo, want.hi)))
         }
         seen_runs += len(live_runs)
         seen_steps += len(live_steps)
-        for run_id in ids:
+        for run_id in sorted(set(want.runs) | set(live_runs)):
             problems += _differences("sf_current_run", run_id, live_runs.get(run_id), want.runs.get(run_id))
         for key in sorted(set(want.steps) | set(live_steps)):
             problems += _differences("sf_current_step", "/".join(key), live_steps.get(key), want.steps.get(key))
@@ -274,7 +300,9 @@ def compare(session: Session, *, limit_problems: int = 20) -> list[str]:
     want_q = expected_quarantines(session)
     live_q = {q.deviation_id: q for q in session.exec(select(CurrentQuarantine))}
     for dev_id in sorted(set(want_q) | set(live_q)):
-        problems += _differences("sf_current_quarantine", dev_id, live_q.get(dev_id), want_q.get(dev_id))
+        problems += _differences(
+            "sf_current_quarantine", dev_id, _fields(live_q.get(dev_id)), _fields(want_q.get(dev_id))
+        )
     return problems[:limit_problems]
 
 
@@ -284,10 +312,10 @@ def rebuild(session: Session) -> int:
     for table in reversed(CURRENT_TABLES):
         session.exec(delete(table))
     n = 0
-    for chunk in _run_chunks(session):
-        want = expected_rows(session, chunk)
-        session.add_all([*want.runs.values(), *want.steps.values()])
-        session.flush()
+    for want in expected_rows(session):
+        session.execute(insert(_CURRENT_RUN), list(want.runs.values()))
+        if want.steps:
+            session.execute(insert(_CURRENT_STEP), list(want.steps.values()))
         n += len(want.runs)
     session.add_all(expected_quarantines(session).values())
     session.flush()

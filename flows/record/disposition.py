@@ -18,6 +18,7 @@ from flows.sop.model import SopDefinition
 
 __all__ = [
     "USE_VALUES",
+    "coi_in",
     "coi_param",
     "deviation_events",
     "disposition",
@@ -38,7 +39,11 @@ def coi_param(sop: SopDefinition | None, params: dict[str, Any]) -> str | None:
 
 def run_coi(run: SopRun, sop: SopDefinition | None = None) -> str | None:
     """The COI a run carries in its params, if any."""
-    params = json.loads(run.params_json)
+    return coi_in(json.loads(run.params_json), sop)
+
+
+def coi_in(params: dict[str, Any], sop: SopDefinition | None = None) -> str | None:
+    """The COI in a run's parsed params, if any (``run_coi`` without the run row)."""
     name = coi_param(sop, params)
     value = params.get(name) if name else None
     return str(value).strip() if value not in (None, "") else None
