@@ -2,9 +2,9 @@
 the runs ever recorded, or only with what is open? (issue 11)
 
     python bench/history.py [--sizes 1000,10000,100000] [--db sqlite,postgresql] [--cache DIR]
-                            [--users 20] [--open 200] [--timeout 120] [--quick]
+                            [--users 20] [--web-workers N] [--open 200] [--timeout 120] [--quick]
                             [--postgres postgresql+psycopg2://postgres@127.0.0.1:5432]
-                            [--incremental-flag FLAG]
+                            [--incremental-flag FLAG] [--only audit,inbox,runs,cli,sweep,web,idle]
 
 History: the real demo (``sopflow demo``: receipt A accepted, receipt B rejected with a deviation)
 and a daily storage check run once through the real engine (bench/history_template.py); then N
@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ TARGETS = {  # at N = 100,000: (limit, unit)
     "idle_cpu": 2.0,
     "audit_incremental": 1.0,
 }
+MEASURES = ("audit", "inbox", "runs", "cli", "sweep", "web", "idle")
+"""What ``--only`` picks from: ``audit`` is the full and the incremental verify, ``cli`` both commands."""
 RATIO_TARGET = 1.5
 NO_RATIO_TARGET = {"audit_full"}
 """A full verify reads every event by definition: its target is throughput and memory (issue 11, part 3)."""
@@ -186,6 +188,16 @@ class Builder:
         done.write_text(note + "\n")
         return url, note
 
+    def grow(self, url: str, runs: int = 30) -> int:
+        """Append ``runs`` accepted receipts finished in the last hours to ``url`` (a work copy),
+        through the same writer: about 1,350 events for an incremental verify to walk. Returns the events."""
+        from bench.history_build import write_runs
+
+        _, bundles, _ = self.template()
+        now = datetime.now(UTC)
+        starts = [now - timedelta(hours=3) + timedelta(minutes=5 * i) for i in range(runs)]
+        return write_runs(url, bundles, ["accepted"] * runs, starts, 10_000_000)
+
     def _build(self, url: str, n: int) -> str:
         from bench.history_build import finished_plan, open_plan, write_base, write_runs
         from flows.record.db import get_engine
@@ -227,7 +239,13 @@ class Builder:
 
 # -- one database, one size -----------------------------------------------------------------------------
 def env_for(home: Path, url: str, api_url: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("SOPFLOW_", "PREFECT_"))}
+    # Without PYTHONDONTWRITEBYTECODE (set on some build machines): an installed sopflow runs from
+    # compiled bytecode, so each command's first (untimed) run writes it, as a pip install would.
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SOPFLOW_", "PREFECT_")) and k != "PYTHONDONTWRITEBYTECODE"
+    }
     return {
         **keep,
         "SOPFLOW_HOME": str(home),
@@ -243,18 +261,23 @@ def env_for(home: Path, url: str, api_url: str) -> dict[str, str]:
 
 
 def work_copy(db: str, url: str, root: Path, pg: str) -> str:
-    """A copy of the cached database to measure on (sign-ins and sweeps write to it)."""
+    """A copy of the cached database to measure on (sign-ins and sweeps write to it), on disk
+    before the first figure: writing back a copy of up to 5 GB (and PostgreSQL's checkpoint of
+    it) would otherwise run under the measurements of the biggest history only."""
     if db == "sqlite":
         src = Path(url.split("///", 1)[1])
         dst = root / "work.db"
         shutil.copyfile(src, dst)
+        os.sync()
         return f"sqlite:///{dst}"
     name = f"histbench_work_{os.getpid()}"
     pg_do(
         pg,
         f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
         f'CREATE DATABASE "{name}" TEMPLATE "{url.rsplit("/", 1)[1]}"',
+        "CHECKPOINT",
     )
+    os.sync()
     return f"{pg}/{name}"
 
 
@@ -267,7 +290,7 @@ def drop_copy(db: str, url: str, pg: str) -> None:
         pg_do(pg, f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
-def measure(args: argparse.Namespace, db: str, url: str, api_url: str) -> dict[str, Fig]:
+def measure(args: argparse.Namespace, db: str, url: str, api_url: str, builder: Builder) -> dict[str, Fig]:
     from bench import history_measure as m
 
     figs: dict[str, Fig] = {}
@@ -280,21 +303,29 @@ def measure(args: argparse.Namespace, db: str, url: str, api_url: str) -> dict[s
             env = env_for(home, work, api_url)
             user = staff_name(0)
             t = args.timeout
-            full, incr = m.audit_verify(env, t, args.incremental_flag)  # first: it also proves the copy sound
-            figs["audit_full"], figs["audit_incremental"] = full, incr
-            figs["inbox"] = m.probe(env, "inbox", user, args.repeats, t)
-            figs["runs"] = m.probe(env, "runs", user, args.repeats, t)
-            figs["cli_inbox"] = m.cli(env, ["inbox", "--as", user], args.repeats, t)
-            figs["cli_runs"] = m.cli(env, ["runs"], args.repeats, t)
-            figs["sweep"] = m.probe(env, "sweep", user, args.repeats, t)
-            users = [staff_name(i) for i in range(args.users)]
-            p95 = m.web(env, home, free_port(), users, STAFF_PASSWORD, args.rounds, t)
-            figs["web_p95"] = p95
-            p50 = p95.extra.get("p50")
-            figs["web_p50"] = Fig(
-                None if p95.extra.get("p50_over") else p50, p95.load, t if p95.extra.get("p50_over") else None
-            )
-            figs["idle_cpu"] = m.idle_cpu(env, home, args.settle, args.idle)
+            want = args.only_set
+            if "audit" in want:  # first: it proves the copy sound
+                full, incr = m.audit_verify(env, t, args.incremental_flag, lambda: builder.grow(work))
+                figs["audit_full"], figs["audit_incremental"] = full, incr
+            if "inbox" in want:
+                figs["inbox"] = m.probe(env, "inbox", user, args.repeats, t)
+            if "runs" in want:
+                figs["runs"] = m.probe(env, "runs", user, args.repeats, t)
+            if "cli" in want:
+                figs["cli_inbox"] = m.cli(env, ["inbox", "--as", user], args.repeats, t)
+                figs["cli_runs"] = m.cli(env, ["runs"], args.repeats, t)
+            if "sweep" in want:
+                figs["sweep"] = m.probe(env, "sweep", user, args.repeats, t)
+            if "web" in want:
+                users = [staff_name(i) for i in range(args.users)]
+                p95 = m.web(env, home, free_port(), users, STAFF_PASSWORD, args.rounds, t, args.web_workers)
+                figs["web_p95"] = p95
+                p50 = p95.extra.get("p50")
+                figs["web_p50"] = Fig(
+                    None if p95.extra.get("p50_over") else p50, p95.load, t if p95.extra.get("p50_over") else None
+                )
+            if "idle" in want:
+                figs["idle_cpu"] = m.idle_cpu(env, home, args.settle, args.idle)
         finally:
             drop_copy(db, work, args.postgres)
     return figs
@@ -375,11 +406,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before a measurement is cut off")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each in-process figure and command")
     p.add_argument("--rounds", type=int, default=5, help="inbox requests each web user makes")
+    p.add_argument(
+        "--web-workers", type=int, default=os.cpu_count() or 1, help="`sopflow web --workers` (default: one per core)"
+    )
     p.add_argument("--idle", type=float, default=30.0, help="seconds the idle worker is watched")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after the worker is ready before watching")
     p.add_argument("--postgres", default=PG_DEFAULT, help="PostgreSQL server (trust auth)")
     p.add_argument("--incremental-flag", default=None, help="the option of `audit verify` that verifies incrementally")
     p.add_argument("--build-only", action="store_true", help="build (or find) the databases and stop")
+    p.add_argument(
+        "--only", default=",".join(MEASURES), help=f"what to measure, comma-separated: {', '.join(MEASURES)}"
+    )
     p.add_argument("--no-keep", action="store_true", help="drop the PostgreSQL databases built by this run at the end")
     p.add_argument("--quick", action="store_true", help="a smoke run: sizes 200,1000, few users, short waits")
     args = p.parse_args(argv)
@@ -397,6 +434,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--db: unknown {', '.join(unknown)}; expected sqlite, postgresql or both")
     if not 1 <= args.users <= 20 and not args.quick:
         p.error("--users: from 1 to 20 (the template has 20 staff accounts)")
+    args.only_set = {x.strip() for x in args.only.split(",") if x.strip()}
+    if unknown := sorted(args.only_set - set(MEASURES)):
+        p.error(f"--only: unknown {', '.join(unknown)}; expected some of {', '.join(MEASURES)}")
     return args
 
 
@@ -435,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"\n{db}, N = {n:,} finished runs + {args.open} open:")
                     url, note = builder.database(db, n)
                     say(f"  database {url.rsplit('/', 1)[-1]} ({note})")
-                    results[(db, n)] = figs = measure(args, db, url, settings.api_url)
+                    results[(db, n)] = figs = measure(args, db, url, settings.api_url, builder)
                     for k, f in figs.items():
                         say(f"  {LABELS[k]:30s} {shown(k, f):>11s}  load {f.load:5.2f}  {f.note}")
         finally:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +161,24 @@ def idle_cpu(env: dict[str, str], home: Path, settle: float, window: float) -> F
         _kill(proc)
 
 
-def web(env: dict[str, str], home: Path, port: int, users: list[str], password: str, rounds: int, limit: float) -> Fig:
+def web(
+    env: dict[str, str],
+    home: Path,
+    port: int,
+    users: list[str],
+    password: str,
+    rounds: int,
+    limit: float,
+    workers: int = 1,
+) -> Fig:
     """p50 and p95 of ``GET /inbox`` from ``users`` signed-in users at once, each ``rounds`` times in a
-    row (none started after ``limit`` seconds), against a real ``sopflow web`` process. Failed requests (an HTTP error) are counted apart;
+    row (none started after ``limit`` seconds), against a real ``sopflow web --workers WORKERS``. Failed requests (an HTTP error) are counted apart;
     requests past ``limit`` seconds count as ``limit`` (and the p95 is then reported as ``> limit``)."""
     import httpx
 
     base = f"http://127.0.0.1:{port}"
-    proc = _popen([sys.executable, "-m", "flows", "web", "--port", str(port)], env, home / "web.log")
+    argv = [sys.executable, "-m", "flows", "web", "--port", str(port), "--workers", str(workers)]
+    proc = _popen(argv, env, home / "web.log")
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -232,7 +243,7 @@ def web(env: dict[str, str], home: Path, port: int, users: list[str], password: 
         over = p95 is not None and p95 >= limit
         fig = Fig(None if over else p95, load, limit if over else None)
         fig.extra = {"p50": p50, "p50_over": p50 is not None and p50 >= limit, "requests": len(s) + len(failures)}
-        fig.note = f"{len(users)} users x {rounds}; {len(failures)} failed" + (
+        fig.note = f"{len(users)} users x {rounds}, {workers} web worker(s); {len(failures)} failed" + (
             f", {slow} past {limit:.0f} s" if slow else ""
         )
         if failures:
@@ -242,10 +253,17 @@ def web(env: dict[str, str], home: Path, port: int, users: list[str], password: 
         _kill(proc)
 
 
-def audit_verify(env: dict[str, str], limit: float, flag: str | None) -> tuple[Fig, Fig]:
+def audit_verify(
+    env: dict[str, str], limit: float, flag: str | None, grow: Callable[[], int] | None = None
+) -> tuple[Fig, Fig]:
     """``sopflow audit verify``, full and incremental (``flag``, or the first of ``INCREMENTAL_FLAGS``
-    its --help names; n/a when it has none). Returns (full, incremental)."""
+    its --help names; n/a when it has none). Returns (full, incremental).
+
+    As the worker does, a signed checkpoint (``sopflow audit checkpoint``) covers the head before the
+    full walk, which keeps it as verified; then ``grow()`` appends what happened since (it returns the
+    events written), another checkpoint covers it, and the incremental walk starts from the verified one."""
     argv = [sys.executable, "-m", "flows", "audit", "verify"]
+    run_timed([sys.executable, "-m", "flows", "audit", "checkpoint"], env, limit)
     load = os.getloadavg()[0]
     elapsed, _, rss = run_timed(argv, env, limit)
     full = Fig(elapsed, load, None if elapsed is not None else limit, note=f"peak {rss / 1024:.0f} MB" if rss else "")
@@ -254,6 +272,13 @@ def audit_verify(env: dict[str, str], limit: float, flag: str | None) -> tuple[F
     chosen = flag or next((f for f in INCREMENTAL_FLAGS if re.search(rf"{re.escape(f)}\b", helptext)), None)
     if chosen is None or chosen not in helptext:
         return full, Fig(None, os.getloadavg()[0], note="n/a: `sopflow audit verify` has no incremental option here")
+    added = grow() if grow is not None else 0
+    run_timed([sys.executable, "-m", "flows", "audit", "checkpoint"], env, limit)
     load = os.getloadavg()[0]
     elapsed, _, rss = run_timed([*argv, chosen], env, limit)
-    return full, Fig(elapsed, load, None if elapsed is not None else limit, note=f"{chosen}, peak {rss / 1024:.0f} MB")
+    return full, Fig(
+        elapsed,
+        load,
+        None if elapsed is not None else limit,
+        note=f"{chosen}, {added:,} new events, peak {rss / 1024:.0f} MB",
+    )
