@@ -190,24 +190,50 @@ def test_tamper_clean_record_with_checkpoints_verifies_full_and_incremental(
     assert again.events == 0
 
 
+def _more_checks(settings: Settings, run_id: str, first_n: int, count: int) -> list[str]:
+    """``count`` passed checks appended to run ``run_id`` through the ledger (step record n from
+    ``first_n``): what an incremental walk finds after a checkpoint. Their ids, in order."""
+    ids = []
+    with write_session(settings.database_url) as s:
+        for n in range(first_n, first_n + count):
+            more = StepRecord(
+                run_id=run_id,
+                n=n,
+                step_id="transit_temperature",
+                kind="check",
+                status="done",
+                data_json='{"passed":true}',
+                at=utcnow(),
+            )
+            ledger.append(s, more, actor="system")
+            ids.append(more.id)
+    return ids
+
+
+def _incremental_selects(settings: Settings) -> tuple[Any, list[tuple[str, Any]]]:
+    """An incremental ``audit verify``'s report, with every SELECT it sent (statement, parameters)."""
+    asked: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            asked.append((statement, params))
+
+    engine = get_engine(settings.database_url)
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        report = _verify(settings, incremental=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    return report, asked
+
+
 def test_tamper_incremental_verify_checks_what_follows_the_verified_checkpoint(
     settings: Settings, make_run: MakeRun, sql: Any
 ) -> None:
     run_id = _history(settings, make_run)
     _checkpoint(settings)
     assert _verify(settings).ok
-    with write_session(settings.database_url) as s:
-        more = StepRecord(
-            run_id=run_id,
-            n=99,
-            step_id="transit_temperature",
-            kind="check",
-            status="done",
-            data_json='{"passed":true}',
-            at=utcnow(),
-        )
-        ledger.append(s, more, actor="system")
-        more_id = more.id
+    (more_id,) = _more_checks(settings, run_id, 99, 1)
     second = _checkpoint(settings)
     sql("UPDATE sf_step_record SET status = 'failed' WHERE id = :id", id=more_id)
 
@@ -228,35 +254,12 @@ def test_tamper_incremental_verify_reads_the_rows_since_the_checkpoint_by_table_
     run_id = _history(settings, make_run)
     _checkpoint(settings)
     assert _verify(settings).ok
-    ids = []
-    with write_session(settings.database_url) as s:
-        for n in range(12):
-            more = StepRecord(
-                run_id=run_id,
-                n=100 + n,
-                step_id="transit_temperature",
-                kind="check",
-                status="done",
-                data_json='{"passed":true}',
-                at=utcnow(),
-            )
-            ledger.append(s, more, actor="system")
-            ids.append(more.id)
+    ids = _more_checks(settings, run_id, 100, 12)
     _checkpoint(settings)
     sql("DELETE FROM sf_step_record WHERE id = :id", id=ids[3])
     sql("UPDATE sf_step_record SET status = 'failed' WHERE id = :id", id=ids[8])
-    asked: list[str] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM sf_step_record" in statement:
-            asked.append(statement)
-
-    engine = get_engine(settings.database_url)
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        report = _verify(settings, incremental=True)
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    report, selects = _incremental_selects(settings)
+    asked = [statement for statement, _ in selects if "FROM sf_step_record" in statement]
 
     assert report.problems == [
         f"sf_step_record row {ids[3]}: recorded in the audit chain but missing: deleted",
@@ -369,18 +372,8 @@ def test_tamper_incremental_verify_reads_the_chain_by_its_primary_key_alone(
     the primary key, and the signatures and step records they name through their keys: never an
     index over every event of a kind, nor a scan of a table (its cost would grow with history)."""
     _signed_after_a_verified_checkpoint(settings, make_run)
-    asked: list[tuple[str, Any]] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT"):
-            asked.append((statement, params))
-
+    report, asked = _incremental_selects(settings)
     engine = get_engine(settings.database_url)
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        report = _verify(settings, incremental=True)
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
     assert report.ok, report.problems
     assert (report.signatures, report.rows) == (1, 3)  # the signature, its two step records and itself
     assert any("sf_signature" in statement for statement, _ in asked)
