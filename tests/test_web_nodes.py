@@ -222,11 +222,13 @@ def test_web_workers_serve_one_port_from_several_processes_and_stop_together(eng
     node = Node({**os.environ}, workers=2).start()
     try:
         assert node.proc is not None
-        deadline = time.monotonic() + 60  # the second worker may still be starting
-        while len(_children(node.proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        workers = _children(node.proc.pid)
-        assert len(workers) >= 2, workers
+        pid = node.proc.pid
+
+        def two_workers() -> set[int] | None:  # the second worker may still be starting
+            found = _children(pid)
+            return found if len(found) >= 2 else None
+
+        workers = eventually(two_workers, lambda: f"two worker processes of sopflow web: {_children(pid)}", limit=60)
         doc = Visitor()
         doc.sign_in(node, "doc")
         # Each request on a new connection, whichever worker takes it: the session is in the database.
@@ -235,10 +237,11 @@ def test_web_workers_serve_one_port_from_several_processes_and_stop_together(eng
         assert all("Sign out" in p.text for p in pages)
     finally:
         node.stop()
-    gone = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < gone:
-        time.sleep(0.2)
-    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "a worker outlived sopflow web"
+    eventually(
+        lambda: not [pid for pid in workers if os.path.exists(f"/proc/{pid}")],
+        "a worker outlived sopflow web",
+        limit=30,
+    )
 
 
 async def _tiny_page(scope: dict[str, Any], receive: Any, send: Any) -> None:

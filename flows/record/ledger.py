@@ -600,8 +600,9 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
         keys = [c.key for c in tt.columns]
         times = frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime))
         rows = _stream(session, sa_select(*_raw_times(session, tt.columns)).order_by(_ordered(tt.c.id, session)))
+        recorded = group is not None and group[0] == table  # some of its rows were recorded
         events: Iterator[tuple[Any, Any]] = iter(())
-        if group is not None and group[0] == table:
+        if recorded and group is not None:
             events = ((oid, payload_json) for _, oid, payload_json in group[1])
         row = next(rows, None)
         pending: tuple[str, str] | None = None  # (object id, the payload of the last event that recorded its row)
@@ -634,7 +635,7 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
             row = next(rows, None)
             if report.full:
                 return
-        if group is not None and group[0] == table:
+        if recorded:
             group = next(groups, None)  # groupby skips what of this table's events is left
         if progress is not None:
             progress("rows", report.rows, 0)
@@ -642,6 +643,12 @@ def _walk_rows(session: Session, report: ChainReport, progress: Progress | None)
 
 _BATCH = 500
 """Ids in one ``IN (...)`` of an incremental walk."""
+
+
+def _batches(ids: list[str]) -> Iterator[list[str]]:
+    """``ids`` in slices of at most ``_BATCH``, one ``IN (...)`` each."""
+    for i in range(0, len(ids), _BATCH):
+        yield ids[i : i + _BATCH]
 
 
 def _since(query: Any, start: int) -> Any:
@@ -666,16 +673,16 @@ def _rows_since(session: Session, report: ChainReport, start: int) -> None:
     for table, oid, _ in recorded:
         wanted.setdefault(table, set()).add(oid)
     live: dict[tuple[str, str], dict[str, Any]] = {}
+    times: dict[str, frozenset[str]] = {}
     for table, ids in wanted.items():
         tt = RECORD_TABLES[table].__table__  # type: ignore[attr-defined]
         keys = [c.key for c in tt.columns]
-        batch = sorted(ids)
-        for i in range(0, len(batch), _BATCH):
-            for found in session.execute(sa_select(tt).where(tt.c.id.in_(batch[i : i + _BATCH]))):
+        times[table] = frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime))
+        for batch in _batches(sorted(ids)):
+            for found in session.execute(sa_select(tt).where(tt.c.id.in_(batch))):
                 row = dict(zip(keys, found, strict=True))
                 live[(table, str(row["id"]))] = row
     for table, oid, payload_json in recorded:
-        tt = RECORD_TABLES[table].__table__  # type: ignore[attr-defined]
         values = live.get((table, oid))
         report.rows += 1
         if values is None:  # read in the same snapshot as the events: it is gone
@@ -686,7 +693,7 @@ def _rows_since(session: Session, report: ChainReport, start: int) -> None:
             oid,
             payload_json,
             values,
-            frozenset(c.key for c in tt.columns if isinstance(c.type, UTCDateTime)),
+            times[table],
         ):
             report.problem(problem)
         if report.full:
@@ -706,13 +713,13 @@ def _signatures_since(session: Session, start: int) -> tuple[set[str], set[str]]
             records.append(oid)
     ids: set[str] = set()
     runs: set[str] = set()
-    for i in range(0, len(sigs), _BATCH):
-        for sid, run_id in session.execute(sa_select(sig.c.id, sig.c.run_id).where(sig.c.id.in_(sigs[i : i + _BATCH]))):
+    for batch in _batches(sigs):
+        for sid, run_id in session.execute(sa_select(sig.c.id, sig.c.run_id).where(sig.c.id.in_(batch))):
             ids.add(sid)
             runs.add(run_id)
-    for i in range(0, len(records), _BATCH):
+    for batch in _batches(records):
         carried = sa_select(rec.c.signature_id, rec.c.run_id).where(
-            rec.c.id.in_(records[i : i + _BATCH]), rec.c.signature_id.is_not(None)
+            rec.c.id.in_(batch), rec.c.signature_id.is_not(None)
         )
         for sid, run_id in session.execute(carried):
             ids.add(sid)
@@ -758,9 +765,7 @@ def _walk_signatures(session: Session, report: ChainReport, start: int, progress
         ids, runs = _signatures_since(session, start)
         q = rows((rec.c.signature_id == sig.c.id) & rec.c.run_id.in_(sorted(runs)))
         new_sigs = sorted(ids)
-        found = itertools.chain.from_iterable(
-            session.execute(q.where(sig.c.id.in_(new_sigs[i : i + _BATCH]))) for i in range(0, len(new_sigs), _BATCH)
-        )
+        found = itertools.chain.from_iterable(session.execute(q.where(sig.c.id.in_(b))) for b in _batches(new_sigs))
     else:
         found = _stream(session, rows(rec.c.signature_id == sig.c.id))
     last: str | None = None
