@@ -324,28 +324,6 @@ def test_lost_resume_is_delivered_by_the_executor(engine):
     wait_for(engine, run_id, step="identity_verification")
 
 
-@pytest.mark.parametrize("signer_resumes", [True, False], ids=["signer-resumes", "sweep-resumes"])
-def test_a_suspend_cut_off_before_its_input_schema_was_saved_is_resumed_once_signed(engine, signer_resumes):
-    """``suspend_flow_run`` sets the run Paused, then saves the schema of its input: a kill -9 between
-    the two leaves a run Prefect refuses to resume ("Run input schema not found"). That state is made
-    here as the kill leaves it (the schema removed from a suspended run); the signer's resume, or the
-    executor's sweep when the signer's never came, saves the schema and resumes it."""
-    from prefect.client.orchestration import get_client
-
-    run_id = start_receipt(engine, coi=f"COI-TEST-{13 + signer_resumes:04d}")
-    flow_run_id = UUID(wait_for(engine, run_id, step="arrival")["run"]["flow_run_id"])
-    _wait_paused(flow_run_id)
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(flow_run_id).state
-        schema = state.state_details.run_input_keyset["schema"]
-        client.delete_flow_run_input(flow_run_id, schema)
-        refused = client.resume_flow_run(flow_run_id, run_input={"signature_id": "none"})
-        assert "Run input schema not found" in str(refused.details), refused  # what the cut-off suspend leaves
-    res = signing_service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, ARRIVAL, resume=signer_resumes)
-    assert res.resumed is signer_resumes
-    wait_for(engine, run_id, step="identity_verification")
-
-
 def _params() -> dict[str, str]:
     from tests.fixtures_engine import PARAMS
 

@@ -148,61 +148,20 @@ def resume(settings: Settings, flow_run_id: str, step_id: str, signature_id: str
     """
     apply_prefect_env(settings)  # before the first Prefect import in this process
     import httpx
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.exceptions import PrefectException
 
     try:
         with api_client(settings) as client:
             # No read of the run's state first: the server refuses a resume of a run that is not
             # paused, and the gate re-checks everything against the record anyway.
-            accepted = _resume_with(client, UUID(flow_run_id), signature_id)
+            response = client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+        accepted = bool(response.status == SetStateStatus.ACCEPT)
         if accepted:
             nudge(settings, flow_run_id)
         return accepted
     except (httpx.HTTPError, PrefectException):
         return False
-
-
-def _resume_with(client: Any, flow_run_id: UUID, signature_id: str) -> bool:
-    """Resume the flow run with a signature reference; True when Prefect accepted it.
-
-    One refusal is repaired here: a suspend cut off between its two calls. ``suspend_flow_run``
-    first sets the run Paused, then saves the schema of the input it waits for; a ``kill -9`` of
-    the executor (or the server) between them leaves a run Paused with no schema, and Prefect
-    refuses every resume of it ("Run input schema not found"), so the run would wait forever with
-    its signature in the record. The schema is saved as the flow would have saved it, and the
-    resume made again. Any other refusal (the run is not paused, say) is left as it is: the gate
-    and the sweeps work from the record."""
-    from prefect.client.schemas.responses import SetStateStatus
-
-    response = client.resume_flow_run(flow_run_id, run_input={"signature_id": signature_id})
-    if response.status == SetStateStatus.ACCEPT:
-        return True
-    state = client.read_flow_run(flow_run_id).state
-    keyset = state.state_details.run_input_keyset if state is not None and state.is_paused() else None
-    if not keyset or _has_input(client, flow_run_id, keyset["schema"]):
-        return False
-    from flows.engine.inputs import SignedInput  # imports Prefect: only on this rare path
-
-    log.warning(
-        "flow run %s is paused with no input schema (its suspend was cut off): saving %s and resuming it",
-        flow_run_id,
-        keyset["schema"],
-    )
-    SignedInput.save(keyset, flow_run_id=flow_run_id)
-    response = client.resume_flow_run(flow_run_id, run_input={"signature_id": signature_id})
-    return bool(response.status == SetStateStatus.ACCEPT)
-
-
-def _has_input(client: Any, flow_run_id: UUID, key: str) -> bool:
-    import httpx
-
-    try:
-        client.read_flow_run_input(flow_run_id, key)
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code == 404:
-            return False
-        raise
-    return True
 
 
 def resume_if_signed(settings: Settings, client: Any, flow_run_id: str, run_id: str) -> bool:
@@ -214,8 +173,9 @@ def resume_if_signed(settings: Settings, client: Any, flow_run_id: str, run_id: 
         return False
     state = client.read_flow_run(UUID(flow_run_id)).state
     for step_id, signature_id in signed:
-        if signature_id and _paused_at(state, step_id):
-            return _resume_with(client, UUID(flow_run_id), signature_id)
+        if _paused_at(state, step_id):
+            client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+            return True
     return False
 
 
@@ -232,7 +192,8 @@ def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> i
     for flow_run_id, step_id, signature_id in pending:
         try:
             fr = client.read_flow_run(UUID(flow_run_id))
-            if _paused_at(fr.state, step_id) and _resume_with(client, UUID(flow_run_id), signature_id):
+            if _paused_at(fr.state, step_id):
+                client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
                 n += 1
         except PrefectException as exc:  # e.g. the flow run is gone: say so, and go on with the others
             log.error("cannot resume flow run %s (%s): %s", flow_run_id, step_id, exc)

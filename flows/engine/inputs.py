@@ -1,7 +1,7 @@
 """Stage 2: what a resume carries into a suspended flow run (``SignedInput``), in a module of its own:
-the flow suspends waiting for it (``flows.engine.run_sop``) and a resume that repairs a cut-off
-suspend saves its schema (``flows.engine.client``), and neither imports the other's module for it.
-Imports Prefect: import this module only where Prefect is used.
+the flow suspends waiting for it (``flows.engine.run_sop``), and whatever else needs its schema
+imports it from here, not from the flow's module. Imports Prefect: import this module only where
+Prefect is used.
 """
 
 from __future__ import annotations
