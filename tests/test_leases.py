@@ -162,6 +162,48 @@ def test_outbox_sweep_delivers_what_a_dead_holder_recorded_once(channels):
     assert json.dumps(_rows(settings, "test:orphan")) == json.dumps(["attempt", "delivered"])
 
 
+def test_outbox_sweep_retries_a_failed_channel_only_once_its_back_off_is_over(channels):
+    """The sweep reads only what is left to deliver: a failed channel past its back-off is sent
+    again; one failed a moment ago waits; a delivered one and a message nobody could be told stay."""
+    from datetime import timedelta
+
+    from flows.outputs.notify import channel_id, redact
+    from flows.record import ledger
+    from flows.record.tables import utcnow
+
+    settings, rx = channels
+    url = rx.url("qa")
+    now = utcnow()
+    with write_session(settings.database_url) as s:
+        for key, rows in (
+            ("test:due", [("attempt", 90), ("failed", 60)]),  # failed once, 60 s ago: the 30 s back-off is over
+            ("test:not-yet", [("attempt", 5), ("failed", 1)]),
+            ("test:done", [("attempt", 5), ("delivered", 4)]),
+        ):
+            msg = queue(s, key=key, institution="demo_hospital", roles=["qa"], title="t", body=key, lease="job:t")
+            for n, (status, ago) in enumerate(rows, start=1):
+                ledger.append(
+                    s,
+                    OutboxDelivery(
+                        message_id=msg.id,
+                        channel_sha256=channel_id(url),
+                        channel=redact(url),
+                        role="qa",
+                        n=n,
+                        status=status,
+                        holder="job:t",
+                        at=now - timedelta(seconds=ago),
+                    ),
+                    actor="system",
+                )
+    assert sweep_outbox(settings, older_than=0) == 1
+    assert [m["message"] for m in rx.messages] == ["test:due"]
+    assert _rows(settings, "test:due") == ["attempt", "failed", "attempt", "delivered"]
+    assert _rows(settings, "test:not-yet") == ["attempt", "failed"]
+    assert _rows(settings, "test:done") == ["attempt", "delivered"]
+    assert sweep_outbox(settings, older_than=0) == 0
+
+
 def test_outbox_message_to_roles_without_a_channel_is_unaddressed_once(channels):
     """Nobody to tell: one row says so, and no later flush or sweep tries again."""
     settings, rx = channels

@@ -31,8 +31,8 @@ from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.deadlines import deadline_states
 from flows.record.dose import run_facts
+from flows.record.pinned import pinned_sop
 from flows.record.tables import CurrentRun, Deviation, SopRun, utcnow
-from flows.record.versions import stored_sop
 from flows.sop.model import SopDefinition, text_in
 
 __all__ = ["settle_deadlines", "sweep_deadlines"]
@@ -134,16 +134,26 @@ def sweep_deadlines(settings: Settings, *, now: datetime | None = None) -> int:
     now = now or utcnow()
     pending: list[tuple[SopRun, SopDefinition]] = []
     with read_session(settings.database_url) as s:
-        # Only the runs still going (the current-state index), never the whole history.
+        # Only the runs still going (the current-state index), never the whole history; first the
+        # SOP revisions they are pinned to (a handful), then only the runs of those with deadlines.
+        is_open = col(CurrentRun.open) == True  # noqa: E712  (an index on open: not IS TRUE)
+        pins = s.exec(
+            select(col(SopRun.sop_version_id), col(SopRun.sop_sha256))
+            .join(CurrentRun, col(CurrentRun.run_id) == col(SopRun.id))
+            .where(is_open)
+            .distinct()
+        ).all()
+        sops = {(vid, sha): pinned_sop(s, vid, sha) for vid, sha in pins}  # parsed once per version
+        timed = [vid for (vid, _), sop in sops.items() if sop.deadlines]
         going = (
             select(SopRun)
             .join(CurrentRun, col(CurrentRun.run_id) == col(SopRun.id))
-            .where(col(CurrentRun.open) == True)  # noqa: E712  (an index on open: not IS TRUE)
+            .where(is_open, col(SopRun.sop_version_id).in_(timed))
             .order_by(col(SopRun.started_at))
         )
-        for run in s.exec(going):
-            sop = stored_sop(s, run)  # parsed once per version (flows.record.query)
-            if not sop.deadlines:
+        for run in s.exec(going) if timed else ():
+            sop = sops.get((run.sop_version_id, run.sop_sha256))
+            if sop is None or not sop.deadlines:  # the same version under another pin
                 continue
             s.expunge(run)
             pending.append((run, sop))

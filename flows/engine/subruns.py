@@ -31,7 +31,7 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, and_, col, func, or_, select
 
 from flows.config import Settings
 from flows.engine.client import api_client, pause_key_prefix
@@ -351,7 +351,14 @@ def resume_ready(settings: Settings, client: Any = None) -> int:
             select(StepRecord, SopRun)
             .join(CurrentStep, col(CurrentStep.record_id) == col(StepRecord.id))
             .join(SopRun, col(SopRun.id) == col(StepRecord.run_id))
-            .where(col(CurrentStep.status).in_(("waiting", "held")))
+            # Only a held step or one waiting on a sub-run: the steps waiting on a person (nearly
+            # all of them) are not read at all. LIKE's ``_`` matches any character: the test below decides.
+            .where(
+                or_(
+                    col(CurrentStep.status) == "held",
+                    and_(col(CurrentStep.status) == "waiting", col(StepRecord.data_json).like('%"subrun_id"%')),
+                )
+            )
             .order_by(col(StepRecord.run_id), col(StepRecord.n))
         )
         for rec, run in list(newest):

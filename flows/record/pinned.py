@@ -16,7 +16,7 @@ from flows.errors import RecordError
 from flows.record.tables import SopRun, SopVersion
 from flows.sop.model import SopDefinition
 
-__all__ = ["stored_sop", "version_definition"]
+__all__ = ["pinned_sop", "stored_sop", "version_definition"]
 
 
 def version_definition(version: SopVersion) -> SopDefinition:
@@ -30,13 +30,20 @@ definition is frozen, so each is parsed once per process (sweeps, the inbox and 
 
 def stored_sop(session: Session, run: SopRun) -> SopDefinition:
     """The SOP revision a run is pinned to, from the text stored when it started."""
-    cached = _PARSED.get((run.sop_version_id, run.sop_sha256))
+    return pinned_sop(session, run.sop_version_id, run.sop_sha256, run_id=run.id)
+
+
+def pinned_sop(session: Session, version_id: str, sha256: str, *, run_id: str = "") -> SopDefinition:
+    """The SOP revision stored as version ``version_id`` for runs that pinned its text's ``sha256``
+    (what ``stored_sop`` reads; a sweep asks once per pin, not once per run)."""
+    cached = _PARSED.get((version_id, sha256))
     if cached is not None:
         return cached
-    version = session.get(SopVersion, run.sop_version_id)
+    version = session.get(SopVersion, version_id)
     if version is None:
-        raise RecordError(f"run {run.id}: its SOP version {run.sop_version_id} is missing from the record")
+        who = f"run {run_id}" if run_id else f"a run pinned to {version_id}"
+        raise RecordError(f"{who}: its SOP version {version_id} is missing from the record")
     sop = version_definition(version)
-    if version.sha256 == run.sop_sha256:  # only a text the run's own hash vouches for is kept
-        _PARSED[(run.sop_version_id, run.sop_sha256)] = sop
+    if version.sha256 == sha256:  # only a text the run's own hash vouches for is kept
+        _PARSED[(version_id, sha256)] = sop
     return sop
