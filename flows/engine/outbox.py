@@ -282,16 +282,18 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
                 col(OutboxDelivery.message_id).in_(recent),
                 col(OutboxDelivery.status).not_in(FINAL),
                 ~exists().where(
-                    newer.message_id == OutboxDelivery.message_id,
-                    newer.channel_sha256 == OutboxDelivery.channel_sha256,
-                    newer.n > OutboxDelivery.n,
+                    col(newer.message_id) == col(OutboxDelivery.message_id),
+                    col(newer.channel_sha256) == col(OutboxDelivery.channel_sha256),
+                    col(newer.n) > col(OutboxDelivery.n),
                 ),
             )
         )
         left = {r.message_id for r in unfinished if r.status == "attempt" or _due(r, now)}
         left.update(
             s.exec(
-                select(OutboxMessage.id).where(*window, ~exists().where(OutboxDelivery.message_id == OutboxMessage.id))
+                select(OutboxMessage.id).where(
+                    *window, ~exists().where(col(OutboxDelivery.message_id) == col(OutboxMessage.id))
+                )
             )
         )
         todo = []
