@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ from flows.cli.receiver import LocalReceiver
 from flows.config import get_settings
 from flows.engine.leases import Leases
 from flows.engine.outbox import deliver_message, notify_once, queue, sweep_outbox
+from flows.outputs.notify import channel_id, redact
+from flows.record import ledger
 from flows.record.db import read_session, write_session
-from flows.record.tables import OutboxDelivery, OutboxMessage
+from flows.record.tables import OutboxDelivery, OutboxMessage, utcnow
 from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +98,24 @@ def channels_fixture(db_url, tmp_path, monkeypatch):
         yield get_settings(), rx
 
 
+def _delivery_row(s, message_id: str, url: str, n: int, status: str, at: datetime) -> None:
+    """Append a delivery row to the qa channel ``url`` as a holder of ``job:t`` would have."""
+    ledger.append(
+        s,
+        OutboxDelivery(
+            message_id=message_id,
+            channel_sha256=channel_id(url),
+            channel=redact(url),
+            role="qa",
+            n=n,
+            status=status,
+            holder="job:t",
+            at=at,
+        ),
+        actor="system",
+    )
+
+
 def _rows(settings, key: str) -> list[str]:
     with read_session(settings.database_url) as s:
         msg = s.exec(select(OutboxMessage).where(OutboxMessage.key == key)).one()
@@ -124,25 +145,7 @@ def test_outbox_attempt_without_outcome_is_interrupted_not_resent(channels):
         msg = queue(
             s, key="test:crashed", institution="demo_hospital", roles=["qa"], title="t", body="b", lease="job:t"
         )
-        from flows.outputs.notify import channel_id, redact
-        from flows.record import ledger
-        from flows.record.tables import utcnow
-
-        url = rx.url("qa")
-        ledger.append(
-            s,
-            OutboxDelivery(
-                message_id=msg.id,
-                channel_sha256=channel_id(url),
-                channel=redact(url),
-                role="qa",
-                n=1,
-                status="attempt",
-                holder="job:t",
-                at=utcnow(),
-            ),
-            actor="system",
-        )
+        _delivery_row(s, msg.id, rx.url("qa"), 1, "attempt", utcnow())
         s.expunge(msg)
     out = deliver_message(settings, msg)
     assert [d["status"] for d in out] == ["interrupted"]
@@ -165,12 +168,6 @@ def test_outbox_sweep_delivers_what_a_dead_holder_recorded_once(channels):
 def test_outbox_sweep_retries_a_failed_channel_only_once_its_back_off_is_over(channels):
     """The sweep reads only what is left to deliver: a failed channel past its back-off is sent
     again; one failed a moment ago waits; a delivered one and a message nobody could be told stay."""
-    from datetime import timedelta
-
-    from flows.outputs.notify import channel_id, redact
-    from flows.record import ledger
-    from flows.record.tables import utcnow
-
     settings, rx = channels
     url = rx.url("qa")
     now = utcnow()
@@ -182,20 +179,7 @@ def test_outbox_sweep_retries_a_failed_channel_only_once_its_back_off_is_over(ch
         ):
             msg = queue(s, key=key, institution="demo_hospital", roles=["qa"], title="t", body=key, lease="job:t")
             for n, (status, ago) in enumerate(rows, start=1):
-                ledger.append(
-                    s,
-                    OutboxDelivery(
-                        message_id=msg.id,
-                        channel_sha256=channel_id(url),
-                        channel=redact(url),
-                        role="qa",
-                        n=n,
-                        status=status,
-                        holder="job:t",
-                        at=now - timedelta(seconds=ago),
-                    ),
-                    actor="system",
-                )
+                _delivery_row(s, msg.id, url, n, status, now - timedelta(seconds=ago))
     assert sweep_outbox(settings, older_than=0) == 1
     assert [m["message"] for m in rx.messages] == ["test:due"]
     assert _rows(settings, "test:due") == ["attempt", "failed", "attempt", "delivered"]
