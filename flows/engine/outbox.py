@@ -31,9 +31,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists
 from sqlalchemy import select as sa_select
-from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from flows.config import Settings
@@ -263,45 +261,30 @@ def sweep_outbox(settings: Settings, *, leases: Leases | None = None, older_than
     failed channels with back-off for ``RETRY_FOR``. Returns how many messages it touched."""
     leases = leases or leases_for(settings.database_url)
     now = utcnow()
-    window = (
-        col(OutboxMessage.at) >= now - RETRY_FOR,
-        col(OutboxMessage.at) <= now - timedelta(seconds=older_than),
-    )
     with read_session(settings.database_url) as s:
-        # Only what may be left to deliver is read: a message of the window with no delivery row yet,
-        # and each channel whose newest row is not final. A day of delivered messages stays in the database.
-        recent = select(OutboxMessage.id).where(*window)
-        newer = aliased(OutboxDelivery)
-        unfinished = s.execute(
-            sa_select(
-                col(OutboxDelivery.message_id),
-                col(OutboxDelivery.status),
-                col(OutboxDelivery.n),
-                col(OutboxDelivery.at),
-            ).where(
-                col(OutboxDelivery.message_id).in_(recent),
-                col(OutboxDelivery.status).not_in(FINAL),
-                ~exists().where(
-                    col(newer.message_id) == col(OutboxDelivery.message_id),
-                    col(newer.channel_sha256) == col(OutboxDelivery.channel_sha256),
-                    col(newer.n) > col(OutboxDelivery.n),
-                ),
-            )
-        )
-        left = {r.message_id for r in unfinished if r.status == "attempt" or _due(r, now)}
-        left.update(
+        recent = list(
             s.exec(
-                select(OutboxMessage.id).where(
-                    *window, ~exists().where(col(OutboxDelivery.message_id) == col(OutboxMessage.id))
+                select(OutboxMessage.id)
+                .where(
+                    col(OutboxMessage.at) >= now - RETRY_FOR,
+                    col(OutboxMessage.at) <= now - timedelta(seconds=older_than),
                 )
+                .order_by(col(OutboxMessage.at))
             )
         )
+        newest = _newest(s, recent)  # the messages themselves are read only for those left to deliver
+        left = []
+        for mid in recent:
+            states = newest.get(mid, {})
+            waiting = [d for d in states.values() if d.status not in FINAL]
+            if not states or any(d.status == "attempt" or _due(d, now) for d in waiting):
+                left.append(mid)
         todo = []
         if left:
-            found = s.exec(select(OutboxMessage).where(col(OutboxMessage.id).in_(left)).order_by(col(OutboxMessage.at)))
-            for msg in found:
-                s.expunge(msg)
-                todo.append(msg)
+            found = {m.id: m for m in s.exec(select(OutboxMessage).where(col(OutboxMessage.id).in_(left)))}
+            for mid in left:
+                s.expunge(found[mid])
+                todo.append(found[mid])
     n = 0
     for msg in todo:
         if not leases.is_free(msg.lease):
