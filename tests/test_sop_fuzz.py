@@ -195,6 +195,31 @@ def _mutate(text: str, rng: random.Random) -> tuple[str, list[str]]:
     return text, names
 
 
+def _timed_load(
+    path: Path, text: str, through_text: bool, institution: InstitutionSpec, templates: Path
+) -> tuple[str, str, float, float]:
+    """Load one case (``text`` through the editor's validation, or the file at ``path``): its
+    outcome (``definition``, ``SopDefinitionError`` or the name of what escaped), what escaped
+    (empty when nothing did), and the loading thread's CPU and wall seconds."""
+    cpu, wall = time.thread_time(), time.perf_counter()
+    outcome, escaped = "definition", ""
+    try:
+        if through_text:
+            if validate_sop_text(text, name=path.name, institution=institution, templates_dir=templates):
+                outcome = "SopDefinitionError"
+        elif path.name == "institution.yaml":
+            load_institution_file(path)
+        elif path.name == "products.yaml":
+            load_products_file(path)
+        else:
+            load_sop(path, institution=institution, templates_dir=templates)
+    except SopDefinitionError:
+        outcome = "SopDefinitionError"
+    except Exception as exc:  # the point of the test: count what escapes, then fail
+        outcome, escaped = type(exc).__name__, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return outcome, escaped, time.thread_time() - cpu, time.perf_counter() - wall
+
+
 def test_sop_fuzz_every_mutated_file_ends_in_a_definition_or_sop_definition_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -219,31 +244,21 @@ def test_sop_fuzz_every_mutated_file_ends_in_a_definition_or_sop_definition_erro
         label = f"case {case} ({path.parent.name}/{path.name}, {'+'.join(names)}, {'text' if through_text else 'file'})"
         if not through_text:
             path.write_text(text, encoding="utf-8", errors="surrogateescape")
-        cpu, wall = time.thread_time(), time.perf_counter()
-        try:
-            if through_text:
-                found = validate_sop_text(text, name=path.name, institution=institution, templates_dir=templates)
-                outcomes["SopDefinitionError" if found else "definition"] += 1
-            elif path.name == "institution.yaml":
-                load_institution_file(path)
-                outcomes["definition"] += 1
-            elif path.name == "products.yaml":
-                load_products_file(path)
-                outcomes["definition"] += 1
-            else:
-                load_sop(path, institution=institution, templates_dir=templates)
-                outcomes["definition"] += 1
-        except SopDefinitionError:
-            outcomes["SopDefinitionError"] += 1
-        except Exception as exc:  # the point of the test: count what escapes, then fail
-            outcomes[type(exc).__name__] += 1
-            unexpected.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
-        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        outcome, escaped, cpu, wall = _timed_load(path, text, through_text, institution, templates)
+        if cpu > LIMIT_SECONDS:
+            # Once more before calling it slow: a blow-up (an alias bomb, a deep nesting) is slow every
+            # time, while one pause of this thread is not (the full suite's collector walking a big heap,
+            # or the host taking the virtual CPU away: thread_time counts both; CI once saw 1.02 s for a
+            # case that takes under 0.1 s).
+            cpu, wall = min((cpu, wall), _timed_load(path, text, through_text, institution, templates)[2:])
+        if escaped:
+            unexpected.append(f"{label}: {escaped}")
+        outcomes[outcome] += 1
         kinds.update(names)
         if cpu > slowest[0]:
             slowest = (cpu, wall, label)
         if cpu > LIMIT_SECONDS:
-            unexpected.append(f"{label}: took {cpu:.2f} s of CPU ({wall:.2f} s wall)")
+            unexpected.append(f"{label}: took {cpu:.2f} s of CPU ({wall:.2f} s wall) twice")
         path.write_text(texts[path], encoding="utf-8")
 
     with capsys.disabled():
