@@ -114,7 +114,7 @@ def test_web_raising_a_deviation_by_hand_is_audited_and_starts_its_handling(engi
     refused = tech.post("/deviations/new", data={**form, "quarantine": "yes"})  # quarantine takes QA
     assert refused.status_code == 403
     assert "may not quarantine a dose at &#39;demo_hospital&#39;" in refused.text
-    assert audit_since(engine, before[2]) == ["auth.ok", "deviation.raise.refused"]
+    assert audit_since(engine, before[2], "tech") == ["auth.ok", "deviation.raise.refused"]
     missing = tech.post("/deviations/new", data={**form, "description": " "})
     assert missing.status_code == 422
     assert "describe the deviation" in missing.text
@@ -198,7 +198,7 @@ def test_web_people_page_is_for_qa_officers_and_adds_users_through_the_floor(eng
     )
     assert r.status_code == 303
     assert "Web Nurse <code>web.nurse</code>" in qa.get("/people").text
-    assert "user.create" in audit_since(engine, head)
+    assert "user.create" in audit_since(engine, head, "qa")
     wrong = qa.post(
         "/people/users",
         data={

@@ -241,11 +241,14 @@ def web_sign_in(settings: Settings, username: str, password: str) -> User:
 
 
 def sign_out(settings: Settings, username: str, why: str) -> None:
-    """Audit the end of a web session: ``logout`` or ``idle`` (the idle timeout ended it)."""
+    """Audit the end of a web session: ``logout`` or ``idle`` (the idle timeout ended it). The actor
+    is the user's id, as for the sign-in (``auth.ok``) and every other event; a user removed since
+    the sign-in is named by the username the session held."""
     with write_session(settings.database_url) as s:
+        user = find_user(s, username)
         ledger.audit(
             s,
-            actor=username,
+            actor=user.id if user else username,
             action=f"auth.{why}",
             object_type="sf_user",
             object_id=username,
