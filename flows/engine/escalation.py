@@ -39,9 +39,9 @@ from flows.outputs.messages import Message, message
 from flows.record import ledger
 from flows.record.db import read_session, write_session
 from flows.record.dose import run_facts
+from flows.record.pinned import pinned_sop
 from flows.record.state import FINAL_STATUSES
 from flows.record.tables import CurrentRun, CurrentStep, Deviation, Escalation, SopRun, utcnow
-from flows.record.versions import stored_sop
 from flows.sop.model import HumanStepSpec, SopDefinition, text_in
 
 __all__ = ["Overdue", "escalate_overdue", "format_duration", "overdue_steps", "timed_waits"]
@@ -104,10 +104,7 @@ def timed_waits(session: Session) -> list[Overdue]:
         if status is not None and status in FINAL_STATUSES:
             continue
         if (version_id, sha) not in sops:
-            run = session.get(SopRun, run_id)
-            if run is None:  # joined above: gone only if deleted in between, which the record never does
-                raise RecordError(f"run {run_id} is missing from the record")
-            sops[(version_id, sha)] = stored_sop(session, run)
+            sops[(version_id, sha)] = pinned_sop(session, version_id, sha, run_id=run_id)
         sop = sops[(version_id, sha)]
         step = find_human_step(sop, step_id)
         if step is None or step.timeout is None or first_id is None or first_at is None:
