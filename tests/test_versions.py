@@ -321,6 +321,64 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
         }
 
 
+def test_a_sweep_with_nothing_due_leaves_the_write_lock_alone_and_one_with_a_due_version_takes_it(db_url, tmp_path):
+    """The executor sweeps every 5 s: a sweep that only finds nothing to conclude or make effective
+    must not wait for (or hold) the lock every signer's write takes."""
+    import threading
+
+    from tests.seed import seed_training, seed_user
+
+    settings = _settings(db_url, tmp_path)
+    _staff(settings)
+    establish(settings, INST, Officer("qa", PASSWORD))
+    path = _v2(tmp_path)
+    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
+    seed_user(settings, "pharm", "Sun Pharm", PASSWORD, [(INST, "pharmacist")])
+    for user in ("tech", "pharm", "qa"):
+        seed_training(settings, user, INST, "dose_receipt", 2)
+    now = utcnow()
+    with write_session(settings.database_url) as s:
+        v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
+        append_version_event(
+            s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()}
+        )
+
+    def sweep_while_a_writer_holds_the_lock(at):
+        holding, release, done = threading.Event(), threading.Event(), {}
+
+        def writer() -> None:
+            with write_session(settings.database_url):
+                holding.set()
+                release.wait(20)
+
+        def sweeper() -> None:
+            done["counts"] = sweep(settings, now=at)
+            done["while_held"] = not release.is_set()
+
+        held = threading.Thread(target=writer)
+        held.start()
+        assert holding.wait(20)
+        swept = threading.Thread(target=sweeper)
+        swept.start()
+        swept.join(3)
+        release.set()
+        swept.join(60)
+        held.join(20)
+        return done
+
+    idle = sweep_while_a_writer_holds_the_lock(now)  # v2 is issued, its day not come: nothing to write
+    assert idle["while_held"] is True
+    assert idle["counts"]["effective"] == 0
+    due = sweep_while_a_writer_holds_the_lock(now + timedelta(days=1))  # it is: the sweep waits its turn
+    assert due["while_held"] is False
+    assert due["counts"]["effective"] == 1
+    with read_session(settings.database_url) as s:
+        assert {i.version.version: i.state for i in versions_of(s, INST, "dose_receipt")} == {
+            1: "superseded",
+            2: "effective",
+        }
+
+
 def test_issued_version_assigns_training_and_overdue_training_is_listed_and_notified_once(tmp_path):
     from flows.record.versions import version_definition
     from flows.services.sweeps import _assign_training

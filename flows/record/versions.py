@@ -58,6 +58,7 @@ __all__ = [
     "append_version_event",
     "change_control_problem",
     "coverage_of",
+    "due_to_activate",
     "effective_sop",
     "effective_version",
     "event_data",
@@ -228,6 +229,33 @@ def coverage_of(session: Session, version: SopVersion) -> tuple[list[dict[str, A
     return rows, coverage_problem(rows, version.sop_id, version.version)
 
 
+def due_to_activate(
+    session: Session,
+    now: datetime,
+    *,
+    institution: str | None = None,
+    sop_id: str | None = None,
+    waiting: dict[str, str] | None = None,
+) -> list[tuple[SopVersion, dict[str, Any]]]:
+    """The issued versions ``activate_due`` turns effective now, each with its issued event's data
+    (reads only: a sweep asks first and takes the write lock only when there is one). A version
+    whose effective date has come without enough trained people goes to ``waiting`` instead."""
+    ready = []
+    for v, ev in versions_in_state(session, "issued"):
+        if (institution is not None and v.institution != institution) or (sop_id is not None and v.sop_id != sop_id):
+            continue
+        data = event_data(ev)
+        if datetime.fromisoformat(data["effective_at"]) > now:
+            continue
+        _, problem = coverage_of(session, v)
+        if problem is not None:
+            if waiting is not None:
+                waiting[v.id] = problem
+            continue
+        ready.append((v, data))
+    return ready
+
+
 def activate_due(
     session: Session,
     now: datetime | None = None,
@@ -244,18 +272,7 @@ def activate_due(
     version before it stays in force, and ``waiting`` (when given) gets its id -> the reason."""
     now = now or utcnow()
     done = []
-    for v, ev in versions_in_state(session, "issued"):
-        if (institution is not None and v.institution != institution) or (sop_id is not None and v.sop_id != sop_id):
-            continue
-        data = event_data(ev)
-        effective_at = datetime.fromisoformat(data["effective_at"])
-        if effective_at > now:
-            continue
-        _, problem = coverage_of(session, v)
-        if problem is not None:
-            if waiting is not None:
-                waiting[v.id] = problem
-            continue
+    for v, data in due_to_activate(session, now, institution=institution, sop_id=sop_id, waiting=waiting):
         for other in versions_of(session, v.institution, v.sop_id):
             if other.state == "effective" and other.version.id != v.id:
                 append_version_event(

@@ -25,12 +25,13 @@ from flows.errors import RecordError
 from flows.record import ledger
 from flows.record.accounts import is_active
 from flows.record.db import init_db, read_session, write_session
-from flows.record.state import run_status
+from flows.record.state import FINAL_STATUSES, run_status
 from flows.record.tables import (
     Reminder,
     Signature,
     SopRun,
     SopVersion,
+    SopVersionEvent,
     StepRecord,
     TrainingAssignment,
     iso_utc,
@@ -41,6 +42,7 @@ from flows.record.versions import (
     ADMIN_ROLE,
     activate_due,
     append_version_event,
+    due_to_activate,
     event_data,
     state_of,
     version_definition,
@@ -177,6 +179,24 @@ def _conclude(session: Session, version: SopVersion, run: SopRun, status: str, n
     return "issued"
 
 
+def _to_conclude(session: Session) -> list[tuple[SopVersion, SopVersionEvent, SopRun, str]]:
+    """The versions in review whose change-control run has ended (what ``_conclude`` applies), with
+    the run and its final status."""
+    out = []
+    for v, ev in versions_in_state(session, "in_review"):
+        run = session.get(SopRun, event_data(ev).get("run_id"))
+        status = run_status(session, run.id) if run is not None else None
+        if run is not None and status is not None and status.status in FINAL_STATUSES:
+            out.append((v, ev, run, status.status))
+    return out
+
+
+def _held(session: Session, waiting: dict[str, str]) -> list[tuple[str, str, str, int]]:
+    """(id, institution, sop_id, version) of the versions ``waiting`` for enough trained people."""
+    rows = [session.get(SopVersion, vid) for vid in waiting]
+    return [(r.id, r.institution, r.sop_id, r.version) for r in rows if r is not None]
+
+
 def run_status_detail(session: Session, run_id: str) -> str | None:
     ev = run_status(session, run_id)
     return ev.detail if ev is not None else None
@@ -234,12 +254,16 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
     issued: list[tuple[str, str, str, int, list[str], dict[str, Any]]] = []
     counts = {"issued": 0, "rejected": 0, "returned": 0, "effective": 0, "training_reminders": 0, "review_reminders": 0}
     counts["coverage_waits"] = 0  # versions that wait for enough trained people (each told once)
-    with write_session(settings.database_url) as s:
-        for v, ev in versions_in_state(s, "in_review"):
-            run = s.get(SopRun, event_data(ev).get("run_id"))
-            status = run_status(s, run.id) if run is not None else None
-            if run is not None and status is not None:
-                new = _conclude(s, v, run, status.status, now)
+    # Most sweeps find nothing to conclude or make effective: they ask with reads only and leave the
+    # write lock, which every signer's write waits for, alone; the write session asks again under it.
+    waiting: dict[str, str] = {}
+    with read_session(settings.database_url) as s:
+        due = bool(_to_conclude(s)) or bool(due_to_activate(s, now, waiting=waiting))
+        held = _held(s, waiting)
+    if due:
+        with write_session(settings.database_url) as s:
+            for v, ev, run, status in _to_conclude(s):
+                new = _conclude(s, v, run, status, now)
                 if new:
                     counts[new] += 1
                 if new == "issued":
@@ -253,10 +277,9 @@ def sweep(settings: Settings, *, now: datetime | None = None) -> dict[str, int]:
                             event_data(state_of(s, v.id) or ev),
                         )
                     )
-        waiting: dict[str, str] = {}
-        counts["effective"] = len(activate_due(s, now, waiting=waiting))
-        rows = [s.get(SopVersion, vid) for vid in waiting]
-        held = [(r.id, r.institution, r.sop_id, r.version) for r in rows if r is not None]
+            waiting = {}
+            counts["effective"] = len(activate_due(s, now, waiting=waiting))
+            held = _held(s, waiting)
     for vid, inst, sop_id, number in held:  # it cannot be signed yet: QA and the administrators are told once
         if _remind(
             settings,
