@@ -324,6 +324,32 @@ def test_lost_resume_is_delivered_by_the_executor(engine):
     wait_for(engine, run_id, step="identity_verification")
 
 
+def test_a_suspend_cut_off_before_its_input_schema_was_saved_is_resumed_by_the_sweep_once_it_is_old(engine):
+    """``suspend_flow_run`` sets the run Paused, then saves the schema of its input: a kill -9 between
+    the two leaves a run Prefect refuses to resume ("Run input schema not found"), with its signature
+    in the record. That state is made here as the kill leaves it (the schema removed from a suspended
+    run). The sweep leaves a run paused for less than ``repair_after`` alone (it may still be
+    suspending: saving the schema then failed the flow's own save), then saves it and resumes."""
+    from prefect.client.orchestration import get_client
+
+    from flows.engine.client import resume_signed_runs
+
+    run_id = start_receipt(engine, coi="COI-TEST-0013")
+    flow_run_id = UUID(wait_for(engine, run_id, step="arrival")["run"]["flow_run_id"])
+    _wait_paused(flow_run_id)
+    with get_client(sync_client=True) as client:
+        schema = client.read_flow_run(flow_run_id).state.state_details.run_input_keyset["schema"]
+        client.delete_flow_run_input(flow_run_id, schema)
+        refused = client.resume_flow_run(flow_run_id, run_input={"signature_id": "none"})
+        assert "Run input schema not found" in str(refused.details), refused  # what the cut-off suspend leaves
+        res = signing_service.submit_step(engine, run_id, "arrival", "tech", PASSWORD, ARRIVAL, resume=True)
+        assert res.resumed is False  # the signer's resume is refused too: nothing repairs it on their path
+        assert resume_signed_runs(engine, client, grace=0, repair_after=3600) == 0
+        assert client.read_flow_run(flow_run_id).state.is_paused()
+        assert resume_signed_runs(engine, client, grace=0, repair_after=0) == 1
+    wait_for(engine, run_id, step="identity_verification")
+
+
 def _params() -> dict[str, str]:
     from tests.fixtures_engine import PARAMS
 

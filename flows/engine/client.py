@@ -179,22 +179,79 @@ def resume_if_signed(settings: Settings, client: Any, flow_run_id: str, run_id: 
     return False
 
 
-def resume_signed_runs(settings: Settings, client: Any, grace: float = 5.0) -> int:
+SUSPEND_REPAIR_AFTER = 120.0
+"""Seconds a run must have been Paused without the schema of its input before the sweep saves it
+(``_repair_cut_off_suspend``): Prefect's suspend saves the schema milliseconds after it sets the run
+Paused, so a younger run may still be suspending, and saving the schema then makes the flow's own
+save fail (409) and the run with it (d169697 took back a repair that did not wait)."""
+
+
+def resume_signed_runs(
+    settings: Settings, client: Any, grace: float = 5.0, repair_after: float = SUSPEND_REPAIR_AFTER
+) -> int:
     """Resume every run suspended at a step that was signed more than ``grace`` seconds ago
-    (the signer's own resume normally arrives first; this repairs a lost one)."""
+    (the signer's own resume normally arrives first; this repairs a lost one). Returns how many
+    Prefect accepted. A run whose suspend was cut off (Paused with no input schema for
+    ``repair_after`` seconds) is repaired first."""
     apply_prefect_env(settings)  # before the first Prefect import in this process
 
     with read_session(settings.database_url) as s:
         pending = signed_but_suspended(s, older_than=grace)
     n = 0
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.exceptions import PrefectException
 
     for flow_run_id, step_id, signature_id in pending:
         try:
             fr = client.read_flow_run(UUID(flow_run_id))
-            if _paused_at(fr.state, step_id):
-                client.resume_flow_run(UUID(flow_run_id), run_input={"signature_id": signature_id})
+            if not _paused_at(fr.state, step_id):
+                continue
+            response = client.resume_flow_run(fr.id, run_input={"signature_id": signature_id})
+            if response.status == SetStateStatus.ACCEPT or _repair_cut_off_suspend(
+                client, fr, signature_id, repair_after
+            ):
                 n += 1
         except PrefectException as exc:  # e.g. the flow run is gone: say so, and go on with the others
             log.error("cannot resume flow run %s (%s): %s", flow_run_id, step_id, exc)
     return n
+
+
+def _repair_cut_off_suspend(client: Any, flow_run: Any, signature_id: str, repair_after: float) -> bool:
+    """Resume a run whose suspend was cut off; True when Prefect accepted the resume.
+
+    ``suspend_flow_run`` sets the run Paused, then saves the schema of the input it waits for; a
+    ``kill -9`` of the executor (or the server) between the two leaves a run Paused with no schema,
+    and Prefect refuses every resume of it ("Run input schema not found"): the run would wait
+    forever with its signature in the record. Only the sweep repairs it, and only once the run has
+    been Paused for ``repair_after`` seconds: then no suspend is still under way. The schema is
+    saved as the flow would have saved it, and the resume made again."""
+    from prefect.client.schemas.responses import SetStateStatus
+
+    state = flow_run.state
+    keyset = state.state_details.run_input_keyset
+    paused_for = (datetime.now(UTC) - state.timestamp).total_seconds()
+    if not keyset or paused_for < repair_after or _has_input(client, flow_run.id, keyset["schema"]):
+        return False
+    from flows.engine.inputs import SignedInput  # imports Prefect: only on this rare path
+
+    log.warning(
+        "flow run %s has been paused %.0f s with no input schema (its suspend was cut off): saving %s and resuming it",
+        flow_run.id,
+        paused_for,
+        keyset["schema"],
+    )
+    SignedInput.save(keyset, flow_run_id=flow_run.id)
+    response = client.resume_flow_run(flow_run.id, run_input={"signature_id": signature_id})
+    return bool(response.status == SetStateStatus.ACCEPT)
+
+
+def _has_input(client: Any, flow_run_id: UUID, key: str) -> bool:
+    import httpx
+
+    try:
+        client.read_flow_run_input(flow_run_id, key)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 404:
+            return False
+        raise
+    return True
