@@ -343,7 +343,9 @@ def test_a_sweep_with_nothing_due_leaves_the_write_lock_alone_and_one_with_a_due
             s, v2, "issued", actor="system", data={"effective_at": (now + timedelta(days=1)).isoformat()}
         )
 
-    def sweep_while_a_writer_holds_the_lock(at):
+    def sweep_while_a_writer_holds_the_lock(at, wait: float):
+        """Sweep at ``at`` while another thread holds the write lock, released after ``wait`` s
+        (or as soon as the sweep ends); whether the sweep ended while the lock was held."""
         holding, release, done = threading.Event(), threading.Event(), {}
 
         def writer() -> None:
@@ -360,16 +362,16 @@ def test_a_sweep_with_nothing_due_leaves_the_write_lock_alone_and_one_with_a_due
         assert holding.wait(20)
         swept = threading.Thread(target=sweeper)
         swept.start()
-        swept.join(3)
+        swept.join(wait)
         release.set()
         swept.join(60)
         held.join(20)
         return done
 
-    idle = sweep_while_a_writer_holds_the_lock(now)  # v2 is issued, its day not come: nothing to write
+    idle = sweep_while_a_writer_holds_the_lock(now, 30)  # v2 is issued, its day not come: nothing to write
     assert idle["while_held"] is True
     assert idle["counts"]["effective"] == 0
-    due = sweep_while_a_writer_holds_the_lock(now + timedelta(days=1))  # it is: the sweep waits its turn
+    due = sweep_while_a_writer_holds_the_lock(now + timedelta(days=1), 3)  # it is: the sweep waits its turn
     assert due["while_held"] is False
     assert due["counts"]["effective"] == 1
     with read_session(settings.database_url) as s:
