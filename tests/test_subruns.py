@@ -135,11 +135,13 @@ def test_failed_check_runs_deviation_sop_quarantines_the_dose_and_reject_ends_pa
     assert (rec["deviations"][0]["decision"], rec["deviations"][0]["status"]) == ("reject", "dispositioned")
     assert [e["kind"] for e in rec["deviations"][0]["lifecycle"]] == ["subrun", "contained", "disposition"]
     assert verify_export(json.loads(json.dumps(rec, default=str))) == []
+    # A rejecting disposition rejects the dose, not the deviation: its SOP goes on to the CAPA. (Its
+    # record says "waiting" once it waits there: a fresh-clone CI printed it between two steps and the
+    # line was not there.)
+    assert wait_for(dev, handler, step="physician_agreement")["run"]["status"] == "waiting"
     printed = CliRunner().invoke(app, ["record", receipt, "--as", "dv_qa"], env={"SOPFLOW_PASSWORD": PASSWORD})
     assert printed.exit_code == 0, printed.output
-    # A rejecting disposition rejects the dose, not the deviation: its SOP goes on to the CAPA.
     assert f"{handler}  deviation_capa v1 from step cold_enough__deviation: waiting" in printed.output
-    assert wait_for(dev, handler, step="physician_agreement")["run"]["status"] == "waiting"
     assert runs_service.quality_record(dev, handler)["run"]["parent_run_id"] == receipt
     # The chain shows the deviation's sub-run under the receipt, and why it is broken.
     chain = runs_service.chain_of_identity(dev, coi)
