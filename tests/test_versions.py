@@ -344,18 +344,24 @@ def test_a_sweep_with_nothing_due_leaves_the_write_lock_alone_and_one_with_a_due
         )
 
     def sweep_while_a_writer_holds_the_lock(at, wait: float):
-        """Sweep at ``at`` while another thread holds the write lock, released after ``wait`` s
-        (or as soon as the sweep ends); whether the sweep ended while the lock was held."""
-        holding, release, done = threading.Event(), threading.Event(), {}
+        """Sweep at ``at`` while another thread holds the write lock until the sweep ends or ``wait``
+        seconds pass; whether the sweep ended while the lock was still held."""
+        holding, release, released, done = threading.Event(), threading.Event(), threading.Event(), {}
 
         def writer() -> None:
-            with write_session(settings.database_url):
-                holding.set()
-                release.wait(20)
+            try:
+                with write_session(settings.database_url):
+                    holding.set()
+                    release.wait(120)  # longer than any wait below: only ``release`` ends it
+            finally:
+                released.set()
 
         def sweeper() -> None:
-            done["counts"] = sweep(settings, now=at)
-            done["while_held"] = not release.is_set()
+            try:
+                done["counts"] = sweep(settings, now=at)
+                done["while_held"] = not released.is_set()
+            except Exception as exc:  # shown in the test's thread, not lost in this one
+                done["error"] = exc
 
         held = threading.Thread(target=writer)
         held.start()
@@ -366,6 +372,8 @@ def test_a_sweep_with_nothing_due_leaves_the_write_lock_alone_and_one_with_a_due
         release.set()
         swept.join(60)
         held.join(20)
+        if "error" in done:
+            raise done["error"]
         return done
 
     idle = sweep_while_a_writer_holds_the_lock(now, 30)  # v2 is issued, its day not come: nothing to write

@@ -198,6 +198,7 @@ def resume_signed_runs(
     with read_session(settings.database_url) as s:
         pending = signed_but_suspended(s, older_than=grace)
     n = 0
+    import httpx
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.exceptions import PrefectException
 
@@ -211,7 +212,9 @@ def resume_signed_runs(
                 client, fr, signature_id, repair_after
             ):
                 n += 1
-        except PrefectException as exc:  # e.g. the flow run is gone: say so, and go on with the others
+        except (PrefectException, httpx.HTTPError) as exc:  # the run is gone, the server refused a
+            # write (its errors are httpx's): say so, and go on with the others, or one run that keeps
+            # failing would hold back every run after it in this list on every sweep
             log.error("cannot resume flow run %s (%s): %s", flow_run_id, step_id, exc)
     return n
 
