@@ -330,27 +330,19 @@ def test_a_suspend_cut_off_before_its_input_schema_was_saved_is_resumed_by_the_s
     in the record. That state is made here as the kill leaves it (the schema removed from a suspended
     run). The sweep leaves a run paused for less than ``repair_after`` alone (it may still be
     suspending: saving the schema then failed the flow's own save), then saves it and resumes."""
-    import httpx
     from prefect.client.orchestration import get_client
 
-    from flows.engine.client import resume_signed_runs
+    from flows.engine.client import _has_input, resume_signed_runs
 
     run_id = start_receipt(engine, coi="COI-TEST-0013")
     flow_run_id = UUID(wait_for(engine, run_id, step="arrival")["run"]["flow_run_id"])
     _wait_paused(flow_run_id)
     with get_client(sync_client=True) as client:
         schema = client.read_flow_run(flow_run_id).state.state_details.run_input_keyset["schema"]
-
-        def schema_saved() -> bool:  # the suspend saves it just after it sets Paused
-            try:
-                client.read_flow_run_input(flow_run_id, schema)
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code == 404:
-                    return False
-                raise
-            return True
-
-        eventually(schema_saved, f"flow run {flow_run_id} paused, but its input schema was never saved")
+        eventually(  # the suspend saves it just after it sets Paused
+            lambda: _has_input(client, flow_run_id, schema),
+            f"flow run {flow_run_id} paused, but its input schema was never saved",
+        )
         client.delete_flow_run_input(flow_run_id, schema)
         refused = client.resume_flow_run(flow_run_id, run_input={"signature_id": "none"})
         assert "Run input schema not found" in str(refused.details), refused  # what the cut-off suspend leaves
