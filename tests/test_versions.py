@@ -282,14 +282,25 @@ def test_export_then_import_arrives_as_drafts_and_a_changed_file_is_refused(tmp_
         effective_sop(prod, INST, "dose_receipt")
 
 
-def _established_with_v2_draft(tmp_path: Path):
-    """A fresh database: the demo institution established, and dose_receipt v2 stored as a draft."""
-    settings = _settings(f"sqlite:///{tmp_path / 'sopflow.db'}", tmp_path)
+def _established_with_v2_draft(tmp_path: Path, db_url: str = ""):
+    """A fresh database (``db_url``, or SQLite in ``tmp_path``): the demo institution established,
+    and dose_receipt v2 stored as a draft."""
+    settings = _settings(db_url or f"sqlite:///{tmp_path / 'sopflow.db'}", tmp_path)
     _staff(settings)
     establish(settings, INST, Officer("qa", PASSWORD))
     path = _v2(tmp_path)
     create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
     return settings
+
+
+def _train_on_v2(settings) -> None:
+    """Enough people trained on dose_receipt v2 for it to become effective: a pharmacist added,
+    and tech, pharm and qa trained."""
+    from tests.seed import seed_training, seed_user
+
+    seed_user(settings, "pharm", "Sun Pharm", PASSWORD, [(INST, "pharmacist")])
+    for user in ("tech", "pharm", "qa"):
+        seed_training(settings, user, INST, "dose_receipt", 2)
 
 
 def test_activate_due_supersedes_the_previous_version(tmp_path):
@@ -306,11 +317,7 @@ def test_activate_due_supersedes_the_previous_version(tmp_path):
         waiting: dict[str, str] = {}
         assert activate_due(s, now + timedelta(days=1), waiting=waiting) == []  # nobody is trained on v2 (issue 15)
         assert "(trained/needed: cell_lab: 0/1, qa: 0/1)" in waiting[v2.id]
-    from tests.seed import seed_training, seed_user
-
-    seed_user(settings, "pharm", "Sun Pharm", PASSWORD, [(INST, "pharmacist")])
-    for user in ("tech", "pharm", "qa"):
-        seed_training(settings, user, INST, "dose_receipt", 2)
+    _train_on_v2(settings)
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
         assert [v.version for v in activate_due(s, now + timedelta(days=1))] == [2]
@@ -326,16 +333,8 @@ def test_a_sweep_with_nothing_due_leaves_the_write_lock_alone_and_one_with_a_due
     must not wait for (or hold) the lock every signer's write takes."""
     import threading
 
-    from tests.seed import seed_training, seed_user
-
-    settings = _settings(db_url, tmp_path)
-    _staff(settings)
-    establish(settings, INST, Officer("qa", PASSWORD))
-    path = _v2(tmp_path)
-    create_draft(settings, INST, path.read_text(encoding="utf-8"), name=str(path), username="adm", password=PASSWORD)
-    seed_user(settings, "pharm", "Sun Pharm", PASSWORD, [(INST, "pharmacist")])
-    for user in ("tech", "pharm", "qa"):
-        seed_training(settings, user, INST, "dose_receipt", 2)
+    settings = _established_with_v2_draft(tmp_path, db_url)
+    _train_on_v2(settings)
     now = utcnow()
     with write_session(settings.database_url) as s:
         v2 = s.exec(select(SopVersion).where(SopVersion.version == 2)).one()
