@@ -64,6 +64,19 @@ def test_cli_startup_imports_neither_prefect_nor_weasyprint():
     assert out == "[]"
 
 
+def test_audit_verify_does_not_load_the_sop_language():
+    """`audit verify` walks stored rows and never parses an SOP: the record's modules import
+    ``flows.sop`` (with YAML and Jinja) only where a pinned revision is parsed. Checked: with
+    ``flows.record.pinned`` importing it at the top again, this fails naming flows.sop, jinja2, yaml."""
+    code = (
+        "import sys, flows.services.audit; "
+        "print(sorted({m.split('.')[0] if not m.startswith('flows.') else '.'.join(m.split('.')[:2]) "
+        "for m in sys.modules} & {'flows.sop', 'yaml', 'jinja2', 'prefect'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_readme_documents_every_field_key():
     """Issue 15: the SOP language grew (multiline, integer, before_start, required_when, lookup)."""
     from flows.sop.model import FieldSpec, LookupRowSpec

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, insert
 from sqlalchemy import select as sa_select
@@ -44,7 +44,9 @@ from flows.record.tables import (
     SopRun,
     StepRecord,
 )
-from flows.sop.model import SopDefinition
+
+if TYPE_CHECKING:  # only annotations here: importing flows.sop is left to what parses an SOP
+    from flows.sop.model import SopDefinition
 
 __all__ = ["FINAL_STATUSES", "CurrentRows", "apply", "compare", "expected_rows", "rebuild"]
 

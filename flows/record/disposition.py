@@ -8,13 +8,15 @@ row, decide quarantine with them and must not import modules that write through 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, select
 
 from flows.record.pinned import stored_sop
 from flows.record.tables import DeviationEvent, SopRun
-from flows.sop.model import SopDefinition
+
+if TYPE_CHECKING:  # only annotations here: importing flows.sop is left to what parses an SOP
+    from flows.sop.model import SopDefinition
 
 __all__ = [
     "USE_VALUES",

@@ -9,17 +9,24 @@ and must not import the modules that write through the ledger. Must not import p
 
 from __future__ import annotations
 
-import yaml
+from typing import TYPE_CHECKING
+
 from sqlmodel import Session
 
 from flows.errors import RecordError
 from flows.record.tables import SopRun, SopVersion
-from flows.sop.model import SopDefinition
+
+if TYPE_CHECKING:  # parsed only when a version is read: the chain's walk and the light reads never do
+    from flows.sop.model import SopDefinition
 
 __all__ = ["pinned_sop", "stored_sop", "version_definition"]
 
 
 def version_definition(version: SopVersion) -> SopDefinition:
+    import yaml
+
+    from flows.sop.model import SopDefinition
+
     return SopDefinition.model_validate(yaml.safe_load(version.text))
 
 
