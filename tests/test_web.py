@@ -361,3 +361,58 @@ def test_web_templates_hard_code_no_text():
             if word not in NOT_WORDS:
                 found.append(f"{path.name}: {word}")
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_inbox_cards_show_times_left_in_the_words_of_the_raw_seconds(language):
+    """A card's time left is kept in the whole minutes it is shown in (``views.shown_seconds``), so
+    that equal cards can be rendered once; the words and the overdue mark are those of the exact
+    seconds: every second of two hours either side of due, fractions of a second around it, and
+    times up to 30 days (checked: with the sign of a step overdue by less than a minute dropped, this fails at -59 s)."""
+    import random
+
+    from flows.services.views import shown_seconds
+    from flows.web.base import _environment
+
+    time_left = _environment(language).get_template("macros.html").module.time_left
+    rnd = random.Random(11)  # noqa: S311 (times to try, not a secret)
+    cases = [float(s) for s in range(-7200, 7201)] + [-0.999, -0.5, -0.001, 0.001, 0.5, 59.999, -59.999, -60.0]
+    cases += [rnd.uniform(-30 * 86400, 30 * 86400) for _ in range(3000)]
+    for s in cases:
+        shown = shown_seconds(s)
+        assert (shown < 0) == (s < 0), s
+        assert str(time_left(shown)) == str(time_left(s)), s
+    assert shown_seconds(None) is None
+
+
+def test_web_inbox_list_is_rendered_once_while_its_cards_are_the_same(engine, app):
+    """The inbox's list (asked for every 5 s by every open inbox) is kept by its exact inputs: asked
+    again with nothing changed, it is the same HTML and nothing new is rendered; it is what the full
+    items would render (the cards carry everything the list shows); a step that starts waiting
+    changes it at once."""
+    from flows.services.views import inbox_view
+
+    web = app.state.web
+    wait_for(engine, start_receipt(engine, coi="COI-WEBHTTP-0098"), step="arrival")
+    tech = login(app, "tech")
+    first = tech.get("/inbox/items")
+    assert first.status_code == 200
+    assert 'class="card' in first.text
+    kept = dict(web._fragments)
+    again = tech.get("/inbox/items")
+    assert again.text == first.text
+    assert dict(web._fragments) == kept  # nothing rendered anew
+    assert first.text in tech.get("/inbox").text  # the page shows the same list
+
+    items, total = inbox_view(engine, "tech", "en", first=0, limit=20)
+    full = (
+        web.envs["en"]
+        .get_template("_inbox_items.html")
+        .render(items=items, total=total, page=1, first=1, last=len(items), pages=max(1, -(-total // 20)))
+    )
+    assert full == first.text
+
+    run_id = start_receipt(engine, coi="COI-WEBHTTP-0099")
+    wait_for(engine, run_id, step="arrival")
+    changed = tech.get("/inbox/items").text
+    assert changed != first.text  # a card more, or one more counted in "1-20 of N"

@@ -29,7 +29,17 @@ from flows.services.wording import (
 )
 from flows.sop.model import FieldSpec, HumanStepSpec, SopDefinition, text_in
 
-__all__ = ["correction_view", "field_words", "inbox_view", "run_view", "start_view", "step_view"]
+__all__ = [
+    "CARD",
+    "correction_view",
+    "field_words",
+    "inbox_cards",
+    "inbox_view",
+    "run_view",
+    "shown_seconds",
+    "start_view",
+    "step_view",
+]
 
 
 def _dose(settings: Settings, run_id: str) -> tuple[dict[str, Any], SopDefinition, str]:
@@ -86,6 +96,48 @@ def inbox_view(
         it["sop_title"] = text_in(sop.title, language)
         it["timeout_seconds"] = it["timeout"].total_seconds() if it.get("timeout") else None
     return items, total
+
+
+CARD = (
+    "run_id",
+    "step_id",
+    "title",
+    "dose",
+    "role_label",
+    "sop_title",
+    "due_at",
+    "timezone",
+    "seconds_left",
+    "clocks",
+    "since",
+    "timeout_seconds",
+    "cannot_sign",
+)
+"""What an inbox card shows of an item (``_inbox_items.html``): nothing else reaches the cards."""
+
+
+def shown_seconds(seconds: float | None) -> int | None:
+    """``seconds`` left (negative: overdue) in the whole minutes a card shows them in, the sign kept:
+    the page's ``time_left`` and ``duration`` print the same words for both (tests/test_web.py checks
+    it). Two reads a few seconds apart then give equal cards."""
+    if seconds is None:
+        return None
+    minutes = int(abs(seconds)) // 60
+    return 60 * minutes if seconds >= 0 else -60 * minutes - 1
+
+
+def inbox_cards(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``inbox_view``'s items as their cards show them (``CARD``; times left as ``shown_seconds``):
+    equal cards render to equal HTML, which the web keeps (``flows.web.base.Web.fragment``)."""
+    cards = []
+    for it in items:
+        card = {k: it.get(k) for k in CARD}
+        card["seconds_left"] = shown_seconds(it.get("seconds_left"))
+        card["clocks"] = [
+            {"title": c["title"], "seconds_left": shown_seconds(c["seconds_left"])} for c in it.get("clocks") or ()
+        ]
+        cards.append(card)
+    return cards
 
 
 def step_view(settings: Settings, run_id: str, step_id: str, username: str, language: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -187,7 +187,7 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
             lambda: views.inbox_view(settings, ws.who, ws.language, first=first, limit=INBOX_PAGE)
         )
         return {
-            "items": items,
+            "items": views.inbox_cards(items),
             "total": total,
             "page": page,
             "first": first + 1,
@@ -201,7 +201,8 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
         page = inbox_page_of(request)
         if page is None:
             return web.render(ws, "error.html", status=400, message="page: expected a whole number from 1")
-        return web.render(ws, "inbox.html", **await inbox_list(ws, page))
+        listed = await inbox_list(ws, page)
+        return web.render(ws, "inbox.html", page=page, items_html=web.fragment(ws, "_inbox_items.html", **listed))
 
     @app.get("/inbox/items")
     async def inbox_items(request: Request) -> Response:
@@ -214,7 +215,8 @@ def create_app(settings: Settings, store: SessionStore | None = None) -> FastAPI
         page = inbox_page_of(request)
         if page is None:
             return Response(status_code=400)
-        return web.render(ws, "_inbox_items.html", **await inbox_list(ws, page))
+        html = web.fragment(ws, "_inbox_items.html", **await inbox_list(ws, page))
+        return web.secure(HTMLResponse(html), ws)  # the list alone: the session's messages wait for a page
 
     pages.register(app, web)
     quality.register(app, web)  # deviations, chain of identity, dashboard, corrections
