@@ -416,3 +416,19 @@ def test_web_inbox_list_is_rendered_once_while_its_cards_are_the_same(engine, ap
     wait_for(engine, run_id, step="arrival")
     changed = tech.get("/inbox/items").text
     assert changed != first.text  # a card more, or one more counted in "1-20 of N"
+
+
+def test_web_kept_lists_are_keyed_by_every_translation():
+    """An SOP's text in several languages equals, as a ``str``, its first translation alone: two
+    deadlines named alike in English but not in Chinese must not share a kept list (review of
+    ``Web.fragment``); nor may values that print apart (1 / 1.0 / True, 0.0 / -0.0, list / tuple)."""
+    from flows.sop.text import Localized
+    from flows.web.base import _frozen
+
+    a = Localized({"en": "Thaw to infusion", "zh": "解冻至输注"})
+    b = Localized({"en": "Thaw to infusion", "zh": "解冻到回输"})
+    assert a == b  # as str: the first translation
+    assert _frozen({"clocks": [{"title": a}]}) != _frozen({"clocks": [{"title": b}]})
+    assert _frozen({"clocks": [{"title": a}]}) == _frozen({"clocks": [{"title": Localized(dict(a.translations))}]})
+    keys = [_frozen(v) for v in (1, 1.0, True, 0.0, -0.0, [1], (1,))]
+    assert len(set(keys)) == len(keys)

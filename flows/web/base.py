@@ -188,13 +188,20 @@ first: an inbox list is ~15 KB, so at most ~8 MB."""
 
 
 def _frozen(value: Any) -> Any:
-    """``value`` as a hashable key that is equal only for values a template prints alike: dicts and
-    lists by their contents, anything else with its type (``1``, ``1.0`` and ``True`` print apart).
-    Raises TypeError for a value that cannot be hashed."""
+    """``value`` as a hashable key that is equal only for values a template prints alike: dicts,
+    lists and tuples by their contents, SOP text in several languages by every translation (as a
+    ``str`` it equals its first one alone, and ``|t`` prints the page's), floats by their digits
+    (``0.0`` and ``-0.0`` are equal), anything else with its type (``1``, ``1.0`` and ``True`` print
+    apart). Raises TypeError for a value that cannot be hashed."""
     if isinstance(value, dict):
-        return ("d", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+        return (dict, tuple(sorted((k, _frozen(v)) for k, v in value.items())))
     if isinstance(value, list | tuple):
-        return ("l", tuple(_frozen(v) for v in value))
+        return (type(value), tuple(_frozen(v) for v in value))
+    translations = getattr(value, "translations", None)
+    if isinstance(translations, dict):
+        return (type(value), str(value), tuple(translations.items()))
+    if isinstance(value, float):
+        return (float, repr(value))
     hash(value)
     return (type(value), value)
 
