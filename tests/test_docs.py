@@ -54,27 +54,31 @@ def test_readme_documents_every_setting():
     assert not missing, f"settings missing from README.md: {missing}"
 
 
+def _loaded(modules: str, names: set[str]) -> list[str]:
+    """Which of ``names`` (top-level packages, or ``flows.<package>``) a fresh interpreter has loaded
+    after importing ``modules``."""
+    code = (
+        f"import sys, {modules}; "
+        "print(*sorted({m.split('.')[0] if not m.startswith('flows.') else '.'.join(m.split('.')[:2]) "
+        f"for m in sys.modules}} & set({sorted(names)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
 def test_cli_startup_imports_neither_prefect_nor_weasyprint():
     floor = ", ".join(
         f"flows.services.{m.stem}"
         for m in (Path(__file__).resolve().parents[1] / "flows" / "services").glob("[a-z]*.py")
     )
-    code = f"import sys, flows.cli, {floor}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'prefect', 'weasyprint', 'apprise'}}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    assert _loaded(f"flows.cli, {floor}", {"prefect", "weasyprint", "apprise"}) == []
 
 
 def test_audit_verify_does_not_load_the_sop_language():
     """`audit verify` walks stored rows and never parses an SOP: the record's modules import
     ``flows.sop`` (with YAML and Jinja) only where a pinned revision is parsed. Checked: with
     ``flows.record.pinned`` importing it at the top again, this fails naming flows.sop, jinja2, yaml."""
-    code = (
-        "import sys, flows.services.audit; "
-        "print(sorted({m.split('.')[0] if not m.startswith('flows.') else '.'.join(m.split('.')[:2]) "
-        "for m in sys.modules} & {'flows.sop', 'yaml', 'jinja2', 'prefect'}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    assert _loaded("flows.services.audit", {"flows.sop", "yaml", "jinja2", "prefect"}) == []
 
 
 def test_readme_documents_every_field_key():

@@ -391,6 +391,7 @@ def test_web_inbox_list_is_rendered_once_while_its_cards_are_the_same(engine, ap
     items would render (the cards carry everything the list shows); a step that starts waiting
     changes it at once."""
     from flows.services.views import inbox_view
+    from flows.web.app import INBOX_PAGE
 
     web = app.state.web
     wait_for(engine, start_receipt(engine, coi="COI-WEBHTTP-0098"), step="arrival")
@@ -404,11 +405,11 @@ def test_web_inbox_list_is_rendered_once_while_its_cards_are_the_same(engine, ap
     assert dict(web._fragments) == kept  # nothing rendered anew
     assert first.text in tech.get("/inbox").text  # the page shows the same list
 
-    items, total = inbox_view(engine, "tech", "en", first=0, limit=20)
+    items, total = inbox_view(engine, "tech", "en", first=0, limit=INBOX_PAGE)
     full = (
         web.envs["en"]
         .get_template("_inbox_items.html")
-        .render(items=items, total=total, page=1, first=1, last=len(items), pages=max(1, -(-total // 20)))
+        .render(items=items, total=total, page=1, first=1, last=len(items), pages=max(1, -(-total // INBOX_PAGE)))
     )
     assert full == first.text
 

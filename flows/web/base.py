@@ -301,17 +301,19 @@ class Web:
         half of what a page costs). The template sees nothing of the session (no ``ws``, ``csrf``,
         ``now`` or messages), so equal inputs always give equal HTML; inputs that cannot be hashed are
         rendered every time."""
-        env = self.envs.get(ws.language, self.envs["en"])
+        template = self.envs.get(ws.language, self.envs["en"]).get_template(name)
         try:
             key = (name, ws.language, _frozen(ctx))
         except TypeError:
-            return Markup(env.get_template(name).render(**ctx))  # noqa: S704 (autoescaped by the template)
+            key = None
         with self._fragments_lock:
-            html = self._fragments.get(key)
+            html = self._fragments.get(key) if key is not None else None
             if html is not None:
                 self._fragments.move_to_end(key)
                 return html
-        html = Markup(env.get_template(name).render(**ctx))  # noqa: S704 (autoescaped by the template)
+        html = Markup(template.render(**ctx))  # noqa: S704 (autoescaped by the template)
+        if key is None:
+            return html
         with self._fragments_lock:
             self._fragments[key] = html
             while len(self._fragments) > FRAGMENTS_KEPT:
